@@ -1,0 +1,4 @@
+//! Test harness for mcp-affinity.
+//!
+//! - [`process`]: free loopback ports and child processes stopped by pid.
+pub mod process;
