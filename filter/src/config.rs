@@ -1,0 +1,217 @@
+//! The filter's plugin configuration (proxy-wasm buffer type 7, PLUGIN_CONFIGURATION; in
+//! Envoy the `configuration` field of `envoy.extensions.wasm.v3.PluginConfig`).
+//!
+//! JSON object, every field optional; an empty configuration means all defaults. Unknown
+//! fields are an error, so a typo is caught at `on_configure` rather than ignored. The
+//! README's "Configuration reference" documents each field.
+
+use serde::Deserialize;
+
+use crate::pin::PinEncoding;
+use crate::session_id::MAX_SESSION_ID_LEN;
+
+/// Validated plugin configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilterConfig {
+    /// Request header that carries the pinned upstream host to Envoy's routing
+    /// (default `x-session-pod`). Any client-sent value is always removed.
+    pub pin_header: String,
+    /// How the host is written into `pin_header`: `plain` (`ip:port`, ORIGINAL_DST) or
+    /// `base64` (stateful-session header / Istio persistent sessions). Default `plain`.
+    pub pin_encoding: PinEncoding,
+    /// Largest POST body (bytes) buffered to look for `initialize` (default 1 MiB).
+    /// Larger bodies pass through unpinned and are counted.
+    pub max_body_bytes: usize,
+    /// Longest accepted `Mcp-Session-Id` in bytes (default 256, at most 256).
+    pub max_session_id_len: usize,
+    /// Idle time (seconds) after which a pin expires from shared data (default 7200).
+    pub session_ttl_secs: u64,
+    /// A pin's last-seen time is rewritten at most this often (seconds, default 60), so
+    /// steady traffic does not write shared data on every request.
+    pub touch_interval_secs: u64,
+    /// Period of the root context's tick (milliseconds, default 10000) that sweeps
+    /// expired pins from shared data.
+    pub sweep_period_ms: u64,
+    /// What to do with a request whose session id is unknown to shared data (and to the
+    /// control service, when configured): `not_found` answers 404 with a JSON-RPC error so
+    /// an MCP client re-initialises (MCP `basic/transports`, session management);
+    /// `pass_through` forwards it unpinned. Default `not_found`.
+    pub unknown_session: UnknownSession,
+    /// The control service, reached with `dispatch_http_call`. Absent: shared data only.
+    pub control: Option<ControlConfig>,
+}
+
+/// Policy for requests carrying a session id nobody knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownSession {
+    /// Local reply 404 with JSON-RPC error -32001 "Session not found".
+    #[default]
+    NotFound,
+    /// Forward unpinned; the upstream decides.
+    PassThrough,
+}
+
+/// Where and how to reach the control service.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Envoy cluster name of the control service (default `mcp_affinity_control`).
+    pub cluster: String,
+    /// `:authority` sent to it (default `mcp-affinity-control`).
+    pub authority: String,
+    /// Path prefix of its API (default `/v1`).
+    pub path_prefix: String,
+    /// Bearer token, inline. Prefer `token_env`.
+    pub token: Option<String>,
+    /// Name of an environment variable holding the token. Envoy exposes host variables to
+    /// the VM with `vm_config.environment_variables.host_env_keys`.
+    pub token_env: Option<String>,
+    /// Timeout of each call to control (milliseconds, default 1000). On timeout the filter
+    /// carries on without control; no request waits longer than this for it.
+    pub timeout_ms: u64,
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        FilterConfig {
+            pin_header: "x-session-pod".to_string(),
+            pin_encoding: PinEncoding::Plain,
+            max_body_bytes: 1024 * 1024,
+            max_session_id_len: MAX_SESSION_ID_LEN,
+            session_ttl_secs: 7200,
+            touch_interval_secs: 60,
+            sweep_period_ms: 10_000,
+            unknown_session: UnknownSession::NotFound,
+            control: None,
+        }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            cluster: "mcp_affinity_control".to_string(),
+            authority: "mcp-affinity-control".to_string(),
+            path_prefix: "/v1".to_string(),
+            token: None,
+            token_env: None,
+            timeout_ms: 1000,
+        }
+    }
+}
+
+/// Largest `max_body_bytes` accepted (64 MiB): above Envoy's usual buffer limits.
+pub const MAX_BODY_LIMIT: usize = 64 * 1024 * 1024;
+
+impl FilterConfig {
+    /// Parses and validates a plugin configuration. Empty input (or only whitespace)
+    /// gives the defaults.
+    ///
+    /// Errors name the offending field: malformed JSON, unknown fields, wrong types, an
+    /// invalid header name, zero or out-of-range limits.
+    pub fn parse(bytes: &[u8]) -> Result<FilterConfig, String> {
+        let config: FilterConfig = if bytes.iter().all(u8::is_ascii_whitespace) {
+            FilterConfig::default()
+        } else {
+            serde_json::from_slice(bytes).map_err(|e| format!("invalid plugin configuration: {e}"))?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let h = &self.pin_header;
+        if h.is_empty()
+            || !h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return Err(format!("pin_header {h:?} must be a lowercase HTTP header name (a-z, 0-9, '-', '_')"));
+        }
+        if h == "mcp-session-id" {
+            return Err("pin_header must not be mcp-session-id".to_string());
+        }
+        if self.max_body_bytes == 0 || self.max_body_bytes > MAX_BODY_LIMIT {
+            return Err(format!("max_body_bytes must be in 1..={MAX_BODY_LIMIT}, got {}", self.max_body_bytes));
+        }
+        if self.max_session_id_len == 0 || self.max_session_id_len > MAX_SESSION_ID_LEN {
+            return Err(format!(
+                "max_session_id_len must be in 1..={MAX_SESSION_ID_LEN}, got {}",
+                self.max_session_id_len
+            ));
+        }
+        for (name, v) in [
+            ("session_ttl_secs", self.session_ttl_secs),
+            ("touch_interval_secs", self.touch_interval_secs),
+            ("sweep_period_ms", self.sweep_period_ms),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.touch_interval_secs >= self.session_ttl_secs {
+            return Err("touch_interval_secs must be smaller than session_ttl_secs".to_string());
+        }
+        if let Some(c) = &self.control {
+            if c.cluster.is_empty() || c.authority.is_empty() {
+                return Err("control.cluster and control.authority must not be empty".to_string());
+            }
+            if !c.path_prefix.starts_with('/') || c.path_prefix.ends_with('/') {
+                return Err(format!("control.path_prefix {:?} must start with '/' and not end with '/'", c.path_prefix));
+            }
+            if c.timeout_ms == 0 || c.timeout_ms > 60_000 {
+                return Err(format!("control.timeout_ms must be in 1..=60000, got {}", c.timeout_ms));
+            }
+            if c.token.is_some() && c.token_env.is_some() {
+                return Err("control.token and control.token_env are exclusive".to_string());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_configuration_gives_defaults() {
+        assert_eq!(FilterConfig::parse(b"").unwrap(), FilterConfig::default());
+        assert_eq!(FilterConfig::parse(b" {} ").unwrap(), FilterConfig::default());
+        let d = FilterConfig::default();
+        assert_eq!((d.pin_header.as_str(), d.max_body_bytes, d.pin_encoding), ("x-session-pod", 1 << 20, PinEncoding::Plain));
+    }
+
+    #[test]
+    fn full_configuration() {
+        let c = FilterConfig::parse(
+            br#"{"pin_header":"x-pod","pin_encoding":"base64","max_body_bytes":100,"unknown_session":"pass_through",
+                 "control":{"cluster":"ctl","token_env":"TOKEN","timeout_ms":250}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.pin_encoding, PinEncoding::Base64);
+        assert_eq!(c.unknown_session, UnknownSession::PassThrough);
+        let ctl = c.control.unwrap();
+        assert_eq!((ctl.cluster.as_str(), ctl.path_prefix.as_str(), ctl.timeout_ms), ("ctl", "/v1", 250));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"{", "invalid plugin configuration"),
+            (br#"{"pin_hedaer":"x"}"#, "unknown field `pin_hedaer`"),
+            (br#"{"pin_encoding":"hex"}"#, "unknown variant `hex`"),
+            (br#"{"pin_header":"X Pod"}"#, "lowercase HTTP header name"),
+            (br#"{"pin_header":"mcp-session-id"}"#, "must not be mcp-session-id"),
+            (br#"{"max_body_bytes":0}"#, "max_body_bytes"),
+            (br#"{"max_session_id_len":1000}"#, "max_session_id_len"),
+            (br#"{"session_ttl_secs":10,"touch_interval_secs":10}"#, "touch_interval_secs"),
+            (br#"{"control":{"path_prefix":"v1"}}"#, "path_prefix"),
+            (br#"{"control":{"token":"a","token_env":"B"}}"#, "exclusive"),
+        ];
+        for (input, needle) in cases {
+            let err = FilterConfig::parse(input).unwrap_err();
+            assert!(err.contains(needle), "{}: {err}", String::from_utf8_lossy(input));
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! A pin: which upstream host serves an MCP session, as kept in Envoy shared data, and how
+//! it is written into the routing header.
+//!
+//! Shared data (proxy-wasm ABI v0.2.1 `proxy_get_shared_data` / `proxy_set_shared_data`)
+//! stores bytes per key, process-wide, with a CAS number and no TTL and no delete
+//! (proxy-wasm-cpp-host `src/shared_data.cc`). So a pin carries its own last-seen time and
+//! a forgotten session is overwritten with an empty value (a tombstone).
+//!
+//! Value format, version 1 (ASCII, space separated; a session id has no spaces):
+//! `1 <upstream ip:port> <generation> <last_seen unix seconds> <backend session id>`.
+//! Footprint per session: key (`mcp-affinity/pin/` + id, 17 + id bytes) + value (about
+//! 40 + id bytes), i.e. about 150 bytes for a UUID id, plus Envoy's map overhead.
+
+use base64::Engine as _;
+
+/// Prefix of every shared-data key this filter writes.
+pub const KEY_PREFIX: &str = "mcp-affinity/pin/";
+
+/// The shared-data key of a session: `mcp-affinity/pin/<client session id>`.
+pub fn key(session_id: &str) -> String {
+    let mut k = String::with_capacity(KEY_PREFIX.len() + session_id.len());
+    k.push_str(KEY_PREFIX);
+    k.push_str(session_id);
+    k
+}
+
+/// Where a session lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// The upstream host (`ip:port`, as Envoy's `upstream.address` property gives it).
+    pub upstream: String,
+    /// Grows each time the session is re-pinned (by recovery); starts at 1.
+    pub generation: u64,
+    /// Last time a request used the pin (Unix seconds); drives idle expiry.
+    pub last_seen: u64,
+    /// The session id the upstream knows. Equals the client's id until a recovery
+    /// re-initialises the session on another pod.
+    pub backend_session_id: String,
+}
+
+/// Why stored bytes are not a pin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Empty value: the session was forgotten.
+    Tombstone,
+    /// Bytes of another shape or version.
+    Invalid,
+}
+
+impl Pin {
+    /// Serialises to the version-1 value format described in the module docs.
+    pub fn encode(&self) -> Vec<u8> {
+        format!("1 {} {} {} {}", self.upstream, self.generation, self.last_seen, self.backend_session_id)
+            .into_bytes()
+    }
+
+    /// Parses a shared-data value.
+    pub fn decode(bytes: &[u8]) -> Result<Pin, DecodeError> {
+        if bytes.is_empty() {
+            return Err(DecodeError::Tombstone);
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::Invalid)?;
+        let mut parts = text.split(' ');
+        if parts.next() != Some("1") {
+            return Err(DecodeError::Invalid);
+        }
+        let (Some(upstream), Some(generation), Some(last_seen), Some(backend), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(DecodeError::Invalid);
+        };
+        if upstream.is_empty() || backend.is_empty() {
+            return Err(DecodeError::Invalid);
+        }
+        Ok(Pin {
+            upstream: upstream.to_string(),
+            generation: generation.parse().map_err(|_| DecodeError::Invalid)?,
+            last_seen: last_seen.parse().map_err(|_| DecodeError::Invalid)?,
+            backend_session_id: backend.to_string(),
+        })
+    }
+
+    /// True when the pin has been idle for `ttl_secs` or more at time `now` (Unix seconds).
+    pub fn is_expired(&self, now: u64, ttl_secs: u64) -> bool {
+        now.saturating_sub(self.last_seen) >= ttl_secs
+    }
+
+    /// True when `last_seen` is at least `interval_secs` old, i.e. a refresh is due.
+    /// Refreshing at most once per interval keeps shared-data writes off most requests.
+    pub fn needs_touch(&self, now: u64, interval_secs: u64) -> bool {
+        now.saturating_sub(self.last_seen) >= interval_secs
+    }
+}
+
+/// How the pinned upstream host is written into the routing header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PinEncoding {
+    /// `ip:port` as is: what an `ORIGINAL_DST` cluster with `use_http_header: true` reads
+    /// (Envoy docs, "Original destination" cluster, `original_dst_lb_config`).
+    #[default]
+    Plain,
+    /// Standard base64 of `ip:port`: what Envoy's stateful-session header extension
+    /// (`envoy.http.stateful_session.header`) and Istio persistent sessions read.
+    Base64,
+}
+
+impl PinEncoding {
+    /// The routing-header value for `upstream`.
+    pub fn header_value(self, upstream: &str) -> String {
+        match self {
+            PinEncoding::Plain => upstream.to_string(),
+            PinEncoding::Base64 => base64::engine::general_purpose::STANDARD.encode(upstream),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pin() -> Pin {
+        Pin { upstream: "10.0.0.7:8080".into(), generation: 3, last_seen: 1_700_000_000, backend_session_id: "b-1".into() }
+    }
+
+    #[test]
+    fn round_trips() {
+        let p = pin();
+        assert_eq!(p.encode(), b"1 10.0.0.7:8080 3 1700000000 b-1");
+        assert_eq!(Pin::decode(&p.encode()), Ok(p));
+    }
+
+    #[test]
+    fn rejects_tombstones_and_garbage() {
+        assert_eq!(Pin::decode(b""), Err(DecodeError::Tombstone));
+        for bad in [&b"2 a 1 1 b"[..], b"1 a 1 1", b"1 a x 1 b", b"1 a 1 1 b extra", b"1  1 1 b", b"\xff"] {
+            assert_eq!(Pin::decode(bad), Err(DecodeError::Invalid), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn expiry_and_touch() {
+        let p = pin();
+        assert!(!p.is_expired(1_700_000_099, 100));
+        assert!(p.is_expired(1_700_000_100, 100));
+        assert!(!p.is_expired(0, 100), "a clock behind the pin never expires it");
+        assert!(!p.needs_touch(1_700_000_059, 60));
+        assert!(p.needs_touch(1_700_000_060, 60));
+    }
+
+    #[test]
+    fn header_encodings() {
+        assert_eq!(PinEncoding::Plain.header_value("10.0.0.7:8080"), "10.0.0.7:8080");
+        assert_eq!(PinEncoding::Base64.header_value("10.0.0.7:8080"), "MTAuMC4wLjc6ODA4MA==");
+        assert_eq!(key("abc"), "mcp-affinity/pin/abc");
+    }
+}
