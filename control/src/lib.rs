@@ -1,1 +1,108 @@
-//! placeholder
+//! mcp-affinity control service: the durable, shared home of MCP session records.
+//!
+//! A proxy-wasm filter pins each MCP session (`Mcp-Session-Id`) to the upstream pod that
+//! answered `initialize`; this service keeps those pins ([`record::SessionRecord`]) in an
+//! embedded store or in Redis so that they survive proxy restarts and are shared by
+//! several proxies.
+//!
+//! - [`config`]: flags and environment ([`config::Config`]).
+//! - [`api`]: the HTTP routes; [`errors`]: the JSON error answers; [`auth`]: bearer tokens.
+//! - [`record`]: the record and the request bodies; [`session_id`]: id validation.
+//! - [`store`]: the [`store::SessionStore`] trait, [`store::memory`] and [`store::redis`].
+//! - [`metrics`]: Prometheus metrics; [`clock`]: injectable time.
+//!
+//! Run in-process with [`serve`] (tests do) or as the `mcp-affinity-control` binary.
+
+pub mod api;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod errors;
+pub mod metrics;
+pub mod record;
+pub mod session_id;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::api::AppState;
+use crate::auth::Auth;
+use crate::config::{Config, StoreKind};
+use crate::metrics::Metrics;
+use crate::store::SessionStore;
+use crate::store::memory::MemoryStore;
+use crate::store::redis::{RedisStore, RedisStoreConfig};
+
+/// Serves the API described by `config` on `listener` until `shutdown` completes, then
+/// finishes the requests in flight and returns. `config.listen` is not used (the caller
+/// bound `listener`).
+///
+/// # Errors
+/// When the configuration is unusable (no token without `--insecure-no-auth`, unreadable
+/// token file, invalid Redis URL, `rediss://` without the `tls` feature) or the server
+/// fails. An unreachable Redis is not an error: the service starts and reports not ready.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let auth = config.auth()?;
+    if matches!(auth, Auth::Disabled) {
+        tracing::warn!("--insecure-no-auth: the /v1 API accepts requests without a token");
+    }
+    match &config.store {
+        StoreKind::Memory => {
+            let store = MemoryStore::new(config.session_ttl(), usize::try_from(config.max_sessions).unwrap_or(usize::MAX));
+            tracing::info!(ttl_secs = config.session_ttl_secs, max_sessions = config.max_sessions, "memory store");
+            run(Arc::new(store), auth, &config, listener, shutdown).await
+        }
+        StoreKind::Redis(url) => {
+            check_tls_support(url)?;
+            let store = RedisStore::new(&RedisStoreConfig {
+                url: url.clone(),
+                key_prefix: config.redis_key_prefix.clone(),
+                ttl: config.session_ttl(),
+                timeout: config.redis_timeout(),
+            })
+            .context("redis store")?;
+            tracing::info!(ttl_secs = config.session_ttl_secs, key_prefix = %config.redis_key_prefix, "redis store");
+            run(Arc::new(store), auth, &config, listener, shutdown).await
+        }
+    }
+}
+
+/// Serves `store` with the router of [`api::router`].
+async fn run<S: SessionStore>(
+    store: Arc<S>,
+    auth: Auth,
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState { store, metrics: Arc::new(Metrics::new()) };
+    let app = api::router(state, auth, config.max_body_bytes);
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("http server")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(feature = "tls")]
+fn check_tls_support(_url: &str) -> anyhow::Result<()> {
+    // Installing fails only when a provider is installed already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(())
+}
+
+#[cfg(not(feature = "tls"))]
+fn check_tls_support(url: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !url.starts_with("rediss://"),
+        "rediss:// needs TLS support: build mcp-affinity-control with `--features tls`"
+    );
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! HTTP routes.
+//!
+//! | route                      | auth   | answers                                            |
+//! |----------------------------|--------|----------------------------------------------------|
+//! | `PUT /v1/sessions/{id}`    | bearer | 201 created / 200 replaced (record), 409, 400, 413 |
+//! | `GET /v1/sessions/{id}`    | bearer | 200 record, 404                                    |
+//! | `PATCH /v1/sessions/{id}`  | bearer | 200 record (touched), 404                          |
+//! | `DELETE /v1/sessions/{id}` | bearer | 204, 404                                           |
+//! | `GET /healthz`             | none   | 200 while the process runs                         |
+//! | `GET /readyz`              | none   | 200 when the store answers, else 503               |
+//! | `GET /metrics`             | none   | Prometheus / OpenMetrics text                      |
+//!
+//! The `{id}` path segment is the percent-encoded session id (encode at least `/`, `%`,
+//! `?` and `#`). Errors are described in [`crate::errors`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::auth::{Auth, require_bearer};
+use crate::errors::ApiError;
+use crate::metrics::Metrics;
+use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
+use crate::session_id::SessionId;
+use crate::store::{PutOutcome, SessionStore, StoreError};
+
+/// Route template of the session resource.
+pub const SESSION_ROUTE: &str = "/v1/sessions/{id}";
+
+/// Shared state of the handlers.
+pub struct AppState<S> {
+    /// The session store.
+    pub store: Arc<S>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+}
+
+impl<S> Clone for AppState<S> {
+    fn clone(&self) -> Self {
+        AppState { store: self.store.clone(), metrics: self.metrics.clone() }
+    }
+}
+
+impl<S: SessionStore> AppState<S> {
+    /// Runs one store operation, recording its latency under `op`.
+    async fn timed<T>(&self, op: &'static str, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        let start = Instant::now();
+        let result = fut.await;
+        self.metrics.observe_store(op, result.is_ok(), start.elapsed());
+        if let Err(e) = &result {
+            tracing::warn!(op, error = %e, "store operation failed");
+        }
+        result
+    }
+}
+
+/// Builds the service's router: `/v1` behind `auth` and a body limit of `max_body_bytes`,
+/// the health and metrics routes open.
+pub fn router<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: usize) -> Router {
+    let v1 = Router::new()
+        .route(
+            SESSION_ROUTE,
+            get(get_session::<S>).put(put_session::<S>).patch(patch_session::<S>).delete(delete_session::<S>),
+        )
+        .route("/v1/sessions/", any(empty_session_id))
+        .route_layer(middleware::from_fn_with_state(auth, require_bearer))
+        .layer(DefaultBodyLimit::max(max_body_bytes));
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz::<S>))
+        .route("/metrics", get(metrics_text::<S>))
+        .merge(v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(metrics, track_requests))
+}
+
+/// Middleware: counts every answer by route template, method and status.
+async fn track_requests(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_string();
+    let method = request.method().as_str().to_string();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    metrics.observe_request(&route, &method, status);
+    tracing::debug!(%method, %route, status, elapsed_us = start.elapsed().as_micros() as u64, "request");
+    response
+}
+
+/// A session id taken from the path and validated.
+struct ValidId(SessionId);
+
+impl<St: Send + Sync> FromRequestParts<St> for ValidId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &St) -> Result<Self, ApiError> {
+        let Path(raw): Path<String> = Path::from_request_parts(parts, state)
+            .await
+            .map_err(|e: PathRejection| invalid_id(&e.body_text()))?;
+        SessionId::parse(&raw).map(ValidId).map_err(|e| invalid_id(&e.to_string()))
+    }
+}
+
+fn invalid_id(why: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_session_id", format!("invalid session id: {why}"))
+}
+
+/// The raw request body, within the body limit.
+struct RawBody(Bytes);
+
+impl<St: Send + Sync> FromRequest<St> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &St) -> Result<Self, ApiError> {
+        Bytes::from_request(request, state).await.map(RawBody).map_err(|e: BytesRejection| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "request body exceeds the size limit")
+            } else {
+                ApiError::invalid_request(format!("cannot read the request body: {}", e.body_text()))
+            }
+        })
+    }
+}
+
+/// Parses a JSON body, telling malformed JSON, unknown fields and wrong values apart.
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data if e.to_string().starts_with("unknown field") => {
+                ApiError::new(StatusCode::BAD_REQUEST, "unknown_field", e.to_string())
+            }
+            Category::Data => ApiError::invalid_request(e.to_string()),
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("body is not valid JSON: {e}"))
+            }
+        }
+    })
+}
+
+/// Query of `PUT`: `?if_generation=N`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutQuery {
+    if_generation: Option<u64>,
+}
+
+async fn get_session<S: SessionStore>(
+    State(state): State<AppState<S>>,
+    ValidId(id): ValidId,
+) -> Result<Json<SessionRecord>, ApiError> {
+    match state.timed("get", state.store.get(&id)).await? {
+        Some(record) => Ok(Json(record)),
+        None => Err(ApiError::session_not_found(id.as_str())),
+    }
+}
+
+async fn put_session<S: SessionStore>(
+    State(state): State<AppState<S>>,
+    ValidId(id): ValidId,
+    query: Result<Query<PutQuery>, QueryRejection>,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid_request(e.body_text()))?;
+    let body: PutSession = parse_json(&body)?;
+    body.validate().map_err(|e| ApiError::invalid_request(e.0))?;
+    let condition = query.if_generation.map_or(PutCondition::Always, PutCondition::IfGeneration);
+    match state.timed("put", state.store.put(&id, &body, condition)).await? {
+        PutOutcome::Created(r) => Ok((StatusCode::CREATED, Json(r)).into_response()),
+        PutOutcome::Replaced(r) => Ok((StatusCode::OK, Json(r)).into_response()),
+        PutOutcome::Conflict(current) => Err(ApiError::generation_conflict(query.if_generation.unwrap_or(0), current)),
+    }
+}
+
+async fn patch_session<S: SessionStore>(
+    State(state): State<AppState<S>>,
+    ValidId(id): ValidId,
+    RawBody(body): RawBody,
+) -> Result<Json<SessionRecord>, ApiError> {
+    let patch: PatchSession = if body.iter().all(u8::is_ascii_whitespace) { PatchSession::default() } else { parse_json(&body)? };
+    patch.validate().map_err(|e| ApiError::invalid_request(e.0))?;
+    match state.timed("patch", state.store.patch(&id, &patch)).await? {
+        Some(record) => Ok(Json(record)),
+        None => Err(ApiError::session_not_found(id.as_str())),
+    }
+}
+
+async fn delete_session<S: SessionStore>(
+    State(state): State<AppState<S>>,
+    ValidId(id): ValidId,
+) -> Result<StatusCode, ApiError> {
+    if state.timed("delete", state.store.delete(&id)).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::session_not_found(id.as_str()))
+    }
+}
+
+async fn empty_session_id() -> ApiError {
+    invalid_id("session id is empty")
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz<S: SessionStore>(State(state): State<AppState<S>>) -> Result<Json<serde_json::Value>, ApiError> {
+    state.timed("ping", state.store.ping()).await?;
+    Ok(Json(serde_json::json!({"status": "ready"})))
+}
+
+async fn metrics_text<S: SessionStore>(State(state): State<AppState<S>>) -> impl IntoResponse {
+    let text = state.metrics.render(state.store.stats());
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}

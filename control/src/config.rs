@@ -1,0 +1,245 @@
+//! Command line and environment configuration (every flag has an
+//! `MCP_AFFINITY_CONTROL_*` variable), and the checks that turn it into settings.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::auth::Auth;
+
+/// Where records are kept.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// In process memory (`memory`).
+    Memory,
+    /// Redis at this URL (`redis://…` or `rediss://…`).
+    Redis(String),
+}
+
+impl fmt::Debug for StoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreKind::Memory => f.write_str("memory"),
+            // The URL may hold a password.
+            StoreKind::Redis(_) => f.write_str("redis(<url redacted>)"),
+        }
+    }
+}
+
+fn parse_store(s: &str) -> Result<StoreKind, String> {
+    if s == "memory" {
+        Ok(StoreKind::Memory)
+    } else if s.starts_with("redis://") || s.starts_with("rediss://") {
+        Ok(StoreKind::Redis(s.to_string()))
+    } else {
+        Err("expected `memory`, `redis://host:port[/db]` or `rediss://host:port[/db]`".into())
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+const ABOUT: &str = "Control service of mcp-affinity: the durable, shared home of MCP session records (which \
+upstream pod holds each Mcp-Session-Id), behind a small authenticated HTTP API.";
+
+const LONG_ABOUT_TAIL: &str = "\
+Routes: PUT/GET/PATCH/DELETE /v1/sessions/{id} (bearer token required), GET /healthz, GET /readyz, GET /metrics.
+
+Authentication: every /v1 request needs `Authorization: Bearer <token>`. Give the token with --token-file \
+(preferred) or the MCP_AFFINITY_CONTROL_TOKEN environment variable. Without a token the service refuses to \
+start unless --insecure-no-auth is given.";
+
+/// Configuration of the control service.
+#[derive(Parser, Clone)]
+#[command(name = "mcp-affinity-control", version, about = ABOUT, long_about = None, after_long_help = LONG_ABOUT_TAIL)]
+pub struct Config {
+    /// Address to listen on (ip:port). Keep it on loopback or a pod-internal address.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_LISTEN", default_value = "127.0.0.1:9901", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Session store: `memory` (embedded, lost on exit, bounded by --max-sessions) or a Redis URL
+    /// `redis://[user:pass@]host:port[/db]` (`rediss://` for TLS, with the `tls` build feature)
+    /// shared by several control instances.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_STORE", default_value = "memory", value_name = "STORE", value_parser = parse_store)]
+    pub store: StoreKind,
+
+    /// Prefix of the Redis key of each session (`<prefix><session id>`).
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_REDIS_KEY_PREFIX", default_value = "mcp-affinity:session:", value_name = "PREFIX")]
+    pub redis_key_prefix: String,
+
+    /// Upper bound of one Redis operation, connecting included, in milliseconds. When Redis does not
+    /// answer within it, /v1 answers 503 store_unavailable and /readyz 503.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_REDIS_TIMEOUT_MS", default_value_t = 2000, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub redis_timeout_ms: u64,
+
+    /// Idle TTL of a session record, in seconds: a record not written or touched (PUT/PATCH) for this
+    /// long expires. GET does not refresh it.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_SESSION_TTL_SECS", default_value_t = 7200, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub session_ttl_secs: u64,
+
+    /// Most records the memory store holds. Creating one more evicts the least-recently-seen record
+    /// (counted in mcp_affinity_control_store_evictions_total). Not used with Redis (size Redis itself).
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_MAX_SESSIONS", default_value_t = 100_000, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_sessions: u64,
+
+    /// Largest accepted request body, in bytes; larger bodies get 413 body_too_large.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_MAX_BODY_BYTES", default_value_t = 1024 * 1024, value_name = "BYTES")]
+    pub max_body_bytes: usize,
+
+    /// Log format: `text` or `json` (one object per line). Verbosity comes from RUST_LOG (default info).
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub log_format: LogFormat,
+
+    /// File holding the bearer token of the /v1 API (surrounding whitespace is ignored). Preferred way
+    /// to pass the token.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_TOKEN_FILE", value_name = "PATH", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+
+    /// The bearer token itself. Prefer the MCP_AFFINITY_CONTROL_TOKEN environment variable or
+    /// --token-file: a value given on the command line is visible to every user in `ps`.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+
+    /// Serve /v1 without authentication. For local development only; without it the service refuses
+    /// to start when no token is configured.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("store", &self.store)
+            .field("redis_key_prefix", &self.redis_key_prefix)
+            .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("session_ttl_secs", &self.session_ttl_secs)
+            .field("max_sessions", &self.max_sessions)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("log_format", &self.log_format)
+            .field("token_file", &self.token_file)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("insecure_no_auth", &self.insecure_no_auth)
+            .finish()
+    }
+}
+
+/// A configuration that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Neither a token nor `--insecure-no-auth`.
+    #[error(
+        "no API token configured: pass --token-file PATH or set MCP_AFFINITY_CONTROL_TOKEN \
+         (or --insecure-no-auth for local development)"
+    )]
+    NoToken,
+    /// The token is empty or holds characters a header cannot carry.
+    #[error("the API token must be non-empty visible ASCII (0x21-0x7E)")]
+    BadToken,
+    /// Both a token and `--insecure-no-auth`.
+    #[error("--insecure-no-auth cannot be combined with a token")]
+    TokenAndNoAuth,
+    /// The token file cannot be read.
+    #[error("cannot read token file {path}: {source}")]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl Config {
+    /// The authentication the configuration asks for.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when no token is configured without `--insecure-no-auth`, when the
+    /// token file cannot be read, or when the token is empty or not visible ASCII.
+    pub fn auth(&self) -> Result<Auth, ConfigError> {
+        let token = match (&self.token_file, &self.token) {
+            (Some(path), _) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::TokenFile { path: path.clone(), source })?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, Some(t)) => Some(t.trim().to_string()),
+            (None, None) => None,
+        };
+        match (token, self.insecure_no_auth) {
+            (None, true) => Ok(Auth::Disabled),
+            (None, false) => Err(ConfigError::NoToken),
+            (Some(_), true) => Err(ConfigError::TokenAndNoAuth),
+            (Some(t), false) if t.is_empty() || !t.bytes().all(|b| (0x21..=0x7e).contains(&b)) => {
+                Err(ConfigError::BadToken)
+            }
+            (Some(t), false) => Ok(Auth::token(&t)),
+        }
+    }
+
+    /// `--session-ttl-secs` as a duration.
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_ttl_secs)
+    }
+
+    /// `--redis-timeout-ms` as a duration.
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("mcp-affinity-control").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--insecure-no-auth"]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9901");
+        assert_eq!(c.store, StoreKind::Memory);
+        assert_eq!(c.redis_key_prefix, "mcp-affinity:session:");
+        assert_eq!((c.session_ttl_secs, c.max_sessions, c.max_body_bytes), (7200, 100_000, 1 << 20));
+        assert!(matches!(c.auth(), Ok(Auth::Disabled)));
+    }
+
+    #[test]
+    fn store_values() {
+        assert_eq!(parse(&["--store", "redis://127.0.0.1:6379/0"]).unwrap().store, StoreKind::Redis("redis://127.0.0.1:6379/0".into()));
+        assert!(parse(&["--store", "postgres://x"]).is_err());
+        assert!(parse(&["--session-ttl-secs", "0"]).is_err());
+        assert!(parse(&["--max-sessions", "0"]).is_err());
+    }
+
+    #[test]
+    fn token_rules() {
+        assert!(matches!(parse(&[]).unwrap().auth(), Err(ConfigError::NoToken)));
+        assert!(matches!(parse(&["--token", "abc"]).unwrap().auth(), Ok(Auth::Token(_))));
+        assert!(matches!(parse(&["--token", " "]).unwrap().auth(), Err(ConfigError::BadToken)));
+        assert!(matches!(parse(&["--token", "abc", "--insecure-no-auth"]).unwrap().auth(), Err(ConfigError::TokenAndNoAuth)));
+        assert!(parse(&["--token", "abc", "--token-file", "/x"]).is_err());
+        let dir = std::env::temp_dir().join(format!("mcp-affinity-control-token-{}", std::process::id()));
+        std::fs::write(&dir, "from-file\n").unwrap();
+        let auth = parse(&["--token-file", dir.to_str().unwrap()]).unwrap().auth().unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("authorization", "Bearer from-file".parse().unwrap());
+        assert!(auth.allows(&h));
+        assert!(matches!(parse(&["--token-file", "/nonexistent/token"]).unwrap().auth(), Err(ConfigError::TokenFile { .. })));
+    }
+}

@@ -1,0 +1,123 @@
+//! Prometheus metrics, served as text at `GET /metrics`:
+//!
+//! - `mcp_affinity_control_http_requests_total{route,method,status}` — counter; `route`
+//!   is the route template (`/v1/sessions/{id}`), never a session id.
+//! - `mcp_affinity_control_store_operation_duration_seconds{op,outcome}` — histogram of
+//!   store operations (`op` = get|put|patch|delete|ping, `outcome` = ok|error).
+//! - `mcp_affinity_control_store_records` — gauge, live records (memory store only;
+//!   counting Redis keys is not cheap).
+//! - `mcp_affinity_control_store_evictions_total` — counter, records evicted at
+//!   `--max-sessions` (memory store).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::store::StoreStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+    outcome: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~3.3 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// The service's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    store_ops: Family<OpLabels, Histogram, fn() -> Histogram>,
+    records: Gauge,
+    evictions: Counter,
+    evictions_seen: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mcp_affinity_control");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("http_requests", "HTTP requests by route template, method and status", requests.clone());
+        let store_ops = Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register(
+            "store_operation_duration_seconds",
+            "Latency of store operations in seconds, by operation and outcome",
+            store_ops.clone(),
+        );
+        let records = Gauge::default();
+        registry.register("store_records", "Live session records (memory store only)", records.clone());
+        let evictions = Counter::default();
+        registry.register("store_evictions", "Records evicted because the store was full", evictions.clone());
+        Metrics { registry, requests, store_ops, records, evictions, evictions_seen: AtomicU64::new(0) }
+    }
+
+    /// Counts one answered request.
+    pub fn observe_request(&self, route: &str, method: &str, status: u16) {
+        let labels = RequestLabels { route: route.to_string(), method: method.to_string(), status };
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    /// Records the duration of one store operation.
+    pub fn observe_store(&self, op: &'static str, ok: bool, elapsed: Duration) {
+        let labels = OpLabels { op, outcome: if ok { "ok" } else { "error" } };
+        self.store_ops.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition (OpenMetrics text, which Prometheus reads), after updating the
+    /// store gauges from `stats`.
+    pub fn render(&self, stats: StoreStats) -> String {
+        if let Some(n) = stats.records {
+            self.records.set(n as i64);
+        }
+        let before = self.evictions_seen.swap(stats.evictions, Ordering::Relaxed);
+        self.evictions.inc_by(stats.evictions.saturating_sub(before));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_requests_latency_and_store_stats() {
+        let m = Metrics::new();
+        m.observe_request("/v1/sessions/{id}", "GET", 404);
+        m.observe_store("get", true, Duration::from_micros(250));
+        let text = m.render(StoreStats { records: Some(3), evictions: 2 });
+        assert!(text.contains(
+            r#"mcp_affinity_control_http_requests_total{route="/v1/sessions/{id}",method="GET",status="404"} 1"#
+        ), "{text}");
+        assert!(text.contains(r#"mcp_affinity_control_store_operation_duration_seconds_count{op="get",outcome="ok"} 1"#));
+        assert!(text.contains("mcp_affinity_control_store_records 3"));
+        assert!(text.contains("mcp_affinity_control_store_evictions_total 2"));
+        // Evictions are a running total: rendering again with the same total adds nothing.
+        let text = m.render(StoreStats { records: Some(3), evictions: 2 });
+        assert!(text.contains("mcp_affinity_control_store_evictions_total 2"));
+    }
+}

@@ -1,0 +1,255 @@
+//! The embedded store: records in process memory, lost when the process exits.
+//!
+//! - **Idle TTL**: a record expires `ttl` after its last `put`/`patch`. Expired records are
+//!   invisible at once and reclaimed on the next operation (an ordered index by last
+//!   touch makes each sweep cost only the expired entries).
+//! - **Bound**: at most `max_sessions` records. Creating one more evicts the
+//!   least-recently-seen record (the same index), counted in [`StoreStats::evictions`].
+//!   Eviction rather than refusal keeps new sessions working under load; an evicted
+//!   session was the idlest one, and the filter still holds its own pin.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{PutOutcome, SessionStore, StoreError, StoreStats};
+use crate::clock::{Clock, SystemClock};
+use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
+use crate::session_id::SessionId;
+
+/// Position of a record in the last-touch order: (touch instant, tie-breaking sequence).
+type TouchKey = (Instant, u64);
+
+struct Entry {
+    record: SessionRecord,
+    touched: TouchKey,
+}
+
+#[derive(Default)]
+struct Inner {
+    records: HashMap<String, Entry>,
+    by_touch: BTreeMap<TouchKey, String>,
+    seq: u64,
+}
+
+impl Inner {
+    /// Drops every record last touched at or before `cutoff`.
+    fn sweep(&mut self, cutoff: Instant) {
+        while let Some(entry) = self.by_touch.first_entry() {
+            if entry.key().0 > cutoff {
+                break;
+            }
+            let id = entry.remove();
+            self.records.remove(&id);
+        }
+    }
+
+    /// Stores `record` as touched at `now`, replacing any previous entry of its id.
+    fn insert(&mut self, record: SessionRecord, now: Instant) {
+        self.seq += 1;
+        let touched = (now, self.seq);
+        let id = record.session_id.clone();
+        self.by_touch.insert(touched, id.clone());
+        if let Some(old) = self.records.insert(id, Entry { record, touched }) {
+            self.by_touch.remove(&old.touched);
+        }
+    }
+
+    fn remove(&mut self, id: &str) -> bool {
+        match self.records.remove(id) {
+            Some(old) => {
+                self.by_touch.remove(&old.touched);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes the least-recently-touched record.
+    fn evict_one(&mut self) -> bool {
+        match self.by_touch.pop_first() {
+            Some((_, id)) => {
+                self.records.remove(&id);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// In-memory [`SessionStore`] with idle TTL and least-recently-seen eviction.
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    ttl: Duration,
+    max_sessions: usize,
+    clock: Arc<dyn Clock>,
+    evictions: AtomicU64,
+}
+
+impl MemoryStore {
+    /// A store whose records expire `ttl` after their last write or touch and that holds
+    /// at most `max_sessions` records (values below 1 are treated as 1).
+    pub fn new(ttl: Duration, max_sessions: usize) -> Self {
+        Self::with_clock(ttl, max_sessions, Arc::new(SystemClock))
+    }
+
+    /// Like [`MemoryStore::new`] with an injected clock (tests).
+    pub fn with_clock(ttl: Duration, max_sessions: usize, clock: Arc<dyn Clock>) -> Self {
+        MemoryStore {
+            inner: Mutex::new(Inner::default()),
+            ttl,
+            max_sessions: max_sessions.max(1),
+            clock,
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    /// Locks the map after dropping expired records; returns the guard and `now`.
+    fn lock_swept(&self) -> (std::sync::MutexGuard<'_, Inner>, Instant) {
+        let now = self.clock.now();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cutoff) = now.checked_sub(self.ttl) {
+            inner.sweep(cutoff);
+        }
+        (inner, now)
+    }
+
+    fn get_now(&self, id: &SessionId) -> Option<SessionRecord> {
+        let (inner, _) = self.lock_swept();
+        inner.records.get(id.as_str()).map(|e| e.record.clone())
+    }
+
+    fn put_now(&self, id: &SessionId, body: &PutSession, condition: PutCondition) -> PutOutcome {
+        let (mut inner, now) = self.lock_swept();
+        let current = inner.records.get(id.as_str()).map(|e| &e.record);
+        if !condition.holds(current) {
+            return PutOutcome::Conflict(current.cloned());
+        }
+        let record = body.to_record(id, self.clock.unix_ms(), current);
+        let existed = current.is_some();
+        if !existed && inner.records.len() >= self.max_sessions && inner.evict_one() {
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        inner.insert(record.clone(), now);
+        if existed { PutOutcome::Replaced(record) } else { PutOutcome::Created(record) }
+    }
+
+    fn patch_now(&self, id: &SessionId, patch: &PatchSession) -> Option<SessionRecord> {
+        let (mut inner, now) = self.lock_swept();
+        let current = inner.records.get(id.as_str())?;
+        let record = patch.apply(&current.record, self.clock.unix_ms());
+        inner.insert(record.clone(), now);
+        Some(record)
+    }
+
+    fn delete_now(&self, id: &SessionId) -> bool {
+        let (mut inner, _) = self.lock_swept();
+        inner.remove(id.as_str())
+    }
+}
+
+impl SessionStore for MemoryStore {
+    async fn get(&self, id: &SessionId) -> Result<Option<SessionRecord>, StoreError> {
+        Ok(self.get_now(id))
+    }
+
+    async fn put(&self, id: &SessionId, body: &PutSession, condition: PutCondition) -> Result<PutOutcome, StoreError> {
+        Ok(self.put_now(id, body, condition))
+    }
+
+    async fn patch(&self, id: &SessionId, patch: &PatchSession) -> Result<Option<SessionRecord>, StoreError> {
+        Ok(self.patch_now(id, patch))
+    }
+
+    async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
+        Ok(self.delete_now(id))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn stats(&self) -> StoreStats {
+        let (inner, _) = self.lock_swept();
+        StoreStats {
+            records: Some(inner.records.len() as u64),
+            evictions: self.evictions.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn body(upstream: &str) -> PutSession {
+        PutSession {
+            backend_session_id: None,
+            upstream: upstream.into(),
+            generation: None,
+            initialize: "{}".into(),
+            initialized: None,
+            protocol_version: None,
+        }
+    }
+
+    fn id(s: &str) -> SessionId {
+        SessionId::parse(s).unwrap()
+    }
+
+    fn store(ttl_secs: u64, max: usize) -> (MemoryStore, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        (MemoryStore::with_clock(Duration::from_secs(ttl_secs), max, clock.clone()), clock)
+    }
+
+    #[test]
+    fn idle_ttl_expires_and_touch_extends() {
+        let (s, clock) = store(10, 100);
+        s.put_now(&id("a"), &body("h:1"), PutCondition::Always);
+        s.put_now(&id("b"), &body("h:1"), PutCondition::Always);
+        clock.advance(Duration::from_secs(6));
+        assert!(s.patch_now(&id("a"), &PatchSession::default()).is_some());
+        clock.advance(Duration::from_secs(5));
+        // b: 11 s idle → gone; a: touched 5 s ago → alive.
+        assert!(s.get_now(&id("b")).is_none());
+        assert!(s.get_now(&id("a")).is_some());
+        assert_eq!(s.stats().records, Some(1), "expired record reclaimed");
+        // A get does not touch.
+        clock.advance(Duration::from_secs(5));
+        assert!(s.get_now(&id("a")).is_none());
+        assert_eq!(s.stats().records, Some(0));
+        // Expired behaves as absent for conditions and patch.
+        assert!(s.patch_now(&id("a"), &PatchSession::default()).is_none());
+        assert!(matches!(s.put_now(&id("a"), &body("h:2"), PutCondition::IfGeneration(0)), PutOutcome::Created(_)));
+    }
+
+    #[test]
+    fn evicts_least_recently_seen_when_full() {
+        let (s, clock) = store(100, 2);
+        s.put_now(&id("a"), &body("h:1"), PutCondition::Always);
+        clock.advance(Duration::from_millis(1));
+        s.put_now(&id("b"), &body("h:1"), PutCondition::Always);
+        clock.advance(Duration::from_millis(1));
+        s.patch_now(&id("a"), &PatchSession::default()); // b is now the idlest
+        clock.advance(Duration::from_millis(1));
+        // Replacing an existing record never evicts.
+        assert!(matches!(s.put_now(&id("a"), &body("h:2"), PutCondition::Always), PutOutcome::Replaced(_)));
+        assert_eq!(s.stats().evictions, 0);
+        s.put_now(&id("c"), &body("h:1"), PutCondition::Always);
+        assert!(s.get_now(&id("b")).is_none());
+        assert!(s.get_now(&id("a")).is_some() && s.get_now(&id("c")).is_some());
+        assert_eq!(s.stats(), StoreStats { records: Some(2), evictions: 1 });
+    }
+
+    #[test]
+    fn timestamps_come_from_the_clock() {
+        let (s, clock) = store(100, 10);
+        let PutOutcome::Created(r) = s.put_now(&id("a"), &body("h:1"), PutCondition::Always) else { panic!() };
+        assert_eq!((r.created_at_ms, r.last_seen_ms), (1_700_000_000_000, 1_700_000_000_000));
+        clock.advance(Duration::from_millis(250));
+        let r = s.patch_now(&id("a"), &PatchSession::default()).unwrap();
+        assert_eq!((r.created_at_ms, r.last_seen_ms), (1_700_000_000_000, 1_700_000_000_250));
+    }
+}
