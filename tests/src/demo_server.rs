@@ -1,0 +1,239 @@
+//! A demo MCP server for tests and `make run`: stateful Streamable HTTP on `rmcp`.
+//!
+//! **A demo/test server, not a product.** It exists so the dev proxy, the filter and the
+//! end-to-end tests have real MCP pods to talk to.
+//!
+//! # Behaviour
+//! - Streamable HTTP transport of `rmcp` ([`StreamableHttpService`]) in its stateful
+//!   ("legacy session") mode, with rmcp's in-memory [`LocalSessionManager`]: `initialize`
+//!   creates a session and the response carries `Mcp-Session-Id`; sessions live in this
+//!   process only and are lost when it exits (or after rmcp's idle timeout, 5 minutes
+//!   without traffic).
+//! - **Responses are SSE.** In stateful mode rmcp answers every JSON-RPC request POST
+//!   with `Content-Type: text/event-stream`: a priming event (an `id:` and `retry:` line
+//!   with empty `data:`), then one event whose `data:` is the JSON-RPC response, then the
+//!   stream ends. Notifications and responses get `202 Accepted` with no body. (rmcp's
+//!   `json_response` option applies to its stateless mode only.) A GET with the session id
+//!   opens the standalone server-to-client SSE stream.
+//! - Tools: `echo` (`text`, optional `sleep_ms` to hold the request) returns `text`;
+//!   `whoami` returns the server's [`DemoServerOptions::name`].
+//! - A request whose `Mcp-Session-Id` this process does not know is answered by a
+//!   middleware in front of rmcp, for every method (POST, GET, DELETE), in the configured
+//!   [`UnknownSessionStyle`]: `spec` → `404` (what the MCP spec says; also rmcp's own
+//!   answer for POST and GET, body `Not Found: Session not found`, `text/plain`), or
+//!   `ts-sdk` → `400` with the JSON-RPC error body TypeScript-SDK servers send
+//!   ([`TS_SDK_UNKNOWN_SESSION_BODY`]). The middleware exists because rmcp on its own
+//!   answers a DELETE of an unknown session with `202` and because `ts-sdk` must differ
+//!   from rmcp's default. It asks rmcp's session manager (`has_session`), so a session
+//!   that ended (DELETE, idle timeout) is unknown from then on.
+//! - `Host` header validation (rmcp's DNS-rebinding guard, loopback names only by
+//!   default) is switched off: behind a proxy or a Kubernetes Service the `Host` is
+//!   whatever the client used.
+//!
+//! # Restart in place
+//! A test restarts a pod "in place" (same address, all sessions lost) by killing the
+//! process and starting it again with the same `--listen`. The listener is bound with
+//! `tokio::net::TcpListener::bind`, which on Unix sets `SO_REUSEADDR`, so the port can
+//! be bound again at once even while connections of the old process sit in `TIME_WAIT`.
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{Implementation, ServerCapabilities, ServerConfig};
+use rmcp::transport::streamable_http_server::session::SessionManager;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
+use tokio_util::sync::CancellationToken;
+
+/// Body of the `400` that TypeScript-SDK based servers send for a missing or unknown
+/// session id (the SDK's example servers), used by [`UnknownSessionStyle::TsSdk`].
+pub const TS_SDK_UNKNOWN_SESSION_BODY: &str =
+    r#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"},"id":null}"#;
+
+/// Body of the `404` for an unknown session in [`UnknownSessionStyle::Spec`] (the same
+/// text rmcp itself sends).
+pub const SPEC_UNKNOWN_SESSION_BODY: &str = "Not Found: Session not found";
+
+/// How the server answers a request carrying an `Mcp-Session-Id` it does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum UnknownSessionStyle {
+    /// `404 Not Found` (MCP spec, Streamable HTTP "session management"), body
+    /// [`SPEC_UNKNOWN_SESSION_BODY`] as `text/plain`.
+    #[default]
+    Spec,
+    /// Imitate TypeScript-SDK servers: `400 Bad Request`, `application/json` body
+    /// [`TS_SDK_UNKNOWN_SESSION_BODY`] (JSON-RPC error -32000).
+    TsSdk,
+}
+
+/// Options of the demo server.
+#[derive(Debug, Clone)]
+pub struct DemoServerOptions {
+    /// What the `whoami` tool returns (and the `serverInfo.name` suffix), e.g. `pod-a`.
+    pub name: String,
+    /// HTTP path of the MCP endpoint, e.g. `/mcp`. Other paths get `404`.
+    pub path: String,
+    /// Answer to requests with an unknown `Mcp-Session-Id`.
+    pub unknown_session: UnknownSessionStyle,
+}
+
+impl Default for DemoServerOptions {
+    fn default() -> Self {
+        DemoServerOptions {
+            name: "demo".to_string(),
+            path: "/mcp".to_string(),
+            unknown_session: UnknownSessionStyle::Spec,
+        }
+    }
+}
+
+/// Arguments of the `echo` tool.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct EchoArgs {
+    /// The text to return.
+    pub text: String,
+    /// Optional: wait this many milliseconds before answering (to hold a request open).
+    #[serde(default)]
+    pub sleep_ms: Option<u64>,
+}
+
+/// The MCP handler: one instance per session (rmcp calls the factory per session).
+#[derive(Debug, Clone)]
+struct DemoHandler {
+    name: Arc<str>,
+    tool_router: ToolRouter<Self>,
+}
+
+impl DemoHandler {
+    fn new(name: Arc<str>) -> Self {
+        DemoHandler { name, tool_router: Self::tool_router() }
+    }
+}
+
+#[tool_router]
+impl DemoHandler {
+    #[tool(description = "Return the given text (optionally after sleep_ms milliseconds)")]
+    async fn echo(&self, Parameters(EchoArgs { text, sleep_ms }): Parameters<EchoArgs>) -> String {
+        if let Some(ms) = sleep_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        text
+    }
+
+    #[tool(description = "Return the name of this server (pod)")]
+    async fn whoami(&self) -> String {
+        self.name.to_string()
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for DemoHandler {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new(
+                format!("mcp-affinity-demo-server/{}", self.name),
+                env!("CARGO_PKG_VERSION"),
+            ))
+            .with_instructions("mcp-affinity demo/test server: tools echo and whoami")
+    }
+}
+
+#[derive(Clone)]
+struct GuardState {
+    sessions: Arc<LocalSessionManager>,
+    style: UnknownSessionStyle,
+}
+
+/// Answers requests with an unknown `Mcp-Session-Id` in the configured style before
+/// they reach rmcp; everything else passes through unchanged.
+async fn unknown_session_guard(State(state): State<GuardState>, request: Request, next: Next) -> Response {
+    if let Some(value) = request.headers().get("mcp-session-id") {
+        // rmcp ignores a non-UTF-8 header value (treats it as absent); such an id can
+        // never name a session, so it is unknown.
+        let known = match value.to_str() {
+            Ok(id) => state.sessions.has_session(&Arc::from(id)).await.unwrap_or(false),
+            Err(_) => false,
+        };
+        if !known {
+            tracing::debug!(method = %request.method(), "unknown session id");
+            return unknown_session_response(state.style);
+        }
+    }
+    next.run(request).await
+}
+
+fn unknown_session_response(style: UnknownSessionStyle) -> Response {
+    let (status, content_type, body) = match style {
+        UnknownSessionStyle::Spec => (404, "text/plain; charset=utf-8", SPEC_UNKNOWN_SESSION_BODY),
+        UnknownSessionStyle::TsSdk => (400, "application/json", TS_SDK_UNKNOWN_SESSION_BODY),
+    };
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Body::from(body))
+        .expect("valid response")
+}
+
+/// The axum router of the demo server: the MCP endpoint at `options.path`, behind the
+/// unknown-session middleware. `ct` ends all sessions and their SSE streams when
+/// cancelled.
+pub fn router(options: &DemoServerOptions, ct: CancellationToken) -> axum::Router {
+    let sessions = Arc::new(LocalSessionManager::default());
+    let name: Arc<str> = Arc::from(options.name.as_str());
+    let config = StreamableHttpServerConfig::default()
+        .disable_allowed_hosts()
+        .with_cancellation_token(ct);
+    let service = StreamableHttpService::new(
+        move || Ok(DemoHandler::new(name.clone())),
+        sessions.clone(),
+        config,
+    );
+    let guard = GuardState { sessions, style: options.unknown_session };
+    let endpoint = axum::routing::any_service(service)
+        .layer(axum::middleware::from_fn_with_state(guard, unknown_session_guard));
+    let path = if options.path.is_empty() { "/" } else { options.path.as_str() };
+    axum::Router::new().route(path, endpoint)
+}
+
+/// Serves the demo server on `listener` until the process ends.
+pub async fn serve(options: DemoServerOptions, listener: tokio::net::TcpListener) -> Result<()> {
+    serve_with_shutdown(options, listener, std::future::pending()).await
+}
+
+/// Serves the demo server on `listener` until `shutdown` completes; then all sessions
+/// are closed, open SSE streams end, and in-flight requests get up to 5 s to finish.
+pub async fn serve_with_shutdown(
+    options: DemoServerOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let ct = CancellationToken::new();
+    let app = router(&options, ct.child_token());
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, name = %options.name, path = %options.path, unknown_session = ?options.unknown_session, "demo MCP server listening");
+    let stop = ct.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        // Ends sessions and SSE streams so graceful shutdown is not held by them.
+        stop.cancel();
+    });
+    let server = server.into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        res = &mut server => res.context("serve")?,
+        _ = async {
+            ct.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        } => tracing::warn!("graceful shutdown took over 5 s; stopping"),
+    }
+    Ok(())
+}
