@@ -1,0 +1,56 @@
+# mcp-affinity — developer entry points. `make run` and `make test` work on a fresh machine:
+# they install what is missing (the wasm32-wasip1 target; redis-server for the tests).
+
+WASM_TARGET := wasm32-wasip1
+WASM        := target/$(WASM_TARGET)/wasm/mcp_affinity_filter.wasm
+CARGO       ?= cargo
+
+.PHONY: all setup setup-wasm setup-redis wasm build run test test-envoy bench images clean help
+
+all: build
+
+help:
+	@echo "make run         build and start 3 demo MCP pods, control and the dev proxy on http://127.0.0.1:10000/mcp"
+	@echo "make test        unit, host-level (wasm) and end-to-end tests"
+	@echo "make test-envoy  the real-Envoy suite (skips without a Docker engine)"
+	@echo "make bench       benchmarks (control store throughput/latency)"
+	@echo "make wasm        build $(WASM)"
+
+setup: setup-wasm setup-redis
+
+setup-wasm:
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+# Tests start their own redis-server on a free loopback port; they only need the binary.
+setup-redis:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@# The Debian package may start a system instance on 6379; the project never uses it.
+
+wasm: setup-wasm
+	$(CARGO) build -p mcp-affinity-filter --target $(WASM_TARGET) --profile wasm
+	@ls -l $(WASM)
+
+build: wasm
+	$(CARGO) build --workspace --bins
+
+run: build
+	@scripts/run.sh
+
+test: setup wasm
+	$(CARGO) test --workspace --no-fail-fast
+
+test-envoy: setup wasm
+	$(CARGO) test -p mcp-affinity-harness --test envoy_real -- --nocapture
+
+bench: setup
+	$(CARGO) bench -p mcp-affinity-control
+
+images: wasm
+	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine answers here; skipped"; exit 0; }; \
+	docker build -f envoy/docker/control.Dockerfile -t mcp-affinity-control:dev . && \
+	docker build -f envoy/wasm-image/Dockerfile -t mcp-affinity-filter:dev target/$(WASM_TARGET)/wasm
+
+clean:
+	$(CARGO) clean
