@@ -1,0 +1,528 @@
+//! Conformance suite of the control service: one generic suite, run through the real
+//! HTTP router against both stores (`memory` and a real `redis-server`).
+//!
+//! Each test starts its own control instance in-process on a free loopback port (and, for
+//! Redis, its own `redis-server`). Timing-dependent checks (TTL expiry) poll with a
+//! bounded deadline instead of sleeping once.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mcp_affinity_control::config::Config;
+use mcp_affinity_harness::fixtures::redis::RedisServer;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const TOKEN: &str = "conformance-token-0123456789";
+const MAX_BODY: usize = 4096;
+
+/// Which store a control instance uses.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Memory,
+    Redis,
+}
+
+/// A control service running in this process, stopped (gracefully) when dropped.
+struct Control {
+    base: String,
+    http: reqwest::Client,
+    _redis: Option<RedisServer>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Percent-encodes every byte outside `[A-Za-z0-9_.~-]`, as a client must for the `{id}`
+/// path segment.
+fn encode(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Control {
+    async fn start(backend: Backend, ttl_secs: u64) -> Control {
+        let redis = match backend {
+            Backend::Memory => None,
+            Backend::Redis => Some(RedisServer::start().expect("start redis-server")),
+        };
+        let ttl = ttl_secs.to_string();
+        let max_body = MAX_BODY.to_string();
+        let mut args = vec![
+            "mcp-affinity-control".to_string(),
+            "--token".into(),
+            TOKEN.into(),
+            "--session-ttl-secs".into(),
+            ttl,
+            "--max-body-bytes".into(),
+            max_body,
+        ];
+        if let Some(r) = &redis {
+            args.extend(["--store".into(), r.url(), "--redis-key-prefix".into(), "conformance:".into()]);
+        }
+        let config = Config::try_parse_from(args).expect("config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            mcp_affinity_control::serve(config, listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("control serve");
+        });
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+        Control { base, http, _redis: redis, stop: Some(stop) }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn session_url(&self, id: &str) -> String {
+        self.url(&format!("/v1/sessions/{}", encode(id)))
+    }
+
+    /// Sends an authenticated request with an optional raw body; returns status and JSON
+    /// (`Null` for an empty body).
+    async fn call(&self, method: Method, url: &str, body: Option<String>) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, url).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or_else(|e| panic!("non-JSON answer {text:?}: {e}")) };
+        (status, value)
+    }
+
+    async fn put(&self, id: &str, body: Value, if_generation: Option<u64>) -> (StatusCode, Value) {
+        let mut url = self.session_url(id);
+        if let Some(g) = if_generation {
+            url.push_str(&format!("?if_generation={g}"));
+        }
+        self.call(Method::PUT, &url, Some(body.to_string())).await
+    }
+
+    async fn get(&self, id: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, &self.session_url(id), None).await
+    }
+
+    async fn patch(&self, id: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call(Method::PATCH, &self.session_url(id), body.map(|b| b.to_string())).await
+    }
+
+    async fn delete(&self, id: &str) -> (StatusCode, Value) {
+        self.call(Method::DELETE, &self.session_url(id), None).await
+    }
+}
+
+const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+
+fn put_body(upstream: &str) -> Value {
+    json!({"upstream": upstream, "initialize": INITIALIZE})
+}
+
+fn assert_error(got: &(StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(got.0, status, "answer: {}", got.1);
+    assert_eq!(got.1["code"], code, "answer: {}", got.1);
+    assert!(got.1["message"].as_str().is_some_and(|m| !m.is_empty()), "error needs a message: {}", got.1);
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+// ---------------------------------------------------------------------------------------
+// The suite. Each function is one conformance case, run on every backend by `suite!`.
+// ---------------------------------------------------------------------------------------
+
+async fn crud(backend: Backend) {
+    let c = Control::start(backend, 3600).await;
+    let before = now_ms();
+    let created = c.put("sess-1", put_body("127.0.0.1:8081"), None).await;
+    assert_eq!(created.0, StatusCode::CREATED, "{}", created.1);
+    let r = &created.1;
+    assert_eq!(r["version"], 1);
+    assert_eq!(r["session_id"], "sess-1");
+    assert_eq!(r["backend_session_id"], "sess-1", "backend id defaults to the client's");
+    assert_eq!(r["upstream"], "127.0.0.1:8081");
+    assert_eq!(r["generation"], 1);
+    assert_eq!(r["initialize"], INITIALIZE);
+    assert_eq!(r["initialized"], Value::Null);
+    assert_eq!(r["protocol_version"], Value::Null);
+    let created_at = r["created_at_ms"].as_u64().unwrap();
+    assert!(created_at >= before && created_at <= now_ms(), "created_at_ms is Unix ms");
+    assert_eq!(r["last_seen_ms"], r["created_at_ms"]);
+    assert_eq!(r.as_object().unwrap().len(), 10, "exactly the documented fields: {r}");
+
+    let got = c.get("sess-1").await;
+    assert_eq!(got, (StatusCode::OK, created.1.clone()), "GET returns the stored record");
+
+    // Replace: 200, created_at kept, every given field stored.
+    let replaced = c
+        .put(
+            "sess-1",
+            json!({"backend_session_id": "backend-2", "upstream": "127.0.0.1:8082", "generation": 2,
+                   "initialize": INITIALIZE, "initialized": INITIALIZED, "protocol_version": "2025-06-18"}),
+            None,
+        )
+        .await;
+    assert_eq!(replaced.0, StatusCode::OK, "{}", replaced.1);
+    assert_eq!(replaced.1["created_at_ms"], created_at);
+    assert_eq!(replaced.1["backend_session_id"], "backend-2");
+    assert_eq!(replaced.1["upstream"], "127.0.0.1:8082");
+    assert_eq!(replaced.1["generation"], 2);
+    assert_eq!(replaced.1["initialized"], INITIALIZED);
+    assert_eq!(replaced.1["protocol_version"], "2025-06-18");
+    assert_eq!(c.get("sess-1").await.1, replaced.1);
+
+    // PATCH touches and fills in; an empty body only touches.
+    let patched = c.patch("sess-1", Some(json!({"protocol_version": "2025-11-25"}))).await;
+    assert_eq!(patched.0, StatusCode::OK, "{}", patched.1);
+    assert_eq!(patched.1["protocol_version"], "2025-11-25");
+    assert_eq!(patched.1["initialized"], INITIALIZED, "fields not given are kept");
+    assert_eq!(patched.1["generation"], 2, "PATCH never changes the pin");
+    assert!(patched.1["last_seen_ms"].as_u64() >= replaced.1["last_seen_ms"].as_u64());
+    let touched = c.patch("sess-1", None).await;
+    assert_eq!(touched.0, StatusCode::OK);
+    assert_eq!(touched.1["protocol_version"], "2025-11-25");
+    assert_eq!(c.get("sess-1").await.1, touched.1);
+
+    // DELETE, then everything is 404.
+    assert_eq!(c.delete("sess-1").await, (StatusCode::NO_CONTENT, Value::Null));
+    assert_error(&c.get("sess-1").await, StatusCode::NOT_FOUND, "session_not_found");
+    assert_error(&c.delete("sess-1").await, StatusCode::NOT_FOUND, "session_not_found");
+    assert_error(&c.patch("sess-1", None).await, StatusCode::NOT_FOUND, "session_not_found");
+
+    // Ids with URL-special characters round-trip when percent-encoded; ids are distinct keys.
+    for id in ["a/b", "x%2Fy", "q?r#s", "{tag}:1", "~!*'()", &"z".repeat(256)] {
+        let put = c.put(id, put_body("10.0.0.1:80"), None).await;
+        assert_eq!(put.0, StatusCode::CREATED, "{id}: {}", put.1);
+        let got = c.get(id).await;
+        assert_eq!(got.0, StatusCode::OK, "{id}");
+        assert_eq!(got.1["session_id"], id);
+    }
+    assert_error(&c.get("a%2Fb").await, StatusCode::NOT_FOUND, "session_not_found");
+}
+
+async fn ttl_expiry(backend: Backend) {
+    let c = Control::start(backend, 1).await;
+    assert_eq!(c.put("idle", put_body("h:1"), None).await.0, StatusCode::CREATED);
+    assert_eq!(c.put("busy", put_body("h:1"), None).await.0, StatusCode::CREATED);
+    assert_eq!(c.get("idle").await.0, StatusCode::OK);
+    // Keep "busy" touched (every 100 ms, well inside the 1 s TTL) until "idle" expires.
+    let start = Instant::now();
+    loop {
+        assert_eq!(c.patch("busy", None).await.0, StatusCode::OK, "a touched record must not expire");
+        if c.get("idle").await.0 == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "idle record did not expire within 10 s (TTL 1 s)");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(start.elapsed() >= Duration::from_millis(800), "expired too early: {:?}", start.elapsed());
+    assert_eq!(c.get("busy").await.0, StatusCode::OK);
+    // An expired record is absent for every operation.
+    assert_error(&c.patch("idle", None).await, StatusCode::NOT_FOUND, "session_not_found");
+    assert_eq!(c.put("idle", put_body("h:2"), Some(0)).await.0, StatusCode::CREATED, "if_generation=0 after expiry");
+    // GET does not refresh the TTL: without touches "busy" expires too.
+    let start = Instant::now();
+    while c.get("busy").await.0 == StatusCode::OK {
+        assert!(start.elapsed() < Duration::from_secs(10), "GET kept the record alive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn generation_conflict(backend: Backend) {
+    let c = Control::start(backend, 3600).await;
+    // if_generation=0: only if absent.
+    let first = c.put("s", put_body("h:1"), Some(0)).await;
+    assert_eq!(first.0, StatusCode::CREATED);
+    let again = c.put("s", put_body("h:9"), Some(0)).await;
+    assert_error(&again, StatusCode::CONFLICT, "generation_conflict");
+    assert_eq!(again.1["current"], first.1, "409 carries the current record");
+    // Matching generation wins; the stale one gets 409 with the new record.
+    let mut repin = put_body("h:2");
+    repin["generation"] = json!(2);
+    let won = c.put("s", repin.clone(), Some(1)).await;
+    assert_eq!(won.0, StatusCode::OK, "{}", won.1);
+    assert_eq!(won.1["generation"], 2);
+    let stale = c.put("s", put_body("h:3"), Some(1)).await;
+    assert_error(&stale, StatusCode::CONFLICT, "generation_conflict");
+    assert_eq!(stale.1["current"]["generation"], 2);
+    assert_eq!(stale.1["current"]["upstream"], "h:2");
+    // Nothing was written by the losers.
+    assert_eq!(c.get("s").await.1, won.1);
+    // A condition on an absent record: 409 with current null.
+    let absent = c.put("nobody", put_body("h:1"), Some(3)).await;
+    assert_error(&absent, StatusCode::CONFLICT, "generation_conflict");
+    assert!(absent.1.as_object().unwrap().contains_key("current") && absent.1["current"].is_null(), "{}", absent.1);
+    assert_error(&c.get("nobody").await, StatusCode::NOT_FOUND, "session_not_found");
+}
+
+async fn concurrent_conditional_updates(backend: Backend) {
+    const RACERS: usize = 16;
+    let c = std::sync::Arc::new(Control::start(backend, 3600).await);
+
+    // Creation race: exactly one if_generation=0 succeeds.
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.put("race", put_body(&format!("10.0.0.{i}:80")), Some(0)).await })
+        })
+        .collect();
+    let results: Vec<_> = futures::future::join_all(tasks).await.into_iter().map(Result::unwrap).collect();
+    let winners: Vec<_> = results.iter().filter(|r| r.0 == StatusCode::CREATED).collect();
+    assert_eq!(winners.len(), 1, "exactly one creator: {results:?}");
+    assert!(results.iter().all(|r| r.0 == StatusCode::CREATED || r.0 == StatusCode::CONFLICT), "{results:?}");
+
+    // Re-pin race: 16 writers holding generation 1 → exactly one moves it to 2.
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut body = put_body(&format!("10.0.1.{i}:80"));
+                body["generation"] = json!(2);
+                c.put("race", body, Some(1)).await
+            })
+        })
+        .collect();
+    let results: Vec<_> = futures::future::join_all(tasks).await.into_iter().map(Result::unwrap).collect();
+    let winners: Vec<_> = results.iter().filter(|r| r.0 == StatusCode::OK).collect();
+    assert_eq!(winners.len(), 1, "exactly one re-pin: {results:?}");
+    let losers = results.iter().filter(|r| r.0 == StatusCode::CONFLICT).count();
+    assert_eq!(losers, RACERS - 1, "{results:?}");
+    let stored = c.get("race").await.1;
+    assert_eq!(stored, winners[0].1, "the stored record is the winner's");
+    for r in results.iter().filter(|r| r.0 == StatusCode::CONFLICT) {
+        assert_eq!(r.1["current"]["generation"], 2);
+    }
+
+    // Touches racing a re-pin never lose the re-pin (nor the touch's record).
+    let mut tasks = Vec::new();
+    for i in 0..RACERS {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            if i == RACERS / 2 {
+                let mut body = put_body("10.0.2.1:80");
+                body["generation"] = json!(3);
+                c.put("race", body, Some(2)).await
+            } else {
+                c.patch("race", Some(json!({"protocol_version": "2025-06-18"}))).await
+            }
+        }));
+    }
+    for r in futures::future::join_all(tasks).await {
+        assert_eq!(r.unwrap().0, StatusCode::OK);
+    }
+    let stored = c.get("race").await.1;
+    assert_eq!(stored["generation"], 3);
+    assert_eq!(stored["upstream"], "10.0.2.1:80");
+}
+
+async fn authentication(backend: Backend) {
+    let c = Control::start(backend, 3600).await;
+    let url = c.session_url("s");
+    for (name, auth) in [
+        ("no header", None),
+        ("wrong token", Some(format!("Bearer {TOKEN}x"))),
+        ("prefix of the token", Some(format!("Bearer {}", &TOKEN[..TOKEN.len() - 1]))),
+        ("wrong scheme", Some(format!("Basic {TOKEN}"))),
+        ("empty bearer", Some("Bearer ".to_string())),
+    ] {
+        for method in [Method::GET, Method::PUT, Method::PATCH, Method::DELETE] {
+            let mut req = c.http.request(method.clone(), &url);
+            if let Some(a) = &auth {
+                req = req.header("authorization", a);
+            }
+            if method == Method::PUT {
+                req = req.body(put_body("h:1").to_string());
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{name}, {method}");
+            assert_error(&(status, body), StatusCode::UNAUTHORIZED, "unauthorized");
+        }
+    }
+    // Nothing was written by the rejected PUTs.
+    assert_error(&c.get("s").await, StatusCode::NOT_FOUND, "session_not_found");
+    // Health, readiness and metrics need no token.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let resp = c.http.get(c.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+    }
+}
+
+async fn body_limits_and_validation(backend: Backend) {
+    let c = Control::start(backend, 3600).await;
+    assert_eq!(c.put("s", put_body("h:1"), None).await.0, StatusCode::CREATED);
+    let original = c.get("s").await.1;
+
+    // Oversize: a body over --max-body-bytes is refused whole; just under is fine.
+    let big = |n: usize| json!({"upstream": "h:2", "initialize": format!("\"{}\"", "x".repeat(n))});
+    let small_enough = big(MAX_BODY - 100);
+    assert!(small_enough.to_string().len() <= MAX_BODY);
+    assert_eq!(c.put("fits", small_enough, None).await.0, StatusCode::CREATED);
+    assert_error(&c.put("s", big(MAX_BODY), None).await, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+    assert_error(
+        &c.patch("s", Some(json!({"initialized": format!("\"{}\"", "y".repeat(MAX_BODY))}))).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+    );
+    // A chunked body (no Content-Length) over the limit is refused too.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(big(MAX_BODY).to_string().into_bytes())];
+    let resp = c
+        .http
+        .put(c.session_url("s"))
+        .bearer_auth(TOKEN)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    let url = c.session_url("s");
+    for (body, code) in [
+        ("{", "malformed_json"),
+        ("", "malformed_json"),
+        ("not json", "malformed_json"),
+        (r#"{"upstream":"h:1","initialize":"{}"} trailing"#, "malformed_json"),
+        (r#"{"upstream":"h:1","initialize":"{}","extra":1}"#, "unknown_field"),
+        (r#"{"upstream":"h:1","initialize":"{}","authorization":"Bearer x"}"#, "unknown_field"),
+        (r#"{"initialize":"{}"}"#, "invalid_request"),
+        (r#"{"upstream":"h:1"}"#, "invalid_request"),
+        (r#"{"upstream":1,"initialize":"{}"}"#, "invalid_request"),
+        (r#"[]"#, "invalid_request"),
+        (r#"{"upstream":"h:1","initialize":"{}","generation":0}"#, "invalid_request"),
+        (r#"{"upstream":"h:1","initialize":"{}","generation":-1}"#, "invalid_request"),
+        (r#"{"upstream":"","initialize":"{}"}"#, "invalid_request"),
+        (r#"{"upstream":"h 1","initialize":"{}"}"#, "invalid_request"),
+        (r#"{"upstream":"h:1","initialize":"{nope"}"#, "invalid_request"),
+        (r#"{"upstream":"h:1","initialize":"{}","backend_session_id":""}"#, "invalid_request"),
+    ] {
+        let got = c.call(Method::PUT, &url, Some(body.to_string())).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, code);
+    }
+    for (body, code) in [
+        ("{", "malformed_json"),
+        (r#"{"generation":2}"#, "unknown_field"),
+        (r#"{"initialized":5}"#, "invalid_request"),
+        (r#"{"initialized":"{bad"}"#, "invalid_request"),
+    ] {
+        let got = c.call(Method::PATCH, &url, Some(body.to_string())).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, code);
+    }
+    for query in ["?if_generation=abc", "?if_generation=-1", "?generation=1"] {
+        let got = c.call(Method::PUT, &format!("{url}{query}"), Some(put_body("h:3").to_string())).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    // None of the rejected requests changed anything.
+    assert_eq!(c.get("s").await.1, original);
+}
+
+async fn invalid_session_ids(backend: Backend) {
+    let c = Control::start(backend, 3600).await;
+    let long = "x".repeat(257);
+    for raw in ["%20", "a%20b", "a%09b", "%7F", "%C3%A9", "%00", "%FF", long.as_str()] {
+        let url = c.url(&format!("/v1/sessions/{raw}"));
+        for method in [Method::GET, Method::PUT, Method::PATCH, Method::DELETE] {
+            let body = (method == Method::PUT).then(|| put_body("h:1").to_string());
+            let got = c.call(method.clone(), &url, body).await;
+            assert_error(&got, StatusCode::BAD_REQUEST, "invalid_session_id");
+        }
+    }
+    assert_error(&c.call(Method::GET, &c.url("/v1/sessions/"), None).await, StatusCode::BAD_REQUEST, "invalid_session_id");
+    // Backend ids follow the same rule.
+    let got = c.put("ok", json!({"upstream": "h:1", "initialize": "{}", "backend_session_id": "a b"}), None).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    // Unknown routes and methods answer JSON errors too.
+    assert_error(&c.call(Method::GET, &c.url("/v2/sessions/x"), None).await, StatusCode::NOT_FOUND, "not_found");
+    assert_error(&c.call(Method::POST, &c.session_url("x"), None).await, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+}
+
+async fn health_and_metrics(backend: Backend) {
+    let c = Control::start(backend, 3600).await;
+    let health = c.http.get(c.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let ready = c.http.get(c.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    c.put("m", put_body("h:1"), None).await;
+    c.get("m").await;
+    c.get("missing").await;
+    let text = c.http.get(c.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for needle in [
+        r#"mcp_affinity_control_http_requests_total{route="/v1/sessions/{id}",method="PUT",status="201"} 1"#,
+        r#"mcp_affinity_control_http_requests_total{route="/v1/sessions/{id}",method="GET",status="200"} 1"#,
+        r#"mcp_affinity_control_http_requests_total{route="/v1/sessions/{id}",method="GET",status="404"} 1"#,
+        r#"mcp_affinity_control_store_operation_duration_seconds_count{op="get",outcome="ok"} 2"#,
+        r#"mcp_affinity_control_store_operation_duration_seconds_count{op="put",outcome="ok"} 1"#,
+        "# TYPE mcp_affinity_control_store_operation_duration_seconds histogram",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+    assert!(!text.contains("missing"), "metrics must not carry session ids");
+    if matches!(backend, Backend::Memory) {
+        assert!(text.contains("mcp_affinity_control_store_records 1"), "{text}");
+    }
+}
+
+/// Instantiates every case of the suite for one backend.
+macro_rules! suite {
+    ($module:ident, $backend:expr) => {
+        mod $module {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn crud() {
+                super::crud($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn ttl_expiry() {
+                super::ttl_expiry($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn generation_conflict() {
+                super::generation_conflict($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_conditional_updates() {
+                super::concurrent_conditional_updates($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn authentication() {
+                super::authentication($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn body_limits_and_validation() {
+                super::body_limits_and_validation($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn invalid_session_ids() {
+                super::invalid_session_ids($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn health_and_metrics() {
+                super::health_and_metrics($backend).await
+            }
+        }
+    };
+}
+
+suite!(memory, Backend::Memory);
+suite!(redis, Backend::Redis);
