@@ -6,11 +6,13 @@
 //! - [`session_id`]: `Mcp-Session-Id` validation (MCP `basic/transports`);
 //! - [`jsonrpc`]: recognising `initialize` in a POST body, JSON-RPC error bodies;
 //! - [`pin`]: the session → upstream host record kept in Envoy shared data, and the
-//!   routing-header encodings.
+//!   routing-header encodings;
+//! - [`control`]: requests to and records from the control service.
 //!
 //! The proxy-wasm layer (`proxy`, compiled for `wasm32` only) is thin glue over these.
 
 pub mod config;
+pub mod control;
 pub mod headers;
 pub mod jsonrpc;
 pub mod pin;

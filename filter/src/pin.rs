@@ -7,7 +7,9 @@
 //! a forgotten session is overwritten with an empty value (a tombstone).
 //!
 //! Value format, version 1 (ASCII, space separated; a session id has no spaces):
-//! `1 <upstream ip:port> <generation> <last_seen unix seconds> <backend session id>`.
+//! `1 <upstream ip:port> <generation> <last_seen unix seconds> <flags> <backend session id>`,
+//! where flags is `r` once the session's `notifications/initialized` has been recorded
+//! with the control service (or the session is past that point), else `-`.
 //! Footprint per session: key (`mcp-affinity/pin/` + id, 17 + id bytes) + value (about
 //! 40 + id bytes), i.e. about 150 bytes for a UUID id, plus Envoy's map overhead.
 
@@ -36,6 +38,9 @@ pub struct Pin {
     /// The session id the upstream knows. Equals the client's id until a recovery
     /// re-initialises the session on another pod.
     pub backend_session_id: String,
+    /// True once the session is past its `notifications/initialized` (recorded with the
+    /// control service); until then the filter looks at request bodies for it.
+    pub recorded: bool,
 }
 
 /// Why stored bytes are not a pin.
@@ -50,7 +55,8 @@ pub enum DecodeError {
 impl Pin {
     /// Serialises to the version-1 value format described in the module docs.
     pub fn encode(&self) -> Vec<u8> {
-        format!("1 {} {} {} {}", self.upstream, self.generation, self.last_seen, self.backend_session_id)
+        let flags = if self.recorded { "r" } else { "-" };
+        format!("1 {} {} {} {flags} {}", self.upstream, self.generation, self.last_seen, self.backend_session_id)
             .into_bytes()
     }
 
@@ -64,10 +70,15 @@ impl Pin {
         if parts.next() != Some("1") {
             return Err(DecodeError::Invalid);
         }
-        let (Some(upstream), Some(generation), Some(last_seen), Some(backend), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(upstream), Some(generation), Some(last_seen), Some(flags), Some(backend), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(DecodeError::Invalid);
+        };
+        let recorded = match flags {
+            "r" => true,
+            "-" => false,
+            _ => return Err(DecodeError::Invalid),
         };
         if upstream.is_empty() || backend.is_empty() {
             return Err(DecodeError::Invalid);
@@ -77,6 +88,7 @@ impl Pin {
             generation: generation.parse().map_err(|_| DecodeError::Invalid)?,
             last_seen: last_seen.parse().map_err(|_| DecodeError::Invalid)?,
             backend_session_id: backend.to_string(),
+            recorded,
         })
     }
 
@@ -120,20 +132,22 @@ mod tests {
     use super::*;
 
     fn pin() -> Pin {
-        Pin { upstream: "10.0.0.7:8080".into(), generation: 3, last_seen: 1_700_000_000, backend_session_id: "b-1".into() }
+        Pin { upstream: "10.0.0.7:8080".into(), generation: 3, last_seen: 1_700_000_000, backend_session_id: "b-1".into(), recorded: true }
     }
 
     #[test]
     fn round_trips() {
         let p = pin();
-        assert_eq!(p.encode(), b"1 10.0.0.7:8080 3 1700000000 b-1");
-        assert_eq!(Pin::decode(&p.encode()), Ok(p));
+        assert_eq!(p.encode(), b"1 10.0.0.7:8080 3 1700000000 r b-1");
+        assert_eq!(Pin::decode(&p.encode()), Ok(p.clone()));
+        let fresh = Pin { recorded: false, ..p };
+        assert_eq!(Pin::decode(&fresh.encode()), Ok(fresh));
     }
 
     #[test]
     fn rejects_tombstones_and_garbage() {
         assert_eq!(Pin::decode(b""), Err(DecodeError::Tombstone));
-        for bad in [&b"2 a 1 1 b"[..], b"1 a 1 1", b"1 a x 1 b", b"1 a 1 1 b extra", b"1  1 1 b", b"\xff"] {
+        for bad in [&b"2 a 1 1 r b"[..], b"1 a 1 1 r", b"1 a x 1 r b", b"1 a 1 1 r b extra", b"1  1 1 r b", b"1 a 1 1 x b", b"\xff"] {
             assert_eq!(Pin::decode(bad), Err(DecodeError::Invalid), "{:?}", String::from_utf8_lossy(bad));
         }
     }

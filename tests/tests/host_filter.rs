@@ -251,7 +251,7 @@ fn backend_session_id_is_mapped_both_ways() {
     let shared = SharedData::default();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     // A pin as recovery leaves it: the backend knows the session under another id.
-    shared.set("mcp-affinity", "mcp-affinity/pin/client-id", format!("1 10.0.0.4:80 2 {now} backend-id").as_bytes(), 0);
+    shared.set("mcp-affinity", "mcp-affinity/pin/client-id", format!("1 10.0.0.4:80 2 {now} r backend-id").as_bytes(), 0);
     let mut vm = vm_with("", shared);
     let r = request(&mut vm, "POST", &[("mcp-session-id", "client-id")], CALL);
     assert_eq!(header(&vm.stream(r.id).request_headers, "mcp-session-id").as_deref(), Some("backend-id"));

@@ -32,6 +32,10 @@ counters! {
     malformed_body => "mcp_affinity.malformed_body": "POST bodies that are not JSON, passed through.",
     client_pin_header_removed => "mcp_affinity.client_pin_header_removed": "Client-sent pin headers removed.",
     no_upstream_address => "mcp_affinity.no_upstream_address": "`initialize` responses without an `upstream.address` property (not pinned).",
+    control_lookups => "mcp_affinity.control_lookups": "Session lookups sent to the control service (pin missing from shared data).",
+    control_hits => "mcp_affinity.control_hits": "Lookups the control service answered with a record.",
+    control_writes => "mcp_affinity.control_writes": "Session records written to control (initialize, initialized, delete).",
+    control_errors => "mcp_affinity.control_errors": "Calls to control that failed, timed out or were refused; the request went on without control.",
 }
 
 /// Adds one to a counter.

@@ -1,7 +1,9 @@
 //! proxy-wasm glue (ABI v0.2.1 through the `proxy-wasm` crate): the root context owns the
-//! configuration, metrics and the expiry sweep; one HTTP context per stream applies the
-//! pinning rules.
+//! configuration, metrics, the expiry sweep and control touches; one HTTP context per
+//! stream applies the pinning rules; `store` wraps shared data and `control` the calls to
+//! the control service.
 
+mod control;
 mod metrics;
 mod root;
 mod store;

@@ -60,6 +60,21 @@ pub fn put(index: &SweepIndex, session_id: &str, pin: &Pin, cas: Option<u32>) ->
     ok
 }
 
+/// Marks the pin of `session_id` as past `notifications/initialized` (read-modify-write
+/// with CAS, retried once if another worker wrote in between).
+pub fn mark_recorded(index: &SweepIndex, session_id: &str) {
+    for _ in 0..2 {
+        let Some(mut stored) = get(session_id) else { return };
+        if stored.pin.recorded {
+            return;
+        }
+        stored.pin.recorded = true;
+        if put(index, session_id, &stored.pin, stored.cas) {
+            return;
+        }
+    }
+}
+
 /// Tombstones the pin of `session_id` (unconditionally).
 pub fn forget(index: &SweepIndex, session_id: &str) {
     let key = pin::key(session_id);

@@ -55,6 +55,8 @@ pub struct DevProxyConfig {
 
 pub(crate) struct Inner {
     workers: Vec<Mutex<Vm>>,
+    /// Per worker: woken after each delivered call response (see `stream::wait`).
+    wakeups: Vec<tokio::sync::Notify>,
     router: Router,
     clusters: HashMap<String, SocketAddr>,
     client: upstream::HttpClient,
@@ -100,6 +102,7 @@ impl DevProxy {
         }
         Ok(DevProxy {
             inner: Arc::new(Inner {
+                wakeups: workers.iter().map(|_| tokio::sync::Notify::new()).collect(),
                 workers,
                 router: Router::new(config.upstreams, config.routing),
                 clusters: config.clusters,

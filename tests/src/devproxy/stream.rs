@@ -159,10 +159,14 @@ impl FilterStream {
     }
 
     /// Waits, performing the stream's HTTP calls, until `resumed` holds or the filter
-    /// sends a local reply. A paused stream with nothing in flight would hang in Envoy
-    /// until its timeout; here it is an error.
+    /// sends a local reply. Another stream's callback may resume this one (the filter
+    /// switches context with `proxy_set_effective_context`), so a stream with no call of
+    /// its own waits for the worker's wake-up, sent after every delivered call response.
     async fn wait(&self, resumed: fn(&mut StreamState) -> bool) -> Result<Option<LocalReply>> {
         loop {
+            let wakeup = self.inner.wakeups[self.worker].notified();
+            tokio::pin!(wakeup);
+            wakeup.as_mut().enable();
             let calls = {
                 let mut vm = self.vm();
                 let st = vm.stream(self.id);
@@ -175,14 +179,14 @@ impl FilterStream {
                 vm.take_http_calls(self.id)
             };
             if calls.is_empty() {
-                bail!("the filter paused the stream and nothing can resume it");
+                // Envoy would hold the stream until its timeouts; we fail loudly instead.
+                if tokio::time::timeout(STALL_LIMIT, wakeup).await.is_err() {
+                    bail!("the filter paused the stream and nothing resumed it within {STALL_LIMIT:?}");
+                }
+                continue;
             }
             for call in calls {
-                let response = match self.inner.clusters.get(&call.cluster) {
-                    Some(addr) => upstream::perform_call(&self.inner.client, *addr, &call).await,
-                    None => None,
-                };
-                self.vm().on_http_call_response(&call, response)?;
+                deliver(&self.inner, self.worker, call).await?;
             }
         }
     }
@@ -406,11 +410,22 @@ pub async fn tick_loop(inner: Arc<Inner>, w: usize) {
             vm.take_http_calls(root)
         };
         for call in calls {
-            let response = match inner.clusters.get(&call.cluster) {
-                Some(addr) => upstream::perform_call(&inner.client, *addr, &call).await,
-                None => None,
-            };
-            let _ = inner.workers[w].lock().unwrap().on_http_call_response(&call, response);
+            let _ = deliver(&inner, w, call).await;
         }
     }
+}
+
+/// How long a paused stream may wait for another stream's callback to resume it.
+const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Performs `call` against its cluster (an unknown cluster fails the call) and delivers the
+/// answer to the VM, then wakes the worker's waiting streams.
+async fn deliver(inner: &Inner, w: usize, call: crate::host::HttpCall) -> Result<()> {
+    let response = match inner.clusters.get(&call.cluster) {
+        Some(addr) => upstream::perform_call(&inner.client, *addr, &call).await,
+        None => None,
+    };
+    let r = inner.workers[w].lock().unwrap_or_else(|p| p.into_inner()).on_http_call_response(&call, response);
+    inner.wakeups[w].notify_waiters();
+    r
 }

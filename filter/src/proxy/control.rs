@@ -1,0 +1,64 @@
+//! Calls to the control service with `dispatch_http_call` (proxy-wasm `proxy_http_call`).
+//! Envoy needs `:method`, `:path` and `:authority` and an existing cluster, else the call
+//! is refused with BAD_ARGUMENT (Envoy `source/extensions/common/wasm/context.cc`,
+//! `Context::httpCall`); a refused call is treated like an unreachable control service.
+
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::Status;
+
+use crate::config::ControlConfig;
+use crate::control::session_path;
+
+/// A resolved `control` configuration.
+#[derive(Debug)]
+pub struct ControlClient {
+    cluster: String,
+    authority: String,
+    path_prefix: String,
+    /// `Bearer <token>`, when a token is configured.
+    authorization: Option<String>,
+    timeout: Duration,
+}
+
+impl ControlClient {
+    /// Resolves the token (`token`, or the environment variable named by `token_env`,
+    /// which Envoy passes to the VM via `vm_config.environment_variables`). A named
+    /// variable that is missing or empty is a configuration error.
+    pub fn new(c: &ControlConfig) -> Result<ControlClient, String> {
+        let token = match (&c.token, &c.token_env) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                _ => return Err(format!("control.token_env: environment variable {var} is not set in the VM (vm_config.environment_variables)")),
+            },
+            (None, None) => None,
+        };
+        Ok(ControlClient {
+            cluster: c.cluster.clone(),
+            authority: c.authority.clone(),
+            path_prefix: c.path_prefix.clone(),
+            authorization: token.map(|t| format!("Bearer {t}")),
+            timeout: Duration::from_millis(c.timeout_ms),
+        })
+    }
+
+    /// Sends `method {prefix}/sessions/{id}` with an optional JSON body; returns the call's
+    /// token. The answer arrives in `on_http_call_response` of the calling context.
+    pub fn call(&self, method: &str, session_id: &str, body: Option<&[u8]>) -> Result<u32, Status> {
+        let path = session_path(&self.path_prefix, session_id);
+        let mut headers = vec![(":method", method), (":path", path.as_str()), (":authority", self.authority.as_str())];
+        if body.is_some() {
+            headers.push(("content-type", "application/json"));
+        }
+        if let Some(a) = &self.authorization {
+            headers.push(("authorization", a.as_str()));
+        }
+        let r = hostcalls::dispatch_http_call(&self.cluster, headers, body, vec![], self.timeout);
+        if let Err(status) = r {
+            log::warn!("mcp-affinity: dispatch_http_call to cluster {} refused: {status:?}", self.cluster);
+        }
+        r
+    }
+}
