@@ -35,7 +35,8 @@ pub struct ApiError {
     /// Human-readable explanation.
     pub message: String,
     /// For `generation_conflict` only: the current record (`Some(None)` = absent).
-    pub current: Option<Option<SessionRecord>>,
+    /// Boxed to keep `Result<_, ApiError>` small.
+    pub current: Option<Box<Option<SessionRecord>>>,
 }
 
 #[derive(Serialize)]
@@ -74,7 +75,7 @@ impl ApiError {
             (Some(r), _) => format!("expected generation {expected}, current generation is {}", r.generation),
             (None, _) => format!("expected generation {expected}, but the session does not exist"),
         };
-        ApiError { current: Some(current), ..Self::new(StatusCode::CONFLICT, "generation_conflict", message) }
+        ApiError { current: Some(Box::new(current)), ..Self::new(StatusCode::CONFLICT, "generation_conflict", message) }
     }
 }
 
@@ -90,7 +91,7 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body { code: self.code, message: &self.message, current: self.current.as_ref() };
+        let body = Body { code: self.code, message: &self.message, current: self.current.as_deref() };
         (self.status, Json(body)).into_response()
     }
 }
