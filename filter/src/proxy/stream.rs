@@ -388,6 +388,9 @@ impl HttpContext for Stream {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let watching = match &self.request {
+            // Held for control's answer: keep buffering (Envoy: Continue from the body
+            // callback would release the held headers without the pin).
+            Request::Resolving { .. } => return Action::Pause,
             Request::MaybeInitialize { inspecting: true, .. } => None,
             Request::Pinned { client_id, watch_lifecycle: true, .. } => Some(client_id.clone()),
             _ => return Action::Continue,
