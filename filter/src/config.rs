@@ -40,6 +40,53 @@ pub struct FilterConfig {
     pub unknown_session: UnknownSession,
     /// The control service, reached with `dispatch_http_call`. Absent: shared data only.
     pub control: Option<ControlConfig>,
+    /// Transparent recovery through the control service (needs `control`).
+    pub recovery: RecoveryConfig,
+}
+
+/// When and how a pinned session is recovered (re-initialised on a live pod by control).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// Recover at all (default true; effective only with `control`).
+    pub enabled: bool,
+    /// Largest request body (bytes) copied for a replay (default 1 MiB). Larger requests
+    /// are not recoverable: the client gets the upstream's answer as it was (counted).
+    pub max_replay_body_bytes: usize,
+    /// Largest non-2xx JSON response body (bytes) held to look for a session error
+    /// (default 8192). 2xx and SSE bodies are never held.
+    pub max_error_body_bytes: usize,
+    /// Statuses that by themselves mean "session unknown" (default `[404]`).
+    pub session_unknown_statuses: Vec<u16>,
+    /// Statuses whose small JSON body is inspected (default `[400]`).
+    pub error_body_statuses: Vec<u16>,
+    /// JSON-RPC error codes that mean "session unknown" (default `[-32001]`).
+    pub session_unknown_codes: Vec<i64>,
+    /// JSON-RPC error codes whose message is matched against `message_patterns`
+    /// (default `[-32000]`).
+    pub message_codes: Vec<i64>,
+    /// Case-insensitive substrings of such a message that mean "session unknown"
+    /// (default `["session"]`).
+    pub message_patterns: Vec<String>,
+    /// Timeout of the recover call (milliseconds, default 15000): re-initialisation and
+    /// replay happen inside it.
+    pub timeout_ms: u64,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            enabled: true,
+            max_replay_body_bytes: 1024 * 1024,
+            max_error_body_bytes: 8192,
+            session_unknown_statuses: vec![404],
+            error_body_statuses: vec![400],
+            session_unknown_codes: vec![-32001],
+            message_codes: vec![-32000],
+            message_patterns: vec!["session".to_string()],
+            timeout_ms: 15_000,
+        }
+    }
 }
 
 /// Policy for requests carrying a session id nobody knows.
@@ -85,6 +132,7 @@ impl Default for FilterConfig {
             sweep_period_ms: 10_000,
             unknown_session: UnknownSession::NotFound,
             control: None,
+            recovery: RecoveryConfig::default(),
         }
     }
 }
@@ -152,6 +200,16 @@ impl FilterConfig {
         if self.touch_interval_secs >= self.session_ttl_secs {
             return Err("touch_interval_secs must be smaller than session_ttl_secs".to_string());
         }
+        let r = &self.recovery;
+        if r.max_replay_body_bytes > MAX_BODY_LIMIT || r.max_error_body_bytes > MAX_BODY_LIMIT {
+            return Err(format!("recovery body limits must be at most {MAX_BODY_LIMIT}"));
+        }
+        if r.timeout_ms == 0 || r.timeout_ms > 300_000 {
+            return Err(format!("recovery.timeout_ms must be in 1..=300000, got {}", r.timeout_ms));
+        }
+        if let Some(s) = r.session_unknown_statuses.iter().chain(&r.error_body_statuses).find(|s| !(400..=599).contains(*s)) {
+            return Err(format!("recovery statuses must be 4xx or 5xx, got {s}"));
+        }
         if let Some(c) = &self.control {
             if c.cluster.is_empty() || c.authority.is_empty() {
                 return Err("control.cluster and control.authority must not be empty".to_string());
@@ -208,6 +266,9 @@ mod tests {
             (br#"{"session_ttl_secs":10,"touch_interval_secs":10}"#, "touch_interval_secs"),
             (br#"{"control":{"path_prefix":"v1"}}"#, "path_prefix"),
             (br#"{"control":{"token":"a","token_env":"B"}}"#, "exclusive"),
+            (br#"{"recovery":{"session_unknown_statuses":[200]}}"#, "4xx or 5xx"),
+            (br#"{"recovery":{"timeout_ms":0}}"#, "recovery.timeout_ms"),
+            (br#"{"recovery":{"retries":3}}"#, "unknown field `retries`"),
         ];
         for (input, needle) in cases {
             let err = FilterConfig::parse(input).unwrap_err();

@@ -7,7 +7,8 @@
 //! - [`jsonrpc`]: recognising `initialize` in a POST body, JSON-RPC error bodies;
 //! - [`pin`]: the session → upstream host record kept in Envoy shared data, and the
 //!   routing-header encodings;
-//! - [`control`]: requests to and records from the control service.
+//! - [`control`]: requests to and records from the control service;
+//! - [`recovery`]: when a pinned session needs recovery, and the recover call's shapes.
 //!
 //! The proxy-wasm layer (`proxy`, compiled for `wasm32` only) is thin glue over these.
 
@@ -16,6 +17,7 @@ pub mod control;
 pub mod headers;
 pub mod jsonrpc;
 pub mod pin;
+pub mod recovery;
 pub mod session_id;
 
 #[cfg(target_arch = "wasm32")]

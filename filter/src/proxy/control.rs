@@ -47,7 +47,13 @@ impl ControlClient {
     /// Sends `method {prefix}/sessions/{id}` with an optional JSON body; returns the call's
     /// token. The answer arrives in `on_http_call_response` of the calling context.
     pub fn call(&self, method: &str, session_id: &str, body: Option<&[u8]>) -> Result<u32, Status> {
-        let path = session_path(&self.path_prefix, session_id);
+        self.call_with(method, session_id, "", body, self.timeout)
+    }
+
+    /// Like [`Self::call`], for `{prefix}/sessions/{id}{suffix}` with its own timeout.
+    pub fn call_with(&self, method: &str, session_id: &str, suffix: &str, body: Option<&[u8]>, timeout: Duration) -> Result<u32, Status> {
+        let mut path = session_path(&self.path_prefix, session_id);
+        path.push_str(suffix);
         let mut headers = vec![(":method", method), (":path", path.as_str()), (":authority", self.authority.as_str())];
         if body.is_some() {
             headers.push(("content-type", "application/json"));
@@ -55,7 +61,7 @@ impl ControlClient {
         if let Some(a) = &self.authorization {
             headers.push(("authorization", a.as_str()));
         }
-        let r = hostcalls::dispatch_http_call(&self.cluster, headers, body, vec![], self.timeout);
+        let r = hostcalls::dispatch_http_call(&self.cluster, headers, body, vec![], timeout);
         if let Err(status) = r {
             log::warn!("mcp-affinity: dispatch_http_call to cluster {} refused: {status:?}", self.cluster);
         }

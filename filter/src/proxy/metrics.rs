@@ -35,6 +35,10 @@ counters! {
     control_lookups => "mcp_affinity.control_lookups": "Session lookups sent to the control service (pin missing from shared data).",
     control_hits => "mcp_affinity.control_hits": "Lookups the control service answered with a record.",
     control_writes => "mcp_affinity.control_writes": "Session records written to control (initialize, initialized, delete).",
+    recoveries_replayed => "mcp_affinity.recoveries_replayed": "Recoveries where control re-pinned the session and replayed the request.",
+    recoveries_not_replayed => "mcp_affinity.recoveries_not_replayed": "Recoveries where control re-pinned the session but did not replay (unsafe to replay, or a GET stream).",
+    recoveries_failed => "mcp_affinity.recoveries_failed": "Recoveries that failed (no live pod, initialize rejected): the client got 404.",
+    recovery_body_too_large => "mcp_affinity.recovery_body_too_large": "Requests that needed recovery but whose body was over the replay limit.",
     control_errors => "mcp_affinity.control_errors": "Calls to control that failed, timed out or were refused; the request went on without control.",
 }
 

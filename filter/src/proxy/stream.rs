@@ -13,9 +13,10 @@ use super::root::Plugin;
 use super::store;
 use crate::config::UnknownSession;
 use crate::control::{PatchSession, PutSession, parse_record, to_body};
-use crate::headers::{MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, METHOD, STATUS};
+use crate::headers::{AUTHORITY, CONTENT_TYPE, MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, METHOD, PATH, STATUS};
 use crate::jsonrpc::{self, BodyKind};
 use crate::pin::Pin;
+use crate::recovery::{self, OriginalRequest, Outcome, Reason, RecoverRequest, StatusVerdict};
 use crate::session_id;
 
 /// JSON-RPC method of the notification that completes MCP initialisation.
@@ -28,14 +29,47 @@ enum Request {
     /// A POST without session id: its response may open a session. `inspecting` while
     /// the body is being buffered; `initialize` keeps the body for the control record.
     MaybeInitialize { inspecting: bool, initialize: Option<Vec<u8>> },
-    /// Routed to its pinned upstream host. `watch_lifecycle`: the body is read to record
-    /// `notifications/initialized` with control.
-    Pinned { client_id: String, backend_id: String, is_delete: bool, watch_lifecycle: bool },
+    /// Routed to its pinned upstream host.
+    Pinned(Pinned),
     /// Held while the control service is asked about the session (this stream's own
     /// lookup, or one in flight on this VM that it waits for).
     Resolving { client_id: String, is_delete: bool },
     /// The filter answered itself (local reply); response callbacks see that reply.
     LocalReply,
+}
+
+/// A request routed by its session's pin.
+struct Pinned {
+    client_id: String,
+    pin: Pin,
+    is_delete: bool,
+    /// The body is read to record `notifications/initialized` with control.
+    watch_lifecycle: bool,
+    /// Copy of the request body for a replay by control (taken while it streams upstream).
+    replay: Replay,
+    /// The response headers are held while a small error body is read.
+    holding_error: bool,
+}
+
+enum Replay {
+    /// Recovery is off for this request (no control, disabled, or DELETE).
+    Off,
+    Copy(Vec<u8>),
+    /// Over `max_replay_body_bytes`: not recoverable.
+    TooLarge,
+}
+
+impl Pinned {
+    fn new(client_id: &str, pin: Pin, is_delete: bool, recoverable: bool) -> Pinned {
+        Pinned {
+            client_id: client_id.to_string(),
+            watch_lifecycle: !pin.recorded,
+            pin,
+            is_delete,
+            replay: if recoverable && !is_delete { Replay::Copy(Vec::new()) } else { Replay::Off },
+            holding_error: false,
+        }
+    }
 }
 
 /// The call to control this stream is waiting for.
@@ -46,6 +80,7 @@ enum Pending {
     WriteInitialize,
     RecordInitialized,
     Delete,
+    Recover,
 }
 
 /// What control said about an unknown session.
@@ -77,6 +112,11 @@ fn is_success(status: Option<&[u8]>) -> bool {
 impl Stream {
     pub fn new(p: Rc<Plugin>, context_id: u32) -> Self {
         Stream { p, context_id, request: Request::Untracked, pending: Pending::None }
+    }
+
+    /// Whether requests of pinned sessions are recoverable through control.
+    fn recoverable(&self) -> bool {
+        self.p.control.is_some() && self.p.config.recovery.enabled
     }
 
     fn reply_error(&mut self, status: u32, code: i32, message: &str) -> Action {
@@ -114,12 +154,10 @@ impl Stream {
             }
         }
         log::debug!("mcp-affinity: session {client_id} → {}", pin.upstream);
-        self.request = Request::Pinned {
-            client_id: client_id.to_string(),
-            backend_id: pin.backend_session_id,
-            is_delete,
-            watch_lifecycle: self.p.control.is_some() && !pin.recorded,
-        };
+        if self.p.control.is_none() {
+            pin.recorded = true; // nothing to record
+        }
+        self.request = Request::Pinned(Pinned::new(client_id, pin, is_delete, self.recoverable()));
         Action::Continue
     }
 
@@ -149,12 +187,7 @@ impl Stream {
         match r {
             Resolution::Found(pin) => {
                 self.apply_pin(client_id, pin);
-                self.request = Request::Pinned {
-                    client_id: client_id.to_string(),
-                    backend_id: pin.backend_session_id.clone(),
-                    is_delete,
-                    watch_lifecycle: !pin.recorded,
-                };
+                self.request = Request::Pinned(Pinned::new(client_id, pin.clone(), is_delete, self.recoverable()));
                 Action::Continue
             }
             Resolution::Unknown => match self.p.config.unknown_session {
@@ -307,6 +340,199 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Body of a POST without session id: buffer up to `max_body_bytes`, then classify.
+    fn inspect_new_session_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if body_size > self.p.config.max_body_bytes {
+            metrics::inc(self.p.metrics.body_too_large);
+            log::debug!("mcp-affinity: body over {} bytes, not inspected", self.p.config.max_body_bytes);
+            self.request = Request::MaybeInitialize { inspecting: false, initialize: None };
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            // Envoy buffers and calls again with the cumulative size.
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        let initialize = match jsonrpc::classify(&body) {
+            BodyKind::Initialize => {
+                metrics::inc(self.p.metrics.initialize_seen);
+                self.p.control.is_some().then_some(body)
+            }
+            BodyKind::Malformed => {
+                metrics::inc(self.p.metrics.malformed_body);
+                log::debug!("mcp-affinity: POST body is not JSON; passed through");
+                None
+            }
+            BodyKind::Other => None,
+        };
+        self.request = Request::MaybeInitialize { inspecting: false, initialize };
+        Action::Continue
+    }
+
+    /// Decides on the response headers of a pinned request: recovery, holding a small
+    /// error body, forgetting a deleted session, or passing on (with the client's id).
+    fn on_pinned_response(&mut self, mut p: Pinned) -> Action {
+        let status = self.get_http_response_header_bytes(STATUS);
+        let code: u16 = status.as_deref().and_then(|s| std::str::from_utf8(s).ok()?.parse().ok()).unwrap_or(0);
+        // DELETE answered 2xx ends the session; 404 says it is gone already. Never recovered.
+        if p.is_delete {
+            if (200..300).contains(&code) || code == 404 {
+                return self.forget(&p.client_id);
+            }
+            return self.pass_on(p);
+        }
+        if !matches!(p.replay, Replay::Off) {
+            let details = self.get_property(vec!["response", "code_details"]).unwrap_or_default();
+            let details = String::from_utf8_lossy(&details);
+            let flags = self
+                .get_property(vec!["response", "flags"])
+                .and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?)))
+                .unwrap_or(0);
+            let reason = match recovery::local_reply_reason(&details, flags) {
+                Some(r) => Some(r),
+                None if details == "via_upstream" || details.is_empty() => match recovery::status_verdict(&self.p.config.recovery, code) {
+                    StatusVerdict::SessionUnknown => Some(Reason::SessionUnknown),
+                    StatusVerdict::InspectBody => {
+                        let ct = self.get_http_response_header(CONTENT_TYPE).unwrap_or_default();
+                        if ct.starts_with("application/json") {
+                            // Hold the headers; the body callback decides (never for 2xx/SSE).
+                            p.holding_error = true;
+                            self.request = Request::Pinned(p);
+                            return Action::Pause;
+                        }
+                        None
+                    }
+                    StatusVerdict::Fine => None,
+                },
+                None => None,
+            };
+            if let Some(reason) = reason {
+                return self.start_recovery(p, reason);
+            }
+        }
+        self.pass_on(p)
+    }
+
+    /// Lets the response through, mapping the backend's session id to the client's.
+    fn pass_on(&mut self, p: Pinned) -> Action {
+        if p.pin.backend_session_id != p.client_id && self.get_http_response_header_bytes(MCP_SESSION_ID).is_some() {
+            self.set_http_response_header(MCP_SESSION_ID, Some(&p.client_id));
+        }
+        self.request = Request::Pinned(p);
+        Action::Continue
+    }
+
+    /// Forgets an ended session here and in control.
+    fn forget(&mut self, client_id: &str) -> Action {
+        store::forget(&self.p.index, client_id);
+        self.p.touches.borrow_mut().remove(client_id);
+        metrics::inc(self.p.metrics.sessions_forgotten);
+        if let Some(control) = &self.p.control {
+            if control.call("DELETE", client_id, None).is_ok() {
+                self.pending = Pending::Delete;
+                return Action::Pause;
+            }
+            metrics::inc(self.p.metrics.control_errors);
+        }
+        Action::Continue
+    }
+
+    /// Asks control to recover the session and answer this request. The response stays
+    /// held until control answers (bounded by `recovery.timeout_ms`).
+    fn start_recovery(&mut self, p: Pinned, reason: Reason) -> Action {
+        let Replay::Copy(body) = &p.replay else {
+            metrics::inc(self.p.metrics.recovery_body_too_large);
+            log::warn!("mcp-affinity: session {} needs recovery but its request body is over the replay limit", p.client_id);
+            return self.pass_on(p);
+        };
+        let Some(control) = &self.p.control else { return self.pass_on(p) };
+        let header = |name: &str| self.get_http_request_header(name);
+        let (method, path, authority) = (header(METHOD).unwrap_or_default(), header(PATH).unwrap_or_default(), header(AUTHORITY).unwrap_or_default());
+        let (content_type, accept, version, authorization) =
+            (header(CONTENT_TYPE), header("accept"), header(MCP_PROTOCOL_VERSION), header("authorization"));
+        let body = String::from_utf8_lossy(body);
+        let request = RecoverRequest {
+            failed_generation: p.pin.generation,
+            failed_upstream: &p.pin.upstream,
+            reason,
+            request: OriginalRequest {
+                method: &method,
+                path: &path,
+                authority: &authority,
+                content_type: content_type.as_deref(),
+                accept: accept.as_deref(),
+                protocol_version: version.as_deref(),
+                authorization: authorization.as_deref(),
+                body: &body,
+            },
+        };
+        log::info!("mcp-affinity: recovering session {} ({reason:?}) from {}", p.client_id, p.pin.upstream);
+        let timeout = std::time::Duration::from_millis(self.p.config.recovery.timeout_ms);
+        if control.call_with("POST", &p.client_id, "/recover", Some(&to_body(&request)), timeout).is_err() {
+            metrics::inc(self.p.metrics.control_errors);
+            return self.pass_on(p);
+        }
+        self.request = Request::Pinned(p);
+        self.pending = Pending::Recover;
+        Action::Pause
+    }
+
+    /// Control answered the recover call: answer the client with its response (carrying
+    /// the client's own session id) and re-pin, or let the original answer through.
+    fn on_recover_answer(&mut self, status: Option<Vec<u8>>, body: Option<Vec<u8>>) {
+        let Request::Pinned(p) = std::mem::replace(&mut self.request, Request::LocalReply) else {
+            self.resume_http_response();
+            return;
+        };
+        let answer = match status.as_deref() {
+            Some(b"200") => recovery::parse_answer(&body.unwrap_or_default()),
+            Some(b"404") => {
+                // Control does not know the session either: the MCP signal to start anew.
+                store::forget(&self.p.index, &p.client_id);
+                metrics::inc(self.p.metrics.unknown_session);
+                send_error(404, jsonrpc::code::SESSION_NOT_FOUND, "Session not found");
+                return;
+            }
+            other => Err(format!("status {:?}", other.map(String::from_utf8_lossy))),
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                log::warn!("mcp-affinity: recovery of {} failed: {e}; the upstream's answer goes through", p.client_id);
+                metrics::inc(self.p.metrics.control_errors);
+                let action = self.pass_on(p);
+                if action == Action::Continue {
+                    self.resume_http_response();
+                }
+                return;
+            }
+        };
+        match (&answer.outcome, &answer.pin) {
+            (Outcome::Failed, _) | (_, None) => store::forget(&self.p.index, &p.client_id),
+            (_, Some(new)) => {
+                let pin = Pin {
+                    upstream: new.upstream.clone(),
+                    generation: new.generation,
+                    last_seen: super::now_secs(),
+                    backend_session_id: new.backend_session_id.clone(),
+                    recorded: true,
+                };
+                store::put(&self.p.index, &p.client_id, &pin, None);
+            }
+        }
+        metrics::inc(match answer.outcome {
+            Outcome::Replayed => self.p.metrics.recoveries_replayed,
+            Outcome::NotReplayed => self.p.metrics.recoveries_not_replayed,
+            Outcome::Failed => self.p.metrics.recoveries_failed,
+        });
+        let r = answer.response;
+        let content_type = r.content_type.unwrap_or_else(|| "application/json".to_string());
+        let headers = vec![("content-type", content_type.as_str()), (MCP_SESSION_ID, p.client_id.as_str())];
+        let _ = hostcalls::send_http_response(r.status.into(), headers, Some(r.body.as_bytes()));
+    }
+}
+
 impl Context for Stream {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         let pending = std::mem::replace(&mut self.pending, Pending::None);
@@ -325,13 +551,17 @@ impl Context for Stream {
             }
             Pending::RecordInitialized => {
                 if is_success(status.as_deref())
-                    && let Request::Pinned { client_id, .. } = &self.request
+                    && let Request::Pinned(p) = &self.request
                 {
-                    store::mark_recorded(&self.p.index, client_id);
+                    store::mark_recorded(&self.p.index, &p.client_id);
                 }
                 self.resume_http_request();
             }
             Pending::WriteInitialize | Pending::Delete => self.resume_http_response(),
+            Pending::Recover => {
+                let body = self.get_http_call_response_body(0, body_size);
+                self.on_recover_answer(status, body);
+            }
             Pending::None => {}
         }
     }
@@ -387,63 +617,55 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let watching = match &self.request {
+        let max_replay = self.p.config.recovery.max_replay_body_bytes;
+        let max_body = self.p.config.max_body_bytes;
+        match &mut self.request {
             // Held for control's answer: keep buffering (Envoy: Continue from the body
             // callback would release the held headers without the pin).
-            Request::Resolving { .. } => return Action::Pause,
-            Request::MaybeInitialize { inspecting: true, .. } => None,
-            Request::Pinned { client_id, watch_lifecycle: true, .. } => Some(client_id.clone()),
-            _ => return Action::Continue,
-        };
-        if body_size > self.p.config.max_body_bytes {
-            metrics::inc(self.p.metrics.body_too_large);
-            log::debug!("mcp-affinity: body over {} bytes, not inspected", self.p.config.max_body_bytes);
-            self.request = match std::mem::replace(&mut self.request, Request::Untracked) {
-                Request::MaybeInitialize { .. } => Request::MaybeInitialize { inspecting: false, initialize: None },
-                Request::Pinned { client_id, backend_id, is_delete, .. } => {
-                    Request::Pinned { client_id, backend_id, is_delete, watch_lifecycle: false }
+            Request::Resolving { .. } => Action::Pause,
+            Request::MaybeInitialize { inspecting: true, .. } => self.inspect_new_session_body(body_size, end_of_stream),
+            Request::Pinned(p) if p.watch_lifecycle => {
+                if body_size > max_body {
+                    p.watch_lifecycle = false;
+                    p.replay = Replay::TooLarge;
+                    return Action::Continue;
                 }
-                other => other,
-            };
-            return Action::Continue;
-        }
-        if !end_of_stream {
-            // Envoy buffers and calls again with the cumulative size.
-            return Action::Pause;
-        }
-        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-        if let Some(client_id) = watching {
-            if let Request::Pinned { watch_lifecycle, .. } = &mut self.request {
-                *watch_lifecycle = false;
+                if !end_of_stream {
+                    return Action::Pause; // buffered: called again with the cumulative size
+                }
+                p.watch_lifecycle = false;
+                let client_id = p.client_id.clone();
+                let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+                if let Request::Pinned(p) = &mut self.request
+                    && let Replay::Copy(copy) = &mut p.replay
+                {
+                    copy.extend_from_slice(&body);
+                }
+                self.watch_lifecycle(&client_id, &body)
             }
-            return self.watch_lifecycle(&client_id, &body);
+            Request::Pinned(p) => {
+                // Copy the chunk for a replay while it streams upstream: no extra pause.
+                if let Replay::Copy(copy) = &p.replay {
+                    if copy.len() + body_size > max_replay {
+                        p.replay = Replay::TooLarge;
+                    } else if body_size > 0 {
+                        let chunk = self.get_http_request_body(0, body_size).unwrap_or_default();
+                        if let Request::Pinned(Pinned { replay: Replay::Copy(copy), .. }) = &mut self.request {
+                            copy.extend_from_slice(&chunk);
+                        }
+                    }
+                }
+                Action::Continue
+            }
+            _ => Action::Continue,
         }
-        let initialize = match jsonrpc::classify(&body) {
-            BodyKind::Initialize => {
-                metrics::inc(self.p.metrics.initialize_seen);
-                self.p.control.is_some().then_some(body)
-            }
-            BodyKind::Malformed => {
-                metrics::inc(self.p.metrics.malformed_body);
-                log::debug!("mcp-affinity: POST body is not JSON; passed through");
-                None
-            }
-            BodyKind::Other => None,
-        };
-        self.request = Request::MaybeInitialize { inspecting: false, initialize };
-        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         // A stream that waited for another's lookup finds its pin in shared data now.
         if let Request::Resolving { client_id, is_delete } = &self.request {
             self.request = match store::get(client_id) {
-                Some(s) => Request::Pinned {
-                    client_id: client_id.clone(),
-                    backend_id: s.pin.backend_session_id,
-                    is_delete: *is_delete,
-                    watch_lifecycle: false,
-                },
+                Some(s) => Request::Pinned(Pinned::new(client_id, s.pin, *is_delete, false)),
                 None => Request::Untracked,
             };
         }
@@ -452,31 +674,34 @@ impl HttpContext for Stream {
                 if let Some(raw_id) = self.get_http_response_header_bytes(MCP_SESSION_ID) {
                     return self.record_new_session(&raw_id, initialize);
                 }
+                Action::Continue
             }
-            Request::Pinned { client_id, backend_id, is_delete, watch_lifecycle } => {
-                let status = self.get_http_response_header_bytes(STATUS);
-                // The client only ever sees its own session id.
-                if backend_id != client_id && self.get_http_response_header_bytes(MCP_SESSION_ID).is_some() {
-                    self.set_http_response_header(MCP_SESSION_ID, Some(&client_id));
-                }
-                // DELETE answered 2xx ends the session; 404 says it is gone already.
-                if is_delete && (is_success(status.as_deref()) || status.as_deref() == Some(b"404")) {
-                    store::forget(&self.p.index, &client_id);
-                    self.p.touches.borrow_mut().remove(&client_id);
-                    metrics::inc(self.p.metrics.sessions_forgotten);
-                    if let Some(control) = &self.p.control {
-                        if control.call("DELETE", &client_id, None).is_ok() {
-                            self.pending = Pending::Delete;
-                            return Action::Pause;
-                        }
-                        metrics::inc(self.p.metrics.control_errors);
-                    }
-                    return Action::Continue;
-                }
-                self.request = Request::Pinned { client_id, backend_id, is_delete, watch_lifecycle };
+            Request::Pinned(p) => self.on_pinned_response(p),
+            other => {
+                self.request = other;
+                Action::Continue
             }
-            other => self.request = other,
         }
-        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Request::Pinned(p) = &mut self.request else { return Action::Continue };
+        if !p.holding_error {
+            return Action::Continue;
+        }
+        if body_size > self.p.config.recovery.max_error_body_bytes {
+            p.holding_error = false;
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        p.holding_error = false;
+        let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+        if !recovery::body_says_session_unknown(&self.p.config.recovery, &body) {
+            return Action::Continue;
+        }
+        let Request::Pinned(p) = std::mem::replace(&mut self.request, Request::Untracked) else { unreachable!() };
+        self.start_recovery(p, Reason::SessionUnknown)
     }
 }

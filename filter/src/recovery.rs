@@ -1,0 +1,238 @@
+//! When a pinned session needs recovery, and what the filter sends to and gets from the
+//! control service's `POST /v1/sessions/{id}/recover`.
+//!
+//! Triggers (on the response path of a request that carried a known session id):
+//! - the router's local reply says the upstream could not be reached or reset: Envoy's
+//!   `response.code_details` (e.g. `upstream_reset_before_response_started{remote_connection_failure}`)
+//!   and `response.flags` bits (Envoy `include/envoy/stream_info/stream_info.h`,
+//!   `ResponseFlag`: UH 0x2, UF 0x20, UC 0x40, UO 0x80);
+//! - the upstream says the session is unknown: configured statuses (404, per MCP
+//!   `basic/transports`), or a small JSON error body with a configured JSON-RPC code
+//!   (-32001) or a code whose message mentions a session (-32000 "Bad Request: No valid
+//!   session ID provided", as TypeScript-SDK servers answer).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::RecoveryConfig;
+
+/// Envoy `ResponseFlag` bits the filter reads from `response.flags`.
+pub mod flags {
+    /// UH: no healthy upstream host (also the stateful-session `strict` 503).
+    pub const NO_HEALTHY_UPSTREAM: u64 = 0x2;
+    /// UF: upstream connection failure.
+    pub const UPSTREAM_CONNECTION_FAILURE: u64 = 0x20;
+    /// UC: upstream connection termination.
+    pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 0x40;
+    /// UO: upstream overflow (circuit breaking).
+    pub const UPSTREAM_OVERFLOW: u64 = 0x80;
+}
+
+/// Why a request is recovered; decides whether control may replay it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The request never reached an upstream (connect failure, overflow, no host).
+    ConnectFailure,
+    /// The connection reset after the request may have been sent.
+    ResetAfterSend,
+    /// The upstream answered that it does not know the session.
+    SessionUnknown,
+}
+
+/// Reads a router local reply. `details` is `response.code_details`, `flags` the
+/// `response.flags` bit set. `None` for real upstream answers (`via_upstream`) and for
+/// local replies that say nothing about the upstream.
+pub fn local_reply_reason(details: &str, flags: u64) -> Option<Reason> {
+    if details == "via_upstream" {
+        return None;
+    }
+    let not_sent = flags::NO_HEALTHY_UPSTREAM | flags::UPSTREAM_CONNECTION_FAILURE | flags::UPSTREAM_OVERFLOW;
+    if flags & not_sent != 0
+        || details.contains("remote_connection_failure")
+        || details.contains("overflow")
+        || details.contains("no_healthy_upstream")
+    {
+        return Some(Reason::ConnectFailure);
+    }
+    if flags & flags::UPSTREAM_CONNECTION_TERMINATION != 0 || details.starts_with("upstream_reset_before_response_started") {
+        return Some(Reason::ResetAfterSend);
+    }
+    None
+}
+
+/// What a response status says about the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusVerdict {
+    /// The status alone says the session is unknown.
+    SessionUnknown,
+    /// Look at a small JSON body to decide.
+    InspectBody,
+    /// Nothing to recover.
+    Fine,
+}
+
+/// Classifies an upstream status per the configuration.
+pub fn status_verdict(cfg: &RecoveryConfig, status: u16) -> StatusVerdict {
+    if cfg.session_unknown_statuses.contains(&status) {
+        StatusVerdict::SessionUnknown
+    } else if cfg.error_body_statuses.contains(&status) {
+        StatusVerdict::InspectBody
+    } else {
+        StatusVerdict::Fine
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: ErrorObject,
+}
+
+#[derive(Deserialize)]
+struct ErrorObject {
+    code: i64,
+    #[serde(default)]
+    message: String,
+}
+
+/// True when a JSON-RPC error body says the session is unknown: its code is one of
+/// `session_unknown_codes`, or one of `message_codes` with a message containing one of
+/// `message_patterns` (ASCII case-insensitive).
+pub fn body_says_session_unknown(cfg: &RecoveryConfig, body: &[u8]) -> bool {
+    let Ok(ErrorEnvelope { error }) = serde_json::from_slice(body) else { return false };
+    if cfg.session_unknown_codes.contains(&error.code) {
+        return true;
+    }
+    cfg.message_codes.contains(&error.code) && {
+        let message = error.message.to_ascii_lowercase();
+        cfg.message_patterns.iter().any(|p| message.contains(&p.to_ascii_lowercase()))
+    }
+}
+
+/// The original request, as control replays it.
+#[derive(Debug, Serialize)]
+pub struct OriginalRequest<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub authority: &'a str,
+    pub content_type: Option<&'a str>,
+    pub accept: Option<&'a str>,
+    pub protocol_version: Option<&'a str>,
+    /// Used for the replay only; control never stores it.
+    pub authorization: Option<&'a str>,
+    pub body: &'a str,
+}
+
+/// Body of `POST {prefix}/sessions/{id}/recover`.
+#[derive(Debug, Serialize)]
+pub struct RecoverRequest<'a> {
+    pub failed_generation: u64,
+    pub failed_upstream: &'a str,
+    pub reason: Reason,
+    pub request: OriginalRequest<'a>,
+}
+
+/// Control's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Replayed,
+    NotReplayed,
+    Failed,
+}
+
+/// Where the session lives after recovery.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct NewPin {
+    pub upstream: String,
+    pub backend_session_id: String,
+    pub generation: u64,
+}
+
+/// The answer to give the client.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ClientResponse {
+    pub status: u16,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub body: String,
+}
+
+/// A 200 answer of the recover endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RecoverAnswer {
+    pub outcome: Outcome,
+    pub pin: Option<NewPin>,
+    pub response: ClientResponse,
+}
+
+/// Parses a recover answer; a pin with spaces or empty fields is rejected (it would not
+/// fit the shared-data record).
+pub fn parse_answer(body: &[u8]) -> Result<RecoverAnswer, String> {
+    let a: RecoverAnswer = serde_json::from_slice(body).map_err(|e| format!("recover answer: {e}"))?;
+    if let Some(p) = &a.pin
+        && (p.upstream.is_empty() || p.upstream.contains(' ') || p.backend_session_id.is_empty() || p.backend_session_id.contains(' '))
+    {
+        return Err("recover answer: malformed pin".to_string());
+    }
+    if !(200..=599).contains(&a.response.status) {
+        return Err(format!("recover answer: status {} out of range", a.response.status));
+    }
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_replies() {
+        assert_eq!(local_reply_reason("via_upstream", 0), None);
+        assert_eq!(local_reply_reason("upstream_reset_before_response_started{remote_connection_failure}", 0x20), Some(Reason::ConnectFailure));
+        assert_eq!(local_reply_reason("no_healthy_upstream", 0x2), Some(Reason::ConnectFailure));
+        assert_eq!(local_reply_reason("upstream_reset_before_response_started{overflow}", 0x80), Some(Reason::ConnectFailure));
+        assert_eq!(local_reply_reason("upstream_reset_before_response_started{connection_termination}", 0x40), Some(Reason::ResetAfterSend));
+        assert_eq!(local_reply_reason("wasm_local_reply", 0), None);
+        assert_eq!(local_reply_reason("request_overall_timeout", 0), None);
+    }
+
+    #[test]
+    fn statuses_and_bodies() {
+        let cfg = RecoveryConfig::default();
+        assert_eq!(status_verdict(&cfg, 404), StatusVerdict::SessionUnknown);
+        assert_eq!(status_verdict(&cfg, 400), StatusVerdict::InspectBody);
+        assert_eq!(status_verdict(&cfg, 200), StatusVerdict::Fine);
+        assert_eq!(status_verdict(&cfg, 500), StatusVerdict::Fine);
+        let ts = br#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"},"id":null}"#;
+        assert!(body_says_session_unknown(&cfg, ts));
+        assert!(body_says_session_unknown(&cfg, br#"{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session not found"},"id":1}"#));
+        assert!(!body_says_session_unknown(&cfg, br#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: invalid params"},"id":1}"#));
+        assert!(!body_says_session_unknown(&cfg, br#"{"jsonrpc":"2.0","error":{"code":-32602,"message":"unknown session tool"},"id":1}"#));
+        assert!(!body_says_session_unknown(&cfg, b"not json"));
+    }
+
+    #[test]
+    fn answers() {
+        let a = parse_answer(br#"{"outcome":"replayed","pin":{"upstream":"10.0.0.2:80","backend_session_id":"b2","generation":2},"response":{"status":200,"content_type":"text/event-stream","body":"data: {}\n\n"}}"#).unwrap();
+        assert_eq!(a.outcome, Outcome::Replayed);
+        assert_eq!(a.pin.unwrap().generation, 2);
+        let f = parse_answer(br#"{"outcome":"failed","pin":null,"response":{"status":404,"content_type":"application/json","body":"{}"}}"#).unwrap();
+        assert_eq!((f.outcome, f.pin), (Outcome::Failed, None));
+        assert!(parse_answer(br#"{"outcome":"replayed","pin":{"upstream":"a b","backend_session_id":"b","generation":2},"response":{"status":200}}"#).is_err());
+        assert!(parse_answer(br#"{"outcome":"weird","pin":null,"response":{"status":200}}"#).is_err());
+    }
+
+    #[test]
+    fn request_shape() {
+        let r = RecoverRequest {
+            failed_generation: 1,
+            failed_upstream: "10.0.0.1:80",
+            reason: Reason::SessionUnknown,
+            request: OriginalRequest { method: "POST", path: "/mcp", authority: "a", content_type: Some("application/json"), accept: None, protocol_version: None, authorization: None, body: "{}" },
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["reason"], "session_unknown");
+        assert_eq!(v["request"]["method"], "POST");
+        assert!(v["request"]["accept"].is_null());
+    }
+}
