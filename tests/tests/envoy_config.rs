@@ -1,0 +1,850 @@
+//! Validation of everything under `envoy/` without an Envoy on the machine.
+//!
+//! 1. Every YAML file parses (all documents of multi-document files).
+//! 2. Envoy resources decode against Envoy's v3 API: the `.proto` files shipped in the
+//!    `envoy-types` crate are compiled at test time (protox), each resource is read with
+//!    the protobuf JSON mapping (prost-reflect: unknown fields, wrong types, unknown enum
+//!    names and unknown `@type`s are errors, as in Envoy's own YAML loading) and then
+//!    decoded into the `envoy-types` prost structs, which the cross-checks walk.
+//!    (protoc-gen-validate rules such as `min_items` are not enforced; the checks below
+//!    cover the fields this project depends on.)
+//! 3. Names agree across files: clusters used by routes and by the filter's `control`
+//!    exist; the pin header is the same in the filter, the ORIGINAL_DST cluster, the
+//!    route matcher, the stateful-session extension and Istio's Service label; ports
+//!    agree between control's arguments, its Service, its probes and the Envoy cluster;
+//!    the plugin configuration embedded in each file is accepted by the filter's real
+//!    parser (`FilterConfig::parse`), and control's arguments by control's real parser.
+//! 4. Each check can fail: the `mutated_*` tests break a copy of a file and expect the
+//!    matching error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use clap::Parser;
+use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::common::mutation_rules::v3::header_mutation as mutation;
+use envoy_types::pb::envoy::config::core::v3::{Address, address, async_data_source, data_source, socket_address};
+use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint;
+use envoy_types::pb::envoy::config::listener::v3::filter;
+use envoy_types::pb::envoy::config::route::v3::{Route, header_matcher, route, route_action};
+use envoy_types::pb::envoy::extensions::filters::http::header_mutation::v3::HeaderMutation as HeaderMutationFilter;
+use envoy_types::pb::envoy::extensions::filters::http::stateful_session::v3::StatefulSession;
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::http::early_header_mutation::header_mutation::v3::HeaderMutation as EarlyHeaderMutation;
+use envoy_types::pb::envoy::extensions::http::stateful_session::header::v3::HeaderBasedSessionState;
+use envoy_types::pb::envoy::extensions::wasm::v3::plugin_config;
+use envoy_types::pb::google::protobuf::{Any, Duration, StringValue};
+use mcp_affinity_filter::config::FilterConfig;
+use mcp_affinity_filter::pin::PinEncoding;
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use serde_json::Value as Json;
+
+type Check = Result<(), String>;
+
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!($($fmt)+));
+        }
+    };
+}
+
+// ─── files ──────────────────────────────────────────────────────────────────────────
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn envoy_dir() -> PathBuf {
+    repo_root().join("envoy")
+}
+
+fn read(rel: &str) -> String {
+    let path = envoy_dir().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// All YAML files under envoy/, relative paths, sorted.
+fn yaml_files() -> Vec<String> {
+    fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, base, out);
+            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+                out.push(path.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&envoy_dir(), &envoy_dir(), &mut out);
+    out.sort();
+    out
+}
+
+/// Parses every document of a YAML text into JSON values (as Envoy and Kubernetes do
+/// before decoding). Empty documents are skipped.
+fn yaml_docs(text: &str) -> Result<Vec<Json>, String> {
+    use serde::Deserialize;
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(text) {
+        let v = Json::deserialize(doc).map_err(|e| format!("YAML: {e}"))?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+fn yaml_one(text: &str) -> Result<Json, String> {
+    let mut docs = yaml_docs(text)?;
+    ensure!(docs.len() == 1, "expected one YAML document, found {}", docs.len());
+    Ok(docs.remove(0))
+}
+
+// ─── Envoy's v3 API ─────────────────────────────────────────────────────────────────
+
+/// The `proto/` directory shipped inside the `envoy-types` crate: the same API version
+/// as its generated types. Found through `cargo metadata` (override:
+/// `ENVOY_API_PROTO_DIR`).
+fn envoy_proto_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ENVOY_API_PROTO_DIR") {
+        return PathBuf::from(dir);
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--locked", "--manifest-path"])
+        .arg(&manifest)
+        .output()
+        .expect("run cargo metadata");
+    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: Json = serde_json::from_slice(&out.stdout).expect("cargo metadata JSON");
+    let pkg = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "envoy-types")
+        .expect("envoy-types in cargo metadata");
+    Path::new(pkg["manifest_path"].as_str().unwrap()).parent().unwrap().join("proto")
+}
+
+/// Proto files whose messages the configs use (their imports come along).
+const PROTO_FILES: &[&str] = &[
+    "envoy/config/bootstrap/v3/bootstrap.proto",
+    "envoy/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto",
+    "envoy/extensions/filters/http/wasm/v3/wasm.proto",
+    "envoy/extensions/filters/http/router/v3/router.proto",
+    "envoy/extensions/filters/http/stateful_session/v3/stateful_session.proto",
+    "envoy/extensions/filters/http/header_mutation/v3/header_mutation.proto",
+    "envoy/extensions/http/stateful_session/header/v3/header.proto",
+    "envoy/extensions/http/early_header_mutation/header_mutation/v3/header_mutation.proto",
+    "envoy/extensions/transport_sockets/tls/v3/tls.proto",
+];
+
+struct EnvoyApi {
+    pool: DescriptorPool,
+}
+
+fn api() -> &'static EnvoyApi {
+    static API: OnceLock<EnvoyApi> = OnceLock::new();
+    API.get_or_init(|| {
+        let root = envoy_proto_dir();
+        let includes: Vec<PathBuf> = ["data-plane-api", "xds", "googleapis", "protoc-gen-validate", "cel-spec/proto", "opentelemetry-proto", "client_model"]
+            .iter()
+            .map(|d| root.join(d))
+            .filter(|p| p.is_dir())
+            .collect();
+        let mut compiler = protox::Compiler::new(&includes).expect("protox includes");
+        compiler.include_imports(true);
+        compiler.open_files(PROTO_FILES).unwrap_or_else(|e| panic!("compiling Envoy's protos from {}: {e:?}", root.display()));
+        EnvoyApi { pool: compiler.descriptor_pool() }
+    })
+}
+
+impl EnvoyApi {
+    /// Reads `json` as the protobuf message `full_name` with the proto3 JSON mapping
+    /// (strict: unknown fields are errors), then decodes it into the prost type `M`.
+    fn decode<M: prost::Message + Default>(&self, full_name: &str, json: &Json) -> Result<M, String> {
+        let desc = self.pool.get_message_by_name(full_name).ok_or_else(|| format!("{full_name} is not in the API"))?;
+        let dynamic = DynamicMessage::deserialize(desc, json.clone()).map_err(|e| format!("{full_name}: {e}"))?;
+        let bytes = prost::Message::encode_to_vec(&dynamic);
+        M::decode(bytes.as_slice()).map_err(|e| format!("{full_name}: prost decode: {e}"))
+    }
+}
+
+/// Unpacks an `Any` into `M`, checking its type URL.
+fn unpack<M: prost::Message + prost::Name + Default>(any: &Any) -> Result<M, String> {
+    ensure!(any.type_url == M::type_url(), "expected {}, found {}", M::type_url(), any.type_url);
+    M::decode(any.value.as_slice()).map_err(|e| format!("{}: {e}", M::full_name()))
+}
+
+fn socket(addr: &Option<Address>) -> Option<(String, u32)> {
+    match addr.as_ref()?.address.as_ref()? {
+        address::Address::SocketAddress(s) => match s.port_specifier {
+            Some(socket_address::PortSpecifier::PortValue(p)) => Some((s.address.clone(), p)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn cluster_endpoints(c: &Cluster) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for loc in c.load_assignment.iter().flat_map(|la| &la.endpoints) {
+        for lb in &loc.lb_endpoints {
+            if let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &lb.host_identifier {
+                out.extend(socket(&e.address));
+            }
+        }
+    }
+    out
+}
+
+fn discovery_type(c: &Cluster) -> Option<cluster::DiscoveryType> {
+    match c.cluster_discovery_type {
+        Some(cluster::ClusterDiscoveryType::Type(t)) => cluster::DiscoveryType::try_from(t).ok(),
+        _ => None,
+    }
+}
+
+fn original_dst_lb_config(c: &Cluster) -> Option<&cluster::OriginalDstLbConfig> {
+    match &c.lb_config {
+        Some(cluster::LbConfig::OriginalDstLbConfig(o)) => Some(o),
+        _ => None,
+    }
+}
+
+fn typed_config(f: &HttpFilter) -> Result<&Any, String> {
+    match &f.config_type {
+        Some(http_filter::ConfigType::TypedConfig(any)) => Ok(any),
+        _ => Err(format!("HTTP filter {} has no typed_config", f.name)),
+    }
+}
+
+fn is_zero(d: &Option<Duration>) -> bool {
+    matches!(d, Some(Duration { seconds: 0, nanos: 0 }))
+}
+
+// ─── the filter's configuration inside Envoy's wasm filter ──────────────────────────
+
+/// What one wasm filter instance says.
+struct WasmFilter {
+    filter: FilterConfig,
+    host_env_keys: Vec<String>,
+}
+
+fn check_wasm_filter(wasm: &Wasm, expect_file: Option<&str>) -> Result<WasmFilter, String> {
+    let plugin = wasm.config.as_ref().ok_or("wasm filter without config")?;
+    let vm = match &plugin.vm {
+        Some(plugin_config::Vm::VmConfig(vm)) => vm,
+        _ => return Err("wasm filter without vm_config".into()),
+    };
+    ensure!(vm.runtime == "envoy.wasm.runtime.v8", "vm_config.runtime is {:?}, want envoy.wasm.runtime.v8", vm.runtime);
+    ensure!(!vm.vm_id.is_empty(), "vm_config.vm_id is empty: pins are shared per vm_id");
+    let file = match vm.code.as_ref().and_then(|c| c.specifier.as_ref()) {
+        Some(async_data_source::Specifier::Local(ds)) => match &ds.specifier {
+            Some(data_source::Specifier::Filename(f)) => f.clone(),
+            _ => return Err("vm_config.code.local must name a file".into()),
+        },
+        _ => return Err("vm_config.code must be a local file".into()),
+    };
+    if let Some(want) = expect_file {
+        ensure!(file == want, "vm_config.code.local.filename is {file:?}, want {want:?}");
+    }
+    let configuration = plugin.configuration.as_ref().ok_or("wasm filter without configuration")?;
+    let json: StringValue = unpack(configuration)?;
+    let filter = FilterConfig::parse(json.value.as_bytes())?;
+    let host_env_keys = vm.environment_variables.as_ref().map(|e| e.host_env_keys.clone()).unwrap_or_default();
+    check_control_token(&filter, &host_env_keys)?;
+    Ok(WasmFilter { filter, host_env_keys })
+}
+
+/// The shipped configurations never carry an inline token, and the variable they name
+/// is exposed to the VM.
+fn check_control_token(filter: &FilterConfig, env_keys: &[String]) -> Check {
+    let control = filter.control.as_ref().ok_or("the plugin configuration has no `control` section")?;
+    ensure!(control.token.is_none(), "control.token is inline; use token_env");
+    let var = control.token_env.as_deref().ok_or("control.token_env is not set")?;
+    ensure!(env_keys.iter().any(|k| k == var), "control.token_env {var:?} is not exposed to the VM ({env_keys:?})");
+    Ok(())
+}
+
+// ─── a bootstrap file ───────────────────────────────────────────────────────────────
+
+/// Which pinning mechanism a bootstrap uses.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Pinning {
+    OriginalDst,
+    StatefulSession,
+}
+
+/// Control's default listen address, from control's own argument parser.
+fn control_default_listen() -> std::net::SocketAddr {
+    mcp_affinity_control::config::Config::try_parse_from(["mcp-affinity-control"]).expect("control defaults").listen
+}
+
+fn check_bootstrap(text: &str, pinning: Pinning) -> Check {
+    let json = yaml_one(text)?;
+    let bootstrap: Bootstrap = api().decode("envoy.config.bootstrap.v3.Bootstrap", &json)?;
+    let control_listen = control_default_listen();
+
+    // Admin: loopback, and not on a port anything else uses.
+    let admin = bootstrap.admin.as_ref().ok_or("no admin")?;
+    let (admin_ip, admin_port) = socket(&admin.address).ok_or("admin without a socket address")?;
+    ensure!(admin_ip == "127.0.0.1" || admin_ip == "::1", "admin listens on {admin_ip}: keep it on loopback");
+    ensure!(admin_port != u32::from(control_listen.port()), "admin port {admin_port} collides with control's {control_listen}");
+
+    let resources = bootstrap.static_resources.as_ref().ok_or("no static_resources")?;
+    let clusters: BTreeMap<&str, &Cluster> = resources.clusters.iter().map(|c| (c.name.as_str(), c)).collect();
+    ensure!(clusters.len() == resources.clusters.len(), "duplicate cluster names");
+
+    ensure!(resources.listeners.len() == 1, "expected one listener, found {}", resources.listeners.len());
+    let listener = &resources.listeners[0];
+    let (_, listen_port) = socket(&listener.address).ok_or("listener without a socket address")?;
+    ensure!(listen_port != admin_port && listen_port != u32::from(control_listen.port()), "listener port {listen_port} collides");
+    let chain = listener.filter_chains.first().ok_or("listener without filter chain")?;
+    let hcm_filter = chain.filters.first().ok_or("filter chain without filters")?;
+    let hcm: HttpConnectionManager = match &hcm_filter.config_type {
+        Some(filter::ConfigType::TypedConfig(any)) => unpack(any)?,
+        _ => return Err("network filter without typed_config".into()),
+    };
+
+    // HTTP filters: the wasm filter, then (stateful session), router last.
+    let names: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
+    ensure!(names.last() == Some(&"envoy.filters.http.router"), "the router must be the last HTTP filter: {names:?}");
+    let wasm_at = names.iter().position(|n| *n == "envoy.filters.http.wasm").ok_or("no envoy.filters.http.wasm filter")?;
+    let wasm: Wasm = unpack(typed_config(&hcm.http_filters[wasm_at])?)?;
+    let wf = check_wasm_filter(&wasm, Some("/etc/envoy/mcp_affinity_filter.wasm"))?;
+    let pin = wf.filter.pin_header.as_str();
+    ensure!(wf.host_env_keys.iter().any(|k| k == "MCP_AFFINITY_CONTROL_TOKEN"), "host_env_keys must expose MCP_AFFINITY_CONTROL_TOKEN");
+
+    // The filter buffers bodies up to max_body_bytes; Envoy's own limit must be larger.
+    let limit = listener.per_connection_buffer_limit_bytes.as_ref().map(|v| v.value as usize).unwrap_or(1 << 20);
+    ensure!(limit > wf.filter.max_body_bytes, "per_connection_buffer_limit_bytes {limit} must exceed max_body_bytes {}", wf.filter.max_body_bytes);
+
+    // The client's pin header is removed before anything else.
+    let early_removes = hcm
+        .early_header_mutation_extensions
+        .iter()
+        .filter_map(|ext| ext.typed_config.as_ref())
+        .filter_map(|any| unpack::<EarlyHeaderMutation>(any).ok())
+        .flat_map(|m| m.mutations)
+        .any(|m| matches!(&m.action, Some(mutation::Action::Remove(h)) if h.eq_ignore_ascii_case(pin)));
+    ensure!(early_removes, "early_header_mutation_extensions must remove {pin:?}");
+
+    // Control: the cluster exists and points at control's port.
+    let control = wf.filter.control.as_ref().unwrap();
+    let control_cluster = clusters.get(control.cluster.as_str()).ok_or_else(|| format!("control.cluster {:?} is not a cluster", control.cluster))?;
+    let endpoints = cluster_endpoints(control_cluster);
+    ensure!(
+        endpoints.iter().any(|(ip, port)| *port == u32::from(control_listen.port()) && ip == &control_listen.ip().to_string()),
+        "cluster {} points at {endpoints:?}, control listens on {control_listen} by default",
+        control.cluster
+    );
+
+    // Routes: every cluster exists; MCP routes have no timeout and an idle timeout.
+    let route_config = match &hcm.route_specifier {
+        Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => rc,
+        _ => return Err("the connection manager must carry its route_config".into()),
+    };
+    let routes: Vec<&Route> = route_config.virtual_hosts.iter().flat_map(|vh| &vh.routes).collect();
+    ensure!(!routes.is_empty(), "no routes");
+    let mut routed = Vec::new();
+    for r in &routes {
+        let action = match &r.action {
+            Some(route::Action::Route(a)) => a,
+            _ => return Err(format!("route {:?} is not a cluster route", r.name)),
+        };
+        let target = match &action.cluster_specifier {
+            Some(route_action::ClusterSpecifier::Cluster(c)) => c.as_str(),
+            _ => return Err(format!("route {:?} names no cluster", r.name)),
+        };
+        ensure!(clusters.contains_key(target), "route {:?} goes to cluster {target:?}, which does not exist", r.name);
+        ensure!(is_zero(&action.timeout), "route {:?}: set `timeout: 0s` (SSE streams are long-lived)", r.name);
+        ensure!(action.idle_timeout.is_some(), "route {:?}: set an idle_timeout", r.name);
+        ensure!(action.retry_policy.is_none(), "route {:?}: no retries (MCP requests are not idempotent)", r.name);
+        let on_pin = r.r#match.iter().flat_map(|m| &m.headers).any(|h| {
+            h.name.eq_ignore_ascii_case(pin) && matches!(h.header_match_specifier, Some(header_matcher::HeaderMatchSpecifier::PresentMatch(true)))
+        });
+        routed.push((target, on_pin));
+    }
+    ensure!(is_zero(&hcm.request_timeout) || hcm.request_timeout.is_none(), "request_timeout must be off for SSE");
+
+    match pinning {
+        Pinning::OriginalDst => {
+            ensure!(wf.filter.pin_encoding == PinEncoding::Plain, "ORIGINAL_DST reads ip:port: pin_encoding must be plain");
+            let pinned: Vec<&Cluster> = clusters.values().copied().filter(|c| discovery_type(c) == Some(cluster::DiscoveryType::OriginalDst)).collect();
+            ensure!(pinned.len() == 1, "expected one ORIGINAL_DST cluster, found {}", pinned.len());
+            let pc = pinned[0];
+            ensure!(pc.lb_policy == cluster::LbPolicy::ClusterProvided as i32, "cluster {} needs lb_policy CLUSTER_PROVIDED", pc.name);
+            let odl = original_dst_lb_config(pc).ok_or_else(|| format!("cluster {} has no original_dst_lb_config", pc.name))?;
+            ensure!(odl.use_http_header, "cluster {}: original_dst_lb_config.use_http_header must be true", pc.name);
+            ensure!(odl.http_header_name.eq_ignore_ascii_case(pin), "cluster {} reads {:?}, the filter writes {pin:?}", pc.name, odl.http_header_name);
+            // The first route matching the pin header goes to the ORIGINAL_DST cluster, and
+            // comes before any catch-all; unpinned traffic goes to a normal cluster.
+            let first_pin = routed.iter().position(|(_, p)| *p).ok_or_else(|| format!("no route matches on {pin:?} being present"))?;
+            ensure!(routed[first_pin].0 == pc.name, "the route on {pin:?} goes to {:?}, not {}", routed[first_pin].0, pc.name);
+            let first_plain = routed.iter().position(|(_, p)| !*p).ok_or("no route for unpinned traffic")?;
+            ensure!(first_pin < first_plain, "the route on {pin:?} must come before the catch-all route");
+            let service = clusters[routed[first_plain].0];
+            ensure!(discovery_type(service) != Some(cluster::DiscoveryType::OriginalDst), "unpinned traffic must not go to an ORIGINAL_DST cluster");
+            ensure!(!cluster_endpoints(service).is_empty(), "cluster {} has no endpoints", service.name);
+        }
+        Pinning::StatefulSession => {
+            ensure!(wf.filter.pin_encoding == PinEncoding::Base64, "the stateful-session header extension reads base64: pin_encoding must be base64");
+            ensure!(clusters.values().all(|c| discovery_type(c) != Some(cluster::DiscoveryType::OriginalDst)), "no ORIGINAL_DST cluster in the stateful-session variant");
+            let ss_at = names.iter().position(|n| *n == "envoy.filters.http.stateful_session").ok_or("no envoy.filters.http.stateful_session filter")?;
+            ensure!(wasm_at < ss_at, "the wasm filter must come before stateful_session (which reads {pin:?})");
+            let ss: StatefulSession = unpack(typed_config(&hcm.http_filters[ss_at])?)?;
+            let state = ss.session_state.as_ref().ok_or("stateful_session without session_state")?;
+            ensure!(state.name == "envoy.http.stateful_session.header", "session_state is {:?}", state.name);
+            let header: HeaderBasedSessionState = unpack(state.typed_config.as_ref().ok_or("session_state without typed_config")?)?;
+            ensure!(header.name.eq_ignore_ascii_case(pin), "stateful session reads {:?}, the filter writes {pin:?}", header.name);
+            ensure!(routed.iter().all(|(_, p)| !*p), "no route should depend on {pin:?} here");
+            let targets: BTreeSet<&str> = routed.iter().map(|(t, _)| *t).collect();
+            ensure!(targets.len() == 1, "the MCP routes must all go to one cluster (the override picks a member of it): {targets:?}");
+            // The response header the extension adds is removed again.
+            let removes_response = hcm.http_filters[..ss_at].iter().filter(|f| f.name == "envoy.filters.http.header_mutation").any(|f| {
+                typed_config(f)
+                    .and_then(unpack::<HeaderMutationFilter>)
+                    .map(|h| {
+                        h.mutations.iter().flat_map(|m| &m.response_mutations).any(|m| matches!(&m.action, Some(mutation::Action::Remove(x)) if x.eq_ignore_ascii_case(pin)))
+                    })
+                    .unwrap_or(false)
+            });
+            ensure!(removes_response, "a header_mutation filter before stateful_session must remove {pin:?} from responses");
+        }
+    }
+    Ok(())
+}
+
+// ─── Kubernetes and Istio ───────────────────────────────────────────────────────────
+
+fn s<'a>(v: &'a Json, ptr: &str) -> &'a str {
+    v.pointer(ptr).and_then(Json::as_str).unwrap_or("")
+}
+
+fn labels(v: &Json, ptr: &str) -> BTreeMap<String, String> {
+    v.pointer(ptr)
+        .and_then(Json::as_object)
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+        .unwrap_or_default()
+}
+
+fn subset(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> bool {
+    !a.is_empty() && a.iter().all(|(k, v)| b.get(k) == Some(v))
+}
+
+/// All Kubernetes objects of envoy/k8s and envoy/istio, keyed by "Kind/namespace/name".
+fn objects(texts: &[(String, String)]) -> Result<BTreeMap<String, Json>, String> {
+    let mut out = BTreeMap::new();
+    for (file, text) in texts {
+        for doc in yaml_docs(text).map_err(|e| format!("{file}: {e}"))? {
+            let kind = s(&doc, "/kind");
+            let name = s(&doc, "/metadata/name");
+            ensure!(!kind.is_empty() && !name.is_empty() && !s(&doc, "/apiVersion").is_empty(), "{file}: a document without apiVersion, kind or metadata.name");
+            let key = format!("{kind}/{}/{name}", s(&doc, "/metadata/namespace"));
+            ensure!(out.insert(key.clone(), doc).is_none(), "{file}: {key} defined twice");
+        }
+    }
+    Ok(out)
+}
+
+fn manifest_texts() -> Vec<(String, String)> {
+    yaml_files().into_iter().filter(|f| f.starts_with("k8s/") || f.starts_with("istio/")).map(|f| (f.clone(), read(&f))).collect()
+}
+
+fn containers(workload: &Json) -> Vec<&Json> {
+    workload.pointer("/spec/template/spec/containers").and_then(Json::as_array).map(|a| a.iter().collect()).unwrap_or_default()
+}
+
+fn port_by_name(workload: &Json, name: &str) -> Option<u64> {
+    containers(workload)
+        .into_iter()
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["containerPort"].as_u64())
+}
+
+/// The workload (Deployment/StatefulSet) whose pod labels a Service selects.
+fn selected<'a>(objs: &'a BTreeMap<String, Json>, svc: &Json) -> Option<&'a Json> {
+    let sel = labels(svc, "/spec/selector");
+    let ns = s(svc, "/metadata/namespace");
+    objs.values().find(|o| {
+        matches!(s(o, "/kind"), "Deployment" | "StatefulSet") && s(o, "/metadata/namespace") == ns && subset(&sel, &labels(o, "/spec/template/metadata/labels"))
+    })
+}
+
+fn check_manifests(objs: &BTreeMap<String, Json>) -> Check {
+    let ns_defined: BTreeSet<&str> = objs.values().filter(|o| s(o, "/kind") == "Namespace").map(|o| s(o, "/metadata/name")).collect();
+    for (key, o) in objs {
+        let kind = s(o, "/kind");
+        let ns = s(o, "/metadata/namespace");
+        if kind != "Namespace" {
+            ensure!(!ns.is_empty(), "{key}: set metadata.namespace");
+            ensure!(ns == "istio-system" || ns_defined.contains(ns), "{key}: namespace {ns:?} is not defined in envoy/k8s");
+        }
+        if matches!(kind, "Deployment" | "StatefulSet") {
+            let sel = labels(o, "/spec/selector/matchLabels");
+            ensure!(subset(&sel, &labels(o, "/spec/template/metadata/labels")), "{key}: selector does not match the pod template's labels");
+            for c in containers(o) {
+                ensure!(c.pointer("/resources/requests").is_some(), "{key}: container {} has no resource requests", c["name"]);
+                ensure!(c.pointer("/securityContext/allowPrivilegeEscalation") == Some(&Json::Bool(false)), "{key}: container {} may escalate privileges", c["name"]);
+            }
+            ensure!(o.pointer("/spec/template/spec/securityContext/runAsNonRoot") == Some(&Json::Bool(true)), "{key}: pods must run as non-root");
+        }
+        if kind == "StatefulSet" {
+            let svc = format!("Service/{ns}/{}", s(o, "/spec/serviceName"));
+            let svc = objs.get(&svc).ok_or_else(|| format!("{key}: serviceName {svc} does not exist"))?;
+            ensure!(s(svc, "/spec/clusterIP") == "None", "{key}: its serviceName must be a headless Service (clusterIP: None)");
+        }
+        if kind == "Service" {
+            let w = selected(objs, o).ok_or_else(|| format!("{key}: its selector matches no Deployment or StatefulSet"))?;
+            for p in o["spec"]["ports"].as_array().cloned().unwrap_or_default() {
+                match &p["targetPort"] {
+                    Json::String(name) => ensure!(port_by_name(w, name).is_some(), "{key}: targetPort {name:?} is not a container port of the selected pods"),
+                    Json::Number(n) => ensure!(
+                        containers(w).iter().flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default()).any(|cp| cp["containerPort"].as_u64() == n.as_u64()),
+                        "{key}: targetPort {n} is not a container port"
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    }
+    check_control_manifest(objs)
+}
+
+/// Port of Service `name` in `ns` (the first one).
+fn service_port(objs: &BTreeMap<String, Json>, ns: &str, name: &str) -> Option<u64> {
+    objs.get(&format!("Service/{ns}/{name}")).and_then(|svc| svc.pointer("/spec/ports/0/port")).and_then(Json::as_u64)
+}
+
+fn check_control_manifest(objs: &BTreeMap<String, Json>) -> Check {
+    let (key, dep) = objs
+        .iter()
+        .find(|(_, o)| s(o, "/kind") == "Deployment" && s(o, "/metadata/name") == "mcp-affinity-control")
+        .ok_or("no Deployment mcp-affinity-control")?;
+    let ns = s(dep, "/metadata/namespace");
+    let c = containers(dep).into_iter().next().ok_or("control has no container")?;
+    // The arguments are accepted by control's own parser.
+    let args: Vec<String> = c["args"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
+    let config = mcp_affinity_control::config::Config::try_parse_from(std::iter::once("mcp-affinity-control".to_string()).chain(args.iter().cloned()))
+        .map_err(|e| format!("{key}: control rejects its arguments: {e}"))?;
+    ensure!(!config.listen.ip().is_loopback(), "{key}: --listen {} is loopback; the Service cannot reach it", config.listen);
+    let port = u64::from(config.listen.port());
+    ensure!(port_by_name(dep, "http") == Some(port), "{key}: container port `http` must be control's --listen port {port}");
+    ensure!(service_port(objs, ns, "mcp-affinity-control") == Some(port), "Service {ns}/mcp-affinity-control must expose port {port}");
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        ensure!(c.pointer(&format!("/{probe}/httpGet/path")).and_then(Json::as_str) == Some(path), "{key}: {probe} must GET {path}");
+        let p = c.pointer(&format!("/{probe}/httpGet/port")).cloned().unwrap_or(Json::Null);
+        ensure!(p == Json::from("http") || p.as_u64() == Some(port), "{key}: {probe} must use control's port");
+    }
+    // The token file comes from the Secret, through a mounted volume.
+    let token_file = config.token_file.as_ref().ok_or_else(|| format!("{key}: pass the token with --token-file"))?;
+    let mount = c["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| token_file.starts_with(s(m, "/mountPath")))
+        .ok_or_else(|| format!("{key}: no volume mounted at {}", token_file.display()))?;
+    let vol = dep
+        .pointer("/spec/template/spec/volumes")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == mount["name"])
+        .ok_or("control's token volume is not defined")?;
+    let secret = format!("Secret/{ns}/{}", s(vol, "/secret/secretName"));
+    let secret = objs.get(&secret).ok_or_else(|| format!("{key}: {secret} does not exist"))?;
+    let file_name = token_file.file_name().unwrap().to_string_lossy().into_owned();
+    let item = vol.pointer("/secret/items").and_then(Json::as_array).into_iter().flatten().find(|i| i["path"] == file_name.as_str());
+    let key_name = item.map(|i| s(i, "/key").to_string()).unwrap_or(file_name);
+    ensure!(secret.pointer(&format!("/stringData/{key_name}")).is_some() || secret.pointer(&format!("/data/{key_name}")).is_some(), "Secret has no key {key_name:?}");
+    // The store is the Redis Service.
+    if let mcp_affinity_control::config::StoreKind::Redis(url) = &config.store {
+        let hostport = url.trim_start_matches("redis://").trim_start_matches("rediss://").split('/').next().unwrap();
+        let (host, p) = hostport.rsplit_once(':').ok_or("redis URL without port")?;
+        let parts: Vec<&str> = host.split('.').collect();
+        ensure!(parts.len() >= 2, "{key}: use the Redis Service's namespaced name");
+        ensure!(service_port(objs, parts[1], parts[0]).map(|x| x.to_string()) == Some(p.to_string()), "{key}: --store {url} is not a Service port");
+    } else {
+        return Err(format!("{key}: use Redis (--store redis://…) so every control replica shares the records"));
+    }
+    Ok(())
+}
+
+/// Istio's name of the outbound cluster of a Service port.
+fn istio_cluster(objs: &BTreeMap<String, Json>, cluster: &str) -> Check {
+    let parts: Vec<&str> = cluster.split('|').collect();
+    ensure!(parts.len() == 4 && parts[0] == "outbound", "control.cluster {cluster:?} is not an Istio outbound cluster name (outbound|PORT||HOST)");
+    let host: Vec<&str> = parts[3].split('.').collect();
+    ensure!(host.len() >= 2 && parts[3].ends_with(".svc.cluster.local"), "control.cluster host {:?} is not a Service FQDN", parts[3]);
+    let port = service_port(objs, host[1], host[0]).ok_or_else(|| format!("control.cluster names Service {}/{}, which does not exist", host[1], host[0]))?;
+    ensure!(parts[1] == port.to_string(), "control.cluster uses port {}, the Service exposes {port}", parts[1]);
+    Ok(())
+}
+
+fn check_istio(objs: &BTreeMap<String, Json>, wasmplugin_text: &str, envoyfilter_text: &str) -> Check {
+    // WasmPlugin.
+    let wp = objs.values().find(|o| s(o, "/kind") == "WasmPlugin").ok_or("no WasmPlugin")?;
+    ensure!(s(wp, "/spec/url").starts_with("oci://"), "the WasmPlugin url must be an oci:// image");
+    ensure!(wasmplugin_text.contains("file://"), "wasmplugin.yaml must show the file:// alternative");
+    ensure!(matches!(s(wp, "/spec/phase"), "AUTHN" | "AUTHZ" | "STATS"), "WasmPlugin phase {:?}: the filter must run before Istio's stateful-session filter", s(wp, "/spec/phase"));
+    let plugin_config = wp.pointer("/spec/pluginConfig").ok_or("WasmPlugin without pluginConfig")?;
+    let filter = FilterConfig::parse(&serde_json::to_vec(plugin_config).unwrap())?;
+    ensure!(filter.pin_encoding == PinEncoding::Base64, "Istio persistent sessions read base64: pin_encoding must be base64");
+    let env: Vec<String> = wp
+        .pointer("/spec/vmConfig/env")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|e| e["valueFrom"] == "HOST")
+        .map(|e| s(e, "/name").to_string())
+        .collect();
+    check_control_token(&filter, &env)?;
+    istio_cluster(objs, &filter.control.as_ref().unwrap().cluster)?;
+
+    // The Service carrying the persistent-session label: names the filter's header, and
+    // selects the MCP server pods.
+    let svc = objs
+        .values()
+        .find(|o| s(o, "/kind") == "Service" && o.pointer("/metadata/labels/istio.io~1persistent-session-header").is_some())
+        .ok_or("no Service labelled istio.io/persistent-session-header")?;
+    let label = s(svc, "/metadata/labels/istio.io~1persistent-session-header");
+    ensure!(label.eq_ignore_ascii_case(&filter.pin_header), "the Service's persistent-session header is {label:?}, the filter writes {:?}", filter.pin_header);
+    ensure!(s(svc, "/spec/clusterIP") != "None", "persistent sessions need a ClusterIP Service, not a headless one");
+    let pods = selected(objs, svc).ok_or("the persistent-session Service selects no workload")?;
+    ensure!(s(pods, "/metadata/name") == "mcp-server", "the persistent-session Service must select the MCP server");
+
+    // The VirtualService routes to that Service, without a timeout.
+    let fqdn = format!("{}.{}.svc.cluster.local", s(svc, "/metadata/name"), s(svc, "/metadata/namespace"));
+    let vs = objs.values().find(|o| s(o, "/kind") == "VirtualService").ok_or("no VirtualService")?;
+    for http in vs.pointer("/spec/http").and_then(Json::as_array).into_iter().flatten() {
+        ensure!(s(http, "/timeout") == "0s", "VirtualService route {:?}: timeout 0s for SSE", http["name"]);
+        for d in http["route"].as_array().into_iter().flatten() {
+            ensure!(s(d, "/destination/host") == fqdn, "VirtualService routes to {:?}, not {fqdn}", s(d, "/destination/host"));
+            ensure!(d.pointer("/destination/port/number").and_then(Json::as_u64) == svc.pointer("/spec/ports/0/port").and_then(Json::as_u64), "VirtualService port differs from the Service's");
+        }
+    }
+
+    // EnvoyFilter: every patch value is Envoy config of the type its applyTo implies.
+    ensure!(envoyfilter_text.contains("mTLS") && envoyfilter_text.contains("PLAINTEXT"), "envoyfilter.yaml must explain its mTLS caveat");
+    let ef = objs.values().find(|o| s(o, "/kind") == "EnvoyFilter").ok_or("no EnvoyFilter")?;
+    let mut ef_filter = None;
+    let mut ef_clusters = BTreeMap::new();
+    let mut ef_routes = Vec::new();
+    for patch in ef.pointer("/spec/configPatches").and_then(Json::as_array).into_iter().flatten() {
+        let value = patch.pointer("/patch/value").ok_or("EnvoyFilter patch without value")?;
+        match s(patch, "/applyTo") {
+            "HTTP_FILTER" => {
+                let f: HttpFilter = api().decode("envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter", value)?;
+                let wasm: Wasm = unpack(typed_config(&f)?)?;
+                ef_filter = Some(check_wasm_filter(&wasm, None)?.filter);
+            }
+            "CLUSTER" => {
+                let c: Cluster = api().decode("envoy.config.cluster.v3.Cluster", value)?;
+                ef_clusters.insert(c.name.clone(), c);
+            }
+            "HTTP_ROUTE" => {
+                let r: Route = api().decode("envoy.config.route.v3.Route", value)?;
+                ensure!(vs.pointer("/spec/http").and_then(Json::as_array).into_iter().flatten().any(|h| h["name"] == s(patch, "/match/routeConfiguration/vhost/route/name")), "the EnvoyFilter's HTTP_ROUTE match names no VirtualService route");
+                ef_routes.push(r);
+            }
+            other => return Err(format!("EnvoyFilter: unexpected applyTo {other:?}")),
+        }
+    }
+    let ef_filter = ef_filter.ok_or("the EnvoyFilter adds no wasm filter")?;
+    istio_cluster(objs, &ef_filter.control.as_ref().unwrap().cluster)?;
+    ensure!(ef_filter.pin_encoding == PinEncoding::Plain, "the EnvoyFilter variant uses ORIGINAL_DST: pin_encoding plain");
+    for r in &ef_routes {
+        let Some(route::Action::Route(a)) = &r.action else { return Err("EnvoyFilter route is not a cluster route".into()) };
+        let Some(route_action::ClusterSpecifier::Cluster(c)) = &a.cluster_specifier else { return Err("EnvoyFilter route names no cluster".into()) };
+        let c = ef_clusters.get(c).ok_or_else(|| format!("EnvoyFilter route goes to {c:?}, which it does not add"))?;
+        let odl = original_dst_lb_config(c).ok_or("EnvoyFilter cluster without original_dst_lb_config")?;
+        ensure!(odl.use_http_header && odl.http_header_name.eq_ignore_ascii_case(&ef_filter.pin_header), "EnvoyFilter cluster reads {:?}, the filter writes {:?}", odl.http_header_name, ef_filter.pin_header);
+        ensure!(is_zero(&a.timeout), "EnvoyFilter route: timeout 0s");
+    }
+    ensure!(!ef_routes.is_empty(), "the EnvoyFilter adds no route");
+    Ok(())
+}
+
+// ─── images ─────────────────────────────────────────────────────────────────────────
+
+fn check_dockerfiles(control: &str, wasm_image: &str, envoy_image: &str, bootstrap_wasm_file: &str) -> Check {
+    let instr = |text: &str, word: &str| -> Vec<String> {
+        text.lines().map(str::trim).filter(|l| l.to_ascii_uppercase().starts_with(&format!("{word} "))).map(|l| l[word.len() + 1..].trim().to_string()).collect()
+    };
+    // Control: multi-stage, non-root, exposes control's port.
+    ensure!(instr(control, "FROM").len() >= 2, "control.Dockerfile must be multi-stage");
+    let user = instr(control, "USER");
+    let user = user.last().ok_or("control.Dockerfile sets no USER")?;
+    ensure!(!matches!(user.split(':').next().unwrap(), "0" | "root"), "control image runs as root");
+    let port = control_default_listen().port().to_string();
+    ensure!(instr(control, "EXPOSE").iter().any(|p| p == &port), "control.Dockerfile must EXPOSE {port}");
+    ensure!(control.contains("-p mcp-affinity-control"), "control.Dockerfile must build the mcp-affinity-control package");
+    // Istio's WasmPlugin OCI layout: FROM scratch, plugin.wasm at the root.
+    ensure!(instr(wasm_image, "FROM") == ["scratch"], "wasm-image/Dockerfile must be FROM scratch");
+    ensure!(instr(wasm_image, "COPY").iter().any(|c| c.ends_with("./plugin.wasm") || c.ends_with(" /plugin.wasm")), "wasm-image/Dockerfile must COPY the module to ./plugin.wasm");
+    // Envoy image: the module lands where the bootstrap loads it.
+    ensure!(
+        instr(envoy_image, "COPY").iter().any(|c| c.contains("mcp_affinity_filter.wasm") && c.ends_with(bootstrap_wasm_file)),
+        "envoy.Dockerfile must copy the filter to {bootstrap_wasm_file}"
+    );
+    Ok(())
+}
+
+// ─── tests ──────────────────────────────────────────────────────────────────────────
+
+#[test]
+fn every_yaml_file_parses() {
+    let files = yaml_files();
+    for want in ["envoy.yaml", "envoy-stateful-session.yaml", "istio/wasmplugin.yaml", "istio/service.yaml", "istio/envoyfilter.yaml", "k8s/control.yaml", "k8s/redis.yaml", "k8s/mcp-server.yaml"] {
+        assert!(files.iter().any(|f| f == want), "envoy/{want} is missing (found {files:?})");
+    }
+    for f in &files {
+        let docs = yaml_docs(&read(f)).unwrap_or_else(|e| panic!("envoy/{f}: {e}"));
+        assert!(!docs.is_empty(), "envoy/{f}: no YAML document");
+    }
+}
+
+#[test]
+fn envoy_yaml_is_a_valid_original_dst_bootstrap() {
+    check_bootstrap(&read("envoy.yaml"), Pinning::OriginalDst).unwrap();
+}
+
+#[test]
+fn envoy_stateful_session_yaml_is_a_valid_bootstrap() {
+    check_bootstrap(&read("envoy-stateful-session.yaml"), Pinning::StatefulSession).unwrap();
+}
+
+#[test]
+fn kubernetes_manifests_agree() {
+    check_manifests(&objects(&manifest_texts()).unwrap()).unwrap();
+}
+
+#[test]
+fn istio_resources_agree_with_the_filter_and_the_manifests() {
+    let objs = objects(&manifest_texts()).unwrap();
+    check_istio(&objs, &read("istio/wasmplugin.yaml"), &read("istio/envoyfilter.yaml")).unwrap();
+}
+
+#[test]
+fn dockerfiles_match_the_configuration() {
+    check_dockerfiles(&read("docker/control.Dockerfile"), &read("wasm-image/Dockerfile"), &read("docker/envoy.Dockerfile"), "/etc/envoy/mcp_affinity_filter.wasm").unwrap();
+}
+
+// ─── the checks fail on broken configurations ───────────────────────────────────────
+
+/// Replaces exactly one occurrence of `from` (the mutation must apply).
+fn mutate(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "mutation {from:?} must match exactly once");
+    text.replacen(from, to, 1)
+}
+
+fn expect_err(result: Check, needle: &str) {
+    let err = result.expect_err("the mutated configuration was accepted");
+    assert!(err.contains(needle), "error {err:?} does not mention {needle:?}");
+}
+
+#[test]
+fn mutated_bootstraps_are_rejected() {
+    let plain = read("envoy.yaml");
+    let ss = read("envoy-stateful-session.yaml");
+    let cases: &[(&str, &str, &str, Pinning, &str)] = &[
+        // Envoy's API: unknown field, unknown enum value, unknown @type, wrong type.
+        (&plain, "stat_prefix: mcp", "stat_prefx: mcp", Pinning::OriginalDst, "stat_prefx"),
+        (&plain, "lb_policy: CLUSTER_PROVIDED", "lb_policy: CLUSTER_PROVIDE", Pinning::OriginalDst, "CLUSTER_PROVIDE"),
+        (&plain, "v3.Router", "v3.Routr", Pinning::OriginalDst, "Routr"),
+        (&plain, "port_value: 10000", "port_value: ten", Pinning::OriginalDst, "Bootstrap"),
+        // The filter's own parser.
+        (&plain, "\"pin_encoding\": \"plain\"", "\"pin_encodin\": \"plain\"", Pinning::OriginalDst, "unknown field `pin_encodin`"),
+        (&plain, "\"max_body_bytes\": 1048576", "\"max_body_bytes\": 0", Pinning::OriginalDst, "max_body_bytes"),
+        (&plain, "\"max_body_bytes\": 1048576", "\"max_body_bytes\": 4194304", Pinning::OriginalDst, "per_connection_buffer_limit_bytes"),
+        (&plain, "\"pin_encoding\": \"plain\"", "\"pin_encoding\": \"base64\"", Pinning::OriginalDst, "pin_encoding must be plain"),
+        (&plain, "\"token_env\": \"MCP_AFFINITY_CONTROL_TOKEN\"", "\"token\": \"secret\"", Pinning::OriginalDst, "inline"),
+        (&plain, "\"cluster\": \"mcp_affinity_control\"", "\"cluster\": \"control\"", Pinning::OriginalDst, "not a cluster"),
+        (&plain, "host_env_keys:\n                    - MCP_AFFINITY_CONTROL_TOKEN", "host_env_keys:\n                    - OTHER", Pinning::OriginalDst, "not exposed"),
+        // Names across the file.
+        (&plain, "http_header_name: x-session-pod", "http_header_name: x-pod", Pinning::OriginalDst, "reads \"x-pod\""),
+        (&plain, "cluster: mcp_service\n", "cluster: mcp_services\n", Pinning::OriginalDst, "does not exist"),
+        (&plain, "present_match: true", "present_match: false", Pinning::OriginalDst, "no route matches"),
+        (&plain, "port_value: 9901", "port_value: 9902", Pinning::OriginalDst, "control listens"),
+        (&plain, "port_value: 15000", "port_value: 9901", Pinning::OriginalDst, "collides"),
+        (&plain, "- remove: x-session-pod", "- remove: x-other", Pinning::OriginalDst, "early_header_mutation"),
+        (&plain, "timeout: 0s\n                  idle_timeout: 900s\n                  # No retry", "timeout: 15s\n                  idle_timeout: 900s\n                  # No retry", Pinning::OriginalDst, "timeout: 0s"),
+        (&plain, "address: 127.0.0.1, port_value: 15000", "address: 0.0.0.0, port_value: 15000", Pinning::OriginalDst, "loopback"),
+        (&ss, "\"pin_encoding\": \"base64\"", "\"pin_encoding\": \"plain\"", Pinning::StatefulSession, "must be base64"),
+        (&ss, "                  name: x-session-pod\n", "                  name: x-pod\n", Pinning::StatefulSession, "stateful session reads"),
+        (&ss, "- remove: x-session-pod\n          http_filters", "- remove: x-other\n          http_filters", Pinning::StatefulSession, "early_header_mutation"),
+        (&ss, "                response_mutations:\n                - remove: x-session-pod", "                response_mutations:\n                - remove: x-other", Pinning::StatefulSession, "from responses"),
+    ];
+    for (text, from, to, pinning, needle) in cases {
+        expect_err(check_bootstrap(&mutate(text, from, to), *pinning), needle);
+    }
+    // The two files are not interchangeable.
+    expect_err(check_bootstrap(&plain, Pinning::StatefulSession), "base64");
+    expect_err(check_bootstrap(&ss, Pinning::OriginalDst), "plain");
+}
+
+#[test]
+fn mutated_manifests_are_rejected() {
+    let texts = manifest_texts();
+    let with = |file: &str, from: &str, to: &str| -> BTreeMap<String, Json> {
+        let texts: Vec<(String, String)> =
+            texts.iter().map(|(f, t)| (f.clone(), if f == file { mutate(t, from, to) } else { t.clone() })).collect();
+        objects(&texts).unwrap()
+    };
+    let k8s: &[(&str, &str, &str, &str)] = &[
+        ("k8s/control.yaml", "--listen=0.0.0.0:9901", "--listen=0.0.0.0:9902", "port"),
+        ("k8s/control.yaml", "--listen=0.0.0.0:9901", "--listen=127.0.0.1:9901", "loopback"),
+        ("k8s/control.yaml", "--log-format=json", "--log-fromat=json", "rejects its arguments"),
+        ("k8s/control.yaml", "path: /readyz", "path: /ready", "/readyz"),
+        ("k8s/control.yaml", "--store=redis://redis.mcp.svc.cluster.local:6379", "--store=redis://cache.mcp.svc.cluster.local:6379", "not a Service port"),
+        ("k8s/control.yaml", "  token: REPLACE", "  tokn: REPLACE", "no key"),
+        ("k8s/control.yaml", "    targetPort: http\n    appProtocol: http", "    targetPort: api\n    appProtocol: http", "targetPort \"api\""),
+        ("k8s/redis.yaml", "runAsNonRoot: true\n        runAsUser: 999", "runAsNonRoot: false\n        runAsUser: 999", "non-root"),
+        ("k8s/mcp-server.yaml", "serviceName: mcp-server-headless", "serviceName: mcp-server-pods", "does not exist"),
+        ("k8s/mcp-server.yaml", "  clusterIP: None\n", "", "headless"),
+    ];
+    for (file, from, to, needle) in k8s {
+        expect_err(check_manifests(&with(file, from, to)), needle);
+    }
+    let wp = read("istio/wasmplugin.yaml");
+    let ef = read("istio/envoyfilter.yaml");
+    let istio: &[(&str, &str, &str, &str)] = &[
+        ("istio/service.yaml", "persistent-session-header: x-session-pod", "persistent-session-header: x-pod", "persistent-session header"),
+        ("istio/wasmplugin.yaml", "    pin_encoding: base64", "    pin_encoding: plain", "base64"),
+        ("istio/wasmplugin.yaml", "    unknown_session: not_found", "    unknown_sessions: not_found", "unknown field"),
+        ("istio/wasmplugin.yaml", "cluster: outbound|9901||", "cluster: outbound|9902||", "port"),
+        ("istio/wasmplugin.yaml", "valueFrom: HOST", "valueFrom: INLINE", "not exposed"),
+        ("istio/wasmplugin.yaml", "phase: AUTHN", "phase: UNSPECIFIED_PHASE", "phase"),
+        ("istio/envoyfilter.yaml", "http_header_name: x-session-pod", "http_header_name: x-pod", "reads \"x-pod\""),
+        ("istio/envoyfilter.yaml", "lb_policy: CLUSTER_PROVIDED", "lb_policy: CLUSTER_PROVIDE", "CLUSTER_PROVIDE"),
+        ("istio/envoyfilter.yaml", "present_match: true", "present_match: maybe", "Route"),
+        ("istio/gateway.yaml", "host: mcp-server.mcp.svc.cluster.local", "host: mcp.mcp.svc.cluster.local", "VirtualService routes"),
+    ];
+    for (file, from, to, needle) in istio {
+        expect_err(check_istio(&with(file, from, to), &wp, &ef), needle);
+    }
+    let objs = objects(&texts).unwrap();
+    expect_err(check_istio(&objs, &wp.replace("file://", "path:"), &ef), "file://");
+    expect_err(check_istio(&objs, &wp, &ef.replace("PLAINTEXT", "plain text")), "mTLS");
+}
+
+#[test]
+fn mutated_dockerfiles_are_rejected() {
+    let (c, w, e) = (read("docker/control.Dockerfile"), read("wasm-image/Dockerfile"), read("docker/envoy.Dockerfile"));
+    let wasm_file = "/etc/envoy/mcp_affinity_filter.wasm";
+    expect_err(check_dockerfiles(&mutate(&c, "USER 65532:65532", "USER root"), &w, &e, wasm_file), "root");
+    expect_err(check_dockerfiles(&mutate(&c, "EXPOSE 9901", "EXPOSE 8080"), &w, &e, wasm_file), "EXPOSE");
+    expect_err(check_dockerfiles(&c, &mutate(&w, "FROM scratch", "FROM alpine"), &e, wasm_file), "scratch");
+    expect_err(check_dockerfiles(&c, &mutate(&w, "./plugin.wasm", "./filter.wasm"), &e, wasm_file), "plugin.wasm");
+    expect_err(check_dockerfiles(&c, &w, &e, "/etc/envoy/other.wasm"), "envoy.Dockerfile");
+}
