@@ -127,10 +127,12 @@ fn request_headers(parts: &http::request::Parts) -> Headers {
     h
 }
 
-/// Where the response comes from.
+/// Where the response body comes from.
 enum Source {
     Upstream(Incoming),
     Local(Bytes),
+    /// Already fed to the filter whole (end of stream delivered).
+    Done,
 }
 
 struct FilterStream {
@@ -294,12 +296,23 @@ impl FilterStream {
     }
 
     /// 3. Response path: headers through the filter, then the body streamed through it.
-    async fn respond(&mut self, headers: Headers, source: Source, is_local: bool) -> Result<http::Response<Body>> {
+    ///
+    /// When the headers callback pauses, Envoy holds the headers: if the filter dispatched
+    /// a call it waits for `proxy_continue_stream` or a local reply; otherwise body data keeps
+    /// flowing into `on_response_body` (buffered) until that continues or replies
+    /// (`FilterManager::encodeHeaders` / `encodeData` with StopIteration). A local reply
+    /// while the headers are still held replaces the response.
+    async fn respond(&mut self, headers: Headers, mut source: Source, is_local: bool) -> Result<http::Response<Body>> {
         let end_of_stream = matches!(&source, Source::Local(b) if b.is_empty());
         self.vm().stream(self.id).response_headers = headers;
         let (action, mut reply) = self.callback(|vm| vm.on_response_headers(self.id, end_of_stream))?;
+        let mut held = Bytes::new();
         if reply.is_none() && action == Action::Pause {
-            reply = self.wait(|st| std::mem::take(&mut st.resume_response)).await?;
+            if self.vm().has_http_calls(self.id) {
+                reply = self.wait(|st| std::mem::take(&mut st.resume_response)).await?;
+            } else {
+                (held, reply) = self.hold_body(&mut source).await?;
+            }
         }
         if let Some(reply) = reply {
             if is_local {
@@ -319,8 +332,57 @@ impl FilterStream {
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(8);
         let pump = BodyPump { stream: FilterStream { inner: self.inner.clone(), worker: self.worker, id: self.id }, tx };
         self.id = 0; // the pump ends the stream
-        tokio::spawn(pump.run(source));
+        tokio::spawn(pump.run(held, source));
         Ok(out.body(BodyExt::boxed(StreamBody::new(rx)))?)
+    }
+
+    /// Headers are held and nothing is in flight: feed the body to the filter until it
+    /// continues (the buffered body goes out first), replies locally, or pauses at the
+    /// end with a call in flight (then wait for it).
+    async fn hold_body(&self, source: &mut Source) -> Result<(Bytes, Option<LocalReply>)> {
+        loop {
+            let (chunk, eos) = next_chunk(source).await?;
+            let (action, reply) = {
+                let mut vm = self.vm();
+                vm.stream(self.id).response_body.extend_from_slice(&chunk);
+                let action = vm.on_response_body(self.id, eos)?;
+                (action, vm.stream(self.id).local_reply.take())
+            };
+            if reply.is_some() {
+                return Ok((Bytes::new(), reply));
+            }
+            if action == Action::Pause && !eos {
+                continue;
+            }
+            let reply = if action == Action::Pause { self.wait(|st| std::mem::take(&mut st.resume_response)).await? } else { None };
+            let held = Bytes::from(std::mem::take(&mut self.vm().stream(self.id).response_body));
+            return Ok((held, reply));
+        }
+    }
+}
+
+/// The next piece of a response body and whether it is the last; a consumed source
+/// yields an empty last piece once and then stays `Done`.
+async fn next_chunk(source: &mut Source) -> Result<(Bytes, bool)> {
+    match source {
+        Source::Local(bytes) => {
+            let b = std::mem::take(bytes);
+            *source = Source::Done;
+            Ok((b, true))
+        }
+        Source::Done => Ok((Bytes::new(), true)),
+        Source::Upstream(body) => loop {
+            match body.frame().await.transpose().map_err(|e| anyhow!("upstream body: {e}"))? {
+                Some(f) => match f.into_data() {
+                    Ok(d) => return Ok((d, false)),
+                    Err(_) => continue, // trailers: not used by MCP
+                },
+                None => {
+                    *source = Source::Done;
+                    return Ok((Bytes::new(), true));
+                }
+            }
+        },
     }
 }
 
@@ -331,8 +393,8 @@ struct BodyPump {
 }
 
 impl BodyPump {
-    async fn run(mut self, source: Source) {
-        if let Err(e) = self.pump(source).await {
+    async fn run(mut self, held: Bytes, source: Source) {
+        if let Err(e) = self.pump(held, source).await {
             tracing::debug!("response body: {e:#}");
             let _ = self.tx.send(Err(std::io::Error::other(e.to_string()))).await;
         }
@@ -340,47 +402,29 @@ impl BodyPump {
     }
 
     /// Feeds one chunk (or the end) to the filter; returns what may go downstream now.
-    fn feed(&self, chunk: &[u8], end_of_stream: bool) -> Result<(Option<Bytes>, Option<LocalReply>)> {
+    fn feed(&self, chunk: &[u8], end_of_stream: bool) -> Result<Option<Bytes>> {
         let mut vm = self.stream.vm();
         let id = self.stream.id;
         vm.stream(id).response_body.extend_from_slice(chunk);
         let action = vm.on_response_body(id, end_of_stream)?;
         let st = vm.stream(id);
-        if let Some(reply) = st.local_reply.take() {
-            return Ok((None, Some(reply)));
+        if st.local_reply.take().is_some() {
+            bail!("local reply after response headers were sent: Envoy resets the stream");
         }
         Ok(match action {
-            Action::Continue => (Some(Bytes::from(std::mem::take(&mut st.response_body))), None),
-            Action::Pause => (None, None),
+            Action::Continue => Some(Bytes::from(std::mem::take(&mut st.response_body))),
+            Action::Pause => None,
         })
     }
 
-    async fn pump(&mut self, source: Source) -> Result<()> {
-        let mut body = match source {
-            Source::Local(bytes) => {
-                let (out, _) = self.feed(&bytes, true)?;
-                return self.send(out).await;
-            }
-            Source::Upstream(body) => body,
-        };
-        loop {
-            let frame = body.frame().await.transpose().map_err(|e| anyhow!("upstream body: {e}"))?;
-            let (chunk, eos) = match &frame {
-                Some(f) => match f.data_ref() {
-                    Some(d) => (d.clone(), false),
-                    None => continue, // trailers: not used by MCP
-                },
-                None => (Bytes::new(), true),
-            };
-            let (out, reply) = self.feed(&chunk, eos)?;
-            if reply.is_some() {
-                bail!("local reply after response headers were sent: Envoy resets the stream");
-            }
+    async fn pump(&mut self, held: Bytes, mut source: Source) -> Result<()> {
+        self.send(Some(held)).await?;
+        while !matches!(source, Source::Done) {
+            let (chunk, eos) = next_chunk(&mut source).await?;
+            let out = self.feed(&chunk, eos)?;
             self.send(out).await?;
-            if eos {
-                return Ok(());
-            }
         }
+        Ok(())
     }
 
     async fn send(&mut self, out: Option<Bytes>) -> Result<()> {

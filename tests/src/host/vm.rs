@@ -245,6 +245,11 @@ impl Vm {
         mine
     }
 
+    /// True when context `context_id` has dispatched calls nobody performed yet.
+    pub fn has_http_calls(&self, context_id: u32) -> bool {
+        self.store.data().pending_calls.iter().any(|c| c.context_id == context_id)
+    }
+
     /// The root context's id (calls it dispatches, e.g. from `on_tick`, carry it).
     pub fn root_context_id(&self) -> u32 {
         ROOT_CONTEXT_ID
