@@ -265,6 +265,16 @@ fn check_wasm_filter(wasm: &Wasm, expect_file: Option<&str>) -> Result<WasmFilte
     Ok(WasmFilter { filter, host_env_keys })
 }
 
+/// The shipped configurations show the filter's defaults, apart from the pin encoding
+/// (chosen by the pinning mechanism) and the control section (absent by default).
+fn check_defaults(filter: &FilterConfig) -> Check {
+    let mut shown = filter.clone();
+    shown.control = None;
+    shown.pin_encoding = FilterConfig::default().pin_encoding;
+    ensure!(shown == FilterConfig::default(), "the plugin configuration departs from the filter's defaults: {shown:?}");
+    Ok(())
+}
+
 /// The shipped configurations never carry an inline token, and the variable they name
 /// is exposed to the VM.
 fn check_control_token(filter: &FilterConfig, env_keys: &[String]) -> Check {
@@ -321,6 +331,7 @@ fn check_bootstrap(text: &str, pinning: Pinning) -> Check {
     let wasm_at = names.iter().position(|n| *n == "envoy.filters.http.wasm").ok_or("no envoy.filters.http.wasm filter")?;
     let wasm: Wasm = unpack(typed_config(&hcm.http_filters[wasm_at])?)?;
     let wf = check_wasm_filter(&wasm, Some("/etc/envoy/mcp_affinity_filter.wasm"))?;
+    check_defaults(&wf.filter)?;
     let pin = wf.filter.pin_header.as_str();
     ensure!(wf.host_env_keys.iter().any(|k| k == "MCP_AFFINITY_CONTROL_TOKEN"), "host_env_keys must expose MCP_AFFINITY_CONTROL_TOKEN");
 
@@ -600,6 +611,7 @@ fn check_istio(objs: &BTreeMap<String, Json>, wasmplugin_text: &str, envoyfilter
     let plugin_config = wp.pointer("/spec/pluginConfig").ok_or("WasmPlugin without pluginConfig")?;
     let filter = FilterConfig::parse(&serde_json::to_vec(plugin_config).unwrap())?;
     ensure!(filter.pin_encoding == PinEncoding::Base64, "Istio persistent sessions read base64: pin_encoding must be base64");
+    check_defaults(&filter)?;
     let env: Vec<String> = wp
         .pointer("/spec/vmConfig/env")
         .and_then(Json::as_array)
@@ -766,7 +778,10 @@ fn mutated_bootstraps_are_rejected() {
         // The filter's own parser.
         (&plain, "\"pin_encoding\": \"plain\"", "\"pin_encodin\": \"plain\"", Pinning::OriginalDst, "unknown field `pin_encodin`"),
         (&plain, "\"max_body_bytes\": 1048576", "\"max_body_bytes\": 0", Pinning::OriginalDst, "max_body_bytes"),
-        (&plain, "\"max_body_bytes\": 1048576", "\"max_body_bytes\": 4194304", Pinning::OriginalDst, "per_connection_buffer_limit_bytes"),
+        (&plain, "\"max_body_bytes\": 1048576", "\"max_body_bytes\": 4194304", Pinning::OriginalDst, "defaults"),
+        (&plain, "per_connection_buffer_limit_bytes: 2097152", "per_connection_buffer_limit_bytes: 65536", Pinning::OriginalDst, "per_connection_buffer_limit_bytes"),
+        (&plain, "\"sweep_period_ms\": 10000", "\"sweep_period_ms\": 20000", Pinning::OriginalDst, "defaults"),
+        (&ss, "\"message_patterns\": [\"session\"]", "\"message_patterns\": []", Pinning::StatefulSession, "defaults"),
         (&plain, "\"pin_encoding\": \"plain\"", "\"pin_encoding\": \"base64\"", Pinning::OriginalDst, "pin_encoding must be plain"),
         (&plain, "\"token_env\": \"MCP_AFFINITY_CONTROL_TOKEN\"", "\"token\": \"secret\"", Pinning::OriginalDst, "inline"),
         (&plain, "\"cluster\": \"mcp_affinity_control\"", "\"cluster\": \"control\"", Pinning::OriginalDst, "not a cluster"),
@@ -823,6 +838,7 @@ fn mutated_manifests_are_rejected() {
         ("istio/wasmplugin.yaml", "    pin_encoding: base64", "    pin_encoding: plain", "base64"),
         ("istio/wasmplugin.yaml", "    unknown_session: not_found", "    unknown_sessions: not_found", "unknown field"),
         ("istio/wasmplugin.yaml", "cluster: outbound|9901||", "cluster: outbound|9902||", "port"),
+        ("istio/wasmplugin.yaml", "timeout_ms: 15000", "timeout_ms: 5000", "defaults"),
         ("istio/wasmplugin.yaml", "valueFrom: HOST", "valueFrom: INLINE", "not exposed"),
         ("istio/wasmplugin.yaml", "phase: AUTHN", "phase: UNSPECIFIED_PHASE", "phase"),
         ("istio/envoyfilter.yaml", "http_header_name: x-session-pod", "http_header_name: x-pod", "reads \"x-pod\""),
