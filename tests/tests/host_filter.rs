@@ -272,3 +272,121 @@ fn invalid_plugin_configuration_fails_on_configure_with_a_reason() {
         assert!(msg.contains("on_configure") && msg.contains(reason), "{msg}");
     }
 }
+
+fn control_vm(shared: SharedData) -> Vm {
+    let (engine, module) = module();
+    Vm::start(
+        engine,
+        module,
+        VmConfig {
+            vm_id: "mcp-affinity".into(),
+            plugin_configuration: br#"{"control":{"cluster":"ctl","token":"t0k"}}"#.to_vec(),
+            clusters: ["ctl".to_string()].into(),
+            shared,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn pinned(shared: &SharedData, client: &str, upstream: &str, backend: &str) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    shared.set("mcp-affinity", &format!("mcp-affinity/pin/{client}"), format!("1 {upstream} 1 {now} r {backend}").as_bytes(), 0);
+}
+
+#[test]
+fn a_404_from_the_pinned_pod_is_recovered_through_control() {
+    let shared = SharedData::default();
+    pinned(&shared, "c1", "10.0.0.1:80", "c1");
+    let mut vm = control_vm(shared.clone());
+    let r = request(&mut vm, "POST", &[("mcp-session-id", "c1"), ("authorization", "Bearer user")], CALL);
+    assert_eq!(r.action, Action::Continue, "no extra pause on the happy path");
+    let st = vm.stream(r.id);
+    st.properties.insert("upstream.address".into(), b"10.0.0.1:80".to_vec());
+    st.properties.insert("response.code_details".into(), b"via_upstream".to_vec());
+    st.response_headers = host::headers([(":status", "404")]);
+    assert_eq!(vm.on_response_headers(r.id, false).unwrap(), Action::Pause, "held for control");
+    let calls = vm.take_http_calls(r.id);
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0];
+    assert_eq!(header(&call.headers, ":path").as_deref(), Some("/v1/sessions/c1/recover"));
+    assert_eq!(header(&call.headers, "authorization").as_deref(), Some("Bearer t0k"), "control's token, not the user's");
+    let sent: Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(sent["reason"], "session_unknown");
+    assert_eq!(sent["failed_upstream"], "10.0.0.1:80");
+    assert_eq!(sent["failed_generation"], 1);
+    assert_eq!(sent["request"]["body"], CALL, "the body copied while it streamed");
+    assert_eq!(sent["request"]["authorization"], "Bearer user");
+    assert_eq!(sent["request"]["path"], "/mcp?x=1");
+
+    let answer = serde_json::json!({"outcome":"replayed","pin":{"upstream":"10.0.0.2:80","backend_session_id":"b2","generation":2},
+        "response":{"status":200,"content_type":"text/event-stream","body":"data: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{}}\n\n"}});
+    vm.on_http_call_response(call, Some(host::HttpCallResponse { headers: host::headers([(":status", "200")]), body: answer.to_string().into_bytes(), trailers: vec![] })).unwrap();
+    let reply = vm.stream(r.id).local_reply.take().expect("the client is answered by control's replay");
+    assert_eq!(reply.status, 200);
+    assert_eq!(header(&reply.headers, "mcp-session-id").as_deref(), Some("c1"), "the client keeps its id");
+    assert!(String::from_utf8(reply.body).unwrap().contains("\"result\""));
+    assert_eq!(metric(&vm, "recoveries_replayed"), 1);
+
+    // The next request goes to the new pod with the backend's id.
+    let r = request(&mut vm, "POST", &[("mcp-session-id", "c1")], CALL);
+    let h = &vm.stream(r.id).request_headers;
+    assert_eq!(header(h, "x-session-pod").as_deref(), Some("10.0.0.2:80"));
+    assert_eq!(header(h, "mcp-session-id").as_deref(), Some("b2"));
+}
+
+#[test]
+fn ts_sdk_400_bodies_are_read_and_other_errors_pass() {
+    let shared = SharedData::default();
+    pinned(&shared, "c1", "10.0.0.1:80", "c1");
+    let mut vm = control_vm(shared);
+    for (body, recovers) in [
+        (r#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"},"id":null}"#, true),
+        (r#"{"jsonrpc":"2.0","error":{"code":-32602,"message":"Invalid params"},"id":2}"#, false),
+    ] {
+        let r = request(&mut vm, "POST", &[("mcp-session-id", "c1")], CALL);
+        let st = vm.stream(r.id);
+        st.properties.insert("response.code_details".into(), b"via_upstream".to_vec());
+        st.response_headers = host::headers([(":status", "400"), ("content-type", "application/json")]);
+        assert_eq!(vm.on_response_headers(r.id, false).unwrap(), Action::Pause, "headers held to read the small body");
+        vm.stream(r.id).response_body = body.as_bytes().to_vec();
+        let a = vm.on_response_body(r.id, true).unwrap();
+        let calls = vm.take_http_calls(r.id);
+        if recovers {
+            assert_eq!((a, calls.len()), (Action::Pause, 1));
+            assert!(String::from_utf8_lossy(&calls[0].body).contains("session_unknown"));
+        } else {
+            assert_eq!((a, calls.len()), (Action::Continue, 0), "other errors reach the client untouched");
+        }
+    }
+    // 2xx and SSE are never held.
+    let r = request(&mut vm, "POST", &[("mcp-session-id", "c1")], CALL);
+    vm.stream(r.id).response_headers = host::headers([(":status", "200"), ("content-type", "text/event-stream")]);
+    assert_eq!(vm.on_response_headers(r.id, false).unwrap(), Action::Continue);
+}
+
+#[test]
+fn a_connect_failure_local_reply_triggers_recovery_and_delete_never_does() {
+    let shared = SharedData::default();
+    pinned(&shared, "c1", "10.0.0.1:80", "c1");
+    let mut vm = control_vm(shared);
+    let r = request(&mut vm, "POST", &[("mcp-session-id", "c1")], CALL);
+    let st = vm.stream(r.id);
+    st.properties.insert("response.code_details".into(), b"upstream_reset_before_response_started{remote_connection_failure}".to_vec());
+    st.properties.insert("response.flags".into(), 0x20u64.to_le_bytes().to_vec());
+    st.response_headers = host::headers([(":status", "503")]);
+    assert_eq!(vm.on_response_headers(r.id, false).unwrap(), Action::Pause);
+    let calls = vm.take_http_calls(r.id);
+    assert!(String::from_utf8_lossy(&calls[0].body).contains("connect_failure"));
+    // Control unreachable: the original answer goes through.
+    vm.on_http_call_response(&calls[0], None).unwrap();
+    assert!(vm.stream(r.id).resume_response, "resumed with the upstream's answer");
+    assert!(vm.stream(r.id).local_reply.is_none());
+
+    let r = request(&mut vm, "DELETE", &[("mcp-session-id", "c1")], "");
+    let st = vm.stream(r.id);
+    st.properties.insert("response.code_details".into(), b"upstream_reset_before_response_started{remote_connection_failure}".to_vec());
+    st.response_headers = host::headers([(":status", "503")]);
+    vm.on_response_headers(r.id, false).unwrap();
+    assert!(vm.take_http_calls(r.id).iter().all(|c| !String::from_utf8_lossy(&c.body).contains("recover")), "DELETE is never recovered");
+}
