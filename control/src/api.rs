@@ -6,6 +6,7 @@
 //! | `GET /v1/sessions/{id}`    | bearer | 200 record, 404                                    |
 //! | `PATCH /v1/sessions/{id}`  | bearer | 200 record (touched), 404                          |
 //! | `DELETE /v1/sessions/{id}` | bearer | 204, 404                                           |
+//! | `POST /v1/sessions/{id}/recover` | bearer | 200 outcome (see [`crate::recover`]), 404, 400, 503 |
 //! | `GET /healthz`             | none   | 200 while the process runs                         |
 //! | `GET /readyz`              | none   | 200 when the store answers, else 503               |
 //! | `GET /metrics`             | none   | Prometheus / OpenMetrics text                      |
@@ -23,7 +24,7 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -32,11 +33,15 @@ use crate::auth::{Auth, require_bearer};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
+use crate::recover::{RecoverRequest, RecoverResponse, Recovery};
 use crate::session_id::SessionId;
 use crate::store::{PutOutcome, SessionStore, StoreError};
 
 /// Route template of the session resource.
 pub const SESSION_ROUTE: &str = "/v1/sessions/{id}";
+
+/// Route template of session recovery.
+pub const RECOVER_ROUTE: &str = "/v1/sessions/{id}/recover";
 
 /// Shared state of the handlers.
 pub struct AppState<S> {
@@ -44,11 +49,13 @@ pub struct AppState<S> {
     pub store: Arc<S>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// The recovery engine.
+    pub recovery: Arc<Recovery>,
 }
 
 impl<S> Clone for AppState<S> {
     fn clone(&self) -> Self {
-        AppState { store: self.store.clone(), metrics: self.metrics.clone() }
+        AppState { store: self.store.clone(), metrics: self.metrics.clone(), recovery: self.recovery.clone() }
     }
 }
 
@@ -73,6 +80,7 @@ pub fn router<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: u
             SESSION_ROUTE,
             get(get_session::<S>).put(put_session::<S>).patch(patch_session::<S>).delete(delete_session::<S>),
         )
+        .route(RECOVER_ROUTE, post(recover_session::<S>))
         .route("/v1/sessions/", any(empty_session_id))
         .route_layer(middleware::from_fn_with_state(auth, require_bearer))
         .layer(DefaultBodyLimit::max(max_body_bytes));
@@ -206,6 +214,27 @@ async fn delete_session<S: SessionStore>(
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::session_not_found(id.as_str()))
+    }
+}
+
+/// `POST /v1/sessions/{id}/recover`. The recovery runs in its own task so that it
+/// completes (and releases its lease) even if the caller goes away.
+async fn recover_session<S: SessionStore>(
+    State(state): State<AppState<S>>,
+    ValidId(id): ValidId,
+    RawBody(body): RawBody,
+) -> Result<Json<RecoverResponse>, ApiError> {
+    let request: RecoverRequest = parse_json(&body)?;
+    Recovery::validate(&request)?;
+    let task = tokio::spawn(async move {
+        state.recovery.recover(state.store.as_ref(), &state.metrics, &id, &request).await
+    });
+    match task.await {
+        Ok(result) => result.map(Json),
+        Err(e) => {
+            tracing::error!(error = %e, "recovery task failed");
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "recovery failed unexpectedly"))
+        }
     }
 }
 

@@ -39,6 +39,18 @@ fn parse_store(s: &str) -> Result<StoreKind, String> {
     }
 }
 
+/// Methods replayed after a connection reset that happened after the request was sent
+/// (they have no side effects).
+pub const DEFAULT_REPLAY_SAFE_METHODS: &str = "ping,initialize,notifications/initialized,tools/list,resources/list,\
+resources/templates/list,resources/read,prompts/list,prompts/get,completion/complete";
+
+fn parse_dns_endpoint(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(s.to_string()),
+        _ => Err("expected NAME:PORT, e.g. mcp-server-headless.default.svc.cluster.local:8080".into()),
+    }
+}
+
 /// Log line format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -52,7 +64,15 @@ const ABOUT: &str = "Control service of mcp-affinity: the durable, shared home o
 upstream pod holds each Mcp-Session-Id), behind a small authenticated HTTP API.";
 
 const LONG_ABOUT_TAIL: &str = "\
-Routes: PUT/GET/PATCH/DELETE /v1/sessions/{id} (bearer token required), GET /healthz, GET /readyz, GET /metrics.
+Routes: PUT/GET/PATCH/DELETE /v1/sessions/{id} and POST /v1/sessions/{id}/recover (bearer token required), \
+GET /healthz, GET /readyz, GET /metrics.
+
+Recovery: when the pod a session is pinned to is gone or has lost the session, the filter calls \
+POST /v1/sessions/{id}/recover. Control picks a live MCP server endpoint (--endpoints or --endpoints-dns, skipping \
+the failed one), re-initializes the session there once (the stored initialize and notifications/initialized; \
+single flight per session across every control instance sharing the store), stores the new pin with a \
+compare-and-set, and replays the client's request only when it provably did not run (connection failure, \
+session unknown) or its method is in --replay-safe-methods. See control/README.md, section Recovery.
 
 Authentication: every /v1 request needs `Authorization: Bearer <token>`. Give the token with --token-file \
 (preferred) or the MCP_AFFINITY_CONTROL_TOKEN environment variable. Without a token the service refuses to \
@@ -112,6 +132,36 @@ pub struct Config {
     #[arg(long, env = "MCP_AFFINITY_CONTROL_TOKEN", hide_env_values = true, value_name = "TOKEN")]
     pub token: Option<String>,
 
+    /// Recovery: the MCP server endpoints (pods) a session may be re-initialized on, as a comma-separated
+    /// list of ip:port. Alternative to --endpoints-dns. Without either, every recovery fails (the client
+    /// gets 404 and starts a new session).
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_ENDPOINTS", value_name = "IP:PORT,...", value_delimiter = ',',
+          conflicts_with = "endpoints_dns")]
+    pub endpoints: Vec<SocketAddr>,
+
+    /// Recovery: a DNS name and port resolved at every recovery to all its addresses, e.g. a Kubernetes
+    /// headless Service `mcp-server-headless.ns.svc.cluster.local:8080`.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_ENDPOINTS_DNS", value_name = "NAME:PORT", value_parser = parse_dns_endpoint)]
+    pub endpoints_dns: Option<String>,
+
+    /// Recovery: JSON-RPC methods replayed even when the connection reset after the request was sent
+    /// (comma-separated; they must be free of side effects). Requests that provably did not run
+    /// (connection failure, session unknown) are replayed whatever their method.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_REPLAY_SAFE_METHODS", value_name = "METHODS", value_delimiter = ',',
+          default_value = DEFAULT_REPLAY_SAFE_METHODS)]
+    pub replay_safe_methods: Vec<String>,
+
+    /// Recovery: upper bound of one recovery in milliseconds (waiting for another recovery of the same
+    /// session, DNS, re-initialization and replay, every outbound HTTP call included).
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_RECOVERY_TIMEOUT_MS", default_value_t = 10_000, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub recovery_timeout_ms: u64,
+
+    /// Recovery: largest replayed answer (JSON or a whole SSE stream) control buffers, in bytes.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_RECOVERY_MAX_RESPONSE_BYTES", default_value_t = 4 * 1024 * 1024,
+          value_name = "BYTES")]
+    pub recovery_max_response_bytes: usize,
+
     /// Serve /v1 without authentication. For local development only; without it the service refuses
     /// to start when no token is configured.
     #[arg(long, env = "MCP_AFFINITY_CONTROL_INSECURE_NO_AUTH")]
@@ -132,6 +182,11 @@ impl fmt::Debug for Config {
             .field("token_file", &self.token_file)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("insecure_no_auth", &self.insecure_no_auth)
+            .field("endpoints", &self.endpoints)
+            .field("endpoints_dns", &self.endpoints_dns)
+            .field("replay_safe_methods", &self.replay_safe_methods)
+            .field("recovery_timeout_ms", &self.recovery_timeout_ms)
+            .field("recovery_max_response_bytes", &self.recovery_max_response_bytes)
             .finish()
     }
 }
@@ -198,6 +253,27 @@ impl Config {
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
     }
+
+    /// The recovery settings of `--endpoints`/`--endpoints-dns`, `--replay-safe-methods`,
+    /// `--recovery-timeout-ms` and `--recovery-max-response-bytes`.
+    pub fn recovery(&self) -> crate::recover::RecoverySettings {
+        use crate::recover::endpoints::EndpointSource;
+        let endpoints = match &self.endpoints_dns {
+            Some(name) => EndpointSource::Dns(name.clone()),
+            None => EndpointSource::Static(self.endpoints.clone()),
+        };
+        crate::recover::RecoverySettings {
+            endpoints,
+            replay_safe_methods: self
+                .replay_safe_methods
+                .iter()
+                .map(|m| m.trim().to_string())
+                .filter(|m| !m.is_empty())
+                .collect(),
+            timeout: Duration::from_millis(self.recovery_timeout_ms),
+            max_response_bytes: self.recovery_max_response_bytes,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -216,6 +292,30 @@ mod tests {
         assert_eq!(c.redis_key_prefix, "mcp-affinity:session:");
         assert_eq!((c.session_ttl_secs, c.max_sessions, c.max_body_bytes), (7200, 100_000, 1 << 20));
         assert!(matches!(c.auth(), Ok(Auth::Disabled)));
+        let r = c.recovery();
+        assert_eq!(r.endpoints, crate::recover::endpoints::EndpointSource::Static(vec![]));
+        assert_eq!(r.timeout, Duration::from_secs(10));
+        assert_eq!(r.max_response_bytes, 4 << 20);
+        assert_eq!(r.replay_safe_methods.len(), 10);
+        assert!(r.replay_safe_methods.contains("resources/templates/list"));
+        assert!(!r.replay_safe_methods.contains("tools/call"));
+    }
+
+    #[test]
+    fn recovery_flags() {
+        let c = parse(&["--endpoints", "127.0.0.1:1,127.0.0.1:2", "--replay-safe-methods", "ping, tools/list"]).unwrap();
+        let r = c.recovery();
+        assert_eq!(
+            r.endpoints,
+            crate::recover::endpoints::EndpointSource::Static(vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()])
+        );
+        assert_eq!(r.replay_safe_methods, ["ping", "tools/list"].iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<_>>());
+        let c = parse(&["--endpoints-dns", "mcp.ns.svc.cluster.local:8080"]).unwrap();
+        assert_eq!(c.recovery().endpoints, crate::recover::endpoints::EndpointSource::Dns("mcp.ns.svc.cluster.local:8080".into()));
+        assert!(parse(&["--endpoints-dns", "nameonly"]).is_err());
+        assert!(parse(&["--endpoints-dns", "x:1", "--endpoints", "127.0.0.1:1"]).is_err());
+        assert!(parse(&["--endpoints", "not-an-address"]).is_err());
+        assert!(parse(&["--recovery-timeout-ms", "0"]).is_err());
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`api`]: the HTTP routes; [`errors`]: the JSON error answers; [`auth`]: bearer tokens.
 //! - [`record`]: the record and the request bodies; [`session_id`]: id validation.
 //! - [`store`]: the [`store::SessionStore`] trait, [`store::memory`] and [`store::redis`].
+//! - [`recover`]: session recovery (`POST /v1/sessions/{id}/recover`): re-initialize on a
+//!   live pod once per session, replay when safe.
 //! - [`metrics`]: Prometheus metrics; [`clock`]: injectable time.
 //!
 //! Run in-process with [`serve`] (tests do) or as the `mcp-affinity-control` binary.
@@ -20,6 +22,7 @@ pub mod config;
 pub mod errors;
 pub mod metrics;
 pub mod record;
+pub mod recover;
 pub mod session_id;
 pub mod store;
 
@@ -83,7 +86,13 @@ async fn run<S: SessionStore>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = AppState { store, metrics: Arc::new(Metrics::new()) };
+    let settings = config.recovery();
+    if settings.endpoints == crate::recover::endpoints::EndpointSource::Static(Vec::new()) {
+        tracing::warn!("no --endpoints / --endpoints-dns: every session recovery fails (clients start new sessions)");
+    }
+    tracing::info!(endpoints = ?settings.endpoints, timeout_ms = config.recovery_timeout_ms, "recovery");
+    let recovery = Arc::new(crate::recover::Recovery::new(settings).context("recovery")?);
+    let state = AppState { store, metrics: Arc::new(Metrics::new()), recovery };
     let app = api::router(state, auth, config.max_body_bytes);
     tracing::info!(addr = %listener.local_addr()?, "listening");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("http server")?;

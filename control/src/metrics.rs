@@ -8,6 +8,13 @@
 //!   counting Redis keys is not cheap).
 //! - `mcp_affinity_control_store_evictions_total` — counter, records evicted at
 //!   `--max-sessions` (memory store).
+//! - `mcp_affinity_control_recoveries_total{outcome}` — counter of decided recoveries
+//!   (`outcome` = replayed|not_replayed|failed).
+//! - `mcp_affinity_control_reinitializations_total` — counter, successful
+//!   re-initializations (one per recovered session and failure, whatever the number of
+//!   concurrent recoveries).
+//! - `mcp_affinity_control_replays_total` — counter, requests replayed on a new pin.
+//! - `mcp_affinity_control_recovery_duration_seconds` — histogram of decided recoveries.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -34,6 +41,11 @@ struct OpLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs … ~3.3 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -47,6 +59,10 @@ pub struct Metrics {
     records: Gauge,
     evictions: Counter,
     evictions_seen: AtomicU64,
+    recoveries: Family<OutcomeLabels, Counter>,
+    reinitializations: Counter,
+    replays: Counter,
+    recovery_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -71,7 +87,35 @@ impl Metrics {
         registry.register("store_records", "Live session records (memory store only)", records.clone());
         let evictions = Counter::default();
         registry.register("store_evictions", "Records evicted because the store was full", evictions.clone());
-        Metrics { registry, requests, store_ops, records, evictions, evictions_seen: AtomicU64::new(0) }
+        let recoveries = Family::<OutcomeLabels, Counter>::default();
+        registry.register("recoveries", "Session recoveries by outcome (replayed, not_replayed, failed)", recoveries.clone());
+        let reinitializations = Counter::default();
+        registry.register(
+            "reinitializations",
+            "Sessions re-initialized on a new pod by recovery (stored initialize + initialized, new pin stored)",
+            reinitializations.clone(),
+        );
+        let replays = Counter::default();
+        registry.register("replays", "Client requests replayed on the new pin by recovery", replays.clone());
+        // 1 ms … ~33 s.
+        let recovery_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "recovery_duration_seconds",
+            "Latency of decided recoveries in seconds (waiting, re-initialization and replay)",
+            recovery_duration.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            store_ops,
+            records,
+            evictions,
+            evictions_seen: AtomicU64::new(0),
+            recoveries,
+            reinitializations,
+            replays,
+            recovery_duration,
+        }
     }
 
     /// Counts one answered request.
@@ -84,6 +128,22 @@ impl Metrics {
     pub fn observe_store(&self, op: &'static str, ok: bool, elapsed: Duration) {
         let labels = OpLabels { op, outcome: if ok { "ok" } else { "error" } };
         self.store_ops.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one decided recovery (`outcome` = replayed|not_replayed|failed).
+    pub fn observe_recovery(&self, outcome: &'static str, elapsed: Duration) {
+        self.recoveries.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.recovery_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one successful re-initialization.
+    pub fn count_reinitialization(&self) {
+        self.reinitializations.inc();
+    }
+
+    /// Counts one replayed request.
+    pub fn count_replay(&self) {
+        self.replays.inc();
     }
 
     /// The text exposition (OpenMetrics text, which Prometheus reads), after updating the
@@ -116,6 +176,14 @@ mod tests {
         assert!(text.contains(r#"mcp_affinity_control_store_operation_duration_seconds_count{op="get",outcome="ok"} 1"#));
         assert!(text.contains("mcp_affinity_control_store_records 3"));
         assert!(text.contains("mcp_affinity_control_store_evictions_total 2"));
+        m.observe_recovery("replayed", Duration::from_millis(30));
+        m.count_reinitialization();
+        m.count_replay();
+        let text = m.render(StoreStats { records: Some(3), evictions: 2 });
+        assert!(text.contains(r#"mcp_affinity_control_recoveries_total{outcome="replayed"} 1"#), "{text}");
+        assert!(text.contains("mcp_affinity_control_reinitializations_total 1"));
+        assert!(text.contains("mcp_affinity_control_replays_total 1"));
+        assert!(text.contains("mcp_affinity_control_recovery_duration_seconds_count 1"));
         // Evictions are a running total: rendering again with the same total adds nothing.
         let text = m.render(StoreStats { records: Some(3), evictions: 2 });
         assert!(text.contains("mcp_affinity_control_store_evictions_total 2"));

@@ -7,6 +7,8 @@
 //!   least-recently-seen record (the same index), counted in [`StoreStats::evictions`].
 //!   Eviction rather than refusal keeps new sessions working under load; an evicted
 //!   session was the idlest one, and the filter still holds its own pin.
+//! - **Recovery leases**: a separate small map `id → (owner, expiry)`; expired leases are
+//!   dropped whenever a lease is taken.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,6 +87,7 @@ pub struct MemoryStore {
     max_sessions: usize,
     clock: Arc<dyn Clock>,
     evictions: AtomicU64,
+    leases: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 impl MemoryStore {
@@ -102,6 +105,7 @@ impl MemoryStore {
             max_sessions: max_sessions.max(1),
             clock,
             evictions: AtomicU64::new(0),
+            leases: Mutex::new(HashMap::new()),
         }
     }
 
@@ -147,6 +151,24 @@ impl MemoryStore {
         let (mut inner, _) = self.lock_swept();
         inner.remove(id.as_str())
     }
+
+    fn acquire_now(&self, id: &SessionId, owner: &str, ttl: Duration) -> bool {
+        let now = self.clock.now();
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases.retain(|_, (_, expires)| *expires > now);
+        if leases.contains_key(id.as_str()) {
+            return false;
+        }
+        leases.insert(id.as_str().to_string(), (owner.to_string(), now + ttl));
+        true
+    }
+
+    fn release_now(&self, id: &SessionId, owner: &str) {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if leases.get(id.as_str()).is_some_and(|(o, _)| o == owner) {
+            leases.remove(id.as_str());
+        }
+    }
 }
 
 impl SessionStore for MemoryStore {
@@ -164,6 +186,15 @@ impl SessionStore for MemoryStore {
 
     async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
         Ok(self.delete_now(id))
+    }
+
+    async fn try_acquire_lease(&self, id: &SessionId, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        Ok(self.acquire_now(id, owner, ttl))
+    }
+
+    async fn release_lease(&self, id: &SessionId, owner: &str) -> Result<(), StoreError> {
+        self.release_now(id, owner);
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -241,6 +272,26 @@ mod tests {
         assert!(s.get_now(&id("b")).is_none());
         assert!(s.get_now(&id("a")).is_some() && s.get_now(&id("c")).is_some());
         assert_eq!(s.stats(), StoreStats { records: Some(2), evictions: 1 });
+    }
+
+    #[test]
+    fn lease_has_one_holder_and_expires() {
+        let (s, clock) = store(100, 10);
+        let ttl = Duration::from_secs(10);
+        assert!(s.acquire_now(&id("a"), "x", ttl));
+        assert!(!s.acquire_now(&id("a"), "y", ttl));
+        assert!(s.acquire_now(&id("b"), "y", ttl), "leases are per session");
+        // Only the holder releases.
+        s.release_now(&id("a"), "y");
+        assert!(!s.acquire_now(&id("a"), "y", ttl));
+        s.release_now(&id("a"), "x");
+        assert!(s.acquire_now(&id("a"), "y", ttl));
+        // An expired lease is free again; the late release of the old holder is a no-op.
+        clock.advance(Duration::from_secs(11));
+        assert!(s.acquire_now(&id("a"), "z", ttl));
+        s.release_now(&id("a"), "y");
+        assert!(!s.acquire_now(&id("a"), "x", ttl));
+        assert_eq!(s.leases.lock().unwrap().len(), 1, "expired leases are dropped");
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //! Every implementation gives the same guarantees, checked by one conformance suite:
 //! records expire after an idle TTL (refreshed by `put` and `patch`, not by `get`);
 //! `put` with [`PutCondition::IfGeneration`] is an atomic compare-and-set; a failed
-//! operation changes nothing.
+//! operation changes nothing; a recovery lease ([`SessionStore::try_acquire_lease`]) has
+//! at most one live holder per session among everyone sharing the store.
 
 pub mod memory;
 pub mod redis;
 
 use std::future::Future;
+use std::time::Duration;
 
 use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
 use crate::session_id::SessionId;
@@ -78,6 +80,21 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Removes the record of `id`; `false` when there was none.
     fn delete(&self, id: &SessionId) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Takes the recovery lease of `id` for `owner` unless someone else holds a live one:
+    /// `true` when `owner` now holds it. The lease expires on its own after `ttl` (so a
+    /// holder that crashes cannot block recovery for longer). Independent of the record:
+    /// works whether or not the record exists and never changes it.
+    fn try_acquire_lease(
+        &self,
+        id: &SessionId,
+        owner: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Gives the lease of `id` up if `owner` still holds it (a lease that expired and was
+    /// taken by someone else is left alone).
+    fn release_lease(&self, id: &SessionId, owner: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Checks that the store answers (for `/readyz`).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;

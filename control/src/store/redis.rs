@@ -11,6 +11,11 @@
 //! Every operation is bounded by a timeout; when Redis is unreachable operations fail
 //! with [`StoreError::Unavailable`] and the next operation after Redis returns
 //! reconnects. A failed operation wrote nothing (the script is the only write).
+//!
+//! Recovery leases live in their own key, `<prefix><session id> lease` (a space can never
+//! occur in a session id, so a lease key never names a record): taken with
+//! `SET key owner NX PX ttl`, released by a script that deletes the key only while it
+//! still holds the caller's owner token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +44,14 @@ redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
 return 1
 "#;
 
+/// `KEYS[1]` = lease key, `ARGV[1]` = owner. Deletes the lease only if `owner` holds it.
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
 /// Settings of a [`RedisStore`].
 #[derive(Clone, Debug)]
 pub struct RedisStoreConfig {
@@ -62,6 +75,7 @@ pub struct RedisStore {
     timeout: Duration,
     clock: Arc<dyn Clock>,
     cas: Script,
+    release: Script,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -90,11 +104,17 @@ impl RedisStore {
             timeout: config.timeout,
             clock: Arc::new(SystemClock),
             cas: Script::new(CAS_SCRIPT),
+            release: Script::new(RELEASE_SCRIPT),
         })
     }
 
     fn key(&self, id: &SessionId) -> String {
         format!("{}{}", self.key_prefix, id.as_str())
+    }
+
+    /// Key of the recovery lease of `id`: `<prefix><id> lease`.
+    pub fn lease_key(&self, id: &SessionId) -> String {
+        format!("{}{} lease", self.key_prefix, id.as_str())
     }
 
     /// Runs `op` within the operation timeout.
@@ -186,6 +206,35 @@ impl SessionStore for RedisStore {
             let mut conn = self.conn.clone();
             let removed: i64 = conn.del(&key).await.map_err(unavailable)?;
             Ok(removed > 0)
+        })
+        .await
+    }
+
+    async fn try_acquire_lease(&self, id: &SessionId, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let key = self.lease_key(id);
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        self.bounded(async {
+            let mut conn = self.conn.clone();
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(owner)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(set.is_some())
+        })
+        .await
+    }
+
+    async fn release_lease(&self, id: &SessionId, owner: &str) -> Result<(), StoreError> {
+        let key = self.lease_key(id);
+        self.bounded(async {
+            let mut conn = self.conn.clone();
+            let _: i64 = self.release.key(&key).arg(owner).invoke_async(&mut conn).await.map_err(unavailable)?;
+            Ok(())
         })
         .await
     }

@@ -1,0 +1,704 @@
+//! Session recovery: `POST /v1/sessions/{id}/recover`.
+//!
+//! When the pod a session is pinned to is gone (connection failure), has lost the session
+//! (restart in place: "session unknown"), or reset the connection after the request was
+//! sent, the filter asks control to recover. Control then
+//!
+//! 1. settles the pin **once per session** — a per-session async mutex in this instance
+//!    ([`locks::KeyedLocks`]) plus a lease in the store shared by every instance
+//!    ([`SessionStore::try_acquire_lease`]). The lease holder re-reads the record: if its
+//!    generation is already newer than the failed one, someone else recovered and the
+//!    current pin is used; otherwise it re-initializes the session on a live endpoint
+//!    ([`endpoints`]: stored `initialize`, then `notifications/initialized`) and stores the
+//!    new upstream, backend session id and generation with a compare-and-set. Instances
+//!    that do not get the lease poll the record every [`LEASE_POLL`] until the generation
+//!    moves (or the lease frees up), within the recovery deadline;
+//! 2. replays the client's request on the pin **only when that is safe**: the request
+//!    provably did not run (`connect_failure`, `session_unknown`), or its JSON-RPC method
+//!    is in the replay-safe list. Otherwise the client gets a JSON-RPC error
+//!    ([`OUTCOME_UNKNOWN_CODE`]) and the session stays usable on its new pin. GET streams
+//!    are never replayed: the client gets an SSE stream that ends at once and reopens it;
+//! 3. when no endpoint accepts the session, deletes the record and gives the client the
+//!    404 + JSON-RPC "Session not found" that makes a standard client start a new session.
+//!
+//! Every step shares one deadline (`--recovery-timeout-ms`). The client's `Authorization`
+//! is used for the calls to the pod and never stored or logged.
+
+pub mod endpoints;
+pub mod locks;
+pub mod upstream;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use self::endpoints::EndpointSource;
+use self::locks::KeyedLocks;
+use self::upstream::{CallError, Target};
+use crate::errors::ApiError;
+use crate::metrics::Metrics;
+use crate::record::{PutCondition, PutSession, SessionRecord};
+use crate::session_id::SessionId;
+use crate::store::{PutOutcome, SessionStore};
+
+/// JSON-RPC error code of the answer to a request that was not replayed because it may
+/// already have run (`reset_after_send` with a method outside the replay-safe list), or
+/// whose replay got no complete answer. In the implementation-defined server-error range
+/// (-32000..-32099); -32000 / -32001 / -32002 are taken by SDK conventions and MCP.
+pub const OUTCOME_UNKNOWN_CODE: i64 = -32003;
+
+/// JSON-RPC error code of the "Session not found" answer after a failed recovery (the
+/// TypeScript SDK's convention, also used by ToolHive).
+pub const SESSION_NOT_FOUND_CODE: i64 = -32001;
+
+/// How often a recovery that did not get the lease looks at the record again.
+pub const LEASE_POLL: Duration = Duration::from_millis(20);
+
+/// Body of the SSE answer to a GET that is not replayed: a stream that ends at once and
+/// asks the client to reconnect after 1 s.
+pub const GET_RETRY_BODY: &str = "retry: 1000\n\n";
+
+/// `notifications/initialized` sent after re-initialization when the record has none.
+pub const DEFAULT_INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+
+/// Why the filter asks for recovery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The upstream could not be reached; the request was not sent.
+    ConnectFailure,
+    /// The connection reset after the request was (or may have been) sent.
+    ResetAfterSend,
+    /// The upstream answered that it does not know the session; the request did not run.
+    SessionUnknown,
+}
+
+/// The client's request as the filter saw it.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct OriginalRequest {
+    /// `POST` or `GET` (`DELETE` is never recovered).
+    pub method: String,
+    /// Path and query, e.g. `/mcp?x=1`.
+    pub path: String,
+    /// `:authority` / `Host`, sent as `Host` to the pod.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// `Content-Type`.
+    #[serde(default)]
+    pub content_type: Option<String>,
+    /// `Accept`.
+    #[serde(default)]
+    pub accept: Option<String>,
+    /// `MCP-Protocol-Version`.
+    #[serde(default)]
+    pub protocol_version: Option<String>,
+    /// `Authorization` of this request: used for the calls to the pod, never stored or
+    /// logged.
+    #[serde(default)]
+    pub authorization: Option<String>,
+    /// The raw request body (JSON text; empty for GET).
+    #[serde(default)]
+    pub body: String,
+}
+
+impl fmt::Debug for OriginalRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OriginalRequest")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("authority", &self.authority)
+            .field("content_type", &self.content_type)
+            .field("accept", &self.accept)
+            .field("protocol_version", &self.protocol_version)
+            .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+/// Body of `POST /v1/sessions/{id}/recover`. Unknown fields are ignored (newer filters
+/// may send more).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecoverRequest {
+    /// The generation of the pin that failed (the filter's view).
+    pub failed_generation: u64,
+    /// The upstream that failed, `ip:port`.
+    pub failed_upstream: String,
+    /// What failed.
+    pub reason: Reason,
+    /// The client's request.
+    pub request: OriginalRequest,
+}
+
+/// What happened to the client's request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The session is on `pin` and the request was replayed there; `response` is its answer.
+    Replayed,
+    /// The session is on `pin`; the request was not replayed (unsafe, GET, or no complete
+    /// answer to the replay); `response` says so.
+    NotReplayed,
+    /// The session could not be recovered; its record is deleted; `response` is 404.
+    Failed,
+}
+
+impl Outcome {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Replayed => "replayed",
+            Outcome::NotReplayed => "not_replayed",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// Where the session lives now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    /// `ip:port` of the pod.
+    pub upstream: String,
+    /// The session id that pod knows.
+    pub backend_session_id: String,
+    /// Generation of this pin.
+    pub generation: u64,
+}
+
+impl Pin {
+    fn of(record: &SessionRecord) -> Pin {
+        Pin {
+            upstream: record.upstream.clone(),
+            backend_session_id: record.backend_session_id.clone(),
+            generation: record.generation,
+        }
+    }
+}
+
+/// The HTTP answer the filter gives the client, as is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// `Content-Type`, `null` when the answer has none (e.g. 202).
+    pub content_type: Option<String>,
+    /// Body text (lossy UTF-8).
+    pub body: String,
+}
+
+/// Answer of `POST /v1/sessions/{id}/recover` (HTTP 200).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverResponse {
+    /// What happened.
+    pub outcome: Outcome,
+    /// Where the session lives now (`null` for `failed`).
+    pub pin: Option<Pin>,
+    /// The answer for the client.
+    pub response: ClientResponse,
+}
+
+/// Settings of recovery (from the flags, see [`crate::config::Config::recovery`]).
+#[derive(Clone, Debug)]
+pub struct RecoverySettings {
+    /// Where sessions may be re-initialized.
+    pub endpoints: EndpointSource,
+    /// Methods replayed after `reset_after_send`.
+    pub replay_safe_methods: BTreeSet<String>,
+    /// Bound of one whole recovery.
+    pub timeout: Duration,
+    /// Largest answer read from a pod.
+    pub max_response_bytes: usize,
+}
+
+/// What the JSON-RPC body of the client's request holds.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct JsonRpcInfo {
+    /// The `id` to echo (`null` when absent, a batch, or not JSON).
+    id: Value,
+    /// The methods of the message(s).
+    methods: Vec<String>,
+    /// `true` when at least one message is a request (has `method` and `id`).
+    has_request: bool,
+}
+
+impl JsonRpcInfo {
+    fn of(body: &str) -> JsonRpcInfo {
+        let messages = match serde_json::from_str::<Value>(body) {
+            Ok(Value::Array(items)) => items,
+            Ok(v @ Value::Object(_)) => vec![v],
+            _ => return JsonRpcInfo { id: Value::Null, methods: Vec::new(), has_request: false },
+        };
+        let single = messages.len() == 1;
+        let mut info = JsonRpcInfo::default();
+        for m in &messages {
+            if let Some(method) = m.get("method").and_then(Value::as_str) {
+                info.methods.push(method.to_string());
+                if m.get("id").is_some() {
+                    info.has_request = true;
+                }
+            }
+            if single && let Some(id) = m.get("id") {
+                info.id = id.clone();
+            }
+        }
+        info
+    }
+}
+
+/// How the pin question ended.
+enum Settled {
+    /// The session lives on this pin (re-initialized now or by someone else).
+    Pinned(Pin),
+    /// No pin: why (logged).
+    Failed(String),
+}
+
+/// The recovery engine: settings, the HTTP client for pods, in-process single flight.
+pub struct Recovery {
+    settings: RecoverySettings,
+    http: reqwest::Client,
+    locks: Arc<KeyedLocks>,
+    turn: AtomicUsize,
+    instance: String,
+    seq: AtomicU64,
+}
+
+impl Recovery {
+    /// An engine with `settings`.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(settings: RecoverySettings) -> anyhow::Result<Recovery> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(settings.timeout.min(Duration::from_secs(2)))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        Ok(Recovery {
+            settings,
+            http,
+            locks: Arc::new(KeyedLocks::default()),
+            turn: AtomicUsize::new(0),
+            instance: format!("{}-{nanos:x}", std::process::id()),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &RecoverySettings {
+        &self.settings
+    }
+
+    /// Checks a request before anything is done: method `POST` or `GET` (`DELETE` is never
+    /// recovered), a path starting with `/`, header fields that are valid header values.
+    ///
+    /// # Errors
+    /// 400 `invalid_request` naming the problem.
+    pub fn validate(req: &RecoverRequest) -> Result<(), ApiError> {
+        let r = &req.request;
+        if r.method.eq_ignore_ascii_case("DELETE") {
+            return Err(ApiError::invalid_request("DELETE is never recovered: a failed DELETE just ends the session"));
+        }
+        if !(r.method.eq_ignore_ascii_case("POST") || r.method.eq_ignore_ascii_case("GET")) {
+            return Err(ApiError::invalid_request("`request.method` must be POST or GET"));
+        }
+        if !r.path.starts_with('/') || !r.path.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err(ApiError::invalid_request("`request.path` must start with / and be visible ASCII"));
+        }
+        for (name, v) in [
+            ("authority", &r.authority),
+            ("content_type", &r.content_type),
+            ("accept", &r.accept),
+            ("protocol_version", &r.protocol_version),
+            ("authorization", &r.authorization),
+        ] {
+            if let Some(v) = v
+                && reqwest::header::HeaderValue::from_str(v).is_err()
+            {
+                return Err(ApiError::invalid_request(format!("`request.{name}` is not a valid header value")));
+            }
+        }
+        Ok(())
+    }
+
+    fn next_owner(&self) -> String {
+        format!("{}-{}", self.instance, self.seq.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Recovers session `id` as `req` asks. Answers 404 `session_not_found` when there is
+    /// no record, 503 when the store fails; every decided outcome is `Ok`.
+    ///
+    /// # Errors
+    /// [`ApiError`] as above (the request should have passed [`Recovery::validate`]).
+    pub async fn recover<S: SessionStore>(
+        &self,
+        store: &S,
+        metrics: &Metrics,
+        id: &SessionId,
+        req: &RecoverRequest,
+    ) -> Result<RecoverResponse, ApiError> {
+        let start = Instant::now();
+        let deadline = start + self.settings.timeout;
+        if store.get(id).await?.is_none() {
+            return Err(ApiError::session_not_found(id.as_str()));
+        }
+        let info = JsonRpcInfo::of(&req.request.body);
+        let answer = match self.settle(store, metrics, id, req, deadline).await? {
+            Settled::Failed(why) => {
+                tracing::warn!(session = id.as_str(), reason = ?req.reason, why, "recovery failed");
+                RecoverResponse { outcome: Outcome::Failed, pin: None, response: session_not_found(&info.id) }
+            }
+            Settled::Pinned(pin) => self.answer(req, &info, pin, metrics, deadline).await,
+        };
+        metrics.observe_recovery(answer.outcome.as_str(), start.elapsed());
+        tracing::info!(
+            session = id.as_str(),
+            reason = ?req.reason,
+            outcome = answer.outcome.as_str(),
+            upstream = answer.pin.as_ref().map(|p| p.upstream.as_str()),
+            generation = answer.pin.as_ref().map(|p| p.generation),
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "recovery"
+        );
+        Ok(answer)
+    }
+
+    /// Step 1: settle the pin, once per session across instances.
+    async fn settle<S: SessionStore>(
+        &self,
+        store: &S,
+        metrics: &Metrics,
+        id: &SessionId,
+        req: &RecoverRequest,
+        deadline: Instant,
+    ) -> Result<Settled, ApiError> {
+        let Ok(_local) = tokio::time::timeout_at(deadline, self.locks.lock(id.as_str())).await else {
+            return Ok(Settled::Failed("timed out waiting for another recovery of this session in this instance".into()));
+        };
+        let owner = self.next_owner();
+        loop {
+            let Some(record) = store.get(id).await? else {
+                return Ok(Settled::Failed("the record was deleted meanwhile".into()));
+            };
+            if record.generation > req.failed_generation {
+                return Ok(Settled::Pinned(Pin::of(&record)));
+            }
+            if store.try_acquire_lease(id, &owner, self.settings.timeout).await? {
+                let result = self.reinitialize(store, metrics, id, req, deadline).await;
+                if let Err(e) = store.release_lease(id, &owner).await {
+                    tracing::warn!(session = id.as_str(), error = %e, "releasing the recovery lease failed (it expires on its own)");
+                }
+                return result;
+            }
+            if Instant::now() + LEASE_POLL >= deadline {
+                return Ok(Settled::Failed("timed out waiting for the recovery by another control instance".into()));
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+        }
+    }
+
+    /// Under the lease: re-read, then re-initialize on the first endpoint that accepts.
+    async fn reinitialize<S: SessionStore>(
+        &self,
+        store: &S,
+        metrics: &Metrics,
+        id: &SessionId,
+        req: &RecoverRequest,
+        deadline: Instant,
+    ) -> Result<Settled, ApiError> {
+        let Some(record) = store.get(id).await? else {
+            return Ok(Settled::Failed("the record was deleted meanwhile".into()));
+        };
+        if record.generation > req.failed_generation {
+            return Ok(Settled::Pinned(Pin::of(&record)));
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let endpoints = self.settings.endpoints.resolve(remaining).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no recovery endpoints");
+            Vec::new()
+        });
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let candidates = endpoints::candidates(&endpoints, &req.failed_upstream, req.reason, turn);
+        let r = &req.request;
+        let max = self.settings.max_response_bytes;
+        let mut tried = Vec::new();
+        for endpoint in candidates {
+            if Instant::now() >= deadline {
+                break;
+            }
+            let target = Target {
+                endpoint,
+                path: &r.path,
+                authority: r.authority.as_deref(),
+                authorization: r.authorization.as_deref(),
+            };
+            let init = match upstream::initialize(&self.http, &target, &record.initialize, deadline, max).await {
+                Ok(init) => init,
+                Err(e) => {
+                    tracing::warn!(session = id.as_str(), %endpoint, error = %e, "re-initialization failed on this endpoint");
+                    tried.push(format!("{endpoint}: {e}"));
+                    continue;
+                }
+            };
+            let protocol_version = record.protocol_version.clone().or(init.protocol_version.clone());
+            let notification = record.initialized.as_deref().unwrap_or(DEFAULT_INITIALIZED);
+            if let Err(e) = upstream::notify_initialized(
+                &self.http,
+                &target,
+                notification,
+                &init.session_id,
+                protocol_version.as_deref(),
+                deadline,
+                max,
+            )
+            .await
+            {
+                tracing::warn!(session = id.as_str(), %endpoint, error = %e, "re-initialization failed on this endpoint");
+                tried.push(format!("{endpoint}: {e}"));
+                self.delete_orphan(&target, &init.session_id);
+                continue;
+            }
+            let put = PutSession {
+                backend_session_id: Some(init.session_id.clone()),
+                upstream: endpoint.to_string(),
+                generation: Some(record.generation.max(req.failed_generation) + 1),
+                initialize: record.initialize.clone(),
+                initialized: record.initialized.clone(),
+                protocol_version,
+            };
+            return match store.put(id, &put, PutCondition::IfGeneration(record.generation)).await {
+                Ok(PutOutcome::Created(new) | PutOutcome::Replaced(new)) => {
+                    metrics.count_reinitialization();
+                    tracing::info!(
+                        session = id.as_str(), %endpoint, generation = new.generation, "session re-initialized"
+                    );
+                    Ok(Settled::Pinned(Pin::of(&new)))
+                }
+                Ok(PutOutcome::Conflict(current)) => {
+                    self.delete_orphan(&target, &init.session_id);
+                    match current {
+                        Some(current) if current.generation > req.failed_generation => Ok(Settled::Pinned(Pin::of(&current))),
+                        Some(_) => Ok(Settled::Failed("the record changed during re-initialization".into())),
+                        None => Ok(Settled::Failed("the record was deleted during re-initialization".into())),
+                    }
+                }
+                Err(e) => {
+                    self.delete_orphan(&target, &init.session_id);
+                    Err(e.into())
+                }
+            };
+        }
+        // No endpoint took the session: the client must start a new one.
+        if let Err(e) = store.delete(id).await {
+            tracing::warn!(session = id.as_str(), error = %e, "deleting the unrecoverable session failed");
+        }
+        let why = if tried.is_empty() {
+            format!("no live endpoint (endpoints: {endpoints:?}, failed upstream {})", req.failed_upstream)
+        } else {
+            format!("no endpoint accepted the session: {}", tried.join("; "))
+        };
+        Ok(Settled::Failed(why))
+    }
+
+    /// Best effort, in the background: ends a backend session control created but does not use.
+    fn delete_orphan(&self, target: &Target<'_>, session_id: &str) {
+        let http = self.http.clone();
+        let (endpoint, path, authority, authorization) = (
+            target.endpoint,
+            target.path.to_string(),
+            target.authority.map(str::to_string),
+            target.authorization.map(str::to_string),
+        );
+        let session_id = session_id.to_string();
+        tokio::spawn(async move {
+            let target = Target { endpoint, path: &path, authority: authority.as_deref(), authorization: authorization.as_deref() };
+            upstream::delete_session(&http, &target, &session_id, Duration::from_secs(2)).await;
+        });
+    }
+
+    /// Steps 2 and 3: replay or explain, on `pin`.
+    async fn answer(&self, req: &RecoverRequest, info: &JsonRpcInfo, pin: Pin, metrics: &Metrics, deadline: Instant) -> RecoverResponse {
+        let r = &req.request;
+        let not_replayed = |response| RecoverResponse { outcome: Outcome::NotReplayed, pin: Some(pin.clone()), response };
+        if r.method.eq_ignore_ascii_case("GET") {
+            return not_replayed(ClientResponse {
+                status: 200,
+                content_type: Some("text/event-stream".into()),
+                body: GET_RETRY_BODY.into(),
+            });
+        }
+        let safe = match req.reason {
+            Reason::ConnectFailure | Reason::SessionUnknown => true,
+            Reason::ResetAfterSend => {
+                !info.methods.is_empty() && info.methods.iter().all(|m| self.settings.replay_safe_methods.contains(m))
+            }
+        };
+        if !safe {
+            return not_replayed(outcome_unknown(
+                info,
+                "Outcome unknown: the connection to the MCP server was lost after the request was sent, and the \
+                 request was not retried because it may already have taken effect. The session has been recovered; \
+                 check the state before retrying.",
+            ));
+        }
+        let Some(endpoint) = resolve_upstream(&pin.upstream, deadline).await else {
+            return not_replayed(outcome_unknown(info, "The request could not be delivered to the MCP server after the session was recovered; it did not run."));
+        };
+        let target = Target { endpoint, path: &r.path, authority: r.authority.as_deref(), authorization: r.authorization.as_deref() };
+        let headers = match upstream::replay_headers(
+            &pin.backend_session_id,
+            r.content_type.as_deref(),
+            r.accept.as_deref(),
+            r.protocol_version.as_deref(),
+        ) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "replay headers");
+                return not_replayed(outcome_unknown(info, "The request could not be replayed after the session was recovered; it did not run."));
+            }
+        };
+        let wait_for = info.has_request.then_some(&info.id).filter(|id| !id.is_null());
+        let sent = upstream::send(
+            &self.http,
+            &target,
+            reqwest::Method::POST,
+            headers,
+            r.body.clone(),
+            wait_for,
+            deadline,
+            self.settings.max_response_bytes,
+        )
+        .await;
+        match sent {
+            Ok(answer) => {
+                metrics.count_replay();
+                RecoverResponse {
+                    outcome: Outcome::Replayed,
+                    pin: Some(pin.clone()),
+                    response: ClientResponse {
+                        status: answer.status,
+                        content_type: answer.content_type,
+                        body: String::from_utf8_lossy(&answer.body).into_owned(),
+                    },
+                }
+            }
+            Err(CallError::NotSent(e)) => {
+                tracing::warn!(%endpoint, error = %e, "replay not sent");
+                not_replayed(outcome_unknown(
+                    info,
+                    "The request could not be delivered to the MCP server after the session was recovered; it did not run.",
+                ))
+            }
+            Err(CallError::MaybeSent(e)) => {
+                tracing::warn!(%endpoint, error = %e, "replay without a complete answer");
+                not_replayed(outcome_unknown(
+                    info,
+                    "Outcome unknown: the request was replayed after the session was recovered, but no complete answer \
+                     came back. Check the state before retrying.",
+                ))
+            }
+        }
+    }
+}
+
+/// `ip:port` of a stored upstream (a name is resolved, first address).
+async fn resolve_upstream(upstream: &str, deadline: Instant) -> Option<SocketAddr> {
+    if let Ok(a) = upstream.parse() {
+        return Some(a);
+    }
+    let lookup = tokio::time::timeout_at(deadline, tokio::net::lookup_host(upstream)).await;
+    lookup.ok()?.ok()?.next()
+}
+
+/// The 200 JSON-RPC error (or, for a notification or a client's response, the 202 the
+/// server would have sent) for a request that was not replayed.
+fn outcome_unknown(info: &JsonRpcInfo, message: &str) -> ClientResponse {
+    let no_answer_expected = !info.has_request && (!info.methods.is_empty() || !info.id.is_null());
+    if no_answer_expected {
+        // Notifications and JSON-RPC responses get no body.
+        return ClientResponse { status: 202, content_type: None, body: String::new() };
+    }
+    let body = json!({
+        "jsonrpc": "2.0",
+        "id": info.id,
+        "error": {"code": OUTCOME_UNKNOWN_CODE, "message": message, "data": {"recovered": true}},
+    });
+    ClientResponse { status: 200, content_type: Some("application/json".into()), body: body.to_string() }
+}
+
+/// The 404 + JSON-RPC "Session not found" that makes a standard client re-initialize.
+fn session_not_found(id: &Value) -> ClientResponse {
+    let body = json!({"jsonrpc": "2.0", "error": {"code": SESSION_NOT_FOUND_CODE, "message": "Session not found"}, "id": id});
+    ClientResponse { status: 404, content_type: Some("application/json".into()), body: body.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonrpc_info() {
+        let i = JsonRpcInfo::of(r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{}}"#);
+        assert_eq!((i.id.clone(), i.methods.clone(), i.has_request), (json!(7), vec!["tools/call".to_string()], true));
+        let n = JsonRpcInfo::of(r#"{"jsonrpc":"2.0","method":"notifications/cancelled"}"#);
+        assert_eq!((n.id.clone(), n.has_request), (Value::Null, false));
+        let b = JsonRpcInfo::of(r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"tools/list"}]"#);
+        assert_eq!((b.id.clone(), b.methods.len(), b.has_request), (Value::Null, 2, true));
+        assert_eq!(JsonRpcInfo::of(""), JsonRpcInfo::default());
+        assert_eq!(JsonRpcInfo::of("not json").methods.len(), 0);
+    }
+
+    #[test]
+    fn client_answers() {
+        let req = JsonRpcInfo::of(r#"{"jsonrpc":"2.0","id":"a","method":"tools/call"}"#);
+        let r = outcome_unknown(&req, "m");
+        assert_eq!((r.status, r.content_type.as_deref()), (200, Some("application/json")));
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!("a"), json!(OUTCOME_UNKNOWN_CODE)));
+        let note = JsonRpcInfo::of(r#"{"jsonrpc":"2.0","method":"notifications/cancelled"}"#);
+        assert_eq!(outcome_unknown(&note, "m").status, 202);
+        let resp = JsonRpcInfo::of(r#"{"jsonrpc":"2.0","id":3,"result":{}}"#);
+        assert_eq!(outcome_unknown(&resp, "m").status, 202);
+        let empty = outcome_unknown(&JsonRpcInfo::default(), "m");
+        assert_eq!(empty.status, 200);
+        let nf = session_not_found(&json!(5));
+        assert_eq!(nf.status, 404);
+        assert_eq!(
+            serde_json::from_str::<Value>(&nf.body).unwrap(),
+            json!({"jsonrpc":"2.0","error":{"code":-32001,"message":"Session not found"},"id":5})
+        );
+    }
+
+    #[test]
+    fn validation_and_redaction() {
+        let mut req: RecoverRequest = serde_json::from_value(json!({
+            "failed_generation": 1, "failed_upstream": "127.0.0.1:1", "reason": "connect_failure",
+            "request": {"method": "POST", "path": "/mcp", "authority": "mcp.local", "content_type": null,
+                        "accept": null, "protocol_version": null, "authorization": "Bearer secret", "body": ""},
+            "future_field": true
+        }))
+        .unwrap();
+        assert!(Recovery::validate(&req).is_ok());
+        assert!(!format!("{req:?}").contains("secret"));
+        req.request.method = "DELETE".into();
+        assert!(Recovery::validate(&req).unwrap_err().message.contains("DELETE"));
+        req.request.method = "PUT".into();
+        assert!(Recovery::validate(&req).is_err());
+        req.request.method = "GET".into();
+        req.request.path = "mcp".into();
+        assert!(Recovery::validate(&req).is_err());
+        req.request.path = "/mcp".into();
+        req.request.accept = Some("bad\nvalue".into());
+        assert!(Recovery::validate(&req).is_err());
+        assert!(serde_json::from_value::<RecoverRequest>(json!({"failed_generation": 1, "failed_upstream": "x",
+            "reason": "other", "request": {"method": "POST", "path": "/"}})).is_err());
+    }
+}

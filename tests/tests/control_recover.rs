@@ -1,0 +1,459 @@
+//! Session recovery by the control service (`POST /v1/sessions/{id}/recover`), against
+//! real demo MCP server pods (processes on free loopback ports) and, for the cross-instance
+//! single flight, a real `redis-server`.
+//!
+//! Control runs in-process (the `mcp_affinity_control` library on a free port, with
+//! `--endpoints` = the pods). Each test plays the filter: it creates a real session on a
+//! pod with the raw MCP client, writes the record as the filter's write-through would
+//! (PUT with the `initialize` and `notifications/initialized` bodies), breaks the pod, and
+//! asks control to recover. Nothing depends on timing: single flight is checked by
+//! counting re-initializations (`mcp_affinity_control_reinitializations_total`), which
+//! must be exactly one per session however many recoveries race.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use mcp_affinity_control::config::Config;
+use mcp_affinity_harness::fixtures::mesh::{Pod, pods};
+use mcp_affinity_harness::fixtures::redis::RedisServer;
+use mcp_affinity_harness::mcp_client::{self, Session};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const TOKEN: &str = "recover-token-0123456789";
+const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+
+/// A control service running in this process, stopped when dropped.
+struct Control {
+    base: String,
+    http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Control {
+    /// Starts control with `store` (`memory` or a Redis URL) and `--endpoints` = `endpoints`.
+    async fn start(store: &str, endpoints: &[SocketAddr], extra: &[&str]) -> Control {
+        let mut args = vec!["mcp-affinity-control".to_string(), "--token".into(), TOKEN.into(), "--store".into(), store.into()];
+        if !endpoints.is_empty() {
+            let list: Vec<String> = endpoints.iter().map(SocketAddr::to_string).collect();
+            args.extend(["--endpoints".into(), list.join(",")]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let config = Config::try_parse_from(args).expect("config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            mcp_affinity_control::serve(config, listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("control serve");
+        });
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap();
+        Control { base, http, stop: Some(stop) }
+    }
+
+    fn session_url(&self, id: &str) -> String {
+        format!("{}/v1/sessions/{}", self.base, encode(id))
+    }
+
+    /// The filter's write-through after `initialize` and `notifications/initialized`: the
+    /// record of `session`, pinned to `pod` at generation 1.
+    async fn put_record(&self, session: &Session, pod: &Pod) {
+        let body = json!({
+            "upstream": pod.addr.to_string(),
+            "initialize": mcp_client::initialize_body(0, mcp_client::DEFAULT_PROTOCOL_VERSION).to_string(),
+            "initialized": INITIALIZED,
+            "protocol_version": session.protocol_version,
+        });
+        let resp = self.http.put(self.session_url(&session.session_id)).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED, "{}", resp.text().await.unwrap());
+    }
+
+    async fn get_record(&self, id: &str) -> (StatusCode, Value) {
+        let resp = self.http.get(self.session_url(id)).bearer_auth(TOKEN).send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or_default())
+    }
+
+    /// `POST /v1/sessions/{id}/recover` with `body`: status and JSON answer.
+    async fn recover(&self, id: &str, body: &Value) -> (StatusCode, Value) {
+        self.recover_with_token(id, body, Some(TOKEN)).await
+    }
+
+    async fn recover_with_token(&self, id: &str, body: &Value, token: Option<&str>) -> (StatusCode, Value) {
+        let mut req = self.http.post(format!("{}/recover", self.session_url(id))).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("non-JSON answer {text:?}: {e}")))
+    }
+
+    /// A sample (counter or gauge) from `/metrics`, 0 when absent.
+    async fn metric(&self, sample: &str) -> f64 {
+        let text = self.http.get(format!("{}/metrics", self.base)).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
+    async fn reinitializations(&self) -> f64 {
+        self.metric("mcp_affinity_control_reinitializations_total").await
+    }
+}
+
+/// Percent-encodes every byte outside `[A-Za-z0-9_.~-]` (the `{id}` path segment).
+fn encode(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn pod_url(addr: SocketAddr) -> String {
+    format!("http://{addr}/mcp")
+}
+
+/// A `tools/call` JSON-RPC body with id `id`.
+fn tool_call(id: u64, tool: &str, arguments: Value) -> String {
+    json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":tool,"arguments":arguments}}).to_string()
+}
+
+/// The recover request the filter sends for `body` on `session`, pinned at generation
+/// `failed_generation` to `failed_upstream`.
+fn recover_body(session: &Session, failed_generation: u64, failed_upstream: SocketAddr, reason: &str, method: &str, body: &str) -> Value {
+    json!({
+        "failed_generation": failed_generation,
+        "failed_upstream": failed_upstream.to_string(),
+        "reason": reason,
+        "request": {
+            "method": method,
+            "path": "/mcp",
+            "authority": "mcp.local",
+            "content_type": if method == "POST" { Some("application/json") } else { None },
+            "accept": if method == "POST" { mcp_client::ACCEPT_BOTH } else { "text/event-stream" },
+            "protocol_version": session.protocol_version,
+            "authorization": "Bearer client-secret-do-not-store",
+            "body": body,
+        }
+    })
+}
+
+/// The JSON-RPC messages of a `response` object of a recover answer (SSE or JSON).
+fn response_messages(response: &Value) -> Vec<Value> {
+    let body = response["body"].as_str().unwrap();
+    let sse = response["content_type"].as_str().is_some_and(|c| c.starts_with("text/event-stream"));
+    if sse {
+        mcp_client::sse_data(body).iter().filter_map(|d| serde_json::from_str(d).ok()).collect()
+    } else {
+        vec![serde_json::from_str(body).unwrap()]
+    }
+}
+
+/// The text of the tool result answering JSON-RPC id `id` in a recover answer.
+fn tool_text(answer: &Value, id: u64) -> String {
+    let messages = response_messages(&answer["response"]);
+    let m = messages.iter().find(|m| m["id"] == json!(id)).unwrap_or_else(|| panic!("no response to {id} in {answer}"));
+    m.pointer("/result/content/0/text").and_then(Value::as_str).unwrap_or_else(|| panic!("no tool text: {m}")).to_string()
+}
+
+/// The pod whose address is `upstream`.
+fn pod_at<'a>(pods: &'a [Pod], upstream: &str) -> &'a Pod {
+    pods.iter().find(|p| p.addr.to_string() == upstream).unwrap_or_else(|| panic!("no pod at {upstream}"))
+}
+
+/// A session on `pod`, checked to be served there, with its record in `control`.
+async fn pinned_session(control: &Control, pod: &Pod) -> Session {
+    let session = mcp_client::connect(&pod_url(pod.addr)).await.expect("connect");
+    assert_eq!(session.whoami().await.unwrap(), pod.name);
+    control.put_record(&session, pod).await;
+    session
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovers_after_the_pinned_pod_is_killed() {
+    let mut pods = pods(3).unwrap();
+    let control = Control::start("memory", &pods.iter().map(|p| p.addr).collect::<Vec<_>>(), &[]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+    let dead = pods[0].addr;
+    pods[0].kill();
+
+    let body = tool_call(42, "whoami", json!({}));
+    let (status, answer) = control.recover(&session.session_id, &recover_body(&session, 1, dead, "connect_failure", "POST", &body)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "replayed", "{answer}");
+    let pin = &answer["pin"];
+    let upstream = pin["upstream"].as_str().unwrap();
+    assert_ne!(upstream, dead.to_string(), "moved off the dead pod");
+    let new_pod = pod_at(&pods, upstream);
+    assert_eq!(pin["generation"], 2);
+    let backend = pin["backend_session_id"].as_str().unwrap();
+    assert_ne!(backend, session.session_id, "the new pod issued its own session id");
+    // The replayed tools/call was answered by the new pod, as SSE (the demo pods' way).
+    assert_eq!(answer["response"]["status"], 200);
+    assert!(answer["response"]["content_type"].as_str().unwrap().starts_with("text/event-stream"), "{answer}");
+    assert_eq!(tool_text(&answer, 42), new_pod.name);
+
+    // The record now holds the new pin and never the client's Authorization.
+    let (status, record) = control.get_record(&session.session_id).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((record["upstream"].as_str(), record["backend_session_id"].as_str()), (Some(upstream), Some(backend)));
+    assert_eq!(record["generation"], 2);
+    assert!(!record.to_string().contains("client-secret"), "{record}");
+
+    // The re-initialized session is fully usable on the new pod (initialized was sent).
+    let moved = Session::with_id(&pod_url(new_pod.addr), backend);
+    assert_eq!(moved.whoami().await.unwrap(), new_pod.name);
+    assert_eq!(moved.echo("still here").await.unwrap(), "still here");
+
+    assert_eq!(control.reinitializations().await, 1.0);
+    assert_eq!(control.metric("mcp_affinity_control_replays_total").await, 1.0);
+    assert_eq!(control.metric(r#"mcp_affinity_control_recoveries_total{outcome="replayed"}"#).await, 1.0);
+    assert_eq!(control.metric("mcp_affinity_control_recovery_duration_seconds_count").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_unknown_after_a_restart_in_place() {
+    // One pod, restarted on the same address: it is alive but has lost the session. The
+    // failed upstream is the last resort for `session_unknown`, so the session is
+    // re-initialized on the same pod under a new backend id.
+    let mut pods = pods(1).unwrap();
+    let control = Control::start("memory", &[pods[0].addr], &[]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+    pods[0].restart().unwrap();
+    let err = session.whoami().await.unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::NOT_FOUND), "the restarted pod lost the session");
+
+    let body = tool_call(7, "echo", json!({"text": "after restart"}));
+    let (status, answer) = control
+        .recover(&session.session_id, &recover_body(&session, 1, pods[0].addr, "session_unknown", "POST", &body))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "replayed", "{answer}");
+    assert_eq!(answer["pin"]["upstream"], pods[0].addr.to_string());
+    assert_eq!(answer["pin"]["generation"], 2);
+    let backend = answer["pin"]["backend_session_id"].as_str().unwrap();
+    assert_ne!(backend, session.session_id);
+    assert_eq!(tool_text(&answer, 7), "after restart");
+    assert_eq!(Session::with_id(&pod_url(pods[0].addr), backend).whoami().await.unwrap(), pods[0].name);
+    assert_eq!(control.reinitializations().await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_recoveries_of_one_session_reinitialize_once() {
+    let mut pods = pods(3).unwrap();
+    let control = Control::start("memory", &pods.iter().map(|p| p.addr).collect::<Vec<_>>(), &[]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+    let dead = pods[0].addr;
+    pods[0].kill();
+
+    let calls = (0..20u64).map(|i| {
+        let body = recover_body(&session, 1, dead, "connect_failure", "POST", &tool_call(100 + i, "echo", json!({"text": format!("call {i}")})));
+        let control = &control;
+        let id = session.session_id.clone();
+        async move { control.recover(&id, &body).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let first_pin = answers[0].1["pin"].clone();
+    for (i, (status, answer)) in answers.iter().enumerate() {
+        assert_eq!(*status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["outcome"], "replayed", "{answer}");
+        assert_eq!(answer["pin"], first_pin, "every recovery sees the same pin");
+        assert_eq!(tool_text(answer, 100 + i as u64), format!("call {i}"));
+    }
+    assert_eq!(first_pin["generation"], 2);
+    assert_eq!(control.reinitializations().await, 1.0, "20 concurrent recoveries, one re-initialization");
+    assert_eq!(control.metric("mcp_affinity_control_replays_total").await, 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_control_instances_sharing_redis_reinitialize_once() {
+    let redis = RedisServer::start().expect("start redis-server (Debian package redis-server)");
+    let mut pods = pods(3).unwrap();
+    let endpoints: Vec<SocketAddr> = pods.iter().map(|p| p.addr).collect();
+    let a = Control::start(&redis.url(), &endpoints, &[]).await;
+    let b = Control::start(&redis.url(), &endpoints, &[]).await;
+    let session = pinned_session(&a, &pods[0]).await;
+    let dead = pods[0].addr;
+    pods[0].kill();
+
+    let calls = (0..10u64).map(|i| {
+        let control = if i % 2 == 0 { &a } else { &b };
+        let body = recover_body(&session, 1, dead, "connect_failure", "POST", &tool_call(200 + i, "echo", json!({"text": format!("r{i}")})));
+        let id = session.session_id.clone();
+        async move { control.recover(&id, &body).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let first_pin = answers[0].1["pin"].clone();
+    for (i, (status, answer)) in answers.iter().enumerate() {
+        assert_eq!(*status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["outcome"], "replayed", "{answer}");
+        assert_eq!(answer["pin"], first_pin);
+        assert_eq!(tool_text(answer, 200 + i as u64), format!("r{i}"));
+    }
+    let total = a.reinitializations().await + b.reinitializations().await;
+    assert_eq!(total, 1.0, "one re-initialization across both instances");
+    // The lease is released (no key left behind) and both instances read the new pin.
+    // (Inline command: the quoted key holds a space, as lease keys do.)
+    let lease_key = format!("\"mcp-affinity:session:{} lease\"", session.session_id);
+    assert_eq!(redis.command(&["EXISTS", &lease_key]).unwrap(), ":0");
+    assert_eq!(redis.command(&["EXISTS", &format!("mcp-affinity:session:{}", session.session_id)]).unwrap(), ":1");
+    assert_eq!(b.get_record(&session.session_id).await.1["generation"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_after_send_of_a_tool_call_is_not_replayed_but_the_session_is_repinned() {
+    let mut pods = pods(2).unwrap();
+    let control = Control::start("memory", &pods.iter().map(|p| p.addr).collect::<Vec<_>>(), &[]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+    let dead = pods[0].addr;
+    pods[0].kill();
+
+    let body = tool_call(9, "echo", json!({"text": "side effect"}));
+    let (status, answer) =
+        control.recover(&session.session_id, &recover_body(&session, 1, dead, "reset_after_send", "POST", &body)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "not_replayed", "{answer}");
+    let response = &answer["response"];
+    assert_eq!((response["status"].as_u64(), response["content_type"].as_str()), (Some(200), Some("application/json")));
+    let error: Value = serde_json::from_str(response["body"].as_str().unwrap()).unwrap();
+    assert_eq!(error["jsonrpc"], "2.0");
+    assert_eq!(error["id"], 9);
+    assert_eq!(error["error"]["code"], -32003);
+    assert!(error["error"]["message"].as_str().unwrap().contains("not retried"), "{error}");
+    assert_eq!(control.metric("mcp_affinity_control_replays_total").await, 0.0);
+    assert_eq!(control.metric(r#"mcp_affinity_control_recoveries_total{outcome="not_replayed"}"#).await, 1.0);
+
+    // Re-pinned: the next request through the new pin works.
+    let pin = &answer["pin"];
+    assert_eq!(pin["upstream"], pods[1].addr.to_string());
+    let moved = Session::with_id(&pod_url(pods[1].addr), pin["backend_session_id"].as_str().unwrap());
+    assert_eq!(moved.whoami().await.unwrap(), pods[1].name);
+
+    // A second filter still holding generation 1: a replay-safe method after a reset is
+    // replayed on the current pin without a second re-initialization.
+    let list = json!({"jsonrpc":"2.0","id":10,"method":"tools/list","params":{}}).to_string();
+    let (_, answer) = control.recover(&session.session_id, &recover_body(&session, 1, dead, "reset_after_send", "POST", &list)).await;
+    assert_eq!(answer["outcome"], "replayed", "{answer}");
+    assert_eq!(answer["pin"], *pin);
+    let tools = &response_messages(&answer["response"])[0]["result"]["tools"];
+    assert!(tools.as_array().unwrap().iter().any(|t| t["name"] == "whoami"), "{answer}");
+
+    // A GET (the SSE stream) is never replayed: an SSE stream that ends at once.
+    let (_, answer) = control.recover(&session.session_id, &recover_body(&session, 1, dead, "connect_failure", "GET", "")).await;
+    assert_eq!(answer["outcome"], "not_replayed");
+    assert_eq!(answer["pin"], *pin);
+    assert_eq!(answer["response"], json!({"status": 200, "content_type": "text/event-stream", "body": "retry: 1000\n\n"}));
+    assert_eq!(control.reinitializations().await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_live_endpoint_fails_with_404_and_deletes_the_record() {
+    let mut pods = pods(1).unwrap();
+    let control = Control::start("memory", &[pods[0].addr], &["--recovery-timeout-ms", "5000"]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+    let dead = pods[0].addr;
+    pods[0].kill();
+
+    let body = tool_call(5, "whoami", json!({}));
+    let (status, answer) = control.recover(&session.session_id, &recover_body(&session, 1, dead, "connect_failure", "POST", &body)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "failed");
+    assert!(answer["pin"].is_null());
+    assert_eq!((answer["response"]["status"].as_u64(), answer["response"]["content_type"].as_str()), (Some(404), Some("application/json")));
+    let error: Value = serde_json::from_str(answer["response"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(error, json!({"jsonrpc":"2.0","error":{"code":-32001,"message":"Session not found"},"id":5}));
+    assert_eq!(control.get_record(&session.session_id).await.0, StatusCode::NOT_FOUND, "record deleted");
+    assert_eq!(control.metric(r#"mcp_affinity_control_recoveries_total{outcome="failed"}"#).await, 1.0);
+    assert_eq!(control.reinitializations().await, 0.0);
+
+    // Now the session is unknown to control: the API's 404.
+    let (status, answer) = control.recover(&session.session_id, &recover_body(&session, 1, dead, "connect_failure", "POST", &body)).await;
+    assert_eq!((status, answer["code"].as_str()), (StatusCode::NOT_FOUND, Some("session_not_found")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_request_errors() {
+    let pods = pods(1).unwrap();
+    let control = Control::start("memory", &[pods[0].addr], &[]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+    let ok = recover_body(&session, 1, pods[0].addr, "connect_failure", "POST", "{}");
+    let (status, answer) = control.recover_with_token(&session.session_id, &ok, None).await;
+    assert_eq!((status, answer["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
+    let delete = recover_body(&session, 1, pods[0].addr, "connect_failure", "DELETE", "");
+    let (status, answer) = control.recover(&session.session_id, &delete).await;
+    assert_eq!((status, answer["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")), "{answer}");
+    let mut bad = ok.clone();
+    bad["reason"] = json!("gremlins");
+    assert_eq!(control.recover(&session.session_id, &bad).await.0, StatusCode::BAD_REQUEST);
+    let (status, answer) = control.recover("no-such-session", &ok).await;
+    assert_eq!((status, answer["code"].as_str()), (StatusCode::NOT_FOUND, Some("session_not_found")));
+    // Nothing was recovered.
+    assert_eq!(control.get_record(&session.session_id).await.1["generation"], 1);
+    assert_eq!(control.reinitializations().await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_waits_for_the_lease_of_another_instance_and_uses_its_pin() {
+    // Another control instance holds the recovery lease (set by hand in Redis). This
+    // instance must not re-initialize: it polls until that instance's new pin appears
+    // (written here by hand, as the other instance would), then replays on it.
+    let redis = RedisServer::start().expect("start redis-server (Debian package redis-server)");
+    let mut pods = pods(2).unwrap();
+    let control = Control::start(&redis.url(), &pods.iter().map(|p| p.addr).collect::<Vec<_>>(), &[]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+    let dead = pods[0].addr;
+    pods[0].kill();
+    let lease_key = format!("\"mcp-affinity:session:{} lease\"", session.session_id);
+    assert_eq!(redis.command(&["SET", &lease_key, "other-instance", "PX", "30000", "NX"]).unwrap(), "+OK");
+
+    let body = recover_body(&session, 1, dead, "connect_failure", "POST", &tool_call(11, "whoami", json!({})));
+    let waiting = {
+        let control = &control;
+        let id = session.session_id.clone();
+        async move { control.recover(&id, &body).await }
+    };
+    let other_instance = async {
+        // The other instance's result: a session on pod-1, stored as generation 2.
+        let theirs = mcp_client::connect(&pod_url(pods[1].addr)).await.unwrap();
+        let put = json!({
+            "upstream": pods[1].addr.to_string(),
+            "backend_session_id": theirs.session_id,
+            "generation": 2,
+            "initialize": mcp_client::initialize_body(0, mcp_client::DEFAULT_PROTOCOL_VERSION).to_string(),
+        });
+        let resp = control
+            .http
+            .put(format!("{}?if_generation=1", control.session_url(&session.session_id)))
+            .bearer_auth(TOKEN)
+            .json(&put)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "the waiting recovery did not re-pin on its own");
+        theirs.session_id
+    };
+    let ((status, answer), theirs) = tokio::join!(waiting, other_instance);
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "replayed", "{answer}");
+    assert_eq!(answer["pin"], json!({"upstream": pods[1].addr.to_string(), "backend_session_id": theirs, "generation": 2}));
+    assert_eq!(tool_text(&answer, 11), pods[1].name);
+    assert_eq!(control.reinitializations().await, 0.0);
+}
