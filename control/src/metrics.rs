@@ -10,9 +10,10 @@
 //!   `--max-sessions` (memory store).
 //! - `mcp_affinity_control_recoveries_total{outcome}` — counter of decided recoveries
 //!   (`outcome` = replayed|not_replayed|failed).
-//! - `mcp_affinity_control_reinitializations_total` — counter, successful
-//!   re-initializations (one per recovered session and failure, whatever the number of
-//!   concurrent recoveries).
+//! - `mcp_affinity_control_reinitializations_total` — counter, sessions a pod accepted
+//!   (`initialize` + `notifications/initialized` succeeded), counted before the new pin is
+//!   stored: with working single flight, one per recovered failure whatever the number
+//!   of concurrent recoveries.
 //! - `mcp_affinity_control_replays_total` — counter, requests replayed on a new pin.
 //! - `mcp_affinity_control_recovery_duration_seconds` — histogram of decided recoveries.
 

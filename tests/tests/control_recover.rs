@@ -457,3 +457,36 @@ async fn a_recovery_waits_for_the_lease_of_another_instance_and_uses_its_pin() {
     assert_eq!(tool_text(&answer, 11), pods[1].name);
     assert_eq!(control.reinitializations().await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_has_one_holder_is_released_by_its_owner_only_and_expires() {
+    use mcp_affinity_control::session_id::SessionId;
+    use mcp_affinity_control::store::SessionStore;
+    use mcp_affinity_control::store::redis::{RedisStore, RedisStoreConfig};
+
+    let redis = RedisServer::start().expect("start redis-server (Debian package redis-server)");
+    let config = RedisStoreConfig {
+        url: redis.url(),
+        key_prefix: "lease-test:".into(),
+        ttl: Duration::from_secs(60),
+        timeout: Duration::from_secs(2),
+    };
+    // Two stores = two control instances.
+    let (a, b) = (RedisStore::new(&config).unwrap(), RedisStore::new(&config).unwrap());
+    let id = SessionId::parse("s-1").unwrap();
+    let long = Duration::from_secs(30);
+    assert!(a.try_acquire_lease(&id, "a", long).await.unwrap());
+    assert!(!b.try_acquire_lease(&id, "b", long).await.unwrap(), "one holder");
+    assert!(b.try_acquire_lease(&SessionId::parse("s-2").unwrap(), "b", long).await.unwrap(), "per session");
+    b.release_lease(&id, "b").await.unwrap(); // not the owner: no effect
+    assert!(!b.try_acquire_lease(&id, "b", long).await.unwrap());
+    a.release_lease(&id, "a").await.unwrap();
+    assert!(b.try_acquire_lease(&id, "b", Duration::from_millis(50)).await.unwrap());
+    // The lease key never collides with the record key, and expires on its own.
+    assert_eq!(redis.command(&["EXISTS", "lease-test:s-1"]).unwrap(), ":0");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !a.try_acquire_lease(&id, "a", long).await.unwrap() {
+        assert!(std::time::Instant::now() < deadline, "lease did not expire");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -466,6 +466,10 @@ impl Recovery {
                 self.delete_orphan(&target, &init.session_id);
                 continue;
             }
+            // The pod now holds a new session: that is a re-initialization, whether or not
+            // the pin below wins (a lost compare-and-set means single flight was bypassed,
+            // e.g. an expired lease, and must show in the metric).
+            metrics.count_reinitialization();
             let put = PutSession {
                 backend_session_id: Some(init.session_id.clone()),
                 upstream: endpoint.to_string(),
@@ -476,7 +480,6 @@ impl Recovery {
             };
             return match store.put(id, &put, PutCondition::IfGeneration(record.generation)).await {
                 Ok(PutOutcome::Created(new) | PutOutcome::Replaced(new)) => {
-                    metrics.count_reinitialization();
                     tracing::info!(
                         session = id.as_str(), %endpoint, generation = new.generation, "session re-initialized"
                     );
