@@ -68,8 +68,8 @@ Routes: PUT/GET/PATCH/DELETE /v1/sessions/{id} and POST /v1/sessions/{id}/recove
 GET /healthz, GET /readyz, GET /metrics.
 
 Recovery: when the pod a session is pinned to is gone or has lost the session, the filter calls \
-POST /v1/sessions/{id}/recover. Control picks a live MCP server endpoint (--endpoints or --endpoints-dns, skipping \
-the failed one), re-initializes the session there once (the stored initialize and notifications/initialized; \
+POST /v1/sessions/{id}/recover. Control picks a live MCP server endpoint (--endpoints or --endpoints-dns; the \
+failed one is skipped after a connection failure and tried last otherwise), re-initializes the session there once (the stored initialize and notifications/initialized; \
 single flight per session across every control instance sharing the store), stores the new pin with a \
 compare-and-set, and replays the client's request only when it provably did not run (connection failure, \
 session unknown) or its method is in --replay-safe-methods. See control/README.md, section Recovery.
