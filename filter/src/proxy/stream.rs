@@ -96,6 +96,9 @@ pub struct Stream {
     context_id: u32,
     request: Request,
     pending: Pending,
+    /// The request body buffered while the session was being resolved: it becomes the
+    /// replay copy once the request is pinned.
+    held_body: Option<Vec<u8>>,
 }
 
 /// Local reply with a JSON-RPC error body on the effective context
@@ -111,12 +114,26 @@ fn is_success(status: Option<&[u8]>) -> bool {
 
 impl Stream {
     pub fn new(p: Rc<Plugin>, context_id: u32) -> Self {
-        Stream { p, context_id, request: Request::Untracked, pending: Pending::None }
+        Stream { p, context_id, request: Request::Untracked, pending: Pending::None, held_body: None }
     }
 
     /// Whether requests of pinned sessions are recoverable through control.
     fn recoverable(&self) -> bool {
         self.p.control.is_some() && self.p.config.recovery.enabled
+    }
+
+    /// A pinned request that was held while its session was resolved; the body buffered
+    /// meanwhile (if any) is its replay copy.
+    fn resolved(&mut self, client_id: &str, pin: Pin, is_delete: bool) -> Pinned {
+        let mut p = Pinned::new(client_id, pin, is_delete, self.recoverable());
+        if let (Replay::Copy(copy), Some(body)) = (&mut p.replay, self.held_body.take()) {
+            if body.len() <= self.p.config.recovery.max_replay_body_bytes {
+                *copy = body;
+            } else {
+                p.replay = Replay::TooLarge;
+            }
+        }
+        p
     }
 
     fn reply_error(&mut self, status: u32, code: i32, message: &str) -> Action {
@@ -187,7 +204,7 @@ impl Stream {
         match r {
             Resolution::Found(pin) => {
                 self.apply_pin(client_id, pin);
-                self.request = Request::Pinned(Pinned::new(client_id, pin.clone(), is_delete, self.recoverable()));
+                self.request = Request::Pinned(self.resolved(client_id, pin.clone(), is_delete));
                 Action::Continue
             }
             Resolution::Unknown => match self.p.config.unknown_session {
@@ -621,8 +638,14 @@ impl HttpContext for Stream {
         let max_body = self.p.config.max_body_bytes;
         match &mut self.request {
             // Held for control's answer: keep buffering (Envoy: Continue from the body
-            // callback would release the held headers without the pin).
-            Request::Resolving { .. } => Action::Pause,
+            // callback would release the held headers without the pin). Keep the whole
+            // body for a replay.
+            Request::Resolving { .. } => {
+                if end_of_stream {
+                    self.held_body = self.get_http_request_body(0, body_size);
+                }
+                Action::Pause
+            }
             Request::MaybeInitialize { inspecting: true, .. } => self.inspect_new_session_body(body_size, end_of_stream),
             Request::Pinned(p) if p.watch_lifecycle => {
                 if body_size > max_body {
@@ -664,8 +687,9 @@ impl HttpContext for Stream {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         // A stream that waited for another's lookup finds its pin in shared data now.
         if let Request::Resolving { client_id, is_delete } = &self.request {
-            self.request = match store::get(client_id) {
-                Some(s) => Request::Pinned(Pinned::new(client_id, s.pin, *is_delete, false)),
+            let (client_id, is_delete) = (client_id.clone(), *is_delete);
+            self.request = match store::get(&client_id) {
+                Some(s) => Request::Pinned(self.resolved(&client_id, s.pin, is_delete)),
                 None => Request::Untracked,
             };
         }

@@ -1,0 +1,226 @@
+//! End-to-end transparent recovery: demo pods + dev proxy (filter) + control with an
+//! endpoint list. A pinned pod that dies, restarts in place, or answers like a
+//! TypeScript-SDK server is recovered without the client seeing an error or a new id.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+
+use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
+use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions};
+use mcp_affinity_harness::fixtures::redis::RedisServer;
+use mcp_affinity_harness::mcp_client::{self, Session};
+use serde_json::json;
+
+fn addrs(pods: &[Pod]) -> Vec<SocketAddr> {
+    pods.iter().map(|p| p.addr).collect()
+}
+
+fn control_for(pods: &[Pod], store: &str) -> ControlService {
+    let endpoints = addrs(pods).iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    ControlService::start_with(store, &["--endpoints".into(), endpoints]).unwrap()
+}
+
+fn proxy_for(pods: &[Pod], control: &ControlService) -> Proxy {
+    Proxy::start(
+        &addrs(pods),
+        ProxyOptions {
+            filter_config: ControlService::filter_config(""),
+            clusters: vec![control.proxy_cluster()],
+            vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn start_pods(n: usize, flags: &[&str]) -> Vec<Pod> {
+    (0..n).map(|i| Pod::start_with(&format!("pod-{i}"), flags).unwrap()).collect()
+}
+
+/// `whoami` through a raw POST, checking the client only sees its own session id.
+async fn whoami_checked(s: &Session) -> String {
+    let body = json!({"jsonrpc":"2.0","id":1000,"method":"tools/call","params":{"name":"whoami","arguments":{}}});
+    let r = s.post_raw(&[], body.to_string()).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    if let Some(id) = r.header("mcp-session-id") {
+        assert_eq!(id, s.session_id, "the client saw another session id");
+    }
+    let m = r.messages().into_iter().find(|m| m["id"] == 1000).unwrap_or_else(|| panic!("no answer: {}", r.text()));
+    m["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("{m}")).to_string()
+}
+
+/// Sessions (connected through `proxy`) whose pod is `pod`, out of `n` created.
+async fn sessions_on(proxy: &Proxy, pod: &str, n: usize) -> (Vec<Session>, usize) {
+    let mut mine = Vec::new();
+    let mut others = 0;
+    for _ in 0..n {
+        let s = mcp_client::connect(&proxy.url()).await.unwrap();
+        if s.whoami().await.unwrap() == pod { mine.push(s) } else { others += 1 }
+    }
+    (mine, others)
+}
+
+async fn reinitializations(control: &ControlService) -> f64 {
+    control.metric("reinitializations_total", "").await.unwrap()
+}
+
+/// Issue scenario 1 (+7): the pod holding 10 sessions is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_pinned_pod_moves_each_session_once() {
+    let mut pods = start_pods(3, &[]);
+    let control = control_for(&pods, "memory");
+    let proxy = proxy_for(&pods, &control);
+    let (victims, others) = sessions_on(&proxy, "pod-0", 30).await;
+    assert_eq!(victims.len(), 10, "round robin puts every third session on pod-0 ({others} elsewhere)");
+    pods[0].kill();
+    for s in &victims {
+        let moved = whoami_checked(s).await;
+        assert_ne!(moved, "pod-0");
+        assert_eq!(whoami_checked(s).await, moved, "stays on its new pod");
+        assert_eq!(s.echo("still here").await.unwrap(), "still here");
+    }
+    assert_eq!(reinitializations(&control).await, 10.0, "exactly one re-initialization per session");
+    assert_eq!(proxy.metric("recoveries_replayed").await.unwrap(), 10);
+}
+
+/// Issue scenario 2: a pod restarts in place (same address, sessions lost): 404 path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_restarted_in_place_is_recovered_via_404() {
+    let mut pods = start_pods(2, &[]);
+    let control = control_for(&pods, "memory");
+    let proxy = proxy_for(&pods, &control);
+    let (victims, _) = sessions_on(&proxy, "pod-0", 6).await;
+    assert_eq!(victims.len(), 3);
+    pods[0].restart().unwrap();
+    for s in &victims {
+        let now = whoami_checked(s).await;
+        assert_eq!(whoami_checked(s).await, now);
+    }
+    assert_eq!(reinitializations(&control).await, 3.0);
+}
+
+/// Issue scenario 3: TypeScript-SDK style servers answer unknown sessions with
+/// 400 / -32000 "Bad Request: No valid session ID provided".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ts_sdk_style_session_errors_are_recovered() {
+    let mut pods = start_pods(2, &["--unknown-session", "ts-sdk"]);
+    let control = control_for(&pods, "memory");
+    let proxy = proxy_for(&pods, &control);
+    let (victims, _) = sessions_on(&proxy, "pod-1", 4).await;
+    assert_eq!(victims.len(), 2);
+    pods[1].restart().unwrap();
+    for s in &victims {
+        let now = whoami_checked(s).await;
+        assert_eq!(whoami_checked(s).await, now);
+    }
+    assert_eq!(reinitializations(&control).await, 2.0);
+}
+
+/// Issue scenario 4: 20 concurrent requests of one session hit a dead pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_to_a_dead_pod_reinitialize_once() {
+    let mut pods = start_pods(2, &[]);
+    let control = control_for(&pods, "memory");
+    let proxy = proxy_for(&pods, &control);
+    let (victims, _) = sessions_on(&proxy, "pod-0", 2).await;
+    let s = victims.into_iter().next().unwrap();
+    pods[0].kill();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let s = s.clone(); // clones share the JSON-RPC id counter
+            tokio::spawn(async move { s.echo(&format!("m{i}")).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap().unwrap(), format!("m{i}"));
+    }
+    assert_eq!(reinitializations(&control).await, 1.0);
+    assert_eq!(whoami_checked(&s).await, "pod-1");
+}
+
+/// Issue scenario 5: two proxies, one Redis-backed control; B holds a stale pin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_proxy_with_a_stale_pin_does_not_reinitialize_again() {
+    let redis = RedisServer::start().unwrap();
+    let mut pods = start_pods(2, &[]);
+    let control = control_for(&pods, &redis.url());
+    let a = proxy_for(&pods, &control);
+    let b = proxy_for(&pods, &control);
+    let (victims, _) = sessions_on(&a, "pod-0", 2).await;
+    let via_a = victims.into_iter().next().unwrap();
+    let via_b = Session::with_id(&b.url(), &via_a.session_id);
+    assert_eq!(whoami_checked(&via_b).await, "pod-0", "B learned the pin from control");
+    pods[0].kill();
+    assert_eq!(whoami_checked(&via_a).await, "pod-1", "A recovers");
+    assert_eq!(whoami_checked(&via_b).await, "pod-1", "B recovers onto the same pod");
+    assert_eq!(reinitializations(&control).await, 1.0, "B's recovery found the newer generation");
+    assert_eq!(b.metric("recoveries_replayed").await.unwrap(), 1);
+}
+
+/// A fake upstream that reads one request and closes the connection without answering:
+/// the connection resets after the request was sent.
+fn black_hole() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            let mut buf = vec![0u8; 65536];
+            let mut seen = Vec::new();
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&seen);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))).unwrap_or(0);
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+            }
+            let _ = c.flush();
+            drop(c); // closed without a response
+        }
+    });
+    addr
+}
+
+/// Issue scenario 6: a `tools/call` whose connection resets after it was sent is not
+/// replayed; the client gets the documented error and its next call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tools_call_reset_after_sending_is_not_replayed() {
+    let pods = start_pods(2, &[]);
+    let control = control_for(&pods, "memory");
+    let mut proxy = proxy_for(&pods, &control);
+    let s = mcp_client::connect(&proxy.url()).await.unwrap();
+    s.whoami().await.unwrap();
+    // Point the session at an upstream that resets after reading the request.
+    let (_, record) = control.get_session(&s.session_id).await.unwrap();
+    let mut moved = record.clone();
+    moved["upstream"] = json!(black_hole().to_string());
+    let put: serde_json::Map<String, serde_json::Value> = ["backend_session_id", "upstream", "generation", "initialize", "initialized", "protocol_version"]
+        .iter()
+        .map(|k| (k.to_string(), moved[*k].clone()))
+        .collect();
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/sessions/{}", control.base_url(), s.session_id))
+        .bearer_auth(TEST_TOKEN)
+        .json(&put)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    proxy.restart().unwrap(); // forget the cached pin: the next request looks up control
+
+    let err = s.echo("did this run?").await.unwrap_err();
+    assert_eq!(err.jsonrpc_code(), Some(-32003), "outcome unknown, not replayed: {err}");
+    assert_eq!(proxy.metric("recoveries_not_replayed").await.unwrap(), 1);
+    // The session was re-pinned: the next call works.
+    let now = whoami_checked(&s).await;
+    assert!(now.starts_with("pod-"), "{now}");
+    let names: HashSet<_> = [whoami_checked(&s).await, now].into();
+    assert_eq!(names.len(), 1);
+}
