@@ -45,7 +45,8 @@ fi
 
 MCP_AFFINITY_CONTROL_TOKEN=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
 export MCP_AFFINITY_CONTROL_TOKEN
-"$BIN/mcp-affinity-control" --listen "$CONTROL" --store memory &
+# Control re-initializes sessions on these endpoints when their pod is gone (recovery).
+"$BIN/mcp-affinity-control" --listen "$CONTROL" --store memory --endpoints "$(IFS=,; echo "${upstreams[*]}")" &
 pids+=($!)
 
 cat >"$RUN_DIR/filter.json" <<JSON
