@@ -3,8 +3,8 @@
 
 use std::fmt;
 
-/// Longest accepted session id, in bytes.
-pub const MAX_SESSION_ID_LEN: usize = 256;
+/// Longest accepted session id, in bytes (the filter's bound).
+pub const MAX_SESSION_ID_LEN: usize = mcp_affinity_filter::session_id::MAX_SESSION_ID_LEN;
 
 /// A validated MCP session id (1..=256 bytes, each 0x21–0x7E).
 ///
@@ -12,22 +12,9 @@ pub const MAX_SESSION_ID_LEN: usize = 256;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(String);
 
-/// Why a string is not a valid session id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidSessionId {
-    /// The id is empty.
-    #[error("session id is empty")]
-    Empty,
-    /// The id is longer than [`MAX_SESSION_ID_LEN`] bytes.
-    #[error("session id is longer than {MAX_SESSION_ID_LEN} bytes")]
-    TooLong,
-    /// The id holds a byte outside visible ASCII (0x21–0x7E); `position` is its byte index.
-    #[error("session id byte {position} is not visible ASCII (0x21-0x7E)")]
-    NotVisibleAscii {
-        /// Byte index of the first offending byte.
-        position: usize,
-    },
-}
+/// Why a string is not a valid session id: the filter's own error, so both sides apply
+/// one rule (MCP `basic/transports`, session management).
+pub use mcp_affinity_filter::session_id::InvalidSessionId;
 
 /// True when `s` is 1..=256 bytes of visible ASCII. The same rule as the filter's.
 pub fn is_valid_session_id(s: &str) -> bool {
@@ -35,16 +22,7 @@ pub fn is_valid_session_id(s: &str) -> bool {
 }
 
 fn validate(s: &str) -> Result<(), InvalidSessionId> {
-    if s.is_empty() {
-        return Err(InvalidSessionId::Empty);
-    }
-    if s.len() > MAX_SESSION_ID_LEN {
-        return Err(InvalidSessionId::TooLong);
-    }
-    match s.bytes().position(|b| !(0x21..=0x7e).contains(&b)) {
-        Some(position) => Err(InvalidSessionId::NotVisibleAscii { position }),
-        None => Ok(()),
-    }
+    mcp_affinity_filter::session_id::validate(s.as_bytes(), MAX_SESSION_ID_LEN).map(|_| ())
 }
 
 impl SessionId {
@@ -74,23 +52,13 @@ impl fmt::Display for SessionId {
 mod tests {
     use super::*;
 
+    // The rule itself is tested in the filter (`session_id`); here: the newtype applies it.
     #[test]
-    fn accepts_visible_ascii_up_to_256_bytes() {
-        assert!(SessionId::parse("a").is_ok());
-        assert!(SessionId::parse("!~/%?#{}").is_ok());
+    fn parse_applies_the_shared_rule() {
+        assert_eq!(SessionId::parse("!~/%?#{}").unwrap().as_str(), "!~/%?#{}");
         assert!(SessionId::parse(&"x".repeat(256)).is_ok());
-    }
-
-    #[test]
-    fn rejects_empty_long_and_invisible() {
         assert_eq!(SessionId::parse(""), Err(InvalidSessionId::Empty));
-        assert_eq!(SessionId::parse(&"x".repeat(257)), Err(InvalidSessionId::TooLong));
-        assert_eq!(
-            SessionId::parse("ab c"),
-            Err(InvalidSessionId::NotVisibleAscii { position: 2 })
-        );
-        assert!(SessionId::parse("a\x7f").is_err());
-        assert!(SessionId::parse("a\tb").is_err());
-        assert!(SessionId::parse("é").is_err());
+        assert_eq!(SessionId::parse(&"x".repeat(257)), Err(InvalidSessionId::TooLong { len: 257, max: 256 }));
+        assert_eq!(SessionId::parse("ab c"), Err(InvalidSessionId::InvalidByte { offset: 2, byte: b' ' }));
     }
 }

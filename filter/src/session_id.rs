@@ -35,6 +35,8 @@ impl std::fmt::Display for InvalidSessionId {
     }
 }
 
+impl std::error::Error for InvalidSessionId {}
+
 /// Checks `id` against the MCP rule (visible ASCII 0x21–0x7E) and `max_len` (bytes).
 ///
 /// Returns the id as `&str` (valid ASCII is valid UTF-8). No allocation.
