@@ -488,42 +488,9 @@ async fn read_sse_response(resp: reqwest::Response, id: &Value) -> Result<Value,
     }
 }
 
-/// The `data` of each event of an SSE text (multi-line data joined with `\n`), skipping
-/// events without data or with empty data. Lines are `field: value` or `field:value`;
-/// comments (`:`) and other fields are ignored.
-pub fn sse_data(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut data: Option<String> = None;
-    for line in text.replace("\r\n", "\n").replace('\r', "\n").split('\n') {
-        if line.is_empty() {
-            if let Some(d) = data.take()
-                && !d.is_empty()
-            {
-                out.push(d);
-            }
-            continue;
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line, ""),
-        };
-        if field == "data" {
-            match &mut data {
-                Some(d) => {
-                    d.push('\n');
-                    d.push_str(value);
-                }
-                None => data = Some(value.to_string()),
-            }
-        }
-    }
-    if let Some(d) = data
-        && !d.is_empty()
-    {
-        out.push(d);
-    }
-    out
-}
+/// The `data` of each event of an SSE text: the control service's parser (the one that
+/// reads pods' answers during recovery), so tests and control read SSE alike.
+pub use mcp_affinity_control::recover::upstream::sse_data;
 
 #[cfg(test)]
 mod tests {
