@@ -7,13 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use mcp_affinity_control::config::Config;
+use mcp_affinity_harness::fixtures::control::InProcessControl;
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 const TOKEN: &str = "conformance-token-0123456789";
 const MAX_BODY: usize = 4096;
@@ -29,16 +26,8 @@ enum Backend {
 struct Control {
     base: String,
     http: reqwest::Client,
+    _server: InProcessControl,
     _redis: Option<RedisServer>,
-    stop: Option<oneshot::Sender<()>>,
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
 }
 
 /// Percent-encodes every byte outside `[A-Za-z0-9_.~-]`, as a client must for the `{id}`
@@ -72,19 +61,10 @@ impl Control {
         if let Some(r) = &redis {
             args.extend(["--store".into(), r.url(), "--redis-key-prefix".into(), "conformance:".into()]);
         }
-        let config = Config::try_parse_from(args).expect("config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            mcp_affinity_control::serve(config, listener, async move {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("control serve");
-        });
+        let server = InProcessControl::start(&args[1..]).await;
+        let base = server.base.clone();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-        Control { base, http, _redis: redis, stop: Some(stop) }
+        Control { base, http, _server: server, _redis: redis }
     }
 
     fn url(&self, path: &str) -> String {

@@ -13,15 +13,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
-use mcp_affinity_control::config::Config;
 use mcp_affinity_harness::fixtures::mesh::{Pod, pods};
+use mcp_affinity_harness::fixtures::control::InProcessControl;
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use mcp_affinity_harness::mcp_client::{self, Session};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 const TOKEN: &str = "recover-token-0123456789";
 const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
@@ -30,15 +27,7 @@ const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialize
 struct Control {
     base: String,
     http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
+    _server: InProcessControl,
 }
 
 impl Control {
@@ -50,19 +39,10 @@ impl Control {
             args.extend(["--endpoints".into(), list.join(",")]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let config = Config::try_parse_from(args).expect("config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            mcp_affinity_control::serve(config, listener, async move {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("control serve");
-        });
+        let server = InProcessControl::start(&args[1..]).await;
+        let base = server.base.clone();
         let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap();
-        Control { base, http, stop: Some(stop) }
+        Control { base, http, _server: server }
     }
 
     fn session_url(&self, id: &str) -> String {
