@@ -41,8 +41,12 @@ run: build
 test: setup wasm
 	$(CARGO) test --workspace --no-fail-fast
 
+# Envoy in a container (ENVOY_IMAGE, default envoyproxy/envoy:v1.39-latest) with control and
+# demo pods as processes; skips with one line per test where no Docker engine answers.
+# Control is another package: build its binary, which the suite starts.
 test-envoy: setup wasm
-	$(CARGO) test -p mcp-affinity-harness --test envoy_real -- --nocapture
+	$(CARGO) build -p mcp-affinity-control
+	$(CARGO) test -p mcp-affinity-harness --features real-envoy --test envoy_real -- --nocapture
 
 bench: setup
 	$(CARGO) bench -p mcp-affinity-control
