@@ -8,7 +8,7 @@
 # BOOTSTRAP=envoy/envoy-stateful-session.yaml selects the stateful-session variant.
 # Run with MCP_AFFINITY_CONTROL_TOKEN set (the filter reads it through host_env_keys).
 
-ARG ENVOY_IMAGE=envoyproxy/envoy:v1.36-latest
+ARG ENVOY_IMAGE=envoyproxy/envoy:v1.39-latest
 FROM ${ENVOY_IMAGE}
 ARG BOOTSTRAP=envoy/envoy.yaml
 COPY target/wasm32-wasip1/wasm/mcp_affinity_filter.wasm /etc/envoy/mcp_affinity_filter.wasm

@@ -224,3 +224,27 @@ async fn a_tools_call_reset_after_sending_is_not_replayed() {
     let names: HashSet<_> = [whoami_checked(&s).await, now].into();
     assert_eq!(names.len(), 1);
 }
+
+/// GET streams are not replayed: a GET whose pod is gone is answered with an SSE stream
+/// that ends at once (`retry:` set), carrying the client's own session id, so a standard
+/// client opens its GET stream again — on the new pod, since the session is re-pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_get_stream_to_a_dead_pod_is_answered_so_the_client_reopens_it() {
+    let mut pods = start_pods(2, &[]);
+    let control = control_for(&pods, "memory");
+    let proxy = proxy_for(&pods, &control);
+    let (victims, _) = sessions_on(&proxy, "pod-0", 2).await;
+    let s = victims.into_iter().next().unwrap();
+    pods[0].kill();
+    let mut headers = s.default_headers();
+    headers.insert("accept", "text/event-stream".parse().unwrap());
+    let r = mcp_client::send_raw(&mcp_client::http_client(), reqwest::Method::GET, &s.url, &headers, bytes::Bytes::new()).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.is_sse(), "{:?}", r.headers);
+    assert!(r.text().contains("retry:"), "{}", r.text());
+    assert_eq!(r.header("mcp-session-id"), Some(s.session_id.as_str()));
+    assert_eq!(proxy.metric("recoveries_not_replayed").await.unwrap(), 1);
+    // Re-pinned: the next request (and a reopened GET) goes to the live pod.
+    assert_eq!(whoami_checked(&s).await, "pod-1");
+    assert_eq!(reinitializations(&control).await, 1.0);
+}
