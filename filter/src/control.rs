@@ -12,14 +12,22 @@ pub fn session_path(prefix: &str, session_id: &str) -> String {
     let mut p = String::with_capacity(prefix.len() + 10 + session_id.len() * 3);
     p.push_str(prefix);
     p.push_str("/sessions/");
-    for b in session_id.bytes() {
+    p.push_str(&encode_segment(session_id));
+    p
+}
+
+/// Percent-encodes every byte outside RFC 3986 "unreserved" (`A-Z a-z 0-9 - . _ ~`), for
+/// one path segment.
+pub fn encode_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            p.push(b as char);
+            out.push(b as char);
         } else {
-            p.push_str(&format!("%{b:02X}"));
+            out.push_str(&format!("%{b:02X}"));
         }
     }
-    p
+    out
 }
 
 /// Body of `PUT /v1/sessions/{id}`: a new session pinned to `upstream`.

@@ -419,6 +419,21 @@ impl Session {
         self.call_tool_text("whoami", json!({})).await
     }
 
+    /// `whoami` as one raw POST that must answer 200 and must not show the client any
+    /// session id but its own (MCP sessions behind mcp-affinity keep their id through
+    /// recovery). Panics otherwise; for end-to-end assertions.
+    pub async fn whoami_keeping_id(&self) -> String {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"whoami","arguments":{}}});
+        let r = self.post_raw(&[], body.to_string()).await.expect("POST whoami");
+        assert_eq!(r.status, 200, "{}", r.text());
+        if let Some(seen) = r.header("mcp-session-id") {
+            assert_eq!(seen, self.session_id, "the client saw another session id");
+        }
+        let m = r.messages().into_iter().find(|m| m["id"] == id).unwrap_or_else(|| panic!("no answer: {}", r.text()));
+        m["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("{m}")).to_string()
+    }
+
     /// Calls the demo server's `echo` tool.
     pub async fn echo(&self, text: &str) -> Result<String, CallError> {
         self.call_tool_text("echo", json!({"text": text})).await

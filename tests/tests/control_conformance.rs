@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use mcp_affinity_filter::control::encode_segment as encode;
 use mcp_affinity_harness::fixtures::control::InProcessControl;
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use reqwest::{Method, StatusCode};
@@ -30,16 +31,6 @@ struct Control {
     _redis: Option<RedisServer>,
 }
 
-/// Percent-encodes every byte outside `[A-Za-z0-9_.~-]`, as a client must for the `{id}`
-/// path segment.
-fn encode(id: &str) -> String {
-    id.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
 
 impl Control {
     async fn start(backend: Backend, ttl_secs: u64) -> Control {

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mcp_affinity_harness::fixtures::mesh::{Pod, pods};
+use mcp_affinity_filter::control::encode_segment as encode;
 use mcp_affinity_harness::fixtures::control::InProcessControl;
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use mcp_affinity_harness::mcp_client::{self, Session};
@@ -97,15 +98,6 @@ impl Control {
     }
 }
 
-/// Percent-encodes every byte outside `[A-Za-z0-9_.~-]` (the `{id}` path segment).
-fn encode(id: &str) -> String {
-    id.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
 
 fn pod_url(addr: SocketAddr) -> String {
     format!("http://{addr}/mcp")

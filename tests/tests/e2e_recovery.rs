@@ -38,18 +38,6 @@ fn start_pods(n: usize, flags: &[&str]) -> Vec<Pod> {
     (0..n).map(|i| Pod::start_with(&format!("pod-{i}"), flags).unwrap()).collect()
 }
 
-/// `whoami` through a raw POST, checking the client only sees its own session id.
-async fn whoami_checked(s: &Session) -> String {
-    let body = json!({"jsonrpc":"2.0","id":1000,"method":"tools/call","params":{"name":"whoami","arguments":{}}});
-    let r = s.post_raw(&[], body.to_string()).await.unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    if let Some(id) = r.header("mcp-session-id") {
-        assert_eq!(id, s.session_id, "the client saw another session id");
-    }
-    let m = r.messages().into_iter().find(|m| m["id"] == 1000).unwrap_or_else(|| panic!("no answer: {}", r.text()));
-    m["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("{m}")).to_string()
-}
-
 /// Sessions (connected through `proxy`) whose pod is `pod`, out of `n` created.
 async fn sessions_on(proxy: &Proxy, pod: &str, n: usize) -> (Vec<Session>, usize) {
     let mut mine = Vec::new();
@@ -75,46 +63,42 @@ async fn killing_the_pinned_pod_moves_each_session_once() {
     assert_eq!(victims.len(), 10, "round robin puts every third session on pod-0 ({others} elsewhere)");
     pods[0].kill();
     for s in &victims {
-        let moved = whoami_checked(s).await;
+        let moved = s.whoami_keeping_id().await;
         assert_ne!(moved, "pod-0");
-        assert_eq!(whoami_checked(s).await, moved, "stays on its new pod");
+        assert_eq!(s.whoami_keeping_id().await, moved, "stays on its new pod");
         assert_eq!(s.echo("still here").await.unwrap(), "still here");
     }
     assert_eq!(reinitializations(&control).await, 10.0, "exactly one re-initialization per session");
     assert_eq!(proxy.metric("recoveries_replayed").await.unwrap(), 10);
 }
 
-/// Issue scenario 2: a pod restarts in place (same address, sessions lost): 404 path.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_pod_restarted_in_place_is_recovered_via_404() {
-    let mut pods = start_pods(2, &[]);
+/// Restarts in place (same address, sessions lost) the pod holding `expected` of `of`
+/// sessions; each is recovered once, through the pods' way of saying "session unknown".
+async fn restart_in_place_recovers(pod_flags: &[&str], victim: usize, of: usize, expected: usize) {
+    let mut pods = start_pods(2, pod_flags);
     let control = control_for(&pods, "memory");
     let proxy = proxy_for(&pods, &control);
-    let (victims, _) = sessions_on(&proxy, "pod-0", 6).await;
-    assert_eq!(victims.len(), 3);
-    pods[0].restart().unwrap();
+    let (victims, _) = sessions_on(&proxy, &format!("pod-{victim}"), of).await;
+    assert_eq!(victims.len(), expected);
+    pods[victim].restart().unwrap();
     for s in &victims {
-        let now = whoami_checked(s).await;
-        assert_eq!(whoami_checked(s).await, now);
+        let now = s.whoami_keeping_id().await;
+        assert_eq!(s.whoami_keeping_id().await, now);
     }
-    assert_eq!(reinitializations(&control).await, 3.0);
+    assert_eq!(reinitializations(&control).await, expected as f64);
+}
+
+/// Issue scenario 2: a pod restarts in place: the 404 path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_restarted_in_place_is_recovered_via_404() {
+    restart_in_place_recovers(&[], 0, 6, 3).await;
 }
 
 /// Issue scenario 3: TypeScript-SDK style servers answer unknown sessions with
 /// 400 / -32000 "Bad Request: No valid session ID provided".
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ts_sdk_style_session_errors_are_recovered() {
-    let mut pods = start_pods(2, &["--unknown-session", "ts-sdk"]);
-    let control = control_for(&pods, "memory");
-    let proxy = proxy_for(&pods, &control);
-    let (victims, _) = sessions_on(&proxy, "pod-1", 4).await;
-    assert_eq!(victims.len(), 2);
-    pods[1].restart().unwrap();
-    for s in &victims {
-        let now = whoami_checked(s).await;
-        assert_eq!(whoami_checked(s).await, now);
-    }
-    assert_eq!(reinitializations(&control).await, 2.0);
+    restart_in_place_recovers(&["--unknown-session", "ts-sdk"], 1, 4, 2).await;
 }
 
 /// Issue scenario 4: 20 concurrent requests of one session hit a dead pod.
@@ -136,7 +120,7 @@ async fn concurrent_requests_to_a_dead_pod_reinitialize_once() {
         assert_eq!(t.await.unwrap().unwrap(), format!("m{i}"));
     }
     assert_eq!(reinitializations(&control).await, 1.0);
-    assert_eq!(whoami_checked(&s).await, "pod-1");
+    assert_eq!(s.whoami_keeping_id().await, "pod-1");
 }
 
 /// Issue scenario 5: two proxies, one Redis-backed control; B holds a stale pin.
@@ -150,10 +134,10 @@ async fn a_second_proxy_with_a_stale_pin_does_not_reinitialize_again() {
     let (victims, _) = sessions_on(&a, "pod-0", 2).await;
     let via_a = victims.into_iter().next().unwrap();
     let via_b = Session::with_id(&b.url(), &via_a.session_id);
-    assert_eq!(whoami_checked(&via_b).await, "pod-0", "B learned the pin from control");
+    assert_eq!(via_b.whoami_keeping_id().await, "pod-0", "B learned the pin from control");
     pods[0].kill();
-    assert_eq!(whoami_checked(&via_a).await, "pod-1", "A recovers");
-    assert_eq!(whoami_checked(&via_b).await, "pod-1", "B recovers onto the same pod");
+    assert_eq!(via_a.whoami_keeping_id().await, "pod-1", "A recovers");
+    assert_eq!(via_b.whoami_keeping_id().await, "pod-1", "B recovers onto the same pod");
     assert_eq!(reinitializations(&control).await, 1.0, "B's recovery found the newer generation");
     assert_eq!(b.metric("recoveries_replayed").await.unwrap(), 1);
 }
@@ -219,9 +203,9 @@ async fn a_tools_call_reset_after_sending_is_not_replayed() {
     assert_eq!(err.jsonrpc_code(), Some(-32003), "outcome unknown, not replayed: {err}");
     assert_eq!(proxy.metric("recoveries_not_replayed").await.unwrap(), 1);
     // The session was re-pinned: the next call works.
-    let now = whoami_checked(&s).await;
+    let now = s.whoami_keeping_id().await;
     assert!(now.starts_with("pod-"), "{now}");
-    let names: HashSet<_> = [whoami_checked(&s).await, now].into();
+    let names: HashSet<_> = [s.whoami_keeping_id().await, now].into();
     assert_eq!(names.len(), 1);
 }
 
@@ -245,6 +229,6 @@ async fn a_get_stream_to_a_dead_pod_is_answered_so_the_client_reopens_it() {
     assert_eq!(r.header("mcp-session-id"), Some(s.session_id.as_str()));
     assert_eq!(proxy.metric("recoveries_not_replayed").await.unwrap(), 1);
     // Re-pinned: the next request (and a reopened GET) goes to the live pod.
-    assert_eq!(whoami_checked(&s).await, "pod-1");
+    assert_eq!(s.whoami_keeping_id().await, "pod-1");
     assert_eq!(reinitializations(&control).await, 1.0);
 }

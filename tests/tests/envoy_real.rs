@@ -443,14 +443,7 @@ async fn dead_pod_is_recovered_through_real_envoy() {
     let origin = s.whoami().await.unwrap();
 
     pods.iter_mut().find(|p| p.name == origin).unwrap().kill();
-    let body = json!({"jsonrpc":"2.0","id":9001,"method":"tools/call","params":{"name":"whoami","arguments":{}}});
-    let r = s.post_raw(&[], body.to_string()).await.unwrap();
-    assert_eq!(r.status, 200, "the call after the pod died: {}", r.text());
-    if let Some(id) = r.header("mcp-session-id") {
-        assert_eq!(id, s.session_id, "the client saw another session id");
-    }
-    let answer = r.messages().into_iter().find(|m| m["id"] == 9001).unwrap_or_else(|| panic!("no answer: {}", r.text()));
-    let moved = answer["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("{answer}")).to_string();
+    let moved = s.whoami_keeping_id().await;
     assert_ne!(moved, origin);
     for i in 0..3 {
         assert_eq!(s.whoami().await.unwrap(), moved, "request {i} after the recovery");
