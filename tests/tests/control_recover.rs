@@ -159,6 +159,20 @@ async fn pinned_session(control: &Control, pod: &Pod) -> Session {
     session
 }
 
+/// Every answer is 200 `replayed` on the same pin, and answer `i` carries the tool text
+/// `expected(i).1` for JSON-RPC id `expected(i).0`. Returns that pin.
+fn assert_replayed_on_one_pin(answers: &[(StatusCode, Value)], expected: impl Fn(u64) -> (u64, String)) -> Value {
+    let first_pin = answers[0].1["pin"].clone();
+    for (i, (status, answer)) in answers.iter().enumerate() {
+        assert_eq!(*status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["outcome"], "replayed", "{answer}");
+        assert_eq!(answer["pin"], first_pin, "every recovery sees the same pin");
+        let (id, text) = expected(i as u64);
+        assert_eq!(tool_text(answer, id), text);
+    }
+    first_pin
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_after_the_pinned_pod_is_killed() {
     let mut pods = pods(3).unwrap();
@@ -243,13 +257,7 @@ async fn concurrent_recoveries_of_one_session_reinitialize_once() {
         async move { control.recover(&id, &body).await }
     });
     let answers = futures::future::join_all(calls).await;
-    let first_pin = answers[0].1["pin"].clone();
-    for (i, (status, answer)) in answers.iter().enumerate() {
-        assert_eq!(*status, StatusCode::OK, "{answer}");
-        assert_eq!(answer["outcome"], "replayed", "{answer}");
-        assert_eq!(answer["pin"], first_pin, "every recovery sees the same pin");
-        assert_eq!(tool_text(answer, 100 + i as u64), format!("call {i}"));
-    }
+    let first_pin = assert_replayed_on_one_pin(&answers, |i| (100 + i, format!("call {i}")));
     assert_eq!(first_pin["generation"], 2);
     assert_eq!(control.reinitializations().await, 1.0, "20 concurrent recoveries, one re-initialization");
     assert_eq!(control.metric("mcp_affinity_control_replays_total").await, 20.0);
@@ -273,13 +281,7 @@ async fn two_control_instances_sharing_redis_reinitialize_once() {
         async move { control.recover(&id, &body).await }
     });
     let answers = futures::future::join_all(calls).await;
-    let first_pin = answers[0].1["pin"].clone();
-    for (i, (status, answer)) in answers.iter().enumerate() {
-        assert_eq!(*status, StatusCode::OK, "{answer}");
-        assert_eq!(answer["outcome"], "replayed", "{answer}");
-        assert_eq!(answer["pin"], first_pin);
-        assert_eq!(tool_text(answer, 200 + i as u64), format!("r{i}"));
-    }
+    assert_replayed_on_one_pin(&answers, |i| (200 + i, format!("r{i}")));
     let total = a.reinitializations().await + b.reinitializations().await;
     assert_eq!(total, 1.0, "one re-initialization across both instances");
     // The lease is released (no key left behind) and both instances read the new pin.

@@ -101,15 +101,21 @@ async fn ts_sdk_style_session_errors_are_recovered() {
     restart_in_place_recovers(&["--unknown-session", "ts-sdk"], 1, 4, 2).await;
 }
 
-/// Issue scenario 4: 20 concurrent requests of one session hit a dead pod.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_requests_to_a_dead_pod_reinitialize_once() {
+/// Two pods, control and a proxy; one session pinned to pod-0, which is then killed.
+async fn one_session_on_a_dead_pod() -> (Vec<Pod>, ControlService, Proxy, Session) {
     let mut pods = start_pods(2, &[]);
     let control = control_for(&pods, "memory");
     let proxy = proxy_for(&pods, &control);
     let (victims, _) = sessions_on(&proxy, "pod-0", 2).await;
     let s = victims.into_iter().next().unwrap();
     pods[0].kill();
+    (pods, control, proxy, s)
+}
+
+/// Issue scenario 4: 20 concurrent requests of one session hit a dead pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_to_a_dead_pod_reinitialize_once() {
+    let (_pods, control, _proxy, s) = one_session_on_a_dead_pod().await;
     let tasks: Vec<_> = (0..20)
         .map(|i| {
             let s = s.clone(); // clones share the JSON-RPC id counter
@@ -214,12 +220,7 @@ async fn a_tools_call_reset_after_sending_is_not_replayed() {
 /// client opens its GET stream again — on the new pod, since the session is re-pinned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_get_stream_to_a_dead_pod_is_answered_so_the_client_reopens_it() {
-    let mut pods = start_pods(2, &[]);
-    let control = control_for(&pods, "memory");
-    let proxy = proxy_for(&pods, &control);
-    let (victims, _) = sessions_on(&proxy, "pod-0", 2).await;
-    let s = victims.into_iter().next().unwrap();
-    pods[0].kill();
+    let (_pods, control, proxy, s) = one_session_on_a_dead_pod().await;
     let mut headers = s.default_headers();
     headers.insert("accept", "text/event-stream".parse().unwrap());
     let r = mcp_client::send_raw(&mcp_client::http_client(), reqwest::Method::GET, &s.url, &headers, bytes::Bytes::new()).await.unwrap();
