@@ -555,7 +555,7 @@ fn check_control_manifest(objs: &BTreeMap<String, Json>) -> Check {
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         ensure!(c.pointer(&format!("/{probe}/httpGet/path")).and_then(Json::as_str) == Some(path), "{key}: {probe} must GET {path}");
         let p = c.pointer(&format!("/{probe}/httpGet/port")).cloned().unwrap_or(Json::Null);
-        ensure!(p == Json::from("http") || p.as_u64() == Some(port), "{key}: {probe} must use control's port");
+        ensure!(p.as_str() == Some("http") || p.as_u64() == Some(port), "{key}: {probe} must use control's port");
     }
     // The token file comes from the Secret, through a mounted volume.
     let token_file = config.token_file.as_ref().ok_or_else(|| format!("{key}: pass the token with --token-file"))?;

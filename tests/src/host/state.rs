@@ -92,8 +92,11 @@ pub struct LogLine {
 /// one stat per name in its stats store).
 #[derive(Debug, Clone, Default)]
 pub struct MetricsStore {
-    inner: Arc<Mutex<(HashMap<String, u32>, Vec<(String, i64)>)>>,
+    inner: Arc<Mutex<Metrics>>,
 }
+
+/// Metric ids by name, and `(name, value)` by id − 1.
+type Metrics = (HashMap<String, u32>, Vec<(String, i64)>);
 
 impl MetricsStore {
     /// The id of `name`, defining it when new (ids start at 1).
