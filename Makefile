@@ -13,7 +13,7 @@ help:
 	@echo "make run         build and start 3 demo MCP pods, control and the dev proxy on http://127.0.0.1:10000/mcp"
 	@echo "make test        unit, host-level (wasm) and end-to-end tests"
 	@echo "make test-envoy  the real-Envoy suite (skips without a Docker engine)"
-	@echo "make bench       benchmarks (control store throughput/latency)"
+	@echo "make bench       benchmarks (filter hot path; control store throughput/latency)"
 	@echo "make wasm        build $(WASM)"
 
 setup: setup-wasm setup-redis
@@ -49,6 +49,7 @@ test-envoy: setup wasm
 	$(CARGO) test -p mcp-affinity-harness --features real-envoy --test envoy_real -- --nocapture
 
 bench: setup
+	$(CARGO) bench -p mcp-affinity-filter --bench hot_path
 	$(CARGO) bench -p mcp-affinity-control
 
 images: wasm
