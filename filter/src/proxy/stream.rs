@@ -610,10 +610,7 @@ impl HttpContext for Stream {
         let method = self.get_http_request_header_bytes(METHOD).unwrap_or_default();
         if let Some(raw_id) = self.get_http_request_header_bytes(MCP_SESSION_ID) {
             return match session_id::validate(&raw_id, self.p.config.max_session_id_len) {
-                Ok(id) => {
-                    let id = id.to_string();
-                    self.route_session(&id, method == b"DELETE")
-                }
+                Ok(id) => self.route_session(id, method == b"DELETE"),
                 Err(e) => {
                     metrics::inc(self.p.metrics.invalid_session_id);
                     self.reply_error(400, jsonrpc::code::INVALID_REQUEST, &format!("Bad Request: {e}"))

@@ -40,6 +40,9 @@ pub struct VmConfig {
     pub echo_logs: bool,
 }
 
+/// A stream callback export: `(context_id, size, end_of_stream) -> action`.
+type StreamCallback = TypedFunc<(i32, i32, i32), i32>;
+
 struct Exports {
     on_context_create: TypedFunc<(i32, i32), ()>,
     on_vm_start: TypedFunc<(i32, i32), i32>,
@@ -199,42 +202,52 @@ impl Vm {
         self.store.data_mut().effective_context = id;
     }
 
+    /// Runs one HTTP stream callback `(context_id, size, end_of_stream) -> action`, where
+    /// `size` is `count` of the stream's state (headers in the map, or body bytes).
+    fn stream_callback(
+        &mut self,
+        id: u32,
+        end_of_stream: bool,
+        count: fn(&StreamState) -> usize,
+        export: fn(&Exports) -> &StreamCallback,
+    ) -> Result<Action> {
+        self.enter(id);
+        let n = count(self.stream(id)) as i32;
+        let raw = self.call(|s, f| export(f).call(s, (id as i32, n, end_of_stream as i32)))?;
+        Ok(Action::from_raw(raw))
+    }
+
     /// `proxy_on_request_headers(id, num_headers, end_of_stream)`. Continue releases the
     /// request headers upstream; from then on they are read-only.
     pub fn on_request_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action> {
-        self.enter(id);
-        let n = self.stream(id).request_headers.len() as i32;
-        let a = Action::from_raw(self.call(|s, f| f.on_request_headers.call(s, (id as i32, n, end_of_stream as i32)))?);
-        if a == Action::Continue {
-            self.stream(id).phase = Phase::RequestHeadersSent;
-        }
+        let a = self.stream_callback(id, end_of_stream, |st| st.request_headers.len(), |f| &f.on_request_headers)?;
+        self.release_request_headers(id, a);
         Ok(a)
     }
 
     /// `proxy_on_request_body(id, body_size, end_of_stream)`; the body buffer must hold
     /// what Envoy has buffered so far (all of it, when earlier calls paused).
     pub fn on_request_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action> {
-        self.enter(id);
-        let n = self.stream(id).request_body.len() as i32;
-        let a = Action::from_raw(self.call(|s, f| f.on_request_body.call(s, (id as i32, n, end_of_stream as i32)))?);
+        let a = self.stream_callback(id, end_of_stream, |st| st.request_body.len(), |f| &f.on_request_body)?;
+        self.release_request_headers(id, a);
+        Ok(a)
+    }
+
+    /// Continue from a request callback sends the held headers upstream.
+    fn release_request_headers(&mut self, id: u32, a: Action) {
         if a == Action::Continue {
             self.stream(id).phase = Phase::RequestHeadersSent;
         }
-        Ok(a)
     }
 
     /// `proxy_on_response_headers(id, num_headers, end_of_stream)`.
     pub fn on_response_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action> {
-        self.enter(id);
-        let n = self.stream(id).response_headers.len() as i32;
-        Ok(Action::from_raw(self.call(|s, f| f.on_response_headers.call(s, (id as i32, n, end_of_stream as i32)))?))
+        self.stream_callback(id, end_of_stream, |st| st.response_headers.len(), |f| &f.on_response_headers)
     }
 
     /// `proxy_on_response_body(id, body_size, end_of_stream)`.
     pub fn on_response_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action> {
-        self.enter(id);
-        let n = self.stream(id).response_body.len() as i32;
-        Ok(Action::from_raw(self.call(|s, f| f.on_response_body.call(s, (id as i32, n, end_of_stream as i32)))?))
+        self.stream_callback(id, end_of_stream, |st| st.response_body.len(), |f| &f.on_response_body)
     }
 
     /// Takes the HTTP calls context `context_id` dispatched and nobody performed yet.
