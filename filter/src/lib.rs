@@ -8,17 +8,28 @@
 //! - [`pin`]: the session → upstream host record kept in Envoy shared data, and the
 //!   routing-header encodings;
 //! - [`control`]: requests to and records from the control service;
-//! - [`recovery`]: when a pinned session needs recovery, and the recover call's shapes.
+//! - [`header_map`]: the ABI's serialised header map, read without copies;
+//! - [`recovery`]: when a pinned session needs recovery, and the recover call's shapes;
+//! - [`store`]: pins in shared data (CAS, tombstones, sweep) over a [`store::SharedData`]
+//!   interface;
+//! - [`metrics`]: the filter's counters;
+//! - [`stream`]: the per-stream state machine — events in, actions out — that encodes
+//!   the rules real Envoy imposes on a proxy-wasm filter.
 //!
-//! The proxy-wasm layer (`proxy`, compiled for `wasm32` only) is thin glue over these.
+//! The proxy-wasm layer (`proxy`, compiled for `wasm32` only) only translates Envoy's
+//! callbacks into [`stream`] events and its actions into host calls.
 
 pub mod config;
 pub mod control;
+pub mod header_map;
 pub mod headers;
 pub mod jsonrpc;
+pub mod metrics;
 pub mod pin;
 pub mod recovery;
 pub mod session_id;
+pub mod store;
+pub mod stream;
 
 #[cfg(target_arch = "wasm32")]
 mod proxy;

@@ -37,6 +37,12 @@ pub enum Reason {
     ResetAfterSend,
     /// The upstream answered that it does not know the session.
     SessionUnknown,
+    /// The upstream answered with an error that may mean "session unknown" (a small JSON
+    /// error, e.g. 400/-32000 from TypeScript-SDK servers). The filter cannot read that body
+    /// before deciding on the headers in Envoy, so control probes the pinned upstream
+    /// first: alive → [`Outcome::Alive`], the original answer goes through; unknown →
+    /// recovered as [`Reason::SessionUnknown`].
+    SessionSuspect,
 }
 
 /// Reads a router local reply. `details` is `response.code_details`, `flags` the
@@ -138,6 +144,9 @@ pub enum Outcome {
     Replayed,
     NotReplayed,
     Failed,
+    /// ([`Reason::SessionSuspect`] only) the probe found the session alive on its pinned
+    /// upstream: nothing changed, the upstream's own answer goes to the client.
+    Alive,
 }
 
 /// Where the session lives after recovery.
@@ -162,8 +171,11 @@ pub struct ClientResponse {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct RecoverAnswer {
     pub outcome: Outcome,
+    #[serde(default)]
     pub pin: Option<NewPin>,
-    pub response: ClientResponse,
+    /// The answer to give the client; absent for [`Outcome::Alive`].
+    #[serde(default)]
+    pub response: Option<ClientResponse>,
 }
 
 /// Parses a recover answer; a pin with spaces or empty fields is rejected (it would not
@@ -175,8 +187,11 @@ pub fn parse_answer(body: &[u8]) -> Result<RecoverAnswer, String> {
     {
         return Err("recover answer: malformed pin".to_string());
     }
-    if !(200..=599).contains(&a.response.status) {
-        return Err(format!("recover answer: status {} out of range", a.response.status));
+    match (&a.outcome, &a.response) {
+        (Outcome::Alive, _) => {}
+        (_, None) => return Err("recover answer: no response".to_string()),
+        (_, Some(r)) if !(200..=599).contains(&r.status) => return Err(format!("recover answer: status {} out of range", r.status)),
+        _ => {}
     }
     Ok(a)
 }
@@ -220,6 +235,8 @@ mod tests {
         assert_eq!((f.outcome, f.pin), (Outcome::Failed, None));
         assert!(parse_answer(br#"{"outcome":"replayed","pin":{"upstream":"a b","backend_session_id":"b","generation":2},"response":{"status":200}}"#).is_err());
         assert!(parse_answer(br#"{"outcome":"weird","pin":null,"response":{"status":200}}"#).is_err());
+        assert_eq!(parse_answer(br#"{"outcome":"alive","pin":{"upstream":"10.0.0.1:80","backend_session_id":"b","generation":1}}"#).unwrap().outcome, Outcome::Alive);
+        assert!(parse_answer(br#"{"outcome":"replayed","pin":null}"#).is_err(), "a recovery answer needs a response");
     }
 
     #[test]

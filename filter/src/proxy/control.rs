@@ -10,6 +10,7 @@ use proxy_wasm::types::Status;
 
 use crate::config::ControlConfig;
 use crate::control::session_path;
+use crate::stream::Call;
 
 /// A resolved `control` configuration.
 #[derive(Debug)]
@@ -44,24 +45,24 @@ impl ControlClient {
         })
     }
 
-    /// Sends `method {prefix}/sessions/{id}` with an optional JSON body; returns the call's
-    /// token. The answer arrives in `on_http_call_response` of the calling context.
-    pub fn call(&self, method: &str, session_id: &str, body: Option<&[u8]>) -> Result<u32, Status> {
-        self.call_with(method, session_id, "", body, self.timeout)
-    }
-
-    /// Like [`Self::call`], for `{prefix}/sessions/{id}{suffix}` with its own timeout.
-    pub fn call_with(&self, method: &str, session_id: &str, suffix: &str, body: Option<&[u8]>, timeout: Duration) -> Result<u32, Status> {
-        let mut path = session_path(&self.path_prefix, session_id);
-        path.push_str(suffix);
-        let mut headers = vec![(":method", method), (":path", path.as_str()), (":authority", self.authority.as_str())];
-        if body.is_some() {
+    /// Sends `call` (`{prefix}/sessions/{id}{suffix}`, JSON body when given); returns the
+    /// call's token. The answer arrives in `on_http_call_response` of the calling context.
+    ///
+    /// # Errors
+    /// The host's status when it refuses the call (BAD_ARGUMENT: unknown cluster or
+    /// missing pseudo-header; INTERNAL_FAILURE), logged here.
+    pub fn call(&self, call: &Call) -> Result<u32, Status> {
+        let mut path = session_path(&self.path_prefix, &call.session_id);
+        path.push_str(call.suffix);
+        let mut headers = vec![(":method", call.method), (":path", path.as_str()), (":authority", self.authority.as_str())];
+        if call.body.is_some() {
             headers.push(("content-type", "application/json"));
         }
         if let Some(a) = &self.authorization {
             headers.push(("authorization", a.as_str()));
         }
-        let r = hostcalls::dispatch_http_call(&self.cluster, headers, body, vec![], timeout);
+        let timeout = call.timeout_ms.map_or(self.timeout, Duration::from_millis);
+        let r = hostcalls::dispatch_http_call(&self.cluster, headers, call.body.as_deref(), vec![], timeout);
         if let Err(status) = r {
             log::warn!("mcp-affinity: dispatch_http_call to cluster {} refused: {status:?}", self.cluster);
         }

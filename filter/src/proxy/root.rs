@@ -1,51 +1,122 @@
-//! The root context: reads the plugin configuration, defines metrics, and on each tick
-//! sweeps idle pins and sends the control service the touches streams queued.
+//! The root context: reads the plugin configuration, defines the counters, and on each
+//! tick sweeps idle pins and sends control the touches the streams queued. Also the host
+//! side of the machine's [`Env`]: shared data, the clock and the counters.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use hashbrown::{HashMap, HashSet};
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::ContextType;
+use proxy_wasm::types::{ContextType, MetricType, Status};
 
 use super::control::ControlClient;
-use super::metrics::{self, Metrics};
-use super::store::{self, SweepIndex};
 use super::stream::Stream;
 use crate::config::FilterConfig;
 use crate::control::{PatchSession, to_body};
+use crate::metrics::Counter;
+use crate::store::{self, SharedData};
+use crate::stream::{Call, Env, Vm};
 
 /// Most touches sent to control per tick; the rest wait for the next tick.
 const TOUCHES_PER_TICK: usize = 256;
+
+/// Host metric ids, indexed by `Counter as usize` (0 = not defined).
+#[derive(Debug, Default, Clone)]
+pub struct Metrics(Vec<u32>);
+
+impl Metrics {
+    /// Defines every counter (`proxy_define_metric`); a refused definition leaves id 0.
+    fn define() -> Metrics {
+        Metrics(Counter::ALL.iter().map(|c| hostcalls::define_metric(MetricType::Counter, c.name()).unwrap_or(0)).collect())
+    }
+
+    /// Adds `n` to a counter (`proxy_increment_metric`); a no-op when undefined or refused.
+    pub fn add(&self, c: Counter, n: u64) {
+        if let Some(&id) = self.0.get(c as usize)
+            && id != 0
+        {
+            let _ = hostcalls::increment_metric(id, n as i64);
+        }
+    }
+}
+
+/// Envoy shared data through `proxy_get_shared_data` / `proxy_set_shared_data` (the SDK
+/// accepts every status Envoy gives for these: OK, NOT_FOUND, CAS_MISMATCH).
+pub struct HostSharedData;
+
+impl SharedData for HostSharedData {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, Option<u32>)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(v), cas)) => Some((v, cas)),
+            _ => None,
+        }
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => true,
+            Err(Status::CasMismatch) => false,
+            Err(status) => {
+                log::warn!("mcp-affinity: set_shared_data({key}) failed: {status:?}");
+                false
+            }
+        }
+    }
+}
+
+/// The machine's host services.
+pub struct HostEnv<'a> {
+    metrics: &'a Metrics,
+    shared: HostSharedData,
+}
+
+impl<'a> HostEnv<'a> {
+    pub fn new(metrics: &'a Metrics) -> Self {
+        HostEnv { metrics, shared: HostSharedData }
+    }
+}
+
+impl Env for HostEnv<'_> {
+    fn shared(&mut self) -> &mut dyn SharedData {
+        &mut self.shared
+    }
+
+    fn now_secs(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs())
+    }
+
+    fn count(&mut self, counter: Counter) {
+        self.metrics.add(counter, 1);
+    }
+}
 
 /// What the root context shares with its streams (one VM = one worker thread, so `Rc`).
 pub struct Plugin {
     pub config: FilterConfig,
     pub metrics: Metrics,
     pub control: Option<ControlClient>,
-    /// Pins this VM wrote (swept on tick).
-    pub index: SweepIndex,
-    /// Control lookups in flight on this VM: session id → waiting context ids. One lookup
-    /// per session per VM; the others wait for it.
-    pub lookups: RefCell<HashMap<String, Vec<u32>>>,
-    /// Sessions whose last-seen should be refreshed in control on the next tick.
-    pub touches: RefCell<HashSet<String>>,
+    pub vm: RefCell<Vm>,
 }
 
 /// The root context.
 #[derive(Default)]
 pub struct Root {
     plugin: Option<Rc<Plugin>>,
-    metrics: Metrics,
+    metrics: Option<Metrics>,
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
         // Touches are best effort: an unanswered one is repeated at the next interval.
         let status = self.get_http_call_response_header(":status");
-        if status.as_deref().is_none_or(|s| !s.starts_with('2') && s != "404") {
-            metrics::inc(self.metrics.control_errors);
+        if status.as_deref().is_none_or(|s| !s.starts_with('2') && s != "404")
+            && let Some(m) = &self.metrics
+        {
+            m.add(Counter::ControlErrors, 1);
         }
     }
 }
@@ -62,20 +133,11 @@ impl RootContext for Root {
         match parsed {
             Ok((config, control)) => {
                 log::info!("mcp-affinity: configured: {config:?}");
-                if self.metrics.requests_pinned == 0 {
-                    self.metrics = Metrics::define();
-                }
+                let metrics = self.metrics.get_or_insert_with(Metrics::define).clone();
                 self.set_tick_period(Duration::from_millis(config.sweep_period_ms));
                 // A reconfiguration keeps the pins this VM indexed.
-                let index = self.plugin.as_ref().map(|p| p.index.clone()).unwrap_or_default();
-                self.plugin = Some(Rc::new(Plugin {
-                    config,
-                    metrics: self.metrics,
-                    control,
-                    index,
-                    lookups: RefCell::default(),
-                    touches: RefCell::default(),
-                }));
+                let vm = self.plugin.as_ref().map(|p| std::mem::take(&mut *p.vm.borrow_mut())).unwrap_or_default();
+                self.plugin = Some(Rc::new(Plugin { config, metrics, control, vm: RefCell::new(vm) }));
                 true
             }
             Err(e) => {
@@ -87,18 +149,22 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(p) = self.plugin.clone() else { return };
-        let expired = store::sweep(&p.index, super::now_secs(), p.config.session_ttl_secs);
+        let mut env = HostEnv::new(&p.metrics);
+        let now = env.now_secs();
+        let mut vm = p.vm.borrow_mut();
+        let expired = store::sweep(&mut HostSharedData, &mut vm.index, now, p.config.session_ttl_secs);
         if expired > 0 {
-            metrics::add(p.metrics.sessions_expired, expired);
+            p.metrics.add(Counter::SessionsExpired, expired);
             log::debug!("mcp-affinity: swept {expired} idle pins");
         }
         if let Some(control) = &p.control {
-            let batch: Vec<String> = p.touches.borrow().iter().take(TOUCHES_PER_TICK).cloned().collect();
+            let batch: Vec<String> = vm.touches.iter().take(TOUCHES_PER_TICK).cloned().collect();
             let body = to_body(&PatchSession::default());
             for id in batch {
-                p.touches.borrow_mut().remove(&id);
-                if control.call("PATCH", &id, Some(&body)).is_err() {
-                    metrics::inc(p.metrics.control_errors);
+                vm.touches.remove(&id);
+                let call = Call { method: "PATCH", session_id: id, suffix: "", body: Some(body.clone()), timeout_ms: None };
+                if control.call(&call).is_err() {
+                    env.count(Counter::ControlErrors);
                 }
             }
         }

@@ -1,0 +1,47 @@
+//! The filter's counters. The stream machine counts through [`Counter`]; the proxy-wasm
+//! layer defines one host metric per counter (`proxy_define_metric`) and Envoy shows them
+//! as `wasmcustom.mcp_affinity.<name>` in its admin `/stats` (every worker VM increments
+//! the same counter).
+
+macro_rules! counters {
+    ($($variant:ident => $name:literal: $doc:literal,)*) => {
+        /// A counter of the filter.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Counter { $(#[doc = $doc] $variant,)* }
+
+        impl Counter {
+            /// Every counter, in declaration order (`Counter as usize` indexes it).
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
+
+            /// The host metric name, `mcp_affinity.<name>`.
+            pub fn name(self) -> &'static str {
+                match self { $(Counter::$variant => $name,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    RequestsPinned => "mcp_affinity.requests_pinned": "Requests routed to their session's pinned upstream host.",
+    RequestsUnpinned => "mcp_affinity.requests_unpinned": "Requests with a session id forwarded unpinned (`pass_through`, or control unavailable).",
+    UnknownSession => "mcp_affinity.unknown_session": "Requests with an unknown session id answered 404.",
+    InitializeSeen => "mcp_affinity.initialize_seen": "POST bodies recognised as JSON-RPC `initialize`.",
+    SessionsPinned => "mcp_affinity.sessions_pinned": "Sessions recorded from an `initialize` response.",
+    SessionsForgotten => "mcp_affinity.sessions_forgotten": "Sessions removed after DELETE.",
+    SessionsExpired => "mcp_affinity.sessions_expired": "Idle pins removed by the sweep.",
+    InvalidSessionId => "mcp_affinity.invalid_session_id": "Requests rejected with 400 for an invalid Mcp-Session-Id.",
+    BodyTooLarge => "mcp_affinity.body_too_large": "POST bodies over max_body_bytes, passed through uninspected.",
+    MalformedBody => "mcp_affinity.malformed_body": "POST bodies that are not JSON, passed through.",
+    ClientPinHeaderRemoved => "mcp_affinity.client_pin_header_removed": "Client-sent pin headers removed.",
+    NoUpstreamAddress => "mcp_affinity.no_upstream_address": "`initialize` responses without an `upstream.address` property (not pinned).",
+    ControlLookups => "mcp_affinity.control_lookups": "Session lookups sent to the control service (pin missing from shared data).",
+    ControlHits => "mcp_affinity.control_hits": "Lookups the control service answered with a record.",
+    ControlWrites => "mcp_affinity.control_writes": "Session records written to control (initialize, initialized, delete).",
+    RecoveriesReplayed => "mcp_affinity.recoveries_replayed": "Recoveries where control re-pinned the session and replayed the request.",
+    RecoveriesNotReplayed => "mcp_affinity.recoveries_not_replayed": "Recoveries where control re-pinned the session but did not replay (unsafe to replay, or a GET stream).",
+    RecoveriesFailed => "mcp_affinity.recoveries_failed": "Recoveries that failed (no live pod, initialize rejected): the client got 404.",
+    SessionsVerified => "mcp_affinity.sessions_verified": "Suspect error responses (e.g. 400 JSON) on which control found the session alive: passed through unchanged.",
+    RecoveryBodyTooLarge => "mcp_affinity.recovery_body_too_large": "Requests that needed recovery but whose body was over the replay limit.",
+    ControlErrors => "mcp_affinity.control_errors": "Calls to control that failed, timed out or were refused; the request went on without control.",
+}

@@ -1,0 +1,802 @@
+//! One HTTP stream's decisions, independent of the host: events in (request headers, a
+//! request body chunk, response headers, a control answer, the end of the stream), a
+//! [`Step`] out (header changes, calls to control, a local reply, and whether the stream
+//! goes on). The proxy-wasm layer (`proxy/stream.rs`) only translates.
+//!
+//! The machine encodes the rules real Envoy imposes on a proxy-wasm HTTP filter (checked
+//! in proxy-wasm-cpp-host `src/context.cc` and Envoy
+//! `source/extensions/common/wasm/context.cc`; each has a unit test below):
+//! 1. **A headers `Pause` stops the body too.** `convertVmCallResultToFilterHeadersStatus`
+//!    turns StopIteration into `StopAllIterationAndWatermark`: no body event reaches the
+//!    filter until it resumes the stream itself. So request headers are never paused to
+//!    read the body: a POST without session id goes on at once and its body is copied
+//!    chunk by chunk as it streams. Headers are paused only while waiting for control,
+//!    and the control answer resumes them.
+//! 2. **Request headers are readable only in the request-headers event** (and while that
+//!    event's pause holds the stream): Envoy drops its pointer to them once the callback
+//!    continued, and a later read fails (the SDK then panics). The `request.*` attributes
+//!    go through the same pointer, so they are gone too. The machine gets the request
+//!    headers as one serialised map ([`HeaderPairs`], one host call) and keeps that
+//!    buffer when a recovery may need the request later.
+//! 3. **A response body cannot be read before deciding on the response headers** (rule 1
+//!    on the response side). A small error answer that may mean "session unknown" (400
+//!    JSON, as TypeScript-SDK servers answer) is therefore held on its headers while
+//!    control verifies the session with a probe ([`Reason::SessionSuspect`]); alive →
+//!    the original answer goes on unchanged.
+//! 4. **Response headers are writable only in the response-headers event** or while
+//!    paused there (the session id the client sees is rewritten then).
+
+use hashbrown::{HashMap, HashSet};
+
+use crate::config::{FilterConfig, UnknownSession};
+use crate::control::{PatchSession, PutSession, parse_record, to_body};
+use crate::header_map::HeaderPairs;
+use crate::headers::{AUTHORITY, CONTENT_TYPE, MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, METHOD, PATH};
+use crate::jsonrpc::{self, BodyKind};
+use crate::metrics::Counter;
+use crate::pin::Pin;
+use crate::recovery::{self, OriginalRequest, Outcome, Reason, RecoverRequest, StatusVerdict};
+use crate::session_id;
+use crate::store::{self, SharedData, SweepIndex};
+
+/// JSON-RPC method of the notification that completes MCP initialisation.
+const INITIALIZED: &str = "notifications/initialized";
+
+/// Host services the machine uses besides the stream itself.
+pub trait Env {
+    /// Envoy shared data (process-wide, all worker VMs).
+    fn shared(&mut self) -> &mut dyn SharedData;
+    /// Wall clock, Unix seconds (`proxy_get_current_time_nanoseconds`).
+    fn now_secs(&self) -> u64;
+    /// Adds one to a counter.
+    fn count(&mut self, counter: Counter);
+}
+
+/// State one VM (one Envoy worker thread) shares between its streams.
+#[derive(Debug, Default)]
+pub struct Vm {
+    /// Pins this VM wrote (swept on tick).
+    pub index: SweepIndex,
+    /// Control lookups in flight on this VM: session id → waiting stream context ids. One
+    /// lookup per session per VM; the other streams wait for it.
+    pub lookups: HashMap<String, Vec<u32>>,
+    /// Sessions whose last-seen should be refreshed in control on the next tick.
+    pub touches: HashSet<String>,
+}
+
+/// What one event sees of the plugin and its VM.
+pub struct Ctx<'a> {
+    pub cfg: &'a FilterConfig,
+    /// A control service is configured.
+    pub control: bool,
+    pub vm: &'a mut Vm,
+    pub env: &'a mut dyn Env,
+}
+
+impl Ctx<'_> {
+    fn recoverable(&self) -> bool {
+        self.control && self.cfg.recovery.enabled
+    }
+
+    fn count(&mut self, c: Counter) {
+        self.env.count(c);
+    }
+}
+
+/// Response headers and the stream attributes known with them.
+pub trait ResponseHead {
+    /// `:status`, 0 when missing or not a number.
+    fn status(&self) -> u16;
+    /// A response header by lowercase name.
+    fn header(&self, name: &str) -> Option<Vec<u8>>;
+    /// Envoy `response.code_details` (`via_upstream` for a real upstream answer).
+    fn code_details(&self) -> Option<Vec<u8>>;
+    /// Envoy `response.flags` (bit set, `ResponseFlag`).
+    fn flags(&self) -> u64;
+    /// Envoy `upstream.address`, the upstream host that was selected (`ip:port`).
+    fn upstream_address(&self) -> Option<Vec<u8>>;
+}
+
+/// A header the machine writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// The configured `pin_header` (routing header, e.g. `x-session-pod`).
+    Pin,
+    /// `mcp-session-id`.
+    SessionId,
+}
+
+/// A call to the control service (`dispatch_http_call`), `{prefix}/sessions/{id}{suffix}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub method: &'static str,
+    pub session_id: String,
+    pub suffix: &'static str,
+    pub body: Option<Vec<u8>>,
+    /// Overrides `control.timeout_ms` (milliseconds).
+    pub timeout_ms: Option<u64>,
+}
+
+/// A local reply (`proxy_send_local_response`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u32,
+    pub content_type: String,
+    /// `mcp-session-id` to put on the reply (the client's own id).
+    pub session_id: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// A JSON-RPC error reply (`id: null`).
+    fn error(status: u32, code: i32, message: &str) -> Reply {
+        Reply { status, content_type: "application/json".into(), session_id: None, body: jsonrpc::error_body(code, message) }
+    }
+}
+
+/// An action on the stream (or, for [`Op::Wake`], on streams waiting for this one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    RemoveRequestHeader(Header),
+    SetRequestHeader(Header, String),
+    SetResponseHeader(Header, String),
+    Call(Call),
+    Reply(Reply),
+    /// Apply `ops` to each waiting stream (paused in its request headers), then resume it
+    /// if `resume`.
+    Wake { waiters: Vec<u32>, ops: Vec<Op>, resume: bool },
+}
+
+/// What happens to the stream after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// (Event) let the headers or body go on.
+    Continue,
+    /// (Event) hold the stream; a later control answer resumes it or replies locally.
+    Pause,
+    /// (Control answer) resume the held request.
+    ResumeRequest,
+    /// (Control answer) resume the held response.
+    ResumeResponse,
+    /// (Control answer) nothing to resume: a local reply was sent, or nothing was held.
+    Stay,
+}
+
+/// The result of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub ops: Vec<Op>,
+    pub flow: Flow,
+}
+
+impl Step {
+    fn go(ops: Vec<Op>) -> Step {
+        Step { ops, flow: Flow::Continue }
+    }
+    fn hold(ops: Vec<Op>) -> Step {
+        Step { ops, flow: Flow::Pause }
+    }
+    fn flow(flow: Flow) -> Step {
+        Step { ops: Vec::new(), flow }
+    }
+}
+
+/// Control's answer to a call: `status` `None` when the call failed (reset, timeout, or
+/// refused by the host).
+#[derive(Debug, Clone, Default)]
+pub struct Answer {
+    pub status: Option<u16>,
+    pub body: Vec<u8>,
+}
+
+/// A copy of a body, bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Copy {
+    Off,
+    On { bytes: Vec<u8>, limit: usize },
+    /// Went over its limit.
+    Over,
+}
+
+impl Copy {
+    fn new(limit: usize) -> Copy {
+        if limit == 0 { Copy::Off } else { Copy::On { bytes: Vec::new(), limit } }
+    }
+
+    fn wants(&self) -> bool {
+        matches!(self, Copy::On { .. })
+    }
+
+    /// Appends a chunk; false when the copy just went over its limit.
+    fn push(&mut self, chunk: &[u8]) -> bool {
+        if let Copy::On { bytes, limit } = self {
+            if bytes.len() + chunk.len() > *limit {
+                *self = Copy::Over;
+                return false;
+            }
+            bytes.extend_from_slice(chunk);
+        }
+        true
+    }
+}
+
+/// A request routed by its session's pin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pinned {
+    client_id: String,
+    pin: Pin,
+    is_delete: bool,
+    /// The body is classified to record `notifications/initialized` with control.
+    watch_lifecycle: bool,
+    /// The request headers, kept when a recovery may replay the request (rule 2).
+    request: Option<HeaderPairs>,
+    /// The request body, for a replay by control and for the lifecycle.
+    body: Copy,
+    /// The response carries the backend's session id, to be replaced by the client's.
+    rewrite_response_id: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Nothing to do.
+    Passthrough,
+    /// A POST without session id: its response may open a session.
+    NewSession { body: Copy, initialize: Option<Vec<u8>> },
+    /// Held while control is asked about the session (by this stream, or by another
+    /// one of this VM that this stream waits for).
+    Resolving { client_id: String, is_delete: bool, request: Option<HeaderPairs> },
+    Pinned(Pinned),
+    /// The filter answered itself.
+    Answered,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    None,
+    Lookup,
+    WriteInitialize,
+    RecordInitialized,
+    Delete,
+    Recover,
+}
+
+/// What control (or its absence) said about a session unknown to shared data.
+enum Resolution {
+    Found(Pin),
+    Unknown,
+    Unavailable,
+}
+
+/// The per-stream machine.
+#[derive(Debug)]
+pub struct Stream {
+    context_id: u32,
+    phase: Phase,
+    pending: Pending,
+}
+
+fn header_str(v: Option<Vec<u8>>) -> Option<String> {
+    v.and_then(|b| String::from_utf8(b).ok())
+}
+
+/// Ops that route a request by `pin`, sent by a client that knows the session as `client_id`.
+fn pin_ops(cfg: &FilterConfig, client_id: &str, pin: &Pin, ops: &mut Vec<Op>) {
+    ops.push(Op::SetRequestHeader(Header::Pin, cfg.pin_encoding.header_value(&pin.upstream)));
+    if pin.backend_session_id != client_id {
+        ops.push(Op::SetRequestHeader(Header::SessionId, pin.backend_session_id.clone()));
+    }
+}
+
+/// The ops a resolution puts on a request of session `client_id`, whether the request
+/// goes on (else the ops hold a local reply), and what it counts.
+fn resolution_ops(cfg: &FilterConfig, client_id: &str, r: &Resolution, ops: &mut Vec<Op>) -> (bool, Counter) {
+    match r {
+        Resolution::Found(pin) => {
+            pin_ops(cfg, client_id, pin, ops);
+            (true, Counter::RequestsPinned)
+        }
+        Resolution::Unknown if cfg.unknown_session == UnknownSession::NotFound => {
+            log::debug!("mcp-affinity: unknown session {client_id}: 404");
+            ops.push(Op::Reply(Reply::error(404, jsonrpc::code::SESSION_NOT_FOUND, "Session not found")));
+            (false, Counter::UnknownSession)
+        }
+        Resolution::Unknown | Resolution::Unavailable => (true, Counter::RequestsUnpinned),
+    }
+}
+
+impl Stream {
+    /// A new stream with the host's context id.
+    pub fn new(context_id: u32) -> Stream {
+        Stream { context_id, phase: Phase::Passthrough, pending: Pending::None }
+    }
+
+    /// Whether the machine waits for a control answer (the proxy layer reads the answer
+    /// body only then).
+    pub fn waits_for_control(&self) -> bool {
+        self.pending != Pending::None
+    }
+
+    fn pinned(cx: &Ctx, client_id: String, pin: Pin, is_delete: bool, request: Option<HeaderPairs>) -> Pinned {
+        let watch_lifecycle = cx.control && !pin.recorded && !is_delete;
+        let limit = if is_delete {
+            0
+        } else if cx.recoverable() {
+            cx.cfg.recovery.max_replay_body_bytes.max(if watch_lifecycle { cx.cfg.max_body_bytes } else { 0 })
+        } else if watch_lifecycle {
+            cx.cfg.max_body_bytes
+        } else {
+            0
+        };
+        // Kept for a replay, or for the protocol version of `notifications/initialized`.
+        let request = if limit > 0 { request } else { None };
+        Pinned { client_id, pin, is_delete, watch_lifecycle, request, body: Copy::new(limit), rewrite_response_id: false }
+    }
+
+    // ---- request headers -------------------------------------------------------------
+
+    /// `on_http_request_headers`. Removes any client-sent pin header (a client must never
+    /// choose the upstream host), then routes by session id, or watches a POST without one.
+    pub fn on_request_headers(&mut self, cx: &mut Ctx, head: HeaderPairs, end_of_stream: bool) -> Step {
+        let mut ops = Vec::new();
+        if head.get(&cx.cfg.pin_header).is_some() {
+            ops.push(Op::RemoveRequestHeader(Header::Pin));
+            cx.count(Counter::ClientPinHeaderRemoved);
+        }
+        let method = head.get(METHOD).unwrap_or_default();
+        let is_post = method == b"POST";
+        let is_delete = method == b"DELETE";
+        if let Some(raw_id) = head.get(MCP_SESSION_ID) {
+            return match session_id::validate(raw_id, cx.cfg.max_session_id_len) {
+                Ok(id) => {
+                    let id = id.to_string();
+                    self.route_session(cx, head, id, is_delete, ops)
+                }
+                Err(e) => {
+                    cx.count(Counter::InvalidSessionId);
+                    self.phase = Phase::Answered;
+                    ops.push(Op::Reply(Reply::error(400, jsonrpc::code::INVALID_REQUEST, &format!("Bad Request: {e}"))));
+                    Step::hold(ops)
+                }
+            };
+        }
+        if is_post && !end_of_stream {
+            // May be `initialize`. The hint header lets us skip the body when it names
+            // another method; it is never a reason to pin by itself. Rule 1: the headers
+            // go on; the body is copied as it streams.
+            if head.get(MCP_METHOD).is_none_or(|m| m == jsonrpc::INITIALIZE.as_bytes()) {
+                self.phase = Phase::NewSession { body: Copy::new(cx.cfg.max_body_bytes), initialize: None };
+            } else {
+                self.phase = Phase::NewSession { body: Copy::Off, initialize: None };
+            }
+        } else if is_post {
+            self.phase = Phase::NewSession { body: Copy::Off, initialize: None };
+        }
+        Step::go(ops)
+    }
+
+    fn route_session(&mut self, cx: &mut Ctx, head: HeaderPairs, client_id: String, is_delete: bool, mut ops: Vec<Op>) -> Step {
+        let client_id = client_id.as_str();
+        let Some(stored) = store::get(cx.env.shared(), client_id) else {
+            return self.resolve(cx, client_id, is_delete, Some(head), ops);
+        };
+        let mut pin = stored.pin;
+        pin_ops(cx.cfg, client_id, &pin, &mut ops);
+        cx.count(Counter::RequestsPinned);
+        let now = cx.env.now_secs();
+        if pin.needs_touch(now, cx.cfg.touch_interval_secs) {
+            pin.last_seen = now;
+            // A CAS mismatch means another worker just wrote a fresher value: fine.
+            store::put(cx.env.shared(), &mut cx.vm.index, client_id, &pin, stored.cas);
+            if cx.control {
+                cx.vm.touches.insert(client_id.to_string());
+            }
+        }
+        self.phase = Phase::Pinned(Self::pinned(cx, client_id.to_string(), pin, is_delete, Some(head)));
+        Step::go(ops)
+    }
+
+    /// The session is not in shared data: ask control (one lookup per session per VM;
+    /// later requests wait for it), or apply the policy when there is no control.
+    fn resolve(&mut self, cx: &mut Ctx, client_id: &str, is_delete: bool, request: Option<HeaderPairs>, mut ops: Vec<Op>) -> Step {
+        if !cx.control {
+            let go_on = self.settle(cx, client_id, is_delete, request, &Resolution::Unknown, &mut ops);
+            return if go_on { Step::go(ops) } else { Step::hold(ops) };
+        }
+        self.phase = Phase::Resolving { client_id: client_id.to_string(), is_delete, request };
+        if let Some(waiters) = cx.vm.lookups.get_mut(client_id) {
+            waiters.push(self.context_id);
+            return Step::hold(ops);
+        }
+        cx.count(Counter::ControlLookups);
+        cx.vm.lookups.insert(client_id.to_string(), Vec::new());
+        self.pending = Pending::Lookup;
+        ops.push(Op::Call(Call { method: "GET", session_id: client_id.to_string(), suffix: "", body: None, timeout_ms: None }));
+        Step::hold(ops)
+    }
+
+    /// Applies a resolution to this stream; returns whether the request goes on (else a
+    /// local reply was queued).
+    fn settle(&mut self, cx: &mut Ctx, client_id: &str, is_delete: bool, request: Option<HeaderPairs>, r: &Resolution, ops: &mut Vec<Op>) -> bool {
+        let (go_on, counter) = resolution_ops(cx.cfg, client_id, r, ops);
+        cx.count(counter);
+        self.phase = match r {
+            Resolution::Found(pin) => Phase::Pinned(Self::pinned(cx, client_id.to_string(), pin.clone(), is_delete, request)),
+            _ if go_on => Phase::Passthrough,
+            _ => Phase::Answered,
+        };
+        go_on
+    }
+
+    /// A stream that waited for another stream's lookup learns its pin from shared data
+    /// at its next event.
+    fn catch_up(&mut self, cx: &mut Ctx) {
+        if let Phase::Resolving { client_id, is_delete, request } = &mut self.phase
+            && self.pending == Pending::None
+        {
+            let (client_id, is_delete, request) = (std::mem::take(client_id), *is_delete, request.take());
+            self.phase = match store::get(cx.env.shared(), &client_id) {
+                Some(s) => Phase::Pinned(Self::pinned(cx, client_id, s.pin, is_delete, request)),
+                None => Phase::Passthrough,
+            };
+        }
+    }
+
+    // ---- request body ----------------------------------------------------------------
+
+    /// `on_http_request_body` with this event's chunk (`read` gives its bytes; it is
+    /// called only when the machine copies). Never pauses except to record
+    /// `notifications/initialized` with control at the end of the body.
+    pub fn on_request_body(&mut self, cx: &mut Ctx, read: &dyn Fn() -> Vec<u8>, end_of_stream: bool) -> Step {
+        self.catch_up(cx);
+        match &mut self.phase {
+            Phase::NewSession { body, initialize } => {
+                if body.wants() && !body.push(&read()) {
+                    cx.count(Counter::BodyTooLarge);
+                    log::debug!("mcp-affinity: POST body over {} bytes, not inspected", cx.cfg.max_body_bytes);
+                }
+                if end_of_stream && let Copy::On { bytes, .. } = std::mem::replace(body, Copy::Off) {
+                    match jsonrpc::classify(&bytes) {
+                        BodyKind::Initialize => {
+                            cx.count(Counter::InitializeSeen);
+                            if cx.control {
+                                *initialize = Some(bytes);
+                            }
+                        }
+                        BodyKind::Malformed => cx.count(Counter::MalformedBody),
+                        BodyKind::Other => {}
+                    }
+                }
+                Step::flow(Flow::Continue)
+            }
+            Phase::Pinned(p) => {
+                if p.body.wants() && !p.body.push(&read()) {
+                    p.watch_lifecycle = false;
+                }
+                if end_of_stream && p.watch_lifecycle {
+                    p.watch_lifecycle = false;
+                    return self.watch_lifecycle(cx);
+                }
+                Step::flow(Flow::Continue)
+            }
+            _ => Step::flow(Flow::Continue),
+        }
+    }
+
+    /// The whole body of a session not yet past initialisation: record
+    /// `notifications/initialized` (and the protocol version) with control, or note that
+    /// the session is past it.
+    fn watch_lifecycle(&mut self, cx: &mut Ctx) -> Step {
+        let Phase::Pinned(p) = &self.phase else { return Step::flow(Flow::Continue) };
+        let Copy::On { bytes, .. } = &p.body else { return Step::flow(Flow::Continue) };
+        if jsonrpc::method(bytes).as_deref() != Some(INITIALIZED) {
+            // Anything else means the session is past initialisation (MCP lifecycle).
+            store::mark_recorded(cx.env.shared(), &mut cx.vm.index, &p.client_id);
+            return Step::flow(Flow::Continue);
+        }
+        let text = String::from_utf8_lossy(bytes);
+        let version = p.request.as_ref().and_then(|h| h.get(MCP_PROTOCOL_VERSION)).and_then(|v| std::str::from_utf8(v).ok());
+        let patch = PatchSession { initialized: Some(&text), protocol_version: version };
+        let call = Call { method: "PATCH", session_id: p.client_id.clone(), suffix: "", body: Some(to_body(&patch)), timeout_ms: None };
+        self.pending = Pending::RecordInitialized;
+        Step::hold(vec![Op::Call(call)])
+    }
+
+    // ---- response headers ------------------------------------------------------------
+
+    /// `on_http_response_headers`.
+    pub fn on_response_headers(&mut self, cx: &mut Ctx, head: &dyn ResponseHead) -> Step {
+        self.catch_up(cx);
+        match std::mem::replace(&mut self.phase, Phase::Passthrough) {
+            Phase::NewSession { initialize, .. } => match head.header(MCP_SESSION_ID) {
+                Some(raw_id) => self.record_new_session(cx, head, &raw_id, initialize),
+                None => Step::flow(Flow::Continue),
+            },
+            Phase::Pinned(p) => self.on_pinned_response(cx, head, p),
+            other => {
+                self.phase = other;
+                Step::flow(Flow::Continue)
+            }
+        }
+    }
+
+    /// The response to a POST without session id carries `Mcp-Session-Id`: the upstream
+    /// host that answered owns the new session (MCP `basic/transports`: the id comes with
+    /// the InitializeResult). Pauses while the record is written through to control, so
+    /// other proxies know the session before the client can use it.
+    fn record_new_session(&mut self, cx: &mut Ctx, head: &dyn ResponseHead, raw_id: &[u8], initialize: Option<Vec<u8>>) -> Step {
+        let session_id = match session_id::validate(raw_id, cx.cfg.max_session_id_len) {
+            Ok(id) => id,
+            Err(e) => {
+                log::warn!("mcp-affinity: upstream issued an invalid session id, not pinned: {e}");
+                return Step::flow(Flow::Continue);
+            }
+        };
+        let upstream = header_str(head.upstream_address()).filter(|s| !s.is_empty() && !s.contains(' '));
+        let Some(upstream) = upstream else {
+            cx.count(Counter::NoUpstreamAddress);
+            log::warn!("mcp-affinity: no upstream.address for session {session_id}: not pinned");
+            return Step::flow(Flow::Continue);
+        };
+        let pin = Pin { upstream, generation: 1, last_seen: cx.env.now_secs(), backend_session_id: session_id.to_string(), recorded: !cx.control };
+        store::put(cx.env.shared(), &mut cx.vm.index, session_id, &pin, None);
+        cx.count(Counter::SessionsPinned);
+        log::debug!("mcp-affinity: pinned new session {session_id} → {}", pin.upstream);
+        if !cx.control {
+            return Step::flow(Flow::Continue);
+        }
+        let initialize = initialize.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        let body = to_body(&PutSession { backend_session_id: session_id, upstream: &pin.upstream, generation: 1, initialize: &initialize });
+        self.pending = Pending::WriteInitialize;
+        Step::hold(vec![Op::Call(Call { method: "PUT", session_id: session_id.to_string(), suffix: "", body: Some(body), timeout_ms: None })])
+    }
+
+    /// Decides on the response headers of a pinned request: forget a deleted session,
+    /// recover, verify a suspect error with control, or pass on (with the client's id).
+    fn on_pinned_response(&mut self, cx: &mut Ctx, head: &dyn ResponseHead, mut p: Pinned) -> Step {
+        let status = head.status();
+        p.rewrite_response_id = p.pin.backend_session_id != p.client_id && head.header(MCP_SESSION_ID).is_some();
+        // DELETE answered 2xx ends the session; 404 says it is gone already. Never recovered.
+        if p.is_delete {
+            if (200..300).contains(&status) || status == 404 {
+                return self.forget(cx, p);
+            }
+            return self.pass_on(p, Flow::Continue);
+        }
+        if cx.recoverable()
+            && let Some(reason) = Self::recovery_reason(cx, head, status)
+        {
+            return self.start_recovery(cx, p, reason);
+        }
+        self.pass_on(p, Flow::Continue)
+    }
+
+    /// Why a response of a pinned request needs control, if it does. Router local replies
+    /// (statuses ≥ 500 only, so a steady 2xx reads no property) name the upstream failure;
+    /// an upstream's own answer is judged by its status and content type.
+    fn recovery_reason(cx: &Ctx, head: &dyn ResponseHead, status: u16) -> Option<Reason> {
+        if status >= 500 {
+            let details = head.code_details().unwrap_or_default();
+            let details = String::from_utf8_lossy(&details);
+            return recovery::local_reply_reason(&details, head.flags());
+        }
+        match recovery::status_verdict(&cx.cfg.recovery, status) {
+            StatusVerdict::SessionUnknown => Some(Reason::SessionUnknown),
+            StatusVerdict::InspectBody => {
+                let ct = head.header(CONTENT_TYPE).unwrap_or_default();
+                ct.starts_with(b"application/json").then_some(Reason::SessionSuspect)
+            }
+            StatusVerdict::Fine => None,
+        }
+    }
+
+    /// Lets the response through, mapping the backend's session id to the client's.
+    fn pass_on(&mut self, p: Pinned, flow: Flow) -> Step {
+        let ops = if p.rewrite_response_id { vec![Op::SetResponseHeader(Header::SessionId, p.client_id.clone())] } else { Vec::new() };
+        self.phase = Phase::Pinned(p);
+        Step { ops, flow }
+    }
+
+    /// Forgets an ended session here and in control.
+    fn forget(&mut self, cx: &mut Ctx, p: Pinned) -> Step {
+        store::forget(cx.env.shared(), &mut cx.vm.index, &p.client_id);
+        cx.vm.touches.remove(&p.client_id);
+        cx.count(Counter::SessionsForgotten);
+        let id = p.client_id.clone();
+        let step = self.pass_on(p, Flow::Continue);
+        if !cx.control {
+            return step;
+        }
+        self.pending = Pending::Delete;
+        let mut ops = step.ops;
+        ops.push(Op::Call(Call { method: "DELETE", session_id: id, suffix: "", body: None, timeout_ms: None }));
+        Step::hold(ops)
+    }
+
+    /// Asks control to recover the session (or, for a suspect answer, to verify it first)
+    /// and answer this request; the response headers stay held until control answers
+    /// (bounded by `recovery.timeout_ms`).
+    fn start_recovery(&mut self, cx: &mut Ctx, p: Pinned, reason: Reason) -> Step {
+        let (Copy::On { bytes, .. }, Some(head)) = (&p.body, &p.request) else {
+            cx.count(Counter::RecoveryBodyTooLarge);
+            log::warn!("mcp-affinity: session {} needs recovery but its request body is over the replay limit", p.client_id);
+            return self.pass_on(p, Flow::Continue);
+        };
+        let text = |name| head.get(name).and_then(|v| std::str::from_utf8(v).ok());
+        let (method, path, authority) = (text(METHOD).unwrap_or_default(), text(PATH).unwrap_or_default(), text(AUTHORITY).unwrap_or_default());
+        let (content_type, accept) = (text(CONTENT_TYPE), text("accept"));
+        let (version, authorization) = (text(MCP_PROTOCOL_VERSION), text("authorization"));
+        let body = String::from_utf8_lossy(bytes);
+        let request = RecoverRequest {
+            failed_generation: p.pin.generation,
+            failed_upstream: &p.pin.upstream,
+            reason,
+            request: OriginalRequest {
+                method,
+                path,
+                authority,
+                content_type,
+                accept,
+                protocol_version: version,
+                authorization,
+                body: &body,
+            },
+        };
+        log::info!("mcp-affinity: recovering session {} ({reason:?}) from {}", p.client_id, p.pin.upstream);
+        let call = Call { method: "POST", session_id: p.client_id.clone(), suffix: "/recover", body: Some(to_body(&request)), timeout_ms: Some(cx.cfg.recovery.timeout_ms) };
+        self.phase = Phase::Pinned(p);
+        self.pending = Pending::Recover;
+        Step::hold(vec![Op::Call(call)])
+    }
+
+    // ---- control answers -------------------------------------------------------------
+
+    /// Control answered the call this stream made (or the call failed: `status` None).
+    pub fn on_control_answer(&mut self, cx: &mut Ctx, answer: Answer) -> Step {
+        let pending = std::mem::replace(&mut self.pending, Pending::None);
+        let ok = answer.status.is_some_and(|s| (200..300).contains(&s) || s == 404);
+        if !matches!(pending, Pending::Lookup | Pending::None) {
+            if ok {
+                cx.count(Counter::ControlWrites);
+            } else {
+                log::warn!("mcp-affinity: control call failed: status {:?}", answer.status);
+                cx.count(Counter::ControlErrors);
+            }
+        }
+        match pending {
+            Pending::Lookup => self.on_lookup_answer(cx, answer),
+            Pending::RecordInitialized => {
+                if ok && let Phase::Pinned(p) = &self.phase {
+                    store::mark_recorded(cx.env.shared(), &mut cx.vm.index, &p.client_id);
+                }
+                Step::flow(Flow::ResumeRequest)
+            }
+            Pending::WriteInitialize | Pending::Delete => Step::flow(Flow::ResumeResponse),
+            Pending::Recover => self.on_recover_answer(cx, answer),
+            Pending::None => Step::flow(Flow::Stay),
+        }
+    }
+
+    fn on_lookup_answer(&mut self, cx: &mut Ctx, answer: Answer) -> Step {
+        let Phase::Resolving { client_id, is_delete, request } = std::mem::replace(&mut self.phase, Phase::Passthrough) else {
+            return Step::flow(Flow::Stay);
+        };
+        let resolution = match answer.status {
+            Some(200) => match parse_record(&answer.body) {
+                Ok(record) => {
+                    cx.count(Counter::ControlHits);
+                    let pin = Pin {
+                        upstream: record.upstream,
+                        generation: record.generation,
+                        last_seen: cx.env.now_secs(),
+                        backend_session_id: record.backend_session_id,
+                        recorded: record.initialized.is_some(),
+                    };
+                    store::put(cx.env.shared(), &mut cx.vm.index, &client_id, &pin, None);
+                    Resolution::Found(pin)
+                }
+                Err(e) => {
+                    log::warn!("mcp-affinity: {e}");
+                    cx.count(Counter::ControlErrors);
+                    Resolution::Unavailable
+                }
+            },
+            Some(404) => Resolution::Unknown,
+            other => {
+                log::warn!("mcp-affinity: control lookup of {client_id} failed: status {other:?}; forwarded unpinned");
+                cx.count(Counter::ControlErrors);
+                Resolution::Unavailable
+            }
+        };
+        let waiters = cx.vm.lookups.remove(&client_id).unwrap_or_default();
+        let mut ops = Vec::new();
+        if !waiters.is_empty() {
+            // Waiters get the same routing; their machines catch up from shared data.
+            let mut wake = Vec::new();
+            let (resume, counter) = resolution_ops(cx.cfg, &client_id, &resolution, &mut wake);
+            for _ in &waiters {
+                cx.count(counter);
+            }
+            ops.push(Op::Wake { waiters, ops: wake, resume });
+        }
+        let go_on = self.settle(cx, &client_id, is_delete, request, &resolution, &mut ops);
+        Step { ops, flow: if go_on { Flow::ResumeRequest } else { Flow::Stay } }
+    }
+
+    /// Control answered the recover call: answer the client with its response (carrying
+    /// the client's own session id) and re-pin; or, when control verified the session
+    /// alive or failed, let the upstream's answer through as it was.
+    fn on_recover_answer(&mut self, cx: &mut Ctx, answer: Answer) -> Step {
+        let Phase::Pinned(p) = std::mem::replace(&mut self.phase, Phase::Answered) else {
+            return Step::flow(Flow::ResumeResponse);
+        };
+        let parsed = match answer.status {
+            Some(200) => recovery::parse_answer(&answer.body),
+            Some(404) => {
+                // Control does not know the session either: the MCP signal to start anew.
+                store::forget(cx.env.shared(), &mut cx.vm.index, &p.client_id);
+                cx.count(Counter::UnknownSession);
+                return Step { ops: vec![Op::Reply(Reply::error(404, jsonrpc::code::SESSION_NOT_FOUND, "Session not found"))], flow: Flow::Stay };
+            }
+            other => Err(format!("status {other:?}")),
+        };
+        let a = match parsed {
+            Ok(a) => a,
+            Err(e) => {
+                log::warn!("mcp-affinity: recovery of {} failed: {e}; the upstream's answer goes through", p.client_id);
+                cx.count(Counter::ControlErrors);
+                return self.pass_on(p, Flow::ResumeResponse);
+            }
+        };
+        if a.outcome == Outcome::Alive {
+            cx.count(Counter::SessionsVerified);
+            return self.pass_on(p, Flow::ResumeResponse);
+        }
+        match (&a.outcome, &a.pin) {
+            (Outcome::Failed, _) | (_, None) => store::forget(cx.env.shared(), &mut cx.vm.index, &p.client_id),
+            (_, Some(new)) => {
+                let pin = Pin {
+                    upstream: new.upstream.clone(),
+                    generation: new.generation,
+                    last_seen: cx.env.now_secs(),
+                    backend_session_id: new.backend_session_id.clone(),
+                    recorded: true,
+                };
+                store::put(cx.env.shared(), &mut cx.vm.index, &p.client_id, &pin, None);
+            }
+        }
+        cx.count(match a.outcome {
+            Outcome::Replayed => Counter::RecoveriesReplayed,
+            Outcome::NotReplayed => Counter::RecoveriesNotReplayed,
+            Outcome::Failed | Outcome::Alive => Counter::RecoveriesFailed,
+        });
+        let Some(r) = a.response else { return self.pass_on(p, Flow::ResumeResponse) };
+        let reply = Reply {
+            status: r.status.into(),
+            content_type: r.content_type.unwrap_or_else(|| "application/json".to_string()),
+            session_id: Some(p.client_id),
+            body: r.body.into_bytes(),
+        };
+        Step { ops: vec![Op::Reply(reply)], flow: Flow::Stay }
+    }
+
+    // ---- end of stream ---------------------------------------------------------------
+
+    /// `on_done`: a stream that ends while its lookup is in flight (Envoy cancels its
+    /// calls) must not strand the streams waiting for it: they go on unpinned.
+    pub fn on_done(&mut self, cx: &mut Ctx) -> Step {
+        if self.pending == Pending::Lookup
+            && let Phase::Resolving { client_id, .. } = &self.phase
+            && let Some(waiters) = cx.vm.lookups.remove(client_id.as_str())
+            && !waiters.is_empty()
+        {
+            for _ in &waiters {
+                cx.count(Counter::RequestsUnpinned);
+            }
+            return Step { ops: vec![Op::Wake { waiters, ops: Vec::new(), resume: true }], flow: Flow::Stay };
+        }
+        Step::flow(Flow::Stay)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,452 @@
+//! The stream machine against the rules real Envoy imposes (see the module docs), with an
+//! in-memory shared data and recorded header reads. Nothing here imitates Envoy's
+//! scheduling: each test feeds the events Envoy 1.40 was seen to deliver (`-l trace`) and
+//! checks the actions.
+
+use std::cell::RefCell;
+
+use hashbrown::HashMap;
+
+use super::*;
+use crate::config::{ControlConfig, FilterConfig, UnknownSession};
+use crate::header_map::HeaderPairs;
+use crate::store::memory::MemorySharedData;
+
+#[derive(Default)]
+struct TestEnv {
+    shared: MemorySharedData,
+    counts: HashMap<&'static str, u64>,
+}
+
+impl Env for TestEnv {
+    fn shared(&mut self) -> &mut dyn SharedData {
+        &mut self.shared
+    }
+    fn now_secs(&self) -> u64 {
+        1_000
+    }
+    fn count(&mut self, c: Counter) {
+        *self.counts.entry(c.name().trim_start_matches("mcp_affinity.")).or_default() += 1;
+    }
+}
+
+/// A plugin (configuration + VM + host services) driving streams.
+struct World {
+    cfg: FilterConfig,
+    vm: Vm,
+    env: TestEnv,
+}
+
+impl World {
+    fn new(control: bool) -> World {
+        let mut cfg = FilterConfig::default();
+        if control {
+            cfg.control = Some(ControlConfig::default());
+        }
+        World { cfg, vm: Vm::default(), env: TestEnv::default() }
+    }
+
+    fn cx(&mut self) -> Ctx<'_> {
+        Ctx { control: self.cfg.control.is_some(), cfg: &self.cfg, vm: &mut self.vm, env: &mut self.env }
+    }
+
+    fn count(&self, name: &str) -> u64 {
+        self.env.counts.get(name).copied().unwrap_or(0)
+    }
+
+    fn pin(&mut self, id: &str, upstream: &str, recorded: bool) {
+        let pin = Pin { upstream: upstream.into(), generation: 1, last_seen: 1_000, backend_session_id: id.into(), recorded };
+        store::put(&mut self.env.shared, &mut self.vm.index, id, &pin, None);
+    }
+
+    fn stored(&self, id: &str) -> Option<Pin> {
+        store::get(&self.env.shared, id).map(|s| s.pin)
+    }
+}
+
+/// Response headers and attributes; records every property read.
+struct Resp {
+    status: u16,
+    headers: Vec<(&'static str, &'static str)>,
+    details: &'static str,
+    flags: u64,
+    upstream: &'static str,
+    properties_read: RefCell<u32>,
+}
+
+impl Resp {
+    fn new(status: u16, headers: &[(&'static str, &'static str)]) -> Resp {
+        Resp { status, headers: headers.to_vec(), details: "via_upstream", flags: 0, upstream: "10.0.0.1:80", properties_read: RefCell::new(0) }
+    }
+    fn local_reply(details: &'static str, flags: u64) -> Resp {
+        Resp { details, flags, ..Resp::new(503, &[("content-type", "text/plain")]) }
+    }
+}
+
+impl ResponseHead for Resp {
+    fn status(&self) -> u16 {
+        self.status
+    }
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_bytes().to_vec())
+    }
+    fn code_details(&self) -> Option<Vec<u8>> {
+        *self.properties_read.borrow_mut() += 1;
+        Some(self.details.as_bytes().to_vec())
+    }
+    fn flags(&self) -> u64 {
+        *self.properties_read.borrow_mut() += 1;
+        self.flags
+    }
+    fn upstream_address(&self) -> Option<Vec<u8>> {
+        *self.properties_read.borrow_mut() += 1;
+        Some(self.upstream.as_bytes().to_vec())
+    }
+}
+
+const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#;
+const CALL: &str = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"whoami"}}"#;
+
+fn post(id: Option<&'static str>) -> HeaderPairs {
+    let mut h = vec![(":method", "POST"), (":path", "/mcp"), (":authority", "example"), ("content-type", "application/json"), ("authorization", "Bearer t")];
+    if let Some(id) = id {
+        h.push(("mcp-session-id", id));
+    }
+    HeaderPairs::from_pairs(&h)
+}
+
+fn body(s: &str) -> impl Fn() -> Vec<u8> + '_ {
+    move || s.as_bytes().to_vec()
+}
+
+fn calls(step: &Step) -> Vec<&Call> {
+    step.ops.iter().filter_map(|o| if let Op::Call(c) = o { Some(c) } else { None }).collect()
+}
+
+fn reply(step: &Step) -> Option<&Reply> {
+    step.ops.iter().find_map(|o| if let Op::Reply(r) = o { Some(r) } else { None })
+}
+
+fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap()
+}
+
+// ---- rule 1: a headers Pause stops the body ----------------------------------------------
+
+#[test]
+fn a_post_without_session_id_goes_on_at_its_headers_and_initialize_is_read_from_body_chunks() {
+    let mut w = World::new(false);
+    let mut s = Stream::new(1);
+    // Envoy delivers no body event while request headers are paused: they must go on.
+    assert_eq!(s.on_request_headers(&mut w.cx(), post(None), false).flow, Flow::Continue);
+    // Chunks stream upstream as they come (Continue), copied for classification.
+    let (a, b) = INIT.split_at(20);
+    assert_eq!(s.on_request_body(&mut w.cx(), &body(a), false).flow, Flow::Continue);
+    assert_eq!(s.on_request_body(&mut w.cx(), &body(b), true).flow, Flow::Continue);
+    assert_eq!(w.count("initialize_seen"), 1);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s1"), ("content-type", "text/event-stream")]));
+    assert_eq!(step.flow, Flow::Continue, "without control nothing holds the response");
+    assert_eq!(w.stored("s1").unwrap().upstream, "10.0.0.1:80", "pinned to upstream.address");
+    assert_eq!(w.count("sessions_pinned"), 1);
+}
+
+#[test]
+fn the_initialize_response_is_held_only_for_the_write_through_and_resumed_by_its_answer() {
+    let mut w = World::new(true);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), post(None), false);
+    s.on_request_body(&mut w.cx(), &body(INIT), true);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s1")]));
+    assert_eq!(step.flow, Flow::Pause);
+    let put = calls(&step)[0];
+    assert_eq!((put.method, put.session_id.as_str()), ("PUT", "s1"));
+    let record = json(put.body.as_ref().unwrap());
+    assert_eq!(record["initialize"], INIT);
+    assert_eq!(record["upstream"], "10.0.0.1:80");
+    // Control answers (or fails): the held response goes on either way.
+    assert_eq!(s.on_control_answer(&mut w.cx(), Answer { status: Some(201), body: vec![] }).flow, Flow::ResumeResponse);
+    let mut s2 = Stream::new(2);
+    s2.on_request_headers(&mut w.cx(), post(None), false);
+    s2.on_request_body(&mut w.cx(), &body(INIT), true);
+    s2.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s2")]));
+    assert_eq!(s2.on_control_answer(&mut w.cx(), Answer::default()).flow, Flow::ResumeResponse);
+    assert_eq!(w.count("control_errors"), 1);
+    assert!(w.stored("s2").is_some(), "shared data has the pin even when control is down");
+}
+
+#[test]
+fn an_mcp_method_hint_for_another_method_skips_the_body_copy() {
+    let mut w = World::new(false);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), HeaderPairs::from_pairs(&[(":method", "POST"), ("mcp-method", "tools/list")]), false);
+    let read = || -> Vec<u8> { panic!("the body is not read") };
+    assert_eq!(s.on_request_body(&mut w.cx(), &read, true).flow, Flow::Continue);
+}
+
+#[test]
+fn oversized_and_malformed_bodies_pass_through_counted() {
+    let mut w = World::new(false);
+    w.cfg.max_body_bytes = 8;
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), post(None), false);
+    assert_eq!(s.on_request_body(&mut w.cx(), &body(INIT), true).flow, Flow::Continue);
+    assert_eq!(w.count("body_too_large"), 1);
+    w.cfg.max_body_bytes = 1024;
+    let mut s = Stream::new(2);
+    s.on_request_headers(&mut w.cx(), post(None), false);
+    s.on_request_body(&mut w.cx(), &body("{not json"), true);
+    assert_eq!(w.count("malformed_body"), 1);
+}
+
+// ---- rule 2: request headers are readable in their own event only ------------------------
+
+#[test]
+fn a_pinned_request_writes_the_pin_and_reads_no_property_on_success() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    let mut s = Stream::new(1);
+    let step = s.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    assert_eq!(step, Step { ops: vec![Op::SetRequestHeader(Header::Pin, "10.0.0.2:80".into())], flow: Flow::Continue });
+    assert_eq!(w.count("requests_pinned"), 1);
+    // A 200 answer reads no Envoy property (local replies are ≥ 500).
+    let resp = Resp::new(200, &[("content-type", "application/json")]);
+    assert_eq!(s.on_response_headers(&mut w.cx(), &resp).flow, Flow::Continue);
+    assert_eq!(*resp.properties_read.borrow(), 0);
+}
+
+#[test]
+fn what_recovery_needs_from_the_request_is_kept_from_the_request_headers_event() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    s.on_request_body(&mut w.cx(), &body(CALL), true);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
+    assert_eq!(step.flow, Flow::Pause);
+    let recover = calls(&step)[0];
+    assert_eq!((recover.method, recover.suffix), ("POST", "/recover"));
+    let r = json(recover.body.as_ref().unwrap());
+    assert_eq!(r["reason"], "session_unknown");
+    assert_eq!(r["failed_upstream"], "10.0.0.2:80");
+    assert_eq!((r["request"]["method"].as_str(), r["request"]["path"].as_str(), r["request"]["authority"].as_str()), (Some("POST"), Some("/mcp"), Some("example")));
+    assert_eq!(r["request"]["authorization"], "Bearer t");
+    assert_eq!(r["request"]["body"], CALL);
+}
+
+#[test]
+fn the_protocol_version_is_captured_with_the_headers_for_notifications_initialized() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", false);
+    let mut s = Stream::new(1);
+    let req = HeaderPairs::from_pairs(&[(":method", "POST"), ("mcp-session-id", "s1"), ("mcp-protocol-version", "2025-06-18")]);
+    s.on_request_headers(&mut w.cx(), req, false);
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let step = s.on_request_body(&mut w.cx(), &body(note), true);
+    assert_eq!(step.flow, Flow::Pause, "held at its body end while control records it");
+    let patch = json(calls(&step)[0].body.as_ref().unwrap());
+    assert_eq!((patch["initialized"].as_str(), patch["protocol_version"].as_str()), (Some(note), Some("2025-06-18")));
+    assert_eq!(s.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: vec![] }).flow, Flow::ResumeRequest);
+    assert!(w.stored("s1").unwrap().recorded);
+}
+
+#[test]
+fn another_first_request_marks_the_session_recorded_without_control() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", false);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    assert_eq!(s.on_request_body(&mut w.cx(), &body(CALL), true), Step { ops: vec![], flow: Flow::Continue });
+    assert!(w.stored("s1").unwrap().recorded);
+}
+
+// ---- pins, ids and client headers --------------------------------------------------------
+
+#[test]
+fn a_client_pin_header_is_removed_and_never_routes() {
+    let mut w = World::new(false);
+    let mut s = Stream::new(1);
+    let req = HeaderPairs::from_pairs(&[(":method", "GET"), ("x-session-pod", "169.254.169.254:80")]);
+    let step = s.on_request_headers(&mut w.cx(), req, true);
+    assert_eq!(step.ops, vec![Op::RemoveRequestHeader(Header::Pin)]);
+    assert_eq!(w.count("client_pin_header_removed"), 1);
+}
+
+#[test]
+fn invalid_and_unknown_session_ids_get_local_replies() {
+    let mut w = World::new(false);
+    let mut s = Stream::new(1);
+    let step = s.on_request_headers(&mut w.cx(), HeaderPairs::from_pairs(&[(":method", "POST"), ("mcp-session-id", "bad id")]), false);
+    assert_eq!((step.flow, reply(&step).unwrap().status), (Flow::Pause, 400));
+    let step = Stream::new(2).on_request_headers(&mut w.cx(), post(Some("nobody")), false);
+    assert_eq!((step.flow, reply(&step).unwrap().status), (Flow::Pause, 404));
+    assert_eq!(json(&reply(&step).unwrap().body)["error"]["code"], -32001);
+    w.cfg.unknown_session = UnknownSession::PassThrough;
+    let step = Stream::new(3).on_request_headers(&mut w.cx(), post(Some("nobody")), false);
+    assert_eq!(step, Step { ops: vec![], flow: Flow::Continue });
+    assert_eq!((w.count("unknown_session"), w.count("requests_unpinned")), (1, 1));
+}
+
+#[test]
+fn a_re_pinned_session_keeps_the_client_id_both_ways() {
+    let mut w = World::new(false);
+    let pin = Pin { upstream: "10.0.0.3:80".into(), generation: 2, last_seen: 1_000, backend_session_id: "backend".into(), recorded: true };
+    store::put(&mut w.env.shared, &mut w.vm.index, "client", &pin, None);
+    let mut s = Stream::new(1);
+    let step = s.on_request_headers(&mut w.cx(), post(Some("client")), false);
+    assert!(step.ops.contains(&Op::SetRequestHeader(Header::SessionId, "backend".into())));
+    let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "backend")]));
+    assert_eq!(step.ops, vec![Op::SetResponseHeader(Header::SessionId, "client".into())]);
+}
+
+#[test]
+fn delete_forgets_the_session_here_and_in_control() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), HeaderPairs::from_pairs(&[(":method", "DELETE"), ("mcp-session-id", "s1")]), true);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[]));
+    assert_eq!((step.flow, calls(&step)[0].method), (Flow::Pause, "DELETE"));
+    assert!(w.stored("s1").is_none());
+    assert_eq!(s.on_control_answer(&mut w.cx(), Answer { status: Some(204), body: vec![] }).flow, Flow::ResumeResponse);
+}
+
+// ---- lookups: one per session per VM ------------------------------------------------------
+
+const RECORD: &str = r#"{"backend_session_id":"s1","upstream":"10.0.0.4:80","generation":1,"initialized":"{}"}"#;
+
+#[test]
+fn one_lookup_per_session_and_waiters_are_woken_with_the_same_route() {
+    let mut w = World::new(true);
+    let (mut a, mut b) = (Stream::new(1), Stream::new(2));
+    let step = a.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    assert_eq!((step.flow, calls(&step)[0].method), (Flow::Pause, "GET"));
+    let step = b.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    assert_eq!(step, Step { ops: vec![], flow: Flow::Pause }, "waits without a second lookup");
+    let step = a.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: RECORD.into() });
+    assert_eq!(step.flow, Flow::ResumeRequest);
+    let set = Op::SetRequestHeader(Header::Pin, "10.0.0.4:80".into());
+    assert_eq!(step.ops, vec![Op::Wake { waiters: vec![2], ops: vec![set.clone()], resume: true }, set]);
+    assert_eq!((w.count("control_lookups"), w.count("control_hits"), w.count("requests_pinned")), (1, 1, 2));
+    // Rule 1: the body events come only after the resume; the waiter catches up from shared
+    // data and copies its body for a replay.
+    b.on_request_body(&mut w.cx(), &body(CALL), true);
+    let step = b.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
+    assert_eq!(json(calls(&step)[0].body.as_ref().unwrap())["request"]["body"], CALL);
+}
+
+#[test]
+fn a_failed_or_refused_lookup_lets_requests_go_on_unpinned() {
+    let mut w = World::new(true);
+    let mut a = Stream::new(1);
+    a.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    let step = a.on_control_answer(&mut w.cx(), Answer::default());
+    assert_eq!(step, Step { ops: vec![], flow: Flow::ResumeRequest });
+    assert_eq!((w.count("control_errors"), w.count("requests_unpinned")), (1, 1));
+    assert!(w.vm.lookups.is_empty());
+}
+
+#[test]
+fn a_lookup_owner_that_ends_early_releases_its_waiters() {
+    let mut w = World::new(true);
+    let (mut a, mut b) = (Stream::new(1), Stream::new(2));
+    a.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    b.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    let step = a.on_done(&mut w.cx());
+    assert_eq!(step.ops, vec![Op::Wake { waiters: vec![2], ops: vec![], resume: true }]);
+}
+
+#[test]
+fn control_says_unknown_so_every_waiter_gets_404() {
+    let mut w = World::new(true);
+    let (mut a, mut b) = (Stream::new(1), Stream::new(2));
+    a.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    b.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    let step = a.on_control_answer(&mut w.cx(), Answer { status: Some(404), body: vec![] });
+    assert_eq!(step.flow, Flow::Stay);
+    assert!(matches!(&step.ops[0], Op::Wake { ops, resume: false, .. } if matches!(ops[0], Op::Reply(Reply { status: 404, .. }))));
+    assert_eq!(reply(&step).unwrap().status, 404);
+    assert_eq!(w.count("unknown_session"), 2);
+}
+
+// ---- rule 3: response bodies are not read; recovery decisions on headers -----------------
+
+fn pinned_call(w: &mut World) -> Stream {
+    w.pin("s1", "10.0.0.2:80", true);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    s.on_request_body(&mut w.cx(), &body(CALL), true);
+    s
+}
+
+const REPLAYED: &str = r#"{"outcome":"replayed","pin":{"upstream":"10.0.0.5:80","backend_session_id":"b2","generation":2},"response":{"status":200,"content_type":"application/json","body":"{\"ok\":1}"}}"#;
+
+#[test]
+fn a_session_error_is_answered_with_control_s_replay_and_the_client_s_id() {
+    let mut w = World::new(true);
+    let mut s = pinned_call(&mut w);
+    s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
+    let step = s.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: REPLAYED.into() });
+    assert_eq!(step.flow, Flow::Stay, "the local reply replaces the held response");
+    let r = reply(&step).unwrap();
+    assert_eq!((r.status, r.session_id.as_deref(), r.body.as_slice()), (200, Some("s1"), &b"{\"ok\":1}"[..]));
+    let pin = w.stored("s1").unwrap();
+    assert_eq!((pin.upstream.as_str(), pin.backend_session_id.as_str(), pin.generation), ("10.0.0.5:80", "b2", 2));
+    assert_eq!(w.count("recoveries_replayed"), 1);
+}
+
+#[test]
+fn a_400_json_is_verified_by_control_and_passed_through_when_the_session_is_alive() {
+    let mut w = World::new(true);
+    let mut s = pinned_call(&mut w);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::new(400, &[("content-type", "application/json")]));
+    assert_eq!(step.flow, Flow::Pause, "headers held; the body is not read (Envoy would not deliver it)");
+    assert_eq!(json(calls(&step)[0].body.as_ref().unwrap())["reason"], "session_suspect");
+    let alive = r#"{"outcome":"alive","pin":{"upstream":"10.0.0.2:80","backend_session_id":"s1","generation":1}}"#;
+    let step = s.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: alive.into() });
+    assert_eq!(step, Step { ops: vec![], flow: Flow::ResumeResponse }, "the genuine 400 goes through untouched");
+    assert_eq!(w.stored("s1").unwrap().upstream, "10.0.0.2:80");
+    assert_eq!(w.count("sessions_verified"), 1);
+}
+
+#[test]
+fn other_errors_and_non_json_400s_are_not_held() {
+    let mut w = World::new(true);
+    for resp in [Resp::new(400, &[("content-type", "text/plain")]), Resp::new(500, &[]), Resp::new(503, &[])] {
+        let mut s = pinned_call(&mut w);
+        assert_eq!(s.on_response_headers(&mut w.cx(), &resp), Step { ops: vec![], flow: Flow::Continue });
+    }
+}
+
+#[test]
+fn router_local_replies_name_the_failure() {
+    let mut w = World::new(true);
+    let mut s = pinned_call(&mut w);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::local_reply("upstream_reset_before_response_started{remote_connection_failure}", 0x20));
+    assert_eq!(json(calls(&step)[0].body.as_ref().unwrap())["reason"], "connect_failure");
+    let mut s = pinned_call(&mut w);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::local_reply("upstream_reset_before_response_started{connection_termination}", 0x40));
+    assert_eq!(json(calls(&step)[0].body.as_ref().unwrap())["reason"], "reset_after_send");
+}
+
+#[test]
+fn control_failing_a_recovery_lets_the_upstream_answer_through() {
+    let mut w = World::new(true);
+    let mut s = pinned_call(&mut w);
+    s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
+    assert_eq!(s.on_control_answer(&mut w.cx(), Answer::default()), Step { ops: vec![], flow: Flow::ResumeResponse });
+    let mut s = pinned_call(&mut w);
+    s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
+    let step = s.on_control_answer(&mut w.cx(), Answer { status: Some(404), body: vec![] });
+    assert_eq!(reply(&step).unwrap().status, 404, "control does not know the session either");
+    assert!(w.stored("s1").is_none());
+}
+
+#[test]
+fn a_body_over_the_replay_limit_is_not_recovered() {
+    let mut w = World::new(true);
+    w.cfg.recovery.max_replay_body_bytes = 8;
+    w.cfg.max_body_bytes = 8;
+    let mut s = pinned_call(&mut w);
+    assert_eq!(s.on_response_headers(&mut w.cx(), &Resp::new(404, &[])).flow, Flow::Continue);
+    assert_eq!(w.count("recovery_body_too_large"), 1);
+}
