@@ -9,7 +9,10 @@
 //! - `mcp_affinity_control_store_evictions_total` — counter, records evicted at
 //!   `--max-sessions` (memory store).
 //! - `mcp_affinity_control_recoveries_total{outcome}` — counter of decided recoveries
-//!   (`outcome` = replayed|not_replayed|failed).
+//!   (`outcome` = replayed|not_replayed|failed|alive; `alive` = a `session_suspect`
+//!   whose probe found the session on its pod).
+//! - `mcp_affinity_control_probes_total{result}` — counter of `session_suspect` probes of
+//!   the pinned pod (`result` = alive|session_unknown|unreachable).
 //! - `mcp_affinity_control_reinitializations_total` — counter, sessions a pod accepted
 //!   (`initialize` + `notifications/initialized` succeeded), counted before the new pin is
 //!   stored: with working single flight, one per recovered failure whatever the number
@@ -47,6 +50,11 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs … ~3.3 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -61,6 +69,7 @@ pub struct Metrics {
     evictions: Counter,
     evictions_seen: AtomicU64,
     recoveries: Family<OutcomeLabels, Counter>,
+    probes: Family<ResultLabels, Counter>,
     reinitializations: Counter,
     replays: Counter,
     recovery_duration: Histogram,
@@ -89,7 +98,17 @@ impl Metrics {
         let evictions = Counter::default();
         registry.register("store_evictions", "Records evicted because the store was full", evictions.clone());
         let recoveries = Family::<OutcomeLabels, Counter>::default();
-        registry.register("recoveries", "Session recoveries by outcome (replayed, not_replayed, failed)", recoveries.clone());
+        registry.register(
+            "recoveries",
+            "Session recoveries by outcome (replayed, not_replayed, failed, alive)",
+            recoveries.clone(),
+        );
+        let probes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "probes",
+            "Probes (ping) of the pinned pod for session_suspect, by result (alive, session_unknown, unreachable)",
+            probes.clone(),
+        );
         let reinitializations = Counter::default();
         registry.register(
             "reinitializations",
@@ -113,6 +132,7 @@ impl Metrics {
             evictions,
             evictions_seen: AtomicU64::new(0),
             recoveries,
+            probes,
             reinitializations,
             replays,
             recovery_duration,
@@ -131,10 +151,15 @@ impl Metrics {
         self.store_ops.get_or_create(&labels).observe(elapsed.as_secs_f64());
     }
 
-    /// Records one decided recovery (`outcome` = replayed|not_replayed|failed).
+    /// Records one decided recovery (`outcome` = replayed|not_replayed|failed|alive).
     pub fn observe_recovery(&self, outcome: &'static str, elapsed: Duration) {
         self.recoveries.get_or_create(&OutcomeLabels { outcome }).inc();
         self.recovery_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one probe of a pinned pod (`result` = alive|session_unknown|unreachable).
+    pub fn count_probe(&self, result: &'static str) {
+        self.probes.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Counts one successful re-initialization.
@@ -180,11 +205,18 @@ mod tests {
         m.observe_recovery("replayed", Duration::from_millis(30));
         m.count_reinitialization();
         m.count_replay();
+        m.observe_recovery("alive", Duration::from_millis(2));
+        m.count_probe("alive");
+        m.count_probe("unreachable");
+        m.count_probe("unreachable");
         let text = m.render(StoreStats { records: Some(3), evictions: 2 });
         assert!(text.contains(r#"mcp_affinity_control_recoveries_total{outcome="replayed"} 1"#), "{text}");
         assert!(text.contains("mcp_affinity_control_reinitializations_total 1"));
         assert!(text.contains("mcp_affinity_control_replays_total 1"));
-        assert!(text.contains("mcp_affinity_control_recovery_duration_seconds_count 1"));
+        assert!(text.contains(r#"mcp_affinity_control_recoveries_total{outcome="alive"} 1"#), "{text}");
+        assert!(text.contains(r#"mcp_affinity_control_probes_total{result="alive"} 1"#), "{text}");
+        assert!(text.contains(r#"mcp_affinity_control_probes_total{result="unreachable"} 2"#), "{text}");
+        assert!(text.contains("mcp_affinity_control_recovery_duration_seconds_count 2"));
         // Evictions are a running total: rendering again with the same total adds nothing.
         let text = m.render(StoreStats { records: Some(3), evictions: 2 });
         assert!(text.contains("mcp_affinity_control_store_evictions_total 2"));

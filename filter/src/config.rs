@@ -53,12 +53,12 @@ pub struct RecoveryConfig {
     /// Largest request body (bytes) copied for a replay (default 1 MiB). Larger requests
     /// are not recoverable: the client gets the upstream's answer as it was (counted).
     pub max_replay_body_bytes: usize,
-    /// Largest non-2xx JSON response body (bytes) held to look for a session error
-    /// (default 8192). 2xx and SSE bodies are never held.
-    pub max_error_body_bytes: usize,
     /// Statuses that by themselves mean "session unknown" (default `[404]`).
     pub session_unknown_statuses: Vec<u16>,
-    /// Statuses whose small JSON body is inspected (default `[400]`).
+    /// Statuses whose JSON answer may mean "session unknown" (default `[400]`). Envoy does
+    /// not let the filter read that body before the headers are decided, so the answer is
+    /// held while control probes the pinned upstream with these rules
+    /// (`session_suspect`): alive → the answer goes through unchanged.
     pub error_body_statuses: Vec<u16>,
     /// JSON-RPC error codes that mean "session unknown" (default `[-32001]`).
     pub session_unknown_codes: Vec<i64>,
@@ -78,7 +78,6 @@ impl Default for RecoveryConfig {
         RecoveryConfig {
             enabled: true,
             max_replay_body_bytes: 1024 * 1024,
-            max_error_body_bytes: 8192,
             session_unknown_statuses: vec![404],
             error_body_statuses: vec![400],
             session_unknown_codes: vec![-32001],
@@ -201,7 +200,7 @@ impl FilterConfig {
             return Err("touch_interval_secs must be smaller than session_ttl_secs".to_string());
         }
         let r = &self.recovery;
-        if r.max_replay_body_bytes > MAX_BODY_LIMIT || r.max_error_body_bytes > MAX_BODY_LIMIT {
+        if r.max_replay_body_bytes > MAX_BODY_LIMIT {
             return Err(format!("recovery body limits must be at most {MAX_BODY_LIMIT}"));
         }
         if r.timeout_ms == 0 || r.timeout_ms > 300_000 {

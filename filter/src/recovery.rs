@@ -7,9 +7,11 @@
 //!   and `response.flags` bits (Envoy `include/envoy/stream_info/stream_info.h`,
 //!   `ResponseFlag`: UH 0x2, UF 0x20, UC 0x40, UO 0x80);
 //! - the upstream says the session is unknown: configured statuses (404, per MCP
-//!   `basic/transports`), or a small JSON error body with a configured JSON-RPC code
-//!   (-32001) or a code whose message mentions a session (-32000 "Bad Request: No valid
-//!   session ID provided", as TypeScript-SDK servers answer).
+//!   `basic/transports`);
+//! - the upstream answers with a status whose JSON body may say so (400 with -32001, or
+//!   -32000 "Bad Request: No valid session ID provided" as TypeScript-SDK servers answer).
+//!   Envoy gives no body before the headers are decided, so control probes the session
+//!   with these rules ([`SessionErrors`]) and answers `alive` or recovers it.
 
 use serde::{Deserialize, Serialize};
 
@@ -88,32 +90,6 @@ pub fn status_verdict(cfg: &RecoveryConfig, status: u16) -> StatusVerdict {
     }
 }
 
-#[derive(Deserialize)]
-struct ErrorEnvelope {
-    error: ErrorObject,
-}
-
-#[derive(Deserialize)]
-struct ErrorObject {
-    code: i64,
-    #[serde(default)]
-    message: String,
-}
-
-/// True when a JSON-RPC error body says the session is unknown: its code is one of
-/// `session_unknown_codes`, or one of `message_codes` with a message containing one of
-/// `message_patterns` (ASCII case-insensitive).
-pub fn body_says_session_unknown(cfg: &RecoveryConfig, body: &[u8]) -> bool {
-    let Ok(ErrorEnvelope { error }) = serde_json::from_slice(body) else { return false };
-    if cfg.session_unknown_codes.contains(&error.code) {
-        return true;
-    }
-    cfg.message_codes.contains(&error.code) && {
-        let message = error.message.to_ascii_lowercase();
-        cfg.message_patterns.iter().any(|p| message.contains(&p.to_ascii_lowercase()))
-    }
-}
-
 /// The original request, as control replays it.
 #[derive(Debug, Serialize)]
 pub struct OriginalRequest<'a> {
@@ -135,6 +111,34 @@ pub struct RecoverRequest<'a> {
     pub failed_upstream: &'a str,
     pub reason: Reason,
     pub request: OriginalRequest<'a>,
+    /// For [`Reason::SessionSuspect`]: how the upstream says "session unknown", from the
+    /// plugin configuration, for control's probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_errors: Option<SessionErrors<'a>>,
+}
+
+/// The plugin configuration's "session unknown" rules, as control's probe applies them
+/// (control `SessionErrors`).
+#[derive(Debug, Serialize)]
+pub struct SessionErrors<'a> {
+    pub statuses: &'a [u16],
+    pub body_statuses: &'a [u16],
+    pub codes: &'a [i64],
+    pub message_codes: &'a [i64],
+    pub message_patterns: &'a [String],
+}
+
+impl<'a> SessionErrors<'a> {
+    /// The rules of `cfg`.
+    pub fn of(cfg: &'a RecoveryConfig) -> Self {
+        SessionErrors {
+            statuses: &cfg.session_unknown_statuses,
+            body_statuses: &cfg.error_body_statuses,
+            codes: &cfg.session_unknown_codes,
+            message_codes: &cfg.message_codes,
+            message_patterns: &cfg.message_patterns,
+        }
+    }
 }
 
 /// Control's decision.
@@ -218,12 +222,6 @@ mod tests {
         assert_eq!(status_verdict(&cfg, 400), StatusVerdict::InspectBody);
         assert_eq!(status_verdict(&cfg, 200), StatusVerdict::Fine);
         assert_eq!(status_verdict(&cfg, 500), StatusVerdict::Fine);
-        let ts = br#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"},"id":null}"#;
-        assert!(body_says_session_unknown(&cfg, ts));
-        assert!(body_says_session_unknown(&cfg, br#"{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session not found"},"id":1}"#));
-        assert!(!body_says_session_unknown(&cfg, br#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: invalid params"},"id":1}"#));
-        assert!(!body_says_session_unknown(&cfg, br#"{"jsonrpc":"2.0","error":{"code":-32602,"message":"unknown session tool"},"id":1}"#));
-        assert!(!body_says_session_unknown(&cfg, b"not json"));
     }
 
     #[test]
@@ -246,6 +244,7 @@ mod tests {
             failed_upstream: "10.0.0.1:80",
             reason: Reason::SessionUnknown,
             request: OriginalRequest { method: "POST", path: "/mcp", authority: "a", content_type: Some("application/json"), accept: None, protocol_version: None, authorization: None, body: "{}" },
+            session_errors: None,
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(v["reason"], "session_unknown");

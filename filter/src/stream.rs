@@ -640,6 +640,7 @@ impl Stream {
                 authorization,
                 body: &body,
             },
+            session_errors: (reason == Reason::SessionSuspect).then(|| recovery::SessionErrors::of(&cx.cfg.recovery)),
         };
         log::info!("mcp-affinity: recovering session {} ({reason:?}) from {}", p.client_id, p.pin.upstream);
         let call = Call { method: "POST", session_id: p.client_id.clone(), suffix: "/recover", body: Some(to_body(&request)), timeout_ms: Some(cx.cfg.recovery.timeout_ms) };

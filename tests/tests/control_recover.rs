@@ -9,6 +9,11 @@
 //! asks control to recover. Nothing depends on timing: single flight is checked by
 //! counting re-initializations (`mcp_affinity_control_reinitializations_total`), which
 //! must be exactly one per session however many recoveries race.
+//!
+//! `session_suspect` (the filter held a 400 + JSON answer it could not read) is checked
+//! against pods that answer unknown sessions like TypeScript-SDK servers
+//! (`--unknown-session ts-sdk`: 400 / -32000): control's probe decides between `alive`
+//! (counted in `mcp_affinity_control_probes_total`) and a normal recovery.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -463,4 +468,119 @@ async fn redis_lease_has_one_holder_is_released_by_its_owner_only_and_expires() 
         assert!(std::time::Instant::now() < deadline, "lease did not expire");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `n` pods named `pod-0` … that answer unknown sessions like TypeScript-SDK servers:
+/// 400 + JSON-RPC -32000 "Bad Request: No valid session ID provided".
+fn ts_sdk_pods(n: usize) -> Vec<Pod> {
+    (0..n).map(|i| Pod::start_with(&format!("pod-{i}"), &["--unknown-session", "ts-sdk"]).unwrap()).collect()
+}
+
+/// `mcp_affinity_control_probes_total{result="<result>"}`.
+async fn probes(control: &Control, result: &str) -> f64 {
+    control.metric(&format!(r#"mcp_affinity_control_probes_total{{result="{result}"}}"#)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_suspect_on_a_live_session_is_alive_and_nothing_changes() {
+    // The pod knows the session: its 400 was a genuine error. Control's probe (ping)
+    // finds the session, answers `alive` with the unchanged pin and no response (the
+    // filter passes the pod's original 400 through), and neither re-initializes nor
+    // replays.
+    let pods = ts_sdk_pods(2);
+    let control = Control::start("memory", &pods.iter().map(|p| p.addr).collect::<Vec<_>>(), &[]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+
+    let body = tool_call(21, "echo", json!({"text": "not replayed"}));
+    let (status, answer) = control
+        .recover(&session.session_id, &recover_body(&session, 1, pods[0].addr, "session_suspect", "POST", &body))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer,
+        json!({
+            "outcome": "alive",
+            "pin": {"upstream": pods[0].addr.to_string(), "backend_session_id": session.session_id, "generation": 1},
+            "response": null,
+        })
+    );
+    assert_eq!(control.reinitializations().await, 0.0);
+    assert_eq!(control.metric("mcp_affinity_control_replays_total").await, 0.0);
+    assert_eq!(probes(&control, "alive").await, 1.0);
+    assert_eq!(control.metric(r#"mcp_affinity_control_recoveries_total{outcome="alive"}"#).await, 1.0);
+
+    // The record is untouched and the session still works on its pod.
+    let (_, record) = control.get_record(&session.session_id).await;
+    assert_eq!((record["upstream"].as_str(), record["generation"].as_u64()), (Some(pods[0].addr.to_string().as_str()), Some(1)));
+    assert_eq!(record["backend_session_id"], session.session_id);
+    assert_eq!(session.whoami().await.unwrap(), pods[0].name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_suspect_after_a_restart_in_place_reinitializes_once_and_replays() {
+    // One TS-SDK-style pod, restarted on the same address: it answers the lost session
+    // with 400 / -32000, so the filter asks `session_suspect`. The probe gets the same
+    // answer, and the session is re-initialized on that pod and the request replayed.
+    let mut pods = ts_sdk_pods(1);
+    let control = Control::start("memory", &[pods[0].addr], &[]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+    pods[0].restart().unwrap();
+    let err = session.whoami().await.unwrap_err();
+    assert_eq!((err.status(), err.jsonrpc_code()), (Some(StatusCode::BAD_REQUEST), Some(-32000)), "{err}");
+
+    let body = tool_call(8, "echo", json!({"text": "suspect after restart"}));
+    let (status, answer) = control
+        .recover(&session.session_id, &recover_body(&session, 1, pods[0].addr, "session_suspect", "POST", &body))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "replayed", "{answer}");
+    assert_eq!(answer["pin"]["upstream"], pods[0].addr.to_string());
+    assert_eq!(answer["pin"]["generation"], 2);
+    let backend = answer["pin"]["backend_session_id"].as_str().unwrap();
+    assert_ne!(backend, session.session_id);
+    assert_eq!(tool_text(&answer, 8), "suspect after restart");
+    assert_eq!(Session::with_id(&pod_url(pods[0].addr), backend).whoami().await.unwrap(), pods[0].name);
+    assert_eq!(control.reinitializations().await, 1.0);
+    assert_eq!(control.metric("mcp_affinity_control_replays_total").await, 1.0);
+    assert_eq!(probes(&control, "session_unknown").await, 1.0);
+    assert_eq!(probes(&control, "alive").await, 0.0);
+    assert_eq!(control.get_record(&session.session_id).await.1["generation"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_suspect_with_the_pod_killed_moves_the_session() {
+    // The pod is gone by the time control probes it: unreachable, so the session is
+    // re-initialized on another pod and the request replayed there.
+    let mut pods = ts_sdk_pods(3);
+    let control = Control::start("memory", &pods.iter().map(|p| p.addr).collect::<Vec<_>>(), &[]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+    let dead = pods[0].addr;
+    pods[0].kill();
+
+    let body = tool_call(31, "whoami", json!({}));
+    let (status, answer) =
+        control.recover(&session.session_id, &recover_body(&session, 1, dead, "session_suspect", "POST", &body)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "replayed", "{answer}");
+    let pin = answer["pin"].clone();
+    let upstream = pin["upstream"].as_str().unwrap();
+    assert_ne!(upstream, dead.to_string(), "moved off the dead pod");
+    assert_eq!(pin["generation"], 2);
+    let new_pod = pod_at(&pods, upstream);
+    assert_eq!(tool_text(&answer, 31), new_pod.name);
+    assert_eq!(control.reinitializations().await, 1.0);
+    assert_eq!(probes(&control, "unreachable").await, 1.0);
+
+    // A second filter still holding generation 1 gets the same answer from the dead pod's
+    // address: the pin already moved, so there is no probe and no second
+    // re-initialization; the request is replayed on the current pin.
+    let body = tool_call(32, "echo", json!({"text": "stale filter"}));
+    let (_, answer) =
+        control.recover(&session.session_id, &recover_body(&session, 1, dead, "session_suspect", "POST", &body)).await;
+    assert_eq!(answer["outcome"], "replayed", "{answer}");
+    assert_eq!(answer["pin"], pin);
+    assert_eq!(tool_text(&answer, 32), "stale filter");
+    assert_eq!(control.reinitializations().await, 1.0);
+    assert_eq!(probes(&control, "unreachable").await + probes(&control, "session_unknown").await + probes(&control, "alive").await, 1.0);
+    assert_eq!(control.metric(r#"mcp_affinity_control_recoveries_total{outcome="replayed"}"#).await, 2.0);
 }

@@ -48,8 +48,9 @@ pub fn is_failed(endpoint: SocketAddr, failed: &str) -> bool {
 
 /// The order in which a recovery tries `endpoints`: every endpoint but the failed one,
 /// rotated by `turn` (so that the sessions of a dead pod spread over the live ones). The
-/// failed upstream is left out after a connection failure; after `session_unknown` or
-/// `reset_after_send` the pod may be alive again (restarted in place), so it comes last.
+/// failed upstream is left out after a connection failure; after `session_unknown`,
+/// `session_suspect` or `reset_after_send` the pod may be alive again (restarted in
+/// place), so it comes last.
 pub fn candidates(endpoints: &[SocketAddr], failed: &str, reason: Reason, turn: usize) -> Vec<SocketAddr> {
     let (failed_ones, mut others): (Vec<SocketAddr>, Vec<SocketAddr>) =
         endpoints.iter().copied().partition(|e| is_failed(*e, failed));
@@ -82,6 +83,7 @@ mod tests {
         );
         assert_eq!(candidates(&[a("10.0.0.2:80")], "10.0.0.2:80", Reason::ConnectFailure, 5), []);
         assert_eq!(candidates(&[a("10.0.0.2:80")], "10.0.0.2:80", Reason::ResetAfterSend, 5), [a("10.0.0.2:80")]);
+        assert_eq!(candidates(&[a("10.0.0.2:80")], "10.0.0.2:80", Reason::SessionSuspect, 5), [a("10.0.0.2:80")]);
         // An unparsable failed upstream (e.g. a name) skips nothing.
         assert_eq!(candidates(&eps, "pod-a:80", Reason::ConnectFailure, 0).len(), 3);
     }

@@ -4,6 +4,15 @@
 //! (restart in place: "session unknown"), or reset the connection after the request was
 //! sent, the filter asks control to recover. Control then
 //!
+//! 0. for `session_suspect` (the pod answered an error status whose body the filter could
+//!    not read, e.g. HTTP 400 + JSON, which may or may not mean "session unknown"), first
+//!    **probes** the pinned pod with a JSON-RPC `ping` in the backend session
+//!    ([`upstream::probe`]) — unless the record's generation already moved past the
+//!    failed one, in which case it goes on as for `session_unknown`. A pod that answers
+//!    anything but a session-not-found answer still knows the session: the answer is
+//!    [`Outcome::Alive`] with the unchanged pin and no `response`, and the filter lets the
+//!    pod's original answer through (a genuine error is never replayed). A
+//!    session-not-found answer or no answer at all continues exactly as `session_unknown`;
 //! 1. settles the pin **once per session** — a per-session async mutex in this instance
 //!    ([`locks::KeyedLocks`]) plus a lease in the store shared by every instance
 //!    ([`SessionStore::try_acquire_lease`]). The lease holder re-reads the record: if its
@@ -14,15 +23,18 @@
 //!    that do not get the lease poll the record every [`LEASE_POLL`] until the generation
 //!    moves (or the lease frees up), within the recovery deadline;
 //! 2. replays the client's request on the pin **only when that is safe**: the request
-//!    provably did not run (`connect_failure`, `session_unknown`), or its JSON-RPC method
-//!    is in the replay-safe list. Otherwise the client gets a JSON-RPC error
-//!    ([`OUTCOME_UNKNOWN_CODE`]) and the session stays usable on its new pin. GET streams
-//!    are never replayed: the client gets an SSE stream that ends at once and reopens it;
+//!    provably did not run (`connect_failure`, `session_unknown`, `session_suspect` past the
+//!    probe), or its JSON-RPC method is in the replay-safe list. Otherwise the client gets
+//!    a JSON-RPC error ([`OUTCOME_UNKNOWN_CODE`]) and the session stays usable on its new
+//!    pin. GET streams are never replayed: the client gets an SSE stream that ends at once
+//!    and reopens it;
 //! 3. when no endpoint accepts the session, deletes the record and gives the client the
 //!    404 + JSON-RPC "Session not found" that makes a standard client start a new session.
 //!
-//! Every step shares one deadline (`--recovery-timeout-ms`). The client's `Authorization`
-//! is used for the calls to the pod and never stored or logged.
+//! Every step shares one deadline (`--recovery-timeout-ms`); the probe gets at most half
+//! of it ([`PROBE_SHARE`]) so that a pod that hangs leaves time to re-initialize elsewhere.
+//! The client's `Authorization` is used for the calls to the pod and never stored or
+//! logged.
 
 pub mod endpoints;
 pub mod locks;
@@ -41,7 +53,7 @@ use tokio::time::Instant;
 
 use self::endpoints::EndpointSource;
 use self::locks::KeyedLocks;
-use self::upstream::{CallError, Target};
+use self::upstream::{CallError, Probe, Target};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::record::{PutCondition, PutSession, SessionRecord};
@@ -57,6 +69,10 @@ pub const OUTCOME_UNKNOWN_CODE: i64 = -32003;
 /// JSON-RPC error code of the "Session not found" answer after a failed recovery (the
 /// TypeScript SDK's convention, also used by ToolHive).
 pub const SESSION_NOT_FOUND_CODE: i64 = -32001;
+
+/// The probe of `session_suspect` may use at most `timeout / PROBE_SHARE` of the
+/// recovery deadline.
+pub const PROBE_SHARE: u32 = 2;
 
 /// How often a recovery that did not get the lease looks at the record again.
 pub const LEASE_POLL: Duration = Duration::from_millis(20);
@@ -78,6 +94,12 @@ pub enum Reason {
     ResetAfterSend,
     /// The upstream answered that it does not know the session; the request did not run.
     SessionUnknown,
+    /// The upstream answered an error status whose body may say "session unknown" (e.g.
+    /// HTTP 400 with a JSON body, the TypeScript SDK's answer to an unknown session) and
+    /// the filter could not read the body. Control probes the pinned pod first: if it
+    /// still knows the session the answer is [`Outcome::Alive`] (the filter passes the
+    /// pod's answer through), else this is handled as [`Reason::SessionUnknown`].
+    SessionSuspect,
 }
 
 /// The client's request as the filter saw it.
@@ -135,6 +157,10 @@ pub struct RecoverRequest {
     pub reason: Reason,
     /// The client's request.
     pub request: OriginalRequest,
+    /// How the upstream says "session unknown" (`session_suspect` probes): the filter sends
+    /// its plugin configuration's rules; absent → the defaults.
+    #[serde(default)]
+    pub session_errors: upstream::SessionErrors,
 }
 
 /// What happened to the client's request.
@@ -148,6 +174,10 @@ pub enum Outcome {
     NotReplayed,
     /// The session could not be recovered; its record is deleted; `response` is 404.
     Failed,
+    /// Only for `session_suspect`: the probe found the session alive on its pin. Nothing
+    /// was changed or replayed; `pin` is the current pin and `response` is `null` — the
+    /// filter sends the client the pod's original answer unchanged.
+    Alive,
 }
 
 impl Outcome {
@@ -157,6 +187,7 @@ impl Outcome {
             Outcome::Replayed => "replayed",
             Outcome::NotReplayed => "not_replayed",
             Outcome::Failed => "failed",
+            Outcome::Alive => "alive",
         }
     }
 }
@@ -200,8 +231,9 @@ pub struct RecoverResponse {
     pub outcome: Outcome,
     /// Where the session lives now (`null` for `failed`).
     pub pin: Option<Pin>,
-    /// The answer for the client.
-    pub response: ClientResponse,
+    /// The answer for the client; `null` only for `alive` (the filter passes the pod's
+    /// original answer through).
+    pub response: Option<ClientResponse>,
 }
 
 /// Settings of recovery (from the flags, see [`crate::config::Config::recovery`]).
@@ -347,16 +379,32 @@ impl Recovery {
     ) -> Result<RecoverResponse, ApiError> {
         let start = Instant::now();
         let deadline = start + self.settings.timeout;
-        if store.get(id).await?.is_none() {
+        let Some(record) = store.get(id).await? else {
             return Err(ApiError::session_not_found(id.as_str()));
-        }
+        };
         let info = JsonRpcInfo::of(&req.request.body);
-        let answer = match self.settle(store, metrics, id, req, deadline).await? {
-            Settled::Failed(why) => {
-                tracing::warn!(session = id.as_str(), reason = ?req.reason, why, "recovery failed");
-                RecoverResponse { outcome: Outcome::Failed, pin: None, response: session_not_found(&info.id) }
-            }
-            Settled::Pinned(pin) => self.answer(req, &info, pin, metrics, deadline).await,
+        let probed = if req.reason == Reason::SessionSuspect && record.generation <= req.failed_generation {
+            let probe_deadline = deadline.min(start + self.settings.timeout / PROBE_SHARE);
+            let probe = self.probe(&record, req, probe_deadline).await;
+            metrics.count_probe(probe.as_str());
+            tracing::info!(
+                session = id.as_str(), upstream = record.upstream.as_str(), result = probe.as_str(),
+                detail = match &probe { Probe::Unreachable(e) => e.as_str(), _ => "" },
+                "session probe"
+            );
+            (probe == Probe::Alive).then(|| RecoverResponse { outcome: Outcome::Alive, pin: Some(Pin::of(&record)), response: None })
+        } else {
+            None
+        };
+        let answer = match probed {
+            Some(alive) => alive,
+            None => match self.settle(store, metrics, id, req, deadline).await? {
+                Settled::Failed(why) => {
+                    tracing::warn!(session = id.as_str(), reason = ?req.reason, why, "recovery failed");
+                    RecoverResponse { outcome: Outcome::Failed, pin: None, response: Some(session_not_found(&info.id)) }
+                }
+                Settled::Pinned(pin) => self.answer(req, &info, pin, metrics, deadline).await,
+            },
         };
         metrics.observe_recovery(answer.outcome.as_str(), start.elapsed());
         tracing::info!(
@@ -369,6 +417,33 @@ impl Recovery {
             "recovery"
         );
         Ok(answer)
+    }
+
+    /// Step 0 (`session_suspect`): does the pinned pod still know the session? A pin that
+    /// cannot be resolved to an address counts as unreachable.
+    async fn probe(&self, record: &SessionRecord, req: &RecoverRequest, deadline: Instant) -> Probe {
+        let Some(endpoint) = resolve_upstream(&record.upstream, deadline).await else {
+            return Probe::Unreachable(format!("cannot resolve {}", record.upstream));
+        };
+        if !endpoints::is_failed(endpoint, &req.failed_upstream) {
+            tracing::debug!(
+                pinned = record.upstream.as_str(), failed = req.failed_upstream.as_str(),
+                "session_suspect: the failed upstream is not the pinned one; probing the pinned one"
+            );
+        }
+        let r = &req.request;
+        let target = Target { endpoint, path: &r.path, authority: r.authority.as_deref(), authorization: r.authorization.as_deref() };
+        let protocol_version = record.protocol_version.as_deref().or(r.protocol_version.as_deref());
+        upstream::probe(
+            &self.http,
+            &target,
+            &record.backend_session_id,
+            protocol_version,
+            &req.session_errors,
+            deadline,
+            self.settings.max_response_bytes,
+        )
+        .await
     }
 
     /// Step 1: settle the pin, once per session across instances.
@@ -530,7 +605,7 @@ impl Recovery {
     /// Steps 2 and 3: replay or explain, on `pin`.
     async fn answer(&self, req: &RecoverRequest, info: &JsonRpcInfo, pin: Pin, metrics: &Metrics, deadline: Instant) -> RecoverResponse {
         let r = &req.request;
-        let not_replayed = |response| RecoverResponse { outcome: Outcome::NotReplayed, pin: Some(pin.clone()), response };
+        let not_replayed = |response| RecoverResponse { outcome: Outcome::NotReplayed, pin: Some(pin.clone()), response: Some(response) };
         if r.method.eq_ignore_ascii_case("GET") {
             return not_replayed(ClientResponse {
                 status: 200,
@@ -539,7 +614,10 @@ impl Recovery {
             });
         }
         let safe = match req.reason {
-            Reason::ConnectFailure | Reason::SessionUnknown => true,
+            // `session_suspect` gets here only when the probe found the session unknown or
+            // the pod unreachable (or the pin already moved): the pod answered the
+            // original request with an error, so it did not run.
+            Reason::ConnectFailure | Reason::SessionUnknown | Reason::SessionSuspect => true,
             Reason::ResetAfterSend => {
                 !info.methods.is_empty() && info.methods.iter().all(|m| self.settings.replay_safe_methods.contains(m))
             }
@@ -586,11 +664,11 @@ impl Recovery {
                 RecoverResponse {
                     outcome: Outcome::Replayed,
                     pin: Some(pin.clone()),
-                    response: ClientResponse {
+                    response: Some(ClientResponse {
                         status: answer.status,
                         content_type: answer.content_type,
                         body: String::from_utf8_lossy(&answer.body).into_owned(),
-                    },
+                    }),
                 }
             }
             Err(CallError::NotSent(e)) => {
@@ -703,5 +781,197 @@ mod tests {
         assert!(Recovery::validate(&req).is_err());
         assert!(serde_json::from_value::<RecoverRequest>(json!({"failed_generation": 1, "failed_upstream": "x",
             "reason": "other", "request": {"method": "POST", "path": "/"}})).is_err());
+    }
+
+    #[test]
+    fn session_suspect_and_alive_serde() {
+        let req: RecoverRequest = serde_json::from_value(json!({
+            "failed_generation": 3, "failed_upstream": "10.0.0.1:80", "reason": "session_suspect",
+            "request": {"method": "POST", "path": "/mcp", "body": "{}"}
+        }))
+        .unwrap();
+        assert_eq!(req.reason, Reason::SessionSuspect);
+        assert_eq!(serde_json::to_value(Reason::SessionSuspect).unwrap(), json!("session_suspect"));
+        assert_eq!(serde_json::to_value(Outcome::Alive).unwrap(), json!("alive"));
+        assert_eq!(serde_json::from_value::<Outcome>(json!("alive")).unwrap(), Outcome::Alive);
+        assert_eq!(Outcome::Alive.as_str(), "alive");
+        let alive = RecoverResponse {
+            outcome: Outcome::Alive,
+            pin: Some(Pin { upstream: "10.0.0.1:80".into(), backend_session_id: "b-1".into(), generation: 3 }),
+            response: None,
+        };
+        let v = serde_json::to_value(&alive).unwrap();
+        assert_eq!(
+            v,
+            json!({"outcome": "alive", "pin": {"upstream": "10.0.0.1:80", "backend_session_id": "b-1", "generation": 3},
+                   "response": null})
+        );
+        assert_eq!(serde_json::from_value::<RecoverResponse>(v).unwrap(), alive);
+        // The other outcomes keep a response object.
+        let replayed = RecoverResponse {
+            outcome: Outcome::Replayed,
+            pin: alive.pin.clone(),
+            response: Some(ClientResponse { status: 202, content_type: None, body: String::new() }),
+        };
+        assert_eq!(serde_json::to_value(&replayed).unwrap()["response"], json!({"status": 202, "content_type": null, "body": ""}));
+    }
+
+    /// A fake MCP pod for the probe: `initialize` creates session `new-id`; a request in a
+    /// session it knows (`known` or `new-id`) gets a JSON result (202 for notifications);
+    /// any other session gets the TypeScript SDK's 400 / -32000. Every request is logged
+    /// as `method session protocol-version host authorization`.
+    mod pod {
+        use std::net::SocketAddr;
+        use std::sync::{Arc, Mutex};
+
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        use serde_json::{Value, json};
+
+        pub const TS_SDK_BODY: &str =
+            r#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"},"id":null}"#;
+
+        pub async fn start(known: &'static str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let seen = log.clone();
+            let handler = move |headers: HeaderMap, body: String| {
+                let seen = seen.clone();
+                async move {
+                    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+                    let method = v["method"].as_str().unwrap_or("").to_string();
+                    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+                    let sid = h("mcp-session-id");
+                    seen.lock().unwrap().push(format!(
+                        "{method} {sid} {} {} {}",
+                        h("mcp-protocol-version"),
+                        h("host"),
+                        h("authorization")
+                    ));
+                    let json_ct = [("content-type", "application/json")];
+                    if method == "initialize" {
+                        let result = json!({"jsonrpc":"2.0","id":v["id"],"result":{"protocolVersion":"2025-06-18"}});
+                        return (json_ct, [("mcp-session-id", "new-id")], result.to_string()).into_response();
+                    }
+                    if sid != known && sid != "new-id" {
+                        return (StatusCode::BAD_REQUEST, json_ct, TS_SDK_BODY).into_response();
+                    }
+                    if method.starts_with("notifications/") {
+                        return StatusCode::ACCEPTED.into_response();
+                    }
+                    let result = json!({"jsonrpc":"2.0","id":v["id"],"result":{"session":sid}});
+                    (json_ct, result.to_string()).into_response()
+                }
+            };
+            let app = axum::Router::new().route("/mcp", axum::routing::post(handler));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            (addr, log)
+        }
+    }
+
+    fn recovery_with(endpoints: Vec<SocketAddr>) -> Recovery {
+        Recovery::new(RecoverySettings {
+            endpoints: EndpointSource::Static(endpoints),
+            replay_safe_methods: BTreeSet::new(),
+            timeout: Duration::from_secs(5),
+            max_response_bytes: 64 * 1024,
+        })
+        .unwrap()
+    }
+
+    /// A memory store holding session `client-1`, pinned to `upstream` as backend `b-1`
+    /// at generation 1.
+    async fn store_with(upstream: SocketAddr, protocol_version: Option<&str>) -> (crate::store::memory::MemoryStore, SessionId) {
+        let store = crate::store::memory::MemoryStore::new(Duration::from_secs(60), 10);
+        let id = SessionId::parse("client-1").unwrap();
+        let put = PutSession {
+            backend_session_id: Some("b-1".into()),
+            upstream: upstream.to_string(),
+            generation: Some(1),
+            initialize: r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#.into(),
+            initialized: None,
+            protocol_version: protocol_version.map(str::to_string),
+        };
+        store.put(&id, &put, PutCondition::Always).await.unwrap();
+        (store, id)
+    }
+
+    async fn suspect_setup(
+        known: &'static str,
+    ) -> (Recovery, crate::store::memory::MemoryStore, SessionId, SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+        let (addr, log) = pod::start(known).await;
+        let (store, id) = store_with(addr, Some("2025-06-18")).await;
+        (recovery_with(vec![addr]), store, id, addr, log)
+    }
+
+    fn suspect(addr: SocketAddr, failed_generation: u64) -> RecoverRequest {
+        serde_json::from_value(json!({
+            "failed_generation": failed_generation, "failed_upstream": addr.to_string(), "reason": "session_suspect",
+            "request": {"method": "POST", "path": "/mcp", "authority": "mcp.local", "content_type": "application/json",
+                        "accept": "application/json, text/event-stream", "protocol_version": "2025-03-26",
+                        "authorization": "Bearer c", "body": r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{}}"#}
+        }))
+        .unwrap()
+    }
+
+    fn probes(metrics: &Metrics) -> String {
+        let text = metrics.render(crate::store::StoreStats { records: None, evictions: 0 });
+        text.lines().filter(|l| l.starts_with("mcp_affinity_control_probes_total{")).collect::<Vec<_>>().join("\n")
+    }
+
+    #[tokio::test]
+    async fn session_suspect_on_a_live_session_is_alive_and_changes_nothing() {
+        let (recovery, store, id, addr, log) = suspect_setup("b-1").await;
+        let metrics = Metrics::new();
+        let answer = recovery.recover(&store, &metrics, &id, &suspect(addr, 1)).await.unwrap();
+        let pin = Pin { upstream: addr.to_string(), backend_session_id: "b-1".into(), generation: 1 };
+        assert_eq!(answer, RecoverResponse { outcome: Outcome::Alive, pin: Some(pin), response: None });
+        // One ping in the backend session, with the record's protocol version and the
+        // client's Host and Authorization; the request itself was not replayed.
+        assert_eq!(*log.lock().unwrap(), ["ping b-1 2025-06-18 mcp.local Bearer c"]);
+        assert_eq!(store.get(&id).await.unwrap().unwrap().generation, 1);
+        assert_eq!(probes(&metrics), r#"mcp_affinity_control_probes_total{result="alive"} 1"#);
+        let text = metrics.render(crate::store::StoreStats { records: None, evictions: 0 });
+        assert!(text.contains(r#"mcp_affinity_control_recoveries_total{outcome="alive"} 1"#), "{text}");
+        assert!(text.contains("mcp_affinity_control_reinitializations_total 0"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn session_suspect_on_a_lost_session_reinitializes_and_replays() {
+        let (recovery, store, id, addr, log) = suspect_setup("other").await;
+        let metrics = Metrics::new();
+        let answer = recovery.recover(&store, &metrics, &id, &suspect(addr, 1)).await.unwrap();
+        assert_eq!(answer.outcome, Outcome::Replayed, "{answer:?}");
+        assert_eq!(answer.pin, Some(Pin { upstream: addr.to_string(), backend_session_id: "new-id".into(), generation: 2 }));
+        let response = answer.response.unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(serde_json::from_str::<Value>(&response.body).unwrap()["id"], 9);
+        let methods: Vec<String> = log.lock().unwrap().iter().map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" ")).collect();
+        assert_eq!(methods, ["ping b-1", "initialize -", "notifications/initialized new-id", "tools/call new-id"]);
+        assert_eq!(probes(&metrics), r#"mcp_affinity_control_probes_total{result="session_unknown"} 1"#);
+
+        // A filter still holding generation 1: the pin already moved, no probe, no
+        // re-initialization, replayed on the current pin.
+        log.lock().unwrap().clear();
+        let again = recovery.recover(&store, &metrics, &id, &suspect(addr, 1)).await.unwrap();
+        assert_eq!((again.outcome, again.pin.unwrap().generation), (Outcome::Replayed, 2));
+        let lines = log.lock().unwrap().clone();
+        assert_eq!(lines, ["tools/call new-id 2025-03-26 mcp.local Bearer c"], "only the replay");
+        assert_eq!(probes(&metrics), r#"mcp_affinity_control_probes_total{result="session_unknown"} 1"#);
+    }
+
+    #[tokio::test]
+    async fn session_suspect_on_an_unreachable_pod_goes_on_as_session_unknown() {
+        // Pinned to a closed port, no endpoint to move to: the probe finds the pod
+        // unreachable and the session_unknown path ends in `failed`.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (store, id) = store_with(closed, None).await;
+        let metrics = Metrics::new();
+        let answer = recovery_with(Vec::new()).recover(&store, &metrics, &id, &suspect(closed, 1)).await.unwrap();
+        assert_eq!((answer.outcome, answer.pin), (Outcome::Failed, None));
+        assert_eq!(answer.response.unwrap().status, 404);
+        assert_eq!(probes(&metrics), r#"mcp_affinity_control_probes_total{result="unreachable"} 1"#);
+        assert!(store.get(&id).await.unwrap().is_none(), "record deleted");
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP side of recovery: talking to MCP server pods (Streamable HTTP) — send the
-//! stored `initialize`, the `notifications/initialized`, and replay the client's request.
+//! stored `initialize`, the `notifications/initialized`, replay the client's request, and
+//! probe whether a pod still knows a session (`ping`, for `session_suspect`).
 //!
 //! Every call carries the deadline of the whole recovery; answers are read up to a byte
 //! cap. A `text/event-stream` answer is read until the stream ends or, when the JSON-RPC
@@ -10,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -251,6 +253,127 @@ pub async fn delete_session(http: &reqwest::Client, target: &Target<'_>, session
     }
 }
 
+/// JSON-RPC id of the probe `ping` (a string no client is likely to use).
+pub const PROBE_ID: &str = "mcp-affinity-probe";
+
+/// Body of the probe: a JSON-RPC `ping` request.
+pub const PROBE_BODY: &str = r#"{"jsonrpc":"2.0","id":"mcp-affinity-probe","method":"ping"}"#;
+
+/// What a probe of a pinned session found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// The pod answered, and not with a session-not-found answer: it knows the session.
+    Alive,
+    /// The pod answered that it does not know the session ([`is_session_unknown`]).
+    SessionUnknown,
+    /// No answer: connecting failed, or the answer did not complete in time (the message
+    /// says why).
+    Unreachable(String),
+}
+
+impl Probe {
+    /// The metric label (`alive`, `session_unknown`, `unreachable`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Probe::Alive => "alive",
+            Probe::SessionUnknown => "session_unknown",
+            Probe::Unreachable(_) => "unreachable",
+        }
+    }
+}
+
+/// POSTs a JSON-RPC `ping` ([`PROBE_BODY`]) in session `session_id` and classifies the
+/// answer: a session-not-found answer ([`is_session_unknown`]) is
+/// [`Probe::SessionUnknown`], any other answer (whatever its status) is [`Probe::Alive`],
+/// a transport failure (not sent, no complete answer by `deadline`) is
+/// [`Probe::Unreachable`].
+pub async fn probe(
+    http: &reqwest::Client,
+    target: &Target<'_>,
+    session_id: &str,
+    protocol_version: Option<&str>,
+    errors: &SessionErrors,
+    deadline: Instant,
+    max_bytes: usize,
+) -> Probe {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(ACCEPT, HeaderValue::from_static(ACCEPT_BOTH));
+    match value("backend session id", session_id) {
+        Ok(v) => headers.insert(HeaderName::from_static(SESSION_HEADER), v),
+        Err(e) => return Probe::Unreachable(e),
+    };
+    if let Some(v) = protocol_version.and_then(|v| HeaderValue::from_str(v).ok()) {
+        headers.insert(HeaderName::from_static(PROTOCOL_HEADER), v);
+    }
+    let id = Value::String(PROBE_ID.to_string());
+    match send(http, target, reqwest::Method::POST, headers, PROBE_BODY.to_string(), Some(&id), deadline, max_bytes).await {
+        Ok(answer) if errors.is_session_unknown(&answer) => Probe::SessionUnknown,
+        Ok(_) => Probe::Alive,
+        Err(e) => Probe::Unreachable(e.to_string()),
+    }
+}
+
+/// How an upstream says it does not know a session, as the filter's plugin configuration
+/// (`recovery.*`) states it. Defaults: HTTP 404 (the MCP spec's answer); HTTP 400 carrying
+/// a JSON-RPC error (JSON body or SSE event) with code -32001 ("Session not found",
+/// TypeScript SDK / ToolHive), or code -32000 whose message mentions "session" (ASCII
+/// case-insensitive; the TypeScript SDK's "Bad Request: No valid session ID provided").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SessionErrors {
+    /// Statuses that by themselves mean "session unknown".
+    pub statuses: Vec<u16>,
+    /// Statuses whose JSON-RPC error body is inspected.
+    pub body_statuses: Vec<u16>,
+    /// JSON-RPC error codes that mean "session unknown".
+    pub codes: Vec<i64>,
+    /// JSON-RPC error codes whose message is matched against `message_patterns`.
+    pub message_codes: Vec<i64>,
+    /// Case-insensitive substrings of such a message.
+    pub message_patterns: Vec<String>,
+}
+
+impl Default for SessionErrors {
+    fn default() -> Self {
+        SessionErrors {
+            statuses: vec![404],
+            body_statuses: vec![400],
+            codes: vec![-32001],
+            message_codes: vec![-32000],
+            message_patterns: vec!["session".to_string()],
+        }
+    }
+}
+
+impl SessionErrors {
+    /// `true` when `answer` says the server does not know the session.
+    pub fn is_session_unknown(&self, answer: &Answer) -> bool {
+        if self.statuses.contains(&answer.status) {
+            return true;
+        }
+        self.body_statuses.contains(&answer.status) && answer.messages().iter().any(|m| self.is_session_error(m))
+    }
+
+    fn is_session_error(&self, message: &Value) -> bool {
+        let Some(error) = message.get("error") else { return false };
+        let Some(code) = error.get("code").and_then(Value::as_i64) else { return false };
+        if self.codes.contains(&code) {
+            return true;
+        }
+        self.message_codes.contains(&code)
+            && error.get("message").and_then(Value::as_str).is_some_and(|m| {
+                let m = m.to_ascii_lowercase();
+                self.message_patterns.iter().any(|p| m.contains(&p.to_ascii_lowercase()))
+            })
+    }
+}
+
+/// [`SessionErrors::is_session_unknown`] with the default rules.
+pub fn is_session_unknown(answer: &Answer) -> bool {
+    SessionErrors::default().is_session_unknown(answer)
+}
+
 /// The client request headers of a replay: `Mcp-Session-Id` = the backend id, and the
 /// client's content type, accept and protocol version when given.
 pub fn replay_headers(
@@ -350,5 +473,53 @@ mod tests {
         assert_eq!(messages(br#"[{"a":1},{"b":2}]"#, false).len(), 2);
         assert!(messages(b"not json", false).is_empty());
         assert_eq!(sse_data("data: a\r\ndata: b\r\n\r\ndata:x"), ["a\nb", "x"]);
+    }
+
+    fn answer(status: u16, content_type: &str, body: &str) -> Answer {
+        Answer { status, content_type: Some(content_type.into()), session_id: None, body: body.as_bytes().to_vec() }
+    }
+
+    #[test]
+    fn classifies_session_unknown_answers() {
+        let ts = r#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"},"id":null}"#;
+        assert!(is_session_unknown(&answer(400, "application/json", ts)));
+        assert!(is_session_unknown(&answer(404, "text/plain", "Not Found: Session not found")));
+        assert!(is_session_unknown(&answer(404, "application/json", "")));
+        let nf = r#"{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session not found"},"id":1}"#;
+        assert!(is_session_unknown(&answer(400, "application/json", nf)));
+        assert!(is_session_unknown(&answer(400, "text/event-stream", &format!("event: message\ndata: {nf}\n\n"))));
+        assert!(is_session_unknown(&answer(400, "application/json", &ts.replace("session", "SESSION"))));
+        // A genuine 400, another error code, another status, or no JSON: the session is alive.
+        let bad = r#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: invalid params"},"id":1}"#;
+        assert!(!is_session_unknown(&answer(400, "application/json", bad)));
+        let other = r#"{"jsonrpc":"2.0","error":{"code":-32602,"message":"unknown session tool"},"id":1}"#;
+        assert!(!is_session_unknown(&answer(400, "application/json", other)));
+        assert!(!is_session_unknown(&answer(200, "application/json", nf)));
+        assert!(!is_session_unknown(&answer(500, "application/json", ts)));
+        assert!(!is_session_unknown(&answer(400, "text/plain", "Bad Request: session")));
+        assert!(!is_session_unknown(&answer(200, "application/json", r#"{"jsonrpc":"2.0","id":"mcp-affinity-probe","result":{}}"#)));
+        let custom = SessionErrors { statuses: vec![410], message_patterns: vec!["expired".into()], ..SessionErrors::default() };
+        assert!(custom.is_session_unknown(&answer(410, "text/plain", "")));
+        assert!(!custom.is_session_unknown(&answer(404, "text/plain", "")), "the configured statuses replace the defaults");
+        let expired = r#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Session expired"},"id":1}"#;
+        assert!(custom.is_session_unknown(&answer(400, "application/json", expired)));
+    }
+
+    #[tokio::test]
+    async fn probe_of_a_closed_port_is_unreachable() {
+        let endpoint = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let target = Target { endpoint, path: "/mcp", authority: None, authorization: None };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let got = probe(&http, &target, "s-1", Some("2025-06-18"), &SessionErrors::default(), deadline, 1024).await;
+        assert!(matches!(&got, Probe::Unreachable(e) if e.starts_with("not sent")), "{got:?}");
+    }
+
+    #[test]
+    fn probe_body_is_a_ping_request() {
+        let v: Value = serde_json::from_str(PROBE_BODY).unwrap();
+        assert_eq!(v, json!({"jsonrpc":"2.0","id":PROBE_ID,"method":"ping"}));
+        assert_eq!([Probe::Alive.as_str(), Probe::SessionUnknown.as_str(), Probe::Unreachable(String::new()).as_str()],
+            ["alive", "session_unknown", "unreachable"]);
     }
 }

@@ -400,7 +400,9 @@ fn a_400_json_is_verified_by_control_and_passed_through_when_the_session_is_aliv
     let mut s = pinned_call(&mut w);
     let step = s.on_response_headers(&mut w.cx(), &Resp::new(400, &[("content-type", "application/json")]));
     assert_eq!(step.flow, Flow::Pause, "headers held; the body is not read (Envoy would not deliver it)");
-    assert_eq!(json(calls(&step)[0].body.as_ref().unwrap())["reason"], "session_suspect");
+    let suspect = json(calls(&step)[0].body.as_ref().unwrap());
+    assert_eq!(suspect["reason"], "session_suspect");
+    assert_eq!(suspect["session_errors"]["codes"], serde_json::json!([-32001]), "control probes with the configured rules");
     let alive = r#"{"outcome":"alive","pin":{"upstream":"10.0.0.2:80","backend_session_id":"s1","generation":1}}"#;
     let step = s.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: alive.into() });
     assert_eq!(step, Step { ops: vec![], flow: Flow::ResumeResponse }, "the genuine 400 goes through untouched");
