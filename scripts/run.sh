@@ -2,18 +2,28 @@
 # Starts a local mcp-affinity stack and stops all of it on Ctrl-C:
 #   - three demo MCP pods on 127.0.0.1:8081-8083 (unless UPSTREAMS is set),
 #   - the control service on 127.0.0.1:9901 (embedded in-memory store),
-#   - the dev proxy running the filter on http://127.0.0.1:10000/mcp (stats on :10001).
-# Environment: UPSTREAMS=ip:port,ip:port  put your own MCP servers behind the proxy;
-#              LISTEN (default 127.0.0.1:10000), CONTROL (default 127.0.0.1:9901).
+#   - real Envoy running the filter on http://127.0.0.1:10000/mcp (admin on :15000), with
+#     envoy/envoy.yaml rendered for these addresses by mcp-affinity-envoy-config.
+# Environment: UPSTREAMS=ip:port,ip:port  put your own MCP servers behind Envoy;
+#              LISTEN (default 127.0.0.1:10000), ADMIN (default 127.0.0.1:15000),
+#              CONTROL (default 127.0.0.1:9901);
+#              ENVOY (default: .venv-envoy-1.40.0/bin/envoy, installed by `make setup-envoy`);
+#              ENVOY_LOG_LEVEL (default warn; e.g. debug, or info for the filter's own logs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/debug
 WASM=target/wasm32-wasip1/wasm/mcp_affinity_filter.wasm
+ENVOY=${ENVOY:-$PWD/.venv-envoy-1.40.0/bin/envoy}
 LISTEN=${LISTEN:-127.0.0.1:10000}
-ADMIN=${ADMIN:-127.0.0.1:10001}
+ADMIN=${ADMIN:-127.0.0.1:15000}
 CONTROL=${CONTROL:-127.0.0.1:9901}
 RUN_DIR=$(mktemp -d)
 pids=()
+
+if [[ ! -x "$ENVOY" ]]; then
+  echo "Envoy not found at $ENVOY: run \`make setup-envoy\` or set ENVOY=/path/to/envoy" >&2
+  exit 1
+fi
 
 cleanup() {
   trap - INT TERM EXIT
@@ -30,6 +40,21 @@ wait_port() { # host:port
     sleep 0.1
   done
   echo "nothing listens on $1" >&2; exit 1
+}
+
+# Envoy's admin GET /ready answers "LIVE" once its listeners (and the filter's VMs) are up.
+envoy_live() { # admin host:port
+  (exec 3<>"/dev/tcp/${1%:*}/${1#*:}" &&
+    printf 'GET /ready HTTP/1.1\r\nhost: %s\r\nconnection: close\r\n\r\n' "$1" >&3 &&
+    tr -d '\r' <&3 | grep -x LIVE >/dev/null) 2>/dev/null
+}
+wait_envoy_ready() { # admin host:port, envoy pid
+  for _ in $(seq 1 600); do
+    kill -0 "$2" 2>/dev/null || { echo "Envoy exited during startup (see its log above)" >&2; exit 1; }
+    envoy_live "$1" && return 0
+    sleep 0.1
+  done
+  echo "Envoy was not ready within 60 s" >&2; exit 1
 }
 
 if [[ -n "${UPSTREAMS:-}" ]]; then
@@ -49,6 +74,7 @@ export MCP_AFFINITY_CONTROL_TOKEN
 "$BIN/mcp-affinity-control" --listen "$CONTROL" --store memory --endpoints "$(IFS=,; echo "${upstreams[*]}")" &
 pids+=($!)
 
+# The filter reads the token from Envoy's environment (vm_config host_env_keys).
 cat >"$RUN_DIR/filter.json" <<JSON
 {
   "pin_header": "x-session-pod",
@@ -56,23 +82,27 @@ cat >"$RUN_DIR/filter.json" <<JSON
 }
 JSON
 
+args=(--listen "$LISTEN" --admin "$ADMIN" --wasm "$WASM" --control "$CONTROL" --filter-config "$RUN_DIR/filter.json")
+for u in "${upstreams[@]}"; do args+=(--upstream "$u"); done
+"$BIN/mcp-affinity-envoy-config" "${args[@]}" >"$RUN_DIR/envoy.yaml"
+
 for u in "${upstreams[@]}"; do wait_port "$u"; done
 wait_port "$CONTROL"
 
-args=(--listen "$LISTEN" --admin "$ADMIN" --wasm "$WASM" --filter-config "$RUN_DIR/filter.json"
-      --cluster "mcp_affinity_control=$CONTROL" --vm-env MCP_AFFINITY_CONTROL_TOKEN)
-for u in "${upstreams[@]}"; do args+=(--upstream "$u"); done
-"$BIN/mcp-affinity-devproxy" "${args[@]}" &
-pids+=($!)
+"$ENVOY" -c "$RUN_DIR/envoy.yaml" --concurrency 2 --disable-hot-restart -l "${ENVOY_LOG_LEVEL:-warn}" &
+envoy_pid=$!
+pids+=("$envoy_pid")
+wait_envoy_ready "$ADMIN" "$envoy_pid"
 wait_port "$LISTEN"
 
 cat <<MSG
 
-mcp-affinity is running.
+mcp-affinity is running (Envoy $("$ENVOY" --version 2>/dev/null | sed -n 's|.*/\([0-9][0-9.]*\)/.*|\1|p'), pid $envoy_pid).
   MCP endpoint (Streamable HTTP):  http://$LISTEN/mcp
   upstream MCP servers:            ${upstreams[*]}
   control service:                 http://$CONTROL  (/healthz, /readyz, /metrics; token in this shell's env)
-  filter metrics:                  http://$ADMIN/stats
+  Envoy admin:                     http://$ADMIN  (loopback only)
+  filter counters:                 curl -s $ADMIN/stats?filter=wasmcustom
 
 Point an MCP client at it, e.g.
   npx @modelcontextprotocol/inspector   (transport "Streamable HTTP", URL http://$LISTEN/mcp)

@@ -1,6 +1,6 @@
 //! A demo MCP server for tests and `make run`: stateful Streamable HTTP on `rmcp`.
 //!
-//! **A demo/test server, not a product.** It exists so the dev proxy, the filter and the
+//! **A demo/test server, not a product.** It exists so Envoy with the filter and the
 //! end-to-end tests have real MCP pods to talk to.
 //!
 //! # Behaviour

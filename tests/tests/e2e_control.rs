@@ -95,7 +95,7 @@ async fn two_proxies_share_sessions_through_redis() {
 }
 
 /// Many requests of one session at once after a restart: at most one control lookup per
-/// worker VM (the dev proxy runs 2, like Envoy --concurrency 2).
+/// worker VM (the fixture runs Envoy with --concurrency 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_after_a_restart_share_lookups() {
     let pods = pods(2).unwrap();

@@ -1,4 +1,4 @@
-//! End-to-end transparent recovery: demo pods + dev proxy (filter) + control with an
+//! End-to-end transparent recovery: demo pods + Envoy (filter) + control with an
 //! endpoint list. A pinned pod that dies, restarts in place, or answers like a
 //! TypeScript-SDK server is recovered without the client seeing an error or a new id.
 

