@@ -26,6 +26,13 @@
 //!   answers a DELETE of an unknown session with `202` and because `ts-sdk` must differ
 //!   from rmcp's default. It asks rmcp's session manager (`has_session`), so a session
 //!   that ended (DELETE, idle timeout) is unknown from then on.
+//! - `GET /demo/stats` answers `{"initializations": N}`: how many sessions this process
+//!   created (each `initialize` creates one). Tests use it to tell pinning from recovery:
+//!   steady traffic, proxy restarts and control lookups must create none.
+//! - A request of a known session carrying `x-demo-reject: 1` is answered `400` with a
+//!   JSON-RPC error body whose message mentions the session
+//!   ([`GENUINE_BAD_REQUEST_BODY`]): a genuine client error on a live session, which a
+//!   proxy must pass through untouched (not mistake for "session unknown").
 //! - `Host` header validation (rmcp's DNS-rebinding guard, loopback names only by
 //!   default) is switched off: behind a proxy or a Kubernetes Service the `Host` is
 //!   whatever the client used.
@@ -38,6 +45,7 @@
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -58,6 +66,14 @@ use tokio_util::sync::CancellationToken;
 /// session id (the SDK's example servers), used by [`UnknownSessionStyle::TsSdk`].
 pub const TS_SDK_UNKNOWN_SESSION_BODY: &str =
     r#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"},"id":null}"#;
+
+/// Body of the `400` a known session gets for a request with `x-demo-reject: 1`: it looks
+/// like a session error (code -32000, the word "session") but the session is alive.
+pub const GENUINE_BAD_REQUEST_BODY: &str =
+    r#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: the session is fine, this request is rejected"},"id":null}"#;
+
+/// Path of the demo server's own counters (JSON).
+pub const STATS_PATH: &str = "/demo/stats";
 
 /// Body of the `404` for an unknown session in [`UnknownSessionStyle::Spec`] (the same
 /// text rmcp itself sends).
@@ -167,6 +183,13 @@ async fn unknown_session_guard(State(state): State<GuardState>, request: Request
             tracing::debug!(method = %request.method(), "unknown session id");
             return unknown_session_response(state.style);
         }
+        if request.headers().contains_key("x-demo-reject") {
+            return Response::builder()
+                .status(400)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Body::from(GENUINE_BAD_REQUEST_BODY))
+                .expect("valid response");
+        }
     }
     next.run(request).await
 }
@@ -189,11 +212,17 @@ fn unknown_session_response(style: UnknownSessionStyle) -> Response {
 pub fn router(options: &DemoServerOptions, ct: CancellationToken) -> axum::Router {
     let sessions = Arc::new(LocalSessionManager::default());
     let name: Arc<str> = Arc::from(options.name.as_str());
+    let initializations = Arc::new(AtomicU64::new(0));
+    let counted = initializations.clone();
     let config = StreamableHttpServerConfig::default()
         .disable_allowed_hosts()
         .with_cancellation_token(ct);
     let service = StreamableHttpService::new(
-        move || Ok(DemoHandler::new(name.clone())),
+        move || {
+            // rmcp calls the factory once per new session, i.e. per `initialize`.
+            counted.fetch_add(1, Ordering::Relaxed);
+            Ok(DemoHandler::new(name.clone()))
+        },
         sessions.clone(),
         config,
     );
@@ -201,7 +230,11 @@ pub fn router(options: &DemoServerOptions, ct: CancellationToken) -> axum::Route
     let endpoint = axum::routing::any_service(service)
         .layer(axum::middleware::from_fn_with_state(guard, unknown_session_guard));
     let path = if options.path.is_empty() { "/" } else { options.path.as_str() };
-    axum::Router::new().route(path, endpoint)
+    let stats = axum::routing::get(move || {
+        let n = initializations.load(Ordering::Relaxed);
+        async move { axum::Json(serde_json::json!({ "initializations": n })) }
+    });
+    axum::Router::new().route(path, endpoint).route(STATS_PATH, stats)
 }
 
 /// Serves the demo server on `listener` until the process ends.

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
-use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, pods};
+use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, pods};
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use mcp_affinity_harness::mcp_client::{self, Session};
 use mcp_affinity_harness::rmcp_client::RmcpClient;
@@ -23,11 +23,23 @@ fn with_control(control: &ControlService) -> ProxyOptions {
     }
 }
 
-/// The acceptance case: initialize, restart the proxy, 5 requests → all on the original pod.
+/// The acceptance case: initialize, restart Envoy, 5 requests → all on the original pod,
+/// found through control (embedded store), with no re-initialization.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_survive_a_proxy_restart() {
+async fn sessions_survive_an_envoy_restart() {
+    survive_a_restart("memory").await;
+}
+
+/// The same with control on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_survive_an_envoy_restart_with_redis() {
+    let redis = RedisServer::start().unwrap();
+    survive_a_restart(&redis.url()).await;
+}
+
+async fn survive_a_restart(store: &str) {
     let pods = pods(2).unwrap();
-    let control = ControlService::start("memory").unwrap();
+    let control = ControlService::start(store).unwrap();
     let mut proxy = Proxy::start(&addrs(&pods), with_control(&control)).unwrap();
     let s = mcp_client::connect(&proxy.url()).await.unwrap();
     let origin = s.whoami().await.unwrap();
@@ -47,6 +59,7 @@ async fn sessions_survive_a_proxy_restart() {
     assert_eq!(proxy.metric("control_lookups").await.unwrap(), 1, "one lookup, then shared data");
     assert_eq!(proxy.metric("control_hits").await.unwrap(), 1);
     assert_eq!(proxy.metric("unknown_session").await.unwrap(), 0);
+    assert_eq!(initializations(&pods).await, 1, "the restart and the lookup re-initialized nothing");
 }
 
 /// The same without control: after the restart the session is unknown.
@@ -92,6 +105,7 @@ async fn two_proxies_share_sessions_through_redis() {
     assert_eq!(b.metric("unknown_session").await.unwrap(), 0);
     assert_eq!(b.metric("control_hits").await.unwrap(), b.metric("control_lookups").await.unwrap());
     assert!(b.metric("control_lookups").await.unwrap() >= 20, "B learned the sessions from control");
+    assert_eq!(initializations(&pods).await, 20, "sharing re-initialized nothing");
 }
 
 /// Many requests of one session at once after a restart: at most one control lookup per
@@ -117,6 +131,7 @@ async fn concurrent_requests_after_a_restart_share_lookups() {
     assert_eq!(s.whoami().await.unwrap(), origin);
     let lookups = proxy.metric("control_lookups").await.unwrap();
     assert!((1..=2).contains(&lookups), "{lookups} lookups for one session on 2 workers");
+    assert_eq!(initializations(&pods).await, 1);
 }
 
 /// Control stops mid-test: cached pins keep working, new sessions still initialize, and

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, pods};
+use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, pods};
 use mcp_affinity_harness::mcp_client::{self, Session};
 use mcp_affinity_harness::rmcp_client;
 use serde_json::json;
@@ -75,6 +75,7 @@ async fn twenty_sessions_ten_calls_each_stay_on_their_pod() {
     // initialized notification + CALLS calls per session, all routed by pin.
     assert_eq!(proxy.metric("requests_pinned").await.unwrap(), (SESSIONS * (CALLS + 1)) as i64);
     assert_eq!(proxy.metric("unknown_session").await.unwrap(), 0);
+    assert_eq!(initializations(&pods).await, SESSIONS as u64, "only the clients' own initialize requests");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -7,7 +7,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 
 use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
-use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions};
+use mcp_affinity_harness::demo_server::GENUINE_BAD_REQUEST_BODY;
+use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations};
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use mcp_affinity_harness::mcp_client::{self, Session};
 use serde_json::json;
@@ -38,11 +39,15 @@ fn start_pods(n: usize, flags: &[&str]) -> Vec<Pod> {
     (0..n).map(|i| Pod::start_with(&format!("pod-{i}"), flags).unwrap()).collect()
 }
 
-/// Sessions (connected through `proxy`) whose pod is `pod`, out of `n` created.
-async fn sessions_on(proxy: &Proxy, pod: &str, n: usize) -> (Vec<Session>, usize) {
+/// Opens sessions through `proxy` until `want` of them are on `pod`; returns those and
+/// how many landed elsewhere. Each Envoy worker round-robins on its own, so which
+/// sessions land where is not fixed, but a worker's every `pods` consecutive sessions
+/// include one on `pod`: 100 tries always find `want` ≤ 10 on 3 pods.
+async fn sessions_on(proxy: &Proxy, pod: &str, want: usize) -> (Vec<Session>, usize) {
     let mut mine = Vec::new();
     let mut others = 0;
-    for _ in 0..n {
+    while mine.len() < want {
+        assert!(mine.len() + others < 100, "only {} of {want} sessions landed on {pod}", mine.len());
         let s = mcp_client::connect(&proxy.url()).await.unwrap();
         if s.whoami().await.unwrap() == pod { mine.push(s) } else { others += 1 }
     }
@@ -59,8 +64,7 @@ async fn killing_the_pinned_pod_moves_each_session_once() {
     let mut pods = start_pods(3, &[]);
     let control = control_for(&pods, "memory");
     let proxy = proxy_for(&pods, &control);
-    let (victims, others) = sessions_on(&proxy, "pod-0", 30).await;
-    assert_eq!(victims.len(), 10, "round robin puts every third session on pod-0 ({others} elsewhere)");
+    let (victims, others) = sessions_on(&proxy, "pod-0", 10).await;
     pods[0].kill();
     for s in &victims {
         let moved = s.whoami_keeping_id().await;
@@ -70,52 +74,56 @@ async fn killing_the_pinned_pod_moves_each_session_once() {
     }
     assert_eq!(reinitializations(&control).await, 10.0, "exactly one re-initialization per session");
     assert_eq!(proxy.metric("recoveries_replayed").await.unwrap(), 10);
+    assert_eq!(initializations(&pods[1..]).await, others as u64 + 10, "the live pods saw their own sessions and the 10 moves");
 }
 
-/// Restarts in place (same address, sessions lost) the pod holding `expected` of `of`
-/// sessions; each is recovered once, through the pods' way of saying "session unknown".
-async fn restart_in_place_recovers(pod_flags: &[&str], victim: usize, of: usize, expected: usize) {
+/// Restarts in place (same address, sessions lost) the pod holding `expected` sessions
+/// (others elsewhere); each is recovered once, through the pods' way of saying "session
+/// unknown".
+async fn restart_in_place_recovers(pod_flags: &[&str], victim: usize, expected: usize) {
     let mut pods = start_pods(2, pod_flags);
     let control = control_for(&pods, "memory");
     let proxy = proxy_for(&pods, &control);
-    let (victims, _) = sessions_on(&proxy, &format!("pod-{victim}"), of).await;
-    assert_eq!(victims.len(), expected);
+    let (victims, others) = sessions_on(&proxy, &format!("pod-{victim}"), expected).await;
     pods[victim].restart().unwrap();
     for s in &victims {
         let now = s.whoami_keeping_id().await;
         assert_eq!(s.whoami_keeping_id().await, now);
     }
     assert_eq!(reinitializations(&control).await, expected as f64);
+    // The lost sessions were re-created once each; nobody else was.
+    assert_eq!(initializations(&pods).await, (others + expected) as u64);
 }
 
 /// Issue scenario 2: a pod restarts in place: the 404 path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pod_restarted_in_place_is_recovered_via_404() {
-    restart_in_place_recovers(&[], 0, 6, 3).await;
+    restart_in_place_recovers(&[], 0, 3).await;
 }
 
 /// Issue scenario 3: TypeScript-SDK style servers answer unknown sessions with
 /// 400 / -32000 "Bad Request: No valid session ID provided".
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ts_sdk_style_session_errors_are_recovered() {
-    restart_in_place_recovers(&["--unknown-session", "ts-sdk"], 1, 4, 2).await;
+    restart_in_place_recovers(&["--unknown-session", "ts-sdk"], 1, 2).await;
 }
 
 /// Two pods, control and a proxy; one session pinned to pod-0, which is then killed.
-async fn one_session_on_a_dead_pod() -> (Vec<Pod>, ControlService, Proxy, Session) {
+async fn one_session_on_a_dead_pod() -> (Vec<Pod>, ControlService, Proxy, Session, usize) {
+    // (also returns how many sessions landed on the live pod meanwhile)
     let mut pods = start_pods(2, &[]);
     let control = control_for(&pods, "memory");
     let proxy = proxy_for(&pods, &control);
-    let (victims, _) = sessions_on(&proxy, "pod-0", 2).await;
+    let (victims, others) = sessions_on(&proxy, "pod-0", 1).await;
     let s = victims.into_iter().next().unwrap();
     pods[0].kill();
-    (pods, control, proxy, s)
+    (pods, control, proxy, s, others)
 }
 
 /// Issue scenario 4: 20 concurrent requests of one session hit a dead pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_to_a_dead_pod_reinitialize_once() {
-    let (_pods, control, _proxy, s) = one_session_on_a_dead_pod().await;
+    let (pods, control, _proxy, s, others) = one_session_on_a_dead_pod().await;
     let tasks: Vec<_> = (0..20)
         .map(|i| {
             let s = s.clone(); // clones share the JSON-RPC id counter
@@ -127,6 +135,28 @@ async fn concurrent_requests_to_a_dead_pod_reinitialize_once() {
     }
     assert_eq!(reinitializations(&control).await, 1.0);
     assert_eq!(s.whoami_keeping_id().await, "pod-1");
+    assert_eq!(initializations(&pods[1..]).await, others as u64 + 1, "its own sessions and the one move");
+}
+
+/// A genuine 400 on a live session — JSON-RPC -32000 whose message even mentions the
+/// session — reaches the client untouched: Envoy gives the filter no body before the
+/// headers are decided, so control probes the pinned pod, finds the session alive, and
+/// the held answer goes on. Nothing is re-initialized or replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_genuine_400_on_a_live_session_passes_through_untouched() {
+    let pods = start_pods(2, &["--unknown-session", "ts-sdk"]);
+    let control = control_for(&pods, "memory");
+    let proxy = proxy_for(&pods, &control);
+    let s = mcp_client::connect(&proxy.url()).await.unwrap();
+    let origin = s.whoami().await.unwrap();
+    let call = json!({"jsonrpc": "2.0", "id": 99, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}});
+    let r = s.post_raw(&[("x-demo-reject", "1")], serde_json::to_vec(&call).unwrap()).await.unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(r.text(), GENUINE_BAD_REQUEST_BODY, "the pod's own answer, byte for byte");
+    assert_eq!(proxy.metric("sessions_verified").await.unwrap(), 1);
+    assert_eq!(reinitializations(&control).await, 0.0);
+    assert_eq!(initializations(&pods).await, 1);
+    assert_eq!(s.whoami().await.unwrap(), origin);
 }
 
 /// Issue scenario 5: two proxies, one Redis-backed control; B holds a stale pin.
@@ -137,7 +167,7 @@ async fn a_second_proxy_with_a_stale_pin_does_not_reinitialize_again() {
     let control = control_for(&pods, &redis.url());
     let a = proxy_for(&pods, &control);
     let b = proxy_for(&pods, &control);
-    let (victims, _) = sessions_on(&a, "pod-0", 2).await;
+    let (victims, _) = sessions_on(&a, "pod-0", 1).await;
     let via_a = victims.into_iter().next().unwrap();
     let via_b = Session::with_id(&b.url(), &via_a.session_id);
     assert_eq!(via_b.whoami_keeping_id().await, "pod-0", "B learned the pin from control");
@@ -220,7 +250,7 @@ async fn a_tools_call_reset_after_sending_is_not_replayed() {
 /// client opens its GET stream again — on the new pod, since the session is re-pinned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_get_stream_to_a_dead_pod_is_answered_so_the_client_reopens_it() {
-    let (_pods, control, proxy, s) = one_session_on_a_dead_pod().await;
+    let (_pods, control, proxy, s, _) = one_session_on_a_dead_pod().await;
     let mut headers = s.default_headers();
     headers.insert("accept", "text/event-stream".parse().unwrap());
     let r = mcp_client::send_raw(&mcp_client::http_client(), reqwest::Method::GET, &s.url, &headers, bytes::Bytes::new()).await.unwrap();
