@@ -54,6 +54,22 @@ fn rendered_bootstraps_pass_envoy_validate() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Every shipped bootstrap, byte for byte except where the module lives, passes
+/// `envoy --mode validate` (which loads the module and runs its `on_configure`).
+#[test]
+fn shipped_bootstraps_pass_envoy_validate() {
+    let dir = scratch("shipped");
+    let wasm = mcp_affinity_harness::process::filter_wasm();
+    for name in ["envoy.yaml", "envoy-stateful-session.yaml"] {
+        let shipped = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy").join(name)).unwrap();
+        assert!(shipped.contains("/etc/envoy/mcp_affinity_filter.wasm"), "{name}: module path moved");
+        let path = dir.join(name);
+        std::fs::write(&path, shipped.replace("/etc/envoy/mcp_affinity_filter.wasm", &wasm.to_string_lossy())).unwrap();
+        envoy::validate(&envoy::envoy_binary().unwrap(), &path, &token()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_config_binary_prints_a_bootstrap_envoy_accepts() {
     let dir = scratch("binary");
