@@ -8,6 +8,8 @@
 //! start at 1 and grow with every write, cas 0 / `None` writes unconditionally). There is
 //! no delete: a forgotten pin becomes an empty value (tombstone).
 
+use std::collections::VecDeque;
+
 use hashbrown::HashSet;
 
 use crate::pin::{self, DecodeError, Pin};
@@ -82,25 +84,72 @@ pub fn forget(shared: &mut dyn SharedData, index: &mut SweepIndex, session_id: &
 
 /// Keys this VM wrote, so its root context's tick can sweep them. Shared data cannot be
 /// enumerated (ABI v0.2.1 has no such call); every VM sweeps what it wrote or refreshed.
-pub type SweepIndex = HashSet<String>;
+///
+/// The sweep is incremental: each tick looks at a bounded batch of keys in ring order
+/// ([`sweep`]), so a tick's cost does not grow with the number of sessions.
+#[derive(Debug, Default)]
+pub struct SweepIndex {
+    /// The indexed keys.
+    keys: HashSet<String>,
+    /// Sweep order; may hold keys removed since (skipped when reached).
+    ring: VecDeque<String>,
+}
 
-/// Tombstones every indexed pin idle for `ttl_secs` or more; returns how many expired.
-/// A pin refreshed by another VM since it was indexed is kept (its timestamp is newer);
-/// the CAS guard keeps a concurrent refresh from being wiped.
-pub fn sweep(shared: &mut dyn SharedData, index: &mut SweepIndex, now: u64, ttl_secs: u64) -> u64 {
-    let mut expired = 0;
-    index.retain(|key| match read(shared, key) {
-        None => false,
-        Some(stored) if stored.pin.is_expired(now, ttl_secs) => {
-            if shared.set(key, &[], stored.cas) {
-                expired += 1;
-                false
-            } else {
-                true // refreshed concurrently: look again next tick
-            }
+impl SweepIndex {
+    /// Indexes `key` (once).
+    pub fn insert(&mut self, key: String) {
+        if !self.keys.contains(&key) {
+            self.keys.insert(key.clone());
+            self.ring.push_back(key);
         }
-        Some(_) => true,
-    });
+    }
+
+    /// Forgets `key`.
+    pub fn remove(&mut self, key: &str) {
+        self.keys.remove(key);
+    }
+
+    /// Number of indexed keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// No key is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// Looks at up to `batch` indexed pins (the next ones in ring order) and tombstones those
+/// idle for `ttl_secs` or more; returns how many expired. A pin refreshed by another VM
+/// since it was indexed is kept (its timestamp is newer); the CAS guard keeps a
+/// concurrent refresh from being wiped. Each key is looked at once per
+/// `len / batch` calls.
+pub fn sweep(shared: &mut dyn SharedData, index: &mut SweepIndex, now: u64, ttl_secs: u64, batch: usize) -> u64 {
+    let mut expired = 0;
+    for _ in 0..batch.min(index.ring.len()) {
+        let Some(key) = index.ring.pop_front() else { break };
+        if !index.keys.contains(&key) {
+            continue; // forgotten since it was indexed
+        }
+        let keep = match read(shared, &key) {
+            None => false,
+            Some(stored) if stored.pin.is_expired(now, ttl_secs) => {
+                if shared.set(&key, &[], stored.cas) {
+                    expired += 1;
+                    false
+                } else {
+                    true // refreshed concurrently: look again next time
+                }
+            }
+            Some(_) => true,
+        };
+        if keep {
+            index.ring.push_back(key);
+        } else {
+            index.keys.remove(&key);
+        }
+    }
     expired
 }
 
@@ -180,9 +229,27 @@ mod tests {
         let (mut shared, mut index) = (MemorySharedData::default(), SweepIndex::default());
         put(&mut shared, &mut index, "old", &pin(100), None);
         put(&mut shared, &mut index, "new", &pin(190), None);
-        assert_eq!(sweep(&mut shared, &mut index, 200, 50), 1);
+        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 16), 1);
         assert!(get(&shared, "old").is_none());
         assert!(get(&shared, "new").is_some());
         assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn the_sweep_is_bounded_per_call_and_reaches_every_key_in_turn() {
+        let (mut shared, mut index) = (MemorySharedData::default(), SweepIndex::default());
+        for i in 0..10 {
+            put(&mut shared, &mut index, &format!("s{i}"), &pin(100), None);
+        }
+        put(&mut shared, &mut index, "s0", &pin(100), None); // indexed once
+        forget(&mut shared, &mut index, "s1");
+        assert_eq!(index.len(), 9);
+        // 3 keys per call: the forgotten s1 costs a slot, not a read.
+        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 3), 2);
+        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 3), 3);
+        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 3), 3);
+        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 3), 1);
+        assert!(index.is_empty());
+        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 3), 0);
     }
 }

@@ -2,7 +2,7 @@
 //! tick sweeps idle pins and sends control the touches the streams queued. Also the host
 //! side of the machine's [`Env`]: shared data, the clock and the counters.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -20,6 +20,17 @@ use crate::stream::{Call, Env, Vm};
 
 /// Most touches sent to control per tick; the rest wait for the next tick.
 const TOUCHES_PER_TICK: usize = 256;
+
+/// Most pins the sweep looks at per tick (each one shared-data read).
+const SWEEP_PER_TICK: usize = 256;
+
+/// Wall clock, Unix seconds (`proxy_get_current_time_nanoseconds`).
+fn host_now_secs() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
 
 /// Host metric ids, indexed by `Counter as usize` (0 = not defined).
 #[derive(Debug, Default, Clone)]
@@ -65,15 +76,17 @@ impl SharedData for HostSharedData {
     }
 }
 
-/// The machine's host services.
+/// The machine's host services. The clock is the VM's, refreshed on every tick: pins
+/// need seconds, and a host call per request for them would be waste.
 pub struct HostEnv<'a> {
     metrics: &'a Metrics,
+    now_secs: u64,
     shared: HostSharedData,
 }
 
 impl<'a> HostEnv<'a> {
-    pub fn new(metrics: &'a Metrics) -> Self {
-        HostEnv { metrics, shared: HostSharedData }
+    pub fn new(plugin: &'a Plugin) -> Self {
+        HostEnv { metrics: &plugin.metrics, now_secs: plugin.now_secs.get(), shared: HostSharedData }
     }
 }
 
@@ -83,10 +96,7 @@ impl Env for HostEnv<'_> {
     }
 
     fn now_secs(&self) -> u64 {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs())
+        self.now_secs
     }
 
     fn count(&mut self, counter: Counter) {
@@ -100,6 +110,8 @@ pub struct Plugin {
     pub metrics: Metrics,
     pub control: Option<ControlClient>,
     pub vm: RefCell<Vm>,
+    /// The VM's clock (Unix seconds), refreshed on configure and on every tick.
+    pub now_secs: Cell<u64>,
 }
 
 /// The root context.
@@ -137,7 +149,7 @@ impl RootContext for Root {
                 self.set_tick_period(Duration::from_millis(config.sweep_period_ms));
                 // A reconfiguration keeps the pins this VM indexed.
                 let vm = self.plugin.as_ref().map(|p| std::mem::take(&mut *p.vm.borrow_mut())).unwrap_or_default();
-                self.plugin = Some(Rc::new(Plugin { config, metrics, control, vm: RefCell::new(vm) }));
+                self.plugin = Some(Rc::new(Plugin { config, metrics, control, vm: RefCell::new(vm), now_secs: Cell::new(host_now_secs()) }));
                 true
             }
             Err(e) => {
@@ -149,10 +161,10 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(p) = self.plugin.clone() else { return };
-        let mut env = HostEnv::new(&p.metrics);
-        let now = env.now_secs();
+        let now = host_now_secs();
+        p.now_secs.set(now);
         let mut vm = p.vm.borrow_mut();
-        let expired = store::sweep(&mut HostSharedData, &mut vm.index, now, p.config.session_ttl_secs);
+        let expired = store::sweep(&mut HostSharedData, &mut vm.index, now, p.config.session_ttl_secs, SWEEP_PER_TICK);
         if expired > 0 {
             p.metrics.add(Counter::SessionsExpired, expired);
             log::debug!("mcp-affinity: swept {expired} idle pins");
@@ -164,7 +176,7 @@ impl RootContext for Root {
                 vm.touches.remove(&id);
                 let call = Call { method: "PATCH", session_id: id, suffix: "", body: Some(body.clone()), timeout_ms: None };
                 if control.call(&call).is_err() {
-                    env.count(Counter::ControlErrors);
+                    p.metrics.add(Counter::ControlErrors, 1);
                 }
             }
         }

@@ -54,7 +54,7 @@ impl Stream {
     /// Runs one machine event with the plugin's VM state and host services.
     fn event(&mut self, f: impl FnOnce(&mut machine::Stream, &mut Ctx) -> Step) -> Step {
         let mut vm = self.p.vm.borrow_mut();
-        let mut env = HostEnv::new(&self.p.metrics);
+        let mut env = HostEnv::new(&self.p);
         let mut cx = Ctx { cfg: &self.p.config, control: self.p.control.is_some(), vm: &mut vm, env: &mut env };
         f(&mut self.m, &mut cx)
     }
