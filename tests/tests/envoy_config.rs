@@ -780,7 +780,7 @@ fn mutated_bootstraps_are_rejected() {
         (&plain, "\"max_body_bytes\": 1048576", "\"max_body_bytes\": 0", Pinning::OriginalDst, "max_body_bytes"),
         (&plain, "\"max_body_bytes\": 1048576", "\"max_body_bytes\": 4194304", Pinning::OriginalDst, "defaults"),
         (&plain, "per_connection_buffer_limit_bytes: 2097152", "per_connection_buffer_limit_bytes: 65536", Pinning::OriginalDst, "per_connection_buffer_limit_bytes"),
-        (&plain, "\"sweep_period_ms\": 10000", "\"sweep_period_ms\": 20000", Pinning::OriginalDst, "defaults"),
+        (&plain, "\"sweep_period_ms\": 1000", "\"sweep_period_ms\": 2000", Pinning::OriginalDst, "defaults"),
         (&ss, "\"message_patterns\": [\"session\"]", "\"message_patterns\": []", Pinning::StatefulSession, "defaults"),
         (&plain, "\"pin_encoding\": \"plain\"", "\"pin_encoding\": \"base64\"", Pinning::OriginalDst, "pin_encoding must be plain"),
         (&plain, "\"token_env\": \"MCP_AFFINITY_CONTROL_TOKEN\"", "\"token\": \"secret\"", Pinning::OriginalDst, "inline"),
