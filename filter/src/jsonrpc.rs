@@ -31,31 +31,26 @@ struct Message<'a> {
     method: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// Classifies a complete request body. Parses once; allocates only for a batch's vector
-/// (and for a method name that contains JSON escapes).
+/// Classifies a complete request body. Parses once for the common shapes (an object, or
+/// a batch of objects) and allocates only for a batch's vector (and for a method name
+/// with JSON escapes); any other shape is checked for JSON validity once more, so valid
+/// JSON is never [`BodyKind::Malformed`]. Nesting deeper than serde_json's recursion limit
+/// (128) is rejected as malformed, never a stack overflow.
 pub fn classify(body: &[u8]) -> BodyKind {
     let first = body.iter().copied().find(|b| !b.is_ascii_whitespace());
     let is_initialize = match first {
-        Some(b'{') => match serde_json::from_slice::<Message>(body) {
-            Ok(m) => m.method.as_deref() == Some(INITIALIZE),
-            Err(e) if e.is_data() => false,
-            Err(_) => return BodyKind::Malformed,
-        },
-        Some(b'[') => match serde_json::from_slice::<Vec<Message>>(body) {
-            Ok(batch) => batch.iter().any(|m| m.method.as_deref() == Some(INITIALIZE)),
-            Err(e) if e.is_data() => false,
-            Err(_) => return BodyKind::Malformed,
-        },
-        _ => {
-            // Any other JSON value (string, number, …) is valid JSON but not JSON-RPC.
-            return if serde_json::from_slice::<IgnoredAny>(body).is_ok() {
-                BodyKind::Other
-            } else {
-                BodyKind::Malformed
-            };
-        }
+        Some(b'{') => serde_json::from_slice::<Message>(body).map(|m| m.method.as_deref() == Some(INITIALIZE)),
+        Some(b'[') => serde_json::from_slice::<Vec<Message>>(body).map(|batch| batch.iter().any(|m| m.method.as_deref() == Some(INITIALIZE))),
+        _ => serde_json::from_slice::<IgnoredAny>(body).map(|_| false),
     };
-    if is_initialize { BodyKind::Initialize } else { BodyKind::Other }
+    match is_initialize {
+        Ok(true) => BodyKind::Initialize,
+        Ok(false) => BodyKind::Other,
+        // Valid JSON of another shape (e.g. a batch holding a non-object) is not JSON-RPC
+        // we act on, but it is not malformed either.
+        Err(_) if serde_json::from_slice::<IgnoredAny>(body).is_ok() => BodyKind::Other,
+        Err(_) => BodyKind::Malformed,
+    }
 }
 
 /// The `method` of a single JSON-RPC message, or `None` for a batch, a response or

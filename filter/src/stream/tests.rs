@@ -452,3 +452,78 @@ fn a_body_over_the_replay_limit_is_not_recovered() {
     assert_eq!(s.on_response_headers(&mut w.cx(), &Resp::new(404, &[])).flow, Flow::Continue);
     assert_eq!(w.count("recovery_body_too_large"), 1);
 }
+
+// ---- any event sequence ------------------------------------------------------------------
+
+mod any_sequence {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Event {
+        Request { method: &'static str, session: Option<&'static str>, spoof: bool, end: bool },
+        Body { chunk: Vec<u8>, end: bool },
+        Response { status: u16, json: bool, session: Option<&'static str>, details: &'static str },
+        Answer { status: Option<u16>, body: Vec<u8> },
+        Done,
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        let session = prop::option::of(prop::sample::select(vec!["s1", "s2", "bad id"]));
+        let body = prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            Just(INIT.as_bytes().to_vec()),
+            Just(RECORD.as_bytes().to_vec()),
+            Just(REPLAYED.as_bytes().to_vec()),
+            Just(br#"{"outcome":"alive"}"#.to_vec()),
+        ];
+        prop_oneof![
+            (prop::sample::select(vec!["POST", "GET", "DELETE"]), session.clone(), any::<bool>(), any::<bool>())
+                .prop_map(|(method, session, spoof, end)| Event::Request { method, session, spoof, end }),
+            (body.clone(), any::<bool>()).prop_map(|(chunk, end)| Event::Body { chunk, end }),
+            (prop::sample::select(vec![200u16, 202, 400, 404, 500, 503]), any::<bool>(), session, prop::sample::select(vec!["via_upstream", "upstream_reset_before_response_started{remote_connection_failure}", "upstream_reset_before_response_started{connection_termination}"]))
+                .prop_map(|(status, json, session, details)| Event::Response { status, json, session, details }),
+            (prop::option::of(prop::sample::select(vec![200u16, 201, 404, 500])), body).prop_map(|(status, body)| Event::Answer { status, body }),
+            Just(Event::Done),
+        ]
+    }
+
+    proptest! {
+        /// Whatever order events arrive in, on any of three streams of one VM, with or
+        /// without control: the machine never panics, and a client-sent pin header never
+        /// becomes the route.
+        #[test]
+        fn no_sequence_panics(control in any::<bool>(), events in prop::collection::vec((0usize..3, event()), 0..40)) {
+            let mut w = World::new(control);
+            w.pin("s2", "10.0.0.9:80", false);
+            let mut streams = [Stream::new(1), Stream::new(2), Stream::new(3)];
+            for (i, e) in events {
+                let s = &mut streams[i];
+                let step = match e {
+                    Event::Request { method, session, spoof, end } => {
+                        let mut h = vec![(":method", method), (":path", "/mcp")];
+                        if let Some(id) = session { h.push(("mcp-session-id", id)); }
+                        if spoof { h.push(("x-session-pod", "10.9.9.9:1")); }
+                        s.on_request_headers(&mut w.cx(), HeaderPairs::from_pairs(&h), end)
+                    }
+                    Event::Body { chunk, end } => s.on_request_body(&mut w.cx(), &|| chunk.clone(), end),
+                    Event::Response { status, json, session, details } => {
+                        let mut h = vec![];
+                        if json { h.push(("content-type", "application/json")); }
+                        if let Some(id) = session { h.push(("mcp-session-id", id)); }
+                        let mut r = Resp::new(status, &h);
+                        r.details = details;
+                        s.on_response_headers(&mut w.cx(), &r)
+                    }
+                    Event::Answer { status, body } => s.on_control_answer(&mut w.cx(), Answer { status, body }),
+                    Event::Done => s.on_done(&mut w.cx()),
+                };
+                // A client's pin header never becomes the route.
+                for op in &step.ops {
+                    if let Op::SetRequestHeader(Header::Pin, v) = op { prop_assert_ne!(v.as_str(), "10.9.9.9:1"); }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Property tests of everything the filter parses from outside: session ids (clients),
+//! request bodies (clients), shared-data values (other VMs, older versions), the plugin
+//! configuration (operators), header maps (the host), control's records and recover
+//! answers (the network). No input panics; every rejection is a value, not a crash; and
+//! what the filter writes, it reads back.
+
+use mcp_affinity_filter::config::FilterConfig;
+use mcp_affinity_filter::control::parse_record;
+use mcp_affinity_filter::header_map::HeaderPairs;
+use mcp_affinity_filter::jsonrpc::{self, BodyKind};
+use mcp_affinity_filter::pin::{DecodeError, Pin};
+use mcp_affinity_filter::recovery::parse_answer;
+use mcp_affinity_filter::session_id::{self, MAX_SESSION_ID_LEN};
+use proptest::prelude::*;
+
+/// A valid session id: 1..=64 visible ASCII bytes.
+fn session_id() -> impl Strategy<Value = String> {
+    proptest::collection::vec(0x21u8..=0x7e, 1..=64).prop_map(|b| String::from_utf8(b).unwrap())
+}
+
+/// Any JSON value, a few levels deep.
+fn json() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+        ".{0,12}".prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+            proptest::collection::btree_map(".{0,8}", inner, 0..6).prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #[test]
+    fn session_ids_are_accepted_exactly_when_visible_ascii_and_short_enough(id in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let ok = !id.is_empty() && id.len() <= MAX_SESSION_ID_LEN && id.iter().all(|b| (0x21..=0x7e).contains(b));
+        match session_id::validate(&id, MAX_SESSION_ID_LEN) {
+            Ok(s) => { prop_assert!(ok); prop_assert_eq!(s.as_bytes(), &id[..]); }
+            Err(e) => { prop_assert!(!ok); prop_assert!(!e.to_string().is_empty()); }
+        }
+    }
+
+    #[test]
+    fn any_body_classifies_without_panicking(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = jsonrpc::classify(&body);
+        let _ = jsonrpc::method(&body);
+    }
+
+    #[test]
+    fn valid_json_is_never_called_malformed(v in json()) {
+        let body = serde_json::to_vec(&v).unwrap();
+        prop_assert_ne!(jsonrpc::classify(&body), BodyKind::Malformed);
+    }
+
+    #[test]
+    fn initialize_is_recognised_whatever_else_the_message_holds(id in any::<i64>(), params in json(), batch_before in 0usize..3) {
+        let init = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": params});
+        prop_assert_eq!(jsonrpc::classify(&serde_json::to_vec(&init).unwrap()), BodyKind::Initialize);
+        let mut batch = vec![serde_json::json!({"jsonrpc": "2.0", "method": "notifications/x"}); batch_before];
+        batch.push(init);
+        prop_assert_eq!(jsonrpc::classify(&serde_json::to_vec(&batch).unwrap()), BodyKind::Initialize);
+    }
+
+    #[test]
+    fn pins_round_trip(upstream in "[0-9a-f.:\\[\\]]{1,40}", generation in any::<u64>(), last_seen in any::<u64>(), backend in session_id(), recorded in any::<bool>()) {
+        let backend = backend.replace(' ', "_");
+        let pin = Pin { upstream, generation, last_seen, backend_session_id: backend, recorded };
+        prop_assert_eq!(Pin::decode(&pin.encode()).unwrap(), pin);
+    }
+
+    #[test]
+    fn any_shared_data_value_decodes_or_is_rejected(value in proptest::collection::vec(any::<u8>(), 0..128)) {
+        match Pin::decode(&value) {
+            Ok(pin) => prop_assert_eq!(Pin::decode(&pin.encode()).unwrap(), pin),
+            Err(DecodeError::Tombstone) => prop_assert!(value.is_empty()),
+            Err(DecodeError::Invalid) => {}
+        }
+    }
+
+    #[test]
+    fn any_plugin_configuration_parses_or_names_the_problem(v in json()) {
+        if let Err(e) = FilterConfig::parse(&serde_json::to_vec(&v).unwrap()) {
+            prop_assert!(!e.is_empty());
+        }
+    }
+
+    #[test]
+    fn any_configuration_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = FilterConfig::parse(&bytes);
+    }
+
+    #[test]
+    fn header_maps_round_trip_and_garbage_is_rejected(
+        pairs in proptest::collection::vec(("[a-z:-]{1,12}", "[ -~]{0,20}"), 0..12),
+        garbage in proptest::collection::vec(any::<u8>(), 0..128),
+    ) {
+        let refs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let map = HeaderPairs::from_pairs(&refs);
+        for (k, _) in &pairs {
+            let first = pairs.iter().find(|(k2, _)| k2 == k).map(|(_, v)| v.as_bytes());
+            prop_assert_eq!(map.get(k), first);
+        }
+        if let Ok(m) = HeaderPairs::parse(garbage) {
+            let _ = m.get(":method");
+        }
+    }
+
+    #[test]
+    fn control_answers_of_any_shape_are_values(v in json(), bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let body = serde_json::to_vec(&v).unwrap();
+        let _ = parse_record(&body);
+        let _ = parse_answer(&body);
+        let _ = parse_record(&bytes);
+        let _ = parse_answer(&bytes);
+    }
+}
+
+/// Deep nesting cannot overflow the stack: serde_json skips values it does not need
+/// iteratively (and stops typed parsing at its recursion limit), however deep a client
+/// nests. Deep JSON is still JSON; `initialize` with deep `params` is still `initialize`.
+#[test]
+fn deeply_nested_bodies_do_not_overflow() {
+    for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+        let body = format!("{}1{}", open.repeat(100_000), close.repeat(100_000));
+        assert_eq!(jsonrpc::classify(body.as_bytes()), BodyKind::Other);
+        let wrapped = format!("{{\"method\":\"initialize\",\"params\":{}1{}}}", open.repeat(100_000), close.repeat(100_000));
+        assert_eq!(jsonrpc::classify(wrapped.as_bytes()), BodyKind::Initialize);
+        let unclosed = format!("{{\"method\":\"initialize\",\"params\":{}1", open.repeat(100_000));
+        assert_eq!(jsonrpc::classify(unclosed.as_bytes()), BodyKind::Malformed);
+    }
+}
+
+/// Huge numbers are JSON like any other.
+#[test]
+fn huge_numbers_are_not_malformed() {
+    let body = format!(r#"{{"jsonrpc":"2.0","id":{},"method":"initialize"}}"#, "9".repeat(400));
+    assert_eq!(jsonrpc::classify(body.as_bytes()), BodyKind::Initialize);
+}
