@@ -54,6 +54,11 @@ impl HeaderPairs {
         HeaderPairs { buf }
     }
 
+    /// The serialised bytes (as `proxy_send_local_response` takes them).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// The first value of header `name` (exact, lowercase), without copying.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         let mut pairs = Pairs::new(&self.buf)?;

@@ -178,6 +178,22 @@ fn assert_replayed_on_one_pin(answers: &[(StatusCode, Value)], expected: impl Fn
     first_pin
 }
 
+/// `answer` says the session was re-initialized on `pod` (restarted in place: a new
+/// backend session id, generation 2) and request `id` replayed there, answering `text`;
+/// control counted one re-initialization.
+#[allow(clippy::too_many_arguments)]
+async fn assert_replayed_in_place(control: &Control, session: &Session, pod: &Pod, status: StatusCode, answer: &Value, id: u64, text: &str) {
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "replayed", "{answer}");
+    assert_eq!(answer["pin"]["upstream"], pod.addr.to_string());
+    assert_eq!(answer["pin"]["generation"], 2);
+    let backend = answer["pin"]["backend_session_id"].as_str().unwrap();
+    assert_ne!(backend, session.session_id);
+    assert_eq!(tool_text(answer, id), text);
+    assert_eq!(Session::with_id(&pod_url(pod.addr), backend).whoami().await.unwrap(), pod.name);
+    assert_eq!(control.reinitializations().await, 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_after_the_pinned_pod_is_killed() {
     let mut pods = pods(3).unwrap();
@@ -236,15 +252,7 @@ async fn session_unknown_after_a_restart_in_place() {
     let (status, answer) = control
         .recover(&session.session_id, &recover_body(&session, 1, pods[0].addr, "session_unknown", "POST", &body))
         .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    assert_eq!(answer["outcome"], "replayed", "{answer}");
-    assert_eq!(answer["pin"]["upstream"], pods[0].addr.to_string());
-    assert_eq!(answer["pin"]["generation"], 2);
-    let backend = answer["pin"]["backend_session_id"].as_str().unwrap();
-    assert_ne!(backend, session.session_id);
-    assert_eq!(tool_text(&answer, 7), "after restart");
-    assert_eq!(Session::with_id(&pod_url(pods[0].addr), backend).whoami().await.unwrap(), pods[0].name);
-    assert_eq!(control.reinitializations().await, 1.0);
+    assert_replayed_in_place(&control, &session, &pods[0], status, &answer, 7, "after restart").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,15 +540,7 @@ async fn session_suspect_after_a_restart_in_place_reinitializes_once_and_replays
     let (status, answer) = control
         .recover(&session.session_id, &recover_body(&session, 1, pods[0].addr, "session_suspect", "POST", &body))
         .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    assert_eq!(answer["outcome"], "replayed", "{answer}");
-    assert_eq!(answer["pin"]["upstream"], pods[0].addr.to_string());
-    assert_eq!(answer["pin"]["generation"], 2);
-    let backend = answer["pin"]["backend_session_id"].as_str().unwrap();
-    assert_ne!(backend, session.session_id);
-    assert_eq!(tool_text(&answer, 8), "suspect after restart");
-    assert_eq!(Session::with_id(&pod_url(pods[0].addr), backend).whoami().await.unwrap(), pods[0].name);
-    assert_eq!(control.reinitializations().await, 1.0);
+    assert_replayed_in_place(&control, &session, &pods[0], status, &answer, 8, "suspect after restart").await;
     assert_eq!(control.metric("mcp_affinity_control_replays_total").await, 1.0);
     assert_eq!(probes(&control, "session_unknown").await, 1.0);
     assert_eq!(probes(&control, "alive").await, 0.0);

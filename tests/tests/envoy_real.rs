@@ -290,16 +290,7 @@ impl Envoy {
     /// The filter's metric `wasmcustom.mcp_affinity.<name>` from the admin API
     /// (`/stats?filter=wasmcustom`, summed by Envoy over its worker VMs); 0 when absent.
     async fn metric(&self, name: &str) -> Result<i64> {
-        let text = reqwest::get(format!("http://{}/stats?filter=wasmcustom", self.admin)).await?.error_for_status()?.text().await?;
-        let key = format!("wasmcustom.mcp_affinity.{name}");
-        for line in text.lines() {
-            if let Some((k, v)) = line.split_once(':')
-                && k.trim() == key
-            {
-                return v.trim().parse().with_context(|| format!("stat line {line:?}"));
-            }
-        }
-        Ok(0)
+        envoy::filter_metric(self.admin, name).await
     }
 
     /// The last `n` lines of the container's log (`docker logs`: Envoy logs to stderr).

@@ -11,6 +11,8 @@
 
 use std::ptr::null_mut;
 
+use crate::header_map::HeaderPairs;
+
 /// ABI status `OK`.
 const OK: u32 = 0;
 /// ABI status `NOT_FOUND`.
@@ -155,18 +157,8 @@ pub fn resume(stream: StreamType) {
 /// Sends a local reply (`proxy_send_local_response`; Envoy applies it after the current
 /// callback returns). Headers are serialised as the ABI's header map pairs.
 pub fn local_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
-    let mut map = Vec::new();
-    map.extend_from_slice(&(headers.len() as u32).to_le_bytes());
-    for (k, v) in headers {
-        map.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        map.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in headers {
-        map.extend_from_slice(k.as_bytes());
-        map.push(0);
-        map.extend_from_slice(v.as_bytes());
-        map.push(0);
-    }
+    let map = HeaderPairs::from_pairs(headers);
+    let map = map.as_bytes();
     let details = "mcp_affinity";
     // SAFETY: pointers to live slices.
     let s = unsafe { proxy_send_local_response(status, details.as_ptr(), details.len(), body.as_ptr(), body.len(), map.as_ptr(), map.len(), -1) };
