@@ -244,6 +244,24 @@ fn set_endpoints(cluster: &mut Value, addrs: &[SocketAddr]) -> Result<()> {
     Ok(())
 }
 
+/// The filter's counter `wasmcustom.mcp_affinity.<name>` from the Envoy admin API at
+/// `admin` (`/stats?filter=wasmcustom`; Envoy sums it over its worker VMs); 0 when absent.
+///
+/// # Errors
+/// The admin API cannot be reached, or answers a non-number for the counter.
+pub async fn filter_metric(admin: std::net::SocketAddr, name: &str) -> Result<i64> {
+    let text = reqwest::get(format!("http://{admin}/stats?filter=wasmcustom")).await?.error_for_status()?.text().await?;
+    let key = format!("wasmcustom.mcp_affinity.{name}");
+    for line in text.lines() {
+        if let Some((k, v)) = line.split_once(':')
+            && k.trim() == key
+        {
+            return v.trim().parse().with_context(|| format!("stat line {line:?}"));
+        }
+    }
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,22 +370,4 @@ mod tests {
         assert!(render(&y, &Render { upstreams: vec![], ..local() }).is_err());
         assert!(err("admin: {}\n").contains("admin.address"));
     }
-}
-
-/// The filter's counter `wasmcustom.mcp_affinity.<name>` from the Envoy admin API at
-/// `admin` (`/stats?filter=wasmcustom`; Envoy sums it over its worker VMs); 0 when absent.
-///
-/// # Errors
-/// The admin API cannot be reached, or answers a non-number for the counter.
-pub async fn filter_metric(admin: std::net::SocketAddr, name: &str) -> Result<i64> {
-    let text = reqwest::get(format!("http://{admin}/stats?filter=wasmcustom")).await?.error_for_status()?.text().await?;
-    let key = format!("wasmcustom.mcp_affinity.{name}");
-    for line in text.lines() {
-        if let Some((k, v)) = line.split_once(':')
-            && k.trim() == key
-        {
-            return v.trim().parse().with_context(|| format!("stat line {line:?}"));
-        }
-    }
-    Ok(0)
 }
