@@ -552,9 +552,14 @@ impl Stream {
 
     /// Decides on the response headers of a pinned request: forget a deleted session,
     /// recover, verify a suspect error with control, or pass on (with the client's id).
+    /// Without control and with the client's own session id, nothing here is needed: the
+    /// steady path reads nothing from the response.
     fn on_pinned_response(&mut self, cx: &mut Ctx, head: &dyn ResponseHead, mut p: Pinned) -> Step {
-        let status = head.status();
         p.rewrite_response_id = p.pin.backend_session_id != p.client_id && head.header(MCP_SESSION_ID).is_some();
+        if !p.is_delete && !cx.recoverable() {
+            return self.pass_on(p, Flow::Continue);
+        }
+        let status = head.status();
         // DELETE answered 2xx ends the session; 404 says it is gone already. Never recovered.
         if p.is_delete {
             if (200..300).contains(&status) || status == 404 {

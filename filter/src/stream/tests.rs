@@ -72,11 +72,12 @@ struct Resp {
     flags: u64,
     upstream: &'static str,
     properties_read: RefCell<u32>,
+    status_read: RefCell<u32>,
 }
 
 impl Resp {
     fn new(status: u16, headers: &[(&'static str, &'static str)]) -> Resp {
-        Resp { status, headers: headers.to_vec(), details: "via_upstream", flags: 0, upstream: "10.0.0.1:80", properties_read: RefCell::new(0) }
+        Resp { status, headers: headers.to_vec(), details: "via_upstream", flags: 0, upstream: "10.0.0.1:80", properties_read: RefCell::new(0), status_read: RefCell::new(0) }
     }
     fn local_reply(details: &'static str, flags: u64) -> Resp {
         Resp { details, flags, ..Resp::new(503, &[("content-type", "text/plain")]) }
@@ -85,6 +86,7 @@ impl Resp {
 
 impl ResponseHead for Resp {
     fn status(&self) -> u16 {
+        *self.status_read.borrow_mut() += 1;
         self.status
     }
     fn header(&self, name: &str) -> Option<Vec<u8>> {
@@ -212,6 +214,17 @@ fn a_pinned_request_writes_the_pin_and_reads_no_property_on_success() {
     let resp = Resp::new(200, &[("content-type", "application/json")]);
     assert_eq!(s.on_response_headers(&mut w.cx(), &resp).flow, Flow::Continue);
     assert_eq!(*resp.properties_read.borrow(), 0);
+}
+
+#[test]
+fn without_control_a_pinned_response_is_not_even_looked_at() {
+    let mut w = World::new(false);
+    w.pin("s1", "10.0.0.2:80", true);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    let resp = Resp::new(404, &[]);
+    assert_eq!(s.on_response_headers(&mut w.cx(), &resp), Step { ops: vec![], flow: Flow::Continue });
+    assert_eq!(*resp.status_read.borrow(), 0, "no :status read");
 }
 
 #[test]
