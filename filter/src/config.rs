@@ -25,14 +25,22 @@ pub struct FilterConfig {
     pub max_body_bytes: usize,
     /// Longest accepted `Mcp-Session-Id` in bytes (default 256, at most 256).
     pub max_session_id_len: usize,
+    /// Number of shared-data keys the pins are spread over (default 16384, at most
+    /// 1048576). Shared data has no delete, so the filter never writes other keys: with
+    /// `shared_data_bucket_capacity` this is the ceiling of its shared data.
+    pub shared_data_buckets: u32,
+    /// Most pins per bucket (default 8, at most 64); a full bucket evicts its least
+    /// recently used pin (`pins_evicted`). Ceiling: buckets × capacity pins (131072 by
+    /// default, about 20 MB with UUID session ids).
+    pub shared_data_bucket_capacity: usize,
     /// Idle time (seconds) after which a pin expires from shared data (default 7200).
     pub session_ttl_secs: u64,
     /// A pin's last-seen time is rewritten at most this often (seconds, default 60), so
     /// steady traffic does not write shared data on every request.
     pub touch_interval_secs: u64,
-    /// Period of the root context's tick (milliseconds, default 1000). Each tick looks
-    /// at up to 256 of the pins this VM indexed (an incremental sweep: a tick's cost does
-    /// not grow with the number of sessions) and sends queued touches to control.
+    /// Period of the root context's tick (milliseconds, default 1000). Each tick sweeps
+    /// the next 64 shared-data buckets (an incremental sweep: a tick's cost does not grow
+    /// with the number of sessions) and sends queued touches to control.
     pub sweep_period_ms: u64,
     /// What to do with a request whose session id is unknown to shared data (and to the
     /// control service, when configured): `not_found` answers 404 with a JSON-RPC error so
@@ -127,6 +135,8 @@ impl Default for FilterConfig {
             pin_encoding: PinEncoding::Plain,
             max_body_bytes: 1024 * 1024,
             max_session_id_len: MAX_SESSION_ID_LEN,
+            shared_data_buckets: 16_384,
+            shared_data_bucket_capacity: 8,
             session_ttl_secs: 7200,
             touch_interval_secs: 60,
             sweep_period_ms: 1_000,
@@ -154,6 +164,11 @@ impl Default for ControlConfig {
 pub const MAX_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 impl FilterConfig {
+    /// How pins are spread over shared data.
+    pub fn layout(&self) -> crate::store::Layout {
+        crate::store::Layout { buckets: self.shared_data_buckets, capacity: self.shared_data_bucket_capacity }
+    }
+
     /// Parses and validates a plugin configuration. Empty input (or only whitespace)
     /// gives the defaults.
     ///
@@ -201,6 +216,12 @@ impl FilterConfig {
             return Err("touch_interval_secs must be smaller than session_ttl_secs".to_string());
         }
         let r = &self.recovery;
+        if self.shared_data_buckets == 0 || self.shared_data_buckets > 1 << 20 {
+            return Err(format!("shared_data_buckets must be in 1..=1048576, got {}", self.shared_data_buckets));
+        }
+        if self.shared_data_bucket_capacity == 0 || self.shared_data_bucket_capacity > 64 {
+            return Err(format!("shared_data_bucket_capacity must be in 1..=64, got {}", self.shared_data_bucket_capacity));
+        }
         if r.max_replay_body_bytes > MAX_BODY_LIMIT {
             return Err(format!("recovery body limits must be at most {MAX_BODY_LIMIT}"));
         }

@@ -10,21 +10,10 @@
 //! `1 <upstream ip:port> <generation> <last_seen unix seconds> <flags> <backend session id>`,
 //! where flags is `r` once the session's `notifications/initialized` has been recorded
 //! with the control service (or the session is past that point), else `-`.
-//! Footprint per session: key (`mcp-affinity/pin/` + id, 17 + id bytes) + value (about
-//! 40 + id bytes), i.e. about 150 bytes for a UUID id, plus Envoy's map overhead.
+//! Pins are kept in shared-data buckets ([`crate::store`]), one line per session: the
+//! client's id, a space, this value — about 60 + 2 × id bytes (130 for a UUID id).
 
 use base64::Engine as _;
-
-/// Prefix of every shared-data key this filter writes.
-pub const KEY_PREFIX: &str = "mcp-affinity/pin/";
-
-/// The shared-data key of a session: `mcp-affinity/pin/<client session id>`.
-pub fn key(session_id: &str) -> String {
-    let mut k = String::with_capacity(KEY_PREFIX.len() + session_id.len());
-    k.push_str(KEY_PREFIX);
-    k.push_str(session_id);
-    k
-}
 
 /// Where a session lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +155,5 @@ mod tests {
     fn header_encodings() {
         assert_eq!(PinEncoding::Plain.header_value("10.0.0.7:8080"), "10.0.0.7:8080");
         assert_eq!(PinEncoding::Base64.header_value("10.0.0.7:8080"), "MTAuMC4wLjc6ODA4MA==");
-        assert_eq!(key("abc"), "mcp-affinity/pin/abc");
     }
 }

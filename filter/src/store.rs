@@ -1,18 +1,27 @@
-//! Pins in Envoy shared data, written against a [`SharedData`] interface so the rules are
-//! unit-tested natively; the proxy-wasm layer implements it with `proxy_get_shared_data` /
-//! `proxy_set_shared_data`.
+//! Pins in Envoy shared data, in a bounded number of buckets, written against a
+//! [`SharedData`] interface so the rules are unit-tested natively; the proxy-wasm layer
+//! implements it with `proxy_get_shared_data` / `proxy_set_shared_data`.
 //!
 //! Shared data is keyed per vm_id and shared by every worker thread's VM; a write carries
 //! the CAS number read before it, so a concurrent writer wins cleanly instead of being
 //! overwritten (proxy-wasm ABI v0.2.1; proxy-wasm-cpp-host `src/shared_data.cc`: CAS values
-//! start at 1 and grow with every write, cas 0 / `None` writes unconditionally). There is
-//! no delete: a forgotten pin becomes an empty value (tombstone).
+//! start at 1 and grow with every write). The ABI has **no delete**: a key once written
+//! stays until Envoy restarts. One key per session would grow without bound as sessions
+//! come and go, so sessions live in [`Layout::buckets`] keys instead:
+//!
+//! - key `mcp-affinity/pins/<n>`, `n` = FNV-1a(session id) mod `buckets`;
+//! - value: up to [`Layout::capacity`] lines `<client session id> <pin>` (the [`Pin`]
+//!   format; session ids are visible ASCII, so neither space nor newline appears in one);
+//! - every change is a read-modify-write of the bucket with CAS, retried on a concurrent
+//!   write ([`update`]), so writers of different sessions never undo each other;
+//! - a full bucket evicts its least recently used pin for a new one (counted by the
+//!   caller): a ceiling of `buckets × capacity` pins and about
+//!   `buckets × (20 + capacity × (60 + 2 × id length))` bytes of shared data, whatever the
+//!   traffic. An evicted session is found again through control (or, without control,
+//!   gets 404 and the client re-initialises, MCP `basic/transports`);
+//! - the sweep walks the buckets incrementally ([`sweep`]) and drops idle pins.
 
-use std::collections::VecDeque;
-
-use hashbrown::HashSet;
-
-use crate::pin::{self, DecodeError, Pin};
+use crate::pin::{DecodeError, Pin};
 
 /// Shared data as the proxy-wasm ABI offers it.
 pub trait SharedData {
@@ -24,130 +33,165 @@ pub trait SharedData {
     fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
 }
 
-/// A pin read from shared data together with its CAS number.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stored {
-    pub pin: Pin,
-    pub cas: Option<u32>,
+/// How pins are spread over shared-data keys (plugin configuration `shared_data`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Number of bucket keys.
+    pub buckets: u32,
+    /// Most pins per bucket.
+    pub capacity: usize,
 }
 
-/// Reads the pin of `session_id`. Tombstones, undecodable values and missing keys are
-/// all `None`.
-pub fn get(shared: &dyn SharedData, session_id: &str) -> Option<Stored> {
-    read(shared, &pin::key(session_id))
+/// Prefix of every shared-data key this filter writes.
+pub const KEY_PREFIX: &str = "mcp-affinity/pins/";
+
+/// How many times a read-modify-write is retried when another VM wrote the bucket first.
+const CAS_ATTEMPTS: usize = 8;
+
+/// FNV-1a, 32 bits: a stable hash (the same in every worker VM and across restarts).
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }
 
-fn read(shared: &dyn SharedData, key: &str) -> Option<Stored> {
-    let (value, cas) = shared.get(key)?;
-    match Pin::decode(&value) {
-        Ok(pin) => Some(Stored { pin, cas }),
-        Err(DecodeError::Tombstone) => None,
-        Err(DecodeError::Invalid) => {
-            log::warn!("mcp-affinity: ignoring undecodable shared data under {key}");
+impl Layout {
+    /// The bucket of `session_id`.
+    pub fn bucket(&self, session_id: &str) -> u32 {
+        fnv1a(session_id.as_bytes()) % self.buckets.max(1)
+    }
+
+    /// The shared-data key of bucket `n`.
+    pub fn key(n: u32) -> String {
+        format!("{KEY_PREFIX}{n}")
+    }
+}
+
+/// The line of `session_id` in a bucket value, if any.
+fn find<'a>(bucket: &'a [u8], session_id: &str) -> Option<&'a [u8]> {
+    bucket.split(|b| *b == b'\n').find_map(|line| {
+        let rest = line.strip_prefix(session_id.as_bytes())?;
+        rest.strip_prefix(b" ")
+    })
+}
+
+/// Reads the pin of `session_id`; `None` when absent or undecodable (logged).
+pub fn get(shared: &dyn SharedData, layout: Layout, session_id: &str) -> Option<Pin> {
+    let (value, _) = shared.get(&Layout::key(layout.bucket(session_id)))?;
+    match Pin::decode(find(&value, session_id)?) {
+        Ok(pin) => Some(pin),
+        Err(DecodeError::Tombstone | DecodeError::Invalid) => {
+            log::warn!("mcp-affinity: ignoring an undecodable pin of {session_id}");
             None
         }
     }
 }
 
-/// Writes `pin` for `session_id` and indexes its key for the sweep. `cas`: the number read
-/// before (`None` = unconditional). Returns false when another writer got there first.
-pub fn put(shared: &mut dyn SharedData, index: &mut SweepIndex, session_id: &str, pin: &Pin, cas: Option<u32>) -> bool {
-    let key = pin::key(session_id);
-    let ok = shared.set(&key, &pin.encode(), cas);
-    if ok {
-        index.insert(key);
-    }
-    ok
+/// What [`update`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Updated {
+    /// Written (or nothing to change).
+    Done,
+    /// Written; another session's pin was evicted to make room.
+    Evicted,
+    /// Other VMs kept writing the bucket; gave up after a few attempts (logged).
+    Contended,
 }
 
-/// Marks the pin of `session_id` as past `notifications/initialized` (read-modify-write
-/// with CAS, retried once if another worker wrote in between).
-pub fn mark_recorded(shared: &mut dyn SharedData, index: &mut SweepIndex, session_id: &str) {
-    for _ in 0..2 {
-        let Some(mut stored) = get(shared, session_id) else { return };
-        if stored.pin.recorded {
-            return;
+/// Replaces the pin of `session_id` by `f(current)` (`None` removes it), as a CAS
+/// read-modify-write of its bucket, retried when another VM wrote the bucket first. A
+/// new pin in a full bucket evicts the least recently used one.
+pub fn update(shared: &mut dyn SharedData, layout: Layout, session_id: &str, mut f: impl FnMut(Option<Pin>) -> Option<Pin>) -> Updated {
+    let key = Layout::key(layout.bucket(session_id));
+    for _ in 0..CAS_ATTEMPTS {
+        let (value, cas) = shared.get(&key).unwrap_or_default();
+        let mut lines: Vec<&[u8]> = value.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        let at = lines.iter().position(|l| l.strip_prefix(session_id.as_bytes()).is_some_and(|r| r.first() == Some(&b' ')));
+        let current = at.and_then(|i| Pin::decode(&lines[i][session_id.len() + 1..]).ok());
+        let next = f(current.clone());
+        if next == current {
+            return Updated::Done;
         }
-        stored.pin.recorded = true;
-        if put(shared, index, session_id, &stored.pin, stored.cas) {
-            return;
-        }
-    }
-}
-
-/// Tombstones the pin of `session_id` (unconditionally).
-pub fn forget(shared: &mut dyn SharedData, index: &mut SweepIndex, session_id: &str) {
-    let key = pin::key(session_id);
-    shared.set(&key, &[], None);
-    index.remove(&key);
-}
-
-/// Keys this VM wrote, so its root context's tick can sweep them. Shared data cannot be
-/// enumerated (ABI v0.2.1 has no such call); every VM sweeps what it wrote or refreshed.
-///
-/// The sweep is incremental: each tick looks at a bounded batch of keys in ring order
-/// ([`sweep`]), so a tick's cost does not grow with the number of sessions.
-#[derive(Debug, Default)]
-pub struct SweepIndex {
-    /// The indexed keys.
-    keys: HashSet<String>,
-    /// Sweep order; may hold keys removed since (skipped when reached).
-    ring: VecDeque<String>,
-}
-
-impl SweepIndex {
-    /// Indexes `key` (once).
-    pub fn insert(&mut self, key: String) {
-        if !self.keys.contains(&key) {
-            self.keys.insert(key.clone());
-            self.ring.push_back(key);
-        }
-    }
-
-    /// Forgets `key`.
-    pub fn remove(&mut self, key: &str) {
-        self.keys.remove(key);
-    }
-
-    /// Number of indexed keys.
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// No key is indexed.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-}
-
-/// Looks at up to `batch` indexed pins (the next ones in ring order) and tombstones those
-/// idle for `ttl_secs` or more; returns how many expired. A pin refreshed by another VM
-/// since it was indexed is kept (its timestamp is newer); the CAS guard keeps a
-/// concurrent refresh from being wiped. Each key is looked at once per
-/// `len / batch` calls.
-pub fn sweep(shared: &mut dyn SharedData, index: &mut SweepIndex, now: u64, ttl_secs: u64, batch: usize) -> u64 {
-    let mut expired = 0;
-    for _ in 0..batch.min(index.ring.len()) {
-        let Some(key) = index.ring.pop_front() else { break };
-        if !index.keys.contains(&key) {
-            continue; // forgotten since it was indexed
-        }
-        let keep = match read(shared, &key) {
-            None => false,
-            Some(stored) if stored.pin.is_expired(now, ttl_secs) => {
-                if shared.set(&key, &[], stored.cas) {
-                    expired += 1;
-                    false
-                } else {
-                    true // refreshed concurrently: look again next time
-                }
+        let encoded = next.map(|pin| {
+            let mut line = Vec::with_capacity(session_id.len() + 64);
+            line.extend_from_slice(session_id.as_bytes());
+            line.push(b' ');
+            line.extend_from_slice(&pin.encode());
+            line
+        });
+        let mut evicted = false;
+        match (at, &encoded) {
+            (Some(i), Some(line)) => lines[i] = line,
+            (Some(i), None) => {
+                lines.remove(i);
             }
-            Some(_) => true,
+            (None, Some(line)) => {
+                if lines.len() >= layout.capacity {
+                    let oldest = (0..lines.len()).min_by_key(|&i| last_seen(lines[i])).unwrap_or(0);
+                    lines.remove(oldest);
+                    evicted = true;
+                }
+                lines.push(line);
+            }
+            (None, None) => return Updated::Done,
+        }
+        let written = lines.join(&b'\n');
+        // A bucket's first write has no CAS to guard it (the ABI cannot create-if-absent):
+        // read it back, and go round again if another VM's first write won.
+        let landed = match cas {
+            Some(_) => shared.set(&key, &written, cas),
+            None => shared.set(&key, &written, None) && shared.get(&key).is_some_and(|(v, _)| v == written),
         };
-        if keep {
-            index.ring.push_back(key);
-        } else {
-            index.keys.remove(&key);
+        if landed {
+            return if evicted { Updated::Evicted } else { Updated::Done };
+        }
+    }
+    log::warn!("mcp-affinity: shared-data bucket of {session_id} kept changing; update dropped");
+    Updated::Contended
+}
+
+/// `last_seen` of a bucket line (0 when undecodable, so it goes first).
+fn last_seen(line: &[u8]) -> u64 {
+    line.iter().position(|b| *b == b' ').and_then(|i| Pin::decode(&line[i + 1..]).ok()).map_or(0, |p| p.last_seen)
+}
+
+/// Writes `pin` for `session_id`.
+pub fn put(shared: &mut dyn SharedData, layout: Layout, session_id: &str, pin: &Pin) -> Updated {
+    update(shared, layout, session_id, |_| Some(pin.clone()))
+}
+
+/// Refreshes the last-seen time of `session_id`'s pin, whatever its other fields are now
+/// (a concurrent re-pin is kept).
+pub fn touch(shared: &mut dyn SharedData, layout: Layout, session_id: &str, now: u64) {
+    update(shared, layout, session_id, |cur| cur.map(|p| Pin { last_seen: now.max(p.last_seen), ..p }));
+}
+
+/// Marks the pin of `session_id` as past `notifications/initialized`.
+pub fn mark_recorded(shared: &mut dyn SharedData, layout: Layout, session_id: &str) {
+    update(shared, layout, session_id, |cur| cur.map(|p| Pin { recorded: true, ..p }));
+}
+
+/// Removes the pin of `session_id`.
+pub fn forget(shared: &mut dyn SharedData, layout: Layout, session_id: &str) {
+    update(shared, layout, session_id, |_| None);
+}
+
+/// Looks at the next `batch` buckets from `*cursor` (wrapping) and drops pins idle for
+/// `ttl_secs` or more; returns how many expired. A bucket written concurrently is left for
+/// the next round. The cost of a call is bounded by `batch`, whatever the number of
+/// sessions.
+pub fn sweep(shared: &mut dyn SharedData, layout: Layout, cursor: &mut u32, now: u64, ttl_secs: u64, batch: u32) -> u64 {
+    let mut expired = 0;
+    for _ in 0..batch.min(layout.buckets) {
+        let key = Layout::key(*cursor);
+        *cursor = (*cursor + 1) % layout.buckets.max(1);
+        let Some((value, cas)) = shared.get(&key) else { continue };
+        let lines: Vec<&[u8]> = value.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        let live: Vec<&[u8]> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.iter().position(|b| *b == b' ').and_then(|i| Pin::decode(&l[i + 1..]).ok()).is_some_and(|p| !p.is_expired(now, ttl_secs)))
+            .collect();
+        if live.len() < lines.len() && shared.set(&key, &live.join(&b'\n'), cas) {
+            expired += (lines.len() - live.len()) as u64;
         }
     }
     expired
@@ -164,6 +208,13 @@ pub mod memory {
     pub struct MemorySharedData {
         map: HashMap<String, (Vec<u8>, u32)>,
         next_cas: u32,
+    }
+
+    impl MemorySharedData {
+        /// Number of keys and bytes held (keys + values).
+        pub fn footprint(&self) -> (usize, usize) {
+            (self.map.len(), self.map.iter().map(|(k, (v, _))| k.len() + v.len()).sum())
+        }
     }
 
     impl super::SharedData for MemorySharedData {
@@ -189,67 +240,113 @@ mod tests {
     use super::memory::MemorySharedData;
     use super::*;
 
+    const ONE: Layout = Layout { buckets: 1, capacity: 3 };
+    const MANY: Layout = Layout { buckets: 64, capacity: 4 };
+
     fn pin(last_seen: u64) -> Pin {
         Pin { upstream: "127.0.0.1:1".into(), generation: 1, last_seen, backend_session_id: "s".into(), recorded: false }
     }
 
     #[test]
     fn put_get_forget() {
-        let (mut shared, mut index) = (MemorySharedData::default(), SweepIndex::default());
-        assert!(get(&shared, "s").is_none());
-        assert!(put(&mut shared, &mut index, "s", &pin(1), None));
-        assert_eq!(get(&shared, "s").unwrap().pin, pin(1));
-        forget(&mut shared, &mut index, "s");
-        assert!(get(&shared, "s").is_none(), "a tombstone reads as no pin");
-        assert!(index.is_empty());
+        let mut shared = MemorySharedData::default();
+        assert!(get(&shared, MANY, "s").is_none());
+        assert_eq!(put(&mut shared, MANY, "s", &pin(1)), Updated::Done);
+        assert_eq!(get(&shared, MANY, "s").unwrap(), pin(1));
+        forget(&mut shared, MANY, "s");
+        assert!(get(&shared, MANY, "s").is_none());
     }
 
     #[test]
-    fn a_stale_cas_loses() {
-        let (mut shared, mut index) = (MemorySharedData::default(), SweepIndex::default());
-        put(&mut shared, &mut index, "s", &pin(1), None);
-        let first = get(&shared, "s").unwrap();
-        assert!(put(&mut shared, &mut index, "s", &pin(2), first.cas));
-        assert!(!put(&mut shared, &mut index, "s", &pin(3), first.cas), "the CAS read before the last write is stale");
-        assert_eq!(get(&shared, "s").unwrap().pin.last_seen, 2);
+    fn sessions_sharing_a_bucket_do_not_see_or_undo_each_other() {
+        let mut shared = MemorySharedData::default();
+        put(&mut shared, ONE, "a", &pin(1));
+        put(&mut shared, ONE, "ab", &pin(2)); // "a" is a prefix of "ab"
+        assert_eq!(get(&shared, ONE, "a").unwrap().last_seen, 1);
+        assert_eq!(get(&shared, ONE, "ab").unwrap().last_seen, 2);
+        forget(&mut shared, ONE, "a");
+        assert!(get(&shared, ONE, "a").is_none());
+        assert_eq!(get(&shared, ONE, "ab").unwrap().last_seen, 2);
     }
 
+    /// A writer that lost the race re-reads and applies its change to the new value:
+    /// another VM's write between our read and our write is never undone.
     #[test]
-    fn mark_recorded_sets_the_flag_once() {
-        let (mut shared, mut index) = (MemorySharedData::default(), SweepIndex::default());
-        put(&mut shared, &mut index, "s", &pin(1), None);
-        mark_recorded(&mut shared, &mut index, "s");
-        assert!(get(&shared, "s").unwrap().pin.recorded);
-        mark_recorded(&mut shared, &mut index, "unknown");
-        assert!(get(&shared, "unknown").is_none());
-    }
-
-    #[test]
-    fn sweep_expires_only_idle_pins() {
-        let (mut shared, mut index) = (MemorySharedData::default(), SweepIndex::default());
-        put(&mut shared, &mut index, "old", &pin(100), None);
-        put(&mut shared, &mut index, "new", &pin(190), None);
-        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 16), 1);
-        assert!(get(&shared, "old").is_none());
-        assert!(get(&shared, "new").is_some());
-        assert_eq!(index.len(), 1);
-    }
-
-    #[test]
-    fn the_sweep_is_bounded_per_call_and_reaches_every_key_in_turn() {
-        let (mut shared, mut index) = (MemorySharedData::default(), SweepIndex::default());
-        for i in 0..10 {
-            put(&mut shared, &mut index, &format!("s{i}"), &pin(100), None);
+    fn a_concurrent_write_is_retried_not_clobbered() {
+        struct Racy {
+            inner: MemorySharedData,
+            race_once: bool,
         }
-        put(&mut shared, &mut index, "s0", &pin(100), None); // indexed once
-        forget(&mut shared, &mut index, "s1");
-        assert_eq!(index.len(), 9);
-        // 3 keys per call: the forgotten s1 costs a slot, not a read.
-        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 3), 2);
-        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 3), 3);
-        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 3), 3);
-        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 3), 1);
-        assert!(index.is_empty());
-        assert_eq!(sweep(&mut shared, &mut index, 200, 50, 3), 0);
+        impl SharedData for Racy {
+            fn get(&self, key: &str) -> Option<(Vec<u8>, Option<u32>)> {
+                self.inner.get(key)
+            }
+            fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+                if std::mem::take(&mut self.race_once) {
+                    // Another VM re-pins "x" just before our write lands.
+                    put(&mut self.inner, ONE, "x", &Pin { generation: 2, ..pin(5) });
+                }
+                self.inner.set(key, value, cas)
+            }
+        }
+        let mut shared = Racy { inner: MemorySharedData::default(), race_once: false };
+        put(&mut shared, ONE, "x", &pin(1));
+        shared.race_once = true;
+        touch(&mut shared, ONE, "x", 9);
+        let now = get(&shared, ONE, "x").unwrap();
+        assert_eq!((now.generation, now.last_seen), (2, 9), "the touch applied to the re-pin, not over it");
+    }
+
+    #[test]
+    fn a_full_bucket_evicts_its_least_recently_used_pin() {
+        let mut shared = MemorySharedData::default();
+        put(&mut shared, ONE, "a", &pin(30));
+        put(&mut shared, ONE, "b", &pin(10));
+        put(&mut shared, ONE, "c", &pin(20));
+        assert_eq!(put(&mut shared, ONE, "d", &pin(40)), Updated::Evicted);
+        assert!(get(&shared, ONE, "b").is_none(), "b was idle longest");
+        for id in ["a", "c", "d"] {
+            assert!(get(&shared, ONE, id).is_some(), "{id}");
+        }
+        assert_eq!(put(&mut shared, ONE, "a", &pin(50)), Updated::Done, "replacing is not evicting");
+    }
+
+    #[test]
+    fn shared_data_stays_bounded_however_many_sessions_come_and_go() {
+        let mut shared = MemorySharedData::default();
+        for i in 0..10_000 {
+            put(&mut shared, MANY, &format!("session-{i:05}"), &pin(i));
+        }
+        let (keys, bytes) = shared.footprint();
+        assert!(keys <= 64, "{keys} keys");
+        assert!(bytes <= 64 * (20 + 4 * (60 + 2 * 13)), "{bytes} bytes");
+    }
+
+    #[test]
+    fn mark_recorded_and_touch_change_only_their_field() {
+        let mut shared = MemorySharedData::default();
+        put(&mut shared, MANY, "s", &pin(1));
+        mark_recorded(&mut shared, MANY, "s");
+        touch(&mut shared, MANY, "s", 7);
+        assert_eq!(get(&shared, MANY, "s").unwrap(), Pin { recorded: true, last_seen: 7, ..pin(1) });
+        touch(&mut shared, MANY, "unknown", 7);
+        assert!(get(&shared, MANY, "unknown").is_none(), "a touch never creates a pin");
+    }
+
+    #[test]
+    fn the_sweep_is_bounded_per_call_and_reaches_every_bucket_in_turn() {
+        let mut shared = MemorySharedData::default();
+        let layout = Layout { buckets: 8, capacity: 64 };
+        for i in 0..40 {
+            put(&mut shared, layout, &format!("s{i}"), &pin(if i % 2 == 0 { 100 } else { 190 }));
+        }
+        let mut cursor = 0;
+        let mut expired = 0;
+        for _ in 0..4 {
+            expired += sweep(&mut shared, layout, &mut cursor, 200, 50, 2);
+        }
+        assert_eq!(expired, 20, "every idle pin, once, in 4 calls of 2 buckets");
+        assert_eq!(cursor, 0, "wrapped around");
+        assert!((0..40).all(|i| get(&shared, layout, &format!("s{i}")).is_some() == (i % 2 == 1)));
     }
 }

@@ -37,7 +37,7 @@ use crate::metrics::Counter;
 use crate::pin::Pin;
 use crate::recovery::{self, OriginalRequest, Outcome, Reason, RecoverRequest, StatusVerdict};
 use crate::session_id;
-use crate::store::{self, SharedData, SweepIndex};
+use crate::store::{self, SharedData, Updated};
 
 /// JSON-RPC method of the notification that completes MCP initialisation.
 const INITIALIZED: &str = "notifications/initialized";
@@ -55,8 +55,8 @@ pub trait Env {
 /// State one VM (one Envoy worker thread) shares between its streams.
 #[derive(Debug, Default)]
 pub struct Vm {
-    /// Pins this VM wrote (swept on tick).
-    pub index: SweepIndex,
+    /// The next shared-data bucket this VM's sweep looks at.
+    pub sweep_cursor: u32,
     /// Control lookups in flight on this VM: session id → waiting stream context ids. One
     /// lookup per session per VM; the other streams wait for it.
     pub lookups: HashMap<String, Vec<u32>>,
@@ -80,6 +80,22 @@ impl Ctx<'_> {
 
     fn count(&mut self, c: Counter) {
         self.env.count(c);
+    }
+
+    /// Writes a pin, counting an eviction it caused.
+    fn put_pin(&mut self, session_id: &str, pin: &Pin) {
+        if store::put(self.env.shared(), self.cfg.layout(), session_id, pin) == Updated::Evicted {
+            self.count(Counter::PinsEvicted);
+        }
+    }
+
+    fn forget_pin(&mut self, session_id: &str) {
+        store::forget(self.env.shared(), self.cfg.layout(), session_id);
+    }
+
+    fn get_pin(&mut self, session_id: &str) -> Option<Pin> {
+        let layout = self.cfg.layout();
+        store::get(self.env.shared(), layout, session_id)
     }
 }
 
@@ -376,17 +392,15 @@ impl Stream {
 
     fn route_session(&mut self, cx: &mut Ctx, head: HeaderPairs, client_id: String, is_delete: bool, mut ops: Vec<Op>) -> Step {
         let client_id = client_id.as_str();
-        let Some(stored) = store::get(cx.env.shared(), client_id) else {
+        let Some(mut pin) = cx.get_pin(client_id) else {
             return self.resolve(cx, client_id, is_delete, Some(head), ops);
         };
-        let mut pin = stored.pin;
         pin_ops(cx.cfg, client_id, &pin, &mut ops);
         cx.count(Counter::RequestsPinned);
         let now = cx.env.now_secs();
         if pin.needs_touch(now, cx.cfg.touch_interval_secs) {
             pin.last_seen = now;
-            // A CAS mismatch means another worker just wrote a fresher value: fine.
-            store::put(cx.env.shared(), &mut cx.vm.index, client_id, &pin, stored.cas);
+            store::touch(cx.env.shared(), cx.cfg.layout(), client_id, now);
             if cx.control {
                 cx.vm.touches.insert(client_id.to_string());
             }
@@ -434,8 +448,8 @@ impl Stream {
             && self.pending == Pending::None
         {
             let (client_id, is_delete, request) = (std::mem::take(client_id), *is_delete, request.take());
-            self.phase = match store::get(cx.env.shared(), &client_id) {
-                Some(s) => Phase::Pinned(Self::pinned(cx, client_id, s.pin, is_delete, request)),
+            self.phase = match cx.get_pin(&client_id) {
+                Some(pin) => Phase::Pinned(Self::pinned(cx, client_id, pin, is_delete, request)),
                 None => Phase::Passthrough,
             };
         }
@@ -490,7 +504,7 @@ impl Stream {
         let Copy::On { bytes, .. } = &p.body else { return Step::flow(Flow::Continue) };
         if jsonrpc::method(bytes).as_deref() != Some(INITIALIZED) {
             // Anything else means the session is past initialisation (MCP lifecycle).
-            store::mark_recorded(cx.env.shared(), &mut cx.vm.index, &p.client_id);
+            store::mark_recorded(cx.env.shared(), cx.cfg.layout(), &p.client_id);
             return Step::flow(Flow::Continue);
         }
         let text = String::from_utf8_lossy(bytes);
@@ -538,7 +552,7 @@ impl Stream {
             return Step::flow(Flow::Continue);
         };
         let pin = Pin { upstream, generation: 1, last_seen: cx.env.now_secs(), backend_session_id: session_id.to_string(), recorded: !cx.control };
-        store::put(cx.env.shared(), &mut cx.vm.index, session_id, &pin, None);
+        cx.put_pin(session_id, &pin);
         cx.count(Counter::SessionsPinned);
         log::debug!("mcp-affinity: pinned new session {session_id} → {}", pin.upstream);
         if !cx.control {
@@ -603,7 +617,7 @@ impl Stream {
 
     /// Forgets an ended session here and in control.
     fn forget(&mut self, cx: &mut Ctx, p: Pinned) -> Step {
-        store::forget(cx.env.shared(), &mut cx.vm.index, &p.client_id);
+        cx.forget_pin(&p.client_id);
         cx.vm.touches.remove(&p.client_id);
         cx.count(Counter::SessionsForgotten);
         let id = p.client_id.clone();
@@ -672,7 +686,7 @@ impl Stream {
             Pending::Lookup => self.on_lookup_answer(cx, answer),
             Pending::RecordInitialized => {
                 if ok && let Phase::Pinned(p) = &self.phase {
-                    store::mark_recorded(cx.env.shared(), &mut cx.vm.index, &p.client_id);
+                    store::mark_recorded(cx.env.shared(), cx.cfg.layout(), &p.client_id);
                 }
                 Step::flow(Flow::ResumeRequest)
             }
@@ -697,7 +711,7 @@ impl Stream {
                         backend_session_id: record.backend_session_id,
                         recorded: record.initialized.is_some(),
                     };
-                    store::put(cx.env.shared(), &mut cx.vm.index, &client_id, &pin, None);
+                    cx.put_pin(&client_id, &pin);
                     Resolution::Found(pin)
                 }
                 Err(e) => {
@@ -739,7 +753,7 @@ impl Stream {
             Some(200) => recovery::parse_answer(&answer.body),
             Some(404) => {
                 // Control does not know the session either: the MCP signal to start anew.
-                store::forget(cx.env.shared(), &mut cx.vm.index, &p.client_id);
+                cx.forget_pin(&p.client_id);
                 cx.count(Counter::UnknownSession);
                 return Step { ops: vec![Op::Reply(Reply::error(404, jsonrpc::code::SESSION_NOT_FOUND, "Session not found"))], flow: Flow::Stay };
             }
@@ -758,7 +772,7 @@ impl Stream {
             return self.pass_on(p, Flow::ResumeResponse);
         }
         match (&a.outcome, &a.pin) {
-            (Outcome::Failed, _) | (_, None) => store::forget(cx.env.shared(), &mut cx.vm.index, &p.client_id),
+            (Outcome::Failed, _) | (_, None) => cx.forget_pin(&p.client_id),
             (_, Some(new)) => {
                 let pin = Pin {
                     upstream: new.upstream.clone(),
@@ -767,7 +781,7 @@ impl Stream {
                     backend_session_id: new.backend_session_id.clone(),
                     recorded: true,
                 };
-                store::put(cx.env.shared(), &mut cx.vm.index, &p.client_id, &pin, None);
+                cx.put_pin(&p.client_id, &pin);
             }
         }
         cx.count(match a.outcome {

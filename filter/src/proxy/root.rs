@@ -21,8 +21,8 @@ use crate::stream::{Call, Env, Vm};
 /// Most touches sent to control per tick; the rest wait for the next tick.
 const TOUCHES_PER_TICK: usize = 256;
 
-/// Most pins the sweep looks at per tick (each one shared-data read).
-const SWEEP_PER_TICK: usize = 256;
+/// Most shared-data buckets the sweep looks at per tick (each one shared-data read).
+const SWEEP_PER_TICK: u32 = 64;
 
 /// Wall clock, Unix seconds (`proxy_get_current_time_nanoseconds`).
 fn host_now_secs() -> u64 {
@@ -164,7 +164,7 @@ impl RootContext for Root {
         let now = host_now_secs();
         p.now_secs.set(now);
         let mut vm = p.vm.borrow_mut();
-        let expired = store::sweep(&mut HostSharedData, &mut vm.index, now, p.config.session_ttl_secs, SWEEP_PER_TICK);
+        let expired = store::sweep(&mut HostSharedData, p.config.layout(), &mut vm.sweep_cursor, now, p.config.session_ttl_secs, SWEEP_PER_TICK);
         if expired > 0 {
             p.metrics.add(Counter::SessionsExpired, expired);
             log::debug!("mcp-affinity: swept {expired} idle pins");

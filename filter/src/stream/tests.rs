@@ -56,11 +56,11 @@ impl World {
 
     fn pin(&mut self, id: &str, upstream: &str, recorded: bool) {
         let pin = Pin { upstream: upstream.into(), generation: 1, last_seen: 1_000, backend_session_id: id.into(), recorded };
-        store::put(&mut self.env.shared, &mut self.vm.index, id, &pin, None);
+        store::put(&mut self.env.shared, self.cfg.layout(), id, &pin);
     }
 
     fn stored(&self, id: &str) -> Option<Pin> {
-        store::get(&self.env.shared, id).map(|s| s.pin)
+        store::get(&self.env.shared, self.cfg.layout(), id)
     }
 }
 
@@ -303,7 +303,7 @@ fn invalid_and_unknown_session_ids_get_local_replies() {
 fn a_re_pinned_session_keeps_the_client_id_both_ways() {
     let mut w = World::new(false);
     let pin = Pin { upstream: "10.0.0.3:80".into(), generation: 2, last_seen: 1_000, backend_session_id: "backend".into(), recorded: true };
-    store::put(&mut w.env.shared, &mut w.vm.index, "client", &pin, None);
+    store::put(&mut w.env.shared, w.cfg.layout(), "client", &pin);
     let mut s = Stream::new(1);
     let step = s.on_request_headers(&mut w.cx(), post(Some("client")), false);
     assert!(step.ops.contains(&Op::SetRequestHeader(Header::SessionId, "backend".into())));
