@@ -15,7 +15,9 @@ use crate::auth::Auth;
 pub enum StoreKind {
     /// In process memory (`memory`).
     Memory,
-    /// Redis at this URL (`redis://…` or `rediss://…`).
+    /// Redis at this URL: `redis://…` / `rediss://…` (one node), `redis+sentinel://…`
+    /// (Sentinel) or `redis+cluster://…` (Cluster); checked by
+    /// [`RedisTopology::parse`](crate::store::redis::RedisTopology::parse).
     Redis(String),
 }
 
@@ -31,12 +33,41 @@ impl fmt::Debug for StoreKind {
 
 fn parse_store(s: &str) -> Result<StoreKind, String> {
     if s == "memory" {
-        Ok(StoreKind::Memory)
-    } else if s.starts_with("redis://") || s.starts_with("rediss://") {
-        Ok(StoreKind::Redis(s.to_string()))
-    } else {
-        Err("expected `memory`, `redis://host:port[/db]` or `rediss://host:port[/db]`".into())
+        return Ok(StoreKind::Memory);
     }
+    if !s.starts_with("redis") {
+        return Err("expected `memory`, `redis://host:port[/db]`, `rediss://host:port[/db]`, \
+                    `redis+sentinel://host:port[,host:port...]/MASTERNAME[/db]` or \
+                    `redis+cluster://host:port[,host:port...]`"
+            .into());
+    }
+    crate::store::redis::RedisTopology::parse(s)?;
+    Ok(StoreKind::Redis(s.to_string()))
+}
+
+/// `--store` parser whose errors never repeat the value (a Redis URL may hold a password;
+/// clap's own message for a rejected value would quote it).
+#[derive(Clone, Copy)]
+struct StoreParser;
+
+impl clap::builder::TypedValueParser for StoreParser {
+    type Value = StoreKind;
+
+    fn parse_ref(&self, cmd: &clap::Command, _arg: Option<&clap::Arg>, value: &std::ffi::OsStr) -> Result<StoreKind, clap::Error> {
+        let result = value.to_str().ok_or_else(|| "not UTF-8".to_string()).and_then(parse_store);
+        result.map_err(|reason| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '--store' (not shown: it may hold a password): {reason}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+}
+
+fn parse_key_prefix(s: &str) -> Result<String, String> {
+    crate::store::redis::check_key_prefix(s)?;
+    Ok(s.to_string())
 }
 
 /// Methods replayed after a connection reset that happened after the request was sent
@@ -86,14 +117,19 @@ pub struct Config {
     #[arg(long, env = "MCP_AFFINITY_CONTROL_LISTEN", default_value = "127.0.0.1:9901", value_name = "ADDR")]
     pub listen: SocketAddr,
 
-    /// Session store: `memory` (embedded, lost on exit, bounded by --max-sessions) or a Redis URL
-    /// `redis://[user:pass@]host:port[/db]` (`rediss://` for TLS, with the `tls` build feature)
-    /// shared by several control instances.
-    #[arg(long, env = "MCP_AFFINITY_CONTROL_STORE", default_value = "memory", value_name = "STORE", value_parser = parse_store)]
+    /// Session store: `memory` (embedded, lost on exit, bounded by --max-sessions) or Redis, shared by
+    /// several control instances: one node `redis://[user:pass@]host:port[/db]`; Sentinel
+    /// `redis+sentinel://[user:pass@]host:port[,host:port...]/MASTERNAME[/db][?sentinel_password=P]` (follows
+    /// failovers); Cluster `redis+cluster://[user:pass@]host:port[,host:port...]`. `rediss` instead of `redis`
+    /// for TLS (with the `tls` build feature). See control/README.md, "Redis topologies".
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_STORE", hide_env_values = true, default_value = "memory", value_name = "STORE",
+          value_parser = StoreParser)]
     pub store: StoreKind,
 
-    /// Prefix of the Redis key of each session (`<prefix><session id>`).
-    #[arg(long, env = "MCP_AFFINITY_CONTROL_REDIS_KEY_PREFIX", default_value = "mcp-affinity:session:", value_name = "PREFIX")]
+    /// Start of every Redis key: a session's record is `<prefix>{<session id>}:record` and its recovery
+    /// lease `<prefix>{<session id>}:lease` (one hash tag, so one Redis Cluster slot). No `{` or `}`.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_REDIS_KEY_PREFIX", default_value = "mcp-affinity:", value_name = "PREFIX",
+          value_parser = parse_key_prefix)]
     pub redis_key_prefix: String,
 
     /// Upper bound of one Redis operation, connecting included, in milliseconds. When Redis does not
@@ -101,6 +137,19 @@ pub struct Config {
     #[arg(long, env = "MCP_AFFINITY_CONTROL_REDIS_TIMEOUT_MS", default_value_t = 2000, value_name = "MS",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_timeout_ms: u64,
+
+    /// Replicas that must acknowledge every record write (PUT, PATCH, DELETE) before control acknowledges
+    /// it: Redis `WAIT N --redis-wait-timeout-ms` after the write. 0 (default) = do not wait (Redis
+    /// replication is asynchronous). When fewer replicas acknowledge in time the request answers 503
+    /// store_unavailable, although the primary holds the write.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_REDIS_WAIT_REPLICAS", default_value_t = 0, value_name = "N")]
+    pub redis_wait_replicas: u32,
+
+    /// How long a write waits for --redis-wait-replicas acknowledgements, in milliseconds; must be below
+    /// --redis-timeout-ms.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_REDIS_WAIT_TIMEOUT_MS", default_value_t = 500, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub redis_wait_timeout_ms: u64,
 
     /// Idle TTL of a session record, in seconds: a record not written or touched (PUT/PATCH) for this
     /// long expires. GET does not refresh it.
@@ -175,6 +224,8 @@ impl fmt::Debug for Config {
             .field("store", &self.store)
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("redis_wait_replicas", &self.redis_wait_replicas)
+            .field("redis_wait_timeout_ms", &self.redis_wait_timeout_ms)
             .field("session_ttl_secs", &self.session_ttl_secs)
             .field("max_sessions", &self.max_sessions)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -254,6 +305,14 @@ impl Config {
         Duration::from_millis(self.redis_timeout_ms)
     }
 
+    /// `--redis-wait-replicas` / `--redis-wait-timeout-ms`: `None` when writes do not wait.
+    pub fn redis_wait(&self) -> Option<crate::store::redis::ReplicationWait> {
+        (self.redis_wait_replicas > 0).then(|| crate::store::redis::ReplicationWait {
+            replicas: self.redis_wait_replicas,
+            timeout: Duration::from_millis(self.redis_wait_timeout_ms),
+        })
+    }
+
     /// The recovery settings of `--endpoints`/`--endpoints-dns`, `--replay-safe-methods`,
     /// `--recovery-timeout-ms` and `--recovery-max-response-bytes`.
     pub fn recovery(&self) -> crate::recover::RecoverySettings {
@@ -289,7 +348,8 @@ mod tests {
         let c = parse(&["--insecure-no-auth"]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:9901");
         assert_eq!(c.store, StoreKind::Memory);
-        assert_eq!(c.redis_key_prefix, "mcp-affinity:session:");
+        assert_eq!(c.redis_key_prefix, "mcp-affinity:");
+        assert_eq!(c.redis_wait(), None);
         assert_eq!((c.session_ttl_secs, c.max_sessions, c.max_body_bytes), (7200, 100_000, 1 << 20));
         assert!(matches!(c.auth(), Ok(Auth::Disabled)));
         let r = c.recovery();
@@ -321,7 +381,24 @@ mod tests {
     #[test]
     fn store_values() {
         assert_eq!(parse(&["--store", "redis://127.0.0.1:6379/0"]).unwrap().store, StoreKind::Redis("redis://127.0.0.1:6379/0".into()));
-        assert!(parse(&["--store", "postgres://x"]).is_err());
+        for url in ["redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster/2", "redis+cluster://10.0.0.1:7000,10.0.0.2:7000"] {
+            assert_eq!(parse(&["--store", url]).unwrap().store, StoreKind::Redis(url.into()));
+        }
+        for (url, needle) in [
+            ("postgres://x", "redis+sentinel://"),
+            ("redis+sentinel://h1:26379", "master name is missing"),
+            ("redis+cluster://a:1/5", "only database 0"),
+            ("redis+sentinel://h/m?foo=1", "unknown parameter `foo`"),
+        ] {
+            let err = parse(&["--store", url]).err().unwrap().to_string();
+            assert!(err.contains(needle), "{url}: {err}");
+        }
+        let err = parse(&["--store", "redis+sentinel://user:hunter2@h1:26379"]).err().unwrap().to_string();
+        assert!(err.contains("invalid value for '--store'") && !err.contains("hunter2"), "{err}");
+        assert!(parse(&["--redis-key-prefix", "a{b}"]).err().unwrap().to_string().contains("may not contain"));
+        let c = parse(&["--redis-wait-replicas", "1", "--redis-wait-timeout-ms", "250"]).unwrap();
+        assert_eq!(c.redis_wait(), Some(crate::store::redis::ReplicationWait { replicas: 1, timeout: Duration::from_millis(250) }));
+        assert!(parse(&["--redis-wait-timeout-ms", "0"]).is_err());
         assert!(parse(&["--session-ttl-secs", "0"]).is_err());
         assert!(parse(&["--max-sessions", "0"]).is_err());
     }

@@ -71,8 +71,16 @@ pub async fn serve(
                 ttl: config.session_ttl(),
                 timeout: config.redis_timeout(),
             })
+            .and_then(|store| store.with_replication_wait(config.redis_wait()))
             .context("redis store")?;
-            tracing::info!(ttl_secs = config.session_ttl_secs, key_prefix = %config.redis_key_prefix, "redis store");
+            let topology = crate::store::redis::RedisTopology::parse(url).map(|t| t.kind()).unwrap_or("?");
+            tracing::info!(
+                topology,
+                ttl_secs = config.session_ttl_secs,
+                key_prefix = %config.redis_key_prefix,
+                wait_replicas = config.redis_wait_replicas,
+                "redis store"
+            );
             run(Arc::new(store), auth, &config, listener, shutdown).await
         }
     }

@@ -298,10 +298,11 @@ async fn two_control_instances_sharing_redis_reinitialize_once() {
     let total = a.reinitializations().await + b.reinitializations().await;
     assert_eq!(total, 1.0, "one re-initialization across both instances");
     // The lease is released (no key left behind) and both instances read the new pin.
-    // (Inline command: the quoted key holds a space, as lease keys do.)
-    let lease_key = format!("\"mcp-affinity:session:{} lease\"", session.session_id);
+    let id = mcp_affinity_control::session_id::SessionId::parse(&session.session_id).unwrap();
+    let lease_key = mcp_affinity_control::store::redis::lease_key("mcp-affinity:", &id);
     assert_eq!(redis.command(&["EXISTS", &lease_key]).unwrap(), ":0");
-    assert_eq!(redis.command(&["EXISTS", &format!("mcp-affinity:session:{}", session.session_id)]).unwrap(), ":1");
+    let record_key = mcp_affinity_control::store::redis::record_key("mcp-affinity:", &id);
+    assert_eq!(redis.command(&["EXISTS", &record_key]).unwrap(), ":1");
     assert_eq!(b.get_record(&session.session_id).await.1["generation"], 2);
 }
 
@@ -408,7 +409,8 @@ async fn a_recovery_waits_for_the_lease_of_another_instance_and_uses_its_pin() {
     let session = pinned_session(&control, &pods[0]).await;
     let dead = pods[0].addr;
     pods[0].kill();
-    let lease_key = format!("\"mcp-affinity:session:{} lease\"", session.session_id);
+    let id = mcp_affinity_control::session_id::SessionId::parse(&session.session_id).unwrap();
+    let lease_key = mcp_affinity_control::store::redis::lease_key("mcp-affinity:", &id);
     assert_eq!(redis.command(&["SET", &lease_key, "other-instance", "PX", "30000", "NX"]).unwrap(), "+OK");
 
     let body = recover_body(&session, 1, dead, "connect_failure", "POST", &tool_call(11, "whoami", json!({})));
@@ -463,14 +465,16 @@ async fn redis_lease_has_one_holder_is_released_by_its_owner_only_and_expires() 
     let id = SessionId::parse("s-1").unwrap();
     let long = Duration::from_secs(30);
     assert!(a.try_acquire_lease(&id, "a", long).await.unwrap());
+    // The lease has its own key, never the record's.
+    assert_eq!(redis.command(&["EXISTS", &a.lease_key(&id)]).unwrap(), ":1");
+    assert_eq!(redis.command(&["EXISTS", &a.record_key(&id)]).unwrap(), ":0");
     assert!(!b.try_acquire_lease(&id, "b", long).await.unwrap(), "one holder");
     assert!(b.try_acquire_lease(&SessionId::parse("s-2").unwrap(), "b", long).await.unwrap(), "per session");
     b.release_lease(&id, "b").await.unwrap(); // not the owner: no effect
     assert!(!b.try_acquire_lease(&id, "b", long).await.unwrap());
     a.release_lease(&id, "a").await.unwrap();
     assert!(b.try_acquire_lease(&id, "b", Duration::from_millis(50)).await.unwrap());
-    // The lease key never collides with the record key, and expires on its own.
-    assert_eq!(redis.command(&["EXISTS", "lease-test:s-1"]).unwrap(), ":0");
+    // The lease expires on its own.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !a.try_acquire_lease(&id, "a", long).await.unwrap() {
         assert!(std::time::Instant::now() < deadline, "lease did not expire");

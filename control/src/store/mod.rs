@@ -1,11 +1,12 @@
 //! Session storage: one trait, [`SessionStore`], and two implementations — the embedded
 //! [`memory::MemoryStore`] (default) and [`redis::RedisStore`] (shared by several control
-//! instances).
+//! instances; one node, Sentinel or Cluster).
 //!
 //! Every implementation gives the same guarantees, checked by one conformance suite:
 //! records expire after an idle TTL (refreshed by `put` and `patch`, not by `get`);
 //! `put` with [`PutCondition::IfGeneration`] is an atomic compare-and-set; a failed
-//! operation changes nothing; a recovery lease ([`SessionStore::try_acquire_lease`]) has
+//! operation changes nothing (one documented exception: a Redis write that too few replicas
+//! acknowledged, see [`redis::ReplicationWait`]); a recovery lease ([`SessionStore::try_acquire_lease`]) has
 //! at most one live holder per session among everyone sharing the store.
 
 pub mod memory;
@@ -38,7 +39,9 @@ pub struct StoreStats {
     pub evictions: u64,
 }
 
-/// Why a store operation failed. Nothing was written when an error is returned.
+/// Why a store operation failed. Nothing was written when an error is returned, except
+/// for [`StoreError::Unavailable`] from a Redis store with a [`redis::ReplicationWait`]:
+/// the primary applied the write but too few replicas acknowledged it (outcome unknown).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The backing store cannot be reached or did not answer in time.

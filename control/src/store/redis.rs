@@ -1,28 +1,48 @@
-//! The Redis store: one key per session, `<prefix><session id>`, whose value is the
-//! record JSON and whose TTL is the idle TTL (set again by every `put` and `patch`).
+//! The Redis store, on one node, a Sentinel-monitored master or a Redis Cluster
+//! ([`RedisTopology`], parsed from the `--store` URL).
 //!
-//! Writes are read–modify–write with an atomic compare-and-swap in Redis: control reads
-//! the value, decides in Rust (generation condition, kept `created_at_ms`, patch), then a
-//! Lua script replaces the value only if it is still byte-for-byte the one read (or still
-//! absent). A lost race re-reads and decides again, so a conditional `put` has exactly one
-//! winner among concurrent writers, across any number of control instances.
+//! **Keys.** Each session has two keys that share a Redis Cluster hash tag, so they always
+//! live in the same slot: `<prefix>{<id>}:record` (the record JSON, with the idle TTL set
+//! again by every `put` and `patch`) and `<prefix>{<id>}:lease` (the recovery lease). In
+//! the tag, `%`, `{` and `}` of the session id are percent-encoded (`%25`, `%7B`, `%7D`),
+//! so the braces added around it are always the key's hash tag and distinct ids give
+//! distinct keys. The prefix may not contain braces (it would move the tag). Every
+//! command and script touches exactly one key.
 //!
-//! The connection is a [`ConnectionManager`]: multiplexed, reconnecting after I/O errors.
-//! Every operation is bounded by a timeout; when Redis is unreachable operations fail
-//! with [`StoreError::Unavailable`] and the next operation after Redis returns
-//! reconnects. A failed operation wrote nothing (the script is the only write).
+//! **Writes** are read–modify–write with an atomic compare-and-swap in Redis: control
+//! reads the value, decides in Rust (generation condition, kept `created_at_ms`, patch),
+//! then a Lua script replaces the value only if it is still byte-for-byte the one read (or
+//! still absent). A lost race re-reads and decides again, so a conditional `put` has
+//! exactly one winner among concurrent writers, across any number of control instances.
 //!
-//! Recovery leases live in their own key, `<prefix><session id> lease` (a space can never
-//! occur in a session id, so a lease key never names a record): taken with
-//! `SET key owner NX PX ttl`, released by a script that deletes the key only while it
-//! still holds the caller's owner token.
+//! **Replication** ([`ReplicationWait`], `--redis-wait-replicas`): a record write (`put`,
+//! `patch`, `delete`) is sent as one pipeline `<write>; WAIT <replicas> <timeout>`, so the
+//! `WAIT` runs on the connection and node that executed the write (in a cluster, a
+//! `MOVED` redirects the whole pipeline; routing `WAIT` on its own could reach another
+//! node and count its replicas). When fewer replicas acknowledge in time the operation
+//! fails with [`StoreError::Unavailable`] although the primary holds the write — the one
+//! case where a failed operation may have written.
+//!
+//! **Connections** (`redis/connection.rs`): every operation, connecting included, is
+//! bounded by the store timeout; when Redis is unreachable operations fail with
+//! [`StoreError::Unavailable`] and the next operation after Redis returns reconnects (on
+//! Sentinel: asks the sentinels for the current master). Apart from the `WAIT` case
+//! above, a failed operation wrote nothing (the scripts and `DEL` are the only writes).
+//!
+//! Recovery leases are taken with `SET <lease key> owner NX PX ttl` and released by a
+//! script that deletes the key only while it still holds the caller's owner token.
 
+mod connection;
+pub mod topology;
+
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::{ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind};
 
+use self::connection::{Backend, Checkout};
+pub use self::topology::RedisTopology;
 use super::{PutOutcome, SessionStore, StoreError, StoreStats};
 use crate::clock::{Clock, SystemClock};
 use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
@@ -55,27 +75,80 @@ return 0
 /// Settings of a [`RedisStore`].
 #[derive(Clone, Debug)]
 pub struct RedisStoreConfig {
-    /// `redis://[user:password@]host:port[/db]` (or `rediss://` with the `tls` feature).
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://` with the `tls` feature),
+    /// `redis+sentinel://…` or `redis+cluster://…`: see [`topology`].
     pub url: String,
-    /// Prepended to the session id to form the key, e.g. `mcp-affinity:session:`.
+    /// Start of every key, e.g. `mcp-affinity:` (no `{` or `}`).
     pub key_prefix: String,
     /// Idle TTL of a record.
     pub ttl: Duration,
-    /// Upper bound of one store operation, connection set-up included.
+    /// Upper bound of one store operation, connection set-up (and `WAIT`) included.
     pub timeout: Duration,
 }
 
+/// Replication safety of record writes: after each one, `WAIT replicas timeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicationWait {
+    /// Replicas that must acknowledge a record write before it is acknowledged (≥ 1).
+    pub replicas: u32,
+    /// How long Redis waits for them; below the store timeout.
+    pub timeout: Duration,
+}
+
+/// `WAIT`'s timeout argument, in milliseconds (0 would mean "forever").
+fn wait_ms(wait: ReplicationWait) -> u64 {
+    wait.timeout.as_millis().max(1) as u64
+}
+
+/// The key of the record of `id`: `<prefix>{<id>}:record` (see the module documentation).
+pub fn record_key(prefix: &str, id: &SessionId) -> String {
+    format!("{prefix}{{{}}}:record", hash_tag(id.as_str()))
+}
+
+/// The key of the recovery lease of `id`: `<prefix>{<id>}:lease`, in the slot of the
+/// record key.
+pub fn lease_key(prefix: &str, id: &SessionId) -> String {
+    format!("{prefix}{{{}}}:lease", hash_tag(id.as_str()))
+}
+
+/// The session id as it appears between the braces: `%`, `{`, `}` percent-encoded.
+fn hash_tag(id: &str) -> Cow<'_, str> {
+    if !id.contains(['%', '{', '}']) {
+        return Cow::Borrowed(id);
+    }
+    let mut out = String::with_capacity(id.len() + 8);
+    for c in id.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Checks a key prefix: braces would change which part of the key is its hash tag.
+///
+/// # Errors
+/// A message when `prefix` contains `{` or `}`.
+pub fn check_key_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.contains(['{', '}']) {
+        return Err("the Redis key prefix may not contain `{` or `}` (control adds the hash tag itself)".into());
+    }
+    Ok(())
+}
+
 /// [`SessionStore`] backed by Redis (any server speaking the Redis protocol: Redis,
-/// Valkey, managed offerings).
+/// Valkey, managed offerings), on one node, behind Sentinel or as a Cluster.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    backend: Arc<Backend>,
     key_prefix: String,
     ttl_ms: u64,
     timeout: Duration,
     clock: Arc<dyn Clock>,
-    cas: Script,
-    release: Script,
+    wait: Option<ReplicationWait>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -87,47 +160,160 @@ impl RedisStore {
     /// starts (and reports not-ready) while Redis is down.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when the URL is invalid.
+    /// [`StoreError::Unavailable`] when the URL or the key prefix is invalid.
     pub fn new(config: &RedisStoreConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(config.url.as_str()).map_err(unavailable)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config).map_err(unavailable)?;
+        let topology = RedisTopology::parse(&config.url).map_err(StoreError::Unavailable)?;
+        check_key_prefix(&config.key_prefix).map_err(StoreError::Unavailable)?;
+        let backend = Backend::new(&topology, config.timeout).map_err(unavailable)?;
         Ok(RedisStore {
-            conn,
+            backend: Arc::new(backend),
             key_prefix: config.key_prefix.clone(),
             ttl_ms: config.ttl.as_millis().max(1) as u64,
             timeout: config.timeout,
             clock: Arc::new(SystemClock),
-            cas: Script::new(CAS_SCRIPT),
-            release: Script::new(RELEASE_SCRIPT),
+            wait: None,
         })
     }
 
-    fn key(&self, id: &SessionId) -> String {
-        format!("{}{}", self.key_prefix, id.as_str())
+    /// Makes every record write wait for `wait.replicas` replicas (`None`: do not wait).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when `wait.replicas` is 0 or `wait.timeout` is not
+    /// below the store timeout (the operation would time out before `WAIT` answers).
+    pub fn with_replication_wait(mut self, wait: Option<ReplicationWait>) -> Result<Self, StoreError> {
+        if let Some(w) = wait {
+            if w.replicas == 0 {
+                return Err(StoreError::Unavailable("WAIT needs at least one replica".into()));
+            }
+            if w.timeout.is_zero() || w.timeout >= self.timeout {
+                return Err(StoreError::Unavailable(format!(
+                    "the replication wait ({:?}) must be above zero and below the Redis timeout ({:?})",
+                    w.timeout, self.timeout
+                )));
+            }
+        }
+        self.wait = wait;
+        Ok(self)
     }
 
-    /// Key of the recovery lease of `id`: `<prefix><id> lease`.
+    /// Key of the record of `id`: `<prefix>{<id>}:record`.
+    pub fn record_key(&self, id: &SessionId) -> String {
+        record_key(&self.key_prefix, id)
+    }
+
+    /// Key of the recovery lease of `id`: `<prefix>{<id>}:lease`.
     pub fn lease_key(&self, id: &SessionId) -> String {
-        format!("{}{} lease", self.key_prefix, id.as_str())
+        lease_key(&self.key_prefix, id)
     }
 
     /// Runs `op` within the operation timeout.
     async fn bounded<T>(&self, op: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, op).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!("no answer within {:?}", self.timeout))),
+            Err(_) => {
+                // Whatever hung (a Sentinel master that stopped answering?) is not reused.
+                self.backend.failed_all();
+                Err(StoreError::Unavailable(format!("no answer within {:?}", self.timeout)))
+            }
         }
     }
 
-    async fn read(&self, key: &str) -> Result<Option<(String, SessionRecord)>, StoreError> {
-        let mut conn = self.conn.clone();
-        let raw: Option<String> = conn.get(key).await.map_err(unavailable)?;
+    async fn checkout(&self) -> Result<Checkout, StoreError> {
+        self.backend.connection().await.map_err(unavailable)
+    }
+
+    /// The result of a command on `checkout`; a failure retires the connection.
+    fn settle<T>(&self, checkout: &Checkout, result: RedisResult<T>) -> Result<T, StoreError> {
+        result.map_err(|e| {
+            self.backend.failed(checkout, &e);
+            unavailable(e)
+        })
+    }
+
+    async fn query<T: FromRedisValue>(&self, checkout: &mut Checkout, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let result = cmd.query_async(&mut checkout.conn).await;
+        self.settle(checkout, result)
+    }
+
+    /// Runs a script on `key`: `EVALSHA`, and `EVAL` (which also caches it) when this
+    /// node does not know the script yet — routed by the key, so in a cluster it never
+    /// needs the other primaries.
+    async fn eval<T: FromRedisValue>(
+        &self,
+        checkout: &mut Checkout,
+        source: &str,
+        key: &str,
+        args: &[&str],
+    ) -> Result<T, StoreError> {
+        let hash = Script::new(source).get_hash().to_string();
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha.arg(hash).arg(1).arg(key).arg(args);
+        let result = match evalsha.query_async(&mut checkout.conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(source).arg(1).arg(key).arg(args);
+                eval.query_async(&mut checkout.conn).await
+            }
+            other => other,
+        };
+        self.settle(checkout, result)
+    }
+
+    /// Sends `write` and, when writes wait for replicas, `WAIT` in one pipeline (one
+    /// connection, one node, in this order). Returns the write's reply and the number of
+    /// replicas that acknowledged.
+    async fn write_and_wait<T: FromRedisValue>(
+        &self,
+        checkout: &mut Checkout,
+        write: &redis::Cmd,
+    ) -> RedisResult<(T, Option<u64>)> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(write.clone());
+        match self.wait {
+            None => {
+                let (reply,): (T,) = pipe.query_async(&mut checkout.conn).await?;
+                Ok((reply, None))
+            }
+            Some(wait) => {
+                pipe.cmd("WAIT").arg(wait.replicas).arg(wait_ms(wait));
+                let (reply, acked): (T, u64) = pipe.query_async(&mut checkout.conn).await?;
+                Ok((reply, Some(acked)))
+            }
+        }
+    }
+
+    /// Runs the script `source` as a write on `key` (with `WAIT`, see
+    /// [`Self::write_and_wait`]). Always `EVAL` with the script's text (Redis caches it by
+    /// its hash): an `EVALSHA` unknown to the node — a freshly promoted replica — would
+    /// cost a whole `WAIT` before the retry.
+    async fn eval_write<T: FromRedisValue>(
+        &self,
+        checkout: &mut Checkout,
+        source: &str,
+        key: &str,
+        args: &[&str],
+    ) -> Result<(T, Option<u64>), StoreError> {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(source).arg(1).arg(key).arg(args);
+        let result = self.write_and_wait(checkout, &eval).await;
+        self.settle(checkout, result)
+    }
+
+    /// Fails unless the configured number of replicas acknowledged a write that happened.
+    fn check_replicated(&self, acked: Option<u64>) -> Result<(), StoreError> {
+        match (self.wait, acked) {
+            (Some(wait), Some(acked)) if acked < u64::from(wait.replicas) => Err(StoreError::Unavailable(format!(
+                "written on the primary but acknowledged by {acked} of {} replicas within {} ms; \
+                 the write may be lost in a failover",
+                wait.replicas,
+                wait_ms(wait)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn read(&self, checkout: &mut Checkout, key: &str) -> Result<Option<(String, SessionRecord)>, StoreError> {
+        let raw: Option<String> = self.query(checkout, redis::cmd("GET").arg(key)).await?;
         raw.map(|raw| {
             let record = serde_json::from_str(&raw).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
             Ok((raw, record))
@@ -143,8 +329,9 @@ impl RedisStore {
         key: &str,
         decide: impl Fn(Option<&SessionRecord>) -> Option<SessionRecord>,
     ) -> Result<(Option<SessionRecord>, Option<SessionRecord>), StoreError> {
+        let mut checkout = self.checkout().await?;
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let current = self.read(key).await?;
+            let current = self.read(&mut checkout, key).await?;
             let Some(next) = decide(current.as_ref().map(|(_, r)| r)) else {
                 return Ok((current.map(|(_, r)| r), None));
             };
@@ -153,18 +340,11 @@ impl RedisStore {
                 Some((raw, _)) => ("equal", raw.as_str()),
                 None => ("absent", ""),
             };
-            let mut conn = self.conn.clone();
-            let written: i64 = self
-                .cas
-                .key(key)
-                .arg(mode)
-                .arg(expected)
-                .arg(&json)
-                .arg(self.ttl_ms)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let ttl = self.ttl_ms.to_string();
+            let (written, acked): (i64, _) =
+                self.eval_write(&mut checkout, CAS_SCRIPT, key, &[mode, expected, &json, &ttl]).await?;
             if written == 1 {
+                self.check_replicated(acked)?;
                 return Ok((current.map(|(_, r)| r), Some(next)));
             }
         }
@@ -174,12 +354,16 @@ impl RedisStore {
 
 impl SessionStore for RedisStore {
     async fn get(&self, id: &SessionId) -> Result<Option<SessionRecord>, StoreError> {
-        let key = self.key(id);
-        self.bounded(async { Ok(self.read(&key).await?.map(|(_, r)| r)) }).await
+        let key = self.record_key(id);
+        self.bounded(async {
+            let mut checkout = self.checkout().await?;
+            Ok(self.read(&mut checkout, &key).await?.map(|(_, r)| r))
+        })
+        .await
     }
 
     async fn put(&self, id: &SessionId, body: &PutSession, condition: PutCondition) -> Result<PutOutcome, StoreError> {
-        let key = self.key(id);
+        let key = self.record_key(id);
         let now = self.clock.unix_ms();
         let decide = |current: Option<&SessionRecord>| {
             condition.holds(current).then(|| body.to_record(id, now, current))
@@ -193,7 +377,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn patch(&self, id: &SessionId, patch: &PatchSession) -> Result<Option<SessionRecord>, StoreError> {
-        let key = self.key(id);
+        let key = self.record_key(id);
         let now = self.clock.unix_ms();
         let decide = |current: Option<&SessionRecord>| current.map(|r| patch.apply(r, now));
         let (_, written) = self.bounded(self.read_modify_write(&key, decide)).await?;
@@ -201,10 +385,14 @@ impl SessionStore for RedisStore {
     }
 
     async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
-        let key = self.key(id);
+        let key = self.record_key(id);
         self.bounded(async {
-            let mut conn = self.conn.clone();
-            let removed: i64 = conn.del(&key).await.map_err(unavailable)?;
+            let mut checkout = self.checkout().await?;
+            let result = self.write_and_wait::<i64>(&mut checkout, redis::cmd("DEL").arg(&key)).await;
+            let (removed, acked) = self.settle(&checkout, result)?;
+            if removed > 0 {
+                self.check_replicated(acked)?;
+            }
             Ok(removed > 0)
         })
         .await
@@ -214,16 +402,9 @@ impl SessionStore for RedisStore {
         let key = self.lease_key(id);
         let ttl_ms = ttl.as_millis().max(1) as u64;
         self.bounded(async {
-            let mut conn = self.conn.clone();
-            let set: Option<String> = redis::cmd("SET")
-                .arg(&key)
-                .arg(owner)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl_ms)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let mut checkout = self.checkout().await?;
+            let set: Option<String> =
+                self.query(&mut checkout, redis::cmd("SET").arg(&key).arg(owner).arg("NX").arg("PX").arg(ttl_ms)).await?;
             Ok(set.is_some())
         })
         .await
@@ -232,17 +413,18 @@ impl SessionStore for RedisStore {
     async fn release_lease(&self, id: &SessionId, owner: &str) -> Result<(), StoreError> {
         let key = self.lease_key(id);
         self.bounded(async {
-            let mut conn = self.conn.clone();
-            let _: i64 = self.release.key(&key).arg(owner).invoke_async(&mut conn).await.map_err(unavailable)?;
+            let mut checkout = self.checkout().await?;
+            let _: i64 = self.eval(&mut checkout, RELEASE_SCRIPT, &key, &[owner]).await?;
             Ok(())
         })
         .await
     }
 
+    /// `PING`; in a cluster every primary must answer (every slot is served).
     async fn ping(&self) -> Result<(), StoreError> {
         self.bounded(async {
-            let mut conn = self.conn.clone();
-            let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(unavailable)?;
+            let mut checkout = self.checkout().await?;
+            let _: String = self.query(&mut checkout, &redis::cmd("PING")).await?;
             Ok(())
         })
         .await
@@ -250,5 +432,96 @@ impl SessionStore for RedisStore {
 
     fn stats(&self) -> StoreStats {
         StoreStats::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SessionId {
+        SessionId::parse(s).unwrap()
+    }
+
+    /// The hash tag Redis Cluster computes for `key` (the part hashed into a slot).
+    fn cluster_tag(key: &str) -> &str {
+        if let Some(open) = key.find('{')
+            && let Some(len) = key[open + 1..].find('}')
+            && len > 0
+        {
+            return &key[open + 1..open + 1 + len];
+        }
+        key
+    }
+
+    #[test]
+    fn keys_share_a_hash_tag() {
+        assert_eq!(record_key("mcp-affinity:", &id("abc-123")), "mcp-affinity:{abc-123}:record");
+        assert_eq!(lease_key("mcp-affinity:", &id("abc-123")), "mcp-affinity:{abc-123}:lease");
+        for raw in ["abc", "}", "{", "{}", "a}b{c", "%7D", "%", "x:record", "}}}{{{"] {
+            let (record, lease) = (record_key("p:", &id(raw)), lease_key("p:", &id(raw)));
+            assert_eq!(cluster_tag(&record), cluster_tag(&lease), "{raw}: {record} / {lease}");
+            assert_ne!(cluster_tag(&record), record, "{raw}: the key must have a hash tag");
+            assert_ne!(record, lease);
+        }
+        // Distinct ids, distinct keys (the escaping is injective).
+        let ids = ["}", "%7D", "%257D", "{", "%7B", "%", "%25"];
+        let keys: std::collections::BTreeSet<String> = ids.iter().map(|s| record_key("", &id(s))).collect();
+        assert_eq!(keys.len(), ids.len(), "{keys:?}");
+    }
+
+    #[test]
+    fn prefix_rules() {
+        assert!(check_key_prefix("mcp-affinity:").is_ok());
+        assert!(check_key_prefix("").is_ok());
+        assert!(check_key_prefix("a{b}:").is_err());
+        assert!(check_key_prefix("a}").is_err());
+        let err = RedisStore::new(&RedisStoreConfig {
+            url: "redis://127.0.0.1:1".into(),
+            key_prefix: "x{".into(),
+            ttl: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+        })
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("may not contain"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn replication_wait_rules() {
+        let store = || {
+            RedisStore::new(&RedisStoreConfig {
+                url: "redis+sentinel://127.0.0.1:1/m".into(),
+                key_prefix: "p:".into(),
+                ttl: Duration::from_secs(1),
+                timeout: Duration::from_millis(1000),
+            })
+            .unwrap()
+        };
+        let wait = |replicas, ms| Some(ReplicationWait { replicas, timeout: Duration::from_millis(ms) });
+        assert!(store().with_replication_wait(wait(1, 500)).is_ok());
+        assert!(store().with_replication_wait(None).is_ok());
+        assert!(store().with_replication_wait(wait(0, 500)).is_err());
+        assert!(store().with_replication_wait(wait(1, 1000)).is_err());
+        assert!(store().with_replication_wait(wait(1, 0)).is_err());
+    }
+
+    #[tokio::test]
+    async fn unreachable_topologies_fail_fast_and_cleanly() {
+        // Nothing listens on port 1: every topology answers Unavailable within the timeout.
+        for url in ["redis://127.0.0.1:1", "redis+sentinel://127.0.0.1:1/m", "redis+cluster://127.0.0.1:1"] {
+            let store = RedisStore::new(&RedisStoreConfig {
+                url: url.into(),
+                key_prefix: "p:".into(),
+                ttl: Duration::from_secs(1),
+                timeout: Duration::from_millis(500),
+            })
+            .unwrap();
+            let start = std::time::Instant::now();
+            let err = store.get(&id("s")).await.unwrap_err();
+            assert!(matches!(err, StoreError::Unavailable(_)), "{url}: {err}");
+            assert!(store.ping().await.is_err(), "{url}");
+            assert!(start.elapsed() < Duration::from_secs(3), "{url}: {:?}", start.elapsed());
+        }
     }
 }
