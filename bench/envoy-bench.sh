@@ -1,0 +1,615 @@
+#!/usr/bin/env bash
+# `make bench-envoy`: the steady request of one pinned MCP session (`tools/call`, POST with
+# Mcp-Session-Id) measured side by side, in one run, through
+#   plain             Envoy without any wasm filter (envoy/envoy.yaml, wasm filter removed)
+#   empty             Envoy + an empty proxy-wasm filter (bench/empty-filter)
+#                     (these two route to 1 pod by default: BENCH_BASELINE_PODS)
+#   affinity          Envoy + mcp-affinity, plugin configuration {}
+#   affinity+control  Envoy + mcp-affinity with control (mcp-affinity-control --store memory)
+#   haproxy           HAProxy, stick table on mcp-session-id (learned from the response)
+#   direct            the pod itself, no proxy
+# Every Envoy: real Envoy ($ENVOY), --concurrency 1, the shipped bootstrap rendered by
+# target/debug/mcp-affinity-envoy-config. Pods: 2 canned pods (bench/pod). Load: wrk, one
+# thread, BENCH_CONNECTIONS connections. Rounds are interleaved (round 1: every config,
+# round 2: every config, ... each round starting at the next config) and every number is the
+# median over rounds. See bench/README.md for how to read the output.
+#
+# Environment:
+#   BENCH_SECONDS (5) seconds per config per round     BENCH_ROUNDS (5) rounds
+#   BENCH_CONNECTIONS (16) wrk connections              BENCH_WARMUP (1) warm-up seconds per config
+#   BENCH_SCALE (0) N > 0: afterwards create N sessions through affinity, affinity+control
+#     and haproxy, measure again, then measure `initialize` (BENCH_INIT_CONNECTIONS, default 1),
+#     and report memory per session
+#   BENCH_CONTROL_STORE (memory) memory | redis (starts its own redis-server on a free port)
+#   BENCH_BASELINE_PODS (1) pods behind plain and empty: 1, or 2 (round robin, as shipped)
+#   BENCH_RESULTS (bench/results) where the JSON goes    ENVOY (.venv-envoy-1.40.0/bin/envoy)
+#   BENCH_KEEP=1 keep the run directory (configs, logs, raw wrk output)
+# The whole run is bounded (the script re-executes itself under `timeout`); every process it
+# starts is stopped by pid on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+SECS=${BENCH_SECONDS:-5}
+ROUNDS=${BENCH_ROUNDS:-5}
+CONNS=${BENCH_CONNECTIONS:-16}
+WARMUP=${BENCH_WARMUP:-1}
+SCALE=${BENCH_SCALE:-0}
+INIT_CONNS=${BENCH_INIT_CONNECTIONS:-1}
+STORE=${BENCH_CONTROL_STORE:-memory}
+BASELINE_PODS=${BENCH_BASELINE_PODS:-1}
+RESULTS=${BENCH_RESULTS:-bench/results}
+BASE_SESSIONS=10 # sessions each proxy has before the steady phase (the measured one included)
+for v in SECS ROUNDS CONNS SCALE INIT_CONNS; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "bench: $v=${!v} is not a number" >&2; exit 2; }
+done
+[[ $WARMUP =~ ^[0-9]+$ ]] || { echo "bench: BENCH_WARMUP=$WARMUP is not a number" >&2; exit 2; }
+((SECS >= 1 && ROUNDS >= 1 && CONNS >= 1 && INIT_CONNS >= 1)) || { echo "bench: seconds, rounds and connections must be >= 1" >&2; exit 2; }
+[[ $BASELINE_PODS == 1 || $BASELINE_PODS == 2 ]] || { echo "bench: BENCH_BASELINE_PODS must be 1 or 2" >&2; exit 2; }
+[[ $STORE == memory || $STORE == redis ]] || { echo "bench: BENCH_CONTROL_STORE must be memory or redis" >&2; exit 2; }
+
+# Bound the whole run: populate needs ~N/1000 s per proxy at worst, measuring is predictable.
+if [[ -z ${BENCH_UNDER_TIMEOUT:-} ]]; then
+  phases=1; ((SCALE > 0)) && phases=3
+  budget=$((240 + 6 * (WARMUP + 5) + phases * ROUNDS * 6 * (SECS + 5)))
+  ((SCALE > 0)) && budget=$((budget + 3 * (SCALE / 250 + 60)))
+  export BENCH_UNDER_TIMEOUT=$budget
+  # On expiry timeout sends TERM to this script, whose trap stops everything it started.
+  exec timeout --foreground -k 15 "$budget" "$ROOT/bench/envoy-bench.sh" "$@"
+fi
+
+ENVOY=${ENVOY:-$ROOT/.venv-envoy-1.40.0/bin/envoy}
+POD_BIN=target/release/mcp-affinity-bench-pod
+CONTROL_BIN=target/release/mcp-affinity-control
+RENDER_BIN=target/debug/mcp-affinity-envoy-config
+WASM=target/wasm32-wasip1/wasm/mcp_affinity_filter.wasm
+EMPTY_WASM=target/wasm32-wasip1/wasm/mcp_affinity_empty_filter.wasm
+LUA_STEADY=bench/lua/steady.lua
+LUA_INIT=bench/lua/initialize.lua
+
+for f in "$POD_BIN" "$CONTROL_BIN" "$RENDER_BIN" "$WASM" "$EMPTY_WASM"; do
+  [[ -e $f ]] || { echo "bench: $f is missing: run \`make bench-envoy\` (it builds everything)" >&2; exit 1; }
+done
+for t in wrk haproxy curl; do
+  command -v "$t" >/dev/null || { echo "bench: $t is not installed: \`make bench-envoy\` installs it" >&2; exit 1; }
+done
+"$ENVOY" --version >/dev/null 2>&1 || { echo "bench: Envoy at $ENVOY does not run: \`make setup-envoy\` or ENVOY=/path" >&2; exit 1; }
+if [[ $STORE == redis ]]; then
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null ||
+    { echo "bench: BENCH_CONTROL_STORE=redis needs redis-server and redis-cli (\`make setup-redis\`)" >&2; exit 1; }
+fi
+
+CONFIGS=(plain empty affinity control haproxy direct)
+declare -A LABEL=([plain]=plain [empty]=empty [affinity]=affinity [control]=affinity+control [haproxy]=haproxy [direct]=direct)
+declare -A URL=() PID=() ADMIN=() SID=()
+
+RUN=$(mktemp -d /tmp/mcp-affinity-bench.XXXXXX)
+pids=()
+ok=0
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  ((rc == 0 && ok == 0)) && rc=1
+  if ((${#pids[@]})); then
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for _ in $(seq 50); do
+      local alive=0
+      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+      ((alive)) || break
+      sleep 0.1
+    done
+    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+  fi
+  if ((rc != 0)) || [[ -n ${BENCH_KEEP:-} ]]; then
+    echo "bench: run directory kept: $RUN (logs, configs, raw wrk output)" >&2
+  else
+    rm -rf "$RUN"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'echo "bench: interrupted (or over the time budget of ${BENCH_UNDER_TIMEOUT}s)" >&2; exit 130' INT TERM
+
+die() { echo "bench: $*" >&2; exit 1; }
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+
+# ─── ports and processes ─────────────────────────────────────────────────────────────────
+declare -A TAKEN=()
+# free_port VAR: a loopback port no socket of this machine uses (below the ephemeral range).
+free_port() {
+  local used p hex
+  used=$(awk 'NR > 1 { split($2, a, ":"); print a[2] }' /proc/net/tcp /proc/net/tcp6 2>/dev/null)
+  for _ in $(seq 500); do
+    p=$((20000 + RANDOM % 12000))
+    [[ -n ${TAKEN[$p]:-} ]] && continue
+    printf -v hex '%04X' "$p"
+    grep -qx "$hex" <<<"$used" && continue
+    TAKEN[$p]=1
+    printf -v "$1" '%s' "$p"
+    return 0
+  done
+  die "no free port found"
+}
+
+# spawn NAME CMD...: starts CMD in the background, its output in $RUN/NAME.log; LAST_PID.
+spawn() {
+  local name=$1; shift
+  "$@" >"$RUN/$name.log" 2>&1 &
+  LAST_PID=$!
+  pids+=("$LAST_PID")
+}
+
+wait_port() { # port pid name
+  for _ in $(seq 300); do
+    kill -0 "$2" 2>/dev/null || { tail -20 "$RUN/$3.log" >&2; die "$3 exited during startup"; }
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  die "$3: nothing listens on 127.0.0.1:$1 after 30 s"
+}
+
+wait_envoy() { # admin pid name
+  for _ in $(seq 600); do
+    kill -0 "$2" 2>/dev/null || { tail -30 "$RUN/$3.log" >&2; die "$3 exited during startup"; }
+    [[ $(curl -s --max-time 1 "http://$1/ready" 2>/dev/null) == LIVE ]] && return 0
+    sleep 0.1
+  done
+  die "$3 not ready after 60 s"
+}
+
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+# CPU time of every thread of a process, in ns (scheduler accounting, not 10 ms ticks).
+cpu_ns() {
+  local t sum=0 v
+  for t in /proc/"$1"/task/*/schedstat; do
+    read -r v _ 2>/dev/null <"$t" || continue
+    sum=$((sum + v))
+  done
+  echo "$sum"
+}
+
+# ─── machine ─────────────────────────────────────────────────────────────────────────────
+NPROC=$(nproc)
+CPU_MODEL=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+[[ -n $CPU_MODEL ]] || CPU_MODEL=unknown
+ENVOY_VERSION=$("$ENVOY" --version 2>/dev/null | sed -n 's|.*version: [0-9a-f]*/\([^/]*\)/.*|\1|p')
+HAPROXY_VERSION=$( (haproxy -v 2>/dev/null || true) | awk 'NR == 1 { print $3 }')
+WRK_VERSION=$( (wrk -v 2>&1 || true) | awk 'NR == 1 { print $2 }')
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+RUSTC_START=$(pgrep -c -x rustc || true)
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+
+log "machine: $NPROC cores, $CPU_MODEL; Envoy $ENVOY_VERSION, HAProxy $HAPROXY_VERSION, wrk $WRK_VERSION"
+log "load average at start: $LOAD_START; rustc processes running: $RUSTC_START"
+log "settings: ${SECS}s x $ROUNDS rounds x ${#CONFIGS[@]} configs, $CONNS connections, warm-up ${WARMUP}s; scale ${SCALE}; control store $STORE; pods behind plain/empty $BASELINE_PODS; run dir $RUN"
+
+# ─── pods, control, proxies ──────────────────────────────────────────────────────────────
+free_port POD1; free_port POD2
+spawn pod-1 "$POD_BIN" --listen "127.0.0.1:$POD1" --id 1; POD1_PID=$LAST_PID
+spawn pod-2 "$POD_BIN" --listen "127.0.0.1:$POD2" --id 2; POD2_PID=$LAST_PID
+wait_port "$POD1" "$POD1_PID" pod-1
+wait_port "$POD2" "$POD2_PID" pod-2
+
+MCP_AFFINITY_CONTROL_TOKEN=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+export MCP_AFFINITY_CONTROL_TOKEN
+
+REDIS_PORT=
+if [[ $STORE == redis ]]; then
+  free_port REDIS_PORT
+  spawn redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --protected-mode yes
+  REDIS_PID=$LAST_PID
+  wait_port "$REDIS_PORT" "$REDIS_PID" redis
+  STORE_ARG="redis://127.0.0.1:$REDIS_PORT/0"
+else
+  STORE_ARG=memory
+fi
+free_port CONTROL_PORT
+# Room for every session of the run (no eviction skews the memory numbers).
+RUST_LOG=warn spawn control "$CONTROL_BIN" --listen "127.0.0.1:$CONTROL_PORT" --store "$STORE_ARG" \
+  --max-sessions $((4 * SCALE + 2000000)) --endpoints "127.0.0.1:$POD1,127.0.0.1:$POD2"
+CONTROL_PID=$LAST_PID
+wait_port "$CONTROL_PORT" "$CONTROL_PID" control
+
+echo '{}' >"$RUN/filter-empty.json"
+cat >"$RUN/filter-control.json" <<JSON
+{ "control": { "cluster": "mcp_affinity_control", "token_env": "MCP_AFFINITY_CONTROL_TOKEN" } }
+JSON
+
+start_envoy() { # cfg pods(1|2) render-args...
+  local cfg=$1 npods=$2; shift 2
+  local port admin ups=(--upstream "127.0.0.1:$POD1")
+  ((npods == 2)) && ups+=(--upstream "127.0.0.1:$POD2")
+  free_port port; free_port admin
+  "$RENDER_BIN" --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "${ups[@]}" "$@" >"$RUN/envoy-$cfg.yaml" ||
+    die "rendering the bootstrap of $cfg failed"
+  spawn "envoy-$cfg" "$ENVOY" -c "$RUN/envoy-$cfg.yaml" --concurrency 1 --disable-hot-restart -l warn
+  PID[$cfg]=$LAST_PID
+  ADMIN[$cfg]=127.0.0.1:$admin
+  URL[$cfg]=http://127.0.0.1:$port/mcp
+}
+# plain and empty have no affinity: with both pods behind them, a session's requests would
+# alternate between pods (wrong in reality, and round robin over 2 connection pools costs
+# Envoy 5-7 µs/request more than 1 pod on this machine: as much as the effect measured).
+# By default they get pod 1 only, so every config sends the session's requests to one pod.
+start_envoy plain "$BASELINE_PODS" --no-filter
+start_envoy empty "$BASELINE_PODS" --wasm "$EMPTY_WASM" --filter-config "$RUN/filter-empty.json"
+start_envoy affinity 2 --wasm "$WASM" --filter-config "$RUN/filter-empty.json"
+start_envoy control 2 --wasm "$WASM" --filter-config "$RUN/filter-control.json" --control "127.0.0.1:$CONTROL_PORT"
+
+free_port HAPROXY_PORT
+cat >"$RUN/haproxy.cfg" <<CFG
+# Session affinity the HAProxy way: learn Mcp-Session-Id from the response to initialize,
+# route every request carrying it to the server that issued it. One thread, as Envoy.
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend mcp
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend pods
+backend pods
+    balance roundrobin
+    stick-table type string len 128 size 4m expire 2h
+    stick match req.hdr(mcp-session-id)
+    stick store-response res.hdr(mcp-session-id)
+    server pod-1 127.0.0.1:$POD1
+    server pod-2 127.0.0.1:$POD2
+CFG
+haproxy -c -q -f "$RUN/haproxy.cfg" || die "haproxy rejected $RUN/haproxy.cfg"
+spawn haproxy haproxy -db -f "$RUN/haproxy.cfg"
+PID[haproxy]=$LAST_PID
+URL[haproxy]=http://127.0.0.1:$HAPROXY_PORT/mcp
+URL[direct]=http://127.0.0.1:$POD1/mcp
+PID[direct]=$POD1_PID
+
+for cfg in plain empty affinity control; do wait_envoy "${ADMIN[$cfg]}" "${PID[$cfg]}" "envoy-$cfg"; done
+wait_port "$HAPROXY_PORT" "${PID[haproxy]}" haproxy
+log "started: pods :$POD1 :$POD2, control :$CONTROL_PORT, 4 Envoys, HAProxy :$HAPROXY_PORT"
+
+# ─── sessions: initialize through each proxy, check pinning ──────────────────────────────
+INIT_BODY='{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"curl","version":"1"}}}'
+NOTIFY_BODY='{"jsonrpc":"2.0","method":"notifications/initialized"}'
+CALL_BODY='{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"}}}'
+# post URL BODY [SESSION]: prints "status pod session" (- when absent).
+post() {
+  local h=(-H 'content-type: application/json' -H 'accept: application/json, text/event-stream')
+  [[ -n ${3:-} ]] && h+=(-H "mcp-session-id: $3" -H 'mcp-protocol-version: 2025-06-18')
+  curl -s -o /dev/null -D - --max-time 5 "${h[@]}" --data-binary "$2" "$1" | tr -d '\r' |
+    awk 'NR == 1 { st = $2 } tolower($1) == "x-pod:" { pod = $2 } tolower($1) == "mcp-session-id:" { sid = $2 }
+         END { print (st == "" ? "-" : st), (pod == "" ? "-" : pod), (sid == "" ? "-" : sid) }'
+}
+pods_sessions() {
+  echo $(($(curl -s --max-time 5 "http://127.0.0.1:$POD1/sessions") + $(curl -s --max-time 5 "http://127.0.0.1:$POD2/sessions")))
+}
+
+for cfg in "${CONFIGS[@]}"; do
+  read -r st pod sid < <(post "${URL[$cfg]}" "$INIT_BODY")
+  [[ $st == 200 && $sid != - ]] || die "${LABEL[$cfg]}: initialize answered status $st, session $sid"
+  SID[$cfg]=$sid
+  pods=()
+  read -r st p _ < <(post "${URL[$cfg]}" "$NOTIFY_BODY" "$sid")
+  [[ $st == 200 ]] || die "${LABEL[$cfg]}: notifications/initialized answered $st"
+  for _ in 1 2 3 4; do
+    read -r st p _ < <(post "${URL[$cfg]}" "$CALL_BODY" "$sid")
+    [[ $st == 200 ]] || die "${LABEL[$cfg]}: tools/call with the session answered $st"
+    pods+=("$p")
+  done
+  pinned=yes
+  for p in "${pods[@]}"; do [[ $p == "$pod" ]] || pinned=no; done
+  case $cfg in
+    plain | empty) ((BASELINE_PODS == 2)) && note="(no affinity: round robin expected)" || note="(no affinity; its only pod)" ;;
+    *) note=""; [[ $pinned == yes ]] || die "${LABEL[$cfg]}: session $sid from $pod answered by ${pods[*]}: not pinned" ;;
+  esac
+  for _ in $(seq $((BASE_SESSIONS - 1))); do post "${URL[$cfg]}" "$INIT_BODY" >/dev/null; done
+  log "$(printf '%-17s session %s on %s; tools/call answered by %s; pinned: %s %s' "${LABEL[$cfg]}" "$sid" "$pod" "${pods[*]}" "$pinned" "$note")"
+done
+
+# ─── measuring ───────────────────────────────────────────────────────────────────────────
+RAW=$RUN/raw.txt
+: >"$RAW"
+# measure PHASE CFG ROUND SCRIPT CONNS SECS [SCRIPT ARGS]: one wrk run, one line in $RAW:
+# phase cfg round req/s p50_us p99_us proxy_cpu_us_per_req status_errors socket_errors
+measure() {
+  local phase=$1 cfg=$2 round=$3 script=$4 conns=$5 secs=$6; shift 6
+  local out="$RUN/wrk-$phase-$cfg-$round.txt" c0=0 c1=0 extra=()
+  (($#)) && extra=(-- "$@")
+  [[ $cfg != direct ]] && c0=$(cpu_ns "${PID[$cfg]}")
+  timeout $((secs + 30)) wrk -t1 -c"$conns" -d"${secs}s" --latency -s "$script" "${URL[$cfg]}" "${extra[@]}" >"$out" 2>&1 || true
+  [[ $cfg != direct ]] && c1=$(cpu_ns "${PID[$cfg]}")
+  local line
+  line=$(grep '^BENCH ' "$out" | tail -1) || { cat "$out" >&2; die "wrk gave no result for ${LABEL[$cfg]} (phase $phase)"; }
+  awk -v phase="$phase" -v cfg="$cfg" -v round="$round" -v cpu="$((c1 - c0))" -v direct="$([[ $cfg == direct ]] && echo 1 || echo 0)" '{
+      for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      rps = v["requests"] / (v["duration_us"] / 1e6)
+      c = (direct || v["requests"] == 0) ? "-" : sprintf("%.2f", cpu / 1000 / v["requests"])
+      printf "%s %s %s %.1f %d %d %s %d %d\n", phase, cfg, round, rps, v["p50_us"], v["p99_us"], c, v["status_errors"], v["socket_errors"]
+    }' <<<"$line" >>"$RAW"
+}
+
+# run_phase PHASE SCRIPT CONNS CFG...: ROUNDS interleaved rounds over the configs.
+run_phase() {
+  local phase=$1 script=$2 conns=$3; shift 3
+  local cfgs=("$@") n=$# r i cfg
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for ((i = 0; i < n; i++)); do
+      cfg=${cfgs[$(((r - 1 + i) % n))]}
+      if [[ $script == "$LUA_STEADY" ]]; then
+        measure "$phase" "$cfg" "$r" "$script" "$conns" "$SECS" "${SID[$cfg]}"
+      else
+        measure "$phase" "$cfg" "$r" "$script" "$conns" "$SECS"
+      fi
+    done
+    log "phase $phase: round $r/$ROUNDS done ($(awk -v p="$phase" -v r="$r" '$1 == p && $3 == r { printf "%s %.0f/s  ", $2, $4 }' "$RAW"))"
+  done
+}
+
+if ((WARMUP > 0)); then
+  for cfg in "${CONFIGS[@]}"; do measure warmup "$cfg" 0 "$LUA_STEADY" "$CONNS" "$WARMUP" "${SID[$cfg]}"; done
+  log "warm-up done"
+fi
+run_phase steady "$LUA_STEADY" "$CONNS" "${CONFIGS[@]}"
+
+# ─── scale: N live sessions ──────────────────────────────────────────────────────────────
+SCALED=(affinity control haproxy)
+declare -A RSS_BEFORE=() RSS_AFTER=() CREATED=() POP_SECS=()
+CONTROL_RSS_BEFORE= CONTROL_RSS_AFTER= REDIS_MEM_BEFORE= REDIS_MEM_AFTER= REDIS_KEY_BYTES= REDIS_KEYS=
+redis_used_memory() { redis-cli -p "$REDIS_PORT" INFO memory | tr -d '\r' | awk -F: '$1 == "used_memory" { print $2 }'; }
+# populate CFG N: N initialize requests through CFG (wrk stops after N answers).
+populate() {
+  local cfg=$1 n=$2 before now t0 t1 wpid cap
+  cap=$((n / 250 + 60))
+  before=$(pods_sessions)
+  t0=$(date +%s%N)
+  wrk -t1 -c"$CONNS" -d"${cap}s" -s "$LUA_INIT" "${URL[$cfg]}" -- "$n" >"$RUN/populate-$cfg.txt" 2>&1 &
+  wpid=$!
+  pids+=("$wpid")
+  while kill -0 "$wpid" 2>/dev/null; do
+    now=$(pods_sessions)
+    ((now - before >= n)) && break
+    sleep 0.2
+  done
+  kill -INT "$wpid" 2>/dev/null || true
+  wait "$wpid" 2>/dev/null || true
+  t1=$(date +%s%N)
+  sleep 0.5
+  CREATED[$cfg]=$(($(pods_sessions) - before))
+  POP_SECS[$cfg]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+  grep -q 'status_errors=0 socket_errors=0' "$RUN/populate-$cfg.txt" ||
+    log "warning: populate through ${LABEL[$cfg]}: $(grep '^BENCH' "$RUN/populate-$cfg.txt" || echo 'no wrk result')"
+}
+wasm_stat() { # cfg name
+  curl -s --max-time 5 "http://${ADMIN[$1]}/stats?filter=wasmcustom" | awk -F': ' -v n="$2" '$1 ~ ("\\." n "$") { v = $2 } END { print v }'
+}
+
+if ((SCALE > 0)); then
+  log "scale: creating $SCALE sessions through each of: ${SCALED[*]}"
+  CONTROL_RSS_BEFORE=$(rss_kb "$CONTROL_PID")
+  [[ $STORE == redis ]] && REDIS_MEM_BEFORE=$(redis_used_memory)
+  for cfg in "${SCALED[@]}"; do
+    RSS_BEFORE[$cfg]=$(rss_kb "${PID[$cfg]}")
+    populate "$cfg" "$SCALE"
+    RSS_AFTER[$cfg]=$(rss_kb "${PID[$cfg]}")
+    extra=
+    [[ $cfg == affinity || $cfg == control ]] && extra=", filter sessions_pinned=$(wasm_stat "$cfg" sessions_pinned)"
+    log "$(printf '%-17s %s sessions created in %ss (%s/s)%s' "${LABEL[$cfg]}" "${CREATED[$cfg]}" "${POP_SECS[$cfg]}" \
+      "$(awk -v n="${CREATED[$cfg]}" -v s="${POP_SECS[$cfg]}" 'BEGIN { printf "%.0f", n / s }')" "$extra")"
+  done
+  CONTROL_RSS_AFTER=$(rss_kb "$CONTROL_PID")
+  CONTROL_RECORDS=$(curl -s --max-time 5 "http://127.0.0.1:$CONTROL_PORT/metrics" | awk '$1 == "mcp_affinity_control_store_records" { print $2 }')
+  if [[ $STORE == redis ]]; then
+    REDIS_MEM_AFTER=$(redis_used_memory)
+    REDIS_KEYS=$(redis-cli -p "$REDIS_PORT" DBSIZE | tr -d '\r')
+    key=$(redis-cli -p "$REDIS_PORT" RANDOMKEY | tr -d '\r')  # this Redis holds only session records
+    REDIS_KEY_BYTES=$(redis-cli -p "$REDIS_PORT" MEMORY USAGE "$key" | tr -d '\r')
+    redis-cli -p "$REDIS_PORT" GET "$key" >"$RUN/redis-one-record.json"
+  fi
+  # The measured sessions are still pinned to the pod that issued them.
+  for cfg in "${SCALED[@]}"; do
+    read -r st p _ < <(post "${URL[$cfg]}" "$CALL_BODY" "${SID[$cfg]}")
+    [[ $st == 200 ]] || die "${LABEL[$cfg]}: the measured session answered $st after populating"
+  done
+  run_phase scaled "$LUA_STEADY" "$CONNS" "${CONFIGS[@]}"
+  log "initialize path: $INIT_CONNS connection(s)"
+  run_phase initialize "$LUA_INIT" "$INIT_CONNS" "${CONFIGS[@]}"
+fi
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+RUSTC_END=$(pgrep -c -x rustc || true)
+
+# ─── report ──────────────────────────────────────────────────────────────────────────────
+# summary PHASE CFG: "req/s p50 p99 cpu errors" — medians over rounds, errors summed.
+summary() {
+  awk -v p="$1" -v c="$2" '
+    function med(a, n,   i, j, t) {
+      for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+      return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    $1 == p && $2 == c {
+      n++; r[n] = $4; p50[n] = $5; p99[n] = $6; if ($7 != "-") { m++; cpu[m] = $7 }; e += $8 + $9
+      if (n == 1 || $4 < lo) lo = $4; if (n == 1 || $4 > hi) hi = $4
+    }
+    END {
+      if (n == 0) { print "- - - - 0 - -"; exit }
+      printf "%.0f %.0f %.0f %s %d %.0f %.0f\n", med(r, n), med(p50, n), med(p99, n), (m ? sprintf("%.2f", med(cpu, m)) : "-"), e, lo, hi
+    }' "$RAW"
+}
+# paired PHASE CFG: medians over rounds of CFG − plain measured in the same round:
+# "added µs/req (1e6 / req/s)" and "added proxy CPU µs/req".
+paired() {
+  awk -v p="$1" -v c="$2" '
+    function med(a, n,   i, j, t) {
+      for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+      return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    $1 == p && $2 == "plain" { us0[$3] = 1e6 / $4; cpu0[$3] = $7 }
+    $1 == p && $2 == c { us[$3] = 1e6 / $4; cpu[$3] = $7 }
+    END {
+      for (k in us) if (k in us0) {
+        n++; d[n] = us[k] - us0[k]
+        if (cpu[k] != "-" && cpu0[k] != "-") { m++; dc[m] = cpu[k] - cpu0[k] }
+      }
+      printf "%s %s\n", (n ? sprintf("%.2f", med(d, n)) : "-"), (m ? sprintf("%.2f", med(dc, m)) : "-")
+    }' "$RAW"
+}
+declare -A S_RPS=() S_P50=() S_P99=() S_CPU=() S_ERR=() S_LO=() S_HI=() D_US=() D_CPU=()
+load_phase() { # phase
+  local cfg
+  for cfg in "${CONFIGS[@]}"; do
+    read -r "S_RPS[$1.$cfg]" "S_P50[$1.$cfg]" "S_P99[$1.$cfg]" "S_CPU[$1.$cfg]" "S_ERR[$1.$cfg]" "S_LO[$1.$cfg]" "S_HI[$1.$cfg]" < <(summary "$1" "$cfg")
+    read -r "D_US[$1.$cfg]" "D_CPU[$1.$cfg]" < <(paired "$1" "$cfg")
+  done
+}
+load_phase steady
+if ((SCALE > 0)); then load_phase scaled; load_phase initialize; fi
+us_per_req() { awk -v r="$1" 'BEGIN { printf "%.2f", 1e6 / r }'; }
+# ratio DX DE: DX / DE (added costs over plain), or n/a when the empty filter added nothing measurable.
+ratio() { awk -v x="$1" -v e="$2" 'BEGIN { if (x == "-" || e == "-" || e <= 0) print "n/a"; else printf "%.2f", x / e }'; }
+# overhead_block PHASE: the added cost of each Envoy config over plain, and the ratio to empty's.
+declare -A RATIO=() RATIO_CPU=() RATIO_MED=()
+overhead_block() {
+  local ph=$1 cfg plain_us empty_us
+  plain_us=$(us_per_req "${S_RPS[$ph.plain]}")
+  empty_us=$(us_per_req "${S_RPS[$ph.empty]}")
+  echo "| config | +µs/req vs plain | ratio to empty | +proxy CPU µs/req vs plain | ratio to empty |"
+  echo "|---|---:|---:|---:|---:|"
+  for cfg in empty affinity control; do
+    RATIO[$ph.$cfg]=$(ratio "${D_US[$ph.$cfg]}" "${D_US[$ph.empty]}")
+    RATIO_CPU[$ph.$cfg]=$(ratio "${D_CPU[$ph.$cfg]}" "${D_CPU[$ph.empty]}")
+    RATIO_MED[$ph.$cfg]=$(ratio "$(delta "$(us_per_req "${S_RPS[$ph.$cfg]}")" "$plain_us")" "$(delta "$empty_us" "$plain_us")")
+    printf '| %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "${D_US[$ph.$cfg]}" "${RATIO[$ph.$cfg]}" "${D_CPU[$ph.$cfg]}" "${RATIO_CPU[$ph.$cfg]}"
+  done
+  echo
+  echo "(+µs/req: median over rounds of X − plain in the same round, on 1e6 / req/s; ratio = X's added cost / empty's."
+  echo " The same ratio from the medians of the main table: affinity ${RATIO_MED[$ph.affinity]}, affinity+control ${RATIO_MED[$ph.control]}.)"
+}
+delta() { awk -v x="$1" -v p="$2" 'BEGIN { if (x == "-" || p == "-") print "-"; else printf "%+.2f", x - p }'; }
+range() { [[ ${S_LO[$1]} == - ]] && echo - || echo "${S_LO[$1]}–${S_HI[$1]}"; }
+
+ERRORS=0
+for k in "${!S_ERR[@]}"; do ((S_ERR[$k] > 0)) && ERRORS=1; done
+
+echo
+echo "mcp-affinity on real Envoy — steady request of one pinned session (tools/call with Mcp-Session-Id)"
+echo "machine: $NPROC cores, $CPU_MODEL; Envoy $ENVOY_VERSION (--concurrency 1), HAProxy $HAPROXY_VERSION (nbthread 1), wrk $WRK_VERSION"
+echo "load: ${CONNS} connections, 1 wrk thread, ${SECS}s per config per round, $ROUNDS interleaved rounds, medians over rounds; $BASE_SESSIONS sessions per proxy"
+echo "pods: 2 behind affinity, affinity+control, haproxy; $BASELINE_PODS behind plain and empty; direct = pod 1"
+echo "load average: $LOAD_START at start, $LOAD_END at end; rustc processes running: $RUSTC_START at start, $RUSTC_END at end"
+echo
+echo "| config | req/s | req/s range | p50 µs | p99 µs | µs/req | proxy CPU µs/req | errors |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+for cfg in "${CONFIGS[@]}"; do
+  k=steady.$cfg
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "${S_RPS[$k]}" "$(range "$k")" "${S_P50[$k]}" "${S_P99[$k]}" \
+    "$(us_per_req "${S_RPS[$k]}")" "${S_CPU[$k]}" "${S_ERR[$k]}"
+done
+echo
+echo "overhead over plain Envoy, and ratio (X − plain) / (empty − plain): X's added time per request in units of the empty filter's"
+echo
+overhead_block steady
+
+if ((SCALE > 0)); then
+  echo
+  echo "steady request with $BASE_SESSIONS vs $SCALE+ live sessions per proxy (same run; the N-session rounds came after creating the sessions)"
+  echo
+  echo "| config | sessions | req/s | p50 µs | p99 µs | proxy CPU µs/req | errors |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  for cfg in "${CONFIGS[@]}"; do
+    for phase in steady scaled; do
+      k=$phase.$cfg
+      if [[ $phase == steady ]]; then n=$BASE_SESSIONS; elif [[ -n ${CREATED[$cfg]:-} ]]; then n=$((BASE_SESSIONS + CREATED[$cfg])); else n="$BASE_SESSIONS (2nd run)"; fi
+      printf '| %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "$n" "${S_RPS[$k]}" "${S_P50[$k]}" "${S_P99[$k]}" "${S_CPU[$k]}" "${S_ERR[$k]}"
+    done
+  done
+  echo
+  echo "overhead with $SCALE sessions (rounds of the second run):"
+  echo
+  overhead_block scaled
+  echo
+  echo "initialize (POST without session id; a new session each), $INIT_CONNS connection(s), medians over $ROUNDS rounds"
+  echo
+  echo "| config | req/s | p50 µs | p99 µs | +p50 µs vs plain | proxy CPU µs/req | errors |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  for cfg in "${CONFIGS[@]}"; do
+    k=initialize.$cfg
+    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "${S_RPS[$k]}" "${S_P50[$k]}" "${S_P99[$k]}" \
+      "$(delta "${S_P50[$k]}" "${S_P50[initialize.plain]}")" "${S_CPU[$k]}" "${S_ERR[$k]}"
+  done
+  echo
+  echo "memory per session (VmRSS before/after creating the sessions; RSS includes allocator slack)"
+  per() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN { if (n > 0) printf "%.0f", (b - a) * 1024 / n; else print "-" }'; }
+  CONTROL_PER=$(per "$CONTROL_RSS_BEFORE" "$CONTROL_RSS_AFTER" "${CREATED[control]}")
+  printf '  control (%s store): %s kB → %s kB for %s sessions (records: %s): %s bytes/session\n' "$STORE" \
+    "$CONTROL_RSS_BEFORE" "$CONTROL_RSS_AFTER" "${CREATED[control]}" "$([[ $STORE == redis ]] && echo "$REDIS_KEYS in Redis" || echo "${CONTROL_RECORDS:-?}")" "$CONTROL_PER"
+  for cfg in "${SCALED[@]}"; do
+    printf '  %-17s %s kB → %s kB for %s sessions: %s bytes/session\n' "${LABEL[$cfg]}" "${RSS_BEFORE[$cfg]}" "${RSS_AFTER[$cfg]}" \
+      "${CREATED[$cfg]}" "$(per "${RSS_BEFORE[$cfg]}" "${RSS_AFTER[$cfg]}" "${CREATED[$cfg]}")"
+  done
+  if [[ $STORE == redis ]]; then
+    printf '  redis: used_memory %s → %s bytes, %s keys: %s bytes/session; MEMORY USAGE of one session key: %s bytes\n' \
+      "$REDIS_MEM_BEFORE" "$REDIS_MEM_AFTER" "$REDIS_KEYS" \
+      "$(awk -v a="$REDIS_MEM_BEFORE" -v b="$REDIS_MEM_AFTER" -v n="${CREATED[control]}" 'BEGIN { printf "%.0f", (b - a) / n }')" "$REDIS_KEY_BYTES"
+  fi
+fi
+
+# ─── JSON ────────────────────────────────────────────────────────────────────────────────
+jstr() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"; }
+jnum() { if [[ $1 =~ ^-?[0-9]+(\.[0-9]+)?$ ]]; then printf '%s' "$1"; else printf 'null'; fi; }
+phase_json() { # phase
+  local first=1 cfg k
+  printf '{'
+  for cfg in "${CONFIGS[@]}"; do
+    k=$1.$cfg
+    ((first)) || printf ','
+    first=0
+    printf '\n    %s: {"req_s": %s, "req_s_min": %s, "req_s_max": %s, "p50_us": %s, "p99_us": %s, "us_per_req": %s, "proxy_cpu_us_per_req": %s, "added_us_per_req": %s, "added_proxy_cpu_us_per_req": %s, "ratio_to_empty": %s, "ratio_to_empty_proxy_cpu": %s, "errors": %s, "rounds": [' \
+      "$(jstr "${LABEL[$cfg]}")" "$(jnum "${S_RPS[$k]}")" "$(jnum "${S_LO[$k]}")" "$(jnum "${S_HI[$k]}")" "$(jnum "${S_P50[$k]}")" "$(jnum "${S_P99[$k]}")" \
+      "$(jnum "$(us_per_req "${S_RPS[$k]}")")" "$(jnum "${S_CPU[$k]}")" "$(jnum "${D_US[$k]}")" "$(jnum "${D_CPU[$k]}")" \
+      "$(jnum "${RATIO[$k]:-}")" "$(jnum "${RATIO_CPU[$k]:-}")" "$(jnum "${S_ERR[$k]}")"
+    awk -v p="$1" -v c="$cfg" '$1 == p && $2 == c {
+        printf "%s{\"req_s\": %s, \"p50_us\": %s, \"p99_us\": %s, \"proxy_cpu_us_per_req\": %s, \"errors\": %d}", (n++ ? ", " : ""), $4, $5, $6, ($7 == "-" ? "null" : $7), $8 + $9
+      }' "$RAW"
+    printf ']}'
+  done
+  printf '\n  }'
+}
+mkdir -p "$RESULTS"
+JSON_FILE=$RESULTS/envoy-$STAMP.json
+{
+  printf '{\n  "timestamp": %s,\n' "$(jstr "$STAMP")"
+  printf '  "machine": {"nproc": %s, "cpu": %s, "load_average_start": %s, "load_average_end": %s, "rustc_processes_start": %s, "rustc_processes_end": %s},\n' \
+    "$NPROC" "$(jstr "$CPU_MODEL")" "$(jstr "$LOAD_START")" "$(jstr "$LOAD_END")" "$(jnum "$RUSTC_START")" "$(jnum "$RUSTC_END")"
+  printf '  "versions": {"envoy": %s, "haproxy": %s, "wrk": %s},\n' "$(jstr "$ENVOY_VERSION")" "$(jstr "$HAPROXY_VERSION")" "$(jstr "$WRK_VERSION")"
+  printf '  "settings": {"seconds": %s, "rounds": %s, "connections": %s, "warmup_seconds": %s, "envoy_concurrency": 1, "base_sessions": %s, "scale": %s, "init_connections": %s, "control_store": %s, "baseline_pods": %s},\n' \
+    "$SECS" "$ROUNDS" "$CONNS" "$WARMUP" "$BASE_SESSIONS" "$SCALE" "$INIT_CONNS" "$(jstr "$STORE")" "$BASELINE_PODS"
+  printf '  "steady": '; phase_json steady; printf ',\n'
+  printf '  "overhead_ratio": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO[steady.affinity]}")" "$(jnum "${RATIO[steady.control]}")"
+  printf '  "overhead_ratio_proxy_cpu": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO_CPU[steady.affinity]}")" "$(jnum "${RATIO_CPU[steady.control]}")"
+  printf '  "overhead_ratio_of_medians": {"affinity": %s, "affinity+control": %s}' "$(jnum "${RATIO_MED[steady.affinity]}")" "$(jnum "${RATIO_MED[steady.control]}")"
+  if ((SCALE > 0)); then
+    printf ',\n  "scaled": '; phase_json scaled
+    printf ',\n  "initialize": '; phase_json initialize
+    printf ',\n  "sessions_created": {"affinity": %s, "affinity+control": %s, "haproxy": %s}' \
+      "$(jnum "${CREATED[affinity]}")" "$(jnum "${CREATED[control]}")" "$(jnum "${CREATED[haproxy]}")"
+    printf ',\n  "memory": {"control_store": %s, "control_rss_kb_before": %s, "control_rss_kb_after": %s, "control_bytes_per_session": %s' \
+      "$(jstr "$STORE")" "$(jnum "$CONTROL_RSS_BEFORE")" "$(jnum "$CONTROL_RSS_AFTER")" "$(jnum "$CONTROL_PER")"
+    for cfg in "${SCALED[@]}"; do
+      printf ', %s: {"rss_kb_before": %s, "rss_kb_after": %s, "bytes_per_session": %s}' "$(jstr "${LABEL[$cfg]}")" \
+        "$(jnum "${RSS_BEFORE[$cfg]}")" "$(jnum "${RSS_AFTER[$cfg]}")" "$(jnum "$(per "${RSS_BEFORE[$cfg]}" "${RSS_AFTER[$cfg]}" "${CREATED[$cfg]}")")"
+    done
+    if [[ $STORE == redis ]]; then
+      printf ', "redis_used_memory_before": %s, "redis_used_memory_after": %s, "redis_keys": %s, "redis_memory_usage_one_key": %s' \
+        "$(jnum "$REDIS_MEM_BEFORE")" "$(jnum "$REDIS_MEM_AFTER")" "$(jnum "$REDIS_KEYS")" "$(jnum "$REDIS_KEY_BYTES")"
+    fi
+    printf '}'
+  fi
+  printf '\n}\n'
+} >"$JSON_FILE"
+echo
+echo "results: $JSON_FILE"
+((ERRORS == 0)) || { echo "bench: some requests failed (errors column): these numbers are not valid" >&2; exit 1; }
+ok=1
