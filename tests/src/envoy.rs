@@ -115,6 +115,12 @@ pub fn render(yaml: &str, r: &Render) -> Result<String> {
 
     let listener = named(seq(&mut b, &["static_resources", "listeners"])?, LISTENER)?;
     *field(listener, &["address"])? = socket_address(r.listen);
+    // Local runs share one machine: with SO_REUSEPORT (Envoy's default) a second process
+    // could bind the same port silently and take half the connections; without it, a
+    // clash is a start failure the fixture reports.
+    if let Value::Mapping(m) = &mut *listener {
+        m.insert("enable_reuse_port".into(), Value::Bool(false));
+    }
     let http_filters = http_filters(listener)?;
     let wasm_at: Vec<usize> =
         http_filters.iter().enumerate().filter(|(_, f)| f.get("name").and_then(Value::as_str) == Some(WASM_FILTER)).map(|(i, _)| i).collect();

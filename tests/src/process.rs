@@ -14,13 +14,25 @@ use anyhow::{Context, Result, bail};
 
 /// A free TCP port on 127.0.0.1, found by binding port 0 and releasing it.
 ///
-/// The port is free at the time of the call; a fixture that binds it later can lose a
-/// race with another process, which [`Child::spawn_listening`] reports as a start failure.
+/// The port is free at the time of the call, and never handed out twice by this process
+/// (tests of one binary run in parallel threads, and the kernel may give a just-released
+/// port again). A fixture that binds it later can still lose a race with another process,
+/// which [`Child::spawn_listening`] reports as a start failure.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    // Hold every candidate until a new one comes up, so the kernel cannot repeat itself.
+    let mut held = Vec::new();
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local_addr").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+        held.push(l);
+        assert!(held.len() < 1000, "no new free port");
+    }
 }
 
 /// A free loopback address, `127.0.0.1:<free port>`.
