@@ -31,6 +31,7 @@ help:
 	@echo "                 image: ENVOY_IMAGE if set, else mcp-affinity/envoy:$(ENVOY_VERSION) (make envoy-image)"
 	@echo "make envoy-image build the image mcp-affinity/envoy:$(ENVOY_VERSION) from the Envoy of setup-envoy (pulls nothing)"
 	@echo "make bench       benchmarks (filter hot path; control store throughput/latency)"
+	@echo "make bench-envoy side by side on real Envoy: plain, empty wasm filter, mcp-affinity (± control), HAProxy (bench/README.md)"
 	@echo "make wasm        build $(WASM)"
 
 setup: setup-wasm setup-envoy setup-redis
