@@ -36,6 +36,7 @@ use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
 use crate::recover::{RecoverRequest, RecoverResponse, Recovery};
 use crate::session_id::SessionId;
 use crate::store::{PutOutcome, SessionStore, StoreError};
+use tokio::sync::Semaphore;
 
 /// Route template of the session resource.
 pub const SESSION_ROUTE: &str = "/v1/sessions/{id}";
@@ -72,9 +73,10 @@ impl<S: SessionStore> AppState<S> {
     }
 }
 
-/// Builds the service's router: `/v1` behind `auth` and a body limit of `max_body_bytes`,
-/// the health and metrics routes open.
-pub fn router<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: usize) -> Router {
+/// Builds the service's router: `/v1` behind `auth`, a body limit of `max_body_bytes` and
+/// admission control of `max_in_flight` requests at once ([`admit`]), the health and
+/// metrics routes open.
+pub fn router<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: usize, max_in_flight: usize) -> Router {
     let v1 = Router::new()
         .route(
             SESSION_ROUTE,
@@ -83,6 +85,7 @@ pub fn router<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: u
         .route(RECOVER_ROUTE, post(recover_session::<S>))
         .route("/v1/sessions/", any(empty_session_id))
         .route_layer(middleware::from_fn_with_state(auth, require_bearer))
+        .route_layer(middleware::from_fn_with_state(Arc::new(Semaphore::new(max_in_flight)), admit))
         .layer(DefaultBodyLimit::max(max_body_bytes));
     let metrics = state.metrics.clone();
     Router::new()
@@ -94,6 +97,20 @@ pub fn router<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: u
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(middleware::from_fn_with_state(metrics, track_requests))
+}
+
+/// Middleware: admission control. At most as many requests as `permits` holds are served
+/// at once; one more is answered 503 `overloaded` at once — no queue, so under any load an
+/// overloaded control answers in microseconds and holds no more than the permitted
+/// requests in memory. The filter treats the 503 like an unreachable control (a lookup
+/// goes on unpinned, a write is logged and counted).
+pub async fn admit(State(permits): State<Arc<Semaphore>>, request: Request, next: Next) -> Response {
+    let Ok(permit) = permits.try_acquire_owned() else {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many requests in flight; try again later").into_response();
+    };
+    let response = next.run(request).await;
+    drop(permit);
+    response
 }
 
 /// Middleware: counts every answer by route template, method and status.

@@ -163,6 +163,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_sessions: u64,
 
+    /// Most /v1 requests served at once; one more is answered 503 overloaded at once (no queue), so an
+    /// overloaded control answers fast and its memory stays bounded.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_MAX_IN_FLIGHT", default_value_t = 1024, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_in_flight: u64,
+
     /// Largest accepted request body, in bytes; larger bodies get 413 body_too_large.
     #[arg(long, env = "MCP_AFFINITY_CONTROL_MAX_BODY_BYTES", default_value_t = 1024 * 1024, value_name = "BYTES")]
     pub max_body_bytes: usize,
@@ -229,6 +235,7 @@ impl fmt::Debug for Config {
             .field("session_ttl_secs", &self.session_ttl_secs)
             .field("max_sessions", &self.max_sessions)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_in_flight", &self.max_in_flight)
             .field("log_format", &self.log_format)
             .field("token_file", &self.token_file)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))

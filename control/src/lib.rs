@@ -101,7 +101,7 @@ async fn run<S: SessionStore>(
     tracing::info!(endpoints = ?settings.endpoints, timeout_ms = config.recovery_timeout_ms, "recovery");
     let recovery = Arc::new(crate::recover::Recovery::new(settings).context("recovery")?);
     let state = AppState { store, metrics: Arc::new(Metrics::new()), recovery };
-    let app = api::router(state, auth, config.max_body_bytes);
+    let app = api::router(state, auth, config.max_body_bytes, usize::try_from(config.max_in_flight).unwrap_or(usize::MAX));
     tracing::info!(addr = %listener.local_addr()?, "listening");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("http server")?;
     tracing::info!("stopped");

@@ -25,7 +25,7 @@ fn help_names_every_flag_and_its_environment_variable() {
     let help = String::from_utf8(out.stdout).unwrap();
     for flag in [
         "--listen", "--store", "--redis-key-prefix", "--redis-timeout-ms", "--session-ttl-secs",
-        "--max-sessions", "--max-body-bytes", "--log-format", "--token-file", "--token", "--insecure-no-auth",
+        "--max-sessions", "--max-body-bytes", "--max-in-flight", "--log-format", "--token-file", "--token", "--insecure-no-auth",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }

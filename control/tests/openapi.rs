@@ -52,7 +52,7 @@ async fn documented_routes_are_the_served_routes() {
         metrics: Arc::new(Metrics::new()),
         recovery: Arc::new(mcp_affinity_control::recover::Recovery::new(settings).unwrap()),
     };
-    let app = router(state, Auth::token("t"), 1 << 20);
+    let app = router(state, Auth::token("t"), 1 << 20, 64);
     let routes = documented();
     assert_eq!(
         routes.keys().map(String::as_str).collect::<Vec<_>>(),
@@ -86,7 +86,7 @@ async fn documented_routes_are_the_served_routes() {
 fn documented_error_codes_match_the_readme() {
     let enum_line = SPEC.split("enum: [").nth(1).expect("error code enum").split(']').next().unwrap();
     let codes: Vec<&str> = enum_line.split(',').map(|c| c.trim()).filter(|c| !c.is_empty()).collect();
-    assert_eq!(codes.len(), 13, "{codes:?}");
+    assert_eq!(codes.len(), 14, "{codes:?}");
     for code in codes {
         assert!(README.contains(&format!("| `{code}`")), "README error table lacks {code}");
     }
