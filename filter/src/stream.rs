@@ -391,21 +391,21 @@ impl Stream {
     }
 
     fn route_session(&mut self, cx: &mut Ctx, head: HeaderPairs, client_id: String, is_delete: bool, mut ops: Vec<Op>) -> Step {
-        let client_id = client_id.as_str();
-        let Some(mut pin) = cx.get_pin(client_id) else {
-            return self.resolve(cx, client_id, is_delete, Some(head), ops);
+        let Some(mut pin) = cx.get_pin(&client_id) else {
+            return self.resolve(cx, &client_id, is_delete, Some(head), ops);
         };
-        pin_ops(cx.cfg, client_id, &pin, &mut ops);
+        pin_ops(cx.cfg, &client_id, &pin, &mut ops);
         cx.count(Counter::RequestsPinned);
         let now = cx.env.now_secs();
         if pin.needs_touch(now, cx.cfg.touch_interval_secs) {
             pin.last_seen = now;
-            store::touch(cx.env.shared(), cx.cfg.layout(), client_id, now);
+            store::touch(cx.env.shared(), cx.cfg.layout(), &client_id, now);
             if cx.control {
-                cx.vm.touches.insert(client_id.to_string());
+                cx.vm.touches.insert(client_id.clone());
             }
         }
-        self.phase = Phase::Pinned(Self::pinned(cx, client_id.to_string(), pin, is_delete, Some(head)));
+        // The id copied out of the headers once becomes the stream's own: no second copy.
+        self.phase = Phase::Pinned(Self::pinned(cx, client_id, pin, is_delete, Some(head)));
         Step::go(ops)
     }
 
