@@ -126,6 +126,11 @@ pub struct ControlConfig {
     /// Timeout of each call to control (milliseconds, default 1000). On timeout the filter
     /// carries on without control; no request waits longer than this for it.
     pub timeout_ms: u64,
+    /// How often one VM of this Envoy fetches the draining upstreams from control
+    /// (`GET {prefix}/upstreams/draining`, milliseconds, default 1000; 0 turns drain moves
+    /// off). Checked on the root context's tick, so the effective period is at least
+    /// `sweep_period_ms`. Requests never wait for it.
+    pub drain_poll_ms: u64,
 }
 
 impl Default for FilterConfig {
@@ -156,6 +161,7 @@ impl Default for ControlConfig {
             token: None,
             token_env: None,
             timeout_ms: 1000,
+            drain_poll_ms: 1000,
         }
     }
 }
@@ -241,6 +247,9 @@ impl FilterConfig {
             if c.timeout_ms == 0 || c.timeout_ms > 60_000 {
                 return Err(format!("control.timeout_ms must be in 1..=60000, got {}", c.timeout_ms));
             }
+            if c.drain_poll_ms > 3_600_000 {
+                return Err(format!("control.drain_poll_ms must be in 0..=3600000, got {}", c.drain_poll_ms));
+            }
             if c.token.is_some() && c.token_env.is_some() {
                 return Err("control.token and control.token_env are exclusive".to_string());
             }
@@ -286,6 +295,7 @@ mod tests {
             (br#"{"max_session_id_len":1000}"#, "max_session_id_len"),
             (br#"{"session_ttl_secs":10,"touch_interval_secs":10}"#, "touch_interval_secs"),
             (br#"{"control":{"path_prefix":"v1"}}"#, "path_prefix"),
+            (br#"{"control":{"drain_poll_ms":3600001}}"#, "drain_poll_ms"),
             (br#"{"control":{"token":"a","token_env":"B"}}"#, "exclusive"),
             (br#"{"recovery":{"session_unknown_statuses":[200]}}"#, "4xx or 5xx"),
             (br#"{"recovery":{"timeout_ms":0}}"#, "recovery.timeout_ms"),

@@ -21,6 +21,7 @@
 
 pub mod config;
 pub mod control;
+pub mod drain;
 pub mod header_map;
 pub mod headers;
 pub mod jsonrpc;

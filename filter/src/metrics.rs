@@ -44,5 +44,9 @@ counters! {
     RecoveriesFailed => "mcp_affinity.recoveries_failed": "Recoveries that failed (no live pod, initialize rejected): the client got 404.",
     SessionsVerified => "mcp_affinity.sessions_verified": "Suspect error responses (e.g. 400 JSON) on which control found the session alive: passed through unchanged.",
     RecoveryBodyTooLarge => "mcp_affinity.recovery_body_too_large": "Requests that needed recovery but whose body was over the replay limit.",
+    SessionsMovedByDrain => "mcp_affinity.sessions_moved_by_drain": "Sessions moved off a draining upstream before their next request was sent.",
+    DrainMovesFailed => "mcp_affinity.drain_moves_failed": "Drain moves that could not be made (control down, no live pod): the request went to the draining upstream.",
+    StreamsEndedByDrain => "mcp_affinity.streams_ended_by_drain": "Open GET (SSE) streams ended because their upstream started draining; the client reopens them.",
+    DrainListUpdates => "mcp_affinity.drain_list_updates": "Changes of the draining list adopted by a VM (each worker VM counts its own).",
     ControlErrors => "mcp_affinity.control_errors": "Calls to control that failed, timed out or were refused; the request went on without control.",
 }

@@ -45,6 +45,10 @@ pub enum Reason {
     /// first: alive → [`Outcome::Alive`], the original answer goes through; unknown →
     /// recovered as [`Reason::SessionUnknown`].
     SessionSuspect,
+    /// Not a failure: the pinned upstream is draining (a pod about to stop). Control moves
+    /// the session to a live pod before the request is sent; nothing is replayed, the
+    /// answer is [`Outcome::Moved`] or [`Outcome::Stayed`].
+    Draining,
 }
 
 /// Reads a router local reply. `details` is `response.code_details`, `flags` the
@@ -91,7 +95,7 @@ pub fn status_verdict(cfg: &RecoveryConfig, status: u16) -> StatusVerdict {
 }
 
 /// The original request, as control replays it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct OriginalRequest<'a> {
     pub method: &'a str,
     pub path: &'a str,
@@ -151,6 +155,12 @@ pub enum Outcome {
     /// ([`Reason::SessionSuspect`] only) the probe found the session alive on its pinned
     /// upstream: nothing changed, the upstream's own answer goes to the client.
     Alive,
+    /// ([`Reason::Draining`] only) the session lives on `pin` now, off the draining
+    /// upstream; no `response`: the filter sends the request there.
+    Moved,
+    /// ([`Reason::Draining`] only) the session could not be moved and stays on its
+    /// draining upstream (which still serves during its grace period); no `response`.
+    Stayed,
 }
 
 /// Where the session lives after recovery.
@@ -192,7 +202,9 @@ pub fn parse_answer(body: &[u8]) -> Result<RecoverAnswer, String> {
         return Err("recover answer: malformed pin".to_string());
     }
     match (&a.outcome, &a.response) {
-        (Outcome::Alive, _) => {}
+        (Outcome::Alive | Outcome::Stayed, _) => {}
+        (Outcome::Moved, _) if a.pin.is_none() => return Err("recover answer: moved without a pin".to_string()),
+        (Outcome::Moved, _) => {}
         (_, None) => return Err("recover answer: no response".to_string()),
         (_, Some(r)) if !(200..=599).contains(&r.status) => return Err(format!("recover answer: status {} out of range", r.status)),
         _ => {}
@@ -235,6 +247,10 @@ mod tests {
         assert!(parse_answer(br#"{"outcome":"weird","pin":null,"response":{"status":200}}"#).is_err());
         assert_eq!(parse_answer(br#"{"outcome":"alive","pin":{"upstream":"10.0.0.1:80","backend_session_id":"b","generation":1}}"#).unwrap().outcome, Outcome::Alive);
         assert!(parse_answer(br#"{"outcome":"replayed","pin":null}"#).is_err(), "a recovery answer needs a response");
+        let m = parse_answer(br#"{"outcome":"moved","pin":{"upstream":"10.0.0.3:80","backend_session_id":"b3","generation":3},"response":null}"#).unwrap();
+        assert_eq!((m.outcome, m.pin.unwrap().generation), (Outcome::Moved, 3));
+        assert!(parse_answer(br#"{"outcome":"moved","pin":null,"response":null}"#).is_err(), "moved needs a pin");
+        assert_eq!(parse_answer(br#"{"outcome":"stayed","pin":{"upstream":"10.0.0.1:80","backend_session_id":"b","generation":1},"response":null}"#).unwrap().outcome, Outcome::Stayed);
     }
 
     #[test]

@@ -29,6 +29,7 @@
 use hashbrown::{HashMap, HashSet};
 
 use crate::config::{FilterConfig, UnknownSession};
+use crate::drain::Draining;
 use crate::control::{PatchSession, PutSession, parse_record, to_body};
 use crate::header_map::HeaderPairs;
 use crate::headers::{AUTHORITY, CONTENT_TYPE, MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, METHOD, PATH};
@@ -62,6 +63,24 @@ pub struct Vm {
     pub lookups: HashMap<String, Vec<u32>>,
     /// Sessions whose last-seen should be refreshed in control on the next tick.
     pub touches: HashSet<String>,
+    /// The draining upstream hosts, adopted from shared data on the tick.
+    pub draining: Draining,
+    /// Open pinned GET streams (server-to-client SSE): context id → upstream host. Ended
+    /// when their upstream starts draining ([`Vm::streams_to_end`]).
+    pub open_gets: HashMap<u32, String>,
+}
+
+impl Vm {
+    /// The open GET streams whose upstream is draining: the root context ends them
+    /// (`proxy_close_stream`) so that their clients reopen them, on a live pod.
+    pub fn streams_to_end(&self) -> Vec<u32> {
+        if self.draining.is_empty() {
+            return Vec::new();
+        }
+        let mut ids: Vec<u32> = self.open_gets.iter().filter(|(_, u)| self.draining.contains(u)).map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids
+    }
 }
 
 /// What one event sees of the plugin and its VM.
@@ -241,7 +260,7 @@ impl Copy {
 struct Pinned {
     client_id: String,
     pin: Pin,
-    is_delete: bool,
+    kind: Kind,
     /// The body is classified to record `notifications/initialized` with control.
     watch_lifecycle: bool,
     /// The request headers, kept when a recovery may replay the request (rule 2).
@@ -260,16 +279,40 @@ enum Phase {
     NewSession { body: Copy, initialize: Option<Vec<u8>> },
     /// Held while control is asked about the session (by this stream, or by another
     /// one of this VM that this stream waits for).
-    Resolving { client_id: String, is_delete: bool, request: Option<HeaderPairs> },
+    Resolving(Resolving),
     Pinned(Pinned),
     /// The filter answered itself.
     Answered,
+}
+
+/// The HTTP method, as far as the machine cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Ends the session (MCP `basic/transports`); never recovered or moved.
+    Delete,
+    /// Opens a server-to-client SSE stream.
+    Get,
+    /// POST (or anything else).
+    Other,
+}
+
+/// A request of a known session waiting for its pin: from control (lookup), from a
+/// drain move, or from another stream of this VM doing either.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Resolving {
+    client_id: String,
+    kind: Kind,
+    request: Option<HeaderPairs>,
+    /// Set while this stream moves the session off this pin, whose upstream drains.
+    moving: Option<Pin>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
     None,
     Lookup,
+    /// A drain move: `POST {prefix}/sessions/{id}/recover` with reason `draining`.
+    Move,
     WriteInitialize,
     RecordInitialized,
     Delete,
@@ -332,7 +375,8 @@ impl Stream {
         self.pending != Pending::None
     }
 
-    fn pinned(cx: &Ctx, client_id: String, pin: Pin, is_delete: bool, request: Option<HeaderPairs>) -> Pinned {
+    fn pinned(cx: &Ctx, client_id: String, pin: Pin, kind: Kind, request: Option<HeaderPairs>) -> Pinned {
+        let is_delete = kind == Kind::Delete;
         let watch_lifecycle = cx.control && !pin.recorded && !is_delete;
         let limit = if is_delete {
             0
@@ -345,7 +389,16 @@ impl Stream {
         };
         // Kept for a replay, or for the protocol version of `notifications/initialized`.
         let request = if limit > 0 { request } else { None };
-        Pinned { client_id, pin, is_delete, watch_lifecycle, request, body: Copy::new(limit), rewrite_response_id: false }
+        Pinned { client_id, pin, kind, watch_lifecycle, request, body: Copy::new(limit), rewrite_response_id: false }
+    }
+
+    /// Enters the pinned phase; an open GET stream is remembered so that a drain of its
+    /// upstream can end it (only with control: drains come from control).
+    fn enter_pinned(&mut self, cx: &mut Ctx, p: Pinned) {
+        if p.kind == Kind::Get && cx.control {
+            cx.vm.open_gets.insert(self.context_id, p.pin.upstream.clone());
+        }
+        self.phase = Phase::Pinned(p);
     }
 
     // ---- request headers -------------------------------------------------------------
@@ -360,12 +413,16 @@ impl Stream {
         }
         let method = head.get(METHOD).unwrap_or_default();
         let is_post = method == b"POST";
-        let is_delete = method == b"DELETE";
+        let kind = match method {
+            b"DELETE" => Kind::Delete,
+            b"GET" => Kind::Get,
+            _ => Kind::Other,
+        };
         if let Some(raw_id) = head.get(MCP_SESSION_ID) {
             return match session_id::validate(raw_id, cx.cfg.max_session_id_len) {
                 Ok(id) => {
                     let id = id.to_string();
-                    self.route_session(cx, head, id, is_delete, ops)
+                    self.route_session(cx, head, id, kind, ops)
                 }
                 Err(e) => {
                     cx.count(Counter::InvalidSessionId);
@@ -390,10 +447,15 @@ impl Stream {
         Step::go(ops)
     }
 
-    fn route_session(&mut self, cx: &mut Ctx, head: HeaderPairs, client_id: String, is_delete: bool, mut ops: Vec<Op>) -> Step {
+    fn route_session(&mut self, cx: &mut Ctx, head: HeaderPairs, client_id: String, kind: Kind, mut ops: Vec<Op>) -> Step {
         let Some(mut pin) = cx.get_pin(&client_id) else {
-            return self.resolve(cx, &client_id, is_delete, Some(head), ops);
+            let r = Resolving { client_id, kind, request: Some(head), moving: None };
+            return self.resolve(cx, r, ops);
         };
+        if kind != Kind::Delete && cx.recoverable() && cx.vm.draining.contains(&pin.upstream) {
+            let r = Resolving { client_id, kind, request: Some(head), moving: None };
+            return self.move_or_wait(cx, r, pin, ops);
+        }
         pin_ops(cx.cfg, &client_id, &pin, &mut ops);
         cx.count(Counter::RequestsPinned);
         let now = cx.env.now_secs();
@@ -405,53 +467,106 @@ impl Stream {
             }
         }
         // The id copied out of the headers once becomes the stream's own: no second copy.
-        self.phase = Phase::Pinned(Self::pinned(cx, client_id, pin, is_delete, Some(head)));
+        let p = Self::pinned(cx, client_id, pin, kind, Some(head));
+        self.enter_pinned(cx, p);
         Step::go(ops)
     }
 
     /// The session is not in shared data: ask control (one lookup per session per VM;
     /// later requests wait for it), or apply the policy when there is no control.
-    fn resolve(&mut self, cx: &mut Ctx, client_id: &str, is_delete: bool, request: Option<HeaderPairs>, mut ops: Vec<Op>) -> Step {
+    fn resolve(&mut self, cx: &mut Ctx, r: Resolving, mut ops: Vec<Op>) -> Step {
         if !cx.control {
-            let go_on = self.settle(cx, client_id, is_delete, request, &Resolution::Unknown, &mut ops);
+            let go_on = self.settle(cx, r, &Resolution::Unknown, &mut ops);
             return if go_on { Step::go(ops) } else { Step::hold(ops) };
         }
-        self.phase = Phase::Resolving { client_id: client_id.to_string(), is_delete, request };
-        if let Some(waiters) = cx.vm.lookups.get_mut(client_id) {
-            waiters.push(self.context_id);
+        if self.wait_for_other(cx, &r) {
+            self.phase = Phase::Resolving(r);
             return Step::hold(ops);
         }
         cx.count(Counter::ControlLookups);
-        cx.vm.lookups.insert(client_id.to_string(), Vec::new());
+        cx.vm.lookups.insert(r.client_id.clone(), Vec::new());
         self.pending = Pending::Lookup;
-        ops.push(Op::Call(Call { method: "GET", session_id: client_id.to_string(), suffix: "", body: None, timeout_ms: None }));
+        ops.push(Op::Call(Call { method: "GET", session_id: r.client_id.clone(), suffix: "", body: None, timeout_ms: None }));
+        self.phase = Phase::Resolving(r);
+        Step::hold(ops)
+    }
+
+    /// Joins the lookup or move of this session another stream of this VM has in flight:
+    /// true when this stream now waits for it.
+    fn wait_for_other(&self, cx: &mut Ctx, r: &Resolving) -> bool {
+        match cx.vm.lookups.get_mut(&r.client_id) {
+            Some(waiters) => {
+                waiters.push(self.context_id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The session's pin is on a draining upstream: move the session before this request
+    /// is sent (control re-initializes it on a live pod; nothing is replayed, so any
+    /// method is safe), or wait for the move another stream of this VM started.
+    fn move_or_wait(&mut self, cx: &mut Ctx, r: Resolving, pin: Pin, ops: Vec<Op>) -> Step {
+        if self.wait_for_other(cx, &r) {
+            self.phase = Phase::Resolving(r);
+            return Step::hold(ops);
+        }
+        cx.vm.lookups.insert(r.client_id.clone(), Vec::new());
+        self.start_move(cx, r, pin, ops)
+    }
+
+    /// Asks control to move the session off `pin` (its entry in the VM's lookups exists:
+    /// other streams of the session wait for this one). The request headers stay held.
+    fn start_move(&mut self, cx: &mut Ctx, mut r: Resolving, pin: Pin, mut ops: Vec<Op>) -> Step {
+        let head = r.request.as_ref();
+        let request = RecoverRequest {
+            failed_generation: pin.generation,
+            failed_upstream: &pin.upstream,
+            reason: Reason::Draining,
+            request: head.map(|h| original_request(h, "")).unwrap_or_default(),
+            session_errors: None,
+        };
+        log::info!("mcp-affinity: moving session {} off draining {}", r.client_id, pin.upstream);
+        let call = Call {
+            method: "POST",
+            session_id: r.client_id.clone(),
+            suffix: "/recover",
+            body: Some(to_body(&request)),
+            timeout_ms: Some(cx.cfg.recovery.timeout_ms),
+        };
+        ops.push(Op::Call(call));
+        r.moving = Some(pin);
+        self.phase = Phase::Resolving(r);
+        self.pending = Pending::Move;
         Step::hold(ops)
     }
 
     /// Applies a resolution to this stream; returns whether the request goes on (else a
     /// local reply was queued).
-    fn settle(&mut self, cx: &mut Ctx, client_id: &str, is_delete: bool, request: Option<HeaderPairs>, r: &Resolution, ops: &mut Vec<Op>) -> bool {
-        let (go_on, counter) = resolution_ops(cx.cfg, client_id, r, ops);
+    fn settle(&mut self, cx: &mut Ctx, r: Resolving, resolution: &Resolution, ops: &mut Vec<Op>) -> bool {
+        let (go_on, counter) = resolution_ops(cx.cfg, &r.client_id, resolution, ops);
         cx.count(counter);
-        self.phase = match r {
-            Resolution::Found(pin) => Phase::Pinned(Self::pinned(cx, client_id.to_string(), pin.clone(), is_delete, request)),
-            _ if go_on => Phase::Passthrough,
-            _ => Phase::Answered,
-        };
+        match resolution {
+            Resolution::Found(pin) => {
+                let p = Self::pinned(cx, r.client_id, pin.clone(), r.kind, r.request);
+                self.enter_pinned(cx, p);
+            }
+            _ if go_on => self.phase = Phase::Passthrough,
+            _ => self.phase = Phase::Answered,
+        }
         go_on
     }
 
     /// A stream that waited for another stream's lookup learns its pin from shared data
     /// at its next event.
     fn catch_up(&mut self, cx: &mut Ctx) {
-        if let Phase::Resolving { client_id, is_delete, request } = &mut self.phase
+        if matches!(self.phase, Phase::Resolving(_))
             && self.pending == Pending::None
+            && let Phase::Resolving(r) = std::mem::replace(&mut self.phase, Phase::Passthrough)
+            && let Some(pin) = cx.get_pin(&r.client_id)
         {
-            let (client_id, is_delete, request) = (std::mem::take(client_id), *is_delete, request.take());
-            self.phase = match cx.get_pin(&client_id) {
-                Some(pin) => Phase::Pinned(Self::pinned(cx, client_id, pin, is_delete, request)),
-                None => Phase::Passthrough,
-            };
+            let p = Self::pinned(cx, r.client_id, pin, r.kind, r.request);
+            self.enter_pinned(cx, p);
         }
     }
 
@@ -570,12 +685,13 @@ impl Stream {
     /// steady path reads nothing from the response.
     fn on_pinned_response(&mut self, cx: &mut Ctx, head: &dyn ResponseHead, mut p: Pinned) -> Step {
         p.rewrite_response_id = p.pin.backend_session_id != p.client_id && head.header(MCP_SESSION_ID).is_some();
-        if !p.is_delete && !cx.recoverable() {
+        let is_delete = p.kind == Kind::Delete;
+        if !is_delete && !cx.recoverable() {
             return self.pass_on(p, Flow::Continue);
         }
         let status = head.status();
         // DELETE answered 2xx ends the session; 404 says it is gone already. Never recovered.
-        if p.is_delete {
+        if is_delete {
             if (200..300).contains(&status) || status == 404 {
                 return self.forget(cx, p);
             }
@@ -640,25 +756,12 @@ impl Stream {
             log::warn!("mcp-affinity: session {} needs recovery but its request body is over the replay limit", p.client_id);
             return self.pass_on(p, Flow::Continue);
         };
-        let text = |name| head.get(name).and_then(|v| std::str::from_utf8(v).ok());
-        let (method, path, authority) = (text(METHOD).unwrap_or_default(), text(PATH).unwrap_or_default(), text(AUTHORITY).unwrap_or_default());
-        let (content_type, accept) = (text(CONTENT_TYPE), text("accept"));
-        let (version, authorization) = (text(MCP_PROTOCOL_VERSION), text("authorization"));
         let body = String::from_utf8_lossy(bytes);
         let request = RecoverRequest {
             failed_generation: p.pin.generation,
             failed_upstream: &p.pin.upstream,
             reason,
-            request: OriginalRequest {
-                method,
-                path,
-                authority,
-                content_type,
-                accept,
-                protocol_version: version,
-                authorization,
-                body: &body,
-            },
+            request: original_request(head, &body),
             session_errors: (reason == Reason::SessionSuspect).then(|| recovery::SessionErrors::of(&cx.cfg.recovery)),
         };
         log::info!("mcp-affinity: recovering session {} ({reason:?}) from {}", p.client_id, p.pin.upstream);
@@ -674,7 +777,7 @@ impl Stream {
     pub fn on_control_answer(&mut self, cx: &mut Ctx, answer: Answer) -> Step {
         let pending = std::mem::replace(&mut self.pending, Pending::None);
         let ok = answer.status.is_some_and(|s| (200..300).contains(&s) || s == 404);
-        if !matches!(pending, Pending::Lookup | Pending::None) {
+        if !matches!(pending, Pending::Lookup | Pending::Move | Pending::None) {
             if ok {
                 cx.count(Counter::ControlWrites);
             } else {
@@ -684,6 +787,7 @@ impl Stream {
         }
         match pending {
             Pending::Lookup => self.on_lookup_answer(cx, answer),
+            Pending::Move => self.on_move_answer(cx, answer),
             Pending::RecordInitialized => {
                 if ok && let Phase::Pinned(p) = &self.phase {
                     store::mark_recorded(cx.env.shared(), cx.cfg.layout(), &p.client_id);
@@ -697,7 +801,7 @@ impl Stream {
     }
 
     fn on_lookup_answer(&mut self, cx: &mut Ctx, answer: Answer) -> Step {
-        let Phase::Resolving { client_id, is_delete, request } = std::mem::replace(&mut self.phase, Phase::Passthrough) else {
+        let Phase::Resolving(r) = std::mem::replace(&mut self.phase, Phase::Passthrough) else {
             return Step::flow(Flow::Stay);
         };
         let resolution = match answer.status {
@@ -711,7 +815,7 @@ impl Stream {
                         backend_session_id: record.backend_session_id,
                         recorded: record.initialized.is_some(),
                     };
-                    cx.put_pin(&client_id, &pin);
+                    cx.put_pin(&r.client_id, &pin);
                     Resolution::Found(pin)
                 }
                 Err(e) => {
@@ -722,23 +826,84 @@ impl Stream {
             },
             Some(404) => Resolution::Unknown,
             other => {
-                log::warn!("mcp-affinity: control lookup of {client_id} failed: status {other:?}; forwarded unpinned");
+                log::warn!("mcp-affinity: control lookup of {} failed: status {other:?}; forwarded unpinned", r.client_id);
                 cx.count(Counter::ControlErrors);
                 Resolution::Unavailable
             }
         };
-        let waiters = cx.vm.lookups.remove(&client_id).unwrap_or_default();
+        match resolution {
+            // Found on a draining upstream: move it first (the waiters keep waiting).
+            Resolution::Found(pin) if r.kind != Kind::Delete && cx.recoverable() && cx.vm.draining.contains(&pin.upstream) => {
+                let step = self.start_move(cx, r, pin, Vec::new());
+                Step { ops: step.ops, flow: Flow::Stay }
+            }
+            resolution => self.finish_resolving(cx, r, &resolution),
+        }
+    }
+
+    /// Control answered a drain move: route by the new pin (`moved`), or by the old one
+    /// when the move could not be made (the draining pod still serves during its grace
+    /// period, so the request is not lost).
+    fn on_move_answer(&mut self, cx: &mut Ctx, answer: Answer) -> Step {
+        let Phase::Resolving(mut r) = std::mem::replace(&mut self.phase, Phase::Passthrough) else {
+            return Step::flow(Flow::Stay);
+        };
+        let Some(old) = r.moving.take() else { return Step::flow(Flow::Stay) };
+        let moved = match answer.status {
+            Some(200) => match recovery::parse_answer(&answer.body) {
+                Ok(a) if a.outcome == Outcome::Moved => a.pin,
+                Ok(a) => {
+                    log::warn!("mcp-affinity: session {} stays on draining {} ({:?})", r.client_id, old.upstream, a.outcome);
+                    None
+                }
+                Err(e) => {
+                    log::warn!("mcp-affinity: move of {} failed: {e}", r.client_id);
+                    cx.count(Counter::ControlErrors);
+                    None
+                }
+            },
+            other => {
+                log::warn!("mcp-affinity: move of {} failed: status {other:?}; it stays on {}", r.client_id, old.upstream);
+                cx.count(Counter::ControlErrors);
+                None
+            }
+        };
+        let pin = match moved {
+            Some(new) => {
+                cx.count(Counter::SessionsMovedByDrain);
+                let pin = Pin {
+                    upstream: new.upstream,
+                    generation: new.generation,
+                    last_seen: cx.env.now_secs(),
+                    backend_session_id: new.backend_session_id,
+                    recorded: true,
+                };
+                cx.put_pin(&r.client_id, &pin);
+                pin
+            }
+            None => {
+                cx.count(Counter::DrainMovesFailed);
+                old
+            }
+        };
+        self.finish_resolving(cx, r, &Resolution::Found(pin))
+    }
+
+    /// Routes this stream and the streams of this VM that waited for it by `resolution`,
+    /// and resumes them (or queues their local replies).
+    fn finish_resolving(&mut self, cx: &mut Ctx, r: Resolving, resolution: &Resolution) -> Step {
+        let waiters = cx.vm.lookups.remove(&r.client_id).unwrap_or_default();
         let mut ops = Vec::new();
         if !waiters.is_empty() {
             // Waiters get the same routing; their machines catch up from shared data.
             let mut wake = Vec::new();
-            let (resume, counter) = resolution_ops(cx.cfg, &client_id, &resolution, &mut wake);
+            let (resume, counter) = resolution_ops(cx.cfg, &r.client_id, resolution, &mut wake);
             for _ in &waiters {
                 cx.count(counter);
             }
             ops.push(Op::Wake { waiters, ops: wake, resume });
         }
-        let go_on = self.settle(cx, &client_id, is_delete, request, &resolution, &mut ops);
+        let go_on = self.settle(cx, r, resolution, &mut ops);
         Step { ops, flow: if go_on { Flow::ResumeRequest } else { Flow::Stay } }
     }
 
@@ -787,7 +952,7 @@ impl Stream {
         cx.count(match a.outcome {
             Outcome::Replayed => Counter::RecoveriesReplayed,
             Outcome::NotReplayed => Counter::RecoveriesNotReplayed,
-            Outcome::Failed | Outcome::Alive => Counter::RecoveriesFailed,
+            Outcome::Failed | Outcome::Alive | Outcome::Moved | Outcome::Stayed => Counter::RecoveriesFailed,
         });
         let Some(r) = a.response else { return self.pass_on(p, Flow::ResumeResponse) };
         let reply = Reply {
@@ -801,20 +966,47 @@ impl Stream {
 
     // ---- end of stream ---------------------------------------------------------------
 
-    /// `on_done`: a stream that ends while its lookup is in flight (Envoy cancels its
-    /// calls) must not strand the streams waiting for it: they go on unpinned.
+    /// `on_done`: a stream that ends while its lookup or drain move is in flight (Envoy
+    /// cancels its calls) must not strand the streams waiting for it: they go on unpinned
+    /// (lookup) or to the old pin (move). An open GET stream is forgotten.
     pub fn on_done(&mut self, cx: &mut Ctx) -> Step {
-        if self.pending == Pending::Lookup
-            && let Phase::Resolving { client_id, .. } = &self.phase
-            && let Some(waiters) = cx.vm.lookups.remove(client_id.as_str())
+        cx.vm.open_gets.remove(&self.context_id);
+        if matches!(self.pending, Pending::Lookup | Pending::Move)
+            && let Phase::Resolving(r) = &self.phase
+            && let Some(waiters) = cx.vm.lookups.remove(r.client_id.as_str())
             && !waiters.is_empty()
         {
+            // A move in flight: the waiters go to the old pin (its pod still serves).
+            let mut ops = Vec::new();
+            let counter = match &r.moving {
+                Some(old) => {
+                    pin_ops(cx.cfg, &r.client_id, old, &mut ops);
+                    Counter::RequestsPinned
+                }
+                None => Counter::RequestsUnpinned,
+            };
             for _ in &waiters {
-                cx.count(Counter::RequestsUnpinned);
+                cx.count(counter);
             }
-            return Step { ops: vec![Op::Wake { waiters, ops: Vec::new(), resume: true }], flow: Flow::Stay };
+            return Step { ops: vec![Op::Wake { waiters, ops, resume: true }], flow: Flow::Stay };
         }
         Step::flow(Flow::Stay)
+    }
+}
+
+/// The request fields control needs to re-initialize (and, for a recovery, replay), read
+/// from the request headers kept by the machine (rule 2).
+fn original_request<'a>(head: &'a HeaderPairs, body: &'a str) -> OriginalRequest<'a> {
+    let text = |name| head.get(name).and_then(|v| std::str::from_utf8(v).ok());
+    OriginalRequest {
+        method: text(METHOD).unwrap_or_default(),
+        path: text(PATH).unwrap_or_default(),
+        authority: text(AUTHORITY).unwrap_or_default(),
+        content_type: text(CONTENT_TYPE),
+        accept: text("accept"),
+        protocol_version: text(MCP_PROTOCOL_VERSION),
+        authorization: text("authorization"),
+        body,
     }
 }
 

@@ -44,6 +44,7 @@ unsafe extern "C" {
     fn proxy_remove_header_map_value(map: u32, key: *const u8, key_len: usize) -> u32;
     fn proxy_get_property(path: *const u8, path_len: usize, value: *mut *mut u8, value_len: *mut usize) -> u32;
     fn proxy_continue_stream(stream: u32) -> u32;
+    fn proxy_close_stream(stream: u32) -> u32;
     #[allow(clippy::too_many_arguments)]
     fn proxy_send_local_response(
         status: u32,
@@ -151,6 +152,16 @@ pub fn resume(stream: StreamType) {
     let status = unsafe { proxy_continue_stream(stream as u32) };
     if status != OK {
         complain("a stream resume", status);
+    }
+}
+
+/// Resets a stream (`proxy_close_stream`; Envoy resets it after the current callback
+/// returns, response code details `wasm_close_stream`).
+pub fn close(stream: StreamType) {
+    // SAFETY: no pointers.
+    let status = unsafe { proxy_close_stream(stream as u32) };
+    if status != OK {
+        complain("a stream close", status);
     }
 }
 

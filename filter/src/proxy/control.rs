@@ -54,15 +54,29 @@ impl ControlClient {
     pub fn call(&self, call: &Call) -> Result<u32, Status> {
         let mut path = session_path(&self.path_prefix, &call.session_id);
         path.push_str(call.suffix);
-        let mut headers = vec![(":method", call.method), (":path", path.as_str()), (":authority", self.authority.as_str())];
-        if call.body.is_some() {
+        self.dispatch(call.method, &path, call.body.as_deref(), call.timeout_ms)
+    }
+
+    /// Fetches the draining upstream hosts (`GET {prefix}/upstreams/draining`); returns
+    /// the call's token, the answer arrives in the root context's `on_http_call_response`.
+    ///
+    /// # Errors
+    /// As [`ControlClient::call`].
+    pub fn fetch_draining(&self) -> Result<u32, Status> {
+        let path = format!("{}/upstreams/draining", self.path_prefix);
+        self.dispatch("GET", &path, None, None)
+    }
+
+    fn dispatch(&self, method: &str, path: &str, body: Option<&[u8]>, timeout_ms: Option<u64>) -> Result<u32, Status> {
+        let mut headers = vec![(":method", method), (":path", path), (":authority", self.authority.as_str())];
+        if body.is_some() {
             headers.push(("content-type", "application/json"));
         }
         if let Some(a) = &self.authorization {
             headers.push(("authorization", a.as_str()));
         }
-        let timeout = call.timeout_ms.map_or(self.timeout, Duration::from_millis);
-        let r = hostcalls::dispatch_http_call(&self.cluster, headers, call.body.as_deref(), vec![], timeout);
+        let timeout = timeout_ms.map_or(self.timeout, Duration::from_millis);
+        let r = hostcalls::dispatch_http_call(&self.cluster, headers, body, vec![], timeout);
         if let Err(status) = r {
             log::warn!("mcp-affinity: dispatch_http_call to cluster {} refused: {status:?}", self.cluster);
         }

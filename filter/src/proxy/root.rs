@@ -1,6 +1,8 @@
 //! The root context: reads the plugin configuration, defines the counters, and on each
-//! tick sweeps idle pins and sends control the touches the streams queued. Also the host
-//! side of the machine's [`Env`]: shared data, the clock and the counters.
+//! tick sweeps idle pins, sends control the touches the streams queued, and keeps the
+//! VM's draining list current ([`crate::drain`]): adopts it from shared data, polls
+//! control for it when due, and ends open GET streams on upstreams that start draining.
+//! Also the host side of the machine's [`Env`]: shared data, the clock and the counters.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -10,10 +12,12 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, MetricType, Status};
 
+use super::abi::{self, StreamType};
 use super::control::ControlClient;
 use super::stream::Stream;
 use crate::config::FilterConfig;
 use crate::control::{PatchSession, to_body};
+use crate::drain;
 use crate::metrics::Counter;
 use crate::store::{self, SharedData};
 use crate::stream::{Call, Env, Vm};
@@ -24,12 +28,17 @@ const TOUCHES_PER_TICK: usize = 256;
 /// Most shared-data buckets the sweep looks at per tick (each one shared-data read).
 const SWEEP_PER_TICK: u32 = 64;
 
-/// Wall clock, Unix seconds (`proxy_get_current_time_nanoseconds`).
+/// Wall clock since the Unix epoch (`proxy_get_current_time_nanoseconds`).
+fn host_now() -> Duration {
+    hostcalls::get_current_time().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default()
+}
+
 fn host_now_secs() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs())
+    host_now().as_secs()
+}
+
+fn host_now_ms() -> u64 {
+    u64::try_from(host_now().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Host metric ids, indexed by `Counter as usize` (0 = not defined).
@@ -115,14 +124,72 @@ pub struct Plugin {
 }
 
 /// The root context.
-#[derive(Default)]
 pub struct Root {
+    context_id: u32,
     plugin: Option<Rc<Plugin>>,
     metrics: Option<Metrics>,
+    /// Token of this VM's draining-list fetch in flight.
+    drain_fetch: Option<u32>,
+}
+
+impl Root {
+    /// The root context with the host's context id.
+    pub fn new(context_id: u32) -> Root {
+        Root { context_id, plugin: None, metrics: None, drain_fetch: None }
+    }
+
+    /// Adopts the shared draining list; when it changed, ends the VM's open GET streams
+    /// whose upstream now drains (their clients reopen them and are moved).
+    fn adopt_draining(&self, p: &Plugin) {
+        let mut vm = p.vm.borrow_mut();
+        if !vm.draining.refresh(&HostSharedData) {
+            return;
+        }
+        p.metrics.add(Counter::DrainListUpdates, 1);
+        let ends = vm.streams_to_end();
+        drop(vm);
+        for id in ends {
+            if hostcalls::set_effective_context(id).is_ok() {
+                log::info!("mcp-affinity: ending GET stream {id}: its upstream is draining");
+                abi::close(StreamType::Response);
+                p.metrics.add(Counter::StreamsEndedByDrain, 1);
+            }
+            p.vm.borrow_mut().open_gets.remove(&id);
+        }
+        // Later host calls of this callback (e.g. dispatching calls) belong to the root.
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+
+    /// The draining-list fetch answered: share the list with every VM.
+    fn on_draining_answer(&mut self, p: &Plugin, body_size: usize) {
+        let status = self.get_http_call_response_header(":status");
+        let list = match status.as_deref() {
+            Some("200") => drain::parse_answer(&self.get_http_call_response_body(0, body_size).unwrap_or_default()),
+            other => Err(format!("status {other:?}")),
+        };
+        match list {
+            Ok(list) => {
+                drain::store_answer(&mut HostSharedData, host_now_ms(), &list);
+                self.adopt_draining(p);
+            }
+            Err(e) => {
+                // The last list stays in force; the next poll is one interval away.
+                log::warn!("mcp-affinity: fetching the draining upstreams failed: {e}");
+                p.metrics.add(Counter::ControlErrors, 1);
+            }
+        }
+    }
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if self.drain_fetch == Some(token) {
+            self.drain_fetch = None;
+            if let Some(p) = self.plugin.clone() {
+                self.on_draining_answer(&p, body_size);
+            }
+            return;
+        }
         // Touches are best effort: an unanswered one is repeated at the next interval.
         let status = self.get_http_call_response_header(":status");
         if status.as_deref().is_none_or(|s| !s.starts_with('2') && s != "404")
@@ -163,6 +230,17 @@ impl RootContext for Root {
         let Some(p) = self.plugin.clone() else { return };
         let now = host_now_secs();
         p.now_secs.set(now);
+        if let (Some(control), Some(cfg)) = (&p.control, &p.config.control)
+            && cfg.drain_poll_ms > 0
+        {
+            self.adopt_draining(&p);
+            if self.drain_fetch.is_none() && drain::claim_poll(&mut HostSharedData, host_now_ms(), cfg.drain_poll_ms) {
+                match control.fetch_draining() {
+                    Ok(token) => self.drain_fetch = Some(token),
+                    Err(_) => p.metrics.add(Counter::ControlErrors, 1),
+                }
+            }
+        }
         let mut vm = p.vm.borrow_mut();
         let expired = store::sweep(&mut HostSharedData, p.config.layout(), &mut vm.sweep_cursor, now, p.config.session_ttl_secs, SWEEP_PER_TICK);
         if expired > 0 {

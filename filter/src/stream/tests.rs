@@ -468,6 +468,131 @@ fn a_body_over_the_replay_limit_is_not_recovered() {
 
 // ---- any event sequence ------------------------------------------------------------------
 
+// ---- drain: sessions leave a draining upstream before their next request ----------------
+
+/// Makes `upstreams` the draining list in shared data and lets the VM adopt it (the tick).
+fn drain(w: &mut World, upstreams: &[&str]) {
+    let list: Vec<String> = upstreams.iter().map(|u| (*u).to_string()).collect();
+    crate::drain::store_answer(&mut w.env.shared, 1, &list);
+    w.vm.draining.refresh(&w.env.shared);
+}
+
+const MOVED: &str = r#"{"outcome":"moved","pin":{"upstream":"10.0.0.5:80","backend_session_id":"b2","generation":2},"response":null}"#;
+const STAYED: &str = r#"{"outcome":"stayed","pin":{"upstream":"10.0.0.2:80","backend_session_id":"s1","generation":1},"response":null}"#;
+
+#[test]
+fn a_session_on_a_draining_upstream_is_moved_before_its_request_is_sent() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    drain(&mut w, &["10.0.0.2:80"]);
+    let (mut a, mut b) = (Stream::new(1), Stream::new(2));
+    let step = a.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    assert_eq!(step.flow, Flow::Pause, "held at its headers until control moved the session");
+    let call = calls(&step)[0];
+    assert_eq!((call.method, call.suffix), ("POST", "/recover"));
+    let req = json(call.body.as_ref().unwrap());
+    assert_eq!((req["reason"].as_str(), req["failed_upstream"].as_str(), req["failed_generation"].as_u64()), (Some("draining"), Some("10.0.0.2:80"), Some(1)));
+    assert_eq!((req["request"]["body"].as_str(), req["request"]["authorization"].as_str()), (Some(""), Some("Bearer t")), "no body yet; the pod may need the client's credentials");
+    let step = b.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    assert_eq!(step, Step { ops: vec![], flow: Flow::Pause }, "one move per session per VM; the other stream waits");
+    let step = a.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: MOVED.into() });
+    assert_eq!(step.flow, Flow::ResumeRequest);
+    let route = vec![Op::SetRequestHeader(Header::Pin, "10.0.0.5:80".into()), Op::SetRequestHeader(Header::SessionId, "b2".into())];
+    let mut expected = vec![Op::Wake { waiters: vec![2], ops: route.clone(), resume: true }];
+    expected.extend(route);
+    assert_eq!(step.ops, expected);
+    assert_eq!(w.stored("s1").unwrap().upstream, "10.0.0.5:80");
+    assert_eq!((w.count("sessions_moved_by_drain"), w.count("requests_pinned"), w.count("control_writes")), (1, 2, 0));
+    // Rule 1: the body streams after the resume, unheld; the answer carries the client's id.
+    assert_eq!(a.on_request_body(&mut w.cx(), &body(CALL), true).flow, Flow::Continue);
+    let step = a.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "b2")]));
+    assert_eq!(step, Step { ops: vec![Op::SetResponseHeader(Header::SessionId, "s1".into())], flow: Flow::Continue });
+    // The next request goes straight to the new pin.
+    let step = Stream::new(3).on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    assert_eq!(step.flow, Flow::Continue);
+}
+
+#[test]
+fn a_move_that_cannot_be_made_sends_the_request_to_the_draining_upstream() {
+    for answer in [Answer { status: Some(200), body: STAYED.into() }, Answer { status: Some(503), body: vec![] }, Answer::default(), Answer { status: Some(404), body: vec![] }, Answer { status: Some(200), body: b"{}".to_vec() }] {
+        let mut w = World::new(true);
+        w.pin("s1", "10.0.0.2:80", true);
+        drain(&mut w, &["10.0.0.2:80"]);
+        let mut a = Stream::new(1);
+        a.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+        let step = a.on_control_answer(&mut w.cx(), answer.clone());
+        assert_eq!(step, Step { ops: vec![Op::SetRequestHeader(Header::Pin, "10.0.0.2:80".into())], flow: Flow::ResumeRequest }, "{answer:?}");
+        assert_eq!(w.stored("s1").unwrap().generation, 1, "the pin is unchanged");
+        assert_eq!(w.count("drain_moves_failed"), 1);
+        assert!(w.vm.lookups.is_empty());
+    }
+}
+
+#[test]
+fn delete_and_requests_without_control_are_never_moved() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    drain(&mut w, &["10.0.0.2:80"]);
+    let delete = HeaderPairs::from_pairs(&[(":method", "DELETE"), (":path", "/mcp"), ("mcp-session-id", "s1")]);
+    let step = Stream::new(1).on_request_headers(&mut w.cx(), delete, true);
+    assert_eq!(step, Step { ops: vec![Op::SetRequestHeader(Header::Pin, "10.0.0.2:80".into())], flow: Flow::Continue });
+    let mut w = World::new(false);
+    w.pin("s1", "10.0.0.2:80", true);
+    drain(&mut w, &["10.0.0.2:80"]);
+    let step = Stream::new(1).on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    assert_eq!(step.flow, Flow::Continue, "without control there is no move (and no drain list)");
+}
+
+#[test]
+fn a_lookup_that_finds_a_draining_pin_moves_the_session_too() {
+    let mut w = World::new(true);
+    drain(&mut w, &["10.0.0.4:80"]);
+    let (mut a, mut b) = (Stream::new(1), Stream::new(2));
+    a.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    b.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    let step = a.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: RECORD.into() });
+    assert_eq!(step.flow, Flow::Stay, "still held: now moving");
+    assert_eq!(json(calls(&step)[0].body.as_ref().unwrap())["reason"], "draining");
+    let step = a.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: MOVED.into() });
+    assert_eq!(step.flow, Flow::ResumeRequest);
+    assert!(matches!(&step.ops[0], Op::Wake { waiters, resume: true, .. } if waiters == &vec![2]));
+}
+
+#[test]
+fn a_mover_that_ends_early_sends_its_waiters_to_the_old_pin() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    drain(&mut w, &["10.0.0.2:80"]);
+    let (mut a, mut b) = (Stream::new(1), Stream::new(2));
+    a.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    b.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    let step = a.on_done(&mut w.cx());
+    assert_eq!(step.ops, vec![Op::Wake { waiters: vec![2], ops: vec![Op::SetRequestHeader(Header::Pin, "10.0.0.2:80".into())], resume: true }]);
+}
+
+#[test]
+fn open_get_streams_on_an_upstream_that_starts_draining_are_ended() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    w.pin("s2", "10.0.0.3:80", true);
+    let get = |id| HeaderPairs::from_pairs(&[(":method", "GET"), (":path", "/mcp"), ("accept", "text/event-stream"), ("mcp-session-id", id)]);
+    let (mut a, mut b) = (Stream::new(7), Stream::new(8));
+    assert_eq!(a.on_request_headers(&mut w.cx(), get("s1"), true).flow, Flow::Continue);
+    assert_eq!(b.on_request_headers(&mut w.cx(), get("s2"), true).flow, Flow::Continue);
+    assert_eq!(Stream::new(9).on_request_headers(&mut w.cx(), post(Some("s1")), false).flow, Flow::Continue);
+    assert!(w.vm.streams_to_end().is_empty(), "nothing drains");
+    drain(&mut w, &["10.0.0.2:80"]);
+    assert_eq!(w.vm.streams_to_end(), [7], "only the GET on the draining upstream; POSTs in flight finish there");
+    a.on_done(&mut w.cx());
+    assert!(w.vm.streams_to_end().is_empty());
+    // The client reopens the stream: it is moved first, then remembered on its new pin.
+    let mut c = Stream::new(10);
+    c.on_request_headers(&mut w.cx(), get("s1"), true);
+    c.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: MOVED.into() });
+    assert_eq!(w.vm.open_gets.get(&10).map(String::as_str), Some("10.0.0.5:80"));
+    assert!(w.vm.streams_to_end().is_empty());
+}
+
 mod any_sequence {
     use proptest::prelude::*;
 
@@ -490,6 +615,8 @@ mod any_sequence {
             Just(RECORD.as_bytes().to_vec()),
             Just(REPLAYED.as_bytes().to_vec()),
             Just(br#"{"outcome":"alive"}"#.to_vec()),
+            Just(MOVED.as_bytes().to_vec()),
+            Just(STAYED.as_bytes().to_vec()),
         ];
         prop_oneof![
             (prop::sample::select(vec!["POST", "GET", "DELETE"]), session.clone(), any::<bool>(), any::<bool>())
@@ -510,6 +637,8 @@ mod any_sequence {
         fn no_sequence_panics(control in any::<bool>(), events in prop::collection::vec((0usize..3, event()), 0..40)) {
             let mut w = World::new(control);
             w.pin("s2", "10.0.0.9:80", false);
+            w.pin("s1", "10.0.0.2:80", true);
+            drain(&mut w, &["10.0.0.2:80", "10.0.0.4:80"]);
             let mut streams = [Stream::new(1), Stream::new(2), Stream::new(3)];
             for (i, e) in events {
                 let s = &mut streams[i];

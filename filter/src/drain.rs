@@ -1,0 +1,234 @@
+//! Upstream hosts that are draining (a pod about to stop in a rolling update): the list
+//! control keeps (`GET {prefix}/upstreams/draining`), shared by every worker VM of one
+//! Envoy through one shared-data key, and each VM's copy of it.
+//!
+//! No request waits for this list and no request reads shared data for it: the root
+//! context of each VM adopts the shared value on its tick ([`Draining::refresh`], one
+//! `proxy_get_shared_data`), and the streams only look at the VM's copy (a hash-set
+//! lookup, skipped while nothing drains). One VM per Envoy polls control per interval:
+//! the VM whose tick finds the list due claims the poll with a CAS write of the fetch
+//! time ([`claim_poll`]); the others see the claim and wait. The answer is written back
+//! for all ([`store_answer`]).
+//!
+//! Shared-data value of [`KEY`] (text): first line the fetch time in Unix milliseconds,
+//! then one upstream (`ip:port`, as Envoy's `upstream.address`) per line.
+//!
+//! When control cannot be reached the last list stays in force (a drain is not undone by
+//! an outage) and the next poll comes one interval later.
+
+use hashbrown::HashSet;
+use serde::Deserialize;
+
+use crate::store::SharedData;
+
+/// Shared-data key of the draining list.
+pub const KEY: &str = "mcp-affinity/draining";
+
+/// Most upstreams accepted in one list (a larger answer is rejected as malformed).
+pub const MAX_UPSTREAMS: usize = 4096;
+
+/// Longest upstream address accepted (`[IPv6%zone]:port` fits).
+const MAX_UPSTREAM_LEN: usize = 128;
+
+/// The draining upstreams as one VM knows them.
+#[derive(Debug, Default)]
+pub struct Draining {
+    upstreams: HashSet<String>,
+    /// CAS number of the shared-data value adopted last (`None`: nothing adopted yet).
+    cas: Option<u32>,
+}
+
+impl Draining {
+    /// Whether `upstream` is draining. Free while nothing drains.
+    pub fn contains(&self, upstream: &str) -> bool {
+        !self.upstreams.is_empty() && self.upstreams.contains(upstream)
+    }
+
+    /// Whether nothing drains.
+    pub fn is_empty(&self) -> bool {
+        self.upstreams.is_empty()
+    }
+
+    /// Adopts the shared-data list when it changed since the last adoption (one
+    /// `proxy_get_shared_data`). Returns true when the set of draining upstreams changed.
+    pub fn refresh(&mut self, shared: &dyn SharedData) -> bool {
+        let Some((value, cas)) = shared.get(KEY) else { return false };
+        if cas.is_some() && cas == self.cas {
+            return false;
+        }
+        self.cas = cas;
+        let Some(entry) = decode(&value) else {
+            log::warn!("mcp-affinity: undecodable draining list in shared data; keeping the last one");
+            return false;
+        };
+        let next: HashSet<String> = entry.upstreams.iter().map(|u| (*u).to_string()).collect();
+        if next == self.upstreams {
+            return false;
+        }
+        log::info!("mcp-affinity: draining upstreams now {:?}", entry.upstreams);
+        self.upstreams = next;
+        true
+    }
+}
+
+/// A decoded shared-data value.
+#[derive(Debug, PartialEq, Eq)]
+struct Entry<'a> {
+    fetched_at_ms: u64,
+    upstreams: Vec<&'a str>,
+}
+
+fn decode(value: &[u8]) -> Option<Entry<'_>> {
+    let text = std::str::from_utf8(value).ok()?;
+    let mut lines = text.split('\n');
+    let fetched_at_ms = lines.next()?.parse().ok()?;
+    Some(Entry { fetched_at_ms, upstreams: lines.filter(|l| !l.is_empty()).collect() })
+}
+
+fn encode(fetched_at_ms: u64, upstreams: &[&str]) -> Vec<u8> {
+    let mut out = fetched_at_ms.to_string().into_bytes();
+    for u in upstreams {
+        out.push(b'\n');
+        out.extend_from_slice(u.as_bytes());
+    }
+    out
+}
+
+/// Claims this interval's poll of control for the calling VM: true when the list is
+/// missing or was fetched `interval_ms` or more before `now_ms` and this VM won the CAS
+/// write of the new fetch time (the list itself is kept). False: not due, or another VM
+/// claimed it first.
+pub fn claim_poll(shared: &mut dyn SharedData, now_ms: u64, interval_ms: u64) -> bool {
+    let current = shared.get(KEY);
+    let (value, cas) = match &current {
+        Some((value, cas)) => match decode(value) {
+            Some(e) if e.fetched_at_ms.saturating_add(interval_ms) > now_ms => return false,
+            Some(e) => (encode(now_ms, &e.upstreams), *cas),
+            None => (encode(now_ms, &[]), *cas),
+        },
+        None => (encode(now_ms, &[]), None),
+    };
+    // A missing key is created with CAS 0 semantics by the host only once: two VMs racing
+    // on the first write may both win; that costs one extra poll, never a wrong list.
+    shared.set(KEY, &value, cas)
+}
+
+/// Stores control's list for every VM, fetched at `now_ms`. False when the host refused.
+pub fn store_answer(shared: &mut dyn SharedData, now_ms: u64, upstreams: &[String]) -> bool {
+    let list: Vec<&str> = upstreams.iter().map(String::as_str).collect();
+    shared.set(KEY, &encode(now_ms, &list), None)
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    draining: Vec<Upstream>,
+}
+
+#[derive(Deserialize)]
+struct Upstream {
+    upstream: String,
+}
+
+/// Parses control's `GET {prefix}/upstreams/draining` answer
+/// (`{"draining":[{"upstream":"10.0.0.7:8080", ...}, ...]}`; other fields are ignored).
+///
+/// # Errors
+/// A message when the body is not that shape, holds more than [`MAX_UPSTREAMS`] entries,
+/// or an upstream that is empty, longer than 128 bytes or not visible ASCII.
+pub fn parse_answer(body: &[u8]) -> Result<Vec<String>, String> {
+    let a: Answer = serde_json::from_slice(body).map_err(|e| format!("draining list: {e}"))?;
+    if a.draining.len() > MAX_UPSTREAMS {
+        return Err(format!("draining list: {} upstreams, at most {MAX_UPSTREAMS} accepted", a.draining.len()));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(a.draining.len());
+    for u in a.draining {
+        let ok = !u.upstream.is_empty() && u.upstream.len() <= MAX_UPSTREAM_LEN && u.upstream.bytes().all(|b| (0x21..=0x7e).contains(&b));
+        if !ok {
+            return Err(format!("draining list: invalid upstream {:?}", u.upstream));
+        }
+        out.push(u.upstream);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Shared data with proxy-wasm-cpp-host's CAS rule: a write with a CAS number other
+    /// than the current one fails; every write bumps it.
+    #[derive(Default)]
+    struct Host(HashMap<String, (Vec<u8>, u32)>);
+
+    impl SharedData for Host {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, Option<u32>)> {
+            self.0.get(key).map(|(v, cas)| (v.clone(), Some(*cas)))
+        }
+        fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+            let next = match (self.0.get(key), cas) {
+                (Some((_, current)), Some(c)) if c != 0 && c != *current => return false,
+                (Some((_, current)), _) => current + 1,
+                (None, _) => 1,
+            };
+            self.0.insert(key.to_string(), (value.to_vec(), next));
+            true
+        }
+    }
+
+    #[test]
+    fn one_vm_claims_each_interval() {
+        let mut host = Host::default();
+        assert!(claim_poll(&mut host, 10_000, 1000), "no list yet: due");
+        assert!(!claim_poll(&mut host, 10_000, 1000), "claimed by the first VM");
+        assert!(!claim_poll(&mut host, 10_999, 1000));
+        assert!(claim_poll(&mut host, 11_000, 1000));
+        // Two VMs that read the same value: the second CAS write fails.
+        let (value, cas) = host.get(KEY).unwrap();
+        assert!(decode(&value).is_some());
+        assert!(host.set(KEY, &encode(12_000, &[]), cas));
+        assert!(!host.set(KEY, &encode(12_000, &[]), cas), "stale CAS loses");
+    }
+
+    #[test]
+    fn claims_keep_the_list_and_vms_adopt_changes_once() {
+        let mut host = Host::default();
+        let (mut a, mut b) = (Draining::default(), Draining::default());
+        assert!(!a.refresh(&host), "nothing in shared data");
+        assert!(store_answer(&mut host, 5_000, &["10.0.0.2:8080".into(), "10.0.0.3:8080".into()]));
+        assert!(a.refresh(&host) && b.refresh(&host));
+        assert!(a.contains("10.0.0.2:8080") && !a.contains("10.0.0.4:8080"));
+        assert!(!a.refresh(&host), "same CAS: nothing to adopt");
+        assert!(claim_poll(&mut host, 6_000, 1000));
+        assert!(!a.refresh(&host), "a claim changes the CAS but not the list");
+        assert!(a.contains("10.0.0.3:8080"));
+        assert!(store_answer(&mut host, 6_100, &[]));
+        assert!(b.refresh(&host) && b.is_empty() && !b.contains("10.0.0.2:8080"));
+    }
+
+    #[test]
+    fn garbage_in_shared_data_keeps_the_last_list() {
+        let mut host = Host::default();
+        let mut d = Draining::default();
+        store_answer(&mut host, 1, &["10.0.0.2:80".into()]);
+        assert!(d.refresh(&host));
+        host.set(KEY, b"not a number\nx", None);
+        assert!(!d.refresh(&host));
+        assert!(d.contains("10.0.0.2:80"));
+        assert!(claim_poll(&mut host, 5, 1000), "an undecodable value is due for a poll");
+    }
+
+    #[test]
+    fn answers() {
+        let body = br#"{"draining":[{"upstream":"10.0.0.3:8080","since_ms":1,"source":"admin","moved":0,"failed":0,"last_move_ms":null},{"upstream":"10.0.0.2:8080"}]}"#;
+        assert_eq!(parse_answer(body).unwrap(), ["10.0.0.2:8080", "10.0.0.3:8080"]);
+        assert_eq!(parse_answer(br#"{"draining":[]}"#).unwrap(), Vec::<String>::new());
+        for bad in [&b"{}"[..], b"[]", b"not json", br#"{"draining":[{"upstream":""}]}"#, br#"{"draining":[{"upstream":"a b"}]}"#] {
+            assert!(parse_answer(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let many = format!("{{\"draining\":[{}]}}", vec![r#"{"upstream":"1.1.1.1:1"}"#; MAX_UPSTREAMS + 1].join(","));
+        assert!(parse_answer(many.as_bytes()).unwrap_err().contains("at most"));
+    }
+}
