@@ -48,5 +48,6 @@ counters! {
     DrainMovesFailed => "mcp_affinity.drain_moves_failed": "Drain moves that could not be made (control down, no live pod): the request went to the draining upstream.",
     StreamsEndedByDrain => "mcp_affinity.streams_ended_by_drain": "Open GET (SSE) streams ended because their upstream started draining; the client reopens them.",
     DrainListUpdates => "mcp_affinity.drain_list_updates": "Changes of the draining list adopted by a VM (each worker VM counts its own).",
+    DrainPollErrors => "mcp_affinity.drain_poll_errors": "Fetches of the draining list from control that failed; the last list stays in force.",
     ControlErrors => "mcp_affinity.control_errors": "Calls to control that failed, timed out or were refused; the request went on without control.",
 }

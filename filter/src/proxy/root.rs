@@ -130,12 +130,14 @@ pub struct Root {
     metrics: Option<Metrics>,
     /// Token of this VM's draining-list fetch in flight.
     drain_fetch: Option<u32>,
+    /// The last fetch failed (the next failure is not logged again).
+    drain_failing: bool,
 }
 
 impl Root {
     /// The root context with the host's context id.
     pub fn new(context_id: u32) -> Root {
-        Root { context_id, plugin: None, metrics: None, drain_fetch: None }
+        Root { context_id, plugin: None, metrics: None, drain_fetch: None, drain_failing: false }
     }
 
     /// Adopts the shared draining list; when it changed, ends the VM's open GET streams
@@ -169,13 +171,16 @@ impl Root {
         };
         match list {
             Ok(list) => {
+                self.drain_failing = false;
                 drain::store_answer(&mut HostSharedData, host_now_ms(), &list);
                 self.adopt_draining(p);
             }
             Err(e) => {
                 // The last list stays in force; the next poll is one interval away.
-                log::warn!("mcp-affinity: fetching the draining upstreams failed: {e}");
-                p.metrics.add(Counter::ControlErrors, 1);
+                if !std::mem::replace(&mut self.drain_failing, true) {
+                    log::warn!("mcp-affinity: fetching the draining upstreams failed: {e}; retrying every interval");
+                }
+                p.metrics.add(Counter::DrainPollErrors, 1);
             }
         }
     }
@@ -237,7 +242,7 @@ impl RootContext for Root {
             if self.drain_fetch.is_none() && drain::claim_poll(&mut HostSharedData, host_now_ms(), cfg.drain_poll_ms) {
                 match control.fetch_draining() {
                     Ok(token) => self.drain_fetch = Some(token),
-                    Err(_) => p.metrics.add(Counter::ControlErrors, 1),
+                    Err(_) => p.metrics.add(Counter::DrainPollErrors, 1),
                 }
             }
         }
