@@ -9,13 +9,17 @@
 //!   session was the idlest one, and the filter still holds its own pin.
 //! - **Recovery leases**: a separate small map `id → (owner, expiry)`; expired leases are
 //!   dropped whenever a lease is taken.
+//! - **Drains**: a map `upstream → Drain` ordered by upstream; drains past the drain TTL
+//!   (measured from `since_ms` on the store's wall clock) are dropped by every drain
+//!   operation.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{PutOutcome, SessionStore, StoreError, StoreStats};
+use super::{DEFAULT_DRAIN_TTL, Drain, DrainSource, PutOutcome, SessionStore, StoreError, StoreStats};
 use crate::clock::{Clock, SystemClock};
 use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
 use crate::session_id::SessionId;
@@ -88,6 +92,8 @@ pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     evictions: AtomicU64,
     leases: Mutex<HashMap<String, (String, Instant)>>,
+    drains: Mutex<BTreeMap<String, Drain>>,
+    drain_ttl: Duration,
 }
 
 impl MemoryStore {
@@ -106,7 +112,52 @@ impl MemoryStore {
             clock,
             evictions: AtomicU64::new(0),
             leases: Mutex::new(HashMap::new()),
+            drains: Mutex::new(BTreeMap::new()),
+            drain_ttl: DEFAULT_DRAIN_TTL,
         }
+    }
+
+    /// Sets the drain TTL: a drain expires `ttl` after its `since_ms` (default
+    /// [`DEFAULT_DRAIN_TTL`]).
+    #[must_use]
+    pub fn with_drain_ttl(mut self, ttl: Duration) -> Self {
+        self.drain_ttl = ttl;
+        self
+    }
+
+    /// Locks the drains after dropping expired ones; returns the guard and now (Unix ms).
+    fn lock_drains(&self) -> (std::sync::MutexGuard<'_, BTreeMap<String, Drain>>, u64) {
+        let now_ms = self.clock.unix_ms();
+        let mut drains = self.drains.lock().unwrap_or_else(|p| p.into_inner());
+        drains.retain(|_, d| !d.expired(now_ms, self.drain_ttl));
+        (drains, now_ms)
+    }
+
+    fn drain_now(&self, upstream: SocketAddr, source: DrainSource) -> Drain {
+        let (mut drains, now_ms) = self.lock_drains();
+        drains.entry(upstream.to_string()).or_insert_with(|| Drain::new(upstream, source, now_ms)).clone()
+    }
+
+    fn undrain_now(&self, upstream: SocketAddr) -> bool {
+        let (mut drains, _) = self.lock_drains();
+        drains.remove(&upstream.to_string()).is_some()
+    }
+
+    fn draining_now(&self) -> Vec<Drain> {
+        let (drains, _) = self.lock_drains();
+        drains.values().cloned().collect()
+    }
+
+    fn record_drain_move_now(&self, upstream: SocketAddr, moved: bool) -> Option<Drain> {
+        let (mut drains, now_ms) = self.lock_drains();
+        let drain = drains.get_mut(&upstream.to_string())?;
+        if moved {
+            drain.moved += 1;
+            drain.last_move_ms = Some(drain.last_move_ms.map_or(now_ms, |last| last.max(now_ms)));
+        } else {
+            drain.failed += 1;
+        }
+        Some(drain.clone())
     }
 
     /// Locks the map after dropping expired records; returns the guard and `now`.
@@ -195,6 +246,22 @@ impl SessionStore for MemoryStore {
     async fn release_lease(&self, id: &SessionId, owner: &str) -> Result<(), StoreError> {
         self.release_now(id, owner);
         Ok(())
+    }
+
+    async fn drain(&self, upstream: SocketAddr, source: DrainSource) -> Result<Drain, StoreError> {
+        Ok(self.drain_now(upstream, source))
+    }
+
+    async fn undrain(&self, upstream: SocketAddr) -> Result<bool, StoreError> {
+        Ok(self.undrain_now(upstream))
+    }
+
+    async fn draining(&self) -> Result<Vec<Drain>, StoreError> {
+        Ok(self.draining_now())
+    }
+
+    async fn record_drain_move(&self, upstream: SocketAddr, moved: bool) -> Result<Option<Drain>, StoreError> {
+        Ok(self.record_drain_move_now(upstream, moved))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -292,6 +359,38 @@ mod tests {
         s.release_now(&id("a"), "y");
         assert!(!s.acquire_now(&id("a"), "x", ttl));
         assert_eq!(s.leases.lock().unwrap().len(), 1, "expired leases are dropped");
+    }
+
+    #[test]
+    fn drains_are_idempotent_counted_and_expire() {
+        let (s, clock) = store(100, 10);
+        let s = s.with_drain_ttl(Duration::from_secs(60));
+        let a: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let b: SocketAddr = "[::1]:8080".parse().unwrap();
+        let first = s.drain_now(a, DrainSource::Dns);
+        assert_eq!(first, Drain::new(a, DrainSource::Dns, 1_700_000_000_000));
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(s.drain_now(a, DrainSource::Admin), first, "an existing drain is kept as it is");
+        assert_eq!(s.record_drain_move_now(b, true), None, "not draining: no-op");
+        s.drain_now(b, DrainSource::Admin);
+        let moved = s.record_drain_move_now(a, true).unwrap();
+        assert_eq!((moved.moved, moved.failed, moved.last_move_ms), (1, 0, Some(1_700_000_001_000)));
+        let failed = s.record_drain_move_now(a, false).unwrap();
+        assert_eq!((failed.moved, failed.failed, failed.last_move_ms), (1, 1, Some(1_700_000_001_000)));
+        let listed: Vec<String> = s.draining_now().into_iter().map(|d| d.upstream).collect();
+        assert_eq!(listed, ["10.0.0.2:80", "[::1]:8080"], "sorted by upstream text");
+        assert!(s.undrain_now(b));
+        assert!(!s.undrain_now(b));
+        // 60 s after since_ms the drain is over, whatever happened meanwhile.
+        clock.advance(Duration::from_millis(58_999));
+        assert_eq!(s.draining_now().len(), 1);
+        clock.advance(Duration::from_millis(1));
+        assert!(s.draining_now().is_empty());
+        assert!(!s.undrain_now(a), "expired = not draining");
+        assert_eq!(s.record_drain_move_now(a, true), None);
+        // Draining again starts a new drain.
+        let again = s.drain_now(a, DrainSource::Admin);
+        assert_eq!(again, Drain::new(a, DrainSource::Admin, 1_700_000_060_000));
     }
 
     #[test]

@@ -8,12 +8,21 @@
 //! operation changes nothing (one documented exception: a Redis write that too few replicas
 //! acknowledged, see [`redis::ReplicationWait`]); a recovery lease ([`SessionStore::try_acquire_lease`]) has
 //! at most one live holder per session among everyone sharing the store.
+//!
+//! Stores also hold the **drain state** of upstreams ([`Drain`]): which MCP server pods
+//! are going away, so that every control instance (and, through
+//! `GET /v1/upstreams/draining`, every filter) moves their sessions off them. A drain
+//! expires a fixed time after it began (the drain TTL, `--drain-ttl-secs`), so a drain
+//! nobody undoes (the pod is gone, its IP reused much later) does not last forever.
 
 pub mod memory;
 pub mod redis;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
 use crate::session_id::SessionId;
@@ -53,6 +62,85 @@ pub enum StoreError {
     /// A stored value is not a valid record.
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+}
+
+/// Default drain TTL (`--drain-ttl-secs`): one hour.
+pub const DEFAULT_DRAIN_TTL: Duration = Duration::from_secs(3600);
+
+/// Who started a drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainSource {
+    /// `POST /v1/upstreams/{upstream}/drain` (e.g. a pod's Kubernetes `preStop` hook).
+    Admin,
+    /// The `--endpoints-dns` watcher: the address stopped resolving (a terminating pod
+    /// leaves its headless Service). Undone automatically when it resolves again.
+    Dns,
+    /// A source this version does not know (written by a newer control version sharing
+    /// the store). Treated like `admin`: never undone automatically.
+    #[serde(other)]
+    Other,
+}
+
+impl DrainSource {
+    /// The serialised name: `admin`, `dns` or `other`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainSource::Admin => "admin",
+            DrainSource::Dns => "dns",
+            DrainSource::Other => "other",
+        }
+    }
+
+    /// The source named `name` ([`DrainSource::Other`] for a name this version does not know).
+    pub fn parse(name: &str) -> DrainSource {
+        match name {
+            "admin" => DrainSource::Admin,
+            "dns" => DrainSource::Dns,
+            _ => DrainSource::Other,
+        }
+    }
+}
+
+/// The drain of one upstream: its sessions are to be moved off it. JSON shape (the
+/// elements of `GET /v1/upstreams/draining`):
+/// `{"upstream":"127.0.0.2:8080","since_ms":1700000000000,"source":"admin","moved":0,"failed":0,"last_move_ms":null}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// The draining upstream, `ip:port` in canonical form (`SocketAddr::to_string()`:
+    /// `10.0.0.7:8080`, `[fd00::7]:8080`).
+    pub upstream: String,
+    /// Unix milliseconds (the store's clock) when the drain began. Kept when the
+    /// upstream is drained again while draining.
+    pub since_ms: u64,
+    /// Who started it.
+    pub source: DrainSource,
+    /// Sessions moved off this upstream by drain-moves (recoveries with reason
+    /// `draining` that re-initialized the session elsewhere and stored the new pin).
+    pub moved: u64,
+    /// Drain-moves of this upstream that could not be made (no live non-draining endpoint
+    /// accepted the session, deadline, lost race): the session stayed on the upstream.
+    pub failed: u64,
+    /// Unix milliseconds of the last successful drain-move (`null` before the first), so
+    /// `last_move_ms - since_ms` is the time from the drain to its last moved session.
+    pub last_move_ms: Option<u64>,
+}
+
+impl Drain {
+    /// A drain of `upstream` by `source` beginning at `now_ms`, nothing moved yet.
+    pub fn new(upstream: SocketAddr, source: DrainSource, now_ms: u64) -> Drain {
+        Drain { upstream: upstream.to_string(), since_ms: now_ms, source, moved: 0, failed: 0, last_move_ms: None }
+    }
+
+    /// `true` when the drain is over at `now_ms`: `ttl` has passed since `since_ms`.
+    pub fn expired(&self, now_ms: u64, ttl: Duration) -> bool {
+        drain_expired(self.since_ms, now_ms, ttl)
+    }
+}
+
+/// `true` when a drain that began at `since_ms` is over at `now_ms` (`ttl` after it began).
+pub fn drain_expired(since_ms: u64, now_ms: u64, ttl: Duration) -> bool {
+    now_ms >= since_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Durable, shared home of session records.
@@ -98,6 +186,29 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Gives the lease of `id` up if `owner` still holds it (a lease that expired and was
     /// taken by someone else is left alone).
     fn release_lease(&self, id: &SessionId, owner: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Marks `upstream` as draining, begun by `source`, and returns its drain.
+    /// Idempotent: an upstream already draining keeps its drain as it is (`since_ms`,
+    /// `source`, counters) and that drain is returned; an expired drain is replaced by a
+    /// new one.
+    fn drain(&self, upstream: SocketAddr, source: DrainSource) -> impl Future<Output = Result<Drain, StoreError>> + Send;
+
+    /// Ends the drain of `upstream`; `false` when it was not draining (or its drain had
+    /// expired).
+    fn undrain(&self, upstream: SocketAddr) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Every unexpired drain, sorted by `upstream` (as text). Expired drains are not
+    /// returned (and may be deleted on the way).
+    fn draining(&self) -> impl Future<Output = Result<Vec<Drain>, StoreError>> + Send;
+
+    /// Counts one drain-move of `upstream`: `moved` → `moved += 1` and `last_move_ms` =
+    /// now (the store's clock); else `failed += 1`. Returns the drain after the update,
+    /// or `None` — and changes nothing — when `upstream` is not draining.
+    fn record_drain_move(
+        &self,
+        upstream: SocketAddr,
+        moved: bool,
+    ) -> impl Future<Output = Result<Option<Drain>, StoreError>> + Send;
 
     /// Checks that the store answers (for `/readyz`).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;

@@ -31,11 +31,27 @@
 //!
 //! Recovery leases are taken with `SET <lease key> owner NX PX ttl` and released by a
 //! script that deletes the key only while it still holds the caller's owner token.
+//!
+//! **Drains** live in ONE hash, `<prefix>drains` ([`drains_key`]), with five fields per
+//! upstream `U` (canonical `ip:port`): `since:U` (Unix ms, the store's clock), `source:U`,
+//! `moved:U`, `failed:U` and `last:U` (Unix ms of the last successful move; absent before
+//! it). Listing is one `HGETALL`; undraining one `HDEL` of the five fields (through a
+//! script that also says whether the drain was live); draining, counting a move and
+//! deleting an expired drain are short scripts on that one key, so each is atomic (an
+//! existing drain is never overwritten, a counter never outlives its drain, a late
+//! clean-up never deletes a newer drain). Expiry is decided from `since:U` and the time
+//! control passes in (the store's clock), not by a Redis TTL; expired drains are deleted
+//! when a listing finds them. Like every other command here each touches exactly one key,
+//! so drains work on one node, Sentinel and Cluster alike. Drain writes do not `WAIT`
+//! for replicas (a drain lost in a failover costs a pod's sessions their early move; they
+//! are still recovered when the pod stops).
 
 mod connection;
 pub mod topology;
 
 use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +59,7 @@ use redis::{ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind};
 
 use self::connection::{Backend, Checkout};
 pub use self::topology::RedisTopology;
-use super::{PutOutcome, SessionStore, StoreError, StoreStats};
+use super::{DEFAULT_DRAIN_TTL, Drain, DrainSource, PutOutcome, SessionStore, StoreError, StoreStats, drain_expired};
 use crate::clock::{Clock, SystemClock};
 use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
 use crate::session_id::SessionId;
@@ -70,6 +86,66 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"#;
+
+/// `KEYS[1]` = drains hash; `ARGV` = upstream, source, now ms, drain TTL ms. Creates the
+/// drain unless a live one exists (an expired one is replaced); returns the drain's five
+/// fields (`HMGET` order: since, source, moved, failed, last).
+const DRAIN_SCRIPT: &str = r#"
+local k, up = KEYS[1], ARGV[1]
+local f = {'since:'..up, 'source:'..up, 'moved:'..up, 'failed:'..up, 'last:'..up}
+local raw = redis.call('HGET', k, f[1])
+local since = raw and tonumber(raw)
+if not since or since + tonumber(ARGV[4]) <= tonumber(ARGV[3]) then
+  redis.call('HDEL', k, unpack(f))
+  redis.call('HSET', k, f[1], ARGV[3], f[2], ARGV[2], f[3], '0', f[4], '0')
+end
+return redis.call('HMGET', k, unpack(f))
+"#;
+
+/// `KEYS[1]` = drains hash; `ARGV` = upstream, `moved` | `failed`, now ms, drain TTL ms.
+/// Counts a drain-move of a live drain (and sets `last` to the latest move time); returns
+/// the five fields, or nil when the upstream is not draining (nothing written).
+const DRAIN_MOVE_SCRIPT: &str = r#"
+local k, up = KEYS[1], ARGV[1]
+local f = {'since:'..up, 'source:'..up, 'moved:'..up, 'failed:'..up, 'last:'..up}
+local raw = redis.call('HGET', k, f[1])
+local since = raw and tonumber(raw)
+if not since or since + tonumber(ARGV[4]) <= tonumber(ARGV[3]) then
+  return false
+end
+redis.call('HINCRBY', k, ARGV[2]..':'..up, 1)
+if ARGV[2] == 'moved' then
+  local last = tonumber(redis.call('HGET', k, f[5]) or '0') or 0
+  if tonumber(ARGV[3]) > last then
+    redis.call('HSET', k, f[5], ARGV[3])
+  end
+end
+return redis.call('HMGET', k, unpack(f))
+"#;
+
+/// `KEYS[1]` = drains hash; `ARGV` = upstream, now ms, drain TTL ms. Deletes the drain's
+/// fields; returns 1 when it was live, else 0.
+const UNDRAIN_SCRIPT: &str = r#"
+local k, up = KEYS[1], ARGV[1]
+local raw = redis.call('HGET', k, 'since:'..up)
+local since = raw and tonumber(raw)
+redis.call('HDEL', k, 'since:'..up, 'source:'..up, 'moved:'..up, 'failed:'..up, 'last:'..up)
+if since and since + tonumber(ARGV[3]) > tonumber(ARGV[2]) then
+  return 1
+end
+return 0
+"#;
+
+/// `KEYS[1]` = drains hash; `ARGV` = upstream, the `since` value seen ('' = absent).
+/// Deletes the upstream's fields only while `since` is still that value, so clearing an
+/// expired (or orphaned) drain never deletes a drain created meanwhile.
+const DRAIN_CLEANUP_SCRIPT: &str = r#"
+local k, up = KEYS[1], ARGV[1]
+if (redis.call('HGET', k, 'since:'..up) or '') ~= ARGV[2] then
+  return 0
+end
+return redis.call('HDEL', k, 'since:'..up, 'source:'..up, 'moved:'..up, 'failed:'..up, 'last:'..up)
 "#;
 
 /// Settings of a [`RedisStore`].
@@ -111,6 +187,67 @@ pub fn lease_key(prefix: &str, id: &SessionId) -> String {
     format!("{prefix}{{{}}}:lease", hash_tag(id.as_str()))
 }
 
+/// The key of the drains hash: `<prefix>drains` (one key for every upstream; it never
+/// collides with a session's keys, which always carry a `{…}` hash tag).
+pub fn drains_key(prefix: &str) -> String {
+    format!("{prefix}drains")
+}
+
+/// The fields of one upstream in the drains hash, as read.
+#[derive(Default)]
+struct DrainFields {
+    since: Option<String>,
+    source: Option<String>,
+    moved: Option<String>,
+    failed: Option<String>,
+    last: Option<String>,
+}
+
+impl DrainFields {
+    /// From the `HMGET` order of the scripts: since, source, moved, failed, last.
+    fn from_hmget(values: Vec<Option<String>>) -> DrainFields {
+        let mut it = values.into_iter();
+        let mut next = || it.next().flatten();
+        DrainFields { since: next(), source: next(), moved: next(), failed: next(), last: next() }
+    }
+
+    /// The drain of `upstream`, or why the fields are not one.
+    fn to_drain(&self, upstream: &str) -> Result<Drain, String> {
+        let number = |name: &str, v: &Option<String>| -> Result<u64, String> {
+            v.as_deref().unwrap_or("0").parse::<u64>().map_err(|e| format!("{name}:{upstream}: {e}"))
+        };
+        let since = self.since.as_deref().ok_or_else(|| format!("since:{upstream} is missing"))?;
+        Ok(Drain {
+            upstream: upstream.to_string(),
+            since_ms: since.parse().map_err(|e| format!("since:{upstream}: {e}"))?,
+            source: DrainSource::parse(self.source.as_deref().unwrap_or("")),
+            moved: number("moved", &self.moved)?,
+            failed: number("failed", &self.failed)?,
+            last_move_ms: self.last.as_ref().map(|_| number("last", &self.last)).transpose()?,
+        })
+    }
+}
+
+/// Groups the fields of `HGETALL <drains key>` by upstream (`<kind>:<upstream>`; unknown
+/// kinds are ignored).
+fn group_drain_fields(all: HashMap<String, String>) -> BTreeMap<String, DrainFields> {
+    let mut out: BTreeMap<String, DrainFields> = BTreeMap::new();
+    for (field, value) in all {
+        let Some((kind, upstream)) = field.split_once(':') else { continue };
+        let entry = out.entry(upstream.to_string()).or_default();
+        let slot = match kind {
+            "since" => &mut entry.since,
+            "source" => &mut entry.source,
+            "moved" => &mut entry.moved,
+            "failed" => &mut entry.failed,
+            "last" => &mut entry.last,
+            _ => continue,
+        };
+        *slot = Some(value);
+    }
+    out
+}
+
 /// The session id as it appears between the braces: `%`, `{`, `}` percent-encoded.
 fn hash_tag(id: &str) -> Cow<'_, str> {
     if !id.contains(['%', '{', '}']) {
@@ -149,6 +286,7 @@ pub struct RedisStore {
     timeout: Duration,
     clock: Arc<dyn Clock>,
     wait: Option<ReplicationWait>,
+    drain_ttl: Duration,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -172,7 +310,34 @@ impl RedisStore {
             timeout: config.timeout,
             clock: Arc::new(SystemClock),
             wait: None,
+            drain_ttl: DEFAULT_DRAIN_TTL,
         })
+    }
+
+    /// Sets the drain TTL: a drain expires `ttl` after its `since_ms` (default
+    /// [`DEFAULT_DRAIN_TTL`]).
+    #[must_use]
+    pub fn with_drain_ttl(mut self, ttl: Duration) -> Self {
+        self.drain_ttl = ttl;
+        self
+    }
+
+    /// Replaces the clock the store takes timestamps from (`created_at_ms`,
+    /// `last_seen_ms`, drain times) and decides drain expiry with (tests). Record and
+    /// lease expiry stay Redis key TTLs, on Redis's own clock.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Key of the drains hash: `<prefix>drains`.
+    pub fn drains_key(&self) -> String {
+        drains_key(&self.key_prefix)
+    }
+
+    fn drain_ttl_ms(&self) -> u64 {
+        u64::try_from(self.drain_ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Makes every record write wait for `wait.replicas` replicas (`None`: do not wait).
@@ -420,6 +585,77 @@ impl SessionStore for RedisStore {
         .await
     }
 
+    async fn drain(&self, upstream: SocketAddr, source: DrainSource) -> Result<Drain, StoreError> {
+        let key = self.drains_key();
+        let up = upstream.to_string();
+        let (now, ttl) = (self.clock.unix_ms().to_string(), self.drain_ttl_ms().to_string());
+        self.bounded(async {
+            let mut checkout = self.checkout().await?;
+            let fields: Vec<Option<String>> =
+                self.eval(&mut checkout, DRAIN_SCRIPT, &key, &[&up, source.as_str(), &now, &ttl]).await?;
+            DrainFields::from_hmget(fields).to_drain(&up).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
+        })
+        .await
+    }
+
+    async fn undrain(&self, upstream: SocketAddr) -> Result<bool, StoreError> {
+        let key = self.drains_key();
+        let up = upstream.to_string();
+        let (now, ttl) = (self.clock.unix_ms().to_string(), self.drain_ttl_ms().to_string());
+        self.bounded(async {
+            let mut checkout = self.checkout().await?;
+            let live: i64 = self.eval(&mut checkout, UNDRAIN_SCRIPT, &key, &[&up, &now, &ttl]).await?;
+            Ok(live == 1)
+        })
+        .await
+    }
+
+    /// `HGETALL`; expired drains (and fields without a `since`, which no write leaves
+    /// behind) are deleted by [`DRAIN_CLEANUP_SCRIPT`] and not returned. A drain whose
+    /// fields do not parse is skipped with a warning rather than failing the whole list
+    /// (filters poll it).
+    async fn draining(&self) -> Result<Vec<Drain>, StoreError> {
+        let key = self.drains_key();
+        let now = self.clock.unix_ms();
+        self.bounded(async {
+            let mut checkout = self.checkout().await?;
+            let all: HashMap<String, String> = self.query(&mut checkout, redis::cmd("HGETALL").arg(&key)).await?;
+            let mut out = Vec::new();
+            let mut stale = Vec::new();
+            for (upstream, fields) in group_drain_fields(all) {
+                match fields.to_drain(&upstream) {
+                    Ok(drain) if drain_expired(drain.since_ms, now, self.drain_ttl) => {
+                        stale.push((upstream, fields.since.unwrap_or_default()));
+                    }
+                    Ok(drain) => out.push(drain),
+                    Err(_) if fields.since.is_none() => stale.push((upstream, String::new())),
+                    Err(e) => tracing::warn!(key = key.as_str(), error = e.as_str(), "skipping an unreadable drain"),
+                }
+            }
+            for (upstream, since) in stale {
+                let _: i64 = self.eval(&mut checkout, DRAIN_CLEANUP_SCRIPT, &key, &[&upstream, &since]).await?;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn record_drain_move(&self, upstream: SocketAddr, moved: bool) -> Result<Option<Drain>, StoreError> {
+        let key = self.drains_key();
+        let up = upstream.to_string();
+        let kind = if moved { "moved" } else { "failed" };
+        let (now, ttl) = (self.clock.unix_ms().to_string(), self.drain_ttl_ms().to_string());
+        self.bounded(async {
+            let mut checkout = self.checkout().await?;
+            let fields: Option<Vec<Option<String>>> =
+                self.eval(&mut checkout, DRAIN_MOVE_SCRIPT, &key, &[&up, kind, &now, &ttl]).await?;
+            fields
+                .map(|f| DrainFields::from_hmget(f).to_drain(&up).map_err(|e| StoreError::Corrupt(format!("{key}: {e}"))))
+                .transpose()
+        })
+        .await
+    }
+
     /// `PING`; in a cluster every primary must answer (every slot is served).
     async fn ping(&self) -> Result<(), StoreError> {
         self.bounded(async {
@@ -468,6 +704,44 @@ mod tests {
         let ids = ["}", "%7D", "%257D", "{", "%7B", "%", "%25"];
         let keys: std::collections::BTreeSet<String> = ids.iter().map(|s| record_key("", &id(s))).collect();
         assert_eq!(keys.len(), ids.len(), "{keys:?}");
+    }
+
+    #[test]
+    fn drain_fields_group_and_parse() {
+        let all: HashMap<String, String> = [
+            ("since:10.0.0.1:80", "1000"),
+            ("source:10.0.0.1:80", "dns"),
+            ("moved:10.0.0.1:80", "3"),
+            ("failed:10.0.0.1:80", "1"),
+            ("last:10.0.0.1:80", "1500"),
+            ("since:[::1]:8080", "2000"),
+            ("source:[::1]:8080", "kubernetes-someday"),
+            ("moved:[::1]:8080", "0"),
+            ("failed:[::1]:8080", "0"),
+            ("moved:10.0.0.9:80", "1"),
+            ("junk", "x"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let grouped = group_drain_fields(all);
+        assert_eq!(grouped.keys().collect::<Vec<_>>(), ["10.0.0.1:80", "10.0.0.9:80", "[::1]:8080"]);
+        let a = grouped["10.0.0.1:80"].to_drain("10.0.0.1:80").unwrap();
+        assert_eq!(
+            a,
+            Drain {
+                upstream: "10.0.0.1:80".into(),
+                since_ms: 1000,
+                source: DrainSource::Dns,
+                moved: 3,
+                failed: 1,
+                last_move_ms: Some(1500)
+            }
+        );
+        let b = grouped["[::1]:8080"].to_drain("[::1]:8080").unwrap();
+        assert_eq!((b.source, b.last_move_ms, b.moved), (DrainSource::Other, None, 0));
+        assert!(grouped["10.0.0.9:80"].to_drain("10.0.0.9:80").is_err(), "no since: not a drain");
+        assert_eq!(drains_key("mcp-affinity:"), "mcp-affinity:drains");
     }
 
     #[test]
