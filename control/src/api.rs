@@ -7,13 +7,20 @@
 //! | `PATCH /v1/sessions/{id}`  | bearer | 200 record (touched), 404                          |
 //! | `DELETE /v1/sessions/{id}` | bearer | 204, 404                                           |
 //! | `POST /v1/sessions/{id}/recover` | bearer | 200 outcome (see [`crate::recover`]), 404, 400, 503 |
+//! | `POST /v1/upstreams/{upstream}/drain` | bearer | 200 the [`Drain`] (new or already draining), 400 `invalid_upstream`, 503 |
+//! | `DELETE /v1/upstreams/{upstream}/drain` | bearer | 204 undrained, 404 `not_draining`, 400, 503 |
+//! | `GET /v1/upstreams/draining` | bearer | 200 [`DrainingList`] `{"draining":[Drain…]}` sorted by upstream, 503 |
 //! | `GET /healthz`             | none   | 200 while the process runs                         |
 //! | `GET /readyz`              | none   | 200 when the store answers, else 503               |
 //! | `GET /metrics`             | none   | Prometheus / OpenMetrics text                      |
 //!
 //! The `{id}` path segment is the percent-encoded session id (encode at least `/`, `%`,
-//! `?` and `#`). Errors are described in [`crate::errors`].
+//! `?` and `#`). `{upstream}` is an MCP server pod as `ip:port` — IPv6 in brackets,
+//! `[fd00::7]:8080` — optionally percent-encoded (`10.0.0.7%3A8080`); it is stored in
+//! canonical form (`SocketAddr::to_string()`), the form Envoy reports upstream addresses
+//! in. Errors are described in [`crate::errors`].
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,8 +33,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::{Auth, require_bearer};
 use crate::errors::ApiError;
@@ -35,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
 use crate::recover::{RecoverRequest, RecoverResponse, Recovery};
 use crate::session_id::SessionId;
-use crate::store::{PutOutcome, SessionStore, StoreError};
+use crate::store::{Drain, DrainSource, PutOutcome, SessionStore, StoreError};
 use tokio::sync::Semaphore;
 
 /// Route template of the session resource.
@@ -43,6 +50,21 @@ pub const SESSION_ROUTE: &str = "/v1/sessions/{id}";
 
 /// Route template of session recovery.
 pub const RECOVER_ROUTE: &str = "/v1/sessions/{id}/recover";
+
+/// Route template of an upstream's drain (`POST` drains, `DELETE` undrains).
+pub const DRAIN_ROUTE: &str = "/v1/upstreams/{upstream}/drain";
+
+/// Route template of the list of draining upstreams (polled by every filter).
+pub const DRAINING_ROUTE: &str = "/v1/upstreams/draining";
+
+/// Body of `GET /v1/upstreams/draining`:
+/// `{"draining":[{"upstream":"127.0.0.2:8080","since_ms":…,"source":"admin","moved":0,"failed":0,"last_move_ms":null}]}`.
+/// The filter reads only `draining[].upstream`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainingList {
+    /// Every unexpired drain, sorted by `upstream`.
+    pub draining: Vec<Drain>,
+}
 
 /// Shared state of the handlers.
 pub struct AppState<S> {
@@ -71,6 +93,14 @@ impl<S: SessionStore> AppState<S> {
         }
         result
     }
+
+    /// Reads the draining list and updates the `upstreams_draining` gauge (best effort:
+    /// a store error is logged by [`Self::timed`] and leaves the gauge as it was).
+    async fn refresh_draining_gauge(&self) {
+        if let Ok(list) = self.timed("draining", self.store.draining()).await {
+            self.metrics.set_upstreams_draining(list.len());
+        }
+    }
 }
 
 /// Builds the service's router: `/v1` behind `auth`, a body limit of `max_body_bytes` and
@@ -83,6 +113,8 @@ pub fn router<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: u
             get(get_session::<S>).put(put_session::<S>).patch(patch_session::<S>).delete(delete_session::<S>),
         )
         .route(RECOVER_ROUTE, post(recover_session::<S>))
+        .route(DRAIN_ROUTE, post(drain_upstream::<S>).delete(undrain_upstream::<S>))
+        .route(DRAINING_ROUTE, get(list_draining::<S>))
         .route("/v1/sessions/", any(empty_session_id))
         .route_layer(middleware::from_fn_with_state(auth, require_bearer))
         .route_layer(middleware::from_fn_with_state(Arc::new(Semaphore::new(max_in_flight)), admit))
@@ -141,6 +173,20 @@ impl<St: Send + Sync> FromRequestParts<St> for ValidId {
 
 fn invalid_id(why: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_session_id", format!("invalid session id: {why}"))
+}
+
+/// An upstream (`ip:port`) taken from the path and parsed.
+struct ValidUpstream(SocketAddr);
+
+impl<St: Send + Sync> FromRequestParts<St> for ValidUpstream {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &St) -> Result<Self, ApiError> {
+        let Path(raw): Path<String> = Path::from_request_parts(parts, state)
+            .await
+            .map_err(|e: PathRejection| ApiError::invalid_upstream("", &e.body_text()))?;
+        raw.parse::<SocketAddr>().map(ValidUpstream).map_err(|e| ApiError::invalid_upstream(&raw, &e.to_string()))
+    }
 }
 
 /// The raw request body, within the body limit.
@@ -253,6 +299,40 @@ async fn recover_session<S: SessionStore>(
             Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "recovery failed unexpectedly"))
         }
     }
+}
+
+/// `POST /v1/upstreams/{upstream}/drain`: idempotent, 200 with the drain (a new one, or
+/// the existing one unchanged). Called from pods' `preStop` hooks: one store write.
+async fn drain_upstream<S: SessionStore>(
+    State(state): State<AppState<S>>,
+    ValidUpstream(upstream): ValidUpstream,
+) -> Result<Json<Drain>, ApiError> {
+    let drain = state.timed("drain", state.store.drain(upstream, DrainSource::Admin)).await?;
+    tracing::info!(%upstream, since_ms = drain.since_ms, source = drain.source.as_str(), "upstream draining");
+    state.refresh_draining_gauge().await;
+    Ok(Json(drain))
+}
+
+/// `DELETE /v1/upstreams/{upstream}/drain`: 204, or 404 `not_draining`.
+async fn undrain_upstream<S: SessionStore>(
+    State(state): State<AppState<S>>,
+    ValidUpstream(upstream): ValidUpstream,
+) -> Result<StatusCode, ApiError> {
+    let was = state.timed("undrain", state.store.undrain(upstream)).await?;
+    state.refresh_draining_gauge().await;
+    if was {
+        tracing::info!(%upstream, "upstream no longer draining");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_draining(&upstream.to_string()))
+    }
+}
+
+/// `GET /v1/upstreams/draining`: every unexpired drain, sorted by upstream.
+async fn list_draining<S: SessionStore>(State(state): State<AppState<S>>) -> Result<Json<DrainingList>, ApiError> {
+    let draining = state.timed("draining", state.store.draining()).await?;
+    state.metrics.set_upstreams_draining(draining.len());
+    Ok(Json(DrainingList { draining }))
 }
 
 async fn empty_session_id() -> ApiError {

@@ -95,8 +95,13 @@ const ABOUT: &str = "Control service of mcp-affinity: the durable, shared home o
 upstream pod holds each Mcp-Session-Id), behind a small authenticated HTTP API.";
 
 const LONG_ABOUT_TAIL: &str = "\
-Routes: PUT/GET/PATCH/DELETE /v1/sessions/{id} and POST /v1/sessions/{id}/recover (bearer token required), \
-GET /healthz, GET /readyz, GET /metrics.
+Routes: PUT/GET/PATCH/DELETE /v1/sessions/{id}, POST /v1/sessions/{id}/recover, POST/DELETE \
+/v1/upstreams/{upstream}/drain and GET /v1/upstreams/draining (bearer token required), GET /healthz, GET /readyz, \
+GET /metrics.
+
+Draining: POST /v1/upstreams/{ip:port}/drain (e.g. from a pod's preStop hook) marks an upstream as going away; \
+filters poll GET /v1/upstreams/draining and ask control (recover, reason draining) to move each session off it \
+before its next request. With --endpoints-dns, addresses that stop resolving are drained automatically.
 
 Recovery: when the pod a session is pinned to is gone or has lost the session, the filter calls \
 POST /v1/sessions/{id}/recover. Control picks a live MCP server endpoint (--endpoints or --endpoints-dns; the \
@@ -195,9 +200,23 @@ pub struct Config {
     pub endpoints: Vec<SocketAddr>,
 
     /// Recovery: a DNS name and port resolved at every recovery to all its addresses, e.g. a Kubernetes
-    /// headless Service `mcp-server-headless.ns.svc.cluster.local:8080`.
+    /// headless Service `mcp-server-headless.ns.svc.cluster.local:8080`. Also resolved every
+    /// --endpoints-refresh-secs: addresses that leave it (terminating pods) are drained.
     #[arg(long, env = "MCP_AFFINITY_CONTROL_ENDPOINTS_DNS", value_name = "NAME:PORT", value_parser = parse_dns_endpoint)]
     pub endpoints_dns: Option<String>,
+
+    /// How often, in seconds, the --endpoints-dns name is resolved in the background to drain pods
+    /// that left it: an address that resolved before and is missing now is drained (source `dns`),
+    /// and a `dns` drain whose address resolves again is undone. Not used with --endpoints.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_ENDPOINTS_REFRESH_SECS", default_value_t = 5, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub endpoints_refresh_secs: u64,
+
+    /// Lifetime of an upstream drain, in seconds from when it began: a drain nobody undoes (the pod is
+    /// gone; its IP may be reused much later) ends on its own after this long.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_DRAIN_TTL_SECS", default_value_t = 3600, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub drain_ttl_secs: u64,
 
     /// Recovery: JSON-RPC methods replayed even when the connection reset after the request was sent
     /// (comma-separated; they must be free of side effects). Requests that provably did not run
@@ -242,6 +261,8 @@ impl fmt::Debug for Config {
             .field("insecure_no_auth", &self.insecure_no_auth)
             .field("endpoints", &self.endpoints)
             .field("endpoints_dns", &self.endpoints_dns)
+            .field("endpoints_refresh_secs", &self.endpoints_refresh_secs)
+            .field("drain_ttl_secs", &self.drain_ttl_secs)
             .field("replay_safe_methods", &self.replay_safe_methods)
             .field("recovery_timeout_ms", &self.recovery_timeout_ms)
             .field("recovery_max_response_bytes", &self.recovery_max_response_bytes)
@@ -307,6 +328,16 @@ impl Config {
         Duration::from_secs(self.session_ttl_secs)
     }
 
+    /// `--drain-ttl-secs` as a duration.
+    pub fn drain_ttl(&self) -> Duration {
+        Duration::from_secs(self.drain_ttl_secs)
+    }
+
+    /// `--endpoints-refresh-secs` as a duration.
+    pub fn endpoints_refresh(&self) -> Duration {
+        Duration::from_secs(self.endpoints_refresh_secs)
+    }
+
     /// `--redis-timeout-ms` as a duration.
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
@@ -366,6 +397,15 @@ mod tests {
         assert_eq!(r.replay_safe_methods.len(), 10);
         assert!(r.replay_safe_methods.contains("resources/templates/list"));
         assert!(!r.replay_safe_methods.contains("tools/call"));
+        assert_eq!((c.drain_ttl(), c.endpoints_refresh()), (Duration::from_secs(3600), Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn drain_flags() {
+        let c = parse(&["--drain-ttl-secs", "60", "--endpoints-refresh-secs", "2"]).unwrap();
+        assert_eq!((c.drain_ttl(), c.endpoints_refresh()), (Duration::from_secs(60), Duration::from_secs(2)));
+        assert!(parse(&["--drain-ttl-secs", "0"]).is_err());
+        assert!(parse(&["--endpoints-refresh-secs", "0"]).is_err());
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! | `malformed_json`     | 400    | body is not JSON                                 |
 //! | `unknown_field`      | 400    | body has a field the API does not define         |
 //! | `invalid_request`    | 400    | wrong field type/value, missing field, bad query |
+//! | `invalid_upstream`   | 400    | `{upstream}` is not `ip:port` (`[v6]:port`)      |
 //! | `session_not_found`  | 404    | no record for the id                             |
+//! | `not_draining`       | 404    | undrain of an upstream that is not draining      |
 //! | `not_found`          | 404    | no such route                                    |
 //! | `method_not_allowed` | 405    | route exists, method does not                    |
 //! | `generation_conflict`| 409    | `if_generation` did not match                    |
@@ -16,6 +18,7 @@
 //! | `internal`           | 500    | a stored record cannot be read                   |
 //! | `store_unavailable`  | 503    | the store cannot be reached in time              |
 //! | `store_busy`         | 503    | concurrent writers kept changing the record      |
+//! | `overloaded`         | 503    | `--max-in-flight` `/v1` requests already served  |
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -66,6 +69,20 @@ impl ApiError {
     /// 404 `session_not_found`.
     pub fn session_not_found(id: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, "session_not_found", format!("no session {id:?}"))
+    }
+
+    /// 400 `invalid_upstream`: `raw` is not a socket address.
+    pub fn invalid_upstream(raw: &str, why: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_upstream",
+            format!("invalid upstream {raw:?}: expected ip:port, e.g. 10.0.0.7:8080 or [fd00::7]:8080 ({why})"),
+        )
+    }
+
+    /// 404 `not_draining`: `upstream` has no (unexpired) drain.
+    pub fn not_draining(upstream: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_draining", format!("upstream {upstream} is not draining"))
     }
 
     /// 409 `generation_conflict` carrying the current record.

@@ -10,7 +10,8 @@
 //! - [`record`]: the record and the request bodies; [`session_id`]: id validation.
 //! - [`store`]: the [`store::SessionStore`] trait, [`store::memory`] and [`store::redis`].
 //! - [`recover`]: session recovery (`POST /v1/sessions/{id}/recover`): re-initialize on a
-//!   live pod once per session, replay when safe.
+//!   live pod once per session, replay when safe; move sessions off draining upstreams.
+//! - [`dns_drain`]: drains upstreams that leave the `--endpoints-dns` name.
 //! - [`metrics`]: Prometheus metrics; [`clock`]: injectable time.
 //!
 //! Run in-process with [`serve`] (tests do) or as the `mcp-affinity-control` binary.
@@ -19,6 +20,7 @@ pub mod api;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod dns_drain;
 pub mod errors;
 pub mod metrics;
 pub mod record;
@@ -59,7 +61,8 @@ pub async fn serve(
     }
     match &config.store {
         StoreKind::Memory => {
-            let store = MemoryStore::new(config.session_ttl(), usize::try_from(config.max_sessions).unwrap_or(usize::MAX));
+            let store = MemoryStore::new(config.session_ttl(), usize::try_from(config.max_sessions).unwrap_or(usize::MAX))
+                .with_drain_ttl(config.drain_ttl());
             tracing::info!(ttl_secs = config.session_ttl_secs, max_sessions = config.max_sessions, "memory store");
             run(Arc::new(store), auth, &config, listener, shutdown).await
         }
@@ -72,7 +75,8 @@ pub async fn serve(
                 timeout: config.redis_timeout(),
             })
             .and_then(|store| store.with_replication_wait(config.redis_wait()))
-            .context("redis store")?;
+            .context("redis store")?
+            .with_drain_ttl(config.drain_ttl());
             let topology = crate::store::redis::RedisTopology::parse(url).map(|t| t.kind()).unwrap_or("?");
             tracing::info!(
                 topology,
@@ -99,13 +103,31 @@ async fn run<S: SessionStore>(
         tracing::warn!("no --endpoints / --endpoints-dns: every session recovery fails (clients start new sessions)");
     }
     tracing::info!(endpoints = ?settings.endpoints, timeout_ms = config.recovery_timeout_ms, "recovery");
+    let metrics = Arc::new(Metrics::new());
+    // With a DNS endpoint source, pods leaving the name are drained in the background.
+    let watcher = matches!(settings.endpoints, crate::recover::endpoints::EndpointSource::Dns(_)).then(|| {
+        tracing::info!(refresh_secs = config.endpoints_refresh_secs, "draining upstreams that leave --endpoints-dns");
+        let task = dns_drain::watch(store.clone(), metrics.clone(), settings.endpoints.clone(), config.endpoints_refresh());
+        AbortOnDrop(tokio::spawn(task))
+    });
+    tracing::info!(drain_ttl_secs = config.drain_ttl_secs, "drains");
     let recovery = Arc::new(crate::recover::Recovery::new(settings).context("recovery")?);
-    let state = AppState { store, metrics: Arc::new(Metrics::new()), recovery };
+    let state = AppState { store, metrics, recovery };
     let app = api::router(state, auth, config.max_body_bytes, usize::try_from(config.max_in_flight).unwrap_or(usize::MAX));
     tracing::info!(addr = %listener.local_addr()?, "listening");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("http server")?;
+    drop(watcher);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Aborts a background task when dropped (also when `run` returns early with an error).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(feature = "tls")]

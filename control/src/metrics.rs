@@ -3,14 +3,17 @@
 //! - `mcp_affinity_control_http_requests_total{route,method,status}` — counter; `route`
 //!   is the route template (`/v1/sessions/{id}`), never a session id.
 //! - `mcp_affinity_control_store_operation_duration_seconds{op,outcome}` — histogram of
-//!   store operations (`op` = get|put|patch|delete|ping, `outcome` = ok|error).
+//!   store operations (`op` = get|put|patch|delete|ping|drain|undrain|draining,
+//!   `outcome` = ok|error) made by the API handlers.
 //! - `mcp_affinity_control_store_records` — gauge, live records (memory store only;
 //!   counting Redis keys is not cheap).
 //! - `mcp_affinity_control_store_evictions_total` — counter, records evicted at
 //!   `--max-sessions` (memory store).
 //! - `mcp_affinity_control_recoveries_total{outcome}` — counter of decided recoveries
 //!   (`outcome` = replayed|not_replayed|failed|alive; `alive` = a `session_suspect`
-//!   whose probe found the session on its pod).
+//!   whose probe found the session on its pod). Recover calls with reason `draining` are
+//!   not recoveries of a failure and are not counted here (nor in
+//!   `recovery_duration_seconds`): see `drain_moves_total`.
 //! - `mcp_affinity_control_probes_total{result}` — counter of `session_suspect` probes of
 //!   the pinned pod (`result` = alive|session_unknown|unreachable).
 //! - `mcp_affinity_control_reinitializations_total` — counter, sessions a pod accepted
@@ -19,6 +22,20 @@
 //!   of concurrent recoveries.
 //! - `mcp_affinity_control_replays_total` — counter, requests replayed on a new pin.
 //! - `mcp_affinity_control_recovery_duration_seconds` — histogram of decided recoveries.
+//! - `mcp_affinity_control_drain_moves_total{outcome}` — counter of drain-moves decided by
+//!   this instance (`outcome` = moved|stayed): `moved` = a session this instance
+//!   re-initialized off a draining upstream and re-pinned; `stayed` = a move this
+//!   instance attempted under the session's lease and could not make. Answers that only
+//!   found the session already moved (another call moved it) or its upstream no longer
+//!   draining are not counted; the same rule feeds the drains' `moved` / `failed` in the
+//!   store, summed over every instance.
+//! - `mcp_affinity_control_drain_move_delay_seconds` — histogram, for every `moved`: the
+//!   time from the drain's `since_ms` to the move (its maximum bucket shows the time from
+//!   a drain to its last moved session; exact per-drain numbers are in the API,
+//!   `last_move_ms - since_ms`).
+//! - `mcp_affinity_control_upstreams_draining` — gauge, drains in the store when this
+//!   instance last read or changed the list (`GET /v1/upstreams/draining`, which filters
+//!   poll, drain/undrain, recoveries, the DNS watcher).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -73,6 +90,9 @@ pub struct Metrics {
     reinitializations: Counter,
     replays: Counter,
     recovery_duration: Histogram,
+    drain_moves: Family<OutcomeLabels, Counter>,
+    drain_move_delay: Histogram,
+    upstreams_draining: Gauge,
 }
 
 impl Default for Metrics {
@@ -124,6 +144,25 @@ impl Metrics {
             "Latency of decided recoveries in seconds (waiting, re-initialization and replay)",
             recovery_duration.clone(),
         );
+        let drain_moves = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "drain_moves",
+            "Sessions moved off a draining upstream by this instance (moved), and drain-moves it could not make (stayed)",
+            drain_moves.clone(),
+        );
+        // 50 ms … ~27 min.
+        let drain_move_delay = Histogram::new(exponential_buckets(0.05, 2.0, 16));
+        registry.register(
+            "drain_move_delay_seconds",
+            "Time from the start of a drain to each session moved off the drained upstream, in seconds",
+            drain_move_delay.clone(),
+        );
+        let upstreams_draining = Gauge::default();
+        registry.register(
+            "upstreams_draining",
+            "Draining upstreams in the store, as last read or changed by this instance",
+            upstreams_draining.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -136,6 +175,9 @@ impl Metrics {
             reinitializations,
             replays,
             recovery_duration,
+            drain_moves,
+            drain_move_delay,
+            upstreams_draining,
         }
     }
 
@@ -170,6 +212,21 @@ impl Metrics {
     /// Counts one replayed request.
     pub fn count_replay(&self) {
         self.replays.inc();
+    }
+
+    /// Counts one drain-move decided by this instance: `moved` (with `delay` = time from the
+    /// drain's start to the move, when known) or stayed.
+    pub fn observe_drain_move(&self, moved: bool, delay: Option<Duration>) {
+        let outcome = if moved { "moved" } else { "stayed" };
+        self.drain_moves.get_or_create(&OutcomeLabels { outcome }).inc();
+        if let (true, Some(delay)) = (moved, delay) {
+            self.drain_move_delay.observe(delay.as_secs_f64());
+        }
+    }
+
+    /// Sets the number of draining upstreams (after reading or changing the list).
+    pub fn set_upstreams_draining(&self, n: usize) {
+        self.upstreams_draining.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The text exposition (OpenMetrics text, which Prometheus reads), after updating the
@@ -217,6 +274,17 @@ mod tests {
         assert!(text.contains(r#"mcp_affinity_control_probes_total{result="alive"} 1"#), "{text}");
         assert!(text.contains(r#"mcp_affinity_control_probes_total{result="unreachable"} 2"#), "{text}");
         assert!(text.contains("mcp_affinity_control_recovery_duration_seconds_count 2"));
+        m.observe_drain_move(true, Some(Duration::from_millis(1500)));
+        m.observe_drain_move(false, None);
+        m.observe_drain_move(false, None);
+        m.set_upstreams_draining(2);
+        let text = m.render(StoreStats { records: Some(3), evictions: 2 });
+        assert!(text.contains(r#"mcp_affinity_control_drain_moves_total{outcome="moved"} 1"#), "{text}");
+        assert!(text.contains(r#"mcp_affinity_control_drain_moves_total{outcome="stayed"} 2"#), "{text}");
+        assert!(text.contains("mcp_affinity_control_drain_move_delay_seconds_count 1"), "{text}");
+        assert!(text.contains("mcp_affinity_control_drain_move_delay_seconds_sum 1.5"), "{text}");
+        assert!(text.contains(r#"mcp_affinity_control_drain_move_delay_seconds_bucket{le="1.6"} 1"#), "{text}");
+        assert!(text.contains("mcp_affinity_control_upstreams_draining 2"), "{text}");
         // Evictions are a running total: rendering again with the same total adds nothing.
         let text = m.render(StoreStats { records: Some(3), evictions: 2 });
         assert!(text.contains("mcp_affinity_control_store_evictions_total 2"));
