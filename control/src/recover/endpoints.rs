@@ -1,8 +1,9 @@
 //! Where re-initialized sessions may go: a static list of MCP server endpoints
 //! (`--endpoints`) or a DNS name resolved at every recovery to all its addresses
 //! (`--endpoints-dns`, e.g. a Kubernetes headless Service), and the order in which a
-//! recovery tries them.
+//! recovery tries them (draining endpoints last, or not at all for a drain-move).
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -46,22 +47,54 @@ pub fn is_failed(endpoint: SocketAddr, failed: &str) -> bool {
     }
 }
 
-/// The order in which a recovery tries `endpoints`: every endpoint but the failed one,
-/// rotated by `turn` (so that the sessions of a dead pod spread over the live ones). The
-/// failed upstream is left out after a connection failure; after `session_unknown`,
-/// `session_suspect` or `reset_after_send` the pod may be alive again (restarted in
-/// place), so it comes last.
-pub fn candidates(endpoints: &[SocketAddr], failed: &str, reason: Reason, turn: usize) -> Vec<SocketAddr> {
-    let (failed_ones, mut others): (Vec<SocketAddr>, Vec<SocketAddr>) =
+/// The order in which a recovery tries `endpoints`, given the upstreams currently
+/// `draining`:
+///
+/// 1. every endpoint that is neither the failed upstream nor draining, rotated by `turn`
+///    (so that the sessions of a dead or draining pod spread over the live ones);
+/// 2. the failed upstream, if it is not draining — except after `connect_failure` (the
+///    pod is gone). After `session_unknown`, `session_suspect` or `reset_after_send` the
+///    pod may be alive again (restarted in place), so it comes late rather than never;
+/// 3. the draining endpoints (rotated by `turn` too): a draining pod still serves for
+///    its grace period, which beats failing the session, but is never preferred;
+/// 4. the failed upstream if it is draining (same `connect_failure` rule).
+///
+/// For reason `draining` (moving a session off the failed, draining upstream) only the
+/// first group is returned: neither the failed upstream nor any draining endpoint.
+pub fn candidates(
+    endpoints: &[SocketAddr],
+    failed: &str,
+    reason: Reason,
+    turn: usize,
+    draining: &BTreeSet<SocketAddr>,
+) -> Vec<SocketAddr> {
+    let (failed_ones, others): (Vec<SocketAddr>, Vec<SocketAddr>) =
         endpoints.iter().copied().partition(|e| is_failed(*e, failed));
-    if !others.is_empty() {
-        let n = turn % others.len();
-        others.rotate_left(n);
+    let (mut live, mut drained): (Vec<SocketAddr>, Vec<SocketAddr>) = others.into_iter().partition(|e| !draining.contains(e));
+    rotate(&mut live, turn);
+    if reason == Reason::Draining {
+        return live;
     }
-    if reason != Reason::ConnectFailure {
-        others.extend(failed_ones);
+    rotate(&mut drained, turn);
+    let (failed_live, failed_drained): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        failed_ones.into_iter().partition(|e| !draining.contains(e));
+    let failed_allowed = reason != Reason::ConnectFailure;
+    let mut out = live;
+    if failed_allowed {
+        out.extend(failed_live);
     }
-    others
+    out.extend(drained);
+    if failed_allowed {
+        out.extend(failed_drained);
+    }
+    out
+}
+
+fn rotate(list: &mut [SocketAddr], turn: usize) {
+    if !list.is_empty() {
+        let n = turn % list.len();
+        list.rotate_left(n);
+    }
 }
 
 #[cfg(test)]
@@ -72,8 +105,22 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn none() -> BTreeSet<SocketAddr> {
+        BTreeSet::new()
+    }
+
+    fn set(list: &[&str]) -> BTreeSet<SocketAddr> {
+        list.iter().map(|s| a(s)).collect()
+    }
+
+    /// `candidates` without drains.
+    fn plain(endpoints: &[SocketAddr], failed: &str, reason: Reason, turn: usize) -> Vec<SocketAddr> {
+        candidates(endpoints, failed, reason, turn, &none())
+    }
+
     #[test]
     fn skips_or_demotes_the_failed_upstream_and_rotates() {
+        let candidates = plain;
         let eps = [a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.3:80")];
         assert_eq!(candidates(&eps, "10.0.0.2:80", Reason::ConnectFailure, 0), [a("10.0.0.1:80"), a("10.0.0.3:80")]);
         assert_eq!(candidates(&eps, "10.0.0.2:80", Reason::ConnectFailure, 1), [a("10.0.0.3:80"), a("10.0.0.1:80")]);
@@ -86,6 +133,60 @@ mod tests {
         assert_eq!(candidates(&[a("10.0.0.2:80")], "10.0.0.2:80", Reason::SessionSuspect, 5), [a("10.0.0.2:80")]);
         // An unparsable failed upstream (e.g. a name) skips nothing.
         assert_eq!(candidates(&eps, "pod-a:80", Reason::ConnectFailure, 0).len(), 3);
+    }
+
+    #[test]
+    fn draining_endpoints_come_last_and_never_for_a_drain_move() {
+        let eps = [a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.3:80"), a("10.0.0.4:80"), a("10.0.0.5:80")];
+        let draining = set(&["10.0.0.2:80", "10.0.0.4:80"]);
+        // Live endpoints rotated first, the draining ones (rotated too) after them.
+        assert_eq!(
+            candidates(&eps, "10.0.0.1:80", Reason::ConnectFailure, 0, &draining),
+            [a("10.0.0.3:80"), a("10.0.0.5:80"), a("10.0.0.2:80"), a("10.0.0.4:80")]
+        );
+        assert_eq!(
+            candidates(&eps, "10.0.0.1:80", Reason::ConnectFailure, 1, &draining),
+            [a("10.0.0.5:80"), a("10.0.0.3:80"), a("10.0.0.4:80"), a("10.0.0.2:80")]
+        );
+        // The failed upstream (not draining, may be restarted in place) before the draining ones.
+        assert_eq!(
+            candidates(&eps, "10.0.0.1:80", Reason::SessionUnknown, 0, &draining),
+            [a("10.0.0.3:80"), a("10.0.0.5:80"), a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.4:80")]
+        );
+        // A failed upstream that is draining comes after everything, and never after a
+        // connection failure.
+        assert_eq!(
+            candidates(&eps, "10.0.0.2:80", Reason::ResetAfterSend, 0, &draining),
+            [a("10.0.0.1:80"), a("10.0.0.3:80"), a("10.0.0.5:80"), a("10.0.0.4:80"), a("10.0.0.2:80")]
+        );
+        assert_eq!(
+            candidates(&eps, "10.0.0.2:80", Reason::ConnectFailure, 0, &draining),
+            [a("10.0.0.1:80"), a("10.0.0.3:80"), a("10.0.0.5:80"), a("10.0.0.4:80")]
+        );
+        // Every endpoint draining: they are still candidates for a failure recovery.
+        let all = set(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80", "10.0.0.5:80"]);
+        assert_eq!(candidates(&eps, "10.0.0.1:80", Reason::SessionSuspect, 0, &all).len(), 5);
+        // Reason draining: only live, non-draining endpoints other than the failed one.
+        assert_eq!(
+            candidates(&eps, "10.0.0.2:80", Reason::Draining, 0, &draining),
+            [a("10.0.0.1:80"), a("10.0.0.3:80"), a("10.0.0.5:80")]
+        );
+        assert_eq!(
+            candidates(&eps, "10.0.0.2:80", Reason::Draining, 2, &draining),
+            [a("10.0.0.5:80"), a("10.0.0.1:80"), a("10.0.0.3:80")]
+        );
+        // The failed upstream is excluded even when it is (no longer) in the draining list.
+        assert_eq!(
+            candidates(&eps, "10.0.0.1:80", Reason::Draining, 0, &draining),
+            [a("10.0.0.3:80"), a("10.0.0.5:80")]
+        );
+        assert_eq!(candidates(&eps, "10.0.0.1:80", Reason::Draining, 0, &all), []);
+        assert_eq!(candidates(&[a("10.0.0.2:80")], "10.0.0.2:80", Reason::Draining, 0, &none()), []);
+        // Drains of addresses that are not endpoints change nothing.
+        assert_eq!(
+            candidates(&eps[..2], "10.0.0.1:80", Reason::ConnectFailure, 0, &set(&["10.9.9.9:80"])),
+            [a("10.0.0.2:80")]
+        );
     }
 
     #[tokio::test]

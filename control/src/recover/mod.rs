@@ -31,6 +31,17 @@
 //! 3. when no endpoint accepts the session, deletes the record and gives the client the
 //!    404 + JSON-RPC "Session not found" that makes a standard client start a new session.
 //!
+//! Reason `draining` is not a failure: the pinned pod is going away (its upstream is in the
+//! store's draining list, [`crate::store::Drain`]) but still serves, and the filter asks
+//! before sending the session's next request, which it then sends itself. Control
+//! settles the pin exactly as in step 1 — re-initializing on an endpoint that is neither
+//! draining nor the failed upstream — but **replays nothing** (`response` is `null`) and
+//! **never deletes the record**: the outcome is [`Outcome::Moved`] (the new, or already
+//! newer, pin) or [`Outcome::Stayed`] (the move could not be made; the current, unchanged
+//! pin). Moves this call made or could not make are counted in the drain
+//! ([`SessionStore::record_drain_move`]) and in `drain_moves_total`, not as recoveries.
+//! Every other reason prefers non-draining endpoints too ([`endpoints::candidates`]).
+//!
 //! Every step shares one deadline (`--recovery-timeout-ms`); the probe gets at most half
 //! of it ([`PROBE_SHARE`]) so that a pod that hangs leaves time to re-initialize elsewhere.
 //! The client's `Authorization` is used for the calls to the pod and never stored or
@@ -40,7 +51,7 @@ pub mod endpoints;
 pub mod locks;
 pub mod upstream;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,7 +69,7 @@ use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::record::{PutCondition, PutSession, SessionRecord};
 use crate::session_id::SessionId;
-use crate::store::{PutOutcome, SessionStore};
+use crate::store::{Drain, PutOutcome, SessionStore};
 
 /// JSON-RPC error code of the answer to a request that was not replayed because it may
 /// already have run (`reset_after_send` with a method outside the replay-safe list), or
@@ -100,6 +111,11 @@ pub enum Reason {
     /// still knows the session the answer is [`Outcome::Alive`] (the filter passes the
     /// pod's answer through), else this is handled as [`Reason::SessionUnknown`].
     SessionSuspect,
+    /// Nothing failed: the pinned upstream (`failed_upstream`, `ip:port`) is draining and
+    /// the filter asks, before sending the request (`request.body` may be empty), to move
+    /// the session to a live, non-draining endpoint. Answered [`Outcome::Moved`] or
+    /// [`Outcome::Stayed`]; nothing is replayed and the record is never deleted.
+    Draining,
 }
 
 /// The client's request as the filter saw it.
@@ -178,6 +194,15 @@ pub enum Outcome {
     /// was changed or replayed; `pin` is the current pin and `response` is `null` — the
     /// filter sends the client the pod's original answer unchanged.
     Alive,
+    /// Only for `draining`: the session is on `pin`, off the draining upstream — moved
+    /// now, or found already moved (a newer generation). `response` is `null`: the filter
+    /// sends the request itself, to the new pin.
+    Moved,
+    /// Only for `draining`: the session could not be moved (no live non-draining endpoint
+    /// accepted it, deadline, another recovery holding it, or the upstream is no longer
+    /// draining). `pin` is the current, unchanged pin and the record is kept — the
+    /// draining pod still serves during its grace period; `response` is `null`.
+    Stayed,
 }
 
 impl Outcome {
@@ -188,6 +213,8 @@ impl Outcome {
             Outcome::NotReplayed => "not_replayed",
             Outcome::Failed => "failed",
             Outcome::Alive => "alive",
+            Outcome::Moved => "moved",
+            Outcome::Stayed => "stayed",
         }
     }
 }
@@ -231,8 +258,9 @@ pub struct RecoverResponse {
     pub outcome: Outcome,
     /// Where the session lives now (`null` for `failed`).
     pub pin: Option<Pin>,
-    /// The answer for the client; `null` only for `alive` (the filter passes the pod's
-    /// original answer through).
+    /// The answer for the client; `null` for `alive` (the filter passes the pod's
+    /// original answer through) and for `moved` / `stayed` (nothing was sent; the filter
+    /// sends the request to `pin` itself).
     pub response: Option<ClientResponse>,
 }
 
@@ -330,12 +358,20 @@ impl Recovery {
     }
 
     /// Checks a request before anything is done: method `POST` or `GET` (`DELETE` is never
-    /// recovered), a path starting with `/`, header fields that are valid header values.
+    /// recovered), a path starting with `/`, header fields that are valid header values,
+    /// and for reason `draining` a `failed_upstream` that is an `ip:port` (the body may be
+    /// empty: the filter asks before the body arrives).
     ///
     /// # Errors
-    /// 400 `invalid_request` naming the problem.
+    /// 400 `invalid_request` naming the problem; 400 `invalid_upstream` for a `draining`
+    /// request whose `failed_upstream` is not `ip:port`.
     pub fn validate(req: &RecoverRequest) -> Result<(), ApiError> {
         let r = &req.request;
+        if req.reason == Reason::Draining
+            && let Err(e) = req.failed_upstream.parse::<SocketAddr>()
+        {
+            return Err(ApiError::invalid_upstream(&req.failed_upstream, &e.to_string()));
+        }
         if r.method.eq_ignore_ascii_case("DELETE") {
             return Err(ApiError::invalid_request("DELETE is never recovered: a failed DELETE just ends the session"));
         }
@@ -382,6 +418,9 @@ impl Recovery {
         let Some(record) = store.get(id).await? else {
             return Err(ApiError::session_not_found(id.as_str()));
         };
+        if req.reason == Reason::Draining {
+            return self.move_off_draining(store, metrics, id, req, start, deadline).await;
+        }
         let info = JsonRpcInfo::of(&req.request.body);
         let probed = if req.reason == Reason::SessionSuspect && record.generation <= req.failed_generation {
             let probe_deadline = deadline.min(start + self.settings.timeout / PROBE_SHARE);
@@ -417,6 +456,62 @@ impl Recovery {
             "recovery"
         );
         Ok(answer)
+    }
+
+    /// Reason `draining`: settle the pin as a recovery does, reply `moved` with the pin or
+    /// `stayed` with the current one. Nothing is replayed; the record is never deleted
+    /// (the 404 answers a record deleted meanwhile, e.g. by the client's DELETE).
+    async fn move_off_draining<S: SessionStore>(
+        &self,
+        store: &S,
+        metrics: &Metrics,
+        id: &SessionId,
+        req: &RecoverRequest,
+        start: Instant,
+        deadline: Instant,
+    ) -> Result<RecoverResponse, ApiError> {
+        let answer = match self.settle(store, metrics, id, req, deadline).await? {
+            Settled::Pinned(pin) => RecoverResponse { outcome: Outcome::Moved, pin: Some(pin), response: None },
+            Settled::Failed(why) => {
+                let Some(current) = store.get(id).await? else {
+                    return Err(ApiError::session_not_found(id.as_str()));
+                };
+                tracing::info!(session = id.as_str(), upstream = current.upstream.as_str(), why, "drain-move not made");
+                RecoverResponse { outcome: Outcome::Stayed, pin: Some(Pin::of(&current)), response: None }
+            }
+        };
+        tracing::info!(
+            session = id.as_str(),
+            reason = ?req.reason,
+            outcome = answer.outcome.as_str(),
+            draining = req.failed_upstream.as_str(),
+            upstream = answer.pin.as_ref().map(|p| p.upstream.as_str()),
+            generation = answer.pin.as_ref().map(|p| p.generation),
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "drain-move"
+        );
+        Ok(answer)
+    }
+
+    /// The draining upstreams (by address), updating the `upstreams_draining` gauge.
+    async fn draining<S: SessionStore>(&self, store: &S, metrics: &Metrics) -> Result<BTreeMap<SocketAddr, Drain>, ApiError> {
+        let list = store.draining().await?;
+        metrics.set_upstreams_draining(list.len());
+        Ok(list.into_iter().filter_map(|d| Some((d.upstream.parse().ok()?, d))).collect())
+    }
+
+    /// Counts a drain-move of `upstream` decided by this call, in the store's drain and in
+    /// the metrics (the delay of a move: `last_move_ms - since_ms` of the updated drain).
+    async fn count_drain_move<S: SessionStore>(&self, store: &S, metrics: &Metrics, upstream: SocketAddr, moved: bool) {
+        let delay = match store.record_drain_move(upstream, moved).await {
+            Ok(Some(drain)) => drain.last_move_ms.map(|last| Duration::from_millis(last.saturating_sub(drain.since_ms))),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(%upstream, error = %e, "counting a drain-move in the store failed");
+                None
+            }
+        };
+        metrics.observe_drain_move(moved, delay.filter(|_| moved));
     }
 
     /// Step 0 (`session_suspect`): does the pinned pod still know the session? A pin that
@@ -495,13 +590,29 @@ impl Recovery {
         if record.generation > req.failed_generation {
             return Ok(Settled::Pinned(Pin::of(&record)));
         }
+        // Draining upstreams: excluded for a drain-move (whose failed upstream must still be
+        // draining), tried last otherwise (a store error then only loses that preference).
+        let drain_move = req.reason == Reason::Draining;
+        let draining = match self.draining(store, metrics).await {
+            Ok(d) => d,
+            Err(e) if drain_move => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "reading the draining upstreams failed; not avoiding them");
+                BTreeMap::new()
+            }
+        };
+        let drained = req.failed_upstream.parse::<SocketAddr>().ok().filter(|a| draining.contains_key(a));
+        if drain_move && drained.is_none() {
+            return Ok(Settled::Failed(format!("{} is not draining (any more)", req.failed_upstream)));
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         let endpoints = self.settings.endpoints.resolve(remaining).await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no recovery endpoints");
             Vec::new()
         });
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let candidates = endpoints::candidates(&endpoints, &req.failed_upstream, req.reason, turn);
+        let draining_set: BTreeSet<SocketAddr> = draining.keys().copied().collect();
+        let candidates = endpoints::candidates(&endpoints, &req.failed_upstream, req.reason, turn, &draining_set);
         let r = &req.request;
         let max = self.settings.max_response_bytes;
         let mut tried = Vec::new();
@@ -558,13 +669,22 @@ impl Recovery {
                     tracing::info!(
                         session = id.as_str(), %endpoint, generation = new.generation, "session re-initialized"
                     );
+                    if let Some(upstream) = drained.filter(|_| drain_move) {
+                        self.count_drain_move(store, metrics, upstream, true).await;
+                    }
                     Ok(Settled::Pinned(Pin::of(&new)))
                 }
                 Ok(PutOutcome::Conflict(current)) => {
                     self.delete_orphan(&target, &init.session_id);
                     match current {
+                        // Someone else moved it: their move, not counted here.
                         Some(current) if current.generation > req.failed_generation => Ok(Settled::Pinned(Pin::of(&current))),
-                        Some(_) => Ok(Settled::Failed("the record changed during re-initialization".into())),
+                        Some(_) => {
+                            if let Some(upstream) = drained.filter(|_| drain_move) {
+                                self.count_drain_move(store, metrics, upstream, false).await;
+                            }
+                            Ok(Settled::Failed("the record changed during re-initialization".into()))
+                        }
                         None => Ok(Settled::Failed("the record was deleted during re-initialization".into())),
                     }
                 }
@@ -574,15 +694,20 @@ impl Recovery {
                 }
             };
         }
-        // No endpoint took the session: the client must start a new one.
-        if let Err(e) = store.delete(id).await {
-            tracing::warn!(session = id.as_str(), error = %e, "deleting the unrecoverable session failed");
-        }
         let why = if tried.is_empty() {
             format!("no live endpoint (endpoints: {endpoints:?}, failed upstream {})", req.failed_upstream)
         } else {
             format!("no endpoint accepted the session: {}", tried.join("; "))
         };
+        if let Some(upstream) = drained.filter(|_| drain_move) {
+            // The session stays on its draining pod, which still serves: keep the record.
+            self.count_drain_move(store, metrics, upstream, false).await;
+            return Ok(Settled::Failed(why));
+        }
+        // No endpoint took the session: the client must start a new one.
+        if let Err(e) = store.delete(id).await {
+            tracing::warn!(session = id.as_str(), error = %e, "deleting the unrecoverable session failed");
+        }
         Ok(Settled::Failed(why))
     }
 
@@ -621,6 +746,8 @@ impl Recovery {
             Reason::ResetAfterSend => {
                 !info.methods.is_empty() && info.methods.iter().all(|m| self.settings.replay_safe_methods.contains(m))
             }
+            // Drain-moves never get here (see `move_off_draining`); never replay one.
+            Reason::Draining => false,
         };
         if !safe {
             return not_replayed(outcome_unknown(
@@ -918,6 +1045,162 @@ mod tests {
     fn probes(metrics: &Metrics) -> String {
         let text = metrics.render(crate::store::StoreStats { records: None, evictions: 0 });
         text.lines().filter(|l| l.starts_with("mcp_affinity_control_probes_total{")).collect::<Vec<_>>().join("\n")
+    }
+
+    /// A drain-move request of session `client-1` pinned to `from` at `generation`, with
+    /// `body` (the filter sends an empty one).
+    fn draining_request(from: SocketAddr, generation: u64, method: &str, body: &str) -> RecoverRequest {
+        serde_json::from_value(json!({
+            "failed_generation": generation, "failed_upstream": from.to_string(), "reason": "draining",
+            "request": {"method": method, "path": "/mcp", "authority": "mcp.local", "accept": "application/json, text/event-stream",
+                        "protocol_version": "2025-06-18", "authorization": "Bearer c", "body": body}
+        }))
+        .unwrap()
+    }
+
+    fn rendered(metrics: &Metrics) -> String {
+        metrics.render(crate::store::StoreStats { records: None, evictions: 0 })
+    }
+
+    #[tokio::test]
+    async fn draining_moves_to_a_live_endpoint_and_replays_nothing() {
+        let (from, from_log) = pod::start("b-1").await;
+        let (to, to_log) = pod::start("none").await;
+        let (store, id) = store_with(from, Some("2025-06-18")).await;
+        store.drain(from, crate::store::DrainSource::Admin).await.unwrap();
+        let recovery = recovery_with(vec![from, to]);
+        let metrics = Metrics::new();
+        // Even a request body (a filter never sends one here) is not replayed.
+        let body = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{}}"#;
+        let answer = recovery.recover(&store, &metrics, &id, &draining_request(from, 1, "POST", body)).await.unwrap();
+        let pin = Pin { upstream: to.to_string(), backend_session_id: "new-id".into(), generation: 2 };
+        assert_eq!(answer, RecoverResponse { outcome: Outcome::Moved, pin: Some(pin.clone()), response: None });
+        let methods: Vec<String> = to_log.lock().unwrap().iter().map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" ")).collect();
+        assert_eq!(methods, ["initialize -", "notifications/initialized new-id"], "re-initialization only");
+        assert!(from_log.lock().unwrap().is_empty(), "the draining pod is not called");
+        let record = store.get(&id).await.unwrap().unwrap();
+        assert_eq!((record.upstream.as_str(), record.generation), (to.to_string().as_str(), 2));
+        let drain = store.draining().await.unwrap().remove(0);
+        assert_eq!((drain.moved, drain.failed), (1, 0));
+        assert!(drain.last_move_ms.is_some_and(|last| last >= drain.since_ms), "{drain:?}");
+        let text = rendered(&metrics);
+        assert!(text.contains(r#"mcp_affinity_control_drain_moves_total{outcome="moved"} 1"#), "{text}");
+        assert!(text.contains("mcp_affinity_control_drain_move_delay_seconds_count 1"), "{text}");
+        assert!(text.contains("mcp_affinity_control_reinitializations_total 1"), "{text}");
+        assert!(!text.contains("mcp_affinity_control_recoveries_total{"), "drain-moves are not recoveries: {text}");
+        assert!(text.contains("mcp_affinity_control_upstreams_draining 1"), "{text}");
+
+        // A filter still holding generation 1 (a GET, say): already moved, same pin,
+        // nothing sent anywhere, nothing counted again.
+        to_log.lock().unwrap().clear();
+        let again = recovery.recover(&store, &metrics, &id, &draining_request(from, 1, "GET", "")).await.unwrap();
+        assert_eq!(again, RecoverResponse { outcome: Outcome::Moved, pin: Some(pin), response: None });
+        assert!(to_log.lock().unwrap().is_empty());
+        assert_eq!(store.draining().await.unwrap()[0].moved, 1);
+        assert!(rendered(&metrics).contains(r#"mcp_affinity_control_drain_moves_total{outcome="moved"} 1"#));
+    }
+
+    #[tokio::test]
+    async fn draining_without_a_live_endpoint_stays_and_keeps_the_record() {
+        // The only other endpoint is draining too, and a third one is dead.
+        let (from, _) = pod::start("b-1").await;
+        let (other, other_log) = pod::start("none").await;
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (store, id) = store_with(from, None).await;
+        for a in [from, other] {
+            store.drain(a, crate::store::DrainSource::Admin).await.unwrap();
+        }
+        let metrics = Metrics::new();
+        let recovery = recovery_with(vec![from, other, dead]);
+        let answer = recovery.recover(&store, &metrics, &id, &draining_request(from, 1, "POST", "")).await.unwrap();
+        let pin = Pin { upstream: from.to_string(), backend_session_id: "b-1".into(), generation: 1 };
+        assert_eq!(answer, RecoverResponse { outcome: Outcome::Stayed, pin: Some(pin), response: None });
+        assert!(other_log.lock().unwrap().is_empty(), "a draining endpoint is never a drain-move target");
+        let record = store.get(&id).await.unwrap().expect("the record is kept");
+        assert_eq!((record.upstream, record.generation), (from.to_string(), 1));
+        let drains = store.draining().await.unwrap();
+        let drain = drains.iter().find(|d| d.upstream == from.to_string()).unwrap();
+        assert_eq!((drain.moved, drain.failed, drain.last_move_ms), (0, 1, None));
+        let text = rendered(&metrics);
+        assert!(text.contains(r#"mcp_affinity_control_drain_moves_total{outcome="stayed"} 1"#), "{text}");
+        assert!(text.contains("mcp_affinity_control_reinitializations_total 0"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn draining_an_upstream_that_is_not_draining_stays_uncounted() {
+        let (from, _) = pod::start("b-1").await;
+        let (to, to_log) = pod::start("none").await;
+        let (store, id) = store_with(from, None).await;
+        let metrics = Metrics::new();
+        let answer = recovery_with(vec![from, to]).recover(&store, &metrics, &id, &draining_request(from, 1, "POST", "")).await.unwrap();
+        assert_eq!(answer.outcome, Outcome::Stayed);
+        assert_eq!(answer.pin.unwrap().upstream, from.to_string());
+        assert!(to_log.lock().unwrap().is_empty());
+        assert!(!rendered(&metrics).contains("mcp_affinity_control_drain_moves_total{"));
+        // No record: 404 as for every recovery.
+        let other = SessionId::parse("nobody").unwrap();
+        let err = recovery_with(vec![to]).recover(&store, &metrics, &other, &draining_request(from, 1, "POST", "")).await.unwrap_err();
+        assert_eq!(err.code, "session_not_found");
+    }
+
+    #[tokio::test]
+    async fn other_reasons_avoid_draining_endpoints() {
+        // Pinned to a dead address; two live pods, one draining: every recovery goes to the
+        // other one, whatever the rotation.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (draining, draining_log) = pod::start("none").await;
+        let (live, _) = pod::start("none").await;
+        let store = crate::store::memory::MemoryStore::new(Duration::from_secs(60), 10);
+        store.drain(draining, crate::store::DrainSource::Dns).await.unwrap();
+        let recovery = recovery_with(vec![dead, draining, live]);
+        for n in 0..4 {
+            let id = SessionId::parse(&format!("s-{n}")).unwrap();
+            let put = PutSession {
+                backend_session_id: None,
+                upstream: dead.to_string(),
+                generation: None,
+                initialize: r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#.into(),
+                initialized: None,
+                protocol_version: None,
+            };
+            store.put(&id, &put, PutCondition::Always).await.unwrap();
+            let req: RecoverRequest = serde_json::from_value(json!({
+                "failed_generation": 1, "failed_upstream": dead.to_string(), "reason": "connect_failure",
+                "request": {"method": "GET", "path": "/mcp"}
+            }))
+            .unwrap();
+            let answer = recovery.recover(&store, &Metrics::new(), &id, &req).await.unwrap();
+            assert_eq!(answer.pin.unwrap().upstream, live.to_string(), "turn {n}");
+        }
+        assert!(draining_log.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn draining_validation_and_serde() {
+        let from: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let mut req = draining_request(from, 1, "GET", "");
+        assert_eq!(req.reason, Reason::Draining);
+        assert!(Recovery::validate(&req).is_ok(), "GET with an empty body");
+        req.request.method = "POST".into();
+        assert!(Recovery::validate(&req).is_ok(), "POST with an empty body");
+        req.failed_upstream = "[fd00::1]:8080".into();
+        assert!(Recovery::validate(&req).is_ok());
+        req.failed_upstream = "pod-a:80".into();
+        assert_eq!(Recovery::validate(&req).unwrap_err().code, "invalid_upstream");
+        req.failed_upstream = from.to_string();
+        req.request.method = "DELETE".into();
+        assert!(Recovery::validate(&req).is_err());
+        assert_eq!(serde_json::to_value(Reason::Draining).unwrap(), json!("draining"));
+        let moved = RecoverResponse {
+            outcome: Outcome::Moved,
+            pin: Some(Pin { upstream: "10.0.0.2:80".into(), backend_session_id: "b-2".into(), generation: 2 }),
+            response: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&moved).unwrap(),
+            json!({"outcome": "moved", "pin": {"upstream": "10.0.0.2:80", "backend_session_id": "b-2", "generation": 2}, "response": null})
+        );
+        assert_eq!(serde_json::to_value(Outcome::Stayed).unwrap(), json!("stayed"));
     }
 
     #[tokio::test]
