@@ -56,11 +56,19 @@ async fn documented_routes_are_the_served_routes() {
     let routes = documented();
     assert_eq!(
         routes.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["/healthz", "/metrics", "/readyz", "/v1/sessions/{id}", "/v1/sessions/{id}/recover"]
+        [
+            "/healthz",
+            "/metrics",
+            "/readyz",
+            "/v1/sessions/{id}",
+            "/v1/sessions/{id}/recover",
+            "/v1/upstreams/draining",
+            "/v1/upstreams/{upstream}/drain"
+        ]
     );
     for (path, methods) in &routes {
         assert!(!methods.is_empty(), "{path} documents no method");
-        let uri = path.replace("{id}", "doc-check");
+        let uri = path.replace("{id}", "doc-check").replace("{upstream}", "127.0.0.1:1");
         for method in [Method::GET, Method::PUT, Method::PATCH, Method::DELETE, Method::POST] {
             let body = if method == Method::PUT { r#"{"upstream":"h:1","initialize":"{}"}"# } else { "" };
             let request = Request::builder()
@@ -72,7 +80,10 @@ async fn documented_routes_are_the_served_routes() {
             let status = app.clone().oneshot(request).await.unwrap().status();
             if methods.contains(&method) {
                 assert!(
-                    status != StatusCode::METHOD_NOT_ALLOWED && (status != StatusCode::NOT_FOUND || path.starts_with("/v1/sessions/{id}")),
+                    status != StatusCode::METHOD_NOT_ALLOWED
+                        && (status != StatusCode::NOT_FOUND
+                            || path.starts_with("/v1/sessions/{id}")
+                            || path.starts_with("/v1/upstreams/{upstream}")),
                     "{method} {path} is documented but answers {status}"
                 );
             } else {
@@ -86,7 +97,7 @@ async fn documented_routes_are_the_served_routes() {
 fn documented_error_codes_match_the_readme() {
     let enum_line = SPEC.split("enum: [").nth(1).expect("error code enum").split(']').next().unwrap();
     let codes: Vec<&str> = enum_line.split(',').map(|c| c.trim()).filter(|c| !c.is_empty()).collect();
-    assert_eq!(codes.len(), 14, "{codes:?}");
+    assert_eq!(codes.len(), 16, "{codes:?}");
     for code in codes {
         assert!(README.contains(&format!("| `{code}`")), "README error table lacks {code}");
     }
