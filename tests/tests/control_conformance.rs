@@ -4,9 +4,20 @@
 //! Each test starts its own control instance in-process on a free loopback port (and, for
 //! Redis, its own `redis-server`). Timing-dependent checks (TTL expiry) poll with a
 //! bounded deadline instead of sleeping once.
+//!
+//! Drains (`/v1/upstreams/…`) are checked through HTTP like the rest, and their store
+//! semantics (idempotence, move counters, expiry) also through the `SessionStore` trait
+//! directly, on both stores with one manual clock, so expiry needs no sleeping.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
+use mcp_affinity_control::clock::{Clock, ManualClock};
+use mcp_affinity_control::store::memory::MemoryStore;
+use mcp_affinity_control::store::redis::{RedisStore, RedisStoreConfig};
+use mcp_affinity_control::store::{Drain, DrainSource, SessionStore};
 use mcp_affinity_filter::control::encode_segment as encode;
 use mcp_affinity_harness::fixtures::control::InProcessControl;
 use mcp_affinity_harness::fixtures::redis::RedisServer;
@@ -34,6 +45,11 @@ struct Control {
 
 impl Control {
     async fn start(backend: Backend, ttl_secs: u64) -> Control {
+        Control::start_with(backend, ttl_secs, &[]).await
+    }
+
+    /// Like [`Control::start`] with more flags.
+    async fn start_with(backend: Backend, ttl_secs: u64, extra: &[&str]) -> Control {
         let redis = match backend {
             Backend::Memory => None,
             Backend::Redis => Some(RedisServer::start().expect("start redis-server")),
@@ -52,6 +68,7 @@ impl Control {
         if let Some(r) = &redis {
             args.extend(["--store".into(), r.url(), "--redis-key-prefix".into(), "conformance:".into()]);
         }
+        args.extend(extra.iter().map(|s| s.to_string()));
         let server = InProcessControl::start(&args[1..]).await;
         let base = server.base.clone();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
@@ -98,6 +115,28 @@ impl Control {
 
     async fn delete(&self, id: &str) -> (StatusCode, Value) {
         self.call(Method::DELETE, &self.session_url(id), None).await
+    }
+
+    /// `POST /v1/upstreams/{upstream}/drain` (`upstream` as given, not encoded).
+    async fn drain(&self, upstream: &str) -> (StatusCode, Value) {
+        self.call(Method::POST, &self.url(&format!("/v1/upstreams/{upstream}/drain")), None).await
+    }
+
+    /// `DELETE /v1/upstreams/{upstream}/drain`.
+    async fn undrain(&self, upstream: &str) -> (StatusCode, Value) {
+        self.call(Method::DELETE, &self.url(&format!("/v1/upstreams/{upstream}/drain")), None).await
+    }
+
+    /// `GET /v1/upstreams/draining`: the upstreams listed, in order, after checking the shape.
+    async fn draining(&self) -> Vec<String> {
+        let (status, body) = self.call(Method::GET, &self.url("/v1/upstreams/draining"), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body.as_object().map(|o| o.len()), Some(1), "only `draining`: {body}");
+        body["draining"].as_array().unwrap().iter().map(|d| d["upstream"].as_str().unwrap().to_string()).collect()
+    }
+
+    fn redis(&self) -> Option<&RedisServer> {
+        self._redis.as_ref()
     }
 }
 
@@ -453,6 +492,171 @@ async fn health_and_metrics(backend: Backend) {
     }
 }
 
+async fn drains(backend: Backend) {
+    let c = Control::start(backend, 3600).await;
+    let before = now_ms();
+    let first = c.drain("127.0.0.2:8080").await;
+    assert_eq!(first.0, StatusCode::OK, "{}", first.1);
+    let since = first.1["since_ms"].as_u64().unwrap();
+    assert!(since >= before && since <= now_ms(), "since_ms is Unix ms");
+    assert_eq!(
+        first.1,
+        json!({"upstream": "127.0.0.2:8080", "since_ms": since, "source": "admin", "moved": 0, "failed": 0, "last_move_ms": null})
+    );
+    // Idempotent: a later POST (a retried preStop hook) answers the same drain.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(c.drain("127.0.0.2:8080").await, first);
+    assert_eq!(c.drain("127.0.0.2%3A8080").await, first, "percent-encoded");
+    // IPv6, raw brackets or percent-encoded, stored canonically; the list is sorted.
+    for raw in ["[::1]:8080", "%5B0%3A0%3A0%3A0%3A0%3A0%3A0%3A1%5D%3A8080", "10.0.0.10:80", "10.0.0.9:80"] {
+        let got = c.drain(raw).await;
+        assert_eq!(got.0, StatusCode::OK, "{raw}: {}", got.1);
+    }
+    assert_eq!(c.draining().await, ["10.0.0.10:80", "10.0.0.9:80", "127.0.0.2:8080", "[::1]:8080"]);
+    if let Some(redis) = c.redis() {
+        // One hash holds every drain; no other key was written.
+        assert_eq!(redis.command(&["HEXISTS", "conformance:drains", "since:[::1]:8080"]).unwrap(), ":1");
+        assert_eq!(redis.command(&["HLEN", "conformance:drains"]).unwrap(), ":16", "4 fields per drain before a move");
+        assert_eq!(redis.command(&["DBSIZE"]).unwrap(), ":1");
+    }
+    // Undrain: 204, then 404 not_draining.
+    assert_eq!(c.undrain("[::1]:8080").await, (StatusCode::NO_CONTENT, Value::Null));
+    assert_error(&c.undrain("[::1]:8080").await, StatusCode::NOT_FOUND, "not_draining");
+    assert_error(&c.undrain("10.1.1.1:1").await, StatusCode::NOT_FOUND, "not_draining");
+    assert_eq!(c.draining().await, ["10.0.0.10:80", "10.0.0.9:80", "127.0.0.2:8080"]);
+    // Drained again after an undrain: a new drain.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(c.drain("127.0.0.2:8080").await.1["since_ms"] == since, "still the first drain");
+    c.undrain("127.0.0.2:8080").await;
+    assert!(c.drain("127.0.0.2:8080").await.1["since_ms"].as_u64().unwrap() > since, "a new drain");
+    // Bad upstreams and missing tokens change nothing.
+    for raw in ["nope", "10.0.0.1", "pod-a:8080", "::1:80", "10.0.0.1:65536"] {
+        assert_error(&c.drain(raw).await, StatusCode::BAD_REQUEST, "invalid_upstream");
+        assert_error(&c.undrain(raw).await, StatusCode::BAD_REQUEST, "invalid_upstream");
+    }
+    for (method, path) in
+        [(Method::POST, "/v1/upstreams/10.0.0.1:80/drain"), (Method::DELETE, "/v1/upstreams/10.0.0.9:80/drain"), (Method::GET, "/v1/upstreams/draining")]
+    {
+        let resp = c.http.request(method.clone(), c.url(path)).send().await.unwrap();
+        let status = resp.status();
+        assert_error(&(status, resp.json().await.unwrap()), StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    assert_eq!(c.draining().await, ["10.0.0.10:80", "10.0.0.9:80", "127.0.0.2:8080"]);
+    for up in ["10.0.0.10:80", "10.0.0.9:80", "127.0.0.2:8080"] {
+        assert_eq!(c.undrain(up).await.0, StatusCode::NO_CONTENT);
+    }
+    assert!(c.draining().await.is_empty());
+    if let Some(redis) = c.redis() {
+        assert_eq!(redis.command(&["EXISTS", "conformance:drains"]).unwrap(), ":0", "nothing left behind");
+    }
+    let text = c.http.get(c.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("mcp_affinity_control_upstreams_draining 0"), "{text}");
+}
+
+async fn drain_ttl_expiry(backend: Backend) {
+    let c = Control::start_with(backend, 3600, &["--drain-ttl-secs", "1"]).await;
+    let first = c.drain("10.0.0.1:80").await.1;
+    assert_eq!(c.draining().await, ["10.0.0.1:80"]);
+    let start = Instant::now();
+    while !c.draining().await.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "drain did not expire within 10 s (TTL 1 s)");
+        // Draining again does not extend it.
+        assert_eq!(c.drain("10.0.0.1:80").await.1, first);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(start.elapsed() >= Duration::from_millis(700), "expired too early: {:?}", start.elapsed());
+    // Expired = not draining; drained again, it starts anew.
+    assert_error(&c.undrain("10.0.0.1:80").await, StatusCode::NOT_FOUND, "not_draining");
+    let again = c.drain("10.0.0.1:80").await.1;
+    assert!(again["since_ms"].as_u64() > first["since_ms"].as_u64(), "{again}");
+    if let Some(redis) = c.redis() {
+        assert_eq!(redis.command(&["HLEN", "conformance:drains"]).unwrap(), ":4", "the expired drain's fields were replaced");
+    }
+}
+
+/// The drain semantics of a store, through the trait, with the store's clock at `clock`
+/// (drain TTL 60 s). `hash_len` reads the Redis hash's field count (memory: `None`).
+async fn drain_semantics<S: SessionStore>(store: S, clock: Arc<ManualClock>, hash_len: impl Fn() -> Option<i64>) {
+    let a: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+    let b: SocketAddr = "[fd00::1]:8080".parse().unwrap();
+    let t0 = clock.unix_ms();
+    let first = store.drain(a, DrainSource::Dns).await.unwrap();
+    assert_eq!(
+        first,
+        Drain { upstream: a.to_string(), since_ms: t0, source: DrainSource::Dns, moved: 0, failed: 0, last_move_ms: None }
+    );
+    // Idempotent: an existing drain keeps its since_ms, source and counters.
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(store.drain(a, DrainSource::Admin).await.unwrap(), first);
+    // Counting moves: moved sets last_move_ms from the store's clock, failed does not.
+    clock.advance(Duration::from_millis(500));
+    let moved = store.record_drain_move(a, true).await.unwrap().unwrap();
+    assert_eq!((moved.moved, moved.failed, moved.last_move_ms), (1, 0, Some(t0 + 1500)));
+    clock.advance(Duration::from_millis(500));
+    let failed = store.record_drain_move(a, false).await.unwrap().unwrap();
+    assert_eq!((failed.moved, failed.failed, failed.last_move_ms), (1, 1, Some(t0 + 1500)));
+    let moved = store.record_drain_move(a, true).await.unwrap().unwrap();
+    assert_eq!((moved.moved, moved.failed, moved.last_move_ms, moved.since_ms), (2, 1, Some(t0 + 2000), t0));
+    assert_eq!(store.drain(a, DrainSource::Admin).await.unwrap(), moved, "drain again keeps the counters");
+    // Not draining: a no-op that creates nothing.
+    assert_eq!(store.record_drain_move(b, true).await.unwrap(), None);
+    assert_eq!(store.record_drain_move(b, false).await.unwrap(), None);
+    assert_eq!(store.draining().await.unwrap(), [moved.clone()]);
+    // Sorted by upstream; undrain says whether it was draining.
+    store.drain(b, DrainSource::Admin).await.unwrap();
+    let c: SocketAddr = "10.0.0.10:80".parse().unwrap();
+    store.drain(c, DrainSource::Admin).await.unwrap();
+    let listed: Vec<String> = store.draining().await.unwrap().into_iter().map(|d| d.upstream).collect();
+    assert_eq!(listed, ["10.0.0.10:80", "10.0.0.2:8080", "[fd00::1]:8080"]);
+    assert!(store.undrain(c).await.unwrap());
+    assert!(!store.undrain(c).await.unwrap());
+    // Expiry: 60 s after since_ms (a at t0, b at t0 + 2 s), whatever happened meanwhile.
+    clock.advance(Duration::from_millis(57_999));
+    assert_eq!(store.draining().await.unwrap().len(), 2, "not yet");
+    clock.advance(Duration::from_millis(1));
+    let left = store.draining().await.unwrap();
+    assert_eq!(left.iter().map(|d| d.upstream.as_str()).collect::<Vec<_>>(), ["[fd00::1]:8080"]);
+    assert_eq!(store.record_drain_move(a, true).await.unwrap(), None, "expired = not draining");
+    assert!(!store.undrain(a).await.unwrap());
+    if let Some(n) = hash_len() {
+        assert_eq!(n, 4, "the expired drain's fields were deleted by the listing");
+    }
+    // Drained again after expiry: a new drain, counters from zero.
+    let again = store.drain(a, DrainSource::Admin).await.unwrap();
+    assert_eq!(again, Drain { upstream: a.to_string(), since_ms: t0 + 60_000, source: DrainSource::Admin, moved: 0, failed: 0, last_move_ms: None });
+    clock.advance(Duration::from_secs(3600));
+    assert!(store.draining().await.unwrap().is_empty());
+    if let Some(n) = hash_len() {
+        assert_eq!(n, 0, "nothing left behind");
+    }
+}
+
+async fn store_drains(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let ttl = Duration::from_secs(60);
+    match backend {
+        Backend::Memory => {
+            let store = MemoryStore::with_clock(Duration::from_secs(3600), 100, clock.clone()).with_drain_ttl(ttl);
+            drain_semantics(store, clock, || None).await;
+        }
+        Backend::Redis => {
+            let redis = RedisServer::start().expect("start redis-server");
+            let config = RedisStoreConfig {
+                url: redis.url(),
+                key_prefix: "drain-test:".into(),
+                ttl: Duration::from_secs(3600),
+                timeout: Duration::from_secs(2),
+            };
+            let store = RedisStore::new(&config).unwrap().with_drain_ttl(ttl).with_clock(clock.clone());
+            let hash_len = || {
+                let reply = redis.command(&["HLEN", "drain-test:drains"]).unwrap();
+                Some(reply.trim_start_matches(':').parse().unwrap())
+            };
+            drain_semantics(store, clock, hash_len).await;
+        }
+    }
+}
+
 /// Instantiates every case of the suite for one backend.
 macro_rules! suite {
     ($module:ident, $backend:expr) => {
@@ -490,6 +694,18 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn health_and_metrics() {
                 super::health_and_metrics($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn drains() {
+                super::drains($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn drain_ttl_expiry() {
+                super::drain_ttl_expiry($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn store_drains() {
+                super::store_drains($backend).await
             }
         }
     };
