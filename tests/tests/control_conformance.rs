@@ -601,7 +601,7 @@ async fn drain_semantics<S: SessionStore>(store: S, clock: Arc<ManualClock>, has
     // Not draining: a no-op that creates nothing.
     assert_eq!(store.record_drain_move(b, true).await.unwrap(), None);
     assert_eq!(store.record_drain_move(b, false).await.unwrap(), None);
-    assert_eq!(store.draining().await.unwrap(), [moved.clone()]);
+    assert_eq!(store.draining().await.unwrap(), std::slice::from_ref(&moved));
     // Sorted by upstream; undrain says whether it was draining.
     store.drain(b, DrainSource::Admin).await.unwrap();
     let c: SocketAddr = "10.0.0.10:80".parse().unwrap();

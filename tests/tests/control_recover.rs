@@ -14,6 +14,11 @@
 //! against pods that answer unknown sessions like TypeScript-SDK servers
 //! (`--unknown-session ts-sdk`: 400 / -32000): control's probe decides between `alive`
 //! (counted in `mcp_affinity_control_probes_total`) and a normal recovery.
+//!
+//! Drain-moves (reason `draining`: the pinned pod is draining, the filter asks before
+//! sending the request) are checked the same way: drains are made through the API
+//! (`POST /v1/upstreams/{upstream}/drain`), and the pods' own counters of sessions created
+//! (`/demo/stats`) show that exactly one re-initialization happened and where.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -101,8 +106,36 @@ impl Control {
     async fn reinitializations(&self) -> f64 {
         self.metric("mcp_affinity_control_reinitializations_total").await
     }
+
+    /// `POST /v1/upstreams/{upstream}/drain` (a pod's preStop hook): the drain.
+    async fn drain(&self, upstream: SocketAddr) -> Value {
+        let resp = self.http.post(format!("{}/v1/upstreams/{upstream}/drain", self.base)).bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json().await.unwrap()
+    }
+
+    /// `DELETE /v1/upstreams/{upstream}/drain`: the status.
+    async fn undrain(&self, upstream: SocketAddr) -> StatusCode {
+        self.http.delete(format!("{}/v1/upstreams/{upstream}/drain", self.base)).bearer_auth(TOKEN).send().await.unwrap().status()
+    }
+
+    /// The drain of `upstream` from `GET /v1/upstreams/draining` (`Null` when not draining).
+    async fn drain_of(&self, upstream: SocketAddr) -> Value {
+        let resp = self.http.get(format!("{}/v1/upstreams/draining", self.base)).bearer_auth(TOKEN).send().await.unwrap();
+        let list: Value = resp.json().await.unwrap();
+        list["draining"].as_array().unwrap().iter().find(|d| d["upstream"] == upstream.to_string()).cloned().unwrap_or(Value::Null)
+    }
 }
 
+
+/// Sessions each of `pods` created so far (`/demo/stats`), in order.
+async fn initializations_per_pod(pods: &[Pod]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for p in pods {
+        out.push(p.initializations().await.unwrap());
+    }
+    out
+}
 
 fn pod_url(addr: SocketAddr) -> String {
     format!("http://{addr}/mcp")
@@ -587,4 +620,171 @@ async fn session_suspect_with_the_pod_killed_moves_the_session() {
     assert_eq!(control.reinitializations().await, 1.0);
     assert_eq!(probes(&control, "unreachable").await + probes(&control, "session_unknown").await + probes(&control, "alive").await, 1.0);
     assert_eq!(control.metric(r#"mcp_affinity_control_recoveries_total{outcome="replayed"}"#).await, 2.0);
+}
+
+/// The recover request of a drain-move, as the filter sends it: the pin it holds and the
+/// request's headers, but no body (the filter asks before the body arrives).
+fn draining_body(session: &Session, generation: u64, draining: SocketAddr, method: &str) -> Value {
+    recover_body(session, generation, draining, "draining", method, "")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_moves_the_session_to_a_live_non_draining_pod_and_replays_nothing() {
+    // pod-0 (the pin) and pod-1 drain; pod-2 is the only place the session may go.
+    let pods = pods(3).unwrap();
+    let control = Control::start("memory", &pods.iter().map(|p| p.addr).collect::<Vec<_>>(), &[]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+    let drain = control.drain(pods[0].addr).await;
+    control.drain(pods[1].addr).await;
+    assert_eq!(initializations_per_pod(&pods).await, [1, 0, 0]);
+
+    let (status, answer) = control.recover(&session.session_id, &draining_body(&session, 1, pods[0].addr, "POST")).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "moved", "{answer}");
+    assert!(answer["response"].is_null(), "nothing replayed, nothing to answer: {answer}");
+    let pin = answer["pin"].clone();
+    assert_eq!((pin["upstream"].as_str(), pin["generation"].as_u64()), (Some(pods[2].addr.to_string().as_str()), Some(2)));
+    let backend = pin["backend_session_id"].as_str().unwrap();
+    assert_ne!(backend, session.session_id);
+    // Exactly one session created, on pod-2 (initialize + notifications/initialized); no
+    // replay; the session is usable there and the record holds the new pin.
+    assert_eq!(initializations_per_pod(&pods).await, [1, 0, 1]);
+    assert_eq!(control.metric("mcp_affinity_control_replays_total").await, 0.0);
+    let moved = Session::with_id(&pod_url(pods[2].addr), backend);
+    assert_eq!(moved.whoami().await.unwrap(), pods[2].name);
+    let (_, record) = control.get_record(&session.session_id).await;
+    assert_eq!((record["upstream"].as_str(), record["generation"].as_u64()), (Some(pods[2].addr.to_string().as_str()), Some(2)));
+    // The drain counts the move.
+    let after = control.drain_of(pods[0].addr).await;
+    assert_eq!((after["moved"].as_u64(), after["failed"].as_u64(), &after["since_ms"]), (Some(1), Some(0), &drain["since_ms"]));
+    assert!(after["last_move_ms"].as_u64() >= drain["since_ms"].as_u64(), "{after}");
+    assert_eq!(control.metric(r#"mcp_affinity_control_drain_moves_total{outcome="moved"}"#).await, 1.0);
+    assert_eq!(control.metric("mcp_affinity_control_drain_move_delay_seconds_count").await, 1.0);
+    assert_eq!(control.reinitializations().await, 1.0);
+    assert_eq!(control.metric("mcp_affinity_control_recovery_duration_seconds_count").await, 0.0, "not a recovery");
+    assert_eq!(control.metric("mcp_affinity_control_upstreams_draining").await, 2.0);
+
+    // A request of another stream of the session, still on generation 1 (a GET): already
+    // moved — the same pin, nothing created, nothing counted again.
+    let (_, again) = control.recover(&session.session_id, &draining_body(&session, 1, pods[0].addr, "GET")).await;
+    assert_eq!(again, json!({"outcome": "moved", "pin": pin, "response": null}));
+    assert_eq!(initializations_per_pod(&pods).await, [1, 0, 1]);
+    assert_eq!(control.drain_of(pods[0].addr).await["moved"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_draining_calls_on_two_instances_move_the_session_once() {
+    let redis = RedisServer::start().expect("start redis-server (Debian package redis-server)");
+    let pods = pods(3).unwrap();
+    let endpoints: Vec<SocketAddr> = pods.iter().map(|p| p.addr).collect();
+    let a = Control::start(&redis.url(), &endpoints, &[]).await;
+    let b = Control::start(&redis.url(), &endpoints, &[]).await;
+    let session = pinned_session(&a, &pods[0]).await;
+    // Drained through one instance, seen by the other through the store.
+    a.drain(pods[0].addr).await;
+    assert!(b.drain_of(pods[0].addr).await.is_object());
+
+    let calls = (0..10usize).map(|i| {
+        let control = if i % 2 == 0 { &a } else { &b };
+        let body = draining_body(&session, 1, pods[0].addr, if i % 3 == 0 { "GET" } else { "POST" });
+        let id = session.session_id.clone();
+        async move { control.recover(&id, &body).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let pin = answers[0].1["pin"].clone();
+    for (status, answer) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{answer}");
+        assert_eq!(*answer, json!({"outcome": "moved", "pin": pin, "response": null}), "every call sees the same pin");
+    }
+    assert_eq!(pin["generation"], 2);
+    assert_ne!(pin["upstream"], pods[0].addr.to_string());
+    assert_eq!(a.reinitializations().await + b.reinitializations().await, 1.0, "one re-initialization across both instances");
+    assert_eq!(initializations_per_pod(&pods).await.iter().sum::<u64>(), 2, "the client's session and one move");
+    let moved = r#"mcp_affinity_control_drain_moves_total{outcome="moved"}"#;
+    assert_eq!(a.metric(moved).await + b.metric(moved).await, 1.0, "counted by the instance that moved it");
+    let drain = b.drain_of(pods[0].addr).await;
+    assert_eq!((drain["moved"].as_u64(), drain["failed"].as_u64()), (Some(1), Some(0)), "{drain}");
+    // The drains hash is one key next to the session's record (the lease is released).
+    assert_eq!(redis.command(&["EXISTS", "mcp-affinity:drains"]).unwrap(), ":1");
+    assert_eq!(redis.command(&["DBSIZE"]).unwrap(), ":2", "the drains hash and the record");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_with_every_other_pod_draining_or_dead_stays_and_keeps_the_session() {
+    let mut pods = pods(3).unwrap();
+    let control = Control::start("memory", &pods.iter().map(|p| p.addr).collect::<Vec<_>>(), &["--recovery-timeout-ms", "5000"]).await;
+    let session = pinned_session(&control, &pods[0]).await;
+    control.drain(pods[0].addr).await;
+    control.drain(pods[1].addr).await;
+    pods[2].kill();
+
+    let (status, answer) = control.recover(&session.session_id, &draining_body(&session, 1, pods[0].addr, "POST")).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let old_pin = json!({"upstream": pods[0].addr.to_string(), "backend_session_id": session.session_id, "generation": 1});
+    assert_eq!(answer, json!({"outcome": "stayed", "pin": old_pin, "response": null}));
+    // The record is kept (unlike a failed recovery) and the session still works on its
+    // draining pod; nothing was created on the other draining pod.
+    let (status, record) = control.get_record(&session.session_id).await;
+    assert_eq!(status, StatusCode::OK, "the record must not be deleted");
+    assert_eq!((record["upstream"].as_str(), record["generation"].as_u64()), (Some(pods[0].addr.to_string().as_str()), Some(1)));
+    assert_eq!(session.whoami().await.unwrap(), pods[0].name);
+    assert_eq!(initializations_per_pod(&pods[..2]).await, [1, 0]);
+    let drain = control.drain_of(pods[0].addr).await;
+    assert_eq!((drain["moved"].as_u64(), drain["failed"].as_u64(), &drain["last_move_ms"]), (Some(0), Some(1), &Value::Null));
+    assert_eq!(control.metric(r#"mcp_affinity_control_drain_moves_total{outcome="stayed"}"#).await, 1.0);
+    assert_eq!(control.metric(r#"mcp_affinity_control_recoveries_total{outcome="failed"}"#).await, 0.0, "not a recovery");
+    assert_eq!(control.reinitializations().await, 0.0);
+
+    // pod-1 stops draining: the next request of the session moves it there.
+    assert_eq!(control.undrain(pods[1].addr).await, StatusCode::NO_CONTENT);
+    let (_, answer) = control.recover(&session.session_id, &draining_body(&session, 1, pods[0].addr, "POST")).await;
+    assert_eq!((answer["outcome"].as_str(), answer["pin"]["upstream"].as_str()), (Some("moved"), Some(pods[1].addr.to_string().as_str())));
+    assert_eq!(initializations_per_pod(&pods[..2]).await, [1, 1]);
+    let drain = control.drain_of(pods[0].addr).await;
+    assert_eq!((drain["moved"].as_u64(), drain["failed"].as_u64()), (Some(1), Some(1)));
+
+    // pod-0 no longer draining: a stale drain-move of another session stays, uncounted.
+    let other = pinned_session(&control, &pods[0]).await;
+    assert_eq!(control.undrain(pods[0].addr).await, StatusCode::NO_CONTENT);
+    let (_, answer) = control.recover(&other.session_id, &draining_body(&other, 1, pods[0].addr, "POST")).await;
+    assert_eq!((answer["outcome"].as_str(), answer["pin"]["generation"].as_u64()), (Some("stayed"), Some(1)));
+    assert_eq!(control.metric(r#"mcp_affinity_control_drain_moves_total{outcome="stayed"}"#).await, 1.0);
+    // And the API's usual errors: no record → 404; a failed_upstream that is no address → 400.
+    let (status, body) = control.recover("no-such-session", &draining_body(&other, 1, pods[0].addr, "POST")).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::NOT_FOUND, Some("session_not_found")));
+    let mut bad = draining_body(&other, 1, pods[0].addr, "POST");
+    bad["failed_upstream"] = json!("pod-0:8080");
+    let (status, body) = control.recover(&other.session_id, &bad).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_upstream")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recoveries_never_prefer_a_draining_pod() {
+    // pod-0 dies with four sessions; pod-1 drains. Rotation would spread the sessions over
+    // pod-1 and pod-2: every one goes to pod-2. Once pod-2 is gone too, the draining pod-1
+    // is still better than failing.
+    let mut pods = pods(3).unwrap();
+    let control = Control::start("memory", &pods.iter().map(|p| p.addr).collect::<Vec<_>>(), &[]).await;
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        sessions.push(pinned_session(&control, &pods[0]).await);
+    }
+    control.drain(pods[1].addr).await;
+    let dead = pods[0].addr;
+    pods[0].kill();
+    for (i, session) in sessions[..3].iter().enumerate() {
+        let body = recover_body(session, 1, dead, "connect_failure", "POST", &tool_call(i as u64, "whoami", json!({})));
+        let (_, answer) = control.recover(&session.session_id, &body).await;
+        assert_eq!(answer["outcome"], "replayed", "{answer}");
+        assert_eq!(tool_text(&answer, i as u64), pods[2].name, "session {i}");
+    }
+    pods[2].kill();
+    let body = recover_body(&sessions[3], 1, dead, "connect_failure", "POST", &tool_call(9, "whoami", json!({})));
+    let (_, answer) = control.recover(&sessions[3].session_id, &body).await;
+    assert_eq!(answer["outcome"], "replayed", "{answer}");
+    assert_eq!(tool_text(&answer, 9), pods[1].name, "the draining pod as the last resort");
+    for outcome in ["moved", "stayed"] {
+        let sample = format!(r#"mcp_affinity_control_drain_moves_total{{outcome="{outcome}"}}"#);
+        assert_eq!(control.metric(&sample).await, 0.0, "recoveries are not drain-moves");
+    }
 }
