@@ -216,3 +216,30 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Cheap counters for `/metrics`.
     fn stats(&self) -> StoreStats;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_json_and_sources() {
+        let d = Drain::new("10.0.0.7:8080".parse().unwrap(), DrainSource::Admin, 1_700_000_000_000);
+        assert_eq!(
+            serde_json::to_string(&d).unwrap(),
+            r#"{"upstream":"10.0.0.7:8080","since_ms":1700000000000,"source":"admin","moved":0,"failed":0,"last_move_ms":null}"#
+        );
+        let v6 = Drain::new("[0:0:0:0:0:0:0:1]:80".parse().unwrap(), DrainSource::Dns, 1);
+        assert_eq!(v6.upstream, "[::1]:80", "canonical form");
+        for s in [DrainSource::Admin, DrainSource::Dns, DrainSource::Other] {
+            assert_eq!(DrainSource::parse(s.as_str()), s);
+            assert_eq!(serde_json::to_value(s).unwrap(), serde_json::Value::from(s.as_str()));
+        }
+        assert_eq!(DrainSource::parse("kubernetes"), DrainSource::Other);
+        assert_eq!(serde_json::from_str::<DrainSource>(r#""kubernetes""#).unwrap(), DrainSource::Other);
+        // Expiry: exactly `ttl` after since_ms.
+        let ttl = Duration::from_secs(10);
+        assert!(!d.expired(d.since_ms + 9_999, ttl));
+        assert!(d.expired(d.since_ms + 10_000, ttl));
+        assert!(!drain_expired(u64::MAX - 1, u64::MAX - 1, ttl), "no overflow");
+    }
+}

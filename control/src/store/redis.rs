@@ -611,7 +611,8 @@ impl SessionStore for RedisStore {
     }
 
     /// `HGETALL`; expired drains (and fields without a `since`, which no write leaves
-    /// behind) are deleted by [`DRAIN_CLEANUP_SCRIPT`] and not returned. A drain whose
+    /// behind) are not returned and are deleted by [`DRAIN_CLEANUP_SCRIPT`] (best effort:
+    /// a failed deletion is logged and retried by the next listing). A drain whose
     /// fields do not parse is skipped with a warning rather than failing the whole list
     /// (filters poll it).
     async fn draining(&self) -> Result<Vec<Drain>, StoreError> {
@@ -632,8 +633,12 @@ impl SessionStore for RedisStore {
                     Err(e) => tracing::warn!(key = key.as_str(), error = e.as_str(), "skipping an unreadable drain"),
                 }
             }
+            // Best effort: the listing stands without it, and the next listing retries.
             for (upstream, since) in stale {
-                let _: i64 = self.eval(&mut checkout, DRAIN_CLEANUP_SCRIPT, &key, &[&upstream, &since]).await?;
+                if let Err(e) = self.eval::<i64>(&mut checkout, DRAIN_CLEANUP_SCRIPT, &key, &[&upstream, &since]).await {
+                    tracing::warn!(key = key.as_str(), upstream = upstream.as_str(), error = %e, "deleting an expired drain failed");
+                    break;
+                }
             }
             Ok(out)
         })
