@@ -26,9 +26,12 @@
 //!   answers a DELETE of an unknown session with `202` and because `ts-sdk` must differ
 //!   from rmcp's default. It asks rmcp's session manager (`has_session`), so a session
 //!   that ended (DELETE, idle timeout) is unknown from then on.
-//! - `GET /demo/stats` answers `{"initializations": N}`: how many sessions this process
-//!   created (each `initialize` creates one). Tests use it to tell pinning from recovery:
-//!   steady traffic, proxy restarts and control lookups must create none.
+//! - `GET /demo/stats` answers `{"initializations": N, "in_flight": M}`: how many sessions
+//!   this process created (each `initialize` creates one), and how many tool calls are
+//!   running right now. Tests use the first to tell pinning from recovery (steady
+//!   traffic, proxy restarts and control lookups must create none) and the second to
+//!   stop a draining pod only once its in-flight calls finished (or to kill one while a
+//!   call is surely running).
 //! - A request of a known session carrying `x-demo-reject: 1` is answered `400` with a
 //!   JSON-RPC error body whose message mentions the session
 //!   ([`GENUINE_BAD_REQUEST_BODY`]): a genuine client error on a live session, which a
@@ -122,16 +125,40 @@ pub struct EchoArgs {
     pub sleep_ms: Option<u64>,
 }
 
+/// The process's counters behind `/demo/stats`.
+#[derive(Debug, Default)]
+struct Stats {
+    initializations: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// Counts one running tool call for as long as it lives.
+struct Running(Arc<Stats>);
+
+impl Running {
+    fn start(stats: &Arc<Stats>) -> Running {
+        stats.in_flight.fetch_add(1, Ordering::SeqCst);
+        Running(stats.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The MCP handler: one instance per session (rmcp calls the factory per session).
 #[derive(Debug, Clone)]
 struct DemoHandler {
     name: Arc<str>,
+    stats: Arc<Stats>,
     tool_router: ToolRouter<Self>,
 }
 
 impl DemoHandler {
-    fn new(name: Arc<str>) -> Self {
-        DemoHandler { name, tool_router: Self::tool_router() }
+    fn new(name: Arc<str>, stats: Arc<Stats>) -> Self {
+        DemoHandler { name, stats, tool_router: Self::tool_router() }
     }
 }
 
@@ -139,6 +166,7 @@ impl DemoHandler {
 impl DemoHandler {
     #[tool(description = "Return the given text (optionally after sleep_ms milliseconds)")]
     async fn echo(&self, Parameters(EchoArgs { text, sleep_ms }): Parameters<EchoArgs>) -> String {
+        let _running = Running::start(&self.stats);
         if let Some(ms) = sleep_ms {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
@@ -147,6 +175,7 @@ impl DemoHandler {
 
     #[tool(description = "Return the name of this server (pod)")]
     async fn whoami(&self) -> String {
+        let _running = Running::start(&self.stats);
         self.name.to_string()
     }
 }
@@ -212,16 +241,16 @@ fn unknown_session_response(style: UnknownSessionStyle) -> Response {
 pub fn router(options: &DemoServerOptions, ct: CancellationToken) -> axum::Router {
     let sessions = Arc::new(LocalSessionManager::default());
     let name: Arc<str> = Arc::from(options.name.as_str());
-    let initializations = Arc::new(AtomicU64::new(0));
-    let counted = initializations.clone();
+    let stats = Arc::new(Stats::default());
+    let counted = stats.clone();
     let config = StreamableHttpServerConfig::default()
         .disable_allowed_hosts()
         .with_cancellation_token(ct);
     let service = StreamableHttpService::new(
         move || {
             // rmcp calls the factory once per new session, i.e. per `initialize`.
-            counted.fetch_add(1, Ordering::Relaxed);
-            Ok(DemoHandler::new(name.clone()))
+            counted.initializations.fetch_add(1, Ordering::Relaxed);
+            Ok(DemoHandler::new(name.clone(), counted.clone()))
         },
         sessions.clone(),
         config,
@@ -231,8 +260,8 @@ pub fn router(options: &DemoServerOptions, ct: CancellationToken) -> axum::Route
         .layer(axum::middleware::from_fn_with_state(guard, unknown_session_guard));
     let path = if options.path.is_empty() { "/" } else { options.path.as_str() };
     let stats = axum::routing::get(move || {
-        let n = initializations.load(Ordering::Relaxed);
-        async move { axum::Json(serde_json::json!({ "initializations": n })) }
+        let (n, running) = (stats.initializations.load(Ordering::Relaxed), stats.in_flight.load(Ordering::SeqCst));
+        async move { axum::Json(serde_json::json!({ "initializations": n, "in_flight": running })) }
     });
     axum::Router::new().route(path, endpoint).route(STATS_PATH, stats)
 }
