@@ -588,6 +588,28 @@ fn check_control_manifest(objs: &BTreeMap<String, Json>) -> Check {
     } else {
         return Err(format!("{key}: use Redis (--store redis://…) so every control replica shares the records"));
     }
+    check_draining(objs, key, &config)
+}
+
+/// Rolling updates drain (envoy/README.md): control resolves the MCP servers' headless
+/// Service (`--endpoints-dns`), and each MCP server pod stays up in `preStop` longer than
+/// control's DNS refresh plus the filter's drain poll (1 s), within its grace period.
+fn check_draining(objs: &BTreeMap<String, Json>, key: &str, config: &mcp_affinity_control::config::Config) -> Check {
+    let (sts_key, sts) = objs
+        .iter()
+        .find(|(_, o)| s(o, "/kind") == "StatefulSet" && s(o, "/metadata/name") == "mcp-server")
+        .ok_or("no StatefulSet mcp-server")?;
+    let ns = s(sts, "/metadata/namespace");
+    let svc = s(sts, "/spec/serviceName");
+    let port = service_port(objs, ns, svc).ok_or_else(|| format!("{sts_key}: Service {svc} has no port"))?;
+    let want = format!("{svc}.{ns}.svc.cluster.local:{port}");
+    ensure!(config.endpoints_dns.as_deref() == Some(want.as_str()), "{key}: --endpoints-dns must be {want} (the MCP servers' headless Service), got {:?}", config.endpoints_dns);
+    let c = containers(sts).into_iter().next().ok_or("mcp-server has no container")?;
+    let hook = c.pointer("/lifecycle/preStop").ok_or_else(|| format!("{sts_key}: no preStop hook: the pod must keep serving while its sessions are moved"))?;
+    let sleep = hook.pointer("/sleep/seconds").and_then(Json::as_u64).unwrap_or(0);
+    ensure!(sleep > config.endpoints_refresh_secs + 1 || hook.get("exec").is_some(), "{sts_key}: preStop sleep {sleep} s must exceed --endpoints-refresh-secs ({}) + the filter's drain poll (1 s)", config.endpoints_refresh_secs);
+    let grace = sts.pointer("/spec/template/spec/terminationGracePeriodSeconds").and_then(Json::as_u64).unwrap_or(30);
+    ensure!(grace > sleep, "{sts_key}: terminationGracePeriodSeconds {grace} must exceed the preStop sleep {sleep} (the server needs time to stop after it)");
     Ok(())
 }
 
@@ -827,6 +849,10 @@ fn mutated_manifests_are_rejected() {
         ("k8s/redis.yaml", "runAsNonRoot: true\n        runAsUser: 999", "runAsNonRoot: false\n        runAsUser: 999", "non-root"),
         ("k8s/mcp-server.yaml", "serviceName: mcp-server-headless", "serviceName: mcp-server-pods", "does not exist"),
         ("k8s/mcp-server.yaml", "  clusterIP: None\n", "", "headless"),
+        ("k8s/control.yaml", "--endpoints-dns=mcp-server-headless.mcp.svc.cluster.local:8080", "--endpoints-dns=mcp-server.mcp.svc.cluster.local:8080", "headless Service"),
+        ("k8s/mcp-server.yaml", "            sleep:\n              seconds: 20", "            sleep:\n              seconds: 5", "must exceed --endpoints-refresh-secs"),
+        ("k8s/mcp-server.yaml", "terminationGracePeriodSeconds: 60", "terminationGracePeriodSeconds: 20", "must exceed the preStop sleep"),
+        ("k8s/mcp-server.yaml", "          preStop:", "          postStart:", "no preStop hook"),
     ];
     for (file, from, to, needle) in k8s {
         expect_err(check_manifests(&with(file, from, to)), needle);
