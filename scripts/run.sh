@@ -70,6 +70,7 @@ fi
 
 MCP_AFFINITY_CONTROL_TOKEN=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
 export MCP_AFFINITY_CONTROL_TOKEN
+(umask 077; printf '%s' "$MCP_AFFINITY_CONTROL_TOKEN" >"$RUN_DIR/control.token")
 # Control re-initializes sessions on these endpoints when their pod is gone (recovery).
 "$BIN/mcp-affinity-control" --listen "$CONTROL" --store memory --endpoints "$(IFS=,; echo "${upstreams[*]}")" &
 pids+=($!)
@@ -100,7 +101,7 @@ cat <<MSG
 mcp-affinity is running (Envoy $("$ENVOY" --version 2>/dev/null | sed -n 's|.*/\([0-9][0-9.]*\)/.*|\1|p'), pid $envoy_pid).
   MCP endpoint (Streamable HTTP):  http://$LISTEN/mcp
   upstream MCP servers:            ${upstreams[*]}
-  control service:                 http://$CONTROL  (/healthz, /readyz, /metrics; token in this shell's env)
+  control service:                 http://$CONTROL  (/healthz, /readyz, /metrics; /v1 token in $RUN_DIR/control.token)
   Envoy admin:                     http://$ADMIN  (loopback only)
   filter counters:                 curl -s $ADMIN/stats?filter=wasmcustom
 
@@ -111,6 +112,10 @@ or by hand:
        -H 'accept: application/json, text/event-stream' \\
        -d '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"curl","version":"1"}}}'
   then repeat with -H 'mcp-session-id: <id>' and a tools/call of "whoami": it always names the same pod.
+
+Drain a pod as a rolling update would (its sessions move to another pod on their next
+request, with no error; DELETE instead of POST undoes it):
+  curl -si -X POST -H "authorization: Bearer \$(cat $RUN_DIR/control.token)" http://$CONTROL/v1/upstreams/${upstreams[0]}/drain
 
 Ctrl-C stops everything.
 MSG
