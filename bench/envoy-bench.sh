@@ -3,6 +3,8 @@
 # Mcp-Session-Id) measured side by side, in one run, through
 #   plain             Envoy without any wasm filter (envoy/envoy.yaml, wasm filter removed)
 #   empty             Envoy + an empty proxy-wasm filter (bench/empty-filter)
+#   empty+pin         the same module doing only a pinned request's necessary work (one header
+#                     read, one shared-data read, one header write: routed like affinity)
 #                     (these two route to 1 pod by default: BENCH_BASELINE_PODS)
 #   affinity          Envoy + mcp-affinity, plugin configuration {}
 #   affinity+control  Envoy + mcp-affinity with control (mcp-affinity-control --store memory)
@@ -79,8 +81,8 @@ if [[ $STORE == redis ]]; then
     { echo "bench: BENCH_CONTROL_STORE=redis needs redis-server and redis-cli (\`make setup-redis\`)" >&2; exit 1; }
 fi
 
-CONFIGS=(plain empty affinity control haproxy direct)
-declare -A LABEL=([plain]=plain [empty]=empty [affinity]=affinity [control]=affinity+control [haproxy]=haproxy [direct]=direct)
+CONFIGS=(plain empty pin affinity control haproxy direct)
+declare -A LABEL=([plain]=plain [empty]=empty [pin]=empty+pin [affinity]=affinity [control]=affinity+control [haproxy]=haproxy [direct]=direct)
 declare -A URL=() PID=() ADMIN=() SID=()
 
 RUN=$(mktemp -d /tmp/mcp-affinity-bench.XXXXXX)
@@ -212,6 +214,7 @@ CONTROL_PID=$LAST_PID
 wait_port "$CONTROL_PORT" "$CONTROL_PID" control
 
 echo '{}' >"$RUN/filter-empty.json"
+echo "{\"pin\":\"127.0.0.1:$POD1\"}" >"$RUN/filter-pin.json"
 cat >"$RUN/filter-control.json" <<JSON
 { "control": { "cluster": "mcp_affinity_control", "token_env": "MCP_AFFINITY_CONTROL_TOKEN" } }
 JSON
@@ -234,6 +237,7 @@ start_envoy() { # cfg pods(1|2) render-args...
 # By default they get pod 1 only, so every config sends the session's requests to one pod.
 start_envoy plain "$BASELINE_PODS" --no-filter
 start_envoy empty "$BASELINE_PODS" --wasm "$EMPTY_WASM" --filter-config "$RUN/filter-empty.json"
+start_envoy pin 2 --wasm "$EMPTY_WASM" --filter-config "$RUN/filter-pin.json"
 start_envoy affinity 2 --wasm "$WASM" --filter-config "$RUN/filter-empty.json"
 start_envoy control 2 --wasm "$WASM" --filter-config "$RUN/filter-control.json" --control "127.0.0.1:$CONTROL_PORT"
 
@@ -268,9 +272,9 @@ URL[haproxy]=http://127.0.0.1:$HAPROXY_PORT/mcp
 URL[direct]=http://127.0.0.1:$POD1/mcp
 PID[direct]=$POD1_PID
 
-for cfg in plain empty affinity control; do wait_envoy "${ADMIN[$cfg]}" "${PID[$cfg]}" "envoy-$cfg"; done
+for cfg in plain empty pin affinity control; do wait_envoy "${ADMIN[$cfg]}" "${PID[$cfg]}" "envoy-$cfg"; done
 wait_port "$HAPROXY_PORT" "${PID[haproxy]}" haproxy
-log "started: pods :$POD1 :$POD2, control :$CONTROL_PORT, 4 Envoys, HAProxy :$HAPROXY_PORT"
+log "started: pods :$POD1 :$POD2, control :$CONTROL_PORT, 5 Envoys, HAProxy :$HAPROXY_PORT"
 
 # ─── sessions: initialize through each proxy, check pinning ──────────────────────────────
 INIT_BODY='{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"curl","version":"1"}}}'
@@ -304,6 +308,7 @@ for cfg in "${CONFIGS[@]}"; do
   for p in "${pods[@]}"; do [[ $p == "$pod" ]] || pinned=no; done
   case $cfg in
     plain | empty) ((BASELINE_PODS == 2)) && note="(no affinity: round robin expected)" || note="(no affinity; its only pod)" ;;
+    pin) note="(requests with a session id go to pod 1, whoever issued it)"; for p in "${pods[@]}"; do [[ $p == "${pods[0]}" ]] || die "empty+pin: requests answered by ${pods[*]}"; done ;;
     *) note=""; [[ $pinned == yes ]] || die "${LABEL[$cfg]}: session $sid from $pod answered by ${pods[*]}: not pinned" ;;
   esac
   for _ in $(seq $((BASE_SESSIONS - 1))); do post "${URL[$cfg]}" "$INIT_BODY" >/dev/null; done
@@ -470,14 +475,14 @@ us_per_req() { awk -v r="$1" 'BEGIN { printf "%.2f", 1e6 / r }'; }
 # ratio DX DE: DX / DE (added costs over plain), or n/a when the empty filter added nothing measurable.
 ratio() { awk -v x="$1" -v e="$2" 'BEGIN { if (x == "-" || e == "-" || e <= 0) print "n/a"; else printf "%.2f", x / e }'; }
 # overhead_block PHASE: the added cost of each Envoy config over plain, and the ratio to empty's.
-declare -A RATIO=() RATIO_CPU=() RATIO_MED=()
+declare -A RATIO=() RATIO_CPU=() RATIO_MED=() RATIO_PIN=()
 overhead_block() {
   local ph=$1 cfg plain_us empty_us
   plain_us=$(us_per_req "${S_RPS[$ph.plain]}")
   empty_us=$(us_per_req "${S_RPS[$ph.empty]}")
   echo "| config | +µs/req vs plain | ratio to empty | +proxy CPU µs/req vs plain | ratio to empty |"
   echo "|---|---:|---:|---:|---:|"
-  for cfg in empty affinity control; do
+  for cfg in empty pin affinity control; do
     RATIO[$ph.$cfg]=$(ratio "${D_US[$ph.$cfg]}" "${D_US[$ph.empty]}")
     RATIO_CPU[$ph.$cfg]=$(ratio "${D_CPU[$ph.$cfg]}" "${D_CPU[$ph.empty]}")
     RATIO_MED[$ph.$cfg]=$(ratio "$(delta "$(us_per_req "${S_RPS[$ph.$cfg]}")" "$plain_us")" "$(delta "$empty_us" "$plain_us")")
@@ -486,6 +491,10 @@ overhead_block() {
   echo
   echo "(+µs/req: median over rounds of X − plain in the same round, on 1e6 / req/s; ratio = X's added cost / empty's."
   echo " The same ratio from the medians of the main table: affinity ${RATIO_MED[$ph.affinity]}, affinity+control ${RATIO_MED[$ph.control]}.)"
+  RATIO_PIN[$ph.affinity]=$(ratio "${D_US[$ph.affinity]}" "${D_US[$ph.pin]}")
+  RATIO_PIN[$ph.control]=$(ratio "${D_US[$ph.control]}" "${D_US[$ph.pin]}")
+  echo "(added cost in units of empty+pin's — a filter doing only a pinned request's necessary work, routed the same way:"
+  echo " affinity ${RATIO_PIN[$ph.affinity]}, affinity+control ${RATIO_PIN[$ph.control]}.)"
 }
 delta() { awk -v x="$1" -v p="$2" 'BEGIN { if (x == "-" || p == "-") print "-"; else printf "%+.2f", x - p }'; }
 range() { [[ ${S_LO[$1]} == - ]] && echo - || echo "${S_LO[$1]}–${S_HI[$1]}"; }
@@ -497,7 +506,7 @@ echo
 echo "mcp-affinity on real Envoy — steady request of one pinned session (tools/call with Mcp-Session-Id)"
 echo "machine: $NPROC cores, $CPU_MODEL; Envoy $ENVOY_VERSION (--concurrency 1), HAProxy $HAPROXY_VERSION (nbthread 1), wrk $WRK_VERSION"
 echo "load: ${CONNS} connections, 1 wrk thread, ${SECS}s per config per round, $ROUNDS interleaved rounds, medians over rounds; $BASE_SESSIONS sessions per proxy"
-echo "pods: 2 behind affinity, affinity+control, haproxy; $BASELINE_PODS behind plain and empty; direct = pod 1"
+echo "pods: 2 behind empty+pin, affinity, affinity+control, haproxy; $BASELINE_PODS behind plain and empty; direct = pod 1"
 echo "load average: $LOAD_START at start, $LOAD_END at end; rustc processes running: $RUSTC_START at start, $RUSTC_END at end"
 echo
 echo "| config | req/s | req/s range | p50 µs | p99 µs | µs/req | proxy CPU µs/req | errors |"
@@ -589,6 +598,7 @@ JSON_FILE=$RESULTS/envoy-$STAMP.json
   printf '  "steady": '; phase_json steady; printf ',\n'
   printf '  "overhead_ratio": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO[steady.affinity]}")" "$(jnum "${RATIO[steady.control]}")"
   printf '  "overhead_ratio_proxy_cpu": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO_CPU[steady.affinity]}")" "$(jnum "${RATIO_CPU[steady.control]}")"
+  printf '  "overhead_ratio_to_empty_pin": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO_PIN[steady.affinity]}")" "$(jnum "${RATIO_PIN[steady.control]}")"
   printf '  "overhead_ratio_of_medians": {"affinity": %s, "affinity+control": %s}' "$(jnum "${RATIO_MED[steady.affinity]}")" "$(jnum "${RATIO_MED[steady.control]}")"
   if ((SCALE > 0)); then
     printf ',\n  "scaled": '; phase_json scaled

@@ -3,10 +3,10 @@
 //! | route                      | auth   | answers                                            |
 //! |----------------------------|--------|----------------------------------------------------|
 //! | `PUT /v1/sessions/{id}`    | bearer | 201 created / 200 replaced (record), 409, 400, 413 |
-//! | `GET /v1/sessions/{id}`    | bearer | 200 record, 404                                    |
-//! | `PATCH /v1/sessions/{id}`  | bearer | 200 record (touched), 404                          |
+//! | `GET /v1/sessions/{id}[?wait_ms=N]`   | bearer | 200 record, 404 (after waiting up to N ms, ≤ 5000, for it to appear) |
+//! | `PATCH /v1/sessions/{id}[?wait_ms=N]` | bearer | 200 record (touched), 404 (likewise)                  |
 //! | `DELETE /v1/sessions/{id}` | bearer | 204, 404                                           |
-//! | `POST /v1/sessions/{id}/recover` | bearer | 200 outcome (see [`crate::recover`]), 404, 400, 503 |
+//! | `POST /v1/sessions/{id}/recover[?wait_ms=N]` | bearer | 200 outcome (see [`crate::recover`]), 404, 400, 503 |
 //! | `POST /v1/upstreams/{upstream}/drain` | bearer | 200 the [`Drain`] (new or already draining), 400 `invalid_upstream`, 503 |
 //! | `DELETE /v1/upstreams/{upstream}/drain` | bearer | 204 undrained, 404 `not_draining`, 400, 503 |
 //! | `GET /v1/upstreams/draining` | bearer | 200 [`DrainingList`] `{"draining":[Drain…]}` sorted by upstream, 503 |
@@ -232,10 +232,49 @@ struct PutQuery {
 async fn get_session<S: SessionStore>(
     State(state): State<AppState<S>>,
     ValidId(id): ValidId,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Json<SessionRecord>, ApiError> {
-    match state.timed("get", state.store.get(&id)).await? {
+    match wait_for_record(&state, &id, wait_of(query)?).await? {
         Some(record) => Ok(Json(record)),
         None => Err(ApiError::session_not_found(id.as_str())),
+    }
+}
+
+/// The record of `id`, looked for again every [`WAIT_POLL`] for up to `wait` while it is
+/// missing.
+async fn wait_for_record<S: SessionStore>(state: &AppState<S>, id: &SessionId, wait: std::time::Duration) -> Result<Option<SessionRecord>, StoreError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let record = state.timed("get", state.store.get(id)).await?;
+        if record.is_some() || Instant::now() >= deadline {
+            return Ok(record);
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
+/// Query of `GET`, `PATCH` and `recover`: `?wait_ms=N`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    wait_ms: Option<u64>,
+}
+
+/// Longest `wait_ms` accepted.
+pub const MAX_WAIT_MS: u64 = 5000;
+
+/// How often a waiting `GET`/`PATCH` looks at the store again.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// `?wait_ms=N` of `GET`/`PATCH`: how long a missing record is waited for. A filter that
+/// writes `initialize` records asynchronously asks for it, so a lookup or an update that
+/// overtook the record's write in flight (another proxy, another connection) finds the
+/// record instead of a 404.
+fn wait_of(query: Result<Query<WaitQuery>, QueryRejection>) -> Result<std::time::Duration, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::invalid_request(e.body_text()))?;
+    match q.wait_ms {
+        Some(ms) if ms > MAX_WAIT_MS => Err(ApiError::invalid_request(format!("wait_ms must be at most {MAX_WAIT_MS}, got {ms}"))),
+        ms => Ok(std::time::Duration::from_millis(ms.unwrap_or(0))),
     }
 }
 
@@ -259,13 +298,21 @@ async fn put_session<S: SessionStore>(
 async fn patch_session<S: SessionStore>(
     State(state): State<AppState<S>>,
     ValidId(id): ValidId,
+    query: Result<Query<WaitQuery>, QueryRejection>,
     RawBody(body): RawBody,
 ) -> Result<Json<SessionRecord>, ApiError> {
+    let wait = wait_of(query)?;
     let patch: PatchSession = if body.iter().all(u8::is_ascii_whitespace) { PatchSession::default() } else { parse_json(&body)? };
     patch.validate().map_err(|e| ApiError::invalid_request(e.0))?;
-    match state.timed("patch", state.store.patch(&id, &patch)).await? {
-        Some(record) => Ok(Json(record)),
-        None => Err(ApiError::session_not_found(id.as_str())),
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(record) = state.timed("patch", state.store.patch(&id, &patch)).await? {
+            return Ok(Json(record));
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::session_not_found(id.as_str()));
+        }
+        tokio::time::sleep(WAIT_POLL).await;
     }
 }
 
@@ -285,10 +332,16 @@ async fn delete_session<S: SessionStore>(
 async fn recover_session<S: SessionStore>(
     State(state): State<AppState<S>>,
     ValidId(id): ValidId,
+    query: Result<Query<WaitQuery>, QueryRejection>,
     RawBody(body): RawBody,
 ) -> Result<Json<RecoverResponse>, ApiError> {
+    let wait = wait_of(query)?;
     let request: RecoverRequest = parse_json(&body)?;
     Recovery::validate(&request)?;
+    if !wait.is_zero() {
+        // A recovery right after the session began may overtake its record's write.
+        wait_for_record(&state, &id, wait).await?;
+    }
     let task = tokio::spawn(async move {
         state.recovery.recover(state.store.as_ref(), &state.metrics, &id, &request).await
     });

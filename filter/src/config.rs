@@ -131,6 +131,29 @@ pub struct ControlConfig {
     /// off). Checked on the root context's tick, so the effective period is at least
     /// `sweep_period_ms`. Requests never wait for it.
     pub drain_poll_ms: u64,
+    /// How a new session's record is written to control (default `async`).
+    pub initialize_write: InitializeWrite,
+    /// How long control waits for a record that is not there yet before a lookup (or the
+    /// `notifications/initialized` update) gets 404 (`?wait_ms=`, milliseconds, default
+    /// 250, at most 5000; 0 = no wait). Covers a request that overtook an `async` write:
+    /// the client's second request reaching another proxy before the first proxy's write
+    /// reached control.
+    pub lookup_wait_ms: u64,
+}
+
+/// How the record of a new session reaches control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitializeWrite {
+    /// The `initialize` answer goes on at once; the record is written in the background
+    /// (the call belongs to the root context in Envoy, so the stream ending does not
+    /// cancel it). Other proxies' lookups wait up to `lookup_wait_ms` for it.
+    #[default]
+    Async,
+    /// The `initialize` answer is held until control stored the record (or
+    /// `timeout_ms`): no other proxy can miss it, at the cost of a control round trip on
+    /// every `initialize`.
+    Sync,
 }
 
 impl Default for FilterConfig {
@@ -162,6 +185,8 @@ impl Default for ControlConfig {
             token_env: None,
             timeout_ms: 1000,
             drain_poll_ms: 1000,
+            initialize_write: InitializeWrite::Async,
+            lookup_wait_ms: 250,
         }
     }
 }
@@ -247,6 +272,9 @@ impl FilterConfig {
             if c.timeout_ms == 0 || c.timeout_ms > 60_000 {
                 return Err(format!("control.timeout_ms must be in 1..=60000, got {}", c.timeout_ms));
             }
+            if c.lookup_wait_ms > 5_000 {
+                return Err(format!("control.lookup_wait_ms must be in 0..=5000, got {}", c.lookup_wait_ms));
+            }
             if c.drain_poll_ms > 3_600_000 {
                 return Err(format!("control.drain_poll_ms must be in 0..=3600000, got {}", c.drain_poll_ms));
             }
@@ -296,6 +324,8 @@ mod tests {
             (br#"{"session_ttl_secs":10,"touch_interval_secs":10}"#, "touch_interval_secs"),
             (br#"{"control":{"path_prefix":"v1"}}"#, "path_prefix"),
             (br#"{"control":{"drain_poll_ms":3600001}}"#, "drain_poll_ms"),
+            (br#"{"control":{"lookup_wait_ms":5001}}"#, "lookup_wait_ms"),
+            (br#"{"control":{"initialize_write":"later"}}"#, "expected `async` or `sync`"),
             (br#"{"control":{"token":"a","token_env":"B"}}"#, "exclusive"),
             (br#"{"recovery":{"session_unknown_statuses":[200]}}"#, "4xx or 5xx"),
             (br#"{"recovery":{"timeout_ms":0}}"#, "recovery.timeout_ms"),

@@ -28,7 +28,7 @@
 
 use hashbrown::{HashMap, HashSet};
 
-use crate::config::{FilterConfig, UnknownSession};
+use crate::config::{FilterConfig, InitializeWrite, UnknownSession};
 use crate::drain::Draining;
 use crate::control::{PatchSession, PutSession, parse_record, to_body};
 use crate::header_map::HeaderPairs;
@@ -108,6 +108,12 @@ impl Ctx<'_> {
         }
     }
 
+    /// `?wait_ms=` for calls about an existing session: control waits this long for a
+    /// record whose (asynchronous) write may still be in flight.
+    fn record_wait(&self) -> Option<u64> {
+        self.cfg.control.as_ref().map(|c| c.lookup_wait_ms).filter(|ms| *ms > 0)
+    }
+
     fn forget_pin(&mut self, session_id: &str) {
         store::forget(self.env.shared(), self.cfg.layout(), session_id);
     }
@@ -150,6 +156,8 @@ pub struct Call {
     pub body: Option<Vec<u8>>,
     /// Overrides `control.timeout_ms` (milliseconds).
     pub timeout_ms: Option<u64>,
+    /// `?wait_ms=N`: control waits up to N ms for a record that is not there yet.
+    pub wait_ms: Option<u64>,
 }
 
 /// A local reply (`proxy_send_local_response`).
@@ -311,6 +319,8 @@ struct Resolving {
 enum Pending {
     None,
     Lookup,
+    /// The record of a new session, written without holding the response.
+    WriteInitializeAsync,
     /// A drain move: `POST {prefix}/sessions/{id}/recover` with reason `draining`.
     Move,
     WriteInitialize,
@@ -486,7 +496,8 @@ impl Stream {
         cx.count(Counter::ControlLookups);
         cx.vm.lookups.insert(r.client_id.clone(), Vec::new());
         self.pending = Pending::Lookup;
-        ops.push(Op::Call(Call { method: "GET", session_id: r.client_id.clone(), suffix: "", body: None, timeout_ms: None }));
+        let wait_ms = cx.record_wait();
+        ops.push(Op::Call(Call { method: "GET", session_id: r.client_id.clone(), suffix: "", body: None, timeout_ms: None, wait_ms }));
         self.phase = Phase::Resolving(r);
         Step::hold(ops)
     }
@@ -533,6 +544,7 @@ impl Stream {
             suffix: "/recover",
             body: Some(to_body(&request)),
             timeout_ms: Some(cx.cfg.recovery.timeout_ms),
+            wait_ms: cx.record_wait(),
         };
         ops.push(Op::Call(call));
         r.moving = Some(pin);
@@ -625,7 +637,8 @@ impl Stream {
         let text = String::from_utf8_lossy(bytes);
         let version = p.request.as_ref().and_then(|h| h.get(MCP_PROTOCOL_VERSION)).and_then(|v| std::str::from_utf8(v).ok());
         let patch = PatchSession { initialized: Some(&text), protocol_version: version };
-        let call = Call { method: "PATCH", session_id: p.client_id.clone(), suffix: "", body: Some(to_body(&patch)), timeout_ms: None };
+        let wait_ms = cx.record_wait();
+        let call = Call { method: "PATCH", session_id: p.client_id.clone(), suffix: "", body: Some(to_body(&patch)), timeout_ms: None, wait_ms };
         self.pending = Pending::RecordInitialized;
         Step::hold(vec![Op::Call(call)])
     }
@@ -675,8 +688,13 @@ impl Stream {
         }
         let initialize = initialize.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         let body = to_body(&PutSession { backend_session_id: session_id, upstream: &pin.upstream, generation: 1, initialize: &initialize });
-        self.pending = Pending::WriteInitialize;
-        Step::hold(vec![Op::Call(Call { method: "PUT", session_id: session_id.to_string(), suffix: "", body: Some(body), timeout_ms: None })])
+        let call = Op::Call(Call { method: "PUT", session_id: session_id.to_string(), suffix: "", body: Some(body), timeout_ms: None, wait_ms: None });
+        if cx.cfg.control.as_ref().is_some_and(|c| c.initialize_write == InitializeWrite::Sync) {
+            self.pending = Pending::WriteInitialize;
+            return Step::hold(vec![call]);
+        }
+        self.pending = Pending::WriteInitializeAsync;
+        Step::go(vec![call])
     }
 
     /// Decides on the response headers of a pinned request: forget a deleted session,
@@ -743,7 +761,7 @@ impl Stream {
         }
         self.pending = Pending::Delete;
         let mut ops = step.ops;
-        ops.push(Op::Call(Call { method: "DELETE", session_id: id, suffix: "", body: None, timeout_ms: None }));
+        ops.push(Op::Call(Call { method: "DELETE", session_id: id, suffix: "", body: None, timeout_ms: None, wait_ms: None }));
         Step::hold(ops)
     }
 
@@ -765,7 +783,7 @@ impl Stream {
             session_errors: (reason == Reason::SessionSuspect).then(|| recovery::SessionErrors::of(&cx.cfg.recovery)),
         };
         log::info!("mcp-affinity: recovering session {} ({reason:?}) from {}", p.client_id, p.pin.upstream);
-        let call = Call { method: "POST", session_id: p.client_id.clone(), suffix: "/recover", body: Some(to_body(&request)), timeout_ms: Some(cx.cfg.recovery.timeout_ms) };
+        let call = Call { method: "POST", session_id: p.client_id.clone(), suffix: "/recover", body: Some(to_body(&request)), timeout_ms: Some(cx.cfg.recovery.timeout_ms), wait_ms: cx.record_wait() };
         self.phase = Phase::Pinned(p);
         self.pending = Pending::Recover;
         Step::hold(vec![Op::Call(call)])
@@ -795,6 +813,8 @@ impl Stream {
                 Step::flow(Flow::ResumeRequest)
             }
             Pending::WriteInitialize | Pending::Delete => Step::flow(Flow::ResumeResponse),
+            // Nothing was held; the stream went on (or is gone: then this is not called).
+            Pending::WriteInitializeAsync => Step::flow(Flow::Continue),
             Pending::Recover => self.on_recover_answer(cx, answer),
             Pending::None => Step::flow(Flow::Stay),
         }

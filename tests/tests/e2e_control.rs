@@ -167,6 +167,11 @@ async fn control_down_or_silent_does_not_break_traffic() {
     let s = mcp_client::connect(&silent_proxy.url()).await.expect("initialize with a silent control");
     let o = s.whoami().await.unwrap();
     assert_eq!(s.whoami().await.unwrap(), o);
+    // A lookup waits for the silent control until the timeout, then goes on unpinned. (The
+    // initialize write is asynchronous: its failure is not waited for, and it is not
+    // counted once the stream it came from has ended.)
+    let unknown = Session::with_id(&silent_proxy.url(), "unknown-with-a-silent-control");
+    let _ = unknown.whoami().await; // whatever the pod says
     assert!(start.elapsed() < Duration::from_secs(10), "requests hung: {:?}", start.elapsed());
     assert!(silent_proxy.metric("control_errors").await.unwrap() >= 1);
 }

@@ -54,6 +54,10 @@ impl ControlClient {
     pub fn call(&self, call: &Call) -> Result<u32, Status> {
         let mut path = session_path(&self.path_prefix, &call.session_id);
         path.push_str(call.suffix);
+        if let Some(ms) = call.wait_ms {
+            path.push_str("?wait_ms=");
+            path.push_str(&ms.to_string());
+        }
         self.dispatch(call.method, &path, call.body.as_deref(), call.timeout_ms)
     }
 

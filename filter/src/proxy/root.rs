@@ -257,7 +257,7 @@ impl RootContext for Root {
             let body = to_body(&PatchSession::default());
             for id in batch {
                 vm.touches.remove(&id);
-                let call = Call { method: "PATCH", session_id: id, suffix: "", body: Some(body.clone()), timeout_ms: None };
+                let call = Call { method: "PATCH", session_id: id, suffix: "", body: Some(body.clone()), timeout_ms: None, wait_ms: None };
                 if control.call(&call).is_err() {
                     p.metrics.add(Counter::ControlErrors, 1);
                 }

@@ -153,8 +153,38 @@ fn a_post_without_session_id_goes_on_at_its_headers_and_initialize_is_read_from_
 }
 
 #[test]
-fn the_initialize_response_is_held_only_for_the_write_through_and_resumed_by_its_answer() {
+fn the_initialize_response_goes_on_while_its_record_is_written_in_the_background() {
     let mut w = World::new(true);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), post(None), false);
+    s.on_request_body(&mut w.cx(), &body(INIT), true);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s1")]));
+    assert_eq!(step.flow, Flow::Continue, "async (the default): nothing is held");
+    let put = calls(&step)[0];
+    assert_eq!((put.method, put.session_id.as_str(), put.wait_ms), ("PUT", "s1", None));
+    assert_eq!(json(put.body.as_ref().unwrap())["initialize"], INIT);
+    // The answer (when the stream still exists) or a refusal changes nothing for the stream.
+    assert_eq!(s.on_control_answer(&mut w.cx(), Answer { status: Some(201), body: vec![] }).flow, Flow::Continue);
+    assert_eq!(w.count("control_writes"), 1);
+    let mut s2 = Stream::new(2);
+    s2.on_request_headers(&mut w.cx(), post(None), false);
+    s2.on_request_body(&mut w.cx(), &body(INIT), true);
+    s2.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s2")]));
+    assert_eq!(s2.on_control_answer(&mut w.cx(), Answer::default()).flow, Flow::Continue, "a refused call must not stall the response");
+    assert_eq!(w.count("control_errors"), 1);
+    // Lookups and the initialized update ask control to wait for a write in flight.
+    let step = Stream::new(3).on_request_headers(&mut w.cx(), post(Some("s9")), false);
+    assert_eq!(calls(&step)[0].wait_ms, Some(250));
+    let mut s4 = Stream::new(4);
+    s4.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    let step = s4.on_request_body(&mut w.cx(), &body(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#), true);
+    assert_eq!((calls(&step)[0].method, calls(&step)[0].wait_ms), ("PATCH", Some(250)));
+}
+
+#[test]
+fn with_sync_writes_the_initialize_response_is_held_until_control_has_the_record() {
+    let mut w = World::new(true);
+    w.cfg.control.as_mut().unwrap().initialize_write = crate::config::InitializeWrite::Sync;
     let mut s = Stream::new(1);
     s.on_request_headers(&mut w.cx(), post(None), false);
     s.on_request_body(&mut w.cx(), &body(INIT), true);
