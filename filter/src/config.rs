@@ -25,13 +25,16 @@ pub struct FilterConfig {
     pub max_body_bytes: usize,
     /// Longest accepted `Mcp-Session-Id` in bytes (default 256, at most 256).
     pub max_session_id_len: usize,
-    /// Number of shared-data keys the pins are spread over (default 16384, at most
+    /// Number of shared-data keys the pins are spread over (default 65536, at most
     /// 1048576). Shared data has no delete, so the filter never writes other keys: with
-    /// `shared_data_bucket_capacity` this is the ceiling of its shared data.
+    /// `shared_data_bucket_capacity` this is the ceiling of its shared data. N live
+    /// sessions put N / buckets pins in a bucket on average (Poisson): with the default, a
+    /// bucket overflows (evicting a live pin) in fewer than 1 of 20000 buckets at 100000
+    /// sessions; plan at most 2 sessions per bucket.
     pub shared_data_buckets: u32,
     /// Most pins per bucket (default 8, at most 64); a full bucket evicts its least
-    /// recently used pin (`pins_evicted`). Ceiling: buckets × capacity pins (131072 by
-    /// default, about 20 MB with UUID session ids).
+    /// recently used pin (`pins_evicted`). Ceiling: buckets × capacity pins (524288 by
+    /// default, about 75 MB with UUID session ids if every bucket fills).
     pub shared_data_bucket_capacity: usize,
     /// Idle time (seconds) after which a pin expires from shared data (default 7200).
     pub session_ttl_secs: u64,
@@ -163,7 +166,7 @@ impl Default for FilterConfig {
             pin_encoding: PinEncoding::Plain,
             max_body_bytes: 1024 * 1024,
             max_session_id_len: MAX_SESSION_ID_LEN,
-            shared_data_buckets: 16_384,
+            shared_data_buckets: 65_536,
             shared_data_bucket_capacity: 8,
             session_ttl_secs: 7200,
             touch_interval_secs: 60,
