@@ -990,7 +990,9 @@ impl Stream {
     /// cancels its calls) must not strand the streams waiting for it: they go on unpinned
     /// (lookup) or to the old pin (move). An open GET stream is forgotten.
     pub fn on_done(&mut self, cx: &mut Ctx) -> Step {
-        cx.vm.open_gets.remove(&self.context_id);
+        if !cx.vm.open_gets.is_empty() {
+            cx.vm.open_gets.remove(&self.context_id);
+        }
         if matches!(self.pending, Pending::Lookup | Pending::Move)
             && let Phase::Resolving(r) = &self.phase
             && let Some(waiters) = cx.vm.lookups.remove(r.client_id.as_str())

@@ -140,11 +140,22 @@ async fn concurrent_requests_after_a_restart_share_lookups() {
 async fn control_down_or_silent_does_not_break_traffic() {
     let pods = pods(2).unwrap();
     let mut control = ControlService::start("memory").unwrap();
-    let proxy = Proxy::start(&addrs(&pods), with_control(&control)).unwrap();
+    // The log is flushed at once, so that it can be read for panics below.
+    let flushed = ProxyOptions { extra: vec!["--file-flush-interval-msec".into(), "1".into()], ..with_control(&control) };
+    let proxy = Proxy::start(&addrs(&pods), flushed).unwrap();
     let cached = mcp_client::connect(&proxy.url()).await.unwrap();
     let origin = cached.whoami().await.unwrap();
 
     control.kill();
+    // The root context's calls to control fail now (the draining-list poll, every second;
+    // Envoy's HTTP client answers a refused connection with a local 503). The filter counts
+    // them and does not panic (a panic kills the VM).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.metric("drain_poll_errors").await.unwrap() < 2 {
+        assert!(Instant::now() < deadline, "no failed draining-list poll was seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!proxy.log().contains("panicked"), "the filter panicked on a failed call:\n{}", proxy.log());
     let start = Instant::now();
     assert_eq!(cached.whoami().await.unwrap(), origin, "cached pin still routes");
     let fresh = mcp_client::connect(&proxy.url()).await.expect("initialize without control");

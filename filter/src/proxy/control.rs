@@ -8,7 +8,9 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 
+use super::abi::{self, Map};
 use crate::config::ControlConfig;
+use crate::headers::STATUS;
 use crate::control::session_path;
 use crate::stream::Call;
 
@@ -86,4 +88,18 @@ impl ControlClient {
         }
         r
     }
+}
+
+/// The `:status` of a call's answer in `on_http_call_response`, `None` when the call
+/// failed without an answer. Envoy's HTTP client turns a refused connection or a timeout
+/// into a local reply (503, 504), but a reset reaches the filter with no headers and no
+/// response map: reading the map then answers BAD_ARGUMENT, on which the SDK's
+/// `get_http_call_response_header` panics (Envoy `source/extensions/common/wasm/context.cc`,
+/// `onHttpCallFailure` / `getConstMap`). So the map is read only when headers arrived,
+/// through [`abi::header`].
+pub fn answer_status(num_headers: usize) -> Option<u16> {
+    if num_headers == 0 {
+        return None;
+    }
+    abi::header(Map::HttpCallResponseHeaders, STATUS).and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
 }

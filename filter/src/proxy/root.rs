@@ -13,7 +13,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, MetricType, Status};
 
 use super::abi::{self, StreamType};
-use super::control::ControlClient;
+use super::control::{ControlClient, answer_status};
 use super::stream::Stream;
 use crate::config::FilterConfig;
 use crate::control::{PatchSession, to_body};
@@ -37,8 +37,8 @@ fn host_now_secs() -> u64 {
     host_now().as_secs()
 }
 
-fn host_now_ms() -> u64 {
-    u64::try_from(host_now().as_millis()).unwrap_or(u64::MAX)
+fn millis(t: Duration) -> u64 {
+    u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Host metric ids, indexed by `Counter as usize` (0 = not defined).
@@ -163,16 +163,15 @@ impl Root {
     }
 
     /// The draining-list fetch answered: share the list with every VM.
-    fn on_draining_answer(&mut self, p: &Plugin, body_size: usize) {
-        let status = self.get_http_call_response_header(":status");
-        let list = match status.as_deref() {
-            Some("200") => drain::parse_answer(&self.get_http_call_response_body(0, body_size).unwrap_or_default()),
+    fn on_draining_answer(&mut self, p: &Plugin, num_headers: usize, body_size: usize) {
+        let list = match answer_status(num_headers) {
+            Some(200) => drain::parse_answer(&self.get_http_call_response_body(0, body_size).unwrap_or_default()),
             other => Err(format!("status {other:?}")),
         };
         match list {
             Ok(list) => {
                 self.drain_failing = false;
-                drain::store_answer(&mut HostSharedData, host_now_ms(), &list);
+                drain::store_answer(&mut HostSharedData, millis(host_now()), &list);
                 self.adopt_draining(p);
             }
             Err(e) => {
@@ -187,17 +186,16 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         if self.drain_fetch == Some(token) {
             self.drain_fetch = None;
             if let Some(p) = self.plugin.clone() {
-                self.on_draining_answer(&p, body_size);
+                self.on_draining_answer(&p, num_headers, body_size);
             }
             return;
         }
         // Touches are best effort: an unanswered one is repeated at the next interval.
-        let status = self.get_http_call_response_header(":status");
-        if status.as_deref().is_none_or(|s| !s.starts_with('2') && s != "404")
+        if answer_status(num_headers).is_none_or(|s| !(200..300).contains(&s) && s != 404)
             && let Some(m) = &self.metrics
         {
             m.add(Counter::ControlErrors, 1);
@@ -233,13 +231,14 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(p) = self.plugin.clone() else { return };
-        let now = host_now_secs();
+        let clock = host_now();
+        let now = clock.as_secs();
         p.now_secs.set(now);
         if let (Some(control), Some(cfg)) = (&p.control, &p.config.control)
             && cfg.drain_poll_ms > 0
         {
             self.adopt_draining(&p);
-            if self.drain_fetch.is_none() && drain::claim_poll(&mut HostSharedData, host_now_ms(), cfg.drain_poll_ms) {
+            if self.drain_fetch.is_none() && drain::claim_poll(&mut HostSharedData, millis(clock), cfg.drain_poll_ms) {
                 match control.fetch_draining() {
                     Ok(token) => self.drain_fetch = Some(token),
                     Err(_) => p.metrics.add(Counter::DrainPollErrors, 1),

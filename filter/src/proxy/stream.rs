@@ -8,6 +8,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::abi::{self, Map, StreamType};
+use super::control::answer_status;
 use super::root::{HostEnv, Plugin};
 use crate::headers::{MCP_SESSION_ID, STATUS};
 use crate::header_map::HeaderPairs;
@@ -126,8 +127,8 @@ impl Stream {
 }
 
 impl Context for Stream {
-    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        let status = abi::header(Map::HttpCallResponseHeaders, STATUS).and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
+    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        let status = answer_status(num_headers);
         let body = if status.is_some() { self.get_http_call_response_body(0, body_size).unwrap_or_default() } else { Vec::new() };
         let step = self.event(|m, cx| m.on_control_answer(cx, Answer { status, body }));
         match self.apply_ops(step) {
