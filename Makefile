@@ -76,6 +76,8 @@ run: setup-envoy build
 
 test: setup wasm
 	$(CARGO) test --workspace --no-fail-fast
+	@# Control's optional EndpointSlice drain source (cargo feature `kube`, off by default).
+	$(CARGO) test -p mcp-affinity-control --features kube --lib drain_source
 
 # Chaos soak (tests/tests/soak.rs): 50 MCP sessions through two Envoys sharing Redis-backed
 # control while pods, Envoys, control instances and Redis are killed and restarted on a

@@ -75,6 +75,30 @@ fn parse_key_prefix(s: &str) -> Result<String, String> {
 pub const DEFAULT_REPLAY_SAFE_METHODS: &str = "ping,initialize,notifications/initialized,tools/list,resources/list,\
 resources/templates/list,resources/read,prompts/list,prompts/get,completion/complete";
 
+/// The Service whose EndpointSlices drain pods (`--drain-from-endpointslices`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSlices {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name (slices carry it in the label `kubernetes.io/service-name`).
+    pub service: String,
+    /// The slice port to use when the Service has several (`None`: the only one).
+    pub port_name: Option<String>,
+}
+
+fn parse_endpointslices(s: &str) -> Result<EndpointSlices, String> {
+    let (namespace, rest) = s.split_once('/').ok_or("expected NAMESPACE/SERVICE[:PORT_NAME]")?;
+    let (service, port_name) = match rest.split_once(':') {
+        Some((service, port)) => (service, Some(port)),
+        None => (rest, None),
+    };
+    let dns_label = |x: &str| !x.is_empty() && x.len() <= 63 && x.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !dns_label(namespace) || !dns_label(service) || port_name.is_some_and(|p| !dns_label(p)) {
+        return Err(format!("{s:?}: namespace, service and port name must be lowercase DNS labels"));
+    }
+    Ok(EndpointSlices { namespace: namespace.into(), service: service.into(), port_name: port_name.map(str::to_string) })
+}
+
 fn parse_dns_endpoint(s: &str) -> Result<String, String> {
     match s.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(s.to_string()),
@@ -212,6 +236,16 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub endpoints_refresh_secs: u64,
 
+    /// Drain pods from a Kubernetes Service's EndpointSlices, `NAMESPACE/SERVICE[:PORT_NAME]`: an
+    /// endpoint that is terminating or not ready is drained (source `endpointslice`), and undrained
+    /// when it is ready again. Control watches the slices with its service account (list/watch
+    /// endpointslices in that namespace). Needs a control built with the cargo feature `kube`;
+    /// without it, control refuses to start with this flag. PORT_NAME picks the slice port when the
+    /// Service has several.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_DRAIN_FROM_ENDPOINTSLICES", value_name = "NAMESPACE/SERVICE[:PORT]",
+          value_parser = parse_endpointslices)]
+    pub drain_from_endpointslices: Option<EndpointSlices>,
+
     /// Lifetime of an upstream drain, in seconds from when it began: a drain nobody undoes (the pod is
     /// gone; its IP may be reused much later) ends on its own after this long.
     #[arg(long, env = "MCP_AFFINITY_CONTROL_DRAIN_TTL_SECS", default_value_t = 3600, value_name = "SECS",
@@ -262,6 +296,7 @@ impl fmt::Debug for Config {
             .field("endpoints", &self.endpoints)
             .field("endpoints_dns", &self.endpoints_dns)
             .field("endpoints_refresh_secs", &self.endpoints_refresh_secs)
+            .field("drain_from_endpointslices", &self.drain_from_endpointslices)
             .field("drain_ttl_secs", &self.drain_ttl_secs)
             .field("replay_safe_methods", &self.replay_safe_methods)
             .field("recovery_timeout_ms", &self.recovery_timeout_ms)
@@ -419,6 +454,12 @@ mod tests {
         assert_eq!(r.replay_safe_methods, ["ping", "tools/list"].iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<_>>());
         let c = parse(&["--endpoints-dns", "mcp.ns.svc.cluster.local:8080"]).unwrap();
         assert_eq!(c.recovery().endpoints, crate::recover::endpoints::EndpointSource::Dns("mcp.ns.svc.cluster.local:8080".into()));
+        let e = parse(&["--drain-from-endpointslices", "mcp/mcp-server-headless:http"]).unwrap().drain_from_endpointslices.unwrap();
+        assert_eq!((e.namespace.as_str(), e.service.as_str(), e.port_name.as_deref()), ("mcp", "mcp-server-headless", Some("http")));
+        assert_eq!(parse(&["--drain-from-endpointslices", "mcp/svc"]).unwrap().drain_from_endpointslices.unwrap().port_name, None);
+        for bad in ["svc", "mcp/", "/svc", "MCP/svc", "mcp/svc:", "mcp/s_c"] {
+            assert!(parse(&["--drain-from-endpointslices", bad]).is_err(), "{bad}");
+        }
         assert!(parse(&["--endpoints-dns", "nameonly"]).is_err());
         assert!(parse(&["--endpoints-dns", "x:1", "--endpoints", "127.0.0.1:1"]).is_err());
         assert!(parse(&["--endpoints", "not-an-address"]).is_err());

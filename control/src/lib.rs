@@ -11,7 +11,7 @@
 //! - [`store`]: the [`store::SessionStore`] trait, [`store::memory`] and [`store::redis`].
 //! - [`recover`]: session recovery (`POST /v1/sessions/{id}/recover`): re-initialize on a
 //!   live pod once per session, replay when safe; move sessions off draining upstreams.
-//! - [`dns_drain`]: drains upstreams that leave the `--endpoints-dns` name.
+//! - [`drain_source`]: drains from the endpoint source (`--endpoints-dns`; EndpointSlices with the `kube` feature).
 //! - [`metrics`]: Prometheus metrics; [`clock`]: injectable time.
 //!
 //! Run in-process with [`serve`] (tests do) or as the `mcp-affinity-control` binary.
@@ -20,7 +20,7 @@ pub mod api;
 pub mod auth;
 pub mod clock;
 pub mod config;
-pub mod dns_drain;
+pub mod drain_source;
 pub mod errors;
 pub mod metrics;
 pub mod record;
@@ -107,9 +107,20 @@ async fn run<S: SessionStore>(
     // With a DNS endpoint source, pods leaving the name are drained in the background.
     let watcher = matches!(settings.endpoints, crate::recover::endpoints::EndpointSource::Dns(_)).then(|| {
         tracing::info!(refresh_secs = config.endpoints_refresh_secs, "draining upstreams that leave --endpoints-dns");
-        let task = dns_drain::watch(store.clone(), metrics.clone(), settings.endpoints.clone(), config.endpoints_refresh());
+        let task = drain_source::dns::watch(store.clone(), metrics.clone(), settings.endpoints.clone(), config.endpoints_refresh());
         AbortOnDrop(tokio::spawn(task))
     });
+    let slices: Option<AbortOnDrop> = match &config.drain_from_endpointslices {
+        None => None,
+        #[cfg(feature = "kube")]
+        Some(service) => {
+            tracing::info!(?service, "draining upstreams from the Service's EndpointSlices");
+            let task = drain_source::endpointslices::watch(store.clone(), metrics.clone(), service.clone()).await?;
+            Some(AbortOnDrop(tokio::spawn(task)))
+        }
+        #[cfg(not(feature = "kube"))]
+        Some(_) => anyhow::bail!("--drain-from-endpointslices needs control built with the cargo feature `kube`"),
+    };
     tracing::info!(drain_ttl_secs = config.drain_ttl_secs, "drains");
     let recovery = Arc::new(crate::recover::Recovery::new(settings).context("recovery")?);
     let state = AppState { store, metrics, recovery };
@@ -117,6 +128,7 @@ async fn run<S: SessionStore>(
     tracing::info!(addr = %listener.local_addr()?, "listening");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("http server")?;
     drop(watcher);
+    drop(slices);
     tracing::info!("stopped");
     Ok(())
 }

@@ -26,7 +26,7 @@ fn help_names_every_flag_and_its_environment_variable() {
     for flag in [
         "--listen", "--store", "--redis-key-prefix", "--redis-timeout-ms", "--session-ttl-secs",
         "--max-sessions", "--max-body-bytes", "--max-in-flight", "--log-format", "--token-file", "--token", "--insecure-no-auth",
-        "--endpoints-refresh-secs", "--drain-ttl-secs",
+        "--endpoints-refresh-secs", "--drain-ttl-secs", "--drain-from-endpointslices",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
@@ -48,6 +48,20 @@ fn refuses_to_start_without_a_token() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no API token configured") && err.contains("--insecure-no-auth"), "{err}");
+}
+
+/// Without the cargo feature `kube` (the default build), the EndpointSlice drain source
+/// is refused at start with a clear error instead of being silently ignored.
+#[cfg(not(feature = "kube"))]
+#[test]
+fn endpointslices_need_the_kube_feature() {
+    let out = clean_command()
+        .args(["--listen", "127.0.0.1:0", "--insecure-no-auth", "--drain-from-endpointslices", "mcp/mcp-server-headless"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cargo feature `kube`"), "{err}");
 }
 
 #[test]

@@ -588,7 +588,31 @@ fn check_control_manifest(objs: &BTreeMap<String, Json>) -> Check {
     } else {
         return Err(format!("{key}: use Redis (--store redis://…) so every control replica shares the records"));
     }
-    check_draining(objs, key, &config)
+    check_draining(objs, key, &config)?;
+    check_endpointslice_rbac(objs)
+}
+
+/// The optional EndpointSlice drain source (control-endpointslices.yaml): a RoleBinding of
+/// control's ServiceAccount to a Role that may list and watch EndpointSlices in the
+/// namespace of the MCP servers' Service.
+fn check_endpointslice_rbac(objs: &BTreeMap<String, Json>) -> Check {
+    let Some((key, binding)) = objs.iter().find(|(_, o)| s(o, "/kind") == "RoleBinding" && s(o, "/metadata/name") == "mcp-affinity-control-endpointslices") else {
+        return Err("no RoleBinding mcp-affinity-control-endpointslices (envoy/k8s/control-endpointslices.yaml)".into());
+    };
+    let ns = s(binding, "/metadata/namespace");
+    let role = objs.get(&format!("Role/{ns}/{}", s(binding, "/roleRef/name"))).ok_or_else(|| format!("{key}: its Role does not exist"))?;
+    let subject = binding.pointer("/subjects/0").ok_or_else(|| format!("{key}: no subject"))?;
+    ensure!(objs.contains_key(&format!("ServiceAccount/{}/{}", s(subject, "/namespace"), s(subject, "/name"))), "{key}: its ServiceAccount does not exist");
+    let grants = |verb: &str| {
+        role["rules"].as_array().into_iter().flatten().any(|r| {
+            let has = |field: &str, v: &str| r[field].as_array().is_some_and(|a| a.iter().any(|x| x == v));
+            has("apiGroups", "discovery.k8s.io") && has("resources", "endpointslices") && has("verbs", verb)
+        })
+    };
+    ensure!(grants("list") && grants("watch"), "{key}: the Role must allow list and watch on discovery.k8s.io endpointslices");
+    let sts = objs.values().find(|o| s(o, "/kind") == "StatefulSet" && s(o, "/metadata/name") == "mcp-server").ok_or("no StatefulSet mcp-server")?;
+    ensure!(s(sts, "/metadata/namespace") == ns, "{key}: the Role must be in the MCP servers' namespace");
+    Ok(())
 }
 
 /// Rolling updates drain (envoy/README.md): control resolves the MCP servers' headless
@@ -853,6 +877,8 @@ fn mutated_manifests_are_rejected() {
         ("k8s/mcp-server.yaml", "            sleep:\n              seconds: 20", "            sleep:\n              seconds: 5", "must exceed --endpoints-refresh-secs"),
         ("k8s/mcp-server.yaml", "terminationGracePeriodSeconds: 60", "terminationGracePeriodSeconds: 20", "must exceed the preStop sleep"),
         ("k8s/mcp-server.yaml", "          preStop:", "          postStart:", "no preStop hook"),
+        ("k8s/control-endpointslices.yaml", "  verbs: [\"list\", \"watch\"]", "  verbs: [\"list\"]", "list and watch"),
+        ("k8s/control-endpointslices.yaml", "  name: mcp-affinity-control\n  namespace: mcp\n", "  name: control\n  namespace: mcp\n", "ServiceAccount does not exist"),
     ];
     for (file, from, to, needle) in k8s {
         expect_err(check_manifests(&with(file, from, to)), needle);

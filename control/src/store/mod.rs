@@ -76,6 +76,9 @@ pub enum DrainSource {
     /// The `--endpoints-dns` watcher: the address stopped resolving (a terminating pod
     /// leaves its headless Service). Undone automatically when it resolves again.
     Dns,
+    /// The EndpointSlice watcher (`--drain-from-endpointslices`, cargo feature `kube`):
+    /// the endpoint is terminating or not ready. Undone automatically when it is ready.
+    Endpointslice,
     /// A source this version does not know (written by a newer control version sharing
     /// the store). Treated like `admin`: never undone automatically.
     #[serde(other)]
@@ -83,11 +86,12 @@ pub enum DrainSource {
 }
 
 impl DrainSource {
-    /// The serialised name: `admin`, `dns` or `other`.
+    /// The serialised name: `admin`, `dns`, `endpointslice` or `other`.
     pub fn as_str(self) -> &'static str {
         match self {
             DrainSource::Admin => "admin",
             DrainSource::Dns => "dns",
+            DrainSource::Endpointslice => "endpointslice",
             DrainSource::Other => "other",
         }
     }
@@ -97,6 +101,7 @@ impl DrainSource {
         match name {
             "admin" => DrainSource::Admin,
             "dns" => DrainSource::Dns,
+            "endpointslice" => DrainSource::Endpointslice,
             _ => DrainSource::Other,
         }
     }
@@ -230,7 +235,7 @@ mod tests {
         );
         let v6 = Drain::new("[0:0:0:0:0:0:0:1]:80".parse().unwrap(), DrainSource::Dns, 1);
         assert_eq!(v6.upstream, "[::1]:80", "canonical form");
-        for s in [DrainSource::Admin, DrainSource::Dns, DrainSource::Other] {
+        for s in [DrainSource::Admin, DrainSource::Dns, DrainSource::Endpointslice, DrainSource::Other] {
             assert_eq!(DrainSource::parse(s.as_str()), s);
             assert_eq!(serde_json::to_value(s).unwrap(), serde_json::Value::from(s.as_str()));
         }

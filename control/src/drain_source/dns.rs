@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{DrainChanges, apply};
 use crate::metrics::Metrics;
 use crate::recover::endpoints::EndpointSource;
 use crate::store::{Drain, DrainSource, SessionStore};
@@ -34,28 +35,12 @@ use crate::store::{Drain, DrainSource, SessionStore};
 /// Longest wait for one DNS resolution of the watcher.
 pub const MAX_RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What one refresh changes in the store.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DnsChanges {
-    /// Addresses to drain with source `dns`, sorted.
-    pub drain: Vec<SocketAddr>,
-    /// Addresses whose `dns` drain is to be undone, sorted.
-    pub undrain: Vec<SocketAddr>,
-}
-
-impl DnsChanges {
-    /// `true` when nothing changes.
-    pub fn is_empty(&self) -> bool {
-        self.drain.is_empty() && self.undrain.is_empty()
-    }
-}
-
 /// The changes a resolution `current` calls for, given the `previous` successful one
 /// (`None` before the first) and the drains in the store (`drains`):
 /// `drain` = in `previous`, not in `current`, and not draining already (from any
 /// source); `undrain` = drains with source `dns` whose upstream is in `current`.
 /// `current` must come from a successful, non-empty resolution.
-pub fn dns_changes(previous: Option<&BTreeSet<SocketAddr>>, current: &BTreeSet<SocketAddr>, drains: &[Drain]) -> DnsChanges {
+pub fn dns_changes(previous: Option<&BTreeSet<SocketAddr>>, current: &BTreeSet<SocketAddr>, drains: &[Drain]) -> DrainChanges {
     let draining: BTreeSet<SocketAddr> = drains.iter().filter_map(|d| d.upstream.parse().ok()).collect();
     let drain = previous
         .map(|prev| prev.difference(current).filter(|a| !draining.contains(a)).copied().collect())
@@ -67,7 +52,7 @@ pub fn dns_changes(previous: Option<&BTreeSet<SocketAddr>>, current: &BTreeSet<S
         .filter(|a| current.contains(a))
         .collect();
     undrain.sort_unstable();
-    DnsChanges { drain, undrain }
+    DrainChanges { drain, undrain }
 }
 
 /// The watcher's memory: the last successful resolution.
@@ -100,24 +85,14 @@ impl DnsDrainer {
         store: &S,
         metrics: &Metrics,
         resolved: Result<Vec<SocketAddr>, String>,
-    ) -> Result<DnsChanges, String> {
+    ) -> Result<DrainChanges, String> {
         let current: BTreeSet<SocketAddr> = resolved?.into_iter().collect();
         if current.is_empty() {
             return Err("the name resolved to no address; changing nothing".into());
         }
         let drains = store.draining().await.map_err(|e| format!("reading the draining upstreams: {e}"))?;
-        metrics.set_upstreams_draining(drains.len());
         let changes = dns_changes(self.previous.as_ref(), &current, &drains);
-        for &upstream in &changes.drain {
-            store.drain(upstream, DrainSource::Dns).await.map_err(|e| format!("draining {upstream}: {e}"))?;
-            tracing::info!(%upstream, source = "dns", "upstream draining: it no longer resolves");
-        }
-        for &upstream in &changes.undrain {
-            store.undrain(upstream).await.map_err(|e| format!("undraining {upstream}: {e}"))?;
-            tracing::info!(%upstream, "upstream no longer draining: it resolves again");
-        }
-        // `drain` holds no draining upstream and `undrain` only draining ones.
-        metrics.set_upstreams_draining(drains.len() + changes.drain.len() - changes.undrain.len());
+        apply(store, metrics, drains.len(), &changes, DrainSource::Dns).await?;
         self.previous = Some(current);
         Ok(changes)
     }
@@ -160,12 +135,12 @@ mod tests {
     fn diff_drains_what_disappeared_and_undoes_dns_drains_that_resolve() {
         let prev = set(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
         // First resolution: a baseline, nothing can have disappeared.
-        assert_eq!(dns_changes(None, &prev, &[]), DnsChanges::default());
+        assert_eq!(dns_changes(None, &prev, &[]), DrainChanges::default());
         // Unchanged: nothing.
         assert!(dns_changes(Some(&prev), &prev, &[]).is_empty());
         // 10.0.0.2 left, 10.0.0.4 is new.
         let cur = set(&["10.0.0.1:80", "10.0.0.3:80", "10.0.0.4:80"]);
-        assert_eq!(dns_changes(Some(&prev), &cur, &[]), DnsChanges { drain: vec![a("10.0.0.2:80")], undrain: vec![] });
+        assert_eq!(dns_changes(Some(&prev), &cur, &[]), DrainChanges { drain: vec![a("10.0.0.2:80")], undrain: vec![] });
         // Already draining (its preStop hook ran first, or an earlier refresh): not again.
         for source in [DrainSource::Admin, DrainSource::Dns] {
             assert!(dns_changes(Some(&prev), &cur, &[drain("10.0.0.2:80", source)]).is_empty(), "{source:?}");
@@ -181,7 +156,7 @@ mod tests {
             drain("10.0.0.9:80", DrainSource::Dns),
             drain("10.0.0.4:80", DrainSource::Other),
         ];
-        assert_eq!(dns_changes(Some(&cur), &cur, &drains), DnsChanges { drain: vec![], undrain: vec![a("10.0.0.1:80")] });
+        assert_eq!(dns_changes(Some(&cur), &cur, &drains), DrainChanges { drain: vec![], undrain: vec![a("10.0.0.1:80")] });
         // Even on the first resolution (control restarted meanwhile).
         assert_eq!(dns_changes(None, &cur, &drains).undrain, [a("10.0.0.1:80")]);
         // IPv6 works the same way.
@@ -195,7 +170,7 @@ mod tests {
         let metrics = Metrics::new();
         let mut w = DnsDrainer::new();
         let ok = |list: &[&str]| Ok(list.iter().map(|s| a(s)).collect::<Vec<_>>());
-        assert_eq!(w.apply(&store, &metrics, ok(&["10.0.0.1:80", "10.0.0.2:80"])).await.unwrap(), DnsChanges::default());
+        assert_eq!(w.apply(&store, &metrics, ok(&["10.0.0.1:80", "10.0.0.2:80"])).await.unwrap(), DrainChanges::default());
         // A failed or empty resolution changes nothing and keeps the baseline.
         assert!(w.apply(&store, &metrics, Err("SERVFAIL".into())).await.is_err());
         assert!(w.apply(&store, &metrics, ok(&[])).await.is_err());
