@@ -4,18 +4,15 @@
 //! filter polls, and the metrics they feed. (Both stores are covered through HTTP by the
 //! conformance suite, `tests/tests/control_conformance.rs`.)
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use mcp_affinity_control::api::{AppState, router};
-use mcp_affinity_control::auth::Auth;
 use mcp_affinity_control::clock::ManualClock;
-use mcp_affinity_control::metrics::Metrics;
-use mcp_affinity_control::recover::endpoints::EndpointSource;
-use mcp_affinity_control::recover::{Recovery, RecoverySettings};
 use mcp_affinity_control::store::memory::MemoryStore;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -26,18 +23,7 @@ const T0: u64 = 1_700_000_000_000;
 fn app() -> (Router, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(T0));
     let store = MemoryStore::with_clock(Duration::from_secs(60), 10, clock.clone()).with_drain_ttl(Duration::from_secs(60));
-    let settings = RecoverySettings {
-        endpoints: EndpointSource::Static(Vec::new()),
-        replay_safe_methods: Default::default(),
-        timeout: Duration::from_secs(1),
-        max_response_bytes: 1024,
-    };
-    let state = AppState {
-        store: Arc::new(store),
-        metrics: Arc::new(Metrics::new()),
-        recovery: Arc::new(Recovery::new(settings).unwrap()),
-    };
-    (router(state, Auth::token("t"), 1 << 20, 64), clock)
+    (common::router_over(store), clock)
 }
 
 /// Sends `method uri` (with the token unless `token` is false): status and JSON (`Null`

@@ -2,34 +2,19 @@
 //! record it asks for (the filter writes `initialize` records without holding the answer)
 //! finds the record instead of a 404; a genuinely missing one is answered 404 after N ms.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use mcp_affinity_control::api::{AppState, router};
-use mcp_affinity_control::auth::Auth;
-use mcp_affinity_control::metrics::Metrics;
-use mcp_affinity_control::recover::endpoints::EndpointSource;
-use mcp_affinity_control::recover::{Recovery, RecoverySettings};
 use mcp_affinity_control::store::memory::MemoryStore;
 use serde_json::Value;
 use tower::ServiceExt;
 
 fn app() -> Router {
-    let settings = RecoverySettings {
-        endpoints: EndpointSource::Static(Vec::new()),
-        replay_safe_methods: Default::default(),
-        timeout: Duration::from_secs(1),
-        max_response_bytes: 1024,
-    };
-    let state = AppState {
-        store: Arc::new(MemoryStore::new(Duration::from_secs(60), 100)),
-        metrics: Arc::new(Metrics::new()),
-        recovery: Arc::new(Recovery::new(settings).unwrap()),
-    };
-    router(state, Auth::token("t"), 1 << 20, 64)
+    common::router_over(MemoryStore::new(Duration::from_secs(60), 100))
 }
 
 async fn call(app: &Router, method: Method, uri: &str, body: &str) -> (StatusCode, Value) {

@@ -36,7 +36,7 @@ use crate::headers::{AUTHORITY, CONTENT_TYPE, MCP_METHOD, MCP_PROTOCOL_VERSION, 
 use crate::jsonrpc::{self, BodyKind};
 use crate::metrics::Counter;
 use crate::pin::Pin;
-use crate::recovery::{self, OriginalRequest, Outcome, Reason, RecoverRequest, StatusVerdict};
+use crate::recovery::{self, NewPin, OriginalRequest, Outcome, Reason, RecoverRequest, StatusVerdict};
 use crate::session_id;
 use crate::store::{self, SharedData, Updated};
 
@@ -112,6 +112,20 @@ impl Ctx<'_> {
     /// record whose (asynchronous) write may still be in flight.
     fn record_wait(&self) -> Option<u64> {
         self.cfg.control.as_ref().map(|c| c.lookup_wait_ms).filter(|ms| *ms > 0)
+    }
+
+    /// Pins `session_id` where control says the session lives now (after a recovery or a
+    /// move; control has recorded it, so nothing is left to record).
+    fn repin(&mut self, session_id: &str, new: &NewPin) -> Pin {
+        let pin = Pin {
+            upstream: new.upstream.clone(),
+            generation: new.generation,
+            last_seen: self.env.now_secs(),
+            backend_session_id: new.backend_session_id.clone(),
+            recorded: true,
+        };
+        self.put_pin(session_id, &pin);
+        pin
     }
 
     fn forget_pin(&mut self, session_id: &str) {
@@ -891,15 +905,7 @@ impl Stream {
         let pin = match moved {
             Some(new) => {
                 cx.count(Counter::SessionsMovedByDrain);
-                let pin = Pin {
-                    upstream: new.upstream,
-                    generation: new.generation,
-                    last_seen: cx.env.now_secs(),
-                    backend_session_id: new.backend_session_id,
-                    recorded: true,
-                };
-                cx.put_pin(&r.client_id, &pin);
-                pin
+                cx.repin(&r.client_id, &new)
             }
             None => {
                 cx.count(Counter::DrainMovesFailed);
@@ -959,14 +965,7 @@ impl Stream {
         match (&a.outcome, &a.pin) {
             (Outcome::Failed, _) | (_, None) => cx.forget_pin(&p.client_id),
             (_, Some(new)) => {
-                let pin = Pin {
-                    upstream: new.upstream.clone(),
-                    generation: new.generation,
-                    last_seen: cx.env.now_secs(),
-                    backend_session_id: new.backend_session_id.clone(),
-                    recorded: true,
-                };
-                cx.put_pin(&p.client_id, &pin);
+                cx.repin(&p.client_id, new);
             }
         }
         cx.count(match a.outcome {
