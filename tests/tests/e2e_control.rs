@@ -44,10 +44,19 @@ async fn survive_a_restart(store: &str) {
     let s = mcp_client::connect(&proxy.url()).await.unwrap();
     let origin = s.whoami().await.unwrap();
 
-    // The record exists in control before the client could use the id, with the
-    // initialize body, the initialized notification and the protocol version.
-    let (status, record) = control.get_session(&s.session_id).await.unwrap();
-    assert_eq!(status, 200, "{record}");
+    // The record reaches control with the initialize body, the initialized notification
+    // and the protocol version. Both writes are asynchronous to the client (the
+    // `initialize` write by design; the notification's because the pod may answer 202
+    // before it has the body), so wait for them, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        let (status, record) = control.get_session(&s.session_id).await.unwrap();
+        if status == 200 && record["initialized"].is_string() {
+            break record;
+        }
+        assert!(Instant::now() < deadline, "the record never had `initialized`: {status} {record}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert!(record["initialize"].as_str().unwrap().contains("\"initialize\""), "{record}");
     assert!(record["initialized"].as_str().unwrap().contains("notifications/initialized"), "{record}");
     assert_eq!(record["protocol_version"], "2025-06-18");
@@ -117,6 +126,8 @@ async fn concurrent_requests_after_a_restart_share_lookups() {
     let mut proxy = Proxy::start(&addrs(&pods), with_control(&control)).unwrap();
     let s = mcp_client::connect(&proxy.url()).await.unwrap();
     let origin = s.whoami().await.unwrap();
+    // The record's write is asynchronous: restart only once control has it.
+    assert_eq!(control.get_session(&s.session_id).await.unwrap().0, 200);
     proxy.restart().unwrap();
     let tasks: Vec<_> = (0..20)
         .map(|i| {

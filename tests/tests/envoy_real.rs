@@ -446,6 +446,10 @@ async fn envoy_restart_keeps_sessions(store: &str) {
     let control = control_for(&pods, store);
     let envoy = Envoy::start(&pods, &control).await.unwrap();
     let sessions = sessions(&envoy, 5).await;
+    // The records' writes are asynchronous: restart only once control has them all.
+    for (s, _) in &sessions {
+        assert_eq!(control.get_session(&s.session_id).await.unwrap().0, 200, "no record of {}", s.session_id);
+    }
 
     envoy.restart().await.unwrap();
     assert_eq!(envoy.metric("sessions_pinned").await.unwrap(), 0, "a new Envoy process");
