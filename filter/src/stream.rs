@@ -503,12 +503,11 @@ impl Stream {
             let go_on = self.settle(cx, r, &Resolution::Unknown, &mut ops);
             return if go_on { Step::go(ops) } else { Step::hold(ops) };
         }
-        if self.wait_for_other(cx, &r) {
+        if self.join_or_lead(cx, &r) {
             self.phase = Phase::Resolving(r);
             return Step::hold(ops);
         }
         cx.count(Counter::ControlLookups);
-        cx.vm.lookups.insert(r.client_id.clone(), Vec::new());
         self.pending = Pending::Lookup;
         let wait_ms = cx.record_wait();
         ops.push(Op::Call(Call { method: "GET", session_id: r.client_id.clone(), suffix: "", body: None, timeout_ms: None, wait_ms }));
@@ -516,15 +515,19 @@ impl Stream {
         Step::hold(ops)
     }
 
-    /// Joins the lookup or move of this session another stream of this VM has in flight:
-    /// true when this stream now waits for it.
-    fn wait_for_other(&self, cx: &mut Ctx, r: &Resolving) -> bool {
-        match cx.vm.lookups.get_mut(&r.client_id) {
-            Some(waiters) => {
-                waiters.push(self.context_id);
+    /// Joins the lookup or move of this session another stream of this VM has in flight
+    /// (true: this stream now waits for it), or registers this stream's own, which the
+    /// streams after it will wait for (false: this stream makes the call).
+    fn join_or_lead(&self, cx: &mut Ctx, r: &Resolving) -> bool {
+        match cx.vm.lookups.entry_ref(r.client_id.as_str()) {
+            hashbrown::hash_map::EntryRef::Occupied(mut waiters) => {
+                waiters.get_mut().push(self.context_id);
                 true
             }
-            None => false,
+            hashbrown::hash_map::EntryRef::Vacant(slot) => {
+                slot.insert(Vec::new());
+                false
+            }
         }
     }
 
@@ -532,11 +535,10 @@ impl Stream {
     /// is sent (control re-initializes it on a live pod; nothing is replayed, so any
     /// method is safe), or wait for the move another stream of this VM started.
     fn move_or_wait(&mut self, cx: &mut Ctx, r: Resolving, pin: Pin, ops: Vec<Op>) -> Step {
-        if self.wait_for_other(cx, &r) {
+        if self.join_or_lead(cx, &r) {
             self.phase = Phase::Resolving(r);
             return Step::hold(ops);
         }
-        cx.vm.lookups.insert(r.client_id.clone(), Vec::new());
         self.start_move(cx, r, pin, ops)
     }
 
