@@ -23,15 +23,24 @@ fn u32_at(buf: &[u8], at: usize) -> Option<usize> {
 }
 
 impl HeaderPairs {
-    /// Takes a buffer the host serialised. An empty buffer is an empty map.
+    /// Takes a buffer the host serialised. An empty buffer is an empty map. Checks that the
+    /// size table accounts for the buffer exactly (one pass over the sizes, no look at the
+    /// names); the terminators are checked as entries are read ([`HeaderPairs::get`],
+    /// [`HeaderPairs::find`]).
     ///
     /// # Errors
-    /// [`MalformedHeaderMap`] when sizes do not add up or a terminator is missing.
+    /// [`MalformedHeaderMap`] when the sizes do not add up to the buffer's length.
     pub fn parse(buf: Vec<u8>) -> Result<HeaderPairs, MalformedHeaderMap> {
         if !buf.is_empty() {
-            let mut check = Pairs::new(&buf).ok_or(MalformedHeaderMap)?;
-            for _ in 0..check.count {
-                check.next_checked().ok_or(MalformedHeaderMap)?;
+            let pairs = Pairs::new(&buf).ok_or(MalformedHeaderMap)?;
+            let mut end = pairs.data;
+            for i in 0..pairs.count {
+                let at = 4 + i * 8;
+                let (k, v) = (u32_at(&buf, at).ok_or(MalformedHeaderMap)?, u32_at(&buf, at + 4).ok_or(MalformedHeaderMap)?);
+                end = end.checked_add(k + v + 2).ok_or(MalformedHeaderMap)?;
+            }
+            if end != buf.len() {
+                return Err(MalformedHeaderMap);
             }
         }
         Ok(HeaderPairs { buf })
@@ -61,11 +70,30 @@ impl HeaderPairs {
 
     /// The first value of header `name` (exact, lowercase), without copying.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        let mut pairs = Pairs::new(&self.buf)?;
-        (0..pairs.count).find_map(|_| {
-            let (k, v) = pairs.next_checked()?;
-            (k == name.as_bytes()).then_some(v)
-        })
+        let [value] = self.find([name]);
+        value
+    }
+
+    /// The first values of several headers (exact, lowercase names) in one pass over the
+    /// map, in the order of `names`. A malformed entry ends the walk (later headers read as
+    /// absent).
+    pub fn find<const N: usize>(&self, names: [&str; N]) -> [Option<&[u8]>; N] {
+        let mut found = [None; N];
+        let Some(mut pairs) = Pairs::new(&self.buf) else { return found };
+        let mut missing = N;
+        for _ in 0..pairs.count {
+            let Some((k, v)) = pairs.next_checked() else { break };
+            for (slot, name) in found.iter_mut().zip(names) {
+                if slot.is_none() && k == name.as_bytes() {
+                    *slot = Some(v);
+                    missing -= 1;
+                }
+            }
+            if missing == 0 {
+                break;
+            }
+        }
+        found
     }
 
     /// The value of `name` as UTF-8 text, copied.
@@ -120,6 +148,7 @@ mod tests {
         assert_eq!(h.get("empty"), Some(&b""[..]));
         assert_eq!(h.get("missing"), None);
         assert_eq!(HeaderPairs::parse(Vec::new()).unwrap().get("x"), None);
+        assert_eq!(h.find(["empty", ":method", "missing", "accept"]), [Some(&b""[..]), Some(&b"POST"[..]), None, Some(&b"a"[..])]);
     }
 
     #[test]
@@ -132,5 +161,11 @@ mod tests {
         }] {
             assert_eq!(HeaderPairs::parse(bad), Err(MalformedHeaderMap));
         }
+        // Sizes that add up but a missing terminator: the entry is never read.
+        let mut unterminated = HeaderPairs::from_pairs(&[("a", "b"), ("c", "d")]).buf;
+        let at = unterminated.len() - 5; // the byte after the first value
+        unterminated[at] = b'x';
+        let h = HeaderPairs::parse(unterminated).unwrap();
+        assert_eq!(h.find(["a", "c"]), [None, None]);
     }
 }

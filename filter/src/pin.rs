@@ -49,34 +49,28 @@ impl Pin {
             .into_bytes()
     }
 
-    /// Parses a shared-data value.
+    /// Parses a shared-data value (one pass over the bytes; read on every request).
     pub fn decode(bytes: &[u8]) -> Result<Pin, DecodeError> {
         if bytes.is_empty() {
             return Err(DecodeError::Tombstone);
         }
-        let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::Invalid)?;
-        let mut parts = text.split(' ');
-        if parts.next() != Some("1") {
-            return Err(DecodeError::Invalid);
-        }
-        let (Some(upstream), Some(generation), Some(last_seen), Some(flags), Some(backend), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        let mut fields = bytes.split(|b| *b == b' ');
+        let (Some(b"1"), Some(upstream), Some(generation), Some(last_seen), Some(flags), Some(backend), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
         else {
             return Err(DecodeError::Invalid);
         };
         let recorded = match flags {
-            "r" => true,
-            "-" => false,
+            b"r" => true,
+            b"-" => false,
             _ => return Err(DecodeError::Invalid),
         };
-        if upstream.is_empty() || backend.is_empty() {
-            return Err(DecodeError::Invalid);
-        }
+        let text = |b: &[u8]| std::str::from_utf8(b).ok().filter(|t| !t.is_empty()).map(str::to_string).ok_or(DecodeError::Invalid);
         Ok(Pin {
-            upstream: upstream.to_string(),
-            generation: generation.parse().map_err(|_| DecodeError::Invalid)?,
-            last_seen: last_seen.parse().map_err(|_| DecodeError::Invalid)?,
-            backend_session_id: backend.to_string(),
+            generation: decimal(generation).ok_or(DecodeError::Invalid)?,
+            last_seen: decimal(last_seen).ok_or(DecodeError::Invalid)?,
+            upstream: text(upstream)?,
+            backend_session_id: text(backend)?,
             recorded,
         })
     }
@@ -91,6 +85,17 @@ impl Pin {
     pub fn needs_touch(&self, now: u64, interval_secs: u64) -> bool {
         now.saturating_sub(self.last_seen) >= interval_secs
     }
+}
+
+/// An unsigned decimal (digits only, no sign), `None` when empty, not digits or over `u64`.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        let d = d.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 /// How the pinned upstream host is written into the routing header.
@@ -136,7 +141,7 @@ mod tests {
     #[test]
     fn rejects_tombstones_and_garbage() {
         assert_eq!(Pin::decode(b""), Err(DecodeError::Tombstone));
-        for bad in [&b"2 a 1 1 r b"[..], b"1 a 1 1 r", b"1 a x 1 r b", b"1 a 1 1 r b extra", b"1  1 1 r b", b"1 a 1 1 x b", b"\xff"] {
+        for bad in [&b"2 a 1 1 r b"[..], b"1 a 1 1 r", b"1 a x 1 r b", b"1 a 1 1 r b extra", b"1  1 1 r b", b"1 a 1 1 x b", b"\xff", b"1 a +1 1 r b", b"1 a 1 99999999999999999999 r b", b"1 \xff 1 1 r b"] {
             assert_eq!(Pin::decode(bad), Err(DecodeError::Invalid), "{:?}", String::from_utf8_lossy(bad));
         }
     }

@@ -59,9 +59,47 @@ impl Layout {
         fnv1a(session_id.as_bytes()) % self.buckets.max(1)
     }
 
-    /// The shared-data key of bucket `n`.
-    pub fn key(n: u32) -> String {
-        format!("{KEY_PREFIX}{n}")
+    /// The shared-data key of bucket `n`, `mcp-affinity/pins/<n>` (built on the stack: it
+    /// is made on every request).
+    pub fn key(n: u32) -> BucketKey {
+        let mut key = BucketKey { bytes: [0; BucketKey::MAX], len: KEY_PREFIX.len() };
+        key.bytes[..KEY_PREFIX.len()].copy_from_slice(KEY_PREFIX.as_bytes());
+        let mut digits = [0u8; 10];
+        let mut at = digits.len();
+        let mut rest = n;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        let digits = &digits[at..];
+        key.bytes[key.len..key.len + digits.len()].copy_from_slice(digits);
+        key.len += digits.len();
+        key
+    }
+}
+
+/// A bucket's shared-data key ([`Layout::key`]): [`KEY_PREFIX`] and a `u32` in decimal.
+#[derive(Debug, Clone, Copy)]
+pub struct BucketKey {
+    bytes: [u8; BucketKey::MAX],
+    len: usize,
+}
+
+impl BucketKey {
+    /// Longest key: the prefix and 10 digits.
+    const MAX: usize = KEY_PREFIX.len() + 10;
+}
+
+impl std::ops::Deref for BucketKey {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // The prefix is ASCII and so are the digits.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
     }
 }
 
@@ -241,6 +279,13 @@ mod tests {
     use super::*;
 
     const ONE: Layout = Layout { buckets: 1, capacity: 3 };
+
+    #[test]
+    fn bucket_keys_are_the_prefix_and_the_number() {
+        for n in [0, 7, 10, 65_535, u32::MAX] {
+            assert_eq!(&*Layout::key(n), format!("{KEY_PREFIX}{n}"));
+        }
+    }
     const MANY: Layout = Layout { buckets: 64, capacity: 4 };
 
     fn pin(last_seen: u64) -> Pin {

@@ -431,18 +431,20 @@ impl Stream {
     /// choose the upstream host), then routes by session id, or watches a POST without one.
     pub fn on_request_headers(&mut self, cx: &mut Ctx, head: HeaderPairs, end_of_stream: bool) -> Step {
         let mut ops = Vec::new();
-        if head.get(&cx.cfg.pin_header).is_some() {
+        // One pass over the map for every header this event looks at.
+        let [client_pin, method, session_id, mcp_method] = head.find([&cx.cfg.pin_header, METHOD, MCP_SESSION_ID, MCP_METHOD]);
+        if client_pin.is_some() {
             ops.push(Op::RemoveRequestHeader(Header::Pin));
             cx.count(Counter::ClientPinHeaderRemoved);
         }
-        let method = head.get(METHOD).unwrap_or_default();
+        let method = method.unwrap_or_default();
         let is_post = method == b"POST";
         let kind = match method {
             b"DELETE" => Kind::Delete,
             b"GET" => Kind::Get,
             _ => Kind::Other,
         };
-        if let Some(raw_id) = head.get(MCP_SESSION_ID) {
+        if let Some(raw_id) = session_id {
             return match session_id::validate(raw_id, cx.cfg.max_session_id_len) {
                 Ok(id) => {
                     let id = id.to_string();
@@ -460,7 +462,7 @@ impl Stream {
             // May be `initialize`. The hint header lets us skip the body when it names
             // another method; it is never a reason to pin by itself. Rule 1: the headers
             // go on; the body is copied as it streams.
-            if head.get(MCP_METHOD).is_none_or(|m| m == jsonrpc::INITIALIZE.as_bytes()) {
+            if mcp_method.is_none_or(|m| m == jsonrpc::INITIALIZE.as_bytes()) {
                 self.phase = Phase::NewSession { body: Copy::new(cx.cfg.max_body_bytes), initialize: None };
             } else {
                 self.phase = Phase::NewSession { body: Copy::Off, initialize: None };

@@ -268,6 +268,21 @@ pub async fn filter_metric(admin: std::net::SocketAddr, name: &str) -> Result<i6
     Ok(0)
 }
 
+/// The filter's metric once it has reached `at_least`, or its last value when `within`
+/// passed first. For the per-request counters (`requests_pinned`, `requests_unpinned`),
+/// which each VM adds up and sends once per tick (`sweep_period_ms`): the caller asserts on
+/// the value returned, so a count that never arrives (or overshoots) still fails.
+pub async fn filter_metric_reaching(admin: std::net::SocketAddr, name: &str, at_least: i64, within: std::time::Duration) -> Result<i64> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let value = filter_metric(admin, name).await?;
+        if value >= at_least || tokio::time::Instant::now() >= deadline {
+            return Ok(value);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

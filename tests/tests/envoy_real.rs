@@ -418,7 +418,7 @@ async fn pinning_through_real_envoy() {
     }
     assert_eq!(envoy.metric("initialize_seen").await.unwrap(), 10);
     assert_eq!(envoy.metric("sessions_pinned").await.unwrap(), 10);
-    let pinned = envoy.metric("requests_pinned").await.unwrap();
+    let pinned = envoy::filter_metric_reaching(envoy.admin, "requests_pinned", 10 * 5, Duration::from_secs(5)).await.unwrap();
     assert!(pinned >= 10 * 5, "requests_pinned = {pinned}, expected at least 50 (10 sessions × 5 calls)");
     assert_eq!(envoy.metric("unknown_session").await.unwrap(), 0);
     assert_eq!(initializations(&pods).await, 10, "the pods initialized each session once");

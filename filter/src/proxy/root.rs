@@ -41,22 +41,49 @@ fn millis(t: Duration) -> u64 {
     u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Host metric ids, indexed by `Counter as usize` (0 = not defined).
+/// Host metric ids, indexed by `Counter as usize` (0 = not defined), and the counts of
+/// the per-request counters ([`Counter::per_request`]) not yet sent to the host.
 #[derive(Debug, Default, Clone)]
-pub struct Metrics(Vec<u32>);
+pub struct Metrics {
+    ids: Vec<u32>,
+    pending: Vec<Cell<u64>>,
+}
 
 impl Metrics {
     /// Defines every counter (`proxy_define_metric`); a refused definition leaves id 0.
     fn define() -> Metrics {
-        Metrics(Counter::ALL.iter().map(|c| hostcalls::define_metric(MetricType::Counter, c.name()).unwrap_or(0)).collect())
+        let ids: Vec<u32> = Counter::ALL.iter().map(|c| hostcalls::define_metric(MetricType::Counter, c.name()).unwrap_or(0)).collect();
+        Metrics { pending: ids.iter().map(|_| Cell::new(0)).collect(), ids }
     }
 
-    /// Adds `n` to a counter (`proxy_increment_metric`); a no-op when undefined or refused.
+    /// Adds `n` to a counter: a per-request counter in the VM (sent by [`Metrics::flush`]),
+    /// any other at once (`proxy_increment_metric`); a no-op when undefined or refused.
     pub fn add(&self, c: Counter, n: u64) {
-        if let Some(&id) = self.0.get(c as usize)
+        if c.per_request()
+            && let Some(pending) = self.pending.get(c as usize)
+        {
+            pending.set(pending.get() + n);
+            return;
+        }
+        self.send(c, n);
+    }
+
+    fn send(&self, c: Counter, n: u64) {
+        if let Some(&id) = self.ids.get(c as usize)
             && id != 0
         {
             let _ = hostcalls::increment_metric(id, n as i64);
+        }
+    }
+
+    /// Sends the per-request counts gathered since the last flush (one host call per
+    /// counter that moved; called on every tick).
+    pub fn flush(&self) {
+        for (&c, pending) in Counter::ALL.iter().zip(&self.pending) {
+            let n = pending.replace(0);
+            if n > 0 {
+                self.send(c, n);
+            }
         }
     }
 }
@@ -234,6 +261,7 @@ impl RootContext for Root {
         let clock = host_now();
         let now = clock.as_secs();
         p.now_secs.set(now);
+        p.metrics.flush();
         if let (Some(control), Some(cfg)) = (&p.control, &p.config.control)
             && cfg.drain_poll_ms > 0
         {
