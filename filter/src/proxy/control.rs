@@ -5,9 +5,6 @@
 
 use std::time::Duration;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::Status;
-
 use super::abi::{self, Map};
 use crate::config::ControlConfig;
 use crate::headers::STATUS;
@@ -48,12 +45,13 @@ impl ControlClient {
     }
 
     /// Sends `call` (`{prefix}/sessions/{id}{suffix}`, JSON body when given); returns the
-    /// call's token. The answer arrives in `on_http_call_response` of the calling context.
+    /// call's token. The answer arrives in the root context's `proxy_on_http_call_response`,
+    /// which hands it to the calling stream ([`super::exports`]).
     ///
     /// # Errors
-    /// The host's status when it refuses the call (BAD_ARGUMENT: unknown cluster or
+    /// The host's ABI status when it refuses the call (BAD_ARGUMENT: unknown cluster or
     /// missing pseudo-header; INTERNAL_FAILURE), logged here.
-    pub fn call(&self, call: &Call) -> Result<u32, Status> {
+    pub fn call(&self, call: &Call) -> Result<u32, u32> {
         let mut path = session_path(&self.path_prefix, &call.session_id);
         path.push_str(call.suffix);
         if let Some(ms) = call.wait_ms {
@@ -68,12 +66,12 @@ impl ControlClient {
     ///
     /// # Errors
     /// As [`ControlClient::call`].
-    pub fn fetch_draining(&self) -> Result<u32, Status> {
+    pub fn fetch_draining(&self) -> Result<u32, u32> {
         let path = format!("{}/upstreams/draining", self.path_prefix);
         self.dispatch("GET", &path, None, None)
     }
 
-    fn dispatch(&self, method: &str, path: &str, body: Option<&[u8]>, timeout_ms: Option<u64>) -> Result<u32, Status> {
+    fn dispatch(&self, method: &str, path: &str, body: Option<&[u8]>, timeout_ms: Option<u64>) -> Result<u32, u32> {
         let mut headers = vec![(":method", method), (":path", path), (":authority", self.authority.as_str())];
         if body.is_some() {
             headers.push(("content-type", "application/json"));
@@ -82,9 +80,9 @@ impl ControlClient {
             headers.push(("authorization", a.as_str()));
         }
         let timeout = timeout_ms.map_or(self.timeout, Duration::from_millis);
-        let r = hostcalls::dispatch_http_call(&self.cluster, headers, body, vec![], timeout);
+        let r = abi::http_call(&self.cluster, &headers, body, timeout);
         if let Err(status) = r {
-            log::warn!("mcp-affinity: dispatch_http_call to cluster {} refused: {status:?}", self.cluster);
+            log::warn!("mcp-affinity: proxy_http_call to cluster {} refused: status {status}", self.cluster);
         }
         r
     }
@@ -93,10 +91,9 @@ impl ControlClient {
 /// The `:status` of a call's answer in `on_http_call_response`, `None` when the call
 /// failed without an answer. Envoy's HTTP client turns a refused connection or a timeout
 /// into a local reply (503, 504), but a reset reaches the filter with no headers and no
-/// response map: reading the map then answers BAD_ARGUMENT, on which the SDK's
-/// `get_http_call_response_header` panics (Envoy `source/extensions/common/wasm/context.cc`,
-/// `onHttpCallFailure` / `getConstMap`). So the map is read only when headers arrived,
-/// through [`abi::header`].
+/// response map: reading the map then answers BAD_ARGUMENT (Envoy
+/// `source/extensions/common/wasm/context.cc`, `onHttpCallFailure` / `getConstMap`). So the
+/// map is read only when headers arrived.
 pub fn answer_status(num_headers: usize) -> Option<u16> {
     if num_headers == 0 {
         return None;

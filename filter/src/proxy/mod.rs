@@ -1,16 +1,12 @@
-//! proxy-wasm glue (ABI v0.2.1 through the `proxy-wasm` crate): the root context owns the
-//! configuration, metrics, the expiry sweep and control touches; one HTTP context per
-//! stream translates Envoy's callbacks for the machine in [`crate::stream`]; `control`
-//! makes the calls to the control service; `abi` the host calls the SDK would panic on.
+//! proxy-wasm glue (ABI v0.2.1, without the SDK): `exports` holds the callbacks Envoy calls
+//! and the VM's registry of contexts; the root context (`root`) owns the configuration,
+//! metrics, the expiry sweep, control touches and the draining list; one stream context
+//! per HTTP stream (`stream`) translates Envoy's callbacks for the machine in
+//! [`crate::stream`]; `control` makes the calls to the control service; `abi` the host
+//! calls, each status a value.
 
 mod abi;
 mod control;
+mod exports;
 mod root;
 mod stream;
-
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
-    proxy_wasm::set_root_context(|context_id| -> Box<dyn proxy_wasm::traits::RootContext> {
-        Box::new(root::Root::new(context_id))
-    });
-}}

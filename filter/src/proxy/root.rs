@@ -8,13 +8,8 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{ContextType, MetricType, Status};
-
-use super::abi::{self, StreamType};
+use super::abi::{self, Buffer, StreamType};
 use super::control::{ControlClient, answer_status};
-use super::stream::Stream;
 use crate::config::FilterConfig;
 use crate::control::{PatchSession, to_body};
 use crate::drain;
@@ -28,9 +23,8 @@ const TOUCHES_PER_TICK: usize = 256;
 /// Most shared-data buckets the sweep looks at per tick (each one shared-data read).
 const SWEEP_PER_TICK: u32 = 64;
 
-/// Wall clock since the Unix epoch (`proxy_get_current_time_nanoseconds`).
 fn host_now() -> Duration {
-    hostcalls::get_current_time().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default()
+    abi::now()
 }
 
 fn host_now_secs() -> u64 {
@@ -52,7 +46,7 @@ pub struct Metrics {
 impl Metrics {
     /// Defines every counter (`proxy_define_metric`); a refused definition leaves id 0.
     fn define() -> Metrics {
-        let ids: Vec<u32> = Counter::ALL.iter().map(|c| hostcalls::define_metric(MetricType::Counter, c.name()).unwrap_or(0)).collect();
+        let ids: Vec<u32> = Counter::ALL.iter().map(|c| abi::define_counter(c.name())).collect();
         Metrics { pending: ids.iter().map(|_| Cell::new(0)).collect(), ids }
     }
 
@@ -72,7 +66,7 @@ impl Metrics {
         if let Some(&id) = self.ids.get(c as usize)
             && id != 0
         {
-            let _ = hostcalls::increment_metric(id, n as i64);
+            abi::increment(id, n);
         }
     }
 
@@ -88,27 +82,16 @@ impl Metrics {
     }
 }
 
-/// Envoy shared data through `proxy_get_shared_data` / `proxy_set_shared_data` (the SDK
-/// accepts every status Envoy gives for these: OK, NOT_FOUND, CAS_MISMATCH).
+/// Envoy shared data through `proxy_get_shared_data` / `proxy_set_shared_data`.
 pub struct HostSharedData;
 
 impl SharedData for HostSharedData {
     fn get(&self, key: &str) -> Option<(Vec<u8>, Option<u32>)> {
-        match hostcalls::get_shared_data(key) {
-            Ok((Some(v), cas)) => Some((v, cas)),
-            _ => None,
-        }
+        abi::shared_data(key)
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        match hostcalls::set_shared_data(key, Some(value), cas) {
-            Ok(()) => true,
-            Err(Status::CasMismatch) => false,
-            Err(status) => {
-                log::warn!("mcp-affinity: set_shared_data({key}) failed: {status:?}");
-                false
-            }
-        }
+        abi::set_shared_data(key, value, cas)
     }
 }
 
@@ -178,7 +161,7 @@ impl Root {
         let ends = vm.streams_to_end();
         drop(vm);
         for id in ends {
-            if hostcalls::set_effective_context(id).is_ok() {
+            if abi::set_effective_context(id) {
                 log::info!("mcp-affinity: ending GET stream {id}: its upstream is draining");
                 abi::close(StreamType::Response);
                 p.metrics.add(Counter::StreamsEndedByDrain, 1);
@@ -186,13 +169,13 @@ impl Root {
             p.vm.borrow_mut().open_gets.remove(&id);
         }
         // Later host calls of this callback (e.g. dispatching calls) belong to the root.
-        let _ = hostcalls::set_effective_context(self.context_id);
+        abi::set_effective_context(self.context_id);
     }
 
     /// The draining-list fetch answered: share the list with every VM.
     fn on_draining_answer(&mut self, p: &Plugin, num_headers: usize, body_size: usize) {
         let list = match answer_status(num_headers) {
-            Some(200) => drain::parse_answer(&self.get_http_call_response_body(0, body_size).unwrap_or_default()),
+            Some(200) => drain::parse_answer(&abi::buffer(Buffer::HttpCallResponseBody, 0, body_size)),
             other => Err(format!("status {other:?}")),
         };
         match list {
@@ -210,10 +193,15 @@ impl Root {
             }
         }
     }
-}
 
-impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+    /// The plugin, once a configuration was accepted.
+    pub fn plugin(&self) -> Option<&Rc<Plugin>> {
+        self.plugin.as_ref()
+    }
+
+    /// `proxy_on_http_call_response` of a call this root made itself (the draining list,
+    /// touches); answers to streams' calls go to their streams ([`super::exports`]).
+    pub fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize) {
         if self.drain_fetch == Some(token) {
             self.drain_fetch = None;
             if let Some(p) = self.plugin.clone() {
@@ -228,13 +216,11 @@ impl Context for Root {
             m.add(Counter::ControlErrors, 1);
         }
     }
-}
 
-impl RootContext for Root {
-    /// Envoy calls this with the plugin configuration (buffer type 7). Returning false
-    /// rejects the configuration: Envoy logs it and does not use the filter.
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = self.get_plugin_configuration().unwrap_or_default();
+    /// `proxy_on_configure`: reads the plugin configuration (buffer type 7). Returning
+    /// false rejects it: Envoy logs it and does not use the filter.
+    pub fn on_configure(&mut self, size: usize) -> bool {
+        let bytes = abi::buffer(Buffer::PluginConfiguration, 0, size);
         let parsed = FilterConfig::parse(&bytes).and_then(|config| {
             let control = config.control.as_ref().map(ControlClient::new).transpose()?;
             Ok((config, control))
@@ -243,7 +229,7 @@ impl RootContext for Root {
             Ok((config, control)) => {
                 log::info!("mcp-affinity: configured: {config:?}");
                 let metrics = self.metrics.get_or_insert_with(Metrics::define).clone();
-                self.set_tick_period(Duration::from_millis(config.sweep_period_ms));
+                abi::set_tick_period(Duration::from_millis(config.sweep_period_ms));
                 // A reconfiguration keeps the pins this VM indexed.
                 let vm = self.plugin.as_ref().map(|p| std::mem::take(&mut *p.vm.borrow_mut())).unwrap_or_default();
                 self.plugin = Some(Rc::new(Plugin { config, metrics, control, vm: RefCell::new(vm), now_secs: Cell::new(host_now_secs()) }));
@@ -256,7 +242,8 @@ impl RootContext for Root {
         }
     }
 
-    fn on_tick(&mut self) {
+    /// `proxy_on_tick`, every `sweep_period_ms`.
+    pub fn on_tick(&mut self) {
         let Some(p) = self.plugin.clone() else { return };
         let clock = host_now();
         let now = clock.as_secs();
@@ -292,12 +279,4 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let plugin = self.plugin.clone()?;
-        Some(Box::new(Stream::new(plugin, context_id)))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
 }

@@ -3,12 +3,9 @@
 
 use std::rc::Rc;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
-
-use super::abi::{self, Map, StreamType};
+use super::abi::{self, Buffer, Map, StreamType};
 use super::control::answer_status;
+use super::exports::{self, Action};
 use super::root::{HostEnv, Plugin};
 use crate::headers::{MCP_SESSION_ID, STATUS};
 use crate::header_map::HeaderPairs;
@@ -90,11 +87,10 @@ impl Stream {
                     abi::local_reply(r.status, &headers, &r.body);
                 }
                 Op::Call(c) => {
-                    let refused = match &self.p.control {
-                        Some(control) => control.call(&c).is_err(),
-                        None => true,
-                    };
-                    if refused {
+                    let token = self.p.control.as_ref().and_then(|control| control.call(&c).ok());
+                    if let Some(token) = token {
+                        exports::expect_answer(token, self.context_id);
+                    } else {
                         // Same as an unreachable control service, decided now.
                         let answer = self.event(|m, cx| m.on_control_answer(cx, Answer::default()));
                         flow = self.apply_ops(answer);
@@ -102,7 +98,7 @@ impl Stream {
                 }
                 Op::Wake { waiters, ops, resume } => {
                     for w in waiters {
-                        if hostcalls::set_effective_context(w).is_err() {
+                        if !abi::set_effective_context(w) {
                             continue; // the waiting stream is gone
                         }
                         self.apply_ops(Step { ops: ops.clone(), flow: Flow::Stay });
@@ -110,7 +106,7 @@ impl Stream {
                             abi::resume(StreamType::Request);
                         }
                     }
-                    let _ = hostcalls::set_effective_context(self.context_id);
+                    abi::set_effective_context(self.context_id);
                 }
             }
         }
@@ -126,10 +122,13 @@ impl Stream {
     }
 }
 
-impl Context for Stream {
-    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+/// The callbacks [`super::exports`] hands to a stream.
+impl Stream {
+    /// `proxy_on_http_call_response` of a call this stream made (Envoy delivers it to the
+    /// root context; the effective context is this stream's again).
+    pub fn on_http_call_response(&mut self, num_headers: usize, body_size: usize) {
         let status = answer_status(num_headers);
-        let body = if status.is_some() { self.get_http_call_response_body(0, body_size).unwrap_or_default() } else { Vec::new() };
+        let body = if status.is_some() { abi::buffer(Buffer::HttpCallResponseBody, 0, body_size) } else { Vec::new() };
         let step = self.event(|m, cx| m.on_control_answer(cx, Answer { status, body }));
         match self.apply_ops(step) {
             Flow::ResumeRequest => abi::resume(StreamType::Request),
@@ -138,15 +137,15 @@ impl Context for Stream {
         }
     }
 
-    fn on_done(&mut self) -> bool {
+    /// The end of the stream (`proxy_on_delete`, which Envoy calls right after
+    /// `proxy_on_done`, `Context::onDestroy`).
+    pub fn on_done(&mut self) {
         let step = self.event(|m, cx| m.on_done(cx));
         self.apply_ops(step);
-        true
     }
-}
 
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+    /// `proxy_on_request_headers`.
+    pub fn on_request_headers(&mut self, end_of_stream: bool) -> Action {
         // Rule 2 of the machine: the request headers are readable now only; one host call
         // reads them all into one buffer.
         let head = abi::pairs(Map::RequestHeaders).map(HeaderPairs::parse).unwrap_or(Ok(HeaderPairs::default())).unwrap_or_else(|_| {
@@ -157,13 +156,15 @@ impl HttpContext for Stream {
         self.in_callback(step)
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let read = || hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, body_size).ok().flatten().unwrap_or_default();
+    /// `proxy_on_request_body`, once per chunk.
+    pub fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let read = || abi::buffer(Buffer::HttpRequestBody, 0, body_size);
         let step = self.event(|m, cx| m.on_request_body(cx, &read, end_of_stream));
         self.in_callback(step)
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    /// `proxy_on_response_headers`.
+    pub fn on_response_headers(&mut self) -> Action {
         let step = self.event(|m, cx| m.on_response_headers(cx, &ResponseHeaders));
         self.in_callback(step)
     }

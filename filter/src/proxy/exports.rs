@@ -1,0 +1,218 @@
+//! The module's exports: the proxy-wasm ABI v0.2.1 callbacks Envoy calls into the VM, and
+//! only those the filter uses. proxy-wasm-cpp-host calls a callback only when the module
+//! exports it (`src/context.cc`: `if (!wasm_->on_response_body_) return Continue;` and the
+//! same for every event), and each call into the VM costs a V8 entry and exit. The SDK's
+//! dispatcher exports every callback, so a pinned request used to pay for eight of them;
+//! here it pays for four (`proxy_on_context_create`, `proxy_on_request_headers`,
+//! `proxy_on_request_body`, `proxy_on_response_headers`, `proxy_on_delete`: five with a
+//! body). Not exported, so never called: response bodies and trailers, metadata,
+//! `proxy_on_log`, `proxy_on_done` (Envoy calls `proxy_on_delete` right after it,
+//! `Context::onDestroy`), network-filter, queue, gRPC and foreign-function callbacks.
+//!
+//! Contexts live in this VM's registry: root contexts (one per plugin configuration that
+//! uses the VM), streams (each with its root's [`super::root::Plugin`]), and the calls to
+//! control that streams made. Envoy attaches every `proxy_http_call` to the root context
+//! (proxy-wasm-cpp-host `src/exports.cc`, `http_call` uses `root_context()`), so every
+//! answer arrives as the root's `proxy_on_http_call_response`; the registry hands a
+//! stream's answer to that stream, or drops it when the stream has ended.
+//!
+//! Nothing here panics: an unknown context id is a callback to ignore (`Continue`).
+
+use std::cell::RefCell;
+
+use hashbrown::HashMap;
+
+use super::abi::{self, LogLevel};
+use super::root::Root;
+use super::stream::Stream;
+
+/// What a stream callback tells Envoy (ABI `proxy_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Action {
+    Continue = 0,
+    Pause = 1,
+}
+
+thread_local! {
+    static ROOTS: RefCell<HashMap<u32, Root>> = RefCell::new(HashMap::new());
+    static STREAMS: RefCell<HashMap<u32, Stream>> = RefCell::new(HashMap::new());
+    /// Calls to control in flight made by streams: token → stream context id.
+    static CALLS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
+}
+
+/// Routes the answer to call `token` to stream `context_id`.
+pub fn expect_answer(token: u32, context_id: u32) {
+    CALLS.with_borrow_mut(|calls| calls.insert(token, context_id));
+}
+
+/// Runs `f` on stream `context_id`, if it exists.
+fn with_stream<T>(context_id: u32, f: impl FnOnce(&mut Stream) -> T) -> Option<T> {
+    STREAMS.with_borrow_mut(|streams| streams.get_mut(&context_id).map(f))
+}
+
+fn stream_action(context_id: u32, f: impl FnOnce(&mut Stream) -> Action) -> u32 {
+    with_stream(context_id, f).unwrap_or(Action::Continue) as u32
+}
+
+// ---- logging ---------------------------------------------------------------------------
+
+/// The `log` facade on `proxy_log`, at the host's level for this VM (`proxy_get_log_level`,
+/// read at VM start and on every tick, so a change through Envoy's admin `/logging` applies
+/// within a tick). Below that level a `log::debug!` costs a comparison, not a host call.
+struct HostLogger;
+
+static LOGGER: HostLogger = HostLogger;
+
+impl log::Log for HostLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = match record.level() {
+            log::Level::Error => LogLevel::Error,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Trace => LogLevel::Trace,
+        };
+        abi::log(level, &record.args().to_string());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Follows the host's log level (Info when the host does not say).
+pub fn follow_host_log_level() {
+    log::set_max_level(match abi::log_level().unwrap_or(LogLevel::Info) {
+        LogLevel::Trace => log::LevelFilter::Trace,
+        LogLevel::Debug => log::LevelFilter::Debug,
+        LogLevel::Info => log::LevelFilter::Info,
+        LogLevel::Warn => log::LevelFilter::Warn,
+        LogLevel::Error | LogLevel::Critical => log::LevelFilter::Error,
+    });
+}
+
+// ---- module start and memory -----------------------------------------------------------
+
+#[cfg(target_os = "wasi")]
+unsafe extern "C" {
+    fn __wasm_call_ctors();
+}
+
+/// WASI reactor start: runs static constructors, installs the logger.
+#[unsafe(no_mangle)]
+pub extern "C" fn _initialize() {
+    #[cfg(target_os = "wasi")]
+    // SAFETY: called once by the host before any other export, as WASI reactors require.
+    unsafe {
+        __wasm_call_ctors();
+    }
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Info);
+}
+
+/// Marks the ABI version the module speaks (proxy-wasm-cpp-host looks for this export).
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+/// The host allocates here the bytes it returns (header values, buffers, shared data); the
+/// filter takes them back as a `Vec` of exactly `size` bytes ([`abi`]'s `owned`).
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+    let mut bytes = std::mem::ManuallyDrop::new(Vec::<u8>::with_capacity(size));
+    bytes.as_mut_ptr()
+}
+
+// ---- contexts --------------------------------------------------------------------------
+
+/// A root context (`root_context_id` 0) or a stream of root `root_context_id`. A stream of
+/// a root whose configuration was rejected gets no state: its callbacks go on untouched.
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32) {
+    if root_context_id == 0 {
+        ROOTS.with_borrow_mut(|roots| {
+            roots.entry(context_id).or_insert_with(|| Root::new(context_id));
+        });
+        return;
+    }
+    let plugin = ROOTS.with_borrow(|roots| roots.get(&root_context_id).and_then(|r| r.plugin().cloned()));
+    if let Some(plugin) = plugin {
+        STREAMS.with_borrow_mut(|streams| streams.insert(context_id, Stream::new(plugin, context_id)));
+    }
+}
+
+/// VM start: nothing to read from the VM configuration; follows the host's log level.
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_vm_start(_root_context_id: u32, _vm_configuration_size: usize) -> u32 {
+    follow_host_log_level();
+    1
+}
+
+/// The plugin configuration of a root context; 0 rejects it.
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_configure(root_context_id: u32, configuration_size: usize) -> u32 {
+    let accepted = ROOTS.with_borrow_mut(|roots| {
+        roots.entry(root_context_id).or_insert_with(|| Root::new(root_context_id)).on_configure(configuration_size)
+    });
+    u32::from(accepted)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_tick(root_context_id: u32) {
+    follow_host_log_level();
+    ROOTS.with_borrow_mut(|roots| {
+        if let Some(root) = roots.get_mut(&root_context_id) {
+            root.on_tick();
+        }
+    });
+}
+
+/// An answer from control: to the stream that made the call (dropped when it has ended),
+/// else to the root that made it.
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_http_call_response(context_id: u32, token: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+    if let Some(stream_id) = CALLS.with_borrow_mut(|calls| calls.remove(&token)) {
+        with_stream(stream_id, |stream| {
+            if abi::set_effective_context(stream_id) {
+                stream.on_http_call_response(num_headers, body_size);
+            }
+        });
+        return;
+    }
+    ROOTS.with_borrow_mut(|roots| {
+        if let Some(root) = roots.get_mut(&context_id) {
+            root.on_http_call_response(token, num_headers, body_size);
+        }
+    });
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_request_headers(context_id: u32, _num_headers: usize, end_of_stream: u32) -> u32 {
+    stream_action(context_id, |s| s.on_request_headers(end_of_stream != 0))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_request_body(context_id: u32, body_size: usize, end_of_stream: u32) -> u32 {
+    stream_action(context_id, |s| s.on_request_body(body_size, end_of_stream != 0))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_response_headers(context_id: u32, _num_headers: usize, _end_of_stream: u32) -> u32 {
+    stream_action(context_id, Stream::on_response_headers)
+}
+
+/// The end of a context: a stream finishes (waking streams that waited for its control
+/// call) and is dropped; a root is dropped.
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_delete(context_id: u32) {
+    if let Some(mut stream) = STREAMS.with_borrow_mut(|streams| streams.remove(&context_id)) {
+        stream.on_done();
+        return;
+    }
+    ROOTS.with_borrow_mut(|roots| roots.remove(&context_id));
+}
