@@ -36,6 +36,11 @@ pub struct FilterConfig {
     /// recently used pin (`pins_evicted`). Ceiling: buckets × capacity pins (524288 by
     /// default, about 75 MB with UUID session ids if every bucket fills).
     pub shared_data_bucket_capacity: usize,
+    /// Most pins each worker VM keeps its own copy of (default 8192, at most 1048576; 0:
+    /// none), so that a pinned request reads no shared data ([`crate::pin_cache`]). A
+    /// copy is used only while no pin changed anywhere in Envoy (`pins_changed`); a full
+    /// cache is emptied. About 150 bytes per pin with UUID session ids, per worker.
+    pub local_pins: usize,
     /// Idle time (seconds) after which a pin expires from shared data (default 7200).
     pub session_ttl_secs: u64,
     /// A pin's last-seen time is rewritten at most this often (seconds, default 60), so
@@ -168,6 +173,7 @@ impl Default for FilterConfig {
             max_session_id_len: MAX_SESSION_ID_LEN,
             shared_data_buckets: 65_536,
             shared_data_bucket_capacity: 8,
+            local_pins: 8192,
             session_ttl_secs: 7200,
             touch_interval_secs: 60,
             sweep_period_ms: 1_000,
@@ -255,6 +261,9 @@ impl FilterConfig {
         }
         if self.shared_data_bucket_capacity == 0 || self.shared_data_bucket_capacity > 64 {
             return Err(format!("shared_data_bucket_capacity must be in 1..=64, got {}", self.shared_data_bucket_capacity));
+        }
+        if self.local_pins > 1 << 20 {
+            return Err(format!("local_pins must be at most 1048576, got {}", self.local_pins));
         }
         if r.max_replay_body_bytes > MAX_BODY_LIMIT {
             return Err(format!("recovery body limits must be at most {MAX_BODY_LIMIT}"));

@@ -10,6 +10,8 @@
 //! - [`control`]: requests to and records from the control service;
 //! - [`header_map`]: the ABI's serialised header map, read without copies;
 //! - [`recovery`]: when a pinned session needs recovery, and the recover call's shapes;
+//! - [`pin_cache`]: a worker VM's own copies of the pins it used, valid while no pin
+//!   changed anywhere in Envoy;
 //! - [`store`]: pins in shared data (CAS, tombstones, sweep) over a [`store::SharedData`]
 //!   interface;
 //! - [`metrics`]: the filter's counters;
@@ -27,6 +29,7 @@ pub mod headers;
 pub mod jsonrpc;
 pub mod metrics;
 pub mod pin;
+pub mod pin_cache;
 pub mod recovery;
 pub mod session_id;
 pub mod store;

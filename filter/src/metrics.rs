@@ -36,6 +36,7 @@ counters! {
     SessionsPinned => "mcp_affinity.sessions_pinned": "Sessions recorded from an `initialize` response.",
     SessionsForgotten => "mcp_affinity.sessions_forgotten": "Sessions removed after DELETE.",
     SessionsExpired => "mcp_affinity.sessions_expired": "Idle pins removed by the sweep.",
+    PinsChanged => "mcp_affinity.pins_changed": "Pins re-pinned (recovery, drain move) or forgotten (DELETE) by any worker VM. VMs use their own copies of pins only while this count is unchanged (`local_pins`).",
     PinsEvicted => "mcp_affinity.pins_evicted": "Pins evicted from a full shared-data bucket (least recently used first) to make room.",
     InvalidSessionId => "mcp_affinity.invalid_session_id": "Requests rejected with 400 for an invalid Mcp-Session-Id.",
     BodyTooLarge => "mcp_affinity.body_too_large": "POST bodies over max_body_bytes, passed through uninspected.",

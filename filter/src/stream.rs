@@ -36,6 +36,7 @@ use crate::headers::{AUTHORITY, CONTENT_TYPE, MCP_METHOD, MCP_PROTOCOL_VERSION, 
 use crate::jsonrpc::{self, BodyKind};
 use crate::metrics::Counter;
 use crate::pin::Pin;
+use crate::pin_cache::PinCache;
 use crate::recovery::{self, NewPin, OriginalRequest, Outcome, Reason, RecoverRequest, StatusVerdict};
 use crate::session_id;
 use crate::store::{self, SharedData, Updated};
@@ -51,6 +52,9 @@ pub trait Env {
     fn now_secs(&self) -> u64;
     /// Adds one to a counter.
     fn count(&mut self, counter: Counter);
+    /// The process-wide count of pin changes, counter `pins_changed` (`proxy_get_metric`:
+    /// a number, no bytes copied into the VM).
+    fn pins_changed(&self) -> u64;
 }
 
 /// State one VM (one Envoy worker thread) shares between its streams.
@@ -63,6 +67,8 @@ pub struct Vm {
     pub lookups: HashMap<String, Vec<u32>>,
     /// Sessions whose last-seen should be refreshed in control on the next tick.
     pub touches: HashSet<String>,
+    /// This VM's copies of the pins it used ([`crate::pin_cache`]).
+    pub pins: PinCache,
     /// The draining upstream hosts, adopted from shared data on the tick.
     pub draining: Draining,
     /// Open pinned GET streams (server-to-client SSE): context id → upstream host. Ended
@@ -101,11 +107,42 @@ impl Ctx<'_> {
         self.env.count(c);
     }
 
-    /// Writes a pin, counting an eviction it caused.
+    /// The change count this VM's cached pins are checked against; no host call when the
+    /// cache is off.
+    fn pins_changed(&self) -> u64 {
+        if self.cfg.local_pins == 0 { 0 } else { self.env.pins_changed() }
+    }
+
+    /// Writes a new pin (no VM can hold a copy of it), counting an eviction it caused.
     fn put_pin(&mut self, session_id: &str, pin: &Pin) {
         if store::put(self.env.shared(), self.cfg.layout(), session_id, pin) == Updated::Evicted {
             self.count(Counter::PinsEvicted);
         }
+        let changes = self.pins_changed();
+        self.vm.pins.put(session_id, pin, changes, self.cfg.local_pins);
+    }
+
+    /// Writes a changed pin: shared data first, then the change count that makes every
+    /// VM's copy of it stale.
+    fn change_pin(&mut self, session_id: &str, pin: &Pin) {
+        if store::put(self.env.shared(), self.cfg.layout(), session_id, pin) == Updated::Evicted {
+            self.count(Counter::PinsEvicted);
+        }
+        self.count(Counter::PinsChanged);
+        let changes = self.pins_changed();
+        self.vm.pins.put(session_id, pin, changes, self.cfg.local_pins);
+    }
+
+    /// Refreshes the last-seen time of a pin (shared data and this VM's copy).
+    fn touch_pin(&mut self, session_id: &str, now: u64) {
+        store::touch(self.env.shared(), self.cfg.layout(), session_id, now);
+        self.vm.pins.update(session_id, |p| p.last_seen = p.last_seen.max(now));
+    }
+
+    /// Marks a pin as past `notifications/initialized` (shared data and this VM's copy).
+    fn mark_recorded(&mut self, session_id: &str) {
+        store::mark_recorded(self.env.shared(), self.cfg.layout(), session_id);
+        self.vm.pins.update(session_id, |p| p.recorded = true);
     }
 
     /// `?wait_ms=` for calls about an existing session: control waits this long for a
@@ -124,17 +161,28 @@ impl Ctx<'_> {
             backend_session_id: new.backend_session_id.clone(),
             recorded: true,
         };
-        self.put_pin(session_id, &pin);
+        self.change_pin(session_id, &pin);
         pin
     }
 
+    /// Forgets a pin: shared data, this VM's copy, and every other VM's (a change).
     fn forget_pin(&mut self, session_id: &str) {
         store::forget(self.env.shared(), self.cfg.layout(), session_id);
+        self.vm.pins.remove(session_id);
+        self.count(Counter::PinsChanged);
     }
 
+    /// The pin of a session: this VM's copy while no pin changed since it was taken, else
+    /// shared data (then copied).
     fn get_pin(&mut self, session_id: &str) -> Option<Pin> {
-        let layout = self.cfg.layout();
-        store::get(self.env.shared(), layout, session_id)
+        let changes = self.pins_changed();
+        let now = self.env.now_secs();
+        if let Some(pin) = self.vm.pins.get(session_id, changes, now, self.cfg.session_ttl_secs) {
+            return Some(pin.clone());
+        }
+        let pin = store::get(self.env.shared(), self.cfg.layout(), session_id)?;
+        self.vm.pins.put(session_id, &pin, changes, self.cfg.local_pins);
+        Some(pin)
     }
 }
 
@@ -487,7 +535,7 @@ impl Stream {
         let now = cx.env.now_secs();
         if pin.needs_touch(now, cx.cfg.touch_interval_secs) {
             pin.last_seen = now;
-            store::touch(cx.env.shared(), cx.cfg.layout(), &client_id, now);
+            cx.touch_pin(&client_id, now);
             if cx.control {
                 cx.vm.touches.insert(client_id.clone());
             }
@@ -649,7 +697,8 @@ impl Stream {
         let Copy::On { bytes, .. } = &p.body else { return Step::flow(Flow::Continue) };
         if jsonrpc::method(bytes).as_deref() != Some(INITIALIZED) {
             // Anything else means the session is past initialisation (MCP lifecycle).
-            store::mark_recorded(cx.env.shared(), cx.cfg.layout(), &p.client_id);
+            let id = p.client_id.clone();
+            cx.mark_recorded(&id);
             return Step::flow(Flow::Continue);
         }
         let text = String::from_utf8_lossy(bytes);
@@ -826,7 +875,7 @@ impl Stream {
             Pending::Move => self.on_move_answer(cx, answer),
             Pending::RecordInitialized => {
                 if ok && let Phase::Pinned(p) = &self.phase {
-                    store::mark_recorded(cx.env.shared(), cx.cfg.layout(), &p.client_id);
+                    cx.mark_recorded(&p.client_id);
                 }
                 Step::flow(Flow::ResumeRequest)
             }

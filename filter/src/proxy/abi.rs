@@ -74,6 +74,7 @@ unsafe extern "C" {
     fn proxy_set_shared_data(key: *const u8, key_len: usize, value: *const u8, value_len: usize, cas: u32) -> u32;
     fn proxy_define_metric(metric_type: u32, name: *const u8, name_len: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+    fn proxy_get_metric(id: u32, value: *mut u64) -> u32;
     fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
@@ -286,6 +287,15 @@ pub fn define_counter(name: &str) -> u32 {
 pub fn increment(id: u32, n: u64) {
     // SAFETY: no pointers.
     let _ = unsafe { proxy_increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX)) };
+}
+
+/// A metric's value, process-wide (`proxy_get_metric`: written to a local, no bytes copied
+/// into the VM); 0 when refused.
+pub fn metric(id: u32) -> u64 {
+    let mut value = 0;
+    // SAFETY: pointer to a live local.
+    let status = unsafe { proxy_get_metric(id, &mut value) };
+    if status == OK { value } else { 0 }
 }
 
 /// Wall clock since the Unix epoch (`proxy_get_current_time_nanoseconds`); zero when refused.

@@ -70,6 +70,11 @@ impl Metrics {
         }
     }
 
+    /// The value of a counter, process-wide (`proxy_get_metric`), 0 when undefined or refused.
+    pub fn value(&self, c: Counter) -> u64 {
+        self.ids.get(c as usize).filter(|id| **id != 0).map_or(0, |id| abi::metric(*id))
+    }
+
     /// Sends the per-request counts gathered since the last flush (one host call per
     /// counter that moved; called on every tick).
     pub fn flush(&self) {
@@ -120,6 +125,10 @@ impl Env for HostEnv<'_> {
 
     fn count(&mut self, counter: Counter) {
         self.metrics.add(counter, 1);
+    }
+
+    fn pins_changed(&self) -> u64 {
+        self.metrics.value(Counter::PinsChanged)
     }
 }
 

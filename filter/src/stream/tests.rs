@@ -28,6 +28,9 @@ impl Env for TestEnv {
     fn count(&mut self, c: Counter) {
         *self.counts.entry(c.name().trim_start_matches("mcp_affinity.")).or_default() += 1;
     }
+    fn pins_changed(&self) -> u64 {
+        self.counts.get("pins_changed").copied().unwrap_or(0)
+    }
 }
 
 /// A plugin (configuration + VM + host services) driving streams.
@@ -351,6 +354,59 @@ fn delete_forgets_the_session_here_and_in_control() {
     assert_eq!((step.flow, calls(&step)[0].method), (Flow::Pause, "DELETE"));
     assert!(w.stored("s1").is_none());
     assert_eq!(s.on_control_answer(&mut w.cx(), Answer { status: Some(204), body: vec![] }).flow, Flow::ResumeResponse);
+}
+
+// ---- a VM's own copies of pins ------------------------------------------------------------
+
+/// Where a step routes its request (the pin header's value).
+fn routed_to(step: &Step) -> Option<&str> {
+    step.ops.iter().find_map(|o| if let Op::SetRequestHeader(Header::Pin, v) = o { Some(v.as_str()) } else { None })
+}
+
+/// A request of `id` handled by another worker VM of the same Envoy (same shared data and
+/// counters, its own VM state).
+fn on_other_vm(w: &mut World, vm: &mut Vm, context_id: u32, head: HeaderPairs) -> Step {
+    let mut cx = Ctx { control: w.cfg.control.is_some(), cfg: &w.cfg, vm, env: &mut w.env };
+    Stream::new(context_id).on_request_headers(&mut cx, head, false)
+}
+
+#[test]
+fn a_pinned_request_uses_the_vms_copy_of_the_pin_until_a_pin_changes_anywhere() {
+    let mut w = World::new(false);
+    w.pin("s1", "10.0.0.2:80", true);
+    assert_eq!(routed_to(&Stream::new(1).on_request_headers(&mut w.cx(), post(Some("s1")), false)), Some("10.0.0.2:80"));
+    // Shared data changed with no change counted: the copy is used, no shared data read.
+    w.pin("s1", "10.0.0.3:80", true);
+    assert_eq!(routed_to(&Stream::new(2).on_request_headers(&mut w.cx(), post(Some("s1")), false)), Some("10.0.0.2:80"));
+    // A change counted anywhere makes the copy stale: shared data is read again.
+    w.env.count(Counter::PinsChanged);
+    assert_eq!(routed_to(&Stream::new(3).on_request_headers(&mut w.cx(), post(Some("s1")), false)), Some("10.0.0.3:80"));
+    // `local_pins: 0`: every request reads shared data.
+    w.cfg.local_pins = 0;
+    w.pin("s1", "10.0.0.4:80", true);
+    assert_eq!(routed_to(&Stream::new(4).on_request_headers(&mut w.cx(), post(Some("s1")), false)), Some("10.0.0.4:80"));
+}
+
+#[test]
+fn a_recovery_or_a_delete_on_one_vm_reaches_the_next_request_on_another() {
+    let mut w = World::new(true);
+    let mut other = Vm::default();
+    let mut s = pinned_call(&mut w);
+    assert_eq!(routed_to(&on_other_vm(&mut w, &mut other, 10, post(Some("s1")))), Some("10.0.0.2:80"));
+    // This VM recovers the session onto another pod: a change.
+    s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
+    s.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: REPLAYED.into() });
+    assert_eq!(w.count("pins_changed"), 1);
+    let step = on_other_vm(&mut w, &mut other, 11, post(Some("s1")));
+    assert_eq!(routed_to(&step), Some("10.0.0.5:80"));
+    assert!(step.ops.contains(&Op::SetRequestHeader(Header::SessionId, "b2".into())), "{step:?}");
+    // A DELETE here: the other VM no longer routes the session (it asks control).
+    let mut d = Stream::new(12);
+    d.on_request_headers(&mut w.cx(), HeaderPairs::from_pairs(&[(":method", "DELETE"), ("mcp-session-id", "s1")]), true);
+    d.on_response_headers(&mut w.cx(), &Resp::new(200, &[]));
+    assert_eq!(w.count("pins_changed"), 2);
+    let step = on_other_vm(&mut w, &mut other, 13, post(Some("s1")));
+    assert_eq!((routed_to(&step), calls(&step)[0].method), (None, "GET"));
 }
 
 // ---- lookups: one per session per VM ------------------------------------------------------
