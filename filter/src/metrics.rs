@@ -45,7 +45,7 @@ counters! {
     NoUpstreamAddress => "mcp_affinity.no_upstream_address": "`initialize` responses without an `upstream.address` property (not pinned).",
     ControlLookups => "mcp_affinity.control_lookups": "Session lookups sent to the control service (pin missing from shared data).",
     ControlHits => "mcp_affinity.control_hits": "Lookups the control service answered with a record.",
-    ControlWrites => "mcp_affinity.control_writes": "Session records written to control (initialize, initialized, delete). Counted when the answer reaches a stream that still exists: an `async` initialize write, or an update whose request the upstream answered early, may go uncounted.",
+    ControlWrites => "mcp_affinity.control_writes": "Session records written to control (initialize, initialized, delete).",
     RecoveriesReplayed => "mcp_affinity.recoveries_replayed": "Recoveries where control re-pinned the session and replayed the request.",
     RecoveriesNotReplayed => "mcp_affinity.recoveries_not_replayed": "Recoveries where control re-pinned the session but did not replay (unsafe to replay, or a GET stream).",
     RecoveriesFailed => "mcp_affinity.recoveries_failed": "Recoveries that failed (no live pod, initialize rejected): the client got 404.",

@@ -381,8 +381,6 @@ struct Resolving {
 enum Pending {
     None,
     Lookup,
-    /// The record of a new session, written without holding the response.
-    WriteInitializeAsync,
     /// A drain move: `POST {prefix}/sessions/{id}/recover` with reason `draining`.
     Move,
     WriteInitialize,
@@ -404,6 +402,9 @@ pub struct Stream {
     context_id: u32,
     phase: Phase,
     pending: Pending,
+    /// A call made when the stream ends ([`Stream::on_done`]): the record of a new session
+    /// with `initialize_write: async`, written once the answer has gone to the client.
+    at_end: Option<Call>,
 }
 
 fn header_str(v: Option<Vec<u8>>) -> Option<String> {
@@ -438,7 +439,13 @@ fn resolution_ops(cfg: &FilterConfig, client_id: &str, r: &Resolution, ops: &mut
 impl Stream {
     /// A new stream with the host's context id.
     pub fn new(context_id: u32) -> Stream {
-        Stream { context_id, phase: Phase::Passthrough, pending: Pending::None }
+        Stream { context_id, phase: Phase::Passthrough, pending: Pending::None, at_end: None }
+    }
+
+    /// Whether the call this stream waits for writes a record (its answer still counts
+    /// when the stream has ended before it came).
+    pub fn waits_for_a_write(&self) -> bool {
+        matches!(self.pending, Pending::WriteInitialize | Pending::RecordInitialized | Pending::Delete)
     }
 
     /// Whether the machine waits for a control answer (the proxy layer reads the answer
@@ -730,8 +737,9 @@ impl Stream {
 
     /// The response to a POST without session id carries `Mcp-Session-Id`: the upstream
     /// host that answered owns the new session (MCP `basic/transports`: the id comes with
-    /// the InitializeResult). Pauses while the record is written through to control, so
-    /// other proxies know the session before the client can use it.
+    /// the InitializeResult). The record goes to control when the stream ends (`async`,
+    /// the default; other proxies' lookups wait for it with `?wait_ms`), or the answer is
+    /// held until control has it (`sync`).
     fn record_new_session(&mut self, cx: &mut Ctx, head: &dyn ResponseHead, raw_id: &[u8], initialize: Option<Vec<u8>>) -> Step {
         let session_id = match session_id::validate(raw_id, cx.cfg.max_session_id_len) {
             Ok(id) => id,
@@ -755,13 +763,15 @@ impl Stream {
         }
         let initialize = initialize.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         let body = to_body(&PutSession { backend_session_id: session_id, upstream: &pin.upstream, generation: 1, initialize: &initialize });
-        let call = Op::Call(Call { method: "PUT", session_id: session_id.to_string(), suffix: "", body: Some(body), timeout_ms: None, wait_ms: None });
+        let call = Call { method: "PUT", session_id: session_id.to_string(), suffix: "", body: Some(body), timeout_ms: None, wait_ms: None };
         if cx.cfg.control.as_ref().is_some_and(|c| c.initialize_write == InitializeWrite::Sync) {
             self.pending = Pending::WriteInitialize;
-            return Step::hold(vec![call]);
+            return Step::hold(vec![Op::Call(call)]);
         }
-        self.pending = Pending::WriteInitializeAsync;
-        Step::go(vec![call])
+        // Async: written when the stream ends, after the answer went to the client (the
+        // call's cost stays off the answer's path); its answer goes to the root context.
+        self.at_end = Some(call);
+        Step::flow(Flow::Continue)
     }
 
     /// Decides on the response headers of a pinned request: forget a deleted session,
@@ -881,7 +891,6 @@ impl Stream {
             }
             Pending::WriteInitialize | Pending::Delete => Step::flow(Flow::ResumeResponse),
             // Nothing was held; the stream went on (or is gone: then this is not called).
-            Pending::WriteInitializeAsync => Step::flow(Flow::Continue),
             Pending::Recover => self.on_recover_answer(cx, answer),
             Pending::None => Step::flow(Flow::Stay),
         }
@@ -1040,10 +1049,15 @@ impl Stream {
 
     /// `on_done`: a stream that ends while its lookup or drain move is in flight (Envoy
     /// cancels its calls) must not strand the streams waiting for it: they go on unpinned
-    /// (lookup) or to the old pin (move). An open GET stream is forgotten.
+    /// (lookup) or to the old pin (move). An open GET stream is forgotten. A call left for
+    /// the end (an `async` initialize record) is made now: its answer, if any, reaches no
+    /// stream.
     pub fn on_done(&mut self, cx: &mut Ctx) -> Step {
         if !cx.vm.open_gets.is_empty() {
             cx.vm.open_gets.remove(&self.context_id);
+        }
+        if let Some(call) = self.at_end.take() {
+            return Step { ops: vec![Op::Call(call)], flow: Flow::Stay };
         }
         if matches!(self.pending, Pending::Lookup | Pending::Move)
             && let Phase::Resolving(r) = &self.phase

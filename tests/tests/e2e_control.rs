@@ -60,6 +60,9 @@ async fn survive_a_restart(store: &str) {
     assert!(record["initialize"].as_str().unwrap().contains("\"initialize\""), "{record}");
     assert!(record["initialized"].as_str().unwrap().contains("notifications/initialized"), "{record}");
     assert_eq!(record["protocol_version"], "2025-06-18");
+    // The `initialize` write is made as its stream ends; its answer reaches the root
+    // context, which counts it (with the `initialized` update: 2 writes).
+    assert_eq!(proxy.metric_reaching("control_writes", 2).await.unwrap(), 2);
 
     proxy.restart().unwrap(); // shared data is gone
     for i in 0..5 {

@@ -41,9 +41,19 @@ thread_local! {
     static CALLS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
 }
 
-/// Routes the answer to call `token` to stream `context_id`.
+/// The "stream" of a call made by a stream as it ended ([`expect_answer`]): its answer is
+/// counted by the root context (`control_writes` / `control_errors`).
+pub const ENDED_STREAM: u32 = 0;
+
+/// Routes the answer to call `token` to stream `context_id` (or [`ENDED_STREAM`]).
 pub fn expect_answer(token: u32, context_id: u32) {
     CALLS.with_borrow_mut(|calls| calls.insert(token, context_id));
+}
+
+/// Sends the answers to the calls in flight of stream `context_id`, which is ending, to
+/// the root context to be counted ([`ENDED_STREAM`]).
+pub fn answer_at_root(context_id: u32) {
+    CALLS.with_borrow_mut(|calls| calls.values_mut().filter(|id| **id == context_id).for_each(|id| *id = ENDED_STREAM));
 }
 
 /// Runs `f` on stream `context_id`, if it exists.
@@ -176,7 +186,16 @@ pub extern "C" fn proxy_on_tick(root_context_id: u32) {
 /// else to the root that made it.
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_http_call_response(context_id: u32, token: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-    if let Some(stream_id) = CALLS.with_borrow_mut(|calls| calls.remove(&token)) {
+    let stream_id = CALLS.with_borrow_mut(|calls| calls.remove(&token));
+    if stream_id == Some(ENDED_STREAM) {
+        ROOTS.with_borrow_mut(|roots| {
+            if let Some(root) = roots.get_mut(&context_id) {
+                root.on_write_answer(num_headers);
+            }
+        });
+        return;
+    }
+    if let Some(stream_id) = stream_id {
         with_stream(stream_id, |stream| {
             if abi::set_effective_context(stream_id) {
                 stream.on_http_call_response(num_headers, body_size);

@@ -226,6 +226,18 @@ impl Root {
         }
     }
 
+    /// The answer to a record written by a stream that has ended (an `async` initialize
+    /// write, or an update whose stream the upstream answered first).
+    pub fn on_write_answer(&mut self, num_headers: usize) {
+        let Some(m) = &self.metrics else { return };
+        if answer_status(num_headers).is_some_and(|s| (200..300).contains(&s)) {
+            m.add(Counter::ControlWrites, 1);
+        } else {
+            log::warn!("mcp-affinity: writing a new session's record to control failed");
+            m.add(Counter::ControlErrors, 1);
+        }
+    }
+
     /// `proxy_on_configure`: reads the plugin configuration (buffer type 7). Returning
     /// false rejects it: Envoy logs it and does not use the filter.
     pub fn on_configure(&mut self, size: usize) -> bool {

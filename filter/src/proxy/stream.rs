@@ -16,6 +16,8 @@ pub struct Stream {
     p: Rc<Plugin>,
     context_id: u32,
     m: machine::Stream,
+    /// The stream has ended: answers to its calls go to the root context.
+    ended: bool,
 }
 
 /// The response headers during `on_http_response_headers`, with Envoy attributes.
@@ -46,7 +48,7 @@ impl ResponseHead for ResponseHeaders {
 
 impl Stream {
     pub fn new(p: Rc<Plugin>, context_id: u32) -> Self {
-        Stream { p, context_id, m: machine::Stream::new(context_id) }
+        Stream { p, context_id, m: machine::Stream::new(context_id), ended: false }
     }
 
     /// Runs one machine event with the plugin's VM state and host services.
@@ -89,7 +91,7 @@ impl Stream {
                 Op::Call(c) => {
                     let token = self.p.control.as_ref().and_then(|control| control.call(&c).ok());
                     if let Some(token) = token {
-                        exports::expect_answer(token, self.context_id);
+                        exports::expect_answer(token, if self.ended { exports::ENDED_STREAM } else { self.context_id });
                     } else {
                         // Same as an unreachable control service, decided now.
                         let answer = self.event(|m, cx| m.on_control_answer(cx, Answer::default()));
@@ -140,6 +142,10 @@ impl Stream {
     /// The end of the stream (`proxy_on_delete`, which Envoy calls right after
     /// `proxy_on_done`, `Context::onDestroy`).
     pub fn on_done(&mut self) {
+        if self.m.waits_for_a_write() {
+            exports::answer_at_root(self.context_id);
+        }
+        self.ended = true;
         let step = self.event(|m, cx| m.on_done(cx));
         self.apply_ops(step);
     }
