@@ -70,7 +70,7 @@ if [[ -z ${BENCH_UNDER_TIMEOUT:-} ]]; then
   phases=1; ((SCALE > 0)) && phases=3
   budget=$((240 + 6 * (WARMUP + 5) + phases * ROUNDS * 6 * (SECS + 5)))
   ((SCALE > 0)) && budget=$((budget + 3 * (SCALE / 250 + 60)))
-  ((INSTR)) && budget=$((budget + 5 * 90)) # 5 Envoys under callgrind, ~40 s each
+  ((INSTR)) && budget=$((budget + 5 * 180)) # 5 Envoys under callgrind: 40-100 s each here
   export BENCH_UNDER_TIMEOUT=$budget
   # On expiry timeout sends TERM to this script, whose trap stops everything it started.
   exec timeout --foreground -k 15 "$budget" "$ROOT/bench/envoy-bench.sh" "$@"
