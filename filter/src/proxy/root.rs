@@ -23,13 +23,6 @@ const TOUCHES_PER_TICK: usize = 256;
 /// Most shared-data buckets the sweep looks at per tick (each one shared-data read).
 const SWEEP_PER_TICK: u32 = 64;
 
-fn host_now() -> Duration {
-    abi::now()
-}
-
-fn host_now_secs() -> u64 {
-    host_now().as_secs()
-}
 
 fn millis(t: Duration) -> u64 {
     u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
@@ -190,7 +183,7 @@ impl Root {
         match list {
             Ok(list) => {
                 self.drain_failing = false;
-                drain::store_answer(&mut HostSharedData, millis(host_now()), &list);
+                drain::store_answer(&mut HostSharedData, millis(abi::now()), &list);
                 self.adopt_draining(p);
             }
             Err(e) => {
@@ -253,7 +246,7 @@ impl Root {
                 abi::set_tick_period(Duration::from_millis(config.sweep_period_ms));
                 // A reconfiguration keeps the pins this VM indexed.
                 let vm = self.plugin.as_ref().map(|p| std::mem::take(&mut *p.vm.borrow_mut())).unwrap_or_default();
-                self.plugin = Some(Rc::new(Plugin { config, metrics, control, vm: RefCell::new(vm), now_secs: Cell::new(host_now_secs()) }));
+                self.plugin = Some(Rc::new(Plugin { config, metrics, control, vm: RefCell::new(vm), now_secs: Cell::new(abi::now().as_secs()) }));
                 true
             }
             Err(e) => {
@@ -266,7 +259,7 @@ impl Root {
     /// `proxy_on_tick`, every `sweep_period_ms`.
     pub fn on_tick(&mut self) {
         let Some(p) = self.plugin.clone() else { return };
-        let clock = host_now();
+        let clock = abi::now();
         let now = clock.as_secs();
         p.now_secs.set(now);
         p.metrics.flush();
