@@ -113,22 +113,26 @@ impl Ctx<'_> {
         if self.cfg.local_pins == 0 { 0 } else { self.env.pins_changed() }
     }
 
-    /// Writes a new pin (no VM can hold a copy of it), counting an eviction it caused.
+    /// Writes a new pin (no VM can hold a copy of it).
     fn put_pin(&mut self, session_id: &str, pin: &Pin) {
-        if store::put(self.env.shared(), self.cfg.layout(), session_id, pin) == Updated::Evicted {
-            self.count(Counter::PinsEvicted);
-        }
-        let changes = self.pins_changed();
-        self.vm.pins.put(session_id, pin, changes, self.cfg.local_pins);
+        self.write_pin(session_id, pin, false);
     }
 
     /// Writes a changed pin: shared data first, then the change count that makes every
     /// VM's copy of it stale.
     fn change_pin(&mut self, session_id: &str, pin: &Pin) {
+        self.write_pin(session_id, pin, true);
+    }
+
+    /// Writes a pin to shared data (counting an eviction it caused), counts a change, and
+    /// keeps this VM's copy.
+    fn write_pin(&mut self, session_id: &str, pin: &Pin, changed: bool) {
         if store::put(self.env.shared(), self.cfg.layout(), session_id, pin) == Updated::Evicted {
             self.count(Counter::PinsEvicted);
         }
-        self.count(Counter::PinsChanged);
+        if changed {
+            self.count(Counter::PinsChanged);
+        }
         let changes = self.pins_changed();
         self.vm.pins.put(session_id, pin, changes, self.cfg.local_pins);
     }
@@ -1050,8 +1054,8 @@ impl Stream {
     /// `on_done`: a stream that ends while its lookup or drain move is in flight (Envoy
     /// cancels its calls) must not strand the streams waiting for it: they go on unpinned
     /// (lookup) or to the old pin (move). An open GET stream is forgotten. A call left for
-    /// the end (an `async` initialize record) is made now: its answer, if any, reaches no
-    /// stream.
+    /// the end (an `async` initialize record) is made now; its answer goes to the root
+    /// context, which counts it.
     pub fn on_done(&mut self, cx: &mut Ctx) -> Step {
         if !cx.vm.open_gets.is_empty() {
             cx.vm.open_gets.remove(&self.context_id);
