@@ -22,7 +22,7 @@
 # (V8 writes code at run time) — the Envoy ELF itself, not the PyPI python wrapper. Through it:
 # initialize + notifications/initialized, 300 steady requests to warm up (bench/steady.py: one
 # keep-alive connection, every answer 200 and routed as above); then `callgrind_control -z`,
-# 4 s idle, `-d` (idle rate: timers, stats flush), `-z`, 1000 steady requests, `-d`.
+# 5 s idle, `-d` (idle rate: timers, stats flush), `-z`, 1000 steady requests, `-d`.
 # Instructions/request = (dump − idle rate × load time) / 1000, counted over every thread; the
 # dump's `summary:`/`totals:` line. Repeat runs agree within ~0.5 %. Printed as a table with
 # (X − plain) / (empty − plain) and (X − plain) / (empty+pin − plain); "instructions" in the JSON.
@@ -54,7 +54,9 @@ STORE=${BENCH_CONTROL_STORE:-memory}
 BASELINE_PODS=${BENCH_BASELINE_PODS:-1}
 RESULTS=${BENCH_RESULTS:-bench/results}
 INSTR=${BENCH_INSTRUCTIONS:-1}
-INSTR_WARMUP=300 INSTR_REQUESTS=1000 INSTR_IDLE_SECS=4 # instruction phase: requests, idle window
+# Instruction phase: warm-up and measured requests; idle window = Envoy's stats flush interval
+# (5 s by default), so that it holds one flush, not 0 or 1.
+INSTR_WARMUP=300 INSTR_REQUESTS=1000 INSTR_IDLE_SECS=5
 BASE_SESSIONS=10 # sessions each proxy has before the steady phase (the measured one included)
 for v in SECS ROUNDS CONNS SCALE INIT_CONNS; do
   [[ ${!v} =~ ^[0-9]+$ ]] || { echo "bench: $v=${!v} is not a number" >&2; exit 2; }
