@@ -4,8 +4,8 @@
 //! same for every event), and each call into the VM costs a V8 entry and exit. The SDK's
 //! dispatcher exports every callback, so a pinned request used to pay for eight of them;
 //! here it pays for four (`proxy_on_context_create`, `proxy_on_request_headers`,
-//! `proxy_on_request_body`, `proxy_on_response_headers`, `proxy_on_delete`: five with a
-//! body). Not exported, so never called: response bodies and trailers, metadata,
+//! `proxy_on_response_headers`, `proxy_on_delete`), five with a body
+//! (`proxy_on_request_body`). Not exported, so never called: response bodies and trailers, metadata,
 //! `proxy_on_log`, `proxy_on_done` (Envoy calls `proxy_on_delete` right after it,
 //! `Context::onDestroy`), network-filter, queue, gRPC and foreign-function callbacks.
 //!
@@ -14,7 +14,8 @@
 //! control that streams made. Envoy attaches every `proxy_http_call` to the root context
 //! (proxy-wasm-cpp-host `src/exports.cc`, `http_call` uses `root_context()`), so every
 //! answer arrives as the root's `proxy_on_http_call_response`; the registry hands a
-//! stream's answer to that stream, or drops it when the stream has ended.
+//! stream's answer to that stream. When the stream has ended, the root counts the answer
+//! to a write and drops any other.
 //!
 //! Nothing here panics: an unknown context id is a callback to ignore (`Continue`).
 
@@ -41,17 +42,17 @@ thread_local! {
     static CALLS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
 }
 
-/// The "stream" of a call made by a stream as it ended ([`expect_answer`]): its answer is
+/// The "stream" of a write whose stream has ended ([`answer_at_root`]): its answer is
 /// counted by the root context (`control_writes` / `control_errors`).
-pub const ENDED_STREAM: u32 = 0;
+const ENDED_STREAM: u32 = 0;
 
-/// Routes the answer to call `token` to stream `context_id` (or [`ENDED_STREAM`]).
+/// Routes the answer to call `token` to stream `context_id`.
 pub fn expect_answer(token: u32, context_id: u32) {
     CALLS.with_borrow_mut(|calls| calls.insert(token, context_id));
 }
 
-/// Sends the answers to the calls in flight of stream `context_id`, which is ending, to
-/// the root context to be counted ([`ENDED_STREAM`]).
+/// Sends the answers to the calls in flight of stream `context_id`, which is ending and
+/// whose calls are writes, to the root context to be counted.
 pub fn answer_at_root(context_id: u32) {
     CALLS.with_borrow_mut(|calls| calls.values_mut().filter(|id| **id == context_id).for_each(|id| *id = ENDED_STREAM));
 }

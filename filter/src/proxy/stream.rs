@@ -16,8 +16,6 @@ pub struct Stream {
     p: Rc<Plugin>,
     context_id: u32,
     m: machine::Stream,
-    /// The stream has ended: answers to its calls go to the root context.
-    ended: bool,
 }
 
 /// The response headers during `on_http_response_headers`, with Envoy attributes.
@@ -48,7 +46,7 @@ impl ResponseHead for ResponseHeaders {
 
 impl Stream {
     pub fn new(p: Rc<Plugin>, context_id: u32) -> Self {
-        Stream { p, context_id, m: machine::Stream::new(context_id), ended: false }
+        Stream { p, context_id, m: machine::Stream::new(context_id) }
     }
 
     /// Runs one machine event with the plugin's VM state and host services.
@@ -91,7 +89,7 @@ impl Stream {
                 Op::Call(c) => {
                     let token = self.p.control.as_ref().and_then(|control| control.call(&c).ok());
                     if let Some(token) = token {
-                        exports::expect_answer(token, if self.ended { exports::ENDED_STREAM } else { self.context_id });
+                        exports::expect_answer(token, self.context_id);
                     } else {
                         // Same as an unreachable control service, decided now.
                         let answer = self.event(|m, cx| m.on_control_answer(cx, Answer::default()));
@@ -140,14 +138,17 @@ impl Stream {
     }
 
     /// The end of the stream (`proxy_on_delete`, which Envoy calls right after
-    /// `proxy_on_done`, `Context::onDestroy`).
+    /// `proxy_on_done`, `Context::onDestroy`). Writes still in flight, and the one the
+    /// machine makes now (an `async` initialize record), are answered to the root context,
+    /// which counts them; an ended stream's lookup or move answer is dropped.
     pub fn on_done(&mut self) {
-        if self.m.waits_for_a_write() {
+        let waits_for_a_write = self.m.waits_for_a_write();
+        let step = self.event(|m, cx| m.on_done(cx));
+        let writes_now = step.ops.iter().any(|op| matches!(op, Op::Call(_)));
+        self.apply_ops(step);
+        if waits_for_a_write || writes_now {
             exports::answer_at_root(self.context_id);
         }
-        self.ended = true;
-        let step = self.event(|m, cx| m.on_done(cx));
-        self.apply_ops(step);
     }
 
     /// `proxy_on_request_headers`.
