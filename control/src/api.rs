@@ -3,6 +3,7 @@
 //! | route                      | auth   | answers                                            |
 //! |----------------------------|--------|----------------------------------------------------|
 //! | `PUT /v1/sessions/{id}`    | bearer | 201 created / 200 replaced (record), 409, 400, 413 |
+//! | `POST /v1/sessions`        | bearer | 200 [`PutSessionsAnswer`] (written, rejected by id), 400, 413, 503 |
 //! | `GET /v1/sessions/{id}[?wait_ms=N]`   | bearer | 200 record, 404 (after waiting up to N ms, ≤ 5000, for it to appear) |
 //! | `PATCH /v1/sessions/{id}[?wait_ms=N]` | bearer | 200 record (touched), 404 (likewise)                  |
 //! | `DELETE /v1/sessions/{id}` | bearer | 204, 404                                           |
@@ -39,11 +40,14 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{Auth, require_bearer};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
-use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
+use crate::record::{MAX_BATCH_RECORDS, PatchSession, PutCondition, PutSession, PutSessions, PutSessionsAnswer, Rejected, SessionRecord};
 use crate::recover::{RecoverRequest, RecoverResponse, Recovery};
 use crate::session_id::SessionId;
 use crate::store::{Drain, DrainSource, PutOutcome, SessionStore, StoreError};
 use tokio::sync::Semaphore;
+
+/// Route of the session collection (`POST`: many records at once).
+pub const SESSIONS_ROUTE: &str = "/v1/sessions";
 
 /// Route template of the session resource.
 pub const SESSION_ROUTE: &str = "/v1/sessions/{id}";
@@ -112,6 +116,7 @@ pub fn router<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: u
             SESSION_ROUTE,
             get(get_session::<S>).put(put_session::<S>).patch(patch_session::<S>).delete(delete_session::<S>),
         )
+        .route(SESSIONS_ROUTE, post(put_sessions::<S>))
         .route(RECOVER_ROUTE, post(recover_session::<S>))
         .route(DRAIN_ROUTE, post(drain_upstream::<S>).delete(undrain_upstream::<S>))
         .route(DRAINING_ROUTE, get(list_draining::<S>))
@@ -293,6 +298,33 @@ async fn put_session<S: SessionStore>(
         PutOutcome::Replaced(r) => Ok((StatusCode::OK, Json(r)).into_response()),
         PutOutcome::Conflict(current) => Err(ApiError::generation_conflict(query.if_generation.unwrap_or(0), current)),
     }
+}
+
+/// `POST /v1/sessions`: writes each record as an unconditional `PUT` would. A record with
+/// an invalid id or body is rejected alone (named in the answer); the others are written.
+/// A store failure answers 503 for the whole batch: records written before it stay, and
+/// writing the batch again is safe (every write is unconditional).
+async fn put_sessions<S: SessionStore>(State(state): State<AppState<S>>, RawBody(body): RawBody) -> Result<Json<PutSessionsAnswer>, ApiError> {
+    let batch: PutSessions = parse_json(&body)?;
+    if batch.records.len() > MAX_BATCH_RECORDS {
+        return Err(ApiError::invalid_request(format!("at most {MAX_BATCH_RECORDS} records per request, got {}", batch.records.len())));
+    }
+    let mut answer = PutSessionsAnswer::default();
+    for (raw, record) in &batch.records {
+        let checked = SessionId::parse(raw)
+            .map_err(|e| invalid_id(&e.to_string()))
+            .and_then(|id| record.validate().map(|()| id).map_err(|e| ApiError::invalid_request(e.0)));
+        match checked {
+            Ok(id) => {
+                state.timed("put", state.store.put(&id, record, PutCondition::Always)).await?;
+                answer.written += 1;
+            }
+            Err(e) => {
+                answer.rejected.insert(raw.clone(), Rejected { code: e.code.to_string(), message: e.message });
+            }
+        }
+    }
+    Ok(Json(answer))
 }
 
 async fn patch_session<S: SessionStore>(

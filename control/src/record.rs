@@ -66,6 +66,35 @@ pub struct PutSession {
     pub protocol_version: Option<String>,
 }
 
+/// Most records one `POST /v1/sessions` may carry.
+pub const MAX_BATCH_RECORDS: usize = 1024;
+
+/// Body of `POST /v1/sessions`: many new records at once, keyed by (unencoded) session id,
+/// each written as an unconditional `PUT /v1/sessions/{id}` would be. The filter sends the
+/// records of the `initialize` answers of a few milliseconds in one request
+/// (`control.record_flush_ms`), instead of one request per session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutSessions {
+    /// Session id → record, at most [`MAX_BATCH_RECORDS`].
+    pub records: std::collections::BTreeMap<String, PutSession>,
+}
+
+/// Answer of `POST /v1/sessions` (200): how many records were written, and why each of
+/// the others was not (by session id; its `code` is one of the API's error codes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutSessionsAnswer {
+    pub written: usize,
+    pub rejected: std::collections::BTreeMap<String, Rejected>,
+}
+
+/// Why one record of a batch was not written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub code: String,
+    pub message: String,
+}
+
 /// Body of `PATCH /v1/sessions/{id}`: touch the record and fill in late fields. An empty
 /// body is the same as `{}` (touch only).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

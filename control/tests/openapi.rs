@@ -60,6 +60,7 @@ async fn documented_routes_are_the_served_routes() {
             "/healthz",
             "/metrics",
             "/readyz",
+            "/v1/sessions",
             "/v1/sessions/{id}",
             "/v1/sessions/{id}/recover",
             "/v1/upstreams/draining",

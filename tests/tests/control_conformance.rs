@@ -55,7 +55,9 @@ impl Control {
             Backend::Redis => Some(RedisServer::start().expect("start redis-server")),
         };
         let ttl = ttl_secs.to_string();
-        let max_body = MAX_BODY.to_string();
+        // `extra` may set its own body limit.
+        let max_body = extra.iter().position(|a| *a == "--max-body-bytes").map_or(MAX_BODY.to_string(), |i| extra[i + 1].to_string());
+        let extra: Vec<&str> = extra.iter().enumerate().filter(|(i, a)| **a != "--max-body-bytes" && (*i == 0 || extra[i - 1] != "--max-body-bytes")).map(|(_, a)| *a).collect();
         let mut args = vec![
             "mcp-affinity-control".to_string(),
             "--token".into(),
@@ -228,6 +230,42 @@ async fn crud(backend: Backend) {
         assert_eq!(got.1["session_id"], id);
     }
     assert_error(&c.get("a%2Fb").await, StatusCode::NOT_FOUND, "session_not_found");
+}
+
+/// `POST /v1/sessions`: many records in one request, each as an unconditional PUT; bad
+/// records are rejected alone, a bad body or too many records reject the whole request.
+async fn batch_writes(backend: Backend) {
+    let c = Control::start_with(backend, 3600, &["--max-body-bytes", "1048576"]).await;
+    let url = c.url("/v1/sessions");
+    assert_eq!(c.put("old", json!({"upstream": "10.0.0.9:80", "initialize": INITIALIZE, "generation": 4}), None).await.0, StatusCode::CREATED);
+    let batch = json!({"records": {
+        "a/b": {"upstream": "10.0.0.1:80", "initialize": INITIALIZE},
+        "old": {"upstream": "10.0.0.2:80", "initialize": INITIALIZE, "backend_session_id": "up-2"},
+        "bad upstream": {"upstream": "10.0.0.3:80", "initialize": INITIALIZE},
+        "no-json": {"upstream": "10.0.0.4:80", "initialize": "not json"},
+    }});
+    let (status, answer) = c.call(Method::POST, &url, Some(batch.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["written"], 2, "{answer}");
+    let rejected = answer["rejected"].as_object().unwrap();
+    assert_eq!(rejected.keys().map(String::as_str).collect::<Vec<_>>(), ["bad upstream", "no-json"], "{answer}");
+    assert_eq!(rejected["bad upstream"]["code"], "invalid_session_id");
+    assert_eq!(rejected["no-json"]["code"], "invalid_request");
+    let a = c.get("a/b").await;
+    assert_eq!((a.0, a.1["upstream"].clone(), a.1["generation"].clone()), (StatusCode::OK, json!("10.0.0.1:80"), json!(1)));
+    let old = c.get("old").await;
+    assert_eq!((old.1["upstream"].clone(), old.1["backend_session_id"].clone(), old.1["generation"].clone()), (json!("10.0.0.2:80"), json!("up-2"), json!(1)), "replaced unconditionally");
+    assert_error(&c.get("no-json").await, StatusCode::NOT_FOUND, "session_not_found");
+
+    // The whole request is refused, nothing written: not JSON, unknown field, too many.
+    assert_error(&c.call(Method::POST, &url, Some("{".into())).await, StatusCode::BAD_REQUEST, "malformed_json");
+    let unknown = json!({"records": {"u": {"upstream": "10.0.0.1:80", "initialize": "{}", "extra": 1}}});
+    assert_error(&c.call(Method::POST, &url, Some(unknown.to_string())).await, StatusCode::BAD_REQUEST, "unknown_field");
+    let many: serde_json::Map<String, Value> = (0..1025).map(|i| (format!("m-{i}"), json!({"upstream": "10.0.0.1:80", "initialize": "{}"}))).collect();
+    assert_error(&c.call(Method::POST, &url, Some(json!({"records": many}).to_string())).await, StatusCode::BAD_REQUEST, "invalid_request");
+    assert_error(&c.get("m-0").await, StatusCode::NOT_FOUND, "session_not_found");
+    let empty = c.call(Method::POST, &url, Some(json!({"records": {}}).to_string())).await;
+    assert_eq!(empty, (StatusCode::OK, json!({"written": 0, "rejected": {}})));
 }
 
 async fn ttl_expiry(backend: Backend) {
@@ -666,6 +704,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn crud() {
                 super::crud($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn batch_writes() {
+                super::batch_writes($backend).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn ttl_expiry() {
