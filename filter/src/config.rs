@@ -141,6 +141,12 @@ pub struct ControlConfig {
     pub drain_poll_ms: u64,
     /// How a new session's record is written to control (default `async`).
     pub initialize_write: InitializeWrite,
+    /// With `async` writes: how often the root context sends the VM's queued records to
+    /// control, in one `POST {prefix}/sessions` per batch (milliseconds, default 10, in
+    /// 1..=1000). The root context ticks this often only while records wait (else every
+    /// `sweep_period_ms`); the tick's other work still runs every `sweep_period_ms`.
+    /// Keep it well below `lookup_wait_ms`, which covers a record still in flight.
+    pub record_flush_ms: u64,
     /// How long control waits for a record that is not there yet before a lookup (or the
     /// `notifications/initialized` update) gets 404 (`?wait_ms=`, milliseconds, default
     /// 250, at most 5000; 0 = no wait). Covers a request that overtook an `async` write:
@@ -153,9 +159,9 @@ pub struct ControlConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InitializeWrite {
-    /// The `initialize` answer goes on at once; the record is written in the background
-    /// (the call belongs to the root context in Envoy, so the stream ending does not
-    /// cancel it). Other proxies' lookups wait up to `lookup_wait_ms` for it.
+    /// The `initialize` answer goes on at once; the record waits in the VM and is sent
+    /// with the others of the last `record_flush_ms` in one call from the root context
+    /// ([`crate::record_queue`]). Other proxies' lookups wait up to `lookup_wait_ms` for it.
     #[default]
     Async,
     /// The `initialize` answer is held until control stored the record (or
@@ -195,6 +201,7 @@ impl Default for ControlConfig {
             timeout_ms: 1000,
             drain_poll_ms: 1000,
             initialize_write: InitializeWrite::Async,
+            record_flush_ms: 10,
             lookup_wait_ms: 250,
         }
     }
@@ -204,6 +211,12 @@ impl Default for ControlConfig {
 pub const MAX_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 impl FilterConfig {
+    /// Whether new sessions' records wait in the VM's queue for the tick (control with
+    /// `initialize_write: async`, [`crate::record_queue`]).
+    pub fn queues_records(&self) -> bool {
+        self.control.as_ref().is_some_and(|c| c.initialize_write == InitializeWrite::Async)
+    }
+
     /// How pins are spread over shared data.
     pub fn layout(&self) -> crate::store::Layout {
         crate::store::Layout { buckets: self.shared_data_buckets, capacity: self.shared_data_bucket_capacity }
@@ -287,6 +300,9 @@ impl FilterConfig {
             if c.lookup_wait_ms > 5_000 {
                 return Err(format!("control.lookup_wait_ms must be in 0..=5000, got {}", c.lookup_wait_ms));
             }
+            if c.record_flush_ms == 0 || c.record_flush_ms > 1_000 {
+                return Err(format!("control.record_flush_ms must be in 1..=1000, got {}", c.record_flush_ms));
+            }
             if c.drain_poll_ms > 3_600_000 {
                 return Err(format!("control.drain_poll_ms must be in 0..=3600000, got {}", c.drain_poll_ms));
             }
@@ -337,6 +353,8 @@ mod tests {
             (br#"{"control":{"path_prefix":"v1"}}"#, "path_prefix"),
             (br#"{"control":{"drain_poll_ms":3600001}}"#, "drain_poll_ms"),
             (br#"{"control":{"lookup_wait_ms":5001}}"#, "lookup_wait_ms"),
+            (br#"{"control":{"record_flush_ms":0}}"#, "record_flush_ms"),
+            (br#"{"control":{"record_flush_ms":1001}}"#, "record_flush_ms"),
             (br#"{"control":{"initialize_write":"later"}}"#, "expected `async` or `sync`"),
             (br#"{"control":{"token":"a","token_env":"B"}}"#, "exclusive"),
             (br#"{"recovery":{"session_unknown_statuses":[200]}}"#, "4xx or 5xx"),

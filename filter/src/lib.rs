@@ -9,6 +9,8 @@
 //!   routing-header encodings;
 //! - [`control`]: requests to and records from the control service;
 //! - [`header_map`]: the ABI's serialised header map, read without copies;
+//! - [`record_queue`]: new sessions' records waiting in the VM, sent to control in
+//!   batches on the root context's tick;
 //! - [`recovery`]: when a pinned session needs recovery, and the recover call's shapes;
 //! - [`pin_cache`]: a worker VM's own copies of the pins it used, valid while no pin
 //!   changed anywhere in Envoy;
@@ -30,6 +32,7 @@ pub mod jsonrpc;
 pub mod metrics;
 pub mod pin;
 pub mod pin_cache;
+pub mod record_queue;
 pub mod recovery;
 pub mod session_id;
 pub mod store;

@@ -28,7 +28,7 @@
 
 use hashbrown::{HashMap, HashSet};
 
-use crate::config::{FilterConfig, InitializeWrite, UnknownSession};
+use crate::config::{FilterConfig, UnknownSession};
 use crate::drain::Draining;
 use crate::control::{PatchSession, PutSession, parse_record, to_body};
 use crate::header_map::HeaderPairs;
@@ -37,6 +37,7 @@ use crate::jsonrpc::{self, BodyKind};
 use crate::metrics::Counter;
 use crate::pin::Pin;
 use crate::pin_cache::PinCache;
+use crate::record_queue::{self, NewRecord, RecordQueue};
 use crate::recovery::{self, NewPin, OriginalRequest, Outcome, Reason, RecoverRequest, StatusVerdict};
 use crate::session_id;
 use crate::store::{self, SharedData, Updated};
@@ -69,6 +70,8 @@ pub struct Vm {
     pub touches: HashSet<String>,
     /// This VM's copies of the pins it used ([`crate::pin_cache`]).
     pub pins: PinCache,
+    /// New sessions' records waiting for the root context's tick ([`crate::record_queue`]).
+    pub records: RecordQueue,
     /// The draining upstream hosts, adopted from shared data on the tick.
     pub draining: Draining,
     /// Open pinned GET streams (server-to-client SSE): context id → upstream host. Ended
@@ -406,9 +409,6 @@ pub struct Stream {
     context_id: u32,
     phase: Phase,
     pending: Pending,
-    /// A call made when the stream ends ([`Stream::on_done`]): the record of a new session
-    /// with `initialize_write: async`, written once the answer has gone to the client.
-    at_end: Option<Call>,
 }
 
 fn header_str(v: Option<Vec<u8>>) -> Option<String> {
@@ -443,7 +443,7 @@ fn resolution_ops(cfg: &FilterConfig, client_id: &str, r: &Resolution, ops: &mut
 impl Stream {
     /// A new stream with the host's context id.
     pub fn new(context_id: u32) -> Stream {
-        Stream { context_id, phase: Phase::Passthrough, pending: Pending::None, at_end: None }
+        Stream { context_id, phase: Phase::Passthrough, pending: Pending::None }
     }
 
     /// Whether the call this stream waits for writes a record (its answer still counts
@@ -741,9 +741,9 @@ impl Stream {
 
     /// The response to a POST without session id carries `Mcp-Session-Id`: the upstream
     /// host that answered owns the new session (MCP `basic/transports`: the id comes with
-    /// the InitializeResult). The record goes to control when the stream ends (`async`,
-    /// the default; other proxies' lookups wait for it with `?wait_ms`), or the answer is
-    /// held until control has it (`sync`).
+    /// the InitializeResult). The record is queued in the VM for the root context's next
+    /// flush to control (`async`, the default; other proxies' lookups wait for it with
+    /// `?wait_ms`), or the answer is held until control has it (`sync`).
     fn record_new_session(&mut self, cx: &mut Ctx, head: &dyn ResponseHead, raw_id: &[u8], initialize: Option<Vec<u8>>) -> Step {
         let session_id = match session_id::validate(raw_id, cx.cfg.max_session_id_len) {
             Ok(id) => id,
@@ -766,16 +766,19 @@ impl Stream {
             return Step::flow(Flow::Continue);
         }
         let initialize = initialize.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        if cx.cfg.queues_records() {
+            // Async: the record waits in the VM; the root context sends the queue to
+            // control on its tick, in one call for many sessions. Nothing is held.
+            if !cx.vm.records.push(NewRecord::new(session_id, session_id, &pin.upstream, 1, initialize)) {
+                cx.count(Counter::ControlErrors);
+                log::warn!("mcp-affinity: {} records wait for control already; session {session_id} is not recorded", record_queue::MAX_QUEUED);
+            }
+            return Step::flow(Flow::Continue);
+        }
         let body = to_body(&PutSession { backend_session_id: session_id, upstream: &pin.upstream, generation: 1, initialize: &initialize });
         let call = Call { method: "PUT", session_id: session_id.to_string(), suffix: "", body: Some(body), timeout_ms: None, wait_ms: None };
-        if cx.cfg.control.as_ref().is_some_and(|c| c.initialize_write == InitializeWrite::Sync) {
-            self.pending = Pending::WriteInitialize;
-            return Step::hold(vec![Op::Call(call)]);
-        }
-        // Async: written when the stream ends, after the answer went to the client (the
-        // call's cost stays off the answer's path); its answer goes to the root context.
-        self.at_end = Some(call);
-        Step::flow(Flow::Continue)
+        self.pending = Pending::WriteInitialize;
+        Step::hold(vec![Op::Call(call)])
     }
 
     /// Decides on the response headers of a pinned request: forget a deleted session,
@@ -1053,15 +1056,10 @@ impl Stream {
 
     /// `on_done`: a stream that ends while its lookup or drain move is in flight (Envoy
     /// cancels its calls) must not strand the streams waiting for it: they go on unpinned
-    /// (lookup) or to the old pin (move). An open GET stream is forgotten. A call left for
-    /// the end (an `async` initialize record) is made now; its answer goes to the root
-    /// context, which counts it.
+    /// (lookup) or to the old pin (move). An open GET stream is forgotten.
     pub fn on_done(&mut self, cx: &mut Ctx) -> Step {
         if !cx.vm.open_gets.is_empty() {
             cx.vm.open_gets.remove(&self.context_id);
-        }
-        if let Some(call) = self.at_end.take() {
-            return Step { ops: vec![Op::Call(call)], flow: Flow::Stay };
         }
         if matches!(self.pending, Pending::Lookup | Pending::Move)
             && let Phase::Resolving(r) = &self.phase

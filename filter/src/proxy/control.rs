@@ -61,6 +61,17 @@ impl ControlClient {
         self.dispatch(call.method, &path, call.body.as_deref(), call.timeout_ms)
     }
 
+    /// Sends a batch of new sessions' records (`POST {prefix}/sessions`,
+    /// [`crate::record_queue`]); returns the call's token, the answer arrives in the root
+    /// context's `on_http_call_response`.
+    ///
+    /// # Errors
+    /// As [`ControlClient::call`].
+    pub fn write_records(&self, body: &[u8]) -> Result<u32, u32> {
+        let path = format!("{}/sessions", self.path_prefix);
+        self.dispatch("POST", &path, Some(body), None)
+    }
+
     /// Fetches the draining upstream hosts (`GET {prefix}/upstreams/draining`); returns
     /// the call's token, the answer arrives in the root context's `on_http_call_response`.
     ///

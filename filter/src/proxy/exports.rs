@@ -69,7 +69,7 @@ fn stream_action(context_id: u32, f: impl FnOnce(&mut Stream) -> Action) -> u32 
 // ---- logging ---------------------------------------------------------------------------
 
 /// The `log` facade on `proxy_log`, at the host's level for this VM (`proxy_get_log_level`,
-/// read at VM start and on every tick, so a change through Envoy's admin `/logging` applies
+/// read at VM start and every `sweep_period_ms` on the tick, so a change through Envoy's admin `/logging` applies
 /// within a tick). Below that level a `log::debug!` costs a comparison, not a host call.
 struct HostLogger;
 
@@ -175,7 +175,6 @@ pub extern "C" fn proxy_on_configure(root_context_id: u32, configuration_size: u
 
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_tick(root_context_id: u32) {
-    follow_host_log_level();
     ROOTS.with_borrow_mut(|roots| {
         if let Some(root) = roots.get_mut(&root_context_id) {
             root.on_tick();

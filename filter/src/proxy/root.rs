@@ -1,10 +1,13 @@
 //! The root context: reads the plugin configuration, defines the counters, and on each
-//! tick sweeps idle pins, sends control the touches the streams queued, and keeps the
-//! VM's draining list current ([`crate::drain`]): adopts it from shared data, polls
-//! control for it when due, and ends open GET streams on upstreams that start draining.
+//! tick sends control the new sessions' records the streams queued
+//! ([`crate::record_queue`]). Every `sweep_period_ms` it also sweeps idle pins, sends
+//! control the touches the streams queued, and keeps the VM's draining list current
+//! ([`crate::drain`]): adopts it from shared data, polls control for it when due, and
+//! ends open GET streams on upstreams that start draining.
 //! Also the host side of the machine's [`Env`]: shared data, the clock and the counters.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -14,6 +17,7 @@ use crate::config::FilterConfig;
 use crate::control::{PatchSession, to_body};
 use crate::drain;
 use crate::metrics::Counter;
+use crate::record_queue::{self, NewRecord};
 use crate::store::{self, SharedData};
 use crate::stream::{Call, Env, Vm};
 
@@ -22,6 +26,9 @@ const TOUCHES_PER_TICK: usize = 256;
 
 /// Most shared-data buckets the sweep looks at per tick (each one shared-data read).
 const SWEEP_PER_TICK: u32 = 64;
+
+/// Most record batches in flight to control per VM; more wait for the next tick.
+const RECORD_CALLS_IN_FLIGHT: usize = 8;
 
 
 fn millis(t: Duration) -> u64 {
@@ -69,7 +76,7 @@ impl Metrics {
     }
 
     /// Sends the per-request counts gathered since the last flush (one host call per
-    /// counter that moved; called on every tick).
+    /// counter that moved; called every `sweep_period_ms` on the tick).
     pub fn flush(&self) {
         for (&c, pending) in Counter::ALL.iter().zip(&self.pending) {
             let n = pending.replace(0);
@@ -93,7 +100,7 @@ impl SharedData for HostSharedData {
     }
 }
 
-/// The machine's host services. The clock is the VM's, refreshed on every tick: pins
+/// The machine's host services. The clock is the VM's, refreshed every `sweep_period_ms`: pins
 /// need seconds, and a host call per request for them would be waste.
 pub struct HostEnv<'a> {
     metrics: &'a Metrics,
@@ -131,8 +138,36 @@ pub struct Plugin {
     pub metrics: Metrics,
     pub control: Option<ControlClient>,
     pub vm: RefCell<Vm>,
-    /// The VM's clock (Unix seconds), refreshed on configure and on every tick.
+    /// The VM's clock (Unix seconds), refreshed on configure and every `sweep_period_ms`.
     pub now_secs: Cell<u64>,
+    /// The root context ticks every `control.record_flush_ms` (records wait), not every
+    /// `sweep_period_ms`.
+    fast_tick: Cell<bool>,
+}
+
+impl Plugin {
+    /// Makes the root context tick every `control.record_flush_ms` while records wait in
+    /// the VM's queue; called after an event that may have queued one. The tick goes back
+    /// to `sweep_period_ms` once the queue is empty, so an idle VM is not woken up 100
+    /// times a second (`proxy_set_tick_period_milliseconds` applies to the stream's root
+    /// context, Envoy `Context::setTickPeriod`).
+    pub fn tick_for_records(&self) {
+        if self.fast_tick.get() || self.vm.borrow().records.is_empty() {
+            return;
+        }
+        if let Some(c) = &self.config.control {
+            abi::set_tick_period(Duration::from_millis(c.record_flush_ms));
+            self.fast_tick.set(true);
+        }
+    }
+
+    /// Back to the slow tick when nothing waits.
+    fn tick_slowly_when_idle(&self) {
+        if self.fast_tick.get() && self.vm.borrow().records.is_empty() {
+            abi::set_tick_period(Duration::from_millis(self.config.sweep_period_ms));
+            self.fast_tick.set(false);
+        }
+    }
 }
 
 /// The root context.
@@ -144,12 +179,18 @@ pub struct Root {
     drain_fetch: Option<u32>,
     /// The last fetch failed (the next failure is not logged again).
     drain_failing: bool,
+    /// Record batches in flight: token → their records (queued again if control did not
+    /// take them).
+    record_calls: HashMap<u32, Vec<NewRecord>>,
+    /// When the tick's periodic work (sweep, touches, drains, counters) is next due,
+    /// Unix milliseconds; the tick itself may come more often, to send records.
+    housekeeping_due_ms: u64,
 }
 
 impl Root {
     /// The root context with the host's context id.
     pub fn new(context_id: u32) -> Root {
-        Root { context_id, plugin: None, metrics: None, drain_fetch: None, drain_failing: false }
+        Root { context_id, plugin: None, metrics: None, drain_fetch: None, drain_failing: false, record_calls: HashMap::new(), housekeeping_due_ms: 0 }
     }
 
     /// Adopts the shared draining list; when it changed, ends the VM's open GET streams
@@ -204,6 +245,12 @@ impl Root {
     /// `proxy_on_http_call_response` of a call this root made itself (the draining list,
     /// touches); answers to streams' calls go to their streams ([`super::exports`]).
     pub fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize) {
+        if let Some(records) = self.record_calls.remove(&token) {
+            if let Some(p) = self.plugin.clone() {
+                on_records_answer(&p, records, num_headers, body_size);
+            }
+            return;
+        }
         if self.drain_fetch == Some(token) {
             self.drain_fetch = None;
             if let Some(p) = self.plugin.clone() {
@@ -219,14 +266,14 @@ impl Root {
         }
     }
 
-    /// The answer to a record written by a stream that has ended (an `async` initialize
-    /// write, or an update whose stream the upstream answered first).
+    /// The answer to a write made by a stream that has ended (an update or a `DELETE`
+    /// whose stream the upstream answered first).
     pub fn on_write_answer(&mut self, num_headers: usize) {
         let Some(m) = &self.metrics else { return };
         if answer_status(num_headers).is_some_and(|s| (200..300).contains(&s)) {
             m.add(Counter::ControlWrites, 1);
         } else {
-            log::warn!("mcp-affinity: writing a new session's record to control failed");
+            log::warn!("mcp-affinity: a write to control failed");
             m.add(Counter::ControlErrors, 1);
         }
     }
@@ -246,7 +293,10 @@ impl Root {
                 abi::set_tick_period(Duration::from_millis(config.sweep_period_ms));
                 // A reconfiguration keeps the pins this VM indexed.
                 let vm = self.plugin.as_ref().map(|p| std::mem::take(&mut *p.vm.borrow_mut())).unwrap_or_default();
-                self.plugin = Some(Rc::new(Plugin { config, metrics, control, vm: RefCell::new(vm), now_secs: Cell::new(abi::now().as_secs()) }));
+                self.plugin = Some(Rc::new(Plugin { config, metrics, control, vm: RefCell::new(vm), now_secs: Cell::new(abi::now().as_secs()), fast_tick: Cell::new(false) }));
+                if let Some(p) = &self.plugin {
+                    p.tick_for_records();
+                }
                 true
             }
             Err(e) => {
@@ -256,10 +306,19 @@ impl Root {
         }
     }
 
-    /// `proxy_on_tick`, every `sweep_period_ms`.
+    /// `proxy_on_tick`, every `sweep_period_ms`, or every `control.record_flush_ms` while
+    /// records wait ([`Plugin::tick_for_records`]): sends the queued records; the rest
+    /// every `sweep_period_ms`.
     pub fn on_tick(&mut self) {
         let Some(p) = self.plugin.clone() else { return };
         let clock = abi::now();
+        self.send_records(&p);
+        p.tick_slowly_when_idle();
+        if millis(clock) < self.housekeeping_due_ms {
+            return;
+        }
+        self.housekeeping_due_ms = millis(clock).saturating_add(p.config.sweep_period_ms);
+        super::exports::follow_host_log_level();
         let now = clock.as_secs();
         p.now_secs.set(now);
         p.metrics.flush();
@@ -293,4 +352,62 @@ impl Root {
         }
     }
 
+    /// Sends the VM's queued records, one call per batch, up to
+    /// [`RECORD_CALLS_IN_FLIGHT`] calls at once. A call the host refuses puts its batch
+    /// back and waits for the next tick.
+    fn send_records(&mut self, p: &Plugin) {
+        let Some(control) = &p.control else { return };
+        while self.record_calls.len() < RECORD_CALLS_IN_FLIGHT {
+            let Some(batch) = p.vm.borrow_mut().records.take_batch() else { return };
+            match control.write_records(&batch.body) {
+                Ok(token) => {
+                    self.record_calls.insert(token, batch.records);
+                }
+                Err(_) => {
+                    p.metrics.add(Counter::ControlErrors, 1);
+                    requeue(p, batch.records);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Control's answer to a batch of records: counts the records written
+/// (`control_writes`) and rejected (`control_errors`, never sent again); without an
+/// answer, or with a 5xx (unreachable, timeout, store down), the batch is queued again.
+fn on_records_answer(p: &Plugin, records: Vec<NewRecord>, num_headers: usize, body_size: usize) {
+    let answer = match answer_status(num_headers) {
+        Some(200) => record_queue::parse_answer(&abi::buffer(Buffer::HttpCallResponseBody, 0, body_size)),
+        Some(s) if s < 500 => Err(format!("status {s}")),
+        other => {
+            log::debug!("mcp-affinity: sending {} records to control failed (status {other:?}); sending them again", records.len());
+            p.metrics.add(Counter::ControlErrors, 1);
+            requeue(p, records);
+            p.tick_for_records();
+            return;
+        }
+    };
+    match answer {
+        Ok(a) => {
+            p.metrics.add(Counter::ControlWrites, a.written);
+            if let Some((id, why)) = a.rejected.iter().next() {
+                log::warn!("mcp-affinity: control rejected {} session records, e.g. {id:?}: {why}", a.rejected.len());
+                p.metrics.add(Counter::ControlErrors, a.rejected.len() as u64);
+            }
+        }
+        Err(e) => {
+            log::warn!("mcp-affinity: control refused a batch of {} session records: {e}; not recorded", records.len());
+            p.metrics.add(Counter::ControlErrors, records.len() as u64);
+        }
+    }
+}
+
+/// Queues records again for the next tick; logs those dropped after their last attempt.
+fn requeue(p: &Plugin, records: Vec<NewRecord>) {
+    let r = p.vm.borrow_mut().records.retry(records);
+    if r.dropped > 0 {
+        log::warn!("mcp-affinity: {} session records not recorded in control after {} attempts", r.dropped, record_queue::MAX_ATTEMPTS);
+        p.metrics.add(Counter::ControlErrors, r.dropped as u64);
+    }
 }

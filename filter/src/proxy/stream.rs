@@ -138,15 +138,13 @@ impl Stream {
     }
 
     /// The end of the stream (`proxy_on_delete`, which Envoy calls right after
-    /// `proxy_on_done`, `Context::onDestroy`). Writes still in flight, and the one the
-    /// machine makes now (an `async` initialize record), are answered to the root context,
-    /// which counts them; an ended stream's lookup or move answer is dropped.
+    /// `proxy_on_done`, `Context::onDestroy`). Writes still in flight are answered to the
+    /// root context, which counts them; an ended stream's lookup or move answer is dropped.
     pub fn on_done(&mut self) {
         let waits_for_a_write = self.m.waits_for_a_write();
         let step = self.event(|m, cx| m.on_done(cx));
-        let writes_now = step.ops.iter().any(|op| matches!(op, Op::Call(_)));
         self.apply_ops(step);
-        if waits_for_a_write || writes_now {
+        if waits_for_a_write {
             exports::answer_at_root(self.context_id);
         }
     }
@@ -173,6 +171,9 @@ impl Stream {
     /// `proxy_on_response_headers`.
     pub fn on_response_headers(&mut self) -> Action {
         let step = self.event(|m, cx| m.on_response_headers(cx, &ResponseHeaders));
-        self.in_callback(step)
+        let action = self.in_callback(step);
+        // A new session's record may wait now (`initialize_write: async`).
+        self.p.tick_for_records();
+        action
     }
 }

@@ -156,20 +156,21 @@ fn a_post_without_session_id_goes_on_at_its_headers_and_initialize_is_read_from_
 }
 
 #[test]
-fn the_initialize_response_goes_on_while_its_record_is_written_in_the_background() {
+fn the_initialize_response_goes_on_while_its_record_waits_in_the_vm_for_the_tick() {
     let mut w = World::new(true);
     let mut s = Stream::new(1);
     s.on_request_headers(&mut w.cx(), post(None), false);
     s.on_request_body(&mut w.cx(), &body(INIT), true);
     let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s1")]));
-    assert_eq!(step, Step { ops: vec![], flow: Flow::Continue }, "async (the default): nothing is held, nothing sent yet");
+    assert_eq!(step, Step { ops: vec![], flow: Flow::Continue }, "async (the default): nothing is held, no call per session");
     assert!(!s.waits_for_control());
-    // The record goes to control when the stream ends, after the answer went to the client.
-    let step = s.on_done(&mut w.cx());
-    let put = calls(&step)[0];
-    assert_eq!((put.method, put.session_id.as_str(), put.wait_ms), ("PUT", "s1", None));
-    assert_eq!(json(put.body.as_ref().unwrap())["initialize"], INIT);
-    assert!(calls(&s.on_done(&mut w.cx())).is_empty(), "sent once");
+    assert!(calls(&s.on_done(&mut w.cx())).is_empty(), "nothing is sent when the stream ends either");
+    // The record waits in the VM; the root context sends the queue on its tick.
+    let batch = w.vm.records.take_batch().expect("queued");
+    assert_eq!(batch.records.len(), 1);
+    let record = &json(&batch.body)["records"]["s1"];
+    assert_eq!((record["upstream"].as_str(), record["initialize"].as_str()), (Some("10.0.0.1:80"), Some(INIT)));
+    assert!(w.vm.records.is_empty());
     // Lookups and the initialized update ask control to wait for a write in flight.
     let step = Stream::new(3).on_request_headers(&mut w.cx(), post(Some("s9")), false);
     assert_eq!(calls(&step)[0].wait_ms, Some(250));

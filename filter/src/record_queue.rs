@@ -1,0 +1,325 @@
+//! The records of new sessions waiting to be written to control (`initialize_write:
+//! async`, the default). A stream that pinned a new session queues its record in the VM
+//! instead of making a call; the root context sends the queue to control on its tick
+//! (every `control.record_flush_ms`) as one `POST {prefix}/sessions` per batch (control's
+//! API: `{"records": {"<session id>": <PUT body>, …}}`). A call through Envoy's HTTP
+//! client costs the worker about as much as the `initialize` it records; a batch pays
+//! that once for every session the VM pinned since the last tick.
+//!
+//! Bounded: at most [`MAX_QUEUED`] records wait; a record that finds the queue full is
+//! dropped and counted (`control_errors`). A batch that failed without an answer from
+//! control (unreachable, timeout, 5xx) is queued again, at most [`MAX_ATTEMPTS`] times per
+//! record; a record dropped then is counted likewise. A record not in control still works
+//! through the proxy that pinned it (the pin is in its shared data); another proxy's
+//! lookup gets 404 for it.
+
+use std::collections::VecDeque;
+
+use serde::ser::{Serialize, SerializeMap, SerializeStruct, Serializer};
+
+/// Most records waiting in one VM.
+pub const MAX_QUEUED: usize = 16_384;
+/// Most records per call (control accepts up to 1024).
+pub const MAX_BATCH_RECORDS: usize = 256;
+/// A batch stops growing once its body passes this many bytes (a single larger record
+/// still goes alone; control's `--max-body-bytes`, default 1 MiB, bounds it).
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Sends of one record before it is dropped.
+pub const MAX_ATTEMPTS: u8 = 3;
+
+/// The record of a session pinned by an `initialize` answer (control's `PUT` body plus
+/// the session id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecord {
+    /// The client's `Mcp-Session-Id`.
+    pub session_id: String,
+    /// The id the upstream host knows the session by.
+    pub backend_session_id: String,
+    /// The upstream host, `ip:port`.
+    pub upstream: String,
+    pub generation: u64,
+    /// The raw `initialize` request body (JSON text), replayed on recovery.
+    pub initialize: String,
+    /// Sends so far.
+    attempts: u8,
+}
+
+impl NewRecord {
+    pub fn new(
+        session_id: &str,
+        backend_session_id: &str,
+        upstream: &str,
+        generation: u64,
+        initialize: String,
+    ) -> NewRecord {
+        NewRecord {
+            session_id: session_id.to_string(),
+            backend_session_id: backend_session_id.to_string(),
+            upstream: upstream.to_string(),
+            generation,
+            initialize,
+            attempts: 0,
+        }
+    }
+
+    /// Rough size of its part of a batch body, bytes.
+    fn size(&self) -> usize {
+        self.session_id.len()
+            + self.backend_session_id.len()
+            + self.upstream.len()
+            + self.initialize.len()
+            + 96
+    }
+}
+
+/// The `PUT` body part of a record.
+struct Body<'a>(&'a NewRecord);
+
+impl Serialize for Body<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut r = s.serialize_struct("PutSession", 4)?;
+        r.serialize_field("backend_session_id", &self.0.backend_session_id)?;
+        r.serialize_field("upstream", &self.0.upstream)?;
+        r.serialize_field("generation", &self.0.generation)?;
+        r.serialize_field("initialize", &self.0.initialize)?;
+        r.end()
+    }
+}
+
+/// `{"records": {id: body, …}}`.
+struct Records<'a>(&'a [NewRecord]);
+
+impl Serialize for Records<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        struct Map<'a>(&'a [NewRecord]);
+        impl Serialize for Map<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(self.0.len()))?;
+                for r in self.0 {
+                    m.serialize_entry(&r.session_id, &Body(r))?;
+                }
+                m.end()
+            }
+        }
+        let mut top = s.serialize_struct("PutSessions", 1)?;
+        top.serialize_field("records", &Map(self.0))?;
+        top.end()
+    }
+}
+
+/// One call's worth of records and its body.
+#[derive(Debug)]
+pub struct Batch {
+    pub records: Vec<NewRecord>,
+    /// JSON body of `POST {prefix}/sessions`.
+    pub body: Vec<u8>,
+}
+
+/// What became of a batch that control did not take ([`RecordQueue::retry`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Retried {
+    pub queued: usize,
+    pub dropped: usize,
+}
+
+/// The VM's queue of records to write.
+#[derive(Debug, Default)]
+pub struct RecordQueue {
+    waiting: VecDeque<NewRecord>,
+}
+
+impl RecordQueue {
+    /// Queues a record; false (dropped) when [`MAX_QUEUED`] records wait already.
+    pub fn push(&mut self, record: NewRecord) -> bool {
+        if self.waiting.len() >= MAX_QUEUED {
+            return false;
+        }
+        self.waiting.push_back(record);
+        true
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The oldest records, up to [`MAX_BATCH_RECORDS`] and about [`MAX_BATCH_BYTES`] (at
+    /// least one), with their body; `None` when nothing waits.
+    pub fn take_batch(&mut self) -> Option<Batch> {
+        let mut bytes = 0;
+        let mut n = 0;
+        for r in &self.waiting {
+            if n == MAX_BATCH_RECORDS || (n > 0 && bytes + r.size() > MAX_BATCH_BYTES) {
+                break;
+            }
+            bytes += r.size();
+            n += 1;
+        }
+        if n == 0 {
+            return None;
+        }
+        let mut records: Vec<NewRecord> = self.waiting.drain(..n).collect();
+        for r in &mut records {
+            r.attempts += 1;
+        }
+        let body = serde_json::to_vec(&Records(&records)).unwrap_or_default();
+        Some(Batch { records, body })
+    }
+
+    /// Queues the records of a batch control did not take again, ahead of newer ones;
+    /// drops those sent [`MAX_ATTEMPTS`] times, and any that do not fit.
+    pub fn retry(&mut self, records: Vec<NewRecord>) -> Retried {
+        let total = records.len();
+        let room = MAX_QUEUED.saturating_sub(self.waiting.len());
+        let again: Vec<NewRecord> = records
+            .into_iter()
+            .filter(|r| r.attempts < MAX_ATTEMPTS)
+            .take(room)
+            .collect();
+        let queued = again.len();
+        for r in again.into_iter().rev() {
+            self.waiting.push_front(r);
+        }
+        Retried {
+            queued,
+            dropped: total - queued,
+        }
+    }
+}
+
+/// Control's answer to a batch (200): records written, and the ids it rejected with
+/// their reason (invalid id or body; never retried).
+#[derive(Debug, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct BatchAnswer {
+    pub written: u64,
+    #[serde(default)]
+    pub rejected: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// Parses a 200 answer of `POST {prefix}/sessions`. Errors are strings for logs.
+pub fn parse_answer(body: &[u8]) -> Result<BatchAnswer, String> {
+    serde_json::from_slice(body).map_err(|e| format!("control batch answer: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, initialize: &str) -> NewRecord {
+        NewRecord::new(id, id, "10.0.0.1:80", 1, initialize.to_string())
+    }
+
+    #[test]
+    fn a_batch_is_controls_body_with_the_oldest_records() {
+        let mut q = RecordQueue::default();
+        assert!(q.take_batch().is_none());
+        assert!(q.push(rec("a/b", r#"{"id":1}"#)));
+        assert!(q.push(rec("c", "{}")));
+        let b = q.take_batch().unwrap();
+        assert!(q.is_empty());
+        let body: serde_json::Value = serde_json::from_slice(&b.body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"records": {
+                "a/b": {"backend_session_id": "a/b", "upstream": "10.0.0.1:80", "generation": 1, "initialize": "{\"id\":1}"},
+                "c": {"backend_session_id": "c", "upstream": "10.0.0.1:80", "generation": 1, "initialize": "{}"},
+            }})
+        );
+        assert_eq!(
+            b.records
+                .iter()
+                .map(|r| r.session_id.as_str())
+                .collect::<Vec<_>>(),
+            ["a/b", "c"]
+        );
+    }
+
+    #[test]
+    fn batches_are_bounded_in_records_and_bytes() {
+        let mut q = RecordQueue::default();
+        for i in 0..MAX_BATCH_RECORDS + 5 {
+            q.push(rec(&format!("s{i}"), "{}"));
+        }
+        assert_eq!(q.take_batch().unwrap().records.len(), MAX_BATCH_RECORDS);
+        assert_eq!(q.take_batch().unwrap().records.len(), 5);
+        let big = "x".repeat(MAX_BATCH_BYTES);
+        q.push(rec("big", &big));
+        q.push(rec("small", "{}"));
+        assert_eq!(
+            q.take_batch().unwrap().records[0].session_id,
+            "big",
+            "a large record goes alone"
+        );
+        assert_eq!(q.take_batch().unwrap().records[0].session_id, "small");
+    }
+
+    #[test]
+    fn the_queue_is_bounded() {
+        let mut q = RecordQueue::default();
+        for i in 0..MAX_QUEUED {
+            assert!(q.push(rec(&format!("s{i}"), "{}")));
+        }
+        assert!(!q.push(rec("one-more", "{}")), "full: dropped");
+        assert_eq!(q.len(), MAX_QUEUED);
+    }
+
+    #[test]
+    fn a_failed_batch_is_retried_first_and_dropped_after_its_last_attempt() {
+        let mut q = RecordQueue::default();
+        q.push(rec("old", "{}"));
+        let batch = q.take_batch().unwrap();
+        q.push(rec("new", "{}"));
+        assert_eq!(
+            q.retry(batch.records),
+            Retried {
+                queued: 1,
+                dropped: 0
+            }
+        );
+        let again = q.take_batch().unwrap();
+        assert_eq!(
+            again
+                .records
+                .iter()
+                .map(|r| r.session_id.as_str())
+                .collect::<Vec<_>>(),
+            ["old", "new"],
+            "retried records go first"
+        );
+        // Sent so far: old 2, new 1.
+        assert_eq!(q.retry(again.records).queued, 2);
+        let third = q.take_batch().unwrap();
+        assert_eq!(
+            third.records.iter().map(|r| r.attempts).collect::<Vec<_>>(),
+            [MAX_ATTEMPTS, MAX_ATTEMPTS - 1]
+        );
+        assert_eq!(
+            q.retry(third.records),
+            Retried {
+                queued: 1,
+                dropped: 1
+            },
+            "old is dropped after its last attempt"
+        );
+        assert_eq!(q.take_batch().unwrap().records[0].session_id, "new");
+    }
+
+    #[test]
+    fn answers_parse() {
+        assert_eq!(
+            parse_answer(br#"{"written":2,"rejected":{}}"#)
+                .unwrap()
+                .written,
+            2
+        );
+        let a = parse_answer(
+            br#"{"written":0,"rejected":{"x y":{"code":"invalid_session_id","message":"m"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(a.rejected.len(), 1);
+        assert!(parse_answer(b"not json").is_err());
+    }
+}
