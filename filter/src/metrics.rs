@@ -57,4 +57,5 @@ counters! {
     DrainListUpdates => "mcp_affinity.drain_list_updates": "Changes of the draining list adopted by a VM (each worker VM counts its own).",
     DrainPollErrors => "mcp_affinity.drain_poll_errors": "Fetches of the draining list from control that failed; the last list stays in force.",
     ControlErrors => "mcp_affinity.control_errors": "Calls to control that failed, timed out or were refused; the request went on without control.",
+    ControlWriteRetries => "mcp_affinity.control_write_retries": "Batches of new sessions' records control did not take (down, timeout, 5xx), queued to be sent again on the next `sweep_period_ms` tick.",
 }

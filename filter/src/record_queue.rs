@@ -1,17 +1,19 @@
 //! The records of new sessions waiting to be written to control (`initialize_write:
 //! async`, the default). A stream that pinned a new session queues its record in the VM
 //! instead of making a call; the root context sends the queue to control on its tick
-//! (every `control.record_flush_ms`) as one `POST {prefix}/sessions` per batch (control's
-//! API: `{"records": {"<session id>": <PUT body>, …}}`). A call through Envoy's HTTP
-//! client costs the worker about as much as the `initialize` it records; a batch pays
-//! that once for every session the VM pinned since the last tick.
+//! (every `control.record_flush_ms` while records wait) as one `POST {prefix}/sessions`
+//! per batch (control's API: `{"records": {"<session id>": <PUT body>, …}}`). A call
+//! through Envoy's HTTP client costs the worker about as much as the `initialize` it
+//! records; a batch pays that once for every session the VM pinned since the last tick.
 //!
 //! Bounded: at most [`MAX_QUEUED`] records wait; a record that finds the queue full is
 //! dropped and counted (`control_errors`). A batch that failed without an answer from
-//! control (unreachable, timeout, 5xx) is queued again, at most [`MAX_ATTEMPTS`] times per
-//! record; a record dropped then is counted likewise. A record not in control still works
-//! through the proxy that pinned it (the pin is in its shared data); another proxy's
-//! lookup gets 404 for it.
+//! control (unreachable, timeout, 5xx) is queued again, and the queue is held until the
+//! root context's next periodic tick (`sweep_period_ms`, default 1 s): a control service
+//! that is back within about `(MAX_ATTEMPTS - 1) × sweep_period_ms` still gets every
+//! record. A record is sent at most [`MAX_ATTEMPTS`] times, then dropped and counted
+//! likewise. A record not in control still works through the proxy that pinned it (the
+//! pin is in its shared data); another proxy's lookup gets 404 for it.
 
 use std::collections::VecDeque;
 
@@ -25,7 +27,7 @@ pub const MAX_BATCH_RECORDS: usize = 256;
 /// still goes alone; control's `--max-body-bytes`, default 1 MiB, bounds it).
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// Sends of one record before it is dropped.
-pub const MAX_ATTEMPTS: u8 = 3;
+pub const MAX_ATTEMPTS: u8 = 5;
 
 /// The record of a session pinned by an `initialize` answer (control's `PUT` body plus
 /// the session id).
@@ -45,30 +47,13 @@ pub struct NewRecord {
 }
 
 impl NewRecord {
-    pub fn new(
-        session_id: &str,
-        backend_session_id: &str,
-        upstream: &str,
-        generation: u64,
-        initialize: String,
-    ) -> NewRecord {
-        NewRecord {
-            session_id: session_id.to_string(),
-            backend_session_id: backend_session_id.to_string(),
-            upstream: upstream.to_string(),
-            generation,
-            initialize,
-            attempts: 0,
-        }
+    pub fn new(session_id: &str, backend_session_id: &str, upstream: &str, generation: u64, initialize: String) -> NewRecord {
+        NewRecord { session_id: session_id.to_string(), backend_session_id: backend_session_id.to_string(), upstream: upstream.to_string(), generation, initialize, attempts: 0 }
     }
 
     /// Rough size of its part of a batch body, bytes.
     fn size(&self) -> usize {
-        self.session_id.len()
-            + self.backend_session_id.len()
-            + self.upstream.len()
-            + self.initialize.len()
-            + 96
+        self.session_id.len() + self.backend_session_id.len() + self.upstream.len() + self.initialize.len() + 96
     }
 }
 
@@ -86,23 +71,26 @@ impl Serialize for Body<'_> {
     }
 }
 
+/// The records as a map, session id → body.
+struct ById<'a>(&'a [NewRecord]);
+
+impl Serialize for ById<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for r in self.0 {
+            m.serialize_entry(&r.session_id, &Body(r))?;
+        }
+        m.end()
+    }
+}
+
 /// `{"records": {id: body, …}}`.
 struct Records<'a>(&'a [NewRecord]);
 
 impl Serialize for Records<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        struct Map<'a>(&'a [NewRecord]);
-        impl Serialize for Map<'_> {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                let mut m = s.serialize_map(Some(self.0.len()))?;
-                for r in self.0 {
-                    m.serialize_entry(&r.session_id, &Body(r))?;
-                }
-                m.end()
-            }
-        }
         let mut top = s.serialize_struct("PutSessions", 1)?;
-        top.serialize_field("records", &Map(self.0))?;
+        top.serialize_field("records", &ById(self.0))?;
         top.end()
     }
 }
@@ -126,6 +114,8 @@ pub struct Retried {
 #[derive(Debug, Default)]
 pub struct RecordQueue {
     waiting: VecDeque<NewRecord>,
+    /// A batch failed: nothing is sent until [`RecordQueue::release`].
+    held: bool,
 }
 
 impl RecordQueue {
@@ -146,9 +136,22 @@ impl RecordQueue {
         self.waiting.len()
     }
 
+    /// Records wait and may be sent now (the queue is not held after a failure).
+    pub fn ready(&self) -> bool {
+        !self.held && !self.waiting.is_empty()
+    }
+
+    /// Ends the hold of a failed batch (on the periodic tick).
+    pub fn release(&mut self) {
+        self.held = false;
+    }
+
     /// The oldest records, up to [`MAX_BATCH_RECORDS`] and about [`MAX_BATCH_BYTES`] (at
-    /// least one), with their body; `None` when nothing waits.
+    /// least one), with their body; `None` when nothing waits or the queue is held.
     pub fn take_batch(&mut self) -> Option<Batch> {
+        if self.held {
+            return None;
+        }
         let mut bytes = 0;
         let mut n = 0;
         for r in &self.waiting {
@@ -169,29 +172,24 @@ impl RecordQueue {
         Some(Batch { records, body })
     }
 
-    /// Queues the records of a batch control did not take again, ahead of newer ones;
-    /// drops those sent [`MAX_ATTEMPTS`] times, and any that do not fit.
+    /// Queues the records of a batch control did not take again, ahead of newer ones, and
+    /// holds the queue until [`RecordQueue::release`]; drops those sent [`MAX_ATTEMPTS`]
+    /// times, and any that do not fit.
     pub fn retry(&mut self, records: Vec<NewRecord>) -> Retried {
+        self.held = true;
         let total = records.len();
         let room = MAX_QUEUED.saturating_sub(self.waiting.len());
-        let again: Vec<NewRecord> = records
-            .into_iter()
-            .filter(|r| r.attempts < MAX_ATTEMPTS)
-            .take(room)
-            .collect();
+        let again: Vec<NewRecord> = records.into_iter().filter(|r| r.attempts < MAX_ATTEMPTS).take(room).collect();
         let queued = again.len();
         for r in again.into_iter().rev() {
             self.waiting.push_front(r);
         }
-        Retried {
-            queued,
-            dropped: total - queued,
-        }
+        Retried { queued, dropped: total - queued }
     }
 }
 
 /// Control's answer to a batch (200): records written, and the ids it rejected with
-/// their reason (invalid id or body; never retried).
+/// their reason (invalid id or body; never sent again).
 #[derive(Debug, Default, PartialEq, Eq, serde::Deserialize)]
 pub struct BatchAnswer {
     pub written: u64,
@@ -212,6 +210,10 @@ mod tests {
         NewRecord::new(id, id, "10.0.0.1:80", 1, initialize.to_string())
     }
 
+    fn ids(records: &[NewRecord]) -> Vec<&str> {
+        records.iter().map(|r| r.session_id.as_str()).collect()
+    }
+
     #[test]
     fn a_batch_is_controls_body_with_the_oldest_records() {
         let mut q = RecordQueue::default();
@@ -228,13 +230,7 @@ mod tests {
                 "c": {"backend_session_id": "c", "upstream": "10.0.0.1:80", "generation": 1, "initialize": "{}"},
             }})
         );
-        assert_eq!(
-            b.records
-                .iter()
-                .map(|r| r.session_id.as_str())
-                .collect::<Vec<_>>(),
-            ["a/b", "c"]
-        );
+        assert_eq!(ids(&b.records), ["a/b", "c"]);
     }
 
     #[test]
@@ -245,15 +241,10 @@ mod tests {
         }
         assert_eq!(q.take_batch().unwrap().records.len(), MAX_BATCH_RECORDS);
         assert_eq!(q.take_batch().unwrap().records.len(), 5);
-        let big = "x".repeat(MAX_BATCH_BYTES);
-        q.push(rec("big", &big));
+        q.push(rec("big", &"x".repeat(MAX_BATCH_BYTES)));
         q.push(rec("small", "{}"));
-        assert_eq!(
-            q.take_batch().unwrap().records[0].session_id,
-            "big",
-            "a large record goes alone"
-        );
-        assert_eq!(q.take_batch().unwrap().records[0].session_id, "small");
+        assert_eq!(ids(&q.take_batch().unwrap().records), ["big"], "a large record goes alone");
+        assert_eq!(ids(&q.take_batch().unwrap().records), ["small"]);
     }
 
     #[test]
@@ -267,58 +258,33 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_batch_is_retried_first_and_dropped_after_its_last_attempt() {
+    fn a_failed_batch_waits_for_the_release_goes_first_and_is_dropped_after_its_last_attempt() {
         let mut q = RecordQueue::default();
         q.push(rec("old", "{}"));
         let batch = q.take_batch().unwrap();
         q.push(rec("new", "{}"));
-        assert_eq!(
-            q.retry(batch.records),
-            Retried {
-                queued: 1,
-                dropped: 0
-            }
-        );
-        let again = q.take_batch().unwrap();
-        assert_eq!(
-            again
-                .records
-                .iter()
-                .map(|r| r.session_id.as_str())
-                .collect::<Vec<_>>(),
-            ["old", "new"],
-            "retried records go first"
-        );
-        // Sent so far: old 2, new 1.
-        assert_eq!(q.retry(again.records).queued, 2);
-        let third = q.take_batch().unwrap();
-        assert_eq!(
-            third.records.iter().map(|r| r.attempts).collect::<Vec<_>>(),
-            [MAX_ATTEMPTS, MAX_ATTEMPTS - 1]
-        );
-        assert_eq!(
-            q.retry(third.records),
-            Retried {
-                queued: 1,
-                dropped: 1
-            },
-            "old is dropped after its last attempt"
-        );
-        assert_eq!(q.take_batch().unwrap().records[0].session_id, "new");
+        assert_eq!(q.retry(batch.records), Retried { queued: 1, dropped: 0 });
+        assert!(!q.ready() && q.take_batch().is_none(), "held until the periodic tick");
+        q.release();
+        assert!(q.ready());
+        let mut records = q.take_batch().unwrap().records;
+        assert_eq!(ids(&records), ["old", "new"], "retried records go first");
+        // Fail until "old" has had its last attempt ("new" is one behind).
+        for _ in 2..MAX_ATTEMPTS {
+            assert_eq!(q.retry(records).queued, 2);
+            q.release();
+            records = q.take_batch().unwrap().records;
+        }
+        assert_eq!(records.iter().map(|r| r.attempts).collect::<Vec<_>>(), [MAX_ATTEMPTS, MAX_ATTEMPTS - 1]);
+        assert_eq!(q.retry(records), Retried { queued: 1, dropped: 1 }, "old is dropped after its last attempt");
+        q.release();
+        assert_eq!(ids(&q.take_batch().unwrap().records), ["new"]);
     }
 
     #[test]
     fn answers_parse() {
-        assert_eq!(
-            parse_answer(br#"{"written":2,"rejected":{}}"#)
-                .unwrap()
-                .written,
-            2
-        );
-        let a = parse_answer(
-            br#"{"written":0,"rejected":{"x y":{"code":"invalid_session_id","message":"m"}}}"#,
-        )
-        .unwrap();
+        assert_eq!(parse_answer(br#"{"written":2,"rejected":{}}"#).unwrap().written, 2);
+        let a = parse_answer(br#"{"written":0,"rejected":{"x y":{"code":"invalid_session_id","message":"m"}}}"#).unwrap();
         assert_eq!(a.rejected.len(), 1);
         assert!(parse_answer(b"not json").is_err());
     }

@@ -201,6 +201,39 @@ async fn control_down_or_silent_does_not_break_traffic() {
     assert!(silent_proxy.metric("control_errors").await.unwrap() >= 1);
 }
 
+/// A new session's record that control could not take (control down) is sent again on
+/// the periodic tick, and reaches control once it is back: the session can then be found
+/// through another proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_written_while_control_is_down_reach_it_when_it_is_back() {
+    let pods = pods(2).unwrap();
+    let mut control = ControlService::start("memory").unwrap();
+    // Retries come every sweep_period_ms: 4 of them leave 12 s to bring control back.
+    let options = ProxyOptions { filter_config: ControlService::filter_config(r#","sweep_period_ms":3000"#), ..with_control(&control) };
+    let proxy = Proxy::start(&addrs(&pods), options).unwrap();
+    control.kill();
+    let s = mcp_client::connect(&proxy.url()).await.expect("initialize while control is down");
+    let origin = s.whoami().await.unwrap();
+    assert_eq!(proxy.metric_reaching("control_write_retries", 1).await.unwrap(), 1, "the batch failed once and waits for the periodic tick");
+    assert_eq!(proxy.metric("control_writes").await.unwrap(), 0);
+    control.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, record) = control.get_session(&s.session_id).await.unwrap();
+        if status == 200 {
+            let pod = pods.iter().find(|p| p.name == origin).unwrap();
+            assert_eq!(record["upstream"], pod.addr.to_string(), "{record}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the record never reached control: {status} {record}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(proxy.metric_reaching("control_writes", 1).await.unwrap(), 1);
+    // Another proxy finds the session through control, on its pod.
+    let other = Proxy::start(&addrs(&pods), with_control(&control)).unwrap();
+    assert_eq!(Session::with_id(&other.url(), &s.session_id).whoami().await.unwrap(), origin);
+}
+
 /// A session nobody knows gets 404 with a JSON-RPC error; the rmcp client re-initializes
 /// on it and carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

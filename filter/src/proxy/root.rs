@@ -152,7 +152,7 @@ impl Plugin {
     /// times a second (`proxy_set_tick_period_milliseconds` applies to the stream's root
     /// context, Envoy `Context::setTickPeriod`).
     pub fn tick_for_records(&self) {
-        if self.fast_tick.get() || self.vm.borrow().records.is_empty() {
+        if self.fast_tick.get() || !self.vm.borrow().records.ready() {
             return;
         }
         if let Some(c) = &self.config.control {
@@ -161,9 +161,10 @@ impl Plugin {
         }
     }
 
-    /// Back to the slow tick when nothing waits.
+    /// Back to the slow tick when nothing waits to be sent now (a held queue waits for the
+    /// periodic tick).
     fn tick_slowly_when_idle(&self) {
-        if self.fast_tick.get() && self.vm.borrow().records.is_empty() {
+        if self.fast_tick.get() && !self.vm.borrow().records.ready() {
             abi::set_tick_period(Duration::from_millis(self.config.sweep_period_ms));
             self.fast_tick.set(false);
         }
@@ -312,9 +313,14 @@ impl Root {
     pub fn on_tick(&mut self) {
         let Some(p) = self.plugin.clone() else { return };
         let clock = abi::now();
+        let periodic = millis(clock) >= self.housekeeping_due_ms;
+        if periodic {
+            // Records of a failed batch are sent again on the periodic tick only.
+            p.vm.borrow_mut().records.release();
+        }
         self.send_records(&p);
         p.tick_slowly_when_idle();
-        if millis(clock) < self.housekeeping_due_ms {
+        if !periodic {
             return;
         }
         self.housekeeping_due_ms = millis(clock).saturating_add(p.config.sweep_period_ms);
@@ -354,7 +360,7 @@ impl Root {
 
     /// Sends the VM's queued records, one call per batch, up to
     /// [`RECORD_CALLS_IN_FLIGHT`] calls at once. A call the host refuses puts its batch
-    /// back and waits for the next tick.
+    /// back for the next periodic tick.
     fn send_records(&mut self, p: &Plugin) {
         let Some(control) = &p.control else { return };
         while self.record_calls.len() < RECORD_CALLS_IN_FLIGHT {
@@ -384,7 +390,6 @@ fn on_records_answer(p: &Plugin, records: Vec<NewRecord>, num_headers: usize, bo
             log::debug!("mcp-affinity: sending {} records to control failed (status {other:?}); sending them again", records.len());
             p.metrics.add(Counter::ControlErrors, 1);
             requeue(p, records);
-            p.tick_for_records();
             return;
         }
     };
@@ -403,8 +408,10 @@ fn on_records_answer(p: &Plugin, records: Vec<NewRecord>, num_headers: usize, bo
     }
 }
 
-/// Queues records again for the next tick; logs those dropped after their last attempt.
+/// Queues records again for the next periodic tick; logs those dropped after their last
+/// attempt.
 fn requeue(p: &Plugin, records: Vec<NewRecord>) {
+    p.metrics.add(Counter::ControlWriteRetries, 1);
     let r = p.vm.borrow_mut().records.retry(records);
     if r.dropped > 0 {
         log::warn!("mcp-affinity: {} session records not recorded in control after {} attempts", r.dropped, record_queue::MAX_ATTEMPTS);
