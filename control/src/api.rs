@@ -3,7 +3,7 @@
 //! | route                      | auth   | answers                                            |
 //! |----------------------------|--------|----------------------------------------------------|
 //! | `PUT /v1/sessions/{id}`    | bearer | 201 created / 200 replaced (record), 409, 400, 413 |
-//! | `POST /v1/sessions`        | bearer | 200 [`PutSessionsAnswer`] (written, rejected by id), 400, 413, 503 |
+//! | `POST /v1/sessions`        | bearer | 200 [`PutSessionsAnswer`] (created, kept, rejected by id), 400, 413, 503 |
 //! | `GET /v1/sessions/{id}[?wait_ms=N]`   | bearer | 200 record, 404 (after waiting up to N ms, ≤ 5000, for it to appear) |
 //! | `PATCH /v1/sessions/{id}[?wait_ms=N]` | bearer | 200 record (touched), 404 (likewise)                  |
 //! | `DELETE /v1/sessions/{id}` | bearer | 204, 404                                           |
@@ -300,10 +300,10 @@ async fn put_session<S: SessionStore>(
     }
 }
 
-/// `POST /v1/sessions`: writes each record as an unconditional `PUT` would. A record with
-/// an invalid id or body is rejected alone (named in the answer); the others are written.
-/// A store failure answers 503 for the whole batch: records written before it stay, and
-/// writing the batch again is safe (every write is unconditional).
+/// `POST /v1/sessions`: creates each record that does not exist yet (as `PUT
+/// ?if_generation=0` would); an existing record is kept. A record with an invalid id or
+/// body is rejected alone (named in the answer). A store failure answers 503 for the
+/// whole batch: records created before it stay, and sending the batch again is safe.
 async fn put_sessions<S: SessionStore>(State(state): State<AppState<S>>, RawBody(body): RawBody) -> Result<Json<PutSessionsAnswer>, ApiError> {
     let batch: PutSessions = parse_json(&body)?;
     if batch.records.len() > MAX_BATCH_RECORDS {
@@ -315,10 +315,10 @@ async fn put_sessions<S: SessionStore>(State(state): State<AppState<S>>, RawBody
             .map_err(|e| invalid_id(&e.to_string()))
             .and_then(|id| record.validate().map(|()| id).map_err(|e| ApiError::invalid_request(e.0)));
         match checked {
-            Ok(id) => {
-                state.timed("put", state.store.put(&id, record, PutCondition::Always)).await?;
-                answer.written += 1;
-            }
+            Ok(id) => match state.timed("put", state.store.put(&id, record, PutCondition::IfGeneration(0))).await? {
+                PutOutcome::Created(_) | PutOutcome::Replaced(_) => answer.written += 1,
+                PutOutcome::Conflict(_) => answer.kept += 1,
+            },
             Err(e) => {
                 answer.rejected.insert(raw.clone(), Rejected { code: e.code.to_string(), message: e.message });
             }

@@ -70,9 +70,11 @@ pub struct PutSession {
 pub const MAX_BATCH_RECORDS: usize = 1024;
 
 /// Body of `POST /v1/sessions`: many new records at once, keyed by (unencoded) session id,
-/// each written as an unconditional `PUT /v1/sessions/{id}` would be. The filter sends the
-/// records of the `initialize` answers of a few milliseconds in one request
-/// (`control.record_flush_ms`), instead of one request per session.
+/// each created as `PUT /v1/sessions/{id}?if_generation=0` would be (only where no record
+/// exists). The filter sends the records of the `initialize` answers of a few
+/// milliseconds in one request (`control.record_flush_ms`), instead of one request per
+/// session; a batch sent again after a failure never overwrites a newer record (say, one
+/// a recovery re-pinned meanwhile).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutSessions {
@@ -80,11 +82,13 @@ pub struct PutSessions {
     pub records: std::collections::BTreeMap<String, PutSession>,
 }
 
-/// Answer of `POST /v1/sessions` (200): how many records were written, and why each of
-/// the others was not (by session id; its `code` is one of the API's error codes).
+/// Answer of `POST /v1/sessions` (200): how many records were created, how many were
+/// kept because a record of that id existed already, and why each of the others was not
+/// written (by session id; its `code` is one of the API's error codes).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutSessionsAnswer {
     pub written: usize,
+    pub kept: usize,
     pub rejected: std::collections::BTreeMap<String, Rejected>,
 }
 

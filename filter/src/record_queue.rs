@@ -5,6 +5,8 @@
 //! per batch (control's API: `{"records": {"<session id>": <PUT body>, …}}`). A call
 //! through Envoy's HTTP client costs the worker about as much as the `initialize` it
 //! records; a batch pays that once for every session the VM pinned since the last tick.
+//! Control creates each record only where none of its id exists, so a batch sent again
+//! never overwrites a newer record (one a recovery re-pinned meanwhile).
 //!
 //! Bounded: at most [`MAX_QUEUED`] records wait; a record that finds the queue full is
 //! dropped and counted (`control_errors`). A batch that failed without an answer from
@@ -188,11 +190,15 @@ impl RecordQueue {
     }
 }
 
-/// Control's answer to a batch (200): records written, and the ids it rejected with
-/// their reason (invalid id or body; never sent again).
+/// Control's answer to a batch (200): records created, records kept (one of that id
+/// existed: an earlier send of the same batch landed, or a recovery re-pinned the
+/// session), and the ids it rejected with their reason (invalid id or body; never sent
+/// again).
 #[derive(Debug, Default, PartialEq, Eq, serde::Deserialize)]
 pub struct BatchAnswer {
     pub written: u64,
+    #[serde(default)]
+    pub kept: u64,
     #[serde(default)]
     pub rejected: std::collections::BTreeMap<String, serde_json::Value>,
 }
@@ -283,7 +289,8 @@ mod tests {
 
     #[test]
     fn answers_parse() {
-        assert_eq!(parse_answer(br#"{"written":2,"rejected":{}}"#).unwrap().written, 2);
+        let a = parse_answer(br#"{"written":2,"kept":1,"rejected":{}}"#).unwrap();
+        assert_eq!((a.written, a.kept), (2, 1));
         let a = parse_answer(br#"{"written":0,"rejected":{"x y":{"code":"invalid_session_id","message":"m"}}}"#).unwrap();
         assert_eq!(a.rejected.len(), 1);
         assert!(parse_answer(b"not json").is_err());

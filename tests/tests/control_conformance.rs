@@ -232,8 +232,8 @@ async fn crud(backend: Backend) {
     assert_error(&c.get("a%2Fb").await, StatusCode::NOT_FOUND, "session_not_found");
 }
 
-/// `POST /v1/sessions`: many records in one request, each as an unconditional PUT; bad
-/// records are rejected alone, a bad body or too many records reject the whole request.
+/// `POST /v1/sessions`: many records in one request, each created only where none exists;
+/// bad records are rejected alone, a bad body or too many records reject the whole request.
 async fn batch_writes(backend: Backend) {
     let c = Control::start_with(backend, 3600, &["--max-body-bytes", "1048576"]).await;
     let url = c.url("/v1/sessions");
@@ -246,7 +246,7 @@ async fn batch_writes(backend: Backend) {
     }});
     let (status, answer) = c.call(Method::POST, &url, Some(batch.to_string())).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    assert_eq!(answer["written"], 2, "{answer}");
+    assert_eq!((answer["written"].clone(), answer["kept"].clone()), (json!(1), json!(1)), "{answer}");
     let rejected = answer["rejected"].as_object().unwrap();
     assert_eq!(rejected.keys().map(String::as_str).collect::<Vec<_>>(), ["bad upstream", "no-json"], "{answer}");
     assert_eq!(rejected["bad upstream"]["code"], "invalid_session_id");
@@ -254,7 +254,10 @@ async fn batch_writes(backend: Backend) {
     let a = c.get("a/b").await;
     assert_eq!((a.0, a.1["upstream"].clone(), a.1["generation"].clone()), (StatusCode::OK, json!("10.0.0.1:80"), json!(1)));
     let old = c.get("old").await;
-    assert_eq!((old.1["upstream"].clone(), old.1["backend_session_id"].clone(), old.1["generation"].clone()), (json!("10.0.0.2:80"), json!("up-2"), json!(1)), "replaced unconditionally");
+    assert_eq!((old.1["upstream"].clone(), old.1["backend_session_id"].clone(), old.1["generation"].clone()), (json!("10.0.0.9:80"), json!("old"), json!(4)), "an existing record is kept");
+    // The same batch again (a retry): nothing is overwritten.
+    let (status, again) = c.call(Method::POST, &url, Some(batch.to_string())).await;
+    assert_eq!((status, again["written"].clone(), again["kept"].clone()), (StatusCode::OK, json!(0), json!(2)), "{again}");
     assert_error(&c.get("no-json").await, StatusCode::NOT_FOUND, "session_not_found");
 
     // The whole request is refused, nothing written: not JSON, unknown field, too many.
@@ -265,7 +268,7 @@ async fn batch_writes(backend: Backend) {
     assert_error(&c.call(Method::POST, &url, Some(json!({"records": many}).to_string())).await, StatusCode::BAD_REQUEST, "invalid_request");
     assert_error(&c.get("m-0").await, StatusCode::NOT_FOUND, "session_not_found");
     let empty = c.call(Method::POST, &url, Some(json!({"records": {}}).to_string())).await;
-    assert_eq!(empty, (StatusCode::OK, json!({"written": 0, "rejected": {}})));
+    assert_eq!(empty, (StatusCode::OK, json!({"written": 0, "kept": 0, "rejected": {}})));
 }
 
 async fn ttl_expiry(backend: Backend) {

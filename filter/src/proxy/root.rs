@@ -395,7 +395,8 @@ fn on_records_answer(p: &Plugin, records: Vec<NewRecord>, num_headers: usize, bo
     };
     match answer {
         Ok(a) => {
-            p.metrics.add(Counter::ControlWrites, a.written);
+            // A kept record is in control already.
+            p.metrics.add(Counter::ControlWrites, a.written + a.kept);
             if let Some((id, why)) = a.rejected.iter().next() {
                 log::warn!("mcp-affinity: control rejected {} session records, e.g. {id:?}: {why}", a.rejected.len());
                 p.metrics.add(Counter::ControlErrors, a.rejected.len() as u64);
