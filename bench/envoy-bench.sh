@@ -22,22 +22,50 @@
 # (V8 writes code at run time) — the Envoy ELF itself, not the PyPI python wrapper. Through it:
 # initialize + notifications/initialized, 300 steady requests to warm up (bench/steady.py: one
 # keep-alive connection, every answer 200 and routed as above); then `callgrind_control -z`,
-# 5 s idle, `-d` (idle rate: timers, stats flush), `-z`, 1000 steady requests, `-d`.
-# Instructions/request = (dump − idle rate × load time) / 1000, counted over every thread; the
+# 5 s idle, `-d` (idle rate: timers, stats flush), `-z`, BENCH_INSTR_REQUESTS steady requests, `-d`.
+# Instructions/request = (dump − idle rate × load time) / requests, counted over every thread; the
 # dump's `summary:`/`totals:` line. Repeat runs agree within ~0.5 %. Printed as a table with
 # (X − plain) / (empty − plain) and (X − plain) / (empty+pin − plain); "instructions" in the JSON.
+# Then the initialize path (BENCH_INSTR_INIT > 0) of plain (2 pods: each initialize is a new
+# session, round robin is the right baseline; an Envoy of its own unless BENCH_BASELINE_PODS=2),
+# affinity and affinity+control, in the same Envoys: 100 initializes (bench/initialize.py, one
+# connection, every answer 200 with a new Mcp-Session-Id) to warm up, 1 s, `-z`,
+# BENCH_INSTR_INIT initializes, 1 s more (the filter sends records to control on a timer, after
+# the answers: the last batch lands inside the window), `-d`; idle subtracted over that whole
+# time at the same rate. Printed as "instructions per initialize" with + vs plain (2 pods);
+# "instructions.initialize" in the JSON.
+#
+# BENCH_SCALE=N > 0 adds, with everything up from the start:
+#   - a second instance of affinity, affinity+control (the same control process) and haproxy,
+#     populated with N sessions after the steady phase (the first instances keep 10); then the
+#     "scaled" phase: BENCH_ROUNDS rounds, each measuring the steady request through both
+#     instances of every config back to back (which goes first alternates), so machine drift
+#     between phases does not enter the comparison. Table "10 vs 10 + N live sessions": per
+#     config and instance, sessions, req/s, p50, p99, proxy CPU (medians over rounds), and for
+#     the second instance the p50 / p99 / CPU change = median over rounds of the same round's
+#     2nd / 1st ratio. JSON "scaled": {configs: {label: {p50_ratio, p99_ratio, proxy_cpu_ratio,
+#     req_s_ratio, "1st": {...}, "2nd": {...}}}}. Memory per session is measured on the second
+#     instances (and control) while populating them: "memory", "sessions_created".
+#   - the "initialize" phase: POST initialize without session id (a new session each),
+#     BENCH_INIT_CONNECTIONS connection(s), BENCH_INIT_ROUNDS interleaved rounds of
+#     BENCH_INIT_SECONDS s through every config and plain (2 pods), plain Envoy round robin over
+#     both pods, its baseline. Table: req/s, p50, p99, proxy CPU (medians), +p50 µs and +proxy
+#     CPU vs plain (2 pods) = median over rounds of X − plain (2 pods) in the same round.
+#     JSON "initialize" ("added_p50_us", "added_proxy_cpu_us_per_req" per config).
 #
 # Environment:
 #   BENCH_SECONDS (5) seconds per config per round     BENCH_ROUNDS (5) rounds
 #   BENCH_CONNECTIONS (16) wrk connections              BENCH_WARMUP (1) warm-up seconds per config
-#   BENCH_SCALE (0) N > 0: afterwards create N sessions through affinity, affinity+control
-#     and haproxy, measure again, then measure `initialize` (BENCH_INIT_CONNECTIONS, default 1),
-#     and report memory per session
+#   BENCH_SCALE (0) N > 0: the scaled A/B, the initialize phase and memory per session (above)
+#   BENCH_INIT_CONNECTIONS (1), BENCH_INIT_ROUNDS (BENCH_ROUNDS), BENCH_INIT_SECONDS (BENCH_SECONDS):
+#     the initialize phase (with BENCH_SCALE > 0)
 #   BENCH_CONTROL_STORE (memory) memory | redis (starts its own redis-server on a free port)
 #   BENCH_BASELINE_PODS (1) pods behind plain and empty: 1, or 2 (round robin, as shipped)
 #   BENCH_RESULTS (bench/results) where the JSON goes    ENVOY (.venv-envoy-1.40.0/bin/envoy)
 #   BENCH_KEEP=1 keep the run directory (configs, logs, raw wrk output, callgrind dumps)
 #   BENCH_INSTRUCTIONS (1) 0: skip the instruction counts (needs valgrind, callgrind_control, python3)
+#   BENCH_INSTR_REQUESTS (1000) steady requests counted    BENCH_INSTR_INIT (300) initializes
+#     counted (0: no initialize count)
 # The whole run is bounded (the script re-executes itself under `timeout`); every process it
 # starts is stopped by pid on exit.
 set -euo pipefail
@@ -53,26 +81,35 @@ INIT_CONNS=${BENCH_INIT_CONNECTIONS:-1}
 STORE=${BENCH_CONTROL_STORE:-memory}
 BASELINE_PODS=${BENCH_BASELINE_PODS:-1}
 RESULTS=${BENCH_RESULTS:-bench/results}
+INIT_ROUNDS=${BENCH_INIT_ROUNDS:-$ROUNDS}
+INIT_SECS=${BENCH_INIT_SECONDS:-$SECS}
 INSTR=${BENCH_INSTRUCTIONS:-1}
 # Instruction phase: warm-up and measured requests; idle window = Envoy's stats flush interval
-# (5 s by default), so that it holds one flush, not 0 or 1.
-INSTR_WARMUP=300 INSTR_REQUESTS=1000 INSTR_IDLE_SECS=5
+# (5 s by default), so that it holds one flush, not 0 or 1. Initialize count: INSTR_INIT_WARMUP
+# initializes first, then INSTR_INIT counted; INSTR_INIT_SETTLE s after each batch, so that the
+# filter's records sent to control on its timer after the answers are inside the window.
+INSTR_WARMUP=300 INSTR_IDLE_SECS=5 INSTR_INIT_WARMUP=100 INSTR_INIT_SETTLE=1
+INSTR_REQUESTS=${BENCH_INSTR_REQUESTS:-1000}
+INSTR_INIT=${BENCH_INSTR_INIT:-300}
 BASE_SESSIONS=10 # sessions each proxy has before the steady phase (the measured one included)
-for v in SECS ROUNDS CONNS SCALE INIT_CONNS; do
+for v in SECS ROUNDS CONNS SCALE INIT_CONNS INIT_ROUNDS INIT_SECS INSTR_REQUESTS INSTR_INIT; do
   [[ ${!v} =~ ^[0-9]+$ ]] || { echo "bench: $v=${!v} is not a number" >&2; exit 2; }
 done
 [[ $WARMUP =~ ^[0-9]+$ ]] || { echo "bench: BENCH_WARMUP=$WARMUP is not a number" >&2; exit 2; }
-((SECS >= 1 && ROUNDS >= 1 && CONNS >= 1 && INIT_CONNS >= 1)) || { echo "bench: seconds, rounds and connections must be >= 1" >&2; exit 2; }
+((SECS >= 1 && ROUNDS >= 1 && CONNS >= 1 && INIT_CONNS >= 1 && INIT_ROUNDS >= 1 && INIT_SECS >= 1)) ||
+  { echo "bench: seconds, rounds and connections must be >= 1" >&2; exit 2; }
+((INSTR_REQUESTS >= 1)) || { echo "bench: BENCH_INSTR_REQUESTS must be >= 1" >&2; exit 2; }
 [[ $BASELINE_PODS == 1 || $BASELINE_PODS == 2 ]] || { echo "bench: BENCH_BASELINE_PODS must be 1 or 2" >&2; exit 2; }
 [[ $STORE == memory || $STORE == redis ]] || { echo "bench: BENCH_CONTROL_STORE must be memory or redis" >&2; exit 2; }
 [[ $INSTR == 0 || $INSTR == 1 ]] || { echo "bench: BENCH_INSTRUCTIONS must be 0 or 1" >&2; exit 2; }
 
 # Bound the whole run: populate needs ~N/1000 s per proxy at worst, measuring is predictable.
 if [[ -z ${BENCH_UNDER_TIMEOUT:-} ]]; then
-  phases=1; ((SCALE > 0)) && phases=3
-  budget=$((240 + 6 * (WARMUP + 5) + phases * ROUNDS * 6 * (SECS + 5)))
-  ((SCALE > 0)) && budget=$((budget + 3 * (SCALE / 250 + 60)))
-  ((INSTR)) && budget=$((budget + 5 * 180)) # 5 Envoys under callgrind: 40-100 s each here
+  # steady: 7 configs; scaled: 3 pairs (+ their warm-up); initialize: 8 configs.
+  budget=$((240 + 7 * (WARMUP + 5) + ROUNDS * 7 * (SECS + 5)))
+  ((SCALE > 0)) && budget=$((budget + 3 * (SCALE / 250 + 60) + 9 * (WARMUP + 5) + ROUNDS * 6 * (SECS + 5) + INIT_ROUNDS * 8 * (INIT_SECS + 5)))
+  # 6 Envoys under callgrind: 40-100 s each here to start; requests at >= 20/s, initializes at >= 5/s.
+  ((INSTR)) && budget=$((budget + 6 * 180 + 5 * (INSTR_WARMUP + INSTR_REQUESTS) / 20 + 3 * (INSTR_INIT_WARMUP + INSTR_INIT) / 5))
   export BENCH_UNDER_TIMEOUT=$budget
   # On expiry timeout sends TERM to this script, whose trap stops everything it started.
   exec timeout --foreground -k 15 "$budget" "$ROOT/bench/envoy-bench.sh" "$@"
@@ -125,8 +162,18 @@ if [[ $STORE == redis ]]; then
 fi
 
 CONFIGS=(plain empty pin affinity control haproxy direct)
-declare -A LABEL=([plain]=plain [empty]=empty [pin]=empty+pin [affinity]=affinity [control]=affinity+control [haproxy]=haproxy [direct]=direct)
-declare -A URL=() PID=() ADMIN=() SID=()
+declare -A LABEL=([plain]=plain [empty]=empty [pin]=empty+pin [affinity]=affinity [control]=affinity+control [haproxy]=haproxy [direct]=direct
+  [plain2]="plain (2 pods)" [affinity_big]="affinity (2nd)" [control_big]="affinity+control (2nd)" [haproxy_big]="haproxy (2nd)")
+# Scale (BENCH_SCALE > 0): a second instance of each of SCALED (CFG_big), populated with N
+# sessions, measured in the same rounds as the first; plain2: plain Envoy round robin over both
+# pods, the baseline of the initialize phase (each initialize is a new session).
+SCALED=(affinity control haproxy)
+BIG=()
+((SCALE > 0)) && BIG=(affinity_big control_big haproxy_big)
+INIT_CFGS=(plain2 plain empty pin affinity control haproxy direct)
+ENVOY_CFGS=(plain empty pin affinity control)
+((SCALE > 0)) && ENVOY_CFGS+=(plain2 affinity_big control_big)
+declare -A URL=() PID=() ADMIN=() SID=() HPORT=()
 
 RUN=$(mktemp -d /tmp/mcp-affinity-bench.XXXXXX)
 pids=()
@@ -267,8 +314,9 @@ JSON
 # Envoy 5-7 µs/request more than 1 pod on this machine: as much as the effect measured).
 # By default they get pod 1 only, so every config sends the session's requests to one pod.
 render_args() { # cfg: the pods (1|2) and render arguments of each Envoy config, in R_PODS, R_ARGS
-  case $1 in
+  case ${1%_big} in
     plain) R_PODS=$BASELINE_PODS R_ARGS=(--no-filter) ;;
+    plain2) R_PODS=2 R_ARGS=(--no-filter) ;;
     empty) R_PODS=$BASELINE_PODS R_ARGS=(--wasm "$EMPTY_WASM" --filter-config "$RUN/filter-empty.json") ;;
     pin) R_PODS=2 R_ARGS=(--wasm "$EMPTY_WASM" --filter-config "$RUN/filter-pin.json") ;;
     affinity) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-empty.json") ;;
@@ -291,10 +339,12 @@ start_envoy() { # cfg
   ADMIN[$1]=127.0.0.1:$R_ADMIN
   URL[$1]=http://127.0.0.1:$R_PORT/mcp
 }
-for cfg in plain empty pin affinity control; do start_envoy "$cfg"; done
+for cfg in "${ENVOY_CFGS[@]}"; do start_envoy "$cfg"; done
 
-free_port HAPROXY_PORT
-cat >"$RUN/haproxy.cfg" <<CFG
+start_haproxy() { # cfg
+  local port
+  free_port port
+  cat >"$RUN/$1.cfg" <<CFG
 # Session affinity the HAProxy way: learn Mcp-Session-Id from the response to initialize,
 # route every request carrying it to the server that issued it. One thread, as Envoy.
 global
@@ -307,7 +357,7 @@ defaults
     timeout server 60s
     timeout http-keep-alive 60s
 frontend mcp
-    bind 127.0.0.1:$HAPROXY_PORT
+    bind 127.0.0.1:$port
     default_backend pods
 backend pods
     balance roundrobin
@@ -317,16 +367,21 @@ backend pods
     server pod-1 127.0.0.1:$POD1
     server pod-2 127.0.0.1:$POD2
 CFG
-haproxy -c -q -f "$RUN/haproxy.cfg" || die "haproxy rejected $RUN/haproxy.cfg"
-spawn haproxy haproxy -db -f "$RUN/haproxy.cfg"
-PID[haproxy]=$LAST_PID
-URL[haproxy]=http://127.0.0.1:$HAPROXY_PORT/mcp
+  haproxy -c -q -f "$RUN/$1.cfg" || die "haproxy rejected $RUN/$1.cfg"
+  spawn "$1" haproxy -db -f "$RUN/$1.cfg"
+  PID[$1]=$LAST_PID
+  URL[$1]=http://127.0.0.1:$port/mcp
+  HPORT[$1]=$port
+}
+HAPROXY_CFGS=(haproxy)
+((SCALE > 0)) && HAPROXY_CFGS+=(haproxy_big)
+for cfg in "${HAPROXY_CFGS[@]}"; do start_haproxy "$cfg"; done
 URL[direct]=http://127.0.0.1:$POD1/mcp
 PID[direct]=$POD1_PID
 
-for cfg in plain empty pin affinity control; do wait_envoy "${ADMIN[$cfg]}" "${PID[$cfg]}" "envoy-$cfg"; done
-wait_port "$HAPROXY_PORT" "${PID[haproxy]}" haproxy
-log "started: pods :$POD1 :$POD2, control :$CONTROL_PORT, 5 Envoys, HAProxy :$HAPROXY_PORT"
+for cfg in "${ENVOY_CFGS[@]}"; do wait_envoy "${ADMIN[$cfg]}" "${PID[$cfg]}" "envoy-$cfg"; done
+for cfg in "${HAPROXY_CFGS[@]}"; do wait_port "${HPORT[$cfg]}" "${PID[$cfg]}" "$cfg"; done
+log "started: pods :$POD1 :$POD2, control :$CONTROL_PORT, ${#ENVOY_CFGS[@]} Envoys (${ENVOY_CFGS[*]}), ${#HAPROXY_CFGS[@]} HAProxy"
 
 # ─── sessions: initialize through each proxy, check pinning ──────────────────────────────
 INIT_BODY='{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"curl","version":"1"}}}'
@@ -354,7 +409,7 @@ open_session() {
   [[ $st == 200 ]] || die "$1: notifications/initialized answered $st"
 }
 
-for cfg in "${CONFIGS[@]}"; do
+for cfg in "${CONFIGS[@]}" "${BIG[@]}"; do
   open_session "${LABEL[$cfg]}" "${URL[$cfg]}"
   sid=$OPEN_SID pod=$OPEN_POD
   SID[$cfg]=$sid
@@ -372,8 +427,12 @@ for cfg in "${CONFIGS[@]}"; do
     *) note=""; [[ $pinned == yes ]] || die "${LABEL[$cfg]}: session $sid from $pod answered by ${pods[*]}: not pinned" ;;
   esac
   for _ in $(seq $((BASE_SESSIONS - 1))); do post "${URL[$cfg]}" "$INIT_BODY" >/dev/null; done
-  log "$(printf '%-17s session %s on %s; tools/call answered by %s; pinned: %s %s' "${LABEL[$cfg]}" "$sid" "$pod" "${pods[*]}" "$pinned" "$note")"
+  log "$(printf '%-23s session %s on %s; tools/call answered by %s; pinned: %s %s' "${LABEL[$cfg]}" "$sid" "$pod" "${pods[*]}" "$pinned" "$note")"
 done
+if ((SCALE > 0)); then # plain2 only answers initialize (the initialize phase's baseline)
+  open_session "${LABEL[plain2]}" "${URL[plain2]}"
+  log "$(printf '%-23s initialize answered by %s (session %s): the initialize phase'"'"'s baseline' "${LABEL[plain2]}" "$OPEN_POD" "$OPEN_SID")"
+fi
 
 # ─── measuring ───────────────────────────────────────────────────────────────────────────
 RAW=$RUN/raw.txt
@@ -397,33 +456,50 @@ measure() {
     }' <<<"$line" >>"$RAW"
 }
 
-# run_phase PHASE SCRIPT CONNS CFG...: ROUNDS interleaved rounds over the configs.
+# run_phase PHASE SCRIPT CONNS ROUNDS SECS CFG...: ROUNDS interleaved rounds over the configs
+# (round r starts at the r-th config), SECS seconds each.
 run_phase() {
-  local phase=$1 script=$2 conns=$3; shift 3
+  local phase=$1 script=$2 conns=$3 rounds=$4 secs=$5; shift 5
   local cfgs=("$@") n=$# r i cfg
-  for ((r = 1; r <= ROUNDS; r++)); do
+  for ((r = 1; r <= rounds; r++)); do
     for ((i = 0; i < n; i++)); do
       cfg=${cfgs[$(((r - 1 + i) % n))]}
       if [[ $script == "$LUA_STEADY" ]]; then
-        measure "$phase" "$cfg" "$r" "$script" "$conns" "$SECS" "${SID[$cfg]}"
+        measure "$phase" "$cfg" "$r" "$script" "$conns" "$secs" "${SID[$cfg]}"
       else
-        measure "$phase" "$cfg" "$r" "$script" "$conns" "$SECS"
+        measure "$phase" "$cfg" "$r" "$script" "$conns" "$secs"
       fi
+    done
+    log "phase $phase: round $r/$rounds done ($(awk -v p="$phase" -v r="$r" '$1 == p && $3 == r { printf "%s %.0f/s  ", $2, $4 }' "$RAW"))"
+  done
+}
+# run_ab_phase PHASE: ROUNDS rounds of the steady request through each config of SCALED and its
+# second instance (CFG_big) back to back: every round holds both instances of every config.
+# Round r starts at the r-th pair; which instance of a pair goes first alternates round by round.
+run_ab_phase() {
+  local phase=$1 n=${#SCALED[@]} r i j cfg order c
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for ((i = 0; i < n; i++)); do
+      j=$(((r - 1 + i) % n)) cfg=${SCALED[$j]}
+      if (((r + j) % 2)); then order=("${cfg}_big" "$cfg"); else order=("$cfg" "${cfg}_big"); fi
+      for c in "${order[@]}"; do measure "$phase" "$c" "$r" "$LUA_STEADY" "$CONNS" "$SECS" "${SID[$c]}"; done
     done
     log "phase $phase: round $r/$ROUNDS done ($(awk -v p="$phase" -v r="$r" '$1 == p && $3 == r { printf "%s %.0f/s  ", $2, $4 }' "$RAW"))"
   done
 }
 
 if ((WARMUP > 0)); then
-  for cfg in "${CONFIGS[@]}"; do measure warmup "$cfg" 0 "$LUA_STEADY" "$CONNS" "$WARMUP" "${SID[$cfg]}"; done
+  for cfg in "${CONFIGS[@]}" "${BIG[@]}"; do measure warmup "$cfg" 0 "$LUA_STEADY" "$CONNS" "$WARMUP" "${SID[$cfg]}"; done
   log "warm-up done"
 fi
-run_phase steady "$LUA_STEADY" "$CONNS" "${CONFIGS[@]}"
+run_phase steady "$LUA_STEADY" "$CONNS" "$ROUNDS" "$SECS" "${CONFIGS[@]}"
 
 # ─── scale: N live sessions ──────────────────────────────────────────────────────────────
-SCALED=(affinity control haproxy)
+# The second instance of each SCALED config (CFG_big) gets N sessions; the first keeps
+# BASE_SESSIONS. Both are then measured in the same rounds (run_ab_phase): machine drift
+# between phases minutes apart (20-30 % here) does not enter the comparison.
 declare -A RSS_BEFORE=() RSS_AFTER=() CREATED=() POP_SECS=()
-CONTROL_RSS_BEFORE= CONTROL_RSS_AFTER= REDIS_MEM_BEFORE= REDIS_MEM_AFTER= REDIS_KEY_BYTES= REDIS_KEYS=
+CONTROL_RSS_BEFORE= CONTROL_RSS_AFTER= REDIS_MEM_BEFORE= REDIS_MEM_AFTER= REDIS_KEY_BYTES= REDIS_KEYS= CONTROL_RECORDS= RECORDS_LOST=0
 redis_used_memory() { redis-cli -p "$REDIS_PORT" INFO memory | tr -d '\r' | awk -F: '$1 == "used_memory" { print $2 }'; }
 # populate CFG N: N initialize requests through CFG (wrk stops after N answers).
 populate() {
@@ -453,20 +529,36 @@ wasm_stat() { # cfg name
 }
 
 if ((SCALE > 0)); then
-  log "scale: creating $SCALE sessions through each of: ${SCALED[*]}"
+  log "scale: creating $SCALE sessions through the second instance of each of: ${SCALED[*]}"
   CONTROL_RSS_BEFORE=$(rss_kb "$CONTROL_PID")
   [[ $STORE == redis ]] && REDIS_MEM_BEFORE=$(redis_used_memory)
-  for cfg in "${SCALED[@]}"; do
+  for cfg in "${BIG[@]}"; do
     RSS_BEFORE[$cfg]=$(rss_kb "${PID[$cfg]}")
     populate "$cfg" "$SCALE"
     RSS_AFTER[$cfg]=$(rss_kb "${PID[$cfg]}")
     extra=
-    [[ $cfg == affinity || $cfg == control ]] && extra=", filter sessions_pinned=$(wasm_stat "$cfg" sessions_pinned)"
-    log "$(printf '%-17s %s sessions created in %ss (%s/s)%s' "${LABEL[$cfg]}" "${CREATED[$cfg]}" "${POP_SECS[$cfg]}" \
+    [[ $cfg == affinity_big || $cfg == control_big ]] && extra=", filter sessions_pinned=$(wasm_stat "$cfg" sessions_pinned)"
+    log "$(printf '%-23s %s sessions created in %ss (%s/s)%s' "${LABEL[$cfg]}" "${CREATED[$cfg]}" "${POP_SECS[$cfg]}" \
       "$(awk -v n="${CREATED[$cfg]}" -v s="${POP_SECS[$cfg]}" 'BEGIN { printf "%.0f", n / s }')" "$extra")"
   done
+  # Control must hold a record of every session created through affinity+control (2nd): the
+  # filter may send them on a timer, after the answers, so give it a few seconds.
+  control_records() {
+    if [[ $STORE == redis ]]; then redis-cli -p "$REDIS_PORT" DBSIZE | tr -d '\r'; else
+      curl -s --max-time 5 "http://127.0.0.1:$CONTROL_PORT/metrics" | awk '$1 == "mcp_affinity_control_store_records" { print int($2) }'
+    fi
+  }
+  for _ in $(seq 50); do
+    CONTROL_RECORDS=$(control_records)
+    ((${CONTROL_RECORDS:-0} >= CREATED[control_big])) && break
+    sleep 0.1
+  done
+  RECORDS_LOST=0
+  ((${CONTROL_RECORDS:-0} >= CREATED[control_big])) || {
+    RECORDS_LOST=1
+    log "warning: control holds ${CONTROL_RECORDS:-?} records for ${CREATED[control_big]} sessions created through ${LABEL[control_big]}: records were lost (BENCH_KEEP=1: see envoy-control_big.log of the run directory)"
+  }
   CONTROL_RSS_AFTER=$(rss_kb "$CONTROL_PID")
-  CONTROL_RECORDS=$(curl -s --max-time 5 "http://127.0.0.1:$CONTROL_PORT/metrics" | awk '$1 == "mcp_affinity_control_store_records" { print $2 }')
   if [[ $STORE == redis ]]; then
     REDIS_MEM_AFTER=$(redis_used_memory)
     REDIS_KEYS=$(redis-cli -p "$REDIS_PORT" DBSIZE | tr -d '\r')
@@ -475,19 +567,27 @@ if ((SCALE > 0)); then
     redis-cli -p "$REDIS_PORT" GET "$key" >"$RUN/redis-one-record.json"
   fi
   # The measured sessions are still pinned to the pod that issued them.
-  for cfg in "${SCALED[@]}"; do
+  for cfg in "${SCALED[@]}" "${BIG[@]}"; do
     read -r st p _ < <(post "${URL[$cfg]}" "$CALL_BODY" "${SID[$cfg]}")
     [[ $st == 200 ]] || die "${LABEL[$cfg]}: the measured session answered $st after populating"
   done
-  run_phase scaled "$LUA_STEADY" "$CONNS" "${CONFIGS[@]}"
-  log "initialize path: $INIT_CONNS connection(s)"
-  run_phase initialize "$LUA_INIT" "$INIT_CONNS" "${CONFIGS[@]}"
+  if ((WARMUP > 0)); then # the steady path again, after populating (both instances alike)
+    for cfg in "${SCALED[@]}" "${BIG[@]}"; do measure warmup-scaled "$cfg" 0 "$LUA_STEADY" "$CONNS" "$WARMUP" "${SID[$cfg]}"; done
+  fi
+  log "scaled: $BASE_SESSIONS vs $BASE_SESSIONS + $SCALE sessions, both instances of each config in every round"
+  run_ab_phase scaled
+  log "initialize path: $INIT_CONNS connection(s), $INIT_ROUNDS rounds x ${INIT_SECS}s, baseline ${LABEL[plain2]}"
+  run_phase initialize "$LUA_INIT" "$INIT_CONNS" "$INIT_ROUNDS" "$INIT_SECS" "${INIT_CFGS[@]}"
 fi
 # ─── instructions: each Envoy config under callgrind ─────────────────────────────────────
 # Instructions Envoy executes (every thread) per steady request: deterministic where CPU time
 # on a shared VM is not. One Envoy at a time, on its own ports, with its own session.
+# Initialize: a new session each, so the baseline is plain Envoy round robin over both pods
+# (plain2; plain itself when BENCH_BASELINE_PODS=2).
 INSTR_CONFIGS=(plain empty pin affinity control)
-declare -A IR=() IR_IDLE=() IR_LOAD=()
+INSTR_INIT_CONFIGS=()
+((INSTR_INIT > 0)) && INSTR_INIT_CONFIGS=(plain2 affinity control)
+declare -A IR=() IR_IDLE=() IR_LOAD=() IR_INIT=() IR_INIT_LOAD=()
 VALGRIND_VERSION=
 # stop_pid PID: TERM, KILL after 30 s; reaped and removed from pids.
 stop_pid() {
@@ -530,37 +630,80 @@ steady_through() {
     *) [[ $pods == "$4" ]] || die "${LABEL[$cfg]} under callgrind: session from pod $4 answered by pods $pods: not pinned" ;;
   esac
 }
-# instructions CFG: start CFG's Envoy under callgrind, open a session, warm up; then zero the
-# counters, idle INSTR_IDLE_SECS s, dump (idle rate: timers, stats flush); zero, send
-# INSTR_REQUESTS steady requests, dump. IR = (dump − idle rate × load time) / requests.
+# initialize_through CFG COUNT: COUNT initialize requests on one connection (bench/initialize.py),
+# every answer 200 with a new Mcp-Session-Id.
+initialize_through() {
+  local out="$RUN/cg-envoy-$1.initialize-$2.txt"
+  python3 bench/initialize.py "$URL_CG" "$2" >"$out" 2>&1 || { cat "$out" >&2; die "${LABEL[$1]} under callgrind: initialize requests failed"; }
+}
+# instructions CFG STEADY INIT: start CFG's Envoy under callgrind, open a session, warm up
+# (steady requests if STEADY, else initializes); then zero the counters, idle INSTR_IDLE_SECS s,
+# dump (idle rate: timers, stats flush). If STEADY: zero, send INSTR_REQUESTS steady requests,
+# dump: IR = (dump − idle rate × load time) / requests. If INIT: INSTR_INIT_WARMUP initializes,
+# INSTR_INIT_SETTLE s, zero, INSTR_INIT initializes, INSTR_INIT_SETTLE s (control's records,
+# sent on the filter's timer, land inside the window), dump: IR_INIT likewise per initialize.
+URL_CG=
 instructions() {
-  local cfg=$1 name=cg-envoy-$1 pid url t0 t1 t2 t3 idle total
+  local cfg=$1 steady=$2 init=$3 name=cg-envoy-$1 pid t0 t1 t2 t3 idle total
   render_envoy "$cfg" "$name"
   spawn "$name" valgrind --tool=callgrind --callgrind-out-file="$RUN/cg-$cfg.%p" --smc-check=all-non-file \
     "$ENVOY_ELF" -c "$RUN/$name.yaml" --concurrency 1 --disable-hot-restart -l warn
-  pid=$LAST_PID url=http://127.0.0.1:$R_PORT/mcp
+  pid=$LAST_PID URL_CG=http://127.0.0.1:$R_PORT/mcp
   wait_envoy "127.0.0.1:$R_ADMIN" "$pid" "$name" 240
-  POST_MAX_TIME=60 open_session "${LABEL[$cfg]} under callgrind" "$url"
-  steady_through "$cfg" "$url" "$OPEN_SID" "$OPEN_POD" "$INSTR_WARMUP"
+  POST_MAX_TIME=60 open_session "${LABEL[$cfg]} under callgrind" "$URL_CG"
+  if ((steady)); then
+    steady_through "$cfg" "$URL_CG" "$OPEN_SID" "$OPEN_POD" "$INSTR_WARMUP"
+  else
+    initialize_through "$cfg" "$INSTR_INIT_WARMUP"
+    sleep "$INSTR_INIT_SETTLE"
+  fi
   CG_LAST=0
   cg "$cfg" "$pid" -z
   t0=$(date +%s%N); sleep "$INSTR_IDLE_SECS"; t1=$(date +%s%N)
   cg "$cfg" "$pid" -d; idle=$CG_IR
-  cg "$cfg" "$pid" -z
-  t2=$(date +%s%N)
-  steady_through "$cfg" "$url" "$OPEN_SID" "$OPEN_POD" "$INSTR_REQUESTS"
-  t3=$(date +%s%N)
-  cg "$cfg" "$pid" -d; total=$CG_IR
+  IR_IDLE[$cfg]=$(awk -v i="$idle" -v ti="$((t1 - t0))" 'BEGIN { printf "%.0f", i / ti * 1e9 }')
+  if ((steady)); then
+    cg "$cfg" "$pid" -z
+    t2=$(date +%s%N)
+    steady_through "$cfg" "$URL_CG" "$OPEN_SID" "$OPEN_POD" "$INSTR_REQUESTS"
+    t3=$(date +%s%N)
+    cg "$cfg" "$pid" -d; total=$CG_IR
+    read -r "IR[$cfg]" "IR_LOAD[$cfg]" < <(awk -v i="$idle" -v ti="$((t1 - t0))" -v t="$total" -v tl="$((t3 - t2))" -v n="$INSTR_REQUESTS" \
+      'BEGIN { r = i / ti; printf "%.0f %.2f\n", (t - r * tl) / n, tl / 1e9 }')
+    log "$(printf 'instructions: %-17s %s/request (%s requests in %ss; idle %s/s subtracted: %s/request)' "${LABEL[$cfg]}" "${IR[$cfg]}" \
+      "$INSTR_REQUESTS" "${IR_LOAD[$cfg]}" "${IR_IDLE[$cfg]}" "$(awk -v r="${IR_IDLE[$cfg]}" -v s="${IR_LOAD[$cfg]}" -v n="$INSTR_REQUESTS" 'BEGIN { printf "%.0f", r * s / n }')")"
+  fi
+  if ((init)); then
+    ((steady)) && { initialize_through "$cfg" "$INSTR_INIT_WARMUP"; sleep "$INSTR_INIT_SETTLE"; }
+    cg "$cfg" "$pid" -z
+    t2=$(date +%s%N)
+    initialize_through "$cfg" "$INSTR_INIT"
+    sleep "$INSTR_INIT_SETTLE"
+    t3=$(date +%s%N)
+    cg "$cfg" "$pid" -d; total=$CG_IR
+    read -r "IR_INIT[$cfg]" "IR_INIT_LOAD[$cfg]" < <(awk -v i="$idle" -v ti="$((t1 - t0))" -v t="$total" -v tl="$((t3 - t2))" -v n="$INSTR_INIT" \
+      'BEGIN { r = i / ti; printf "%.0f %.2f\n", (t - r * tl) / n, tl / 1e9 }')
+    log "$(printf 'instructions: %-17s %s/initialize (%s initializes + %ss in %ss; %s; idle %s/s subtracted: %s/initialize)' "${LABEL[$cfg]}" "${IR_INIT[$cfg]}" \
+      "$INSTR_INIT" "$INSTR_INIT_SETTLE" "${IR_INIT_LOAD[$cfg]}" "$(tail -1 "$RUN/cg-envoy-$cfg.initialize-$INSTR_INIT.txt")" "${IR_IDLE[$cfg]}" \
+      "$(awk -v r="${IR_IDLE[$cfg]}" -v s="${IR_INIT_LOAD[$cfg]}" -v n="$INSTR_INIT" 'BEGIN { printf "%.0f", r * s / n }')")"
+  fi
   stop_pid "$pid"
-  read -r "IR[$cfg]" "IR_IDLE[$cfg]" "IR_LOAD[$cfg]" < <(awk -v i="$idle" -v ti="$((t1 - t0))" -v t="$total" -v tl="$((t3 - t2))" -v n="$INSTR_REQUESTS" \
-    'BEGIN { r = i / ti; printf "%.0f %.0f %.2f\n", (t - r * tl) / n, r * 1e9, tl / 1e9 }')
-  log "$(printf 'instructions: %-17s %s/request (%s requests in %ss; idle %s/s subtracted: %s/request)' "${LABEL[$cfg]}" "${IR[$cfg]}" \
-    "$INSTR_REQUESTS" "${IR_LOAD[$cfg]}" "${IR_IDLE[$cfg]}" "$(awk -v r="${IR_IDLE[$cfg]}" -v s="${IR_LOAD[$cfg]}" -v n="$INSTR_REQUESTS" 'BEGIN { printf "%.0f", r * s / n }')")"
 }
 if ((INSTR)); then
   VALGRIND_VERSION=$(valgrind --version 2>/dev/null | sed 's/^valgrind-//')
   log "instructions: each Envoy config in turn under valgrind $VALGRIND_VERSION --tool=callgrind ($ENVOY_ELF)"
-  for cfg in "${INSTR_CONFIGS[@]}"; do instructions "$cfg"; done
+  declare -A WANT_INIT=()
+  for cfg in "${INSTR_INIT_CONFIGS[@]}"; do WANT_INIT[$cfg]=1; done
+  # With BENCH_BASELINE_PODS=2, plain is plain2: one Envoy counts both.
+  ((BASELINE_PODS == 2 && INSTR_INIT > 0)) && WANT_INIT[plain]=1
+  for cfg in "${INSTR_CONFIGS[@]}"; do instructions "$cfg" 1 "${WANT_INIT[$cfg]:-0}"; done
+  if ((INSTR_INIT > 0)); then
+    if ((BASELINE_PODS == 2)); then
+      IR_INIT[plain2]=${IR_INIT[plain]} IR_INIT_LOAD[plain2]=${IR_INIT_LOAD[plain]} IR_IDLE[plain2]=${IR_IDLE[plain]}
+    else
+      instructions plain2 0 1
+    fi
+  fi
 fi
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 RUSTC_END=$(pgrep -c -x rustc || true)
@@ -582,34 +725,65 @@ summary() {
       printf "%.0f %.0f %.0f %s %d %.0f %.0f\n", med(r, n), med(p50, n), med(p99, n), (m ? sprintf("%.2f", med(cpu, m)) : "-"), e, lo, hi
     }' "$RAW"
 }
-# paired PHASE CFG: medians over rounds of CFG − plain measured in the same round:
-# "added µs/req (1e6 / req/s)" and "added proxy CPU µs/req".
+# paired PHASE CFG BASE: medians over rounds of CFG − BASE measured in the same round:
+# "added µs/req (1e6 / req/s)", "added proxy CPU µs/req" and "added p50 µs".
 paired() {
-  awk -v p="$1" -v c="$2" '
+  awk -v p="$1" -v c="$2" -v b="$3" '
     function med(a, n,   i, j, t) {
       for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
       return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
     }
-    $1 == p && $2 == "plain" { us0[$3] = 1e6 / $4; cpu0[$3] = $7 }
-    $1 == p && $2 == c { us[$3] = 1e6 / $4; cpu[$3] = $7 }
+    $1 == p && $2 == b { us0[$3] = 1e6 / $4; cpu0[$3] = $7; p500[$3] = $5 }
+    $1 == p && $2 == c { us[$3] = 1e6 / $4; cpu[$3] = $7; p50[$3] = $5 }
     END {
       for (k in us) if (k in us0) {
-        n++; d[n] = us[k] - us0[k]
+        n++; d[n] = us[k] - us0[k]; dp[n] = p50[k] - p500[k]
         if (cpu[k] != "-" && cpu0[k] != "-") { m++; dc[m] = cpu[k] - cpu0[k] }
       }
-      printf "%s %s\n", (n ? sprintf("%.2f", med(d, n)) : "-"), (m ? sprintf("%.2f", med(dc, m)) : "-")
+      printf "%s %s %s\n", (n ? sprintf("%.2f", med(d, n)) : "-"), (m ? sprintf("%.2f", med(dc, m)) : "-"), (n ? sprintf("%.1f", med(dp, n)) : "-")
     }' "$RAW"
 }
-declare -A S_RPS=() S_P50=() S_P99=() S_CPU=() S_ERR=() S_LO=() S_HI=() D_US=() D_CPU=()
-load_phase() { # phase
-  local cfg
-  for cfg in "${CONFIGS[@]}"; do
-    read -r "S_RPS[$1.$cfg]" "S_P50[$1.$cfg]" "S_P99[$1.$cfg]" "S_CPU[$1.$cfg]" "S_ERR[$1.$cfg]" "S_LO[$1.$cfg]" "S_HI[$1.$cfg]" < <(summary "$1" "$cfg")
-    read -r "D_US[$1.$cfg]" "D_CPU[$1.$cfg]" < <(paired "$1" "$cfg")
+# ab PHASE SMALL BIG: medians over rounds of BIG / SMALL measured in the same round:
+# "p50 ratio, p99 ratio, proxy CPU µs/req ratio, req/s ratio, rounds paired".
+ab() {
+  awk -v p="$1" -v a="$2" -v b="$3" '
+    function med(x, n,   i, j, t) {
+      for (i = 2; i <= n; i++) { t = x[i]; for (j = i - 1; j >= 1 && x[j] > t; j--) x[j + 1] = x[j]; x[j + 1] = t }
+      return (n % 2) ? x[(n + 1) / 2] : (x[n / 2] + x[n / 2 + 1]) / 2
+    }
+    function f(n, x) { return n ? sprintf("%.4f", med(x, n)) : "-" }
+    $1 == p && $2 == a { rps0[$3] = $4; p500[$3] = $5; p990[$3] = $6; cpu0[$3] = $7 }
+    $1 == p && $2 == b { rps[$3] = $4; p50[$3] = $5; p99[$3] = $6; cpu[$3] = $7 }
+    END {
+      for (k in rps) if (k in rps0) {
+        n++
+        if (p500[k] > 0) { n5++; r5[n5] = p50[k] / p500[k] }
+        if (p990[k] > 0) { n9++; r9[n9] = p99[k] / p990[k] }
+        if (rps0[k] > 0) { nr++; rr[nr] = rps[k] / rps0[k] }
+        if (cpu[k] != "-" && cpu0[k] != "-" && cpu0[k] > 0) { nc++; rc[nc] = cpu[k] / cpu0[k] }
+      }
+      printf "%s %s %s %s %d\n", f(n5, r5), f(n9, r9), f(nc, rc), f(nr, rr), n
+    }' "$RAW"
+}
+declare -A S_RPS=() S_P50=() S_P99=() S_CPU=() S_ERR=() S_LO=() S_HI=() D_US=() D_CPU=() D_P50=()
+load_phase() { # phase base cfg...: summaries, and paired differences to base (none when base is -)
+  local ph=$1 base=$2 cfg; shift 2
+  for cfg in "$@"; do
+    read -r "S_RPS[$ph.$cfg]" "S_P50[$ph.$cfg]" "S_P99[$ph.$cfg]" "S_CPU[$ph.$cfg]" "S_ERR[$ph.$cfg]" "S_LO[$ph.$cfg]" "S_HI[$ph.$cfg]" < <(summary "$ph" "$cfg")
+    if [[ $base == - ]]; then D_US[$ph.$cfg]=- D_CPU[$ph.$cfg]=- D_P50[$ph.$cfg]=-; else
+      read -r "D_US[$ph.$cfg]" "D_CPU[$ph.$cfg]" "D_P50[$ph.$cfg]" < <(paired "$ph" "$cfg" "$base")
+    fi
   done
 }
-load_phase steady
-if ((SCALE > 0)); then load_phase scaled; load_phase initialize; fi
+declare -A AB_P50=() AB_P99=() AB_CPU=() AB_RPS=() AB_N=()
+load_phase steady plain "${CONFIGS[@]}"
+if ((SCALE > 0)); then
+  load_phase scaled - "${SCALED[@]}" "${BIG[@]}"
+  for cfg in "${SCALED[@]}"; do
+    read -r "AB_P50[$cfg]" "AB_P99[$cfg]" "AB_CPU[$cfg]" "AB_RPS[$cfg]" "AB_N[$cfg]" < <(ab scaled "$cfg" "${cfg}_big")
+  done
+  load_phase initialize plain2 "${INIT_CFGS[@]}"
+fi
 us_per_req() { awk -v r="$1" 'BEGIN { printf "%.2f", 1e6 / r }'; }
 # ratio DX DE: DX / DE (added costs over plain), or n/a when the empty filter added nothing measurable.
 ratio() { awk -v x="$1" -v e="$2" 'BEGIN { if (x == "-" || e == "-" || e <= 0) print "n/a"; else printf "%.2f", x / e }'; }
@@ -678,72 +852,112 @@ if ((INSTR)); then
     printf '| %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "${IR[$cfg]}" "$([[ $cfg == plain ]] && echo - || printf '%+d' "${IR_ADD[$cfg]}")" \
       "${IR_RATIO[$cfg]}" "${IR_RATIO_PIN[$cfg]}"
   done
+  declare -A IR_INIT_ADD=()
+  if ((INSTR_INIT > 0)); then
+    echo
+    echo "instructions executed by Envoy per initialize (a new session each; $INSTR_INIT on one connection after $INSTR_INIT_WARMUP warm-up,"
+    echo "then ${INSTR_INIT_SETTLE}s for records sent to control on the filter's timer; Envoy's idle instructions subtracted, that second included)"
+    echo
+    echo "| config | instructions/initialize | + vs plain (2 pods) |"
+    echo "|---|---:|---:|"
+    for cfg in "${INSTR_INIT_CONFIGS[@]}"; do
+      IR_INIT_ADD[$cfg]=$((IR_INIT[$cfg] - IR_INIT[plain2]))
+      printf '| %s | %s | %s |\n' "${LABEL[$cfg]}" "${IR_INIT[$cfg]}" "$([[ $cfg == plain2 ]] && echo - || printf '%+d' "${IR_INIT_ADD[$cfg]}")"
+    done
+  fi
 fi
 
+# pct RATIO: "+4.1 %" (the change a ratio big / small stands for).
+pct() { awk -v r="$1" 'BEGIN { if (r == "-" || r == "") print "-"; else printf "%+.1f %%", (r - 1) * 100 }'; }
+pods_of() { # cfg: the pods behind it
+  case $1 in plain | empty) echo "$BASELINE_PODS" ;; direct) echo 1 ;; *) echo 2 ;; esac
+}
 if ((SCALE > 0)); then
   echo
-  echo "steady request with $BASE_SESSIONS vs $SCALE+ live sessions per proxy (same run; the N-session rounds came after creating the sessions)"
+  echo "steady request with $BASE_SESSIONS vs $BASE_SESSIONS + $SCALE live sessions: two instances of each config, up side by side on the same pods,"
+  echo "the second populated with $SCALE sessions; every round measures both, back to back ($ROUNDS rounds, ${SECS}s each, $CONNS connections)."
+  echo "change = median over rounds of (2nd instance / 1st instance) measured in the same round; other columns: medians over rounds"
   echo
-  echo "| config | sessions | req/s | p50 µs | p99 µs | proxy CPU µs/req | errors |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
-  for cfg in "${CONFIGS[@]}"; do
-    for phase in steady scaled; do
-      k=$phase.$cfg
-      if [[ $phase == steady ]]; then n=$BASE_SESSIONS; elif [[ -n ${CREATED[$cfg]:-} ]]; then n=$((BASE_SESSIONS + CREATED[$cfg])); else n="$BASE_SESSIONS (2nd run)"; fi
-      printf '| %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "$n" "${S_RPS[$k]}" "${S_P50[$k]}" "${S_P99[$k]}" "${S_CPU[$k]}" "${S_ERR[$k]}"
-    done
-  done
-  echo
-  echo "overhead with $SCALE sessions (rounds of the second run):"
-  echo
-  overhead_block scaled
-  echo
-  echo "initialize (POST without session id; a new session each), $INIT_CONNS connection(s), medians over $ROUNDS rounds"
-  echo
-  echo "| config | req/s | p50 µs | p99 µs | +p50 µs vs plain | proxy CPU µs/req | errors |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
-  for cfg in "${CONFIGS[@]}"; do
-    k=initialize.$cfg
-    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "${S_RPS[$k]}" "${S_P50[$k]}" "${S_P99[$k]}" \
-      "$(delta "${S_P50[$k]}" "${S_P50[initialize.plain]}")" "${S_CPU[$k]}" "${S_ERR[$k]}"
-  done
-  echo
-  echo "memory per session (VmRSS before/after creating the sessions; RSS includes allocator slack)"
-  per() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN { if (n > 0) printf "%.0f", (b - a) * 1024 / n; else print "-" }'; }
-  CONTROL_PER=$(per "$CONTROL_RSS_BEFORE" "$CONTROL_RSS_AFTER" "${CREATED[control]}")
-  printf '  control (%s store): %s kB → %s kB for %s sessions (records: %s): %s bytes/session\n' "$STORE" \
-    "$CONTROL_RSS_BEFORE" "$CONTROL_RSS_AFTER" "${CREATED[control]}" "$([[ $STORE == redis ]] && echo "$REDIS_KEYS in Redis" || echo "${CONTROL_RECORDS:-?}")" "$CONTROL_PER"
+  echo "| config | sessions | req/s | p50 µs | p99 µs | proxy CPU µs/req | errors | p50 change | p99 change | CPU change |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for cfg in "${SCALED[@]}"; do
-    printf '  %-17s %s kB → %s kB for %s sessions: %s bytes/session\n' "${LABEL[$cfg]}" "${RSS_BEFORE[$cfg]}" "${RSS_AFTER[$cfg]}" \
+    b=${cfg}_big
+    printf '| %s | %s | %s | %s | %s | %s | %s | | | |\n' "${LABEL[$cfg]}" "$BASE_SESSIONS" "${S_RPS[scaled.$cfg]}" "${S_P50[scaled.$cfg]}" \
+      "${S_P99[scaled.$cfg]}" "${S_CPU[scaled.$cfg]}" "${S_ERR[scaled.$cfg]}"
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "$((BASE_SESSIONS + ${CREATED[$b]:-0}))" "${S_RPS[scaled.$b]}" \
+      "${S_P50[scaled.$b]}" "${S_P99[scaled.$b]}" "${S_CPU[scaled.$b]}" "${S_ERR[scaled.$b]}" "$(pct "${AB_P50[$cfg]}")" "$(pct "${AB_P99[$cfg]}")" "$(pct "${AB_CPU[$cfg]}")"
+  done
+  echo
+  echo "initialize (POST without session id; a new session each), $INIT_CONNS connection(s), ${INIT_SECS}s x $INIT_ROUNDS interleaved rounds, medians over rounds;"
+  echo "baseline: plain Envoy with both pods (round robin: every initialize is a new session); +p50 and +CPU: median over rounds of X − baseline in the same round"
+  echo
+  echo "| config | pods | req/s | p50 µs | p99 µs | +p50 µs vs plain (2 pods) | proxy CPU µs/req | +proxy CPU µs/req vs plain (2 pods) | errors |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  for cfg in "${INIT_CFGS[@]}"; do
+    k=initialize.$cfg
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "$(pods_of "$cfg")" "${S_RPS[$k]}" "${S_P50[$k]}" "${S_P99[$k]}" \
+      "$([[ $cfg == plain2 ]] && echo - || delta "${D_P50[$k]}" 0)" "${S_CPU[$k]}" "$([[ $cfg == plain2 ]] && echo - || delta "${D_CPU[$k]}" 0)" "${S_ERR[$k]}"
+  done
+  echo
+  echo "memory per session (VmRSS of the populated 2nd instances and of control before/after creating the sessions; RSS includes allocator slack)"
+  per() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN { if (n > 0) printf "%.0f", (b - a) * 1024 / n; else print "-" }'; }
+  CONTROL_PER=$(per "$CONTROL_RSS_BEFORE" "$CONTROL_RSS_AFTER" "${CREATED[control_big]}")
+  printf '  control (%s store): %s kB → %s kB for %s sessions (records: %s): %s bytes/session\n' "$STORE" \
+    "$CONTROL_RSS_BEFORE" "$CONTROL_RSS_AFTER" "${CREATED[control_big]}" "$([[ $STORE == redis ]] && echo "$REDIS_KEYS in Redis" || echo "${CONTROL_RECORDS:-?}")" "$CONTROL_PER"
+  for cfg in "${BIG[@]}"; do
+    printf '  %-23s %s kB → %s kB for %s sessions: %s bytes/session\n' "${LABEL[$cfg]}" "${RSS_BEFORE[$cfg]}" "${RSS_AFTER[$cfg]}" \
       "${CREATED[$cfg]}" "$(per "${RSS_BEFORE[$cfg]}" "${RSS_AFTER[$cfg]}" "${CREATED[$cfg]}")"
   done
   if [[ $STORE == redis ]]; then
     printf '  redis: used_memory %s → %s bytes, %s keys: %s bytes/session; MEMORY USAGE of one session key: %s bytes\n' \
       "$REDIS_MEM_BEFORE" "$REDIS_MEM_AFTER" "$REDIS_KEYS" \
-      "$(awk -v a="$REDIS_MEM_BEFORE" -v b="$REDIS_MEM_AFTER" -v n="${CREATED[control]}" 'BEGIN { printf "%.0f", (b - a) / n }')" "$REDIS_KEY_BYTES"
+      "$(awk -v a="$REDIS_MEM_BEFORE" -v b="$REDIS_MEM_AFTER" -v n="${CREATED[control_big]}" 'BEGIN { printf "%.0f", (b - a) / n }')" "$REDIS_KEY_BYTES"
   fi
+  ((RECORDS_LOST == 0)) ||
+    echo "  warning: control holds ${CONTROL_RECORDS:-?} records, fewer than the ${CREATED[control_big]} sessions created through ${LABEL[control_big]}: affinity+control's numbers are not valid"
 fi
 
 # ─── JSON ────────────────────────────────────────────────────────────────────────────────
 jstr() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"; }
 jnum() { if [[ $1 =~ ^-?[0-9]+(\.[0-9]+)?$ ]]; then printf '%s' "$1"; else printf 'null'; fi; }
-phase_json() { # phase
-  local first=1 cfg k
+cfg_json() { # phase cfg [extra fields]: one config's medians, added costs and per-round values
+  local k=$1.$2
+  printf '{"req_s": %s, "req_s_min": %s, "req_s_max": %s, "p50_us": %s, "p99_us": %s, "us_per_req": %s, "proxy_cpu_us_per_req": %s, "added_us_per_req": %s, "added_proxy_cpu_us_per_req": %s, "added_p50_us": %s, "ratio_to_empty": %s, "ratio_to_empty_proxy_cpu": %s, "errors": %s%s, "rounds": [' \
+    "$(jnum "${S_RPS[$k]}")" "$(jnum "${S_LO[$k]}")" "$(jnum "${S_HI[$k]}")" "$(jnum "${S_P50[$k]}")" "$(jnum "${S_P99[$k]}")" \
+    "$(jnum "$(us_per_req "${S_RPS[$k]}")")" "$(jnum "${S_CPU[$k]}")" "$(jnum "${D_US[$k]}")" "$(jnum "${D_CPU[$k]}")" "$(jnum "${D_P50[$k]}")" \
+    "$(jnum "${RATIO[$k]:-}")" "$(jnum "${RATIO_CPU[$k]:-}")" "$(jnum "${S_ERR[$k]}")" "${3:-}"
+  awk -v p="$1" -v c="$2" '$1 == p && $2 == c {
+      printf "%s{\"round\": %d, \"req_s\": %s, \"p50_us\": %s, \"p99_us\": %s, \"proxy_cpu_us_per_req\": %s, \"errors\": %d}", (n++ ? ", " : ""), $3, $4, $5, $6, ($7 == "-" ? "null" : $7), $8 + $9
+    }' "$RAW"
+  printf ']}'
+}
+phase_json() { # phase cfg...: {label: cfg_json, ...}
+  local ph=$1 first=1 cfg; shift
   printf '{'
-  for cfg in "${CONFIGS[@]}"; do
-    k=$1.$cfg
+  for cfg in "$@"; do
     ((first)) || printf ','
     first=0
-    printf '\n    %s: {"req_s": %s, "req_s_min": %s, "req_s_max": %s, "p50_us": %s, "p99_us": %s, "us_per_req": %s, "proxy_cpu_us_per_req": %s, "added_us_per_req": %s, "added_proxy_cpu_us_per_req": %s, "ratio_to_empty": %s, "ratio_to_empty_proxy_cpu": %s, "errors": %s, "rounds": [' \
-      "$(jstr "${LABEL[$cfg]}")" "$(jnum "${S_RPS[$k]}")" "$(jnum "${S_LO[$k]}")" "$(jnum "${S_HI[$k]}")" "$(jnum "${S_P50[$k]}")" "$(jnum "${S_P99[$k]}")" \
-      "$(jnum "$(us_per_req "${S_RPS[$k]}")")" "$(jnum "${S_CPU[$k]}")" "$(jnum "${D_US[$k]}")" "$(jnum "${D_CPU[$k]}")" \
-      "$(jnum "${RATIO[$k]:-}")" "$(jnum "${RATIO_CPU[$k]:-}")" "$(jnum "${S_ERR[$k]}")"
-    awk -v p="$1" -v c="$cfg" '$1 == p && $2 == c {
-        printf "%s{\"req_s\": %s, \"p50_us\": %s, \"p99_us\": %s, \"proxy_cpu_us_per_req\": %s, \"errors\": %d}", (n++ ? ", " : ""), $4, $5, $6, ($7 == "-" ? "null" : $7), $8 + $9
-      }' "$RAW"
-    printf ']}'
+    printf '\n    %s: ' "$(jstr "${LABEL[$cfg]}")"
+    cfg_json "$ph" "$cfg" ", \"pods\": $(pods_of "$cfg")"
   done
   printf '\n  }'
+}
+scaled_json() { # the same-time A/B of each SCALED config
+  local first=1 cfg b
+  printf '{"method": "two instances of each config, the 2nd populated; both measured in every round; *_ratio = median over rounds of 2nd / 1st in the same round", "configs": {'
+  for cfg in "${SCALED[@]}"; do
+    b=${cfg}_big
+    ((first)) || printf ','
+    first=0
+    printf '\n    %s: {"sessions": %s, "sessions_2nd": %s, "p50_ratio": %s, "p99_ratio": %s, "proxy_cpu_ratio": %s, "req_s_ratio": %s, "rounds_paired": %s,\n      "1st": ' \
+      "$(jstr "${LABEL[$cfg]}")" "$BASE_SESSIONS" "$(jnum "$((BASE_SESSIONS + ${CREATED[$b]:-0}))")" "$(jnum "${AB_P50[$cfg]}")" "$(jnum "${AB_P99[$cfg]}")" \
+      "$(jnum "${AB_CPU[$cfg]}")" "$(jnum "${AB_RPS[$cfg]}")" "$(jnum "${AB_N[$cfg]}")"
+    cfg_json scaled "$cfg"
+    printf ',\n      "2nd": '
+    cfg_json scaled "$b"
+    printf '}'
+  done
+  printf '\n  }}'
 }
 mkdir -p "$RESULTS"
 JSON_FILE=$RESULTS/envoy-$STAMP.json
@@ -752,9 +966,9 @@ JSON_FILE=$RESULTS/envoy-$STAMP.json
   printf '  "machine": {"nproc": %s, "cpu": %s, "load_average_start": %s, "load_average_end": %s, "rustc_processes_start": %s, "rustc_processes_end": %s},\n' \
     "$NPROC" "$(jstr "$CPU_MODEL")" "$(jstr "$LOAD_START")" "$(jstr "$LOAD_END")" "$(jnum "$RUSTC_START")" "$(jnum "$RUSTC_END")"
   printf '  "versions": {"envoy": %s, "haproxy": %s, "wrk": %s},\n' "$(jstr "$ENVOY_VERSION")" "$(jstr "$HAPROXY_VERSION")" "$(jstr "$WRK_VERSION")"
-  printf '  "settings": {"seconds": %s, "rounds": %s, "connections": %s, "warmup_seconds": %s, "envoy_concurrency": 1, "base_sessions": %s, "scale": %s, "init_connections": %s, "control_store": %s, "baseline_pods": %s},\n' \
-    "$SECS" "$ROUNDS" "$CONNS" "$WARMUP" "$BASE_SESSIONS" "$SCALE" "$INIT_CONNS" "$(jstr "$STORE")" "$BASELINE_PODS"
-  printf '  "steady": '; phase_json steady; printf ',\n'
+  printf '  "settings": {"seconds": %s, "rounds": %s, "connections": %s, "warmup_seconds": %s, "envoy_concurrency": 1, "base_sessions": %s, "scale": %s, "init_connections": %s, "init_rounds": %s, "init_seconds": %s, "control_store": %s, "baseline_pods": %s, "instr_requests": %s, "instr_init": %s},\n' \
+    "$SECS" "$ROUNDS" "$CONNS" "$WARMUP" "$BASE_SESSIONS" "$SCALE" "$INIT_CONNS" "$INIT_ROUNDS" "$INIT_SECS" "$(jstr "$STORE")" "$BASELINE_PODS" "$INSTR_REQUESTS" "$INSTR_INIT"
+  printf '  "steady": '; phase_json steady "${CONFIGS[@]}"; printf ',\n'
   printf '  "overhead_ratio": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO[steady.affinity]}")" "$(jnum "${RATIO[steady.control]}")"
   printf '  "overhead_ratio_proxy_cpu": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO_CPU[steady.affinity]}")" "$(jnum "${RATIO_CPU[steady.control]}")"
   printf '  "overhead_ratio_to_empty_pin": {"affinity": %s, "affinity+control": %s},\n' "$(jnum "${RATIO_PIN[steady.affinity]}")" "$(jnum "${RATIO_PIN[steady.control]}")"
@@ -771,19 +985,37 @@ JSON_FILE=$RESULTS/envoy-$STAMP.json
         "$(jstr "${LABEL[$cfg]}")" "$(jnum "${IR[$cfg]}")" "$(jnum "${IR_ADD[$cfg]}")" "$(jnum "${IR_RATIO[$cfg]}")" "$(jnum "${IR_RATIO_PIN[$cfg]}")" \
         "$(jnum "${IR_IDLE[$cfg]}")" "$(jnum "${IR_LOAD[$cfg]}")"
     done
-    printf '\n  }}'
+    printf '\n  }'
+    if ((INSTR_INIT > 0)); then
+      printf ',\n  "initialize": {"baseline": %s, "warmup_requests": %s, "requests": %s, "settle_seconds": %s, "configs": {' \
+        "$(jstr "${LABEL[plain2]}")" "$INSTR_INIT_WARMUP" "$INSTR_INIT" "$INSTR_INIT_SETTLE"
+      first=1
+      for cfg in "${INSTR_INIT_CONFIGS[@]}"; do
+        ((first)) || printf ','
+        first=0
+        printf '\n    %s: {"per_initialize": %s, "added_per_initialize": %s, "idle_per_second": %s, "load_seconds": %s}' \
+          "$(jstr "${LABEL[$cfg]}")" "$(jnum "${IR_INIT[$cfg]}")" "$(jnum "$([[ $cfg == plain2 ]] || echo "${IR_INIT_ADD[$cfg]}")")" \
+          "$(jnum "${IR_IDLE[$cfg]}")" "$(jnum "${IR_INIT_LOAD[$cfg]}")"
+      done
+      printf '\n  }}'
+    else
+      printf ',\n  "initialize": null'
+    fi
+    printf '}'
   else
     printf 'null'
   fi
   if ((SCALE > 0)); then
-    printf ',\n  "scaled": '; phase_json scaled
-    printf ',\n  "initialize": '; phase_json initialize
+    printf ',\n  "scaled": '; scaled_json
+    printf ',\n  "initialize": {"baseline": %s, "connections": %s, "rounds": %s, "seconds": %s, "added": "median over rounds of X − baseline in the same round", "configs": ' \
+      "$(jstr "${LABEL[plain2]}")" "$INIT_CONNS" "$INIT_ROUNDS" "$INIT_SECS"
+    phase_json initialize "${INIT_CFGS[@]}"; printf '}'
     printf ',\n  "sessions_created": {"affinity": %s, "affinity+control": %s, "haproxy": %s}' \
-      "$(jnum "${CREATED[affinity]}")" "$(jnum "${CREATED[control]}")" "$(jnum "${CREATED[haproxy]}")"
-    printf ',\n  "memory": {"control_store": %s, "control_rss_kb_before": %s, "control_rss_kb_after": %s, "control_bytes_per_session": %s' \
-      "$(jstr "$STORE")" "$(jnum "$CONTROL_RSS_BEFORE")" "$(jnum "$CONTROL_RSS_AFTER")" "$(jnum "$CONTROL_PER")"
-    for cfg in "${SCALED[@]}"; do
-      printf ', %s: {"rss_kb_before": %s, "rss_kb_after": %s, "bytes_per_session": %s}' "$(jstr "${LABEL[$cfg]}")" \
+      "$(jnum "${CREATED[affinity_big]}")" "$(jnum "${CREATED[control_big]}")" "$(jnum "${CREATED[haproxy_big]}")"
+    printf ',\n  "memory": {"control_store": %s, "control_rss_kb_before": %s, "control_rss_kb_after": %s, "control_bytes_per_session": %s, "control_records": %s, "control_records_lost": %s' \
+      "$(jstr "$STORE")" "$(jnum "$CONTROL_RSS_BEFORE")" "$(jnum "$CONTROL_RSS_AFTER")" "$(jnum "$CONTROL_PER")" "$(jnum "${CONTROL_RECORDS:-}")" "$( ((RECORDS_LOST)) && echo true || echo false)"
+    for cfg in "${BIG[@]}"; do
+      printf ', %s: {"rss_kb_before": %s, "rss_kb_after": %s, "bytes_per_session": %s}' "$(jstr "${LABEL[${cfg%_big}]}")" \
         "$(jnum "${RSS_BEFORE[$cfg]}")" "$(jnum "${RSS_AFTER[$cfg]}")" "$(jnum "$(per "${RSS_BEFORE[$cfg]}" "${RSS_AFTER[$cfg]}" "${CREATED[$cfg]}")")"
     done
     if [[ $STORE == redis ]]; then
