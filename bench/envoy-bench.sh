@@ -308,6 +308,13 @@ echo "{\"pin\":\"127.0.0.1:$POD1\"}" >"$RUN/filter-pin.json"
 cat >"$RUN/filter-control.json" <<JSON
 { "control": { "cluster": "mcp_affinity_control", "token_env": "MCP_AFFINITY_CONTROL_TOKEN" } }
 JSON
+# Under callgrind Envoy runs about 50 times slower: there the filter sends its batched
+# initialize records every 500 ms (record_flush_ms), so that a batch holds about as many
+# records as one of 10 ms (the default) does at full speed, and the instructions per
+# initialize count the batch's share as it is at full speed.
+cat >"$RUN/filter-control-callgrind.json" <<JSON
+{ "control": { "cluster": "mcp_affinity_control", "token_env": "MCP_AFFINITY_CONTROL_TOKEN", "record_flush_ms": 500 } }
+JSON
 
 # plain and empty have no affinity: with both pods behind them, a session's requests would
 # alternate between pods (wrong in reality, and round robin over 2 connection pools costs
@@ -320,7 +327,7 @@ render_args() { # cfg: the pods (1|2) and render arguments of each Envoy config,
     empty) R_PODS=$BASELINE_PODS R_ARGS=(--wasm "$EMPTY_WASM" --filter-config "$RUN/filter-empty.json") ;;
     pin) R_PODS=2 R_ARGS=(--wasm "$EMPTY_WASM" --filter-config "$RUN/filter-pin.json") ;;
     affinity) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-empty.json") ;;
-    control) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-control.json" --control "127.0.0.1:$CONTROL_PORT") ;;
+    control) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "${CONTROL_FILTER_CONFIG:-$RUN/filter-control.json}" --control "127.0.0.1:$CONTROL_PORT") ;;
     *) die "render_args: unknown config $1" ;;
   esac
 }
@@ -645,7 +652,7 @@ initialize_through() {
 URL_CG=
 instructions() {
   local cfg=$1 steady=$2 init=$3 name=cg-envoy-$1 pid t0 t1 t2 t3 idle total
-  render_envoy "$cfg" "$name"
+  CONTROL_FILTER_CONFIG=$RUN/filter-control-callgrind.json render_envoy "$cfg" "$name"
   spawn "$name" valgrind --tool=callgrind --callgrind-out-file="$RUN/cg-$cfg.%p" --smc-check=all-non-file \
     "$ENVOY_ELF" -c "$RUN/$name.yaml" --concurrency 1 --disable-hot-restart -l warn
   pid=$LAST_PID URL_CG=http://127.0.0.1:$R_PORT/mcp
