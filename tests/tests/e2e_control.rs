@@ -248,6 +248,9 @@ async fn unknown_sessions_get_404_and_rmcp_reinitializes() {
 
     let client = RmcpClient::connect(&proxy.url()).await.unwrap();
     client.whoami().await.unwrap();
+    // Both writes (the batched record, `notifications/initialized`) answered: the proxy
+    // has nothing left to send again, which would write the record into the new control.
+    assert_eq!(proxy.metric_reaching("control_writes", 2).await.unwrap(), 2);
     // Forget the session everywhere: restart control (its embedded store empties) and the
     // proxy (its shared data empties).
     control.restart().unwrap();
