@@ -20,7 +20,7 @@
 # plain, empty, empty+pin, affinity and affinity+control in turn, one at a time, each a fresh
 # Envoy of the same bootstrap (new ports) run by `valgrind --tool=callgrind --smc-check=all-non-file`
 # (V8 writes code at run time) — the Envoy ELF itself, not the PyPI python wrapper. Through it:
-# initialize + notifications/initialized, 300 steady requests to warm up (bench/steady.py: one
+# initialize + notifications/initialized, 300 steady requests to warm up (bench/sequential.py steady: one
 # keep-alive connection, every answer 200 and routed as above); then `callgrind_control -z`,
 # 5 s idle, `-d` (idle rate: timers, stats flush), `-z`, BENCH_INSTR_REQUESTS steady requests, `-d`.
 # Instructions/request = (dump − idle rate × load time) / requests, counted over every thread; the
@@ -28,7 +28,7 @@
 # (X − plain) / (empty − plain) and (X − plain) / (empty+pin − plain); "instructions" in the JSON.
 # Then the initialize path (BENCH_INSTR_INIT > 0) of plain (2 pods: each initialize is a new
 # session, round robin is the right baseline; an Envoy of its own unless BENCH_BASELINE_PODS=2),
-# affinity and affinity+control, in the same Envoys: 100 initializes (bench/initialize.py, one
+# affinity and affinity+control, in the same Envoys: 100 initializes (bench/sequential.py initialize, one
 # connection, every answer 200 with a new Mcp-Session-Id) to warm up, 1 s, `-z`,
 # BENCH_INSTR_INIT initializes, 1 s more (the filter sends records to control on a timer, after
 # the answers: the last batch lands inside the window), `-d`; idle subtracted over that whole
@@ -625,11 +625,11 @@ cg() {
   CG_IR=$(awk '$1 == "summary:" || $1 == "totals:" { print $2; exit }' "$file")
   [[ $CG_IR =~ ^[0-9]+$ ]] || die "${LABEL[$1]}: no summary/totals line in $file"
 }
-# steady_through CFG URL SID POD COUNT: COUNT steady requests on one connection (bench/steady.py),
+# steady_through CFG URL SID POD COUNT: COUNT steady requests on one connection (bench/sequential.py),
 # every answer 200 and routed as in the timed phases (POD: the pod that issued the session).
 steady_through() {
   local cfg=$1 out="$RUN/cg-envoy-$1.steady-$5.txt" pods
-  python3 bench/steady.py "$2" "$3" "$5" >"$out" 2>&1 || { cat "$out" >&2; die "${LABEL[$cfg]} under callgrind: steady requests failed"; }
+  python3 bench/sequential.py steady "$2" "$3" "$5" >"$out" 2>&1 || { cat "$out" >&2; die "${LABEL[$cfg]} under callgrind: steady requests failed"; }
   pods=$(sed -n 's/.* pods=\([^ ]*\).*/\1/p' "$out")
   case $cfg in
     plain | empty) ((BASELINE_PODS == 2)) || [[ $pods != *,* ]] || die "${LABEL[$cfg]} under callgrind: answered by pods $pods" ;;
@@ -637,11 +637,11 @@ steady_through() {
     *) [[ $pods == "$4" ]] || die "${LABEL[$cfg]} under callgrind: session from pod $4 answered by pods $pods: not pinned" ;;
   esac
 }
-# initialize_through CFG COUNT: COUNT initialize requests on one connection (bench/initialize.py),
+# initialize_through CFG COUNT: COUNT initialize requests on one connection (bench/sequential.py),
 # every answer 200 with a new Mcp-Session-Id.
 initialize_through() {
   local out="$RUN/cg-envoy-$1.initialize-$2.txt"
-  python3 bench/initialize.py "$URL_CG" "$2" >"$out" 2>&1 || { cat "$out" >&2; die "${LABEL[$1]} under callgrind: initialize requests failed"; }
+  python3 bench/sequential.py initialize "$URL_CG" "$2" >"$out" 2>&1 || { cat "$out" >&2; die "${LABEL[$1]} under callgrind: initialize requests failed"; }
 }
 # instructions CFG STEADY INIT: start CFG's Envoy under callgrind, open a session, warm up
 # (steady requests if STEADY, else initializes); then zero the counters, idle INSTR_IDLE_SECS s,
@@ -716,13 +716,15 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 RUSTC_END=$(pgrep -c -x rustc || true)
 
 # ─── report ──────────────────────────────────────────────────────────────────────────────
-# summary PHASE CFG: "req/s p50 p99 cpu errors" — medians over rounds, errors summed.
-summary() {
-  awk -v p="$1" -v c="$2" '
+# med(a, n): the median of a[1..n] (sorts a in place); prepended to the awk programs below.
+AWK_MEDIAN='
     function med(a, n,   i, j, t) {
       for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
       return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-    }
+    }'
+# summary PHASE CFG: "req/s p50 p99 cpu errors" — medians over rounds, errors summed.
+summary() {
+  awk -v p="$1" -v c="$2" "$AWK_MEDIAN"'
     $1 == p && $2 == c {
       n++; r[n] = $4; p50[n] = $5; p99[n] = $6; if ($7 != "-") { m++; cpu[m] = $7 }; e += $8 + $9
       if (n == 1 || $4 < lo) lo = $4; if (n == 1 || $4 > hi) hi = $4
@@ -735,11 +737,7 @@ summary() {
 # paired PHASE CFG BASE: medians over rounds of CFG − BASE measured in the same round:
 # "added µs/req (1e6 / req/s)", "added proxy CPU µs/req" and "added p50 µs".
 paired() {
-  awk -v p="$1" -v c="$2" -v b="$3" '
-    function med(a, n,   i, j, t) {
-      for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
-      return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-    }
+  awk -v p="$1" -v c="$2" -v b="$3" "$AWK_MEDIAN"'
     $1 == p && $2 == b { us0[$3] = 1e6 / $4; cpu0[$3] = $7; p500[$3] = $5 }
     $1 == p && $2 == c { us[$3] = 1e6 / $4; cpu[$3] = $7; p50[$3] = $5 }
     END {
@@ -753,11 +751,7 @@ paired() {
 # ab PHASE SMALL BIG: medians over rounds of BIG / SMALL measured in the same round:
 # "p50 ratio, p99 ratio, proxy CPU µs/req ratio, req/s ratio, rounds paired".
 ab() {
-  awk -v p="$1" -v a="$2" -v b="$3" '
-    function med(x, n,   i, j, t) {
-      for (i = 2; i <= n; i++) { t = x[i]; for (j = i - 1; j >= 1 && x[j] > t; j--) x[j + 1] = x[j]; x[j + 1] = t }
-      return (n % 2) ? x[(n + 1) / 2] : (x[n / 2] + x[n / 2 + 1]) / 2
-    }
+  awk -v p="$1" -v a="$2" -v b="$3" "$AWK_MEDIAN"'
     function f(n, x) { return n ? sprintf("%.4f", med(x, n)) : "-" }
     $1 == p && $2 == a { rps0[$3] = $4; p500[$3] = $5; p990[$3] = $6; cpu0[$3] = $7 }
     $1 == p && $2 == b { rps[$3] = $4; p50[$3] = $5; p99[$3] = $6; cpu[$3] = $7 }
