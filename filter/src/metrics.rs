@@ -17,7 +17,7 @@ macro_rules! counters {
             /// Counted on the steady path of every request: added up in the VM and sent
             /// to the host once per tick (`sweep_period_ms`), so it lags by up to one tick.
             pub fn per_request(self) -> bool {
-                matches!(self, Counter::RequestsPinned | Counter::RequestsUnpinned)
+                matches!(self, Counter::RequestsPinned | Counter::RequestsUnpinned | Counter::ResponseHeadersSeen)
             }
 
             /// The host metric name, `mcp_affinity.<name>`.
@@ -31,6 +31,7 @@ macro_rules! counters {
 counters! {
     RequestsPinned => "mcp_affinity.requests_pinned": "Requests routed to their session's pinned upstream host (sent to Envoy once per tick, `sweep_period_ms`).",
     RequestsUnpinned => "mcp_affinity.requests_unpinned": "Requests with a session id forwarded unpinned (`pass_through`, or control unavailable; sent to Envoy once per tick, `sweep_period_ms`).",
+    ResponseHeadersSeen => "mcp_affinity.response_headers_seen": "Responses whose headers reached the filter. Shipped in its response matcher (`envoy/envoy.yaml`), Envoy does not call the filter for a POST answered 2xx without Mcp-Session-Id (sent to Envoy once per tick, `sweep_period_ms`).",
     UnknownSession => "mcp_affinity.unknown_session": "Requests with an unknown session id answered 404.",
     InitializeSeen => "mcp_affinity.initialize_seen": "POST bodies recognised as JSON-RPC `initialize`.",
     SessionsPinned => "mcp_affinity.sessions_pinned": "Sessions recorded from an `initialize` response.",

@@ -45,6 +45,12 @@ use crate::store::{self, SharedData, Updated};
 /// JSON-RPC method of the notification that completes MCP initialisation.
 const INITIALIZED: &str = "notifications/initialized";
 
+/// The property [`Op::WantResponse`] sets (`proxy_set_property`); Envoy keeps it as the
+/// filter state `wasm.mcp_affinity.want_response` (Envoy
+/// `source/extensions/common/wasm/context.cc`, `setProperty`: key `wasm.` + path), which
+/// the response matcher reads (`envoy.matching.inputs.filter_state`).
+pub const WANT_RESPONSE: &str = "mcp_affinity.want_response";
+
 /// Host services the machine uses besides the stream itself.
 pub trait Env {
     /// Envoy shared data (process-wide, all worker VMs).
@@ -254,6 +260,10 @@ pub enum Op {
     SetResponseHeader(Header, String),
     Call(Call),
     Reply(Reply),
+    /// Marks the stream so that its response headers reach the filter: Envoy's response
+    /// matcher (`envoy/envoy.yaml`) skips the filter for a POST with a session id answered
+    /// 2xx unless the filter state [`WANT_RESPONSE`] is set. Sent on the request headers.
+    WantResponse,
     /// Apply `ops` to each waiting stream (paused in its request headers), then resume it
     /// if `resume`.
     Wake { waiters: Vec<u32>, ops: Vec<Op>, resume: bool },
@@ -420,6 +430,10 @@ fn pin_ops(cfg: &FilterConfig, client_id: &str, pin: &Pin, ops: &mut Vec<Op>) {
     ops.push(Op::SetRequestHeader(Header::Pin, cfg.pin_encoding.header_value(&pin.upstream)));
     if pin.backend_session_id != client_id {
         ops.push(Op::SetRequestHeader(Header::SessionId, pin.backend_session_id.clone()));
+        // The answer may carry the backend's id, which the client must never see: its
+        // response headers must reach the filter even where Envoy's response matcher
+        // would skip it.
+        ops.push(Op::WantResponse);
     }
 }
 
@@ -725,6 +739,7 @@ impl Stream {
 
     /// `on_http_response_headers`.
     pub fn on_response_headers(&mut self, cx: &mut Ctx, head: &dyn ResponseHead) -> Step {
+        cx.count(Counter::ResponseHeadersSeen);
         self.catch_up(cx);
         match std::mem::replace(&mut self.phase, Phase::Passthrough) {
             Phase::NewSession { initialize, .. } => match head.header(MCP_SESSION_ID) {

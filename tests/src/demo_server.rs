@@ -22,7 +22,8 @@
 //!   [`UnknownSessionStyle`]: `spec` → `404` (what the MCP spec says; also rmcp's own
 //!   answer for POST and GET, body `Not Found: Session not found`, `text/plain`), or
 //!   `ts-sdk` → `400` with the JSON-RPC error body TypeScript-SDK servers send
-//!   ([`TS_SDK_UNKNOWN_SESSION_BODY`]). The middleware exists because rmcp on its own
+//!   ([`TS_SDK_UNKNOWN_SESSION_BODY`]), and with `ts-sdk` every answer to a known session
+//!   carries its `Mcp-Session-Id`, as TypeScript-SDK servers do. The middleware exists because rmcp on its own
 //!   answers a DELETE of an unknown session with `202` and because `ts-sdk` must differ
 //!   from rmcp's default. It asks rmcp's session manager (`has_session`), so a session
 //!   that ended (DELETE, idle timeout) is unknown from then on.
@@ -90,7 +91,9 @@ pub enum UnknownSessionStyle {
     #[default]
     Spec,
     /// Imitate TypeScript-SDK servers: `400 Bad Request`, `application/json` body
-    /// [`TS_SDK_UNKNOWN_SESSION_BODY`] (JSON-RPC error -32000).
+    /// [`TS_SDK_UNKNOWN_SESSION_BODY`] (JSON-RPC error -32000). Like them, every answer to
+    /// a known session carries its `Mcp-Session-Id` (the SDK's `StreamableHTTPServerTransport`
+    /// sets it on every response after initialisation), not only the `initialize` answer.
     TsSdk,
 }
 
@@ -218,6 +221,12 @@ async fn unknown_session_guard(State(state): State<GuardState>, request: Request
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(Body::from(GENUINE_BAD_REQUEST_BODY))
                 .expect("valid response");
+        }
+        if state.style == UnknownSessionStyle::TsSdk {
+            let value = value.clone();
+            let mut response = next.run(request).await;
+            response.headers_mut().entry("mcp-session-id").or_insert(value);
+            return response;
         }
     }
     next.run(request).await

@@ -4,7 +4,8 @@
 //! [`render`] parses the bootstrap as YAML and changes only what a local run needs —
 //! addresses (admin, the `mcp` listener, the `mcp_service` pods, the
 //! `mcp_affinity_control` cluster), the path of the wasm module, and optionally the
-//! plugin configuration, extra `host_env_keys`, or the removal of the wasm filter.
+//! plugin configuration, extra `host_env_keys`, the removal of the wasm filter, or the
+//! removal of its response matcher (the `ExtensionWithMatcher` the filter is shipped in).
 //! Everything else (routes, clusters, timeouts, the filter's VM settings) stays exactly as
 //! shipped, so what runs locally is what is deployed.
 //!
@@ -28,6 +29,10 @@ pub const SERVICE_CLUSTER: &str = "mcp_service";
 pub const CONTROL_CLUSTER: &str = "mcp_affinity_control";
 /// Envoy's name of the wasm HTTP filter.
 pub const WASM_FILTER: &str = "envoy.filters.http.wasm";
+/// `@type` of the matcher the shipped bootstrap wraps the wasm filter in (Envoy
+/// `envoy.extensions.common.matching.v3.ExtensionWithMatcher`: it skips the filter for the
+/// responses it has nothing to do with).
+pub const MATCHER_TYPE: &str = "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher";
 
 /// The repository root (the workspace directory).
 pub fn workspace_root() -> PathBuf {
@@ -79,6 +84,9 @@ pub struct Render {
     pub host_env_keys: Vec<String>,
     /// Remove the wasm HTTP filter (the other HTTP filters and the routes stay).
     pub no_filter: bool,
+    /// Unwrap the wasm filter from its response matcher: every response then reaches the
+    /// VM (how a filter runs when it is loaded plainly, e.g. by an Istio WasmPlugin).
+    pub no_response_matcher: bool,
 }
 
 impl Render {
@@ -93,6 +101,7 @@ impl Render {
             filter_config: None,
             host_env_keys: Vec::new(),
             no_filter: false,
+            no_response_matcher: false,
         }
     }
 }
@@ -128,7 +137,14 @@ pub fn render(yaml: &str, r: &Render) -> Result<String> {
     if r.no_filter {
         http_filters.remove(wasm_at);
     } else {
-        let config = field(&mut http_filters[wasm_at], &["typed_config", "config"])?;
+        let filter = &mut http_filters[wasm_at];
+        if r.no_response_matcher {
+            let inner = field(filter, &["typed_config", "extension_config", "typed_config"])
+                .with_context(|| format!("--no-response-matcher: the {WASM_FILTER} filter is not in an ExtensionWithMatcher"))?
+                .clone();
+            *field(filter, &["typed_config"])? = inner;
+        }
+        let config = wasm_config(filter)?;
         if let Some(wasm) = &r.wasm {
             let wasm = wasm.to_str().ok_or_else(|| anyhow!("wasm path {} is not UTF-8", wasm.display()))?;
             *field(config, &["vm_config", "code", "local", "filename"])? = Value::from(wasm);
@@ -157,6 +173,13 @@ pub fn render(yaml: &str, r: &Render) -> Result<String> {
         set_endpoints(named(clusters, CONTROL_CLUSTER)?, &[control])?;
     }
     serde_norway::to_string(&b).context("serialize the bootstrap")
+}
+
+/// The `Wasm` filter configuration (`config`) of the wasm HTTP filter entry, inside its
+/// `ExtensionWithMatcher` when it is wrapped in one.
+fn wasm_config(filter: &mut Value) -> Result<&mut Value> {
+    let wrapped = filter.get("typed_config").and_then(|t| t.get("@type")).and_then(Value::as_str) == Some(MATCHER_TYPE);
+    if wrapped { field(filter, &["typed_config", "extension_config", "typed_config", "config"]) } else { field(filter, &["typed_config", "config"]) }
 }
 
 /// Runs `envoy --mode validate -c bootstrap` with `env` added to Envoy's environment:
@@ -318,6 +341,11 @@ mod tests {
             .find(|f| f["name"] == WASM_FILTER)
     }
 
+    /// The `Wasm` configuration of the filter entry, wrapped in its matcher or not.
+    fn config_of(f: &serde_json::Value) -> &serde_json::Value {
+        if f["typed_config"]["@type"] == MATCHER_TYPE { &f["typed_config"]["extension_config"]["typed_config"]["config"] } else { &f["typed_config"]["config"] }
+    }
+
     fn endpoints(b: &serde_json::Value, cluster: &str) -> Vec<String> {
         let c = b["static_resources"]["clusters"].as_array().unwrap().iter().find(|c| c["name"] == cluster).unwrap();
         c.pointer("/load_assignment/endpoints/0/lb_endpoints")
@@ -339,7 +367,8 @@ mod tests {
         assert_eq!(b.pointer("/static_resources/listeners/0/name").unwrap(), LISTENER);
         assert_eq!(b.pointer("/static_resources/listeners/0/address/socket_address").unwrap(), &serde_json::json!({"address":"127.0.0.1","port_value":4001}));
         let f = wasm_filter(&b).expect("the wasm filter stays");
-        let config = &f["typed_config"]["config"];
+        assert_eq!(f["typed_config"]["@type"], MATCHER_TYPE, "in its response matcher, as shipped");
+        let config = config_of(f);
         assert_eq!(config.pointer("/vm_config/code/local/filename").unwrap(), "/tmp/x/filter.wasm");
         assert_eq!(config.pointer("/vm_config/runtime").unwrap(), "envoy.wasm.runtime.v8", "VM settings as shipped");
         assert_eq!(config.pointer("/configuration/value").unwrap(), r#"{"max_body_bytes":4096}"#);
@@ -378,6 +407,19 @@ mod tests {
         assert_eq!(filters[0]["name"], "envoy.filters.http.router");
         // Clients' pin headers are still dropped before routing.
         assert!(b.pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/early_header_mutation_extensions").is_some());
+    }
+
+    #[test]
+    fn no_response_matcher_unwraps_the_filter_and_keeps_its_configuration() {
+        let wrapped = parse(&render(&shipped(), &local()).unwrap());
+        let plain = parse(&render(&shipped(), &Render { no_response_matcher: true, ..local() }).unwrap());
+        let f = wasm_filter(&plain).unwrap();
+        assert_eq!(f["typed_config"]["@type"], "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm");
+        assert_eq!(config_of(f), config_of(wasm_filter(&wrapped).unwrap()));
+        assert!(f["typed_config"].get("xds_matcher").is_none());
+        // Unwrapping a filter that is not wrapped says so.
+        let once = render(&shipped(), &Render { no_response_matcher: true, ..local() }).unwrap();
+        assert!(render(&once, &Render { no_response_matcher: true, ..local() }).unwrap_err().to_string().contains("ExtensionWithMatcher"));
     }
 
     #[test]

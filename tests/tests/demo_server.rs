@@ -122,6 +122,10 @@ async fn unknown_session_is_400_minus_32000_in_ts_sdk_style() {
     let (_pod, url) = start("pod-ts", "ts-sdk");
     let live = mcp_client::connect(&url).await.expect("connect");
     assert_eq!(live.whoami().await.expect("whoami"), "pod-ts");
+    // Like TypeScript-SDK servers, every answer to a known session names it.
+    let resp = live.post_raw(&[], json!({"jsonrpc": "2.0", "id": 7, "method": "ping"}).to_string()).await.unwrap();
+    assert_eq!(resp.status.as_u16(), 200, "{}", resp.text());
+    assert_eq!(resp.header("mcp-session-id"), Some(live.session_id.as_str()));
 
     let ghost = Session::with_id(&url, "no-such-session-0123");
     let err = ghost.echo("x").await.expect_err("unknown session must fail");

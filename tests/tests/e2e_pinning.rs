@@ -187,3 +187,38 @@ async fn the_rmcp_client_works_through_the_proxy() {
     }
     assert_eq!(proxy.metric("unknown_session").await.unwrap(), 0);
 }
+
+/// Shipped in its response matcher (`envoy/envoy.yaml`), the filter is not called for the
+/// 2xx answers to a session's POSTs: Envoy decides that natively, and the answer costs no
+/// call into the VM. `initialize` and DELETE answers still reach it (they pin and forget).
+/// Loaded plainly (`no_response_matcher`, as an Istio WasmPlugin loads it), every answer
+/// reaches it; pinning works the same both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_answers_skip_the_filter_in_its_response_matcher() {
+    const CALLS: i64 = 8;
+    let pods = pods(2).unwrap();
+    let addrs: Vec<_> = pods.iter().map(|p| p.addr).collect();
+    for no_response_matcher in [false, true] {
+        // One worker VM: its per-request counters are flushed together, in order.
+        let proxy = Proxy::start(&addrs, ProxyOptions { no_response_matcher, concurrency: Some(1), ..Default::default() }).unwrap();
+        let a = mcp_client::connect(&proxy.url()).await.unwrap();
+        let pod = a.whoami().await.unwrap();
+        for _ in 1..CALLS {
+            assert_eq!(a.whoami().await.unwrap(), pod, "pinned");
+        }
+        assert!(a.delete().await.unwrap().status.is_success());
+        // B's notifications/initialized is counted (requests_pinned) after every answer
+        // above was: once it shows, so do they.
+        let _b = mcp_client::connect(&proxy.url()).await.unwrap();
+        let pinned = 1 + CALLS + 1 + 1;
+        assert_eq!(proxy.metric_reaching("requests_pinned", pinned).await.unwrap(), pinned);
+        let seen = proxy.metric("response_headers_seen").await.unwrap();
+        // Seen in both: A's and B's initialize answers, A's DELETE answer.
+        if no_response_matcher {
+            assert!(seen >= 3 + 1 + CALLS, "every answer reaches a plainly loaded filter: {seen}");
+        } else {
+            assert_eq!(seen, 3, "only initialize and DELETE answers reach the filter in its matcher");
+        }
+        assert_eq!(proxy.metric("sessions_forgotten").await.unwrap(), 1);
+    }
+}

@@ -32,6 +32,7 @@ use envoy_types::pb::envoy::config::listener::v3::filter;
 use envoy_types::pb::envoy::config::route::v3::{Route, header_matcher, route, route_action};
 use envoy_types::pb::envoy::extensions::filters::http::header_mutation::v3::HeaderMutation as HeaderMutationFilter;
 use envoy_types::pb::envoy::extensions::filters::http::stateful_session::v3::StatefulSession;
+use envoy_types::pb::envoy::extensions::common::matching::v3::ExtensionWithMatcher;
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
@@ -39,7 +40,12 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::http::early_header_mutation::header_mutation::v3::HeaderMutation as EarlyHeaderMutation;
 use envoy_types::pb::envoy::extensions::http::stateful_session::header::v3::HeaderBasedSessionState;
 use envoy_types::pb::envoy::extensions::wasm::v3::plugin_config;
+use envoy_types::pb::envoy::extensions::matching::common_inputs::network::v3::FilterStateInput;
+use envoy_types::pb::envoy::r#type::matcher::v3::{HttpRequestHeaderMatchInput, HttpResponseHeaderMatchInput};
 use envoy_types::pb::google::protobuf::{Any, Duration, StringValue};
+use envoy_types::pb::xds::r#type::matcher::v3::matcher::matcher_list::predicate::{self, single_predicate};
+use envoy_types::pb::xds::r#type::matcher::v3::matcher::{MatcherType, matcher_list::Predicate, on_match};
+use envoy_types::pb::xds::r#type::matcher::v3::string_matcher::MatchPattern;
 use mcp_affinity_filter::config::FilterConfig;
 use mcp_affinity_filter::pin::PinEncoding;
 use prost_reflect::{DescriptorPool, DynamicMessage};
@@ -139,6 +145,11 @@ const PROTO_FILES: &[&str] = &[
     "envoy/config/bootstrap/v3/bootstrap.proto",
     "envoy/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto",
     "envoy/extensions/filters/http/wasm/v3/wasm.proto",
+    "envoy/extensions/common/matching/v3/extension_matcher.proto",
+    "envoy/extensions/filters/common/matcher/action/v3/skip_action.proto",
+    "envoy/type/matcher/v3/http_inputs.proto",
+    "envoy/type/matcher/v3/status_code_input.proto",
+    "envoy/extensions/matching/common_inputs/network/v3/network_inputs.proto",
     "envoy/extensions/filters/http/router/v3/router.proto",
     "envoy/extensions/filters/http/stateful_session/v3/stateful_session.proto",
     "envoy/extensions/filters/http/header_mutation/v3/header_mutation.proto",
@@ -232,6 +243,72 @@ fn is_zero(d: &Option<Duration>) -> bool {
 }
 
 // ─── the filter's configuration inside Envoy's wasm filter ──────────────────────────
+
+/// The predicate the response matcher must skip the filter on, one line per condition
+/// (sorted): the 2xx answer to a POST with a session id, unless the filter asked for it
+/// (filter state `wasm.` + [`mcp_affinity_filter::stream::WANT_RESPONSE`]). Anything
+/// wider would hide initialize answers, DELETEs, lost sessions or backend ids from it.
+const SKIP_WHEN: [&str; 4] = [
+    "not filter state wasm.mcp_affinity.want_response is 1",
+    "request header :method is POST",
+    "request header mcp-session-id matches .*",
+    "response status class is 2xx",
+];
+
+/// One condition of the matcher, in words (see [`SKIP_WHEN`]).
+fn describe(p: &Predicate) -> Result<Vec<String>, String> {
+    match p.match_type.as_ref().ok_or("empty predicate")? {
+        predicate::MatchType::AndMatcher(list) => list.predicate.iter().map(describe).collect::<Result<Vec<_>, _>>().map(|v| v.concat()),
+        predicate::MatchType::NotMatcher(inner) => Ok(describe(inner)?.into_iter().map(|d| format!("not {d}")).collect()),
+        predicate::MatchType::OrMatcher(_) => Err("the response matcher must not use or_matcher".into()),
+        predicate::MatchType::SinglePredicate(sp) => {
+            let input = sp.input.as_ref().and_then(|i| i.typed_config.as_ref()).ok_or("single_predicate without input")?;
+            let subject = match input.type_url.rsplit('.').next().unwrap_or_default() {
+                "HttpRequestHeaderMatchInput" => format!("request header {}", unpack::<HttpRequestHeaderMatchInput>(input)?.header_name),
+                "HttpResponseHeaderMatchInput" => format!("response header {}", unpack::<HttpResponseHeaderMatchInput>(input)?.header_name),
+                "HttpResponseStatusCodeClassMatchInput" => "response status class".to_string(),
+                "FilterStateInput" => format!("filter state {}", unpack::<FilterStateInput>(input)?.key),
+                other => return Err(format!("unexpected matcher input {other}")),
+            };
+            let test = match &sp.matcher {
+                Some(single_predicate::Matcher::ValueMatch(m)) => match &m.match_pattern {
+                    Some(MatchPattern::Exact(v)) => format!("is {v}"),
+                    Some(MatchPattern::SafeRegex(r)) => format!("matches {}", r.regex),
+                    other => return Err(format!("unexpected value_match {other:?}")),
+                },
+                _ => return Err("single_predicate without value_match".into()),
+            };
+            Ok(vec![format!("{subject} {test}")])
+        }
+    }
+}
+
+/// The `Wasm` configuration of the wasm HTTP filter entry. Wrapped in an
+/// `ExtensionWithMatcher` (as shipped), the matcher must be one list matcher whose action
+/// is `SkipFilter` exactly on [`SKIP_WHEN`].
+fn wasm_of(f: &HttpFilter) -> Result<Wasm, String> {
+    let any = typed_config(f)?;
+    if any.type_url != <ExtensionWithMatcher as prost::Name>::type_url() {
+        return unpack(any);
+    }
+    let wrapped: ExtensionWithMatcher = unpack(any)?;
+    let matcher = wrapped.xds_matcher.as_ref().ok_or("ExtensionWithMatcher without xds_matcher")?;
+    ensure!(matcher.on_no_match.is_none(), "the response matcher must not act on no match");
+    let Some(MatcherType::MatcherList(list)) = &matcher.matcher_type else { return Err("the response matcher must be a matcher_list".into()) };
+    ensure!(list.matchers.len() == 1, "the response matcher must have one matcher, found {}", list.matchers.len());
+    let m = &list.matchers[0];
+    let action = match m.on_match.as_ref().and_then(|o| o.on_match.as_ref()) {
+        Some(on_match::OnMatch::Action(a)) => a.typed_config.as_ref().map(|t| t.type_url.as_str()).unwrap_or_default(),
+        _ => return Err("the response matcher's on_match must be an action".into()),
+    };
+    ensure!(action.ends_with("envoy.extensions.filters.common.matcher.action.v3.SkipFilter"), "the response matcher's action is {action}, want SkipFilter");
+    let mut when = describe(m.predicate.as_ref().ok_or("matcher without predicate")?)?;
+    when.sort();
+    ensure!(SKIP_WHEN[0].ends_with(&format!("wasm.{} is 1", mcp_affinity_filter::stream::WANT_RESPONSE)), "SKIP_WHEN names the filter's property");
+    ensure!(when == SKIP_WHEN, "the response matcher skips the filter when {when:?}; it must be exactly {SKIP_WHEN:?}");
+    let inner = wrapped.extension_config.as_ref().and_then(|e| e.typed_config.as_ref()).ok_or("ExtensionWithMatcher without extension_config")?;
+    unpack(inner)
+}
 
 /// What one wasm filter instance says.
 struct WasmFilter {
@@ -329,7 +406,8 @@ fn check_bootstrap(text: &str, pinning: Pinning) -> Check {
     let names: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
     ensure!(names.last() == Some(&"envoy.filters.http.router"), "the router must be the last HTTP filter: {names:?}");
     let wasm_at = names.iter().position(|n| *n == "envoy.filters.http.wasm").ok_or("no envoy.filters.http.wasm filter")?;
-    let wasm: Wasm = unpack(typed_config(&hcm.http_filters[wasm_at])?)?;
+    ensure!(typed_config(&hcm.http_filters[wasm_at])?.type_url == <ExtensionWithMatcher as prost::Name>::type_url(), "ship the wasm filter in its response matcher (ExtensionWithMatcher)");
+    let wasm = wasm_of(&hcm.http_filters[wasm_at])?;
     let wf = check_wasm_filter(&wasm, Some("/etc/envoy/mcp_affinity_filter.wasm"))?;
     check_defaults(&wf.filter)?;
     let pin = wf.filter.pin_header.as_str();
@@ -703,7 +781,7 @@ fn check_istio(objs: &BTreeMap<String, Json>, wasmplugin_text: &str, envoyfilter
         match s(patch, "/applyTo") {
             "HTTP_FILTER" => {
                 let f: HttpFilter = api().decode("envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter", value)?;
-                let wasm: Wasm = unpack(typed_config(&f)?)?;
+                let wasm = wasm_of(&f)?;
                 ef_filter = Some(check_wasm_filter(&wasm, None)?.filter);
             }
             "CLUSTER" => {
@@ -831,7 +909,7 @@ fn mutated_bootstraps_are_rejected() {
         (&plain, "\"pin_encoding\": \"plain\"", "\"pin_encoding\": \"base64\"", Pinning::OriginalDst, "pin_encoding must be plain"),
         (&plain, "\"token_env\": \"MCP_AFFINITY_CONTROL_TOKEN\"", "\"token\": \"secret\"", Pinning::OriginalDst, "inline"),
         (&plain, "\"cluster\": \"mcp_affinity_control\"", "\"cluster\": \"control\"", Pinning::OriginalDst, "not a cluster"),
-        (&plain, "host_env_keys:\n                    - MCP_AFFINITY_CONTROL_TOKEN", "host_env_keys:\n                    - OTHER", Pinning::OriginalDst, "not exposed"),
+        (&plain, "host_env_keys:\n                        - MCP_AFFINITY_CONTROL_TOKEN", "host_env_keys:\n                        - OTHER", Pinning::OriginalDst, "not exposed"),
         // Names across the file.
         (&plain, "http_header_name: x-session-pod", "http_header_name: x-pod", Pinning::OriginalDst, "reads \"x-pod\""),
         (&plain, "cluster: mcp_service\n", "cluster: mcp_services\n", Pinning::OriginalDst, "does not exist"),
@@ -845,6 +923,13 @@ fn mutated_bootstraps_are_rejected() {
         (&ss, "                  name: x-session-pod\n", "                  name: x-pod\n", Pinning::StatefulSession, "stateful session reads"),
         (&ss, "- remove: x-session-pod\n          http_filters", "- remove: x-other\n          http_filters", Pinning::StatefulSession, "early_header_mutation"),
         (&ss, "                response_mutations:\n                - remove: x-session-pod", "                response_mutations:\n                - remove: x-other", Pinning::StatefulSession, "from responses"),
+        // The response matcher skips the filter only where it has nothing to do.
+        (&plain, "value_match: { exact: 2xx }", "value_match: { exact: 4xx }", Pinning::OriginalDst, "must be exactly"),
+        (&plain, "value_match: { exact: POST }", "value_match: { exact: DELETE }", Pinning::OriginalDst, "must be exactly"),
+        (&ss, "                                header_name: mcp-session-id", "                                header_name: mcp-session", Pinning::StatefulSession, "must be exactly"),
+        (&plain, "key: wasm.mcp_affinity.want_response", "key: wasm.want_response", Pinning::OriginalDst, "must be exactly"),
+        (&plain, "v3.SkipFilter", "v3.SkipFiltr", Pinning::OriginalDst, "SkipFiltr"),
+        (&plain, "v3.ExtensionWithMatcher", "v3.ExtensionWithMatchr", Pinning::OriginalDst, "ExtensionWithMatchr"),
     ];
     for (text, from, to, pinning, needle) in cases {
         expect_err(check_bootstrap(&mutate(text, from, to), *pinning), needle);

@@ -69,6 +69,7 @@ unsafe extern "C" {
     fn proxy_replace_header_map_value(map: u32, key: *const u8, key_len: usize, value: *const u8, value_len: usize) -> u32;
     fn proxy_remove_header_map_value(map: u32, key: *const u8, key_len: usize) -> u32;
     fn proxy_get_property(path: *const u8, path_len: usize, value: *mut *mut u8, value_len: *mut usize) -> u32;
+    fn proxy_set_property(path: *const u8, path_len: usize, value: *const u8, value_len: usize) -> u32;
     fn proxy_get_buffer_bytes(buffer: u32, start: usize, max_size: usize, value: *mut *mut u8, value_len: *mut usize) -> u32;
     fn proxy_get_shared_data(key: *const u8, key_len: usize, value: *mut *mut u8, value_len: *mut usize, cas: *mut u32) -> u32;
     fn proxy_set_shared_data(key: *const u8, key_len: usize, value: *const u8, value_len: usize, cas: u32) -> u32;
@@ -194,6 +195,18 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
             None
         }
     }
+}
+
+/// Sets a property of the stream (`proxy_set_property`): Envoy stores `value` as the
+/// filter state `wasm.<path>` (a `CelState`, life span of the filter chain). False when
+/// refused.
+pub fn set_property(path: &str, value: &[u8]) -> bool {
+    // SAFETY: pointers to live slices.
+    let status = unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) };
+    if status != OK {
+        log::debug!("mcp-affinity: set property {path}: status {status}");
+    }
+    status == OK
 }
 
 /// Resumes a held stream (`proxy_continue_stream`).

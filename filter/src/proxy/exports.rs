@@ -5,7 +5,9 @@
 //! dispatcher exports every callback, so a pinned request used to pay for eight of them;
 //! here it pays for four (`proxy_on_context_create`, `proxy_on_request_headers`,
 //! `proxy_on_response_headers`, `proxy_on_delete`), five with a body
-//! (`proxy_on_request_body`). Not exported, so never called: response bodies and trailers, metadata,
+//! (`proxy_on_request_body`); in the shipped Envoy configurations Envoy's response matcher
+//! spares the steady request `proxy_on_response_headers` too (`envoy/README.md`). Not
+//! exported, so never called: response bodies and trailers, metadata,
 //! `proxy_on_log`, `proxy_on_done` (Envoy calls `proxy_on_delete` right after it,
 //! `Context::onDestroy`), network-filter, queue, gRPC and foreign-function callbacks.
 //!

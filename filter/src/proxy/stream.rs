@@ -76,6 +76,9 @@ impl Stream {
                 Op::SetRequestHeader(h, v) => {
                     abi::set_header(Map::RequestHeaders, self.header_name(h), &v);
                 }
+                Op::WantResponse => {
+                    abi::set_property(machine::WANT_RESPONSE, b"1");
+                }
                 Op::SetResponseHeader(h, v) => {
                     abi::set_header(Map::ResponseHeaders, self.header_name(h), &v);
                 }

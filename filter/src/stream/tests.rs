@@ -336,6 +336,9 @@ fn a_re_pinned_session_keeps_the_client_id_both_ways() {
     let mut s = Stream::new(1);
     let step = s.on_request_headers(&mut w.cx(), post(Some("client")), false);
     assert!(step.ops.contains(&Op::SetRequestHeader(Header::SessionId, "backend".into())));
+    // Envoy's response matcher would skip the filter on this 2xx answer; the filter state
+    // set here makes the answer (carrying the backend's id) reach it.
+    assert!(step.ops.contains(&Op::WantResponse), "{step:?}");
     let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "backend")]));
     assert_eq!(step.ops, vec![Op::SetResponseHeader(Header::SessionId, "client".into())]);
 }
@@ -579,7 +582,7 @@ fn a_session_on_a_draining_upstream_is_moved_before_its_request_is_sent() {
     assert_eq!(step, Step { ops: vec![], flow: Flow::Pause }, "one move per session per VM; the other stream waits");
     let step = a.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: MOVED.into() });
     assert_eq!(step.flow, Flow::ResumeRequest);
-    let route = vec![Op::SetRequestHeader(Header::Pin, "10.0.0.5:80".into()), Op::SetRequestHeader(Header::SessionId, "b2".into())];
+    let route = vec![Op::SetRequestHeader(Header::Pin, "10.0.0.5:80".into()), Op::SetRequestHeader(Header::SessionId, "b2".into()), Op::WantResponse];
     let mut expected = vec![Op::Wake { waiters: vec![2], ops: route.clone(), resume: true }];
     expected.extend(route);
     assert_eq!(step.ops, expected);

@@ -38,6 +38,10 @@ struct Args {
     /// Remove the wasm filter (plain round robin over the upstreams).
     #[arg(long)]
     no_filter: bool,
+    /// Load the wasm filter without its response matcher (every response reaches the VM,
+    /// as when an Istio WasmPlugin loads it).
+    #[arg(long)]
+    no_response_matcher: bool,
     /// The bootstrap to render.
     #[arg(long, default_value_os_t = envoy::shipped_bootstrap())]
     bootstrap: PathBuf,
@@ -59,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         control: args.control,
         filter_config,
         no_filter: args.no_filter,
+        no_response_matcher: args.no_response_matcher,
         ..Render::new(args.listen, args.admin, &args.upstreams)
     };
     print!("{}", envoy::render(&yaml, &render)?);
