@@ -17,7 +17,8 @@
 # median over rounds. See bench/README.md for how to read the output.
 #
 # Then, since CPU time on a shared VM is noisy, instructions per request (BENCH_INSTRUCTIONS):
-# plain, empty, empty+pin, affinity and affinity+control in turn, one at a time, each a fresh
+# plain, empty, empty+pin, affinity, affinity+control and affinity+control without its response
+# matcher (`--no-response-matcher`, as an Istio WasmPlugin loads it) in turn, one at a time, each a fresh
 # Envoy of the same bootstrap (new ports) run by `valgrind --tool=callgrind --smc-check=all-non-file`
 # (V8 writes code at run time) — the Envoy ELF itself, not the PyPI python wrapper. Through it:
 # initialize + notifications/initialized, 300 steady requests to warm up (bench/sequential.py steady: one
@@ -108,8 +109,8 @@ if [[ -z ${BENCH_UNDER_TIMEOUT:-} ]]; then
   # steady: 7 configs; scaled: 3 pairs (+ their warm-up); initialize: 8 configs.
   budget=$((240 + 7 * (WARMUP + 5) + ROUNDS * 7 * (SECS + 5)))
   ((SCALE > 0)) && budget=$((budget + 3 * (SCALE / 250 + 60) + 9 * (WARMUP + 5) + ROUNDS * 6 * (SECS + 5) + INIT_ROUNDS * 8 * (INIT_SECS + 5)))
-  # 6 Envoys under callgrind: 40-100 s each here to start; requests at >= 20/s, initializes at >= 5/s.
-  ((INSTR)) && budget=$((budget + 6 * 180 + 5 * (INSTR_WARMUP + INSTR_REQUESTS) / 20 + 3 * (INSTR_INIT_WARMUP + INSTR_INIT) / 5))
+  # 7 Envoys under callgrind: 40-100 s each here to start; requests at >= 20/s, initializes at >= 5/s.
+  ((INSTR)) && budget=$((budget + 7 * 180 + 5 * (INSTR_WARMUP + INSTR_REQUESTS) / 20 + 3 * (INSTR_INIT_WARMUP + INSTR_INIT) / 5))
   export BENCH_UNDER_TIMEOUT=$budget
   # On expiry timeout sends TERM to this script, whose trap stops everything it started.
   exec timeout --foreground -k 15 "$budget" "$ROOT/bench/envoy-bench.sh" "$@"
@@ -163,7 +164,8 @@ fi
 
 CONFIGS=(plain empty pin affinity control haproxy direct)
 declare -A LABEL=([plain]=plain [empty]=empty [pin]=empty+pin [affinity]=affinity [control]=affinity+control [haproxy]=haproxy [direct]=direct
-  [plain2]="plain (2 pods)" [affinity_big]="affinity (2nd)" [control_big]="affinity+control (2nd)" [haproxy_big]="haproxy (2nd)")
+  [plain2]="plain (2 pods)" [affinity_big]="affinity (2nd)" [control_big]="affinity+control (2nd)" [haproxy_big]="haproxy (2nd)"
+  [control_plain]="affinity+control, no matcher")
 # Scale (BENCH_SCALE > 0): a second instance of each of SCALED (CFG_big), populated with N
 # sessions, measured in the same rounds as the first; plain2: plain Envoy round robin over both
 # pods, the baseline of the initialize phase (each initialize is a new session).
@@ -324,10 +326,15 @@ render_args() { # cfg: the pods (1|2) and render arguments of each Envoy config,
   case ${1%_big} in
     plain) R_PODS=$BASELINE_PODS R_ARGS=(--no-filter) ;;
     plain2) R_PODS=2 R_ARGS=(--no-filter) ;;
-    empty) R_PODS=$BASELINE_PODS R_ARGS=(--wasm "$EMPTY_WASM" --filter-config "$RUN/filter-empty.json") ;;
-    pin) R_PODS=2 R_ARGS=(--wasm "$EMPTY_WASM" --filter-config "$RUN/filter-pin.json") ;;
+    # The empty module is loaded as a plain wasm filter, the way anyone loads one; the
+    # response matcher the shipped bootstrap wraps mcp-affinity in is part of mcp-affinity.
+    empty) R_PODS=$BASELINE_PODS R_ARGS=(--wasm "$EMPTY_WASM" --filter-config "$RUN/filter-empty.json" --no-response-matcher) ;;
+    pin) R_PODS=2 R_ARGS=(--wasm "$EMPTY_WASM" --filter-config "$RUN/filter-pin.json" --no-response-matcher) ;;
     affinity) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-empty.json") ;;
     control) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "${CONTROL_FILTER_CONFIG:-$RUN/filter-control.json}" --control "127.0.0.1:$CONTROL_PORT") ;;
+    # Instructions only: affinity+control loaded without its response matcher, as an Istio
+    # WasmPlugin loads it (every answer reaches the VM).
+    control_plain) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "${CONTROL_FILTER_CONFIG:-$RUN/filter-control.json}" --control "127.0.0.1:$CONTROL_PORT" --no-response-matcher) ;;
     *) die "render_args: unknown config $1" ;;
   esac
 }
@@ -591,7 +598,7 @@ fi
 # on a shared VM is not. One Envoy at a time, on its own ports, with its own session.
 # Initialize: a new session each, so the baseline is plain Envoy round robin over both pods
 # (plain2; plain itself when BENCH_BASELINE_PODS=2).
-INSTR_CONFIGS=(plain empty pin affinity control)
+INSTR_CONFIGS=(plain empty pin affinity control control_plain)
 INSTR_INIT_CONFIGS=()
 ((INSTR_INIT > 0)) && INSTR_INIT_CONFIGS=(plain2 affinity control)
 declare -A IR=() IR_IDLE=() IR_LOAD=() IR_INIT=() IR_INIT_LOAD=()
