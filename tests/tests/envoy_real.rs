@@ -360,7 +360,8 @@ fn container_bootstrap_is_the_shipped_one() {
     let sa = |p: &str| rendered.pointer(p).unwrap_or_else(|| panic!("no {p}")).clone();
     assert_eq!(sa("/admin/address/socket_address"), json!({"address": "127.0.0.1", "port_value": 20001}));
     assert_eq!(sa("/static_resources/listeners/0/address/socket_address"), json!({"address": "127.0.0.1", "port_value": 20000}));
-    let wasm = "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters/0/typed_config/config";
+    // The filter's `Wasm` config, inside the response matcher it ships in.
+    let wasm = "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters/0/typed_config/extension_config/typed_config/config";
     let (config, shipped_config) = (rendered.pointer(wasm).unwrap(), shipped.pointer(wasm).unwrap());
     assert_eq!(config["vm_config"]["code"]["local"]["filename"], CONTAINER_WASM);
     assert_eq!(config["configuration"], shipped_config["configuration"], "the filter configuration is the shipped one");
