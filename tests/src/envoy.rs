@@ -175,6 +175,17 @@ pub fn render(yaml: &str, r: &Render) -> Result<String> {
     serde_norway::to_string(&b).context("serialize the bootstrap")
 }
 
+/// The plugin configuration (`configuration.value`, JSON text) of the `mcp` listener's wasm
+/// filter in the bootstrap `yaml`, wrapped in its response matcher or not. Errors when the
+/// bootstrap does not have that shape.
+pub fn plugin_configuration(yaml: &str) -> Result<String> {
+    let mut b: Value = serde_norway::from_str(yaml).context("parse the bootstrap YAML")?;
+    let listener = named(seq(&mut b, &["static_resources", "listeners"])?, LISTENER)?;
+    let filter = named(http_filters(listener)?, WASM_FILTER)?;
+    let value = field(wasm_config(filter)?, &["configuration", "value"])?;
+    value.as_str().map(str::to_string).ok_or_else(|| anyhow!("the wasm filter's configuration.value is not a string"))
+}
+
 /// The `Wasm` filter configuration (`config`) of the wasm HTTP filter entry, inside its
 /// `ExtensionWithMatcher` when it is wrapped in one.
 fn wasm_config(filter: &mut Value) -> Result<&mut Value> {
@@ -407,6 +418,15 @@ mod tests {
         assert_eq!(filters[0]["name"], "envoy.filters.http.router");
         // Clients' pin headers are still dropped before routing.
         assert!(b.pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/early_header_mutation_extensions").is_some());
+    }
+
+    #[test]
+    fn plugin_configuration_is_found_wrapped_or_not() {
+        let shipped_config = plugin_configuration(&shipped()).unwrap();
+        assert!(shipped_config.contains("\"control\""), "{shipped_config}");
+        let plain = render(&shipped(), &Render { no_response_matcher: true, ..local() }).unwrap();
+        assert_eq!(plugin_configuration(&plain).unwrap(), r#"{"max_body_bytes":4096}"#);
+        assert!(plugin_configuration("admin: {}\n").is_err());
     }
 
     #[test]

@@ -988,21 +988,9 @@ impl Schedule {
 /// deployed: its control and recovery timeouts, not the fixtures' shorter ones), and the
 /// environment variable it reads control's token from.
 fn shipped_plugin_config() -> Result<(String, String)> {
-    fn find(v: &serde_norway::Value) -> Option<&str> {
-        match v {
-            serde_norway::Value::Mapping(m) => {
-                if m.get("name").and_then(|n| n.as_str()) == Some("envoy.filters.http.wasm") {
-                    return m.get("typed_config")?.get("config")?.get("configuration")?.get("value")?.as_str();
-                }
-                m.values().find_map(find)
-            }
-            serde_norway::Value::Sequence(items) => items.iter().find_map(find),
-            _ => None,
-        }
-    }
     let path = mcp_affinity_harness::envoy::shipped_bootstrap();
-    let yaml: serde_norway::Value = serde_norway::from_str(&std::fs::read_to_string(&path)?)?;
-    let config = find(&yaml).ok_or_else(|| anyhow!("no wasm filter configuration in {}", path.display()))?.to_string();
+    let config = mcp_affinity_harness::envoy::plugin_configuration(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("the wasm filter configuration in {}", path.display()))?;
     let json: Value = serde_json::from_str(&config).context("the shipped plugin configuration is JSON")?;
     let token_env = json
         .pointer("/control/token_env")
