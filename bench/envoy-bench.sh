@@ -334,7 +334,7 @@ render_args() { # cfg: the pods (1|2) and render arguments of each Envoy config,
     control) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "${CONTROL_FILTER_CONFIG:-$RUN/filter-control.json}" --control "127.0.0.1:$CONTROL_PORT") ;;
     # Instructions only: affinity+control loaded without its response matcher, as an Istio
     # WasmPlugin loads it (every answer reaches the VM).
-    control_plain) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "${CONTROL_FILTER_CONFIG:-$RUN/filter-control.json}" --control "127.0.0.1:$CONTROL_PORT" --no-response-matcher) ;;
+    control_plain) render_args control; R_ARGS+=(--no-response-matcher) ;;
     *) die "render_args: unknown config $1" ;;
   esac
 }
