@@ -140,7 +140,7 @@ fn json(bytes: &[u8]) -> serde_json::Value {
 
 #[test]
 fn a_post_without_session_id_goes_on_at_its_headers_and_initialize_is_read_from_body_chunks() {
-    let mut w = World::new(false);
+    let mut w = World::new(true);
     let mut s = Stream::new(1);
     // Envoy delivers no body event while request headers are paused: they must go on.
     assert_eq!(s.on_request_headers(&mut w.cx(), post(None), false).flow, Flow::Continue);
@@ -149,6 +149,21 @@ fn a_post_without_session_id_goes_on_at_its_headers_and_initialize_is_read_from_
     assert_eq!(s.on_request_body(&mut w.cx(), &body(a), false).flow, Flow::Continue);
     assert_eq!(s.on_request_body(&mut w.cx(), &body(b), true).flow, Flow::Continue);
     assert_eq!(w.count("initialize_seen"), 1);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s1"), ("content-type", "text/event-stream")]));
+    assert_eq!(step.flow, Flow::Continue, "async records hold nothing");
+    assert_eq!(w.stored("s1").unwrap().upstream, "10.0.0.1:80", "pinned to upstream.address");
+    assert_eq!(w.count("sessions_pinned"), 1);
+}
+
+#[test]
+fn without_control_a_post_without_session_id_is_pinned_from_its_answer_alone() {
+    let mut w = World::new(false);
+    let mut s = Stream::new(1);
+    assert_eq!(s.on_request_headers(&mut w.cx(), post(None), false).flow, Flow::Continue);
+    // Nothing needs the body without control (no record keeps it): no copy, no host call.
+    let read = || -> Vec<u8> { panic!("the body is not read without control") };
+    assert_eq!(s.on_request_body(&mut w.cx(), &read, true).flow, Flow::Continue);
+    assert_eq!(w.count("initialize_seen"), 0);
     let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s1"), ("content-type", "text/event-stream")]));
     assert_eq!(step.flow, Flow::Continue, "without control nothing holds the response");
     assert_eq!(w.stored("s1").unwrap().upstream, "10.0.0.1:80", "pinned to upstream.address");
@@ -207,7 +222,7 @@ fn with_sync_writes_the_initialize_response_is_held_until_control_has_the_record
 
 #[test]
 fn an_mcp_method_hint_for_another_method_skips_the_body_copy() {
-    let mut w = World::new(false);
+    let mut w = World::new(true);
     let mut s = Stream::new(1);
     s.on_request_headers(&mut w.cx(), HeaderPairs::from_pairs(&[(":method", "POST"), ("mcp-method", "tools/list")]), false);
     let read = || -> Vec<u8> { panic!("the body is not read") };
@@ -216,7 +231,7 @@ fn an_mcp_method_hint_for_another_method_skips_the_body_copy() {
 
 #[test]
 fn oversized_and_malformed_bodies_pass_through_counted() {
-    let mut w = World::new(false);
+    let mut w = World::new(true);
     w.cfg.max_body_bytes = 8;
     let mut s = Stream::new(1);
     s.on_request_headers(&mut w.cx(), post(None), false);
