@@ -20,8 +20,9 @@ pub struct FilterConfig {
     /// How the host is written into `pin_header`: `plain` (`ip:port`, ORIGINAL_DST) or
     /// `base64` (stateful-session header / Istio persistent sessions). Default `plain`.
     pub pin_encoding: PinEncoding,
-    /// Largest POST body (bytes) buffered to look for `initialize` (default 1 MiB).
-    /// Larger bodies pass through unpinned and are counted.
+    /// With `control`: largest POST body without session id (bytes) copied to find
+    /// `initialize` and keep it in the session's record (default 1 MiB). Larger bodies
+    /// pass through uninspected and are counted. Without control no such body is read.
     pub max_body_bytes: usize,
     /// Longest accepted `Mcp-Session-Id` in bytes (default 256, at most 256).
     pub max_session_id_len: usize,

@@ -329,14 +329,19 @@ impl Copy {
         matches!(self, Copy::On { .. })
     }
 
-    /// Appends a chunk; false when the copy just went over its limit.
-    fn push(&mut self, chunk: &[u8]) -> bool {
+    /// Appends a chunk; false when the copy just went over its limit. The first chunk
+    /// (the whole body of most requests) becomes the copy itself: no second allocation.
+    fn push(&mut self, chunk: Vec<u8>) -> bool {
         if let Copy::On { bytes, limit } = self {
             if bytes.len() + chunk.len() > *limit {
                 *self = Copy::Over;
                 return false;
             }
-            bytes.extend_from_slice(chunk);
+            if bytes.is_empty() {
+                *bytes = chunk;
+            } else {
+                bytes.extend_from_slice(&chunk);
+            }
         }
         true
     }
@@ -683,7 +688,7 @@ impl Stream {
         self.catch_up(cx);
         match &mut self.phase {
             Phase::NewSession { body, initialize } => {
-                if body.wants() && !body.push(&read()) {
+                if body.wants() && !body.push(read()) {
                     cx.count(Counter::BodyTooLarge);
                     log::debug!("mcp-affinity: POST body over {} bytes, not inspected", cx.cfg.max_body_bytes);
                 }
@@ -700,7 +705,7 @@ impl Stream {
                 Step::flow(Flow::Continue)
             }
             Phase::Pinned(p) => {
-                if p.body.wants() && !p.body.push(&read()) {
+                if p.body.wants() && !p.body.push(read()) {
                     p.watch_lifecycle = false;
                 }
                 if end_of_stream && p.watch_lifecycle {

@@ -769,3 +769,20 @@ mod any_sequence {
         }
     }
 }
+
+#[test]
+fn a_body_copy_keeps_the_host_s_buffer_of_its_first_chunk() {
+    // The host allocates each chunk in the VM (`proxy_on_memory_allocate`); the copy takes
+    // the first one as it is instead of allocating and copying it again.
+    let mut copy = Copy::new(64);
+    let chunk = b"{\"jsonrpc\":\"2.0\"".to_vec();
+    let first = chunk.as_ptr();
+    assert!(copy.push(chunk));
+    let Copy::On { bytes, .. } = &copy else { panic!("{copy:?}") };
+    assert_eq!(bytes.as_ptr(), first, "no second allocation for a one-chunk body");
+    assert!(copy.push(b",\"id\":1}".to_vec()), "later chunks are appended");
+    let Copy::On { bytes, .. } = &copy else { panic!("{copy:?}") };
+    assert_eq!(bytes.as_slice(), b"{\"jsonrpc\":\"2.0\",\"id\":1}");
+    assert!(!copy.push(vec![b'y'; 60]), "over the limit");
+    assert_eq!(copy, Copy::Over);
+}
