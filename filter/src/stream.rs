@@ -261,8 +261,11 @@ pub enum Op {
     Call(Call),
     Reply(Reply),
     /// Marks the stream so that its response headers reach the filter: Envoy's response
-    /// matcher (`envoy/envoy.yaml`) skips the filter for a POST with a session id answered
-    /// 2xx unless the filter state [`WANT_RESPONSE`] is set. Sent on the request headers.
+    /// matcher (`envoy/envoy.yaml`) skips the filter for every 2xx answer unless the filter
+    /// state [`WANT_RESPONSE`] is set. Sent on the request headers of the requests whose
+    /// 2xx answer the filter acts on: a POST without session id (the answer may open a
+    /// session), a DELETE (it ends one), a request sent under the backend's session id
+    /// (the answer's id is the client's again).
     WantResponse,
     /// Apply `ops` to each waiting stream (paused in its request headers), then resume it
     /// if `resume`.
@@ -526,6 +529,11 @@ impl Stream {
             return match session_id::validate(raw_id, cx.cfg.max_session_id_len) {
                 Ok(id) => {
                     let id = id.to_string();
+                    if kind == Kind::Delete {
+                        // Its 2xx (or 404) ends the session here too, whichever way it is
+                        // routed (now, or after a lookup this stream waits for).
+                        ops.push(Op::WantResponse);
+                    }
                     self.route_session(cx, head, id, kind, ops)
                 }
                 Err(e) => {
@@ -535,6 +543,10 @@ impl Stream {
                     Step::hold(ops)
                 }
             };
+        }
+        if is_post {
+            // The answer may carry a new session's `Mcp-Session-Id`.
+            ops.push(Op::WantResponse);
         }
         if is_post && !end_of_stream {
             // May be `initialize`. Its body is copied only for control's record (the

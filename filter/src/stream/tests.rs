@@ -635,7 +635,7 @@ fn delete_and_requests_without_control_are_never_moved() {
     drain(&mut w, &["10.0.0.2:80"]);
     let delete = HeaderPairs::from_pairs(&[(":method", "DELETE"), (":path", "/mcp"), ("mcp-session-id", "s1")]);
     let step = Stream::new(1).on_request_headers(&mut w.cx(), delete, true);
-    assert_eq!(step, Step { ops: vec![Op::SetRequestHeader(Header::Pin, "10.0.0.2:80".into())], flow: Flow::Continue });
+    assert_eq!(step, Step { ops: vec![Op::WantResponse, Op::SetRequestHeader(Header::Pin, "10.0.0.2:80".into())], flow: Flow::Continue });
     let mut w = World::new(false);
     w.pin("s1", "10.0.0.2:80", true);
     drain(&mut w, &["10.0.0.2:80"]);
@@ -768,6 +768,31 @@ mod any_sequence {
             }
         }
     }
+}
+
+#[test]
+fn the_filter_asks_for_exactly_the_answers_it_acts_on() {
+    // Envoy's response matcher skips the filter for a 2xx answer unless the stream asked.
+    let wants = |step: &Step| step.ops.contains(&Op::WantResponse);
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    // A POST without session id: its answer may open a session.
+    assert!(wants(&Stream::new(1).on_request_headers(&mut w.cx(), post(None), false)));
+    assert!(wants(&Stream::new(2).on_request_headers(&mut w.cx(), post(None), true)));
+    // A DELETE ends the session: pinned now, or after a lookup it waits for.
+    let delete = |id| HeaderPairs::from_pairs(&[(":method", "DELETE"), (":path", "/mcp"), ("mcp-session-id", id)]);
+    assert!(wants(&Stream::new(3).on_request_headers(&mut w.cx(), delete("s1"), true)));
+    let step = Stream::new(4).on_request_headers(&mut w.cx(), delete("s9"), true);
+    assert_eq!(step.flow, Flow::Pause, "a lookup");
+    assert!(wants(&step));
+    // The steady request and a GET stream of a known session: nothing to do on a 2xx.
+    assert!(!wants(&Stream::new(5).on_request_headers(&mut w.cx(), post(Some("s1")), false)));
+    let get = HeaderPairs::from_pairs(&[(":method", "GET"), (":path", "/mcp"), ("mcp-session-id", "s1")]);
+    assert!(!wants(&Stream::new(6).on_request_headers(&mut w.cx(), get, true)));
+    // A request sent under the backend's id (after a recovery): the answer's id is rewritten.
+    let pin = Pin { upstream: "10.0.0.5:80".into(), generation: 2, last_seen: 1_000, backend_session_id: "b2".into(), recorded: true };
+    store::put(&mut w.env.shared, w.cfg.layout(), "s2", &pin);
+    assert!(wants(&Stream::new(7).on_request_headers(&mut w.cx(), post(Some("s2")), false)));
 }
 
 #[test]
