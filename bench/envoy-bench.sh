@@ -23,7 +23,7 @@
 # (V8 writes code at run time) — the Envoy ELF itself, not the PyPI python wrapper. Through it:
 # initialize + notifications/initialized, 300 steady requests to warm up (bench/sequential.py steady: one
 # keep-alive connection, every answer 200 and routed as above); then `callgrind_control -z`,
-# 5 s idle, `-d` (idle rate: timers, stats flush), `-z`, BENCH_INSTR_REQUESTS steady requests, `-d`.
+# 15 s idle, `-d` (idle rate: timers, stats flush), `-z`, BENCH_INSTR_REQUESTS steady requests, `-d`.
 # Instructions/request = (dump − idle rate × load time) / requests, counted over every thread; the
 # dump's `summary:`/`totals:` line. Repeat runs agree within ~0.5 %. Printed as a table with
 # (X − plain) / (empty − plain) and (X − plain) / (empty+pin − plain); "instructions" in the JSON.
@@ -65,7 +65,7 @@
 #   BENCH_RESULTS (bench/results) where the JSON goes    ENVOY (.venv-envoy-1.40.0/bin/envoy)
 #   BENCH_KEEP=1 keep the run directory (configs, logs, raw wrk output, callgrind dumps)
 #   BENCH_INSTRUCTIONS (1) 0: skip the instruction counts (needs valgrind, callgrind_control, python3)
-#   BENCH_INSTR_REQUESTS (1000) steady requests counted    BENCH_INSTR_INIT (300) initializes
+#   BENCH_INSTR_REQUESTS (3000) steady requests counted    BENCH_INSTR_INIT (300) initializes
 #     counted (0: no initialize count)
 # The whole run is bounded (the script re-executes itself under `timeout`); every process it
 # starts is stopped by pid on exit.
@@ -85,12 +85,14 @@ RESULTS=${BENCH_RESULTS:-bench/results}
 INIT_ROUNDS=${BENCH_INIT_ROUNDS:-$ROUNDS}
 INIT_SECS=${BENCH_INIT_SECONDS:-$SECS}
 INSTR=${BENCH_INSTRUCTIONS:-1}
-# Instruction phase: warm-up and measured requests; idle window = Envoy's stats flush interval
-# (5 s by default), so that it holds one flush, not 0 or 1. Initialize count: INSTR_INIT_WARMUP
+# Instruction phase: warm-up and measured requests; idle window = 3 × Envoy's stats flush
+# interval (5 s by default), so that it holds whole flushes, and 15 of the filter's one-second
+# ticks: a tick more or less at its edges moves the idle rate by 1/15, not 1/5 (the spread of
+# the counts between runs was mostly that). Initialize count: INSTR_INIT_WARMUP
 # initializes first, then INSTR_INIT counted; INSTR_INIT_SETTLE s after each batch, so that the
 # filter's records sent to control on its timer after the answers are inside the window.
-INSTR_WARMUP=300 INSTR_IDLE_SECS=5 INSTR_INIT_WARMUP=100 INSTR_INIT_SETTLE=1
-INSTR_REQUESTS=${BENCH_INSTR_REQUESTS:-1000}
+INSTR_WARMUP=300 INSTR_IDLE_SECS=15 INSTR_INIT_WARMUP=100 INSTR_INIT_SETTLE=1
+INSTR_REQUESTS=${BENCH_INSTR_REQUESTS:-3000}
 INSTR_INIT=${BENCH_INSTR_INIT:-300}
 BASE_SESSIONS=10 # sessions each proxy has before the steady phase (the measured one included)
 for v in SECS ROUNDS CONNS SCALE INIT_CONNS INIT_ROUNDS INIT_SECS INSTR_REQUESTS INSTR_INIT; do
