@@ -149,10 +149,7 @@ fn a_post_without_session_id_goes_on_at_its_headers_and_initialize_is_read_from_
     assert_eq!(s.on_request_body(&mut w.cx(), &body(a), false).flow, Flow::Continue);
     assert_eq!(s.on_request_body(&mut w.cx(), &body(b), true).flow, Flow::Continue);
     assert_eq!(w.count("initialize_seen"), 1);
-    let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s1"), ("content-type", "text/event-stream")]));
-    assert_eq!(step.flow, Flow::Continue, "async records hold nothing");
-    assert_eq!(w.stored("s1").unwrap().upstream, "10.0.0.1:80", "pinned to upstream.address");
-    assert_eq!(w.count("sessions_pinned"), 1);
+    answer_pins_s1(&mut w, &mut s, "async records hold nothing");
 }
 
 #[test]
@@ -164,8 +161,14 @@ fn without_control_a_post_without_session_id_is_pinned_from_its_answer_alone() {
     let read = || -> Vec<u8> { panic!("the body is not read without control") };
     assert_eq!(s.on_request_body(&mut w.cx(), &read, true).flow, Flow::Continue);
     assert_eq!(w.count("initialize_seen"), 0);
+    answer_pins_s1(&mut w, &mut s, "without control nothing holds the response");
+}
+
+/// The answer to `s` carries `Mcp-Session-Id: s1`: it goes on at once (`why`), and s1 is
+/// pinned to the upstream host that answered.
+fn answer_pins_s1(w: &mut World, s: &mut Stream, why: &str) {
     let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s1"), ("content-type", "text/event-stream")]));
-    assert_eq!(step.flow, Flow::Continue, "without control nothing holds the response");
+    assert_eq!(step.flow, Flow::Continue, "{why}");
     assert_eq!(w.stored("s1").unwrap().upstream, "10.0.0.1:80", "pinned to upstream.address");
     assert_eq!(w.count("sessions_pinned"), 1);
 }
