@@ -31,7 +31,7 @@ macro_rules! counters {
 counters! {
     RequestsPinned => "mcp_affinity.requests_pinned": "Requests routed to their session's pinned upstream host (sent to Envoy once per tick, `sweep_period_ms`).",
     RequestsUnpinned => "mcp_affinity.requests_unpinned": "Requests with a session id forwarded unpinned (`pass_through`, or control unavailable; sent to Envoy once per tick, `sweep_period_ms`).",
-    ResponseHeadersSeen => "mcp_affinity.response_headers_seen": "Responses whose headers reached the filter. Shipped in its response matcher (`envoy/envoy.yaml`), Envoy does not call the filter for the 2xx answer to a POST carrying Mcp-Session-Id unless the filter asked for it (sent to Envoy once per tick, `sweep_period_ms`).",
+    ResponseHeadersSeen => "mcp_affinity.response_headers_seen": "Responses whose headers reached the filter. Shipped in its response matcher (`envoy/envoy.yaml`), Envoy does not call the filter for a 2xx answer it did not ask for (filter state `wasm.mcp_affinity.want_response`), such as the steady request's (sent to Envoy once per tick, `sweep_period_ms`).",
     UnknownSession => "mcp_affinity.unknown_session": "Requests with an unknown session id answered 404.",
     InitializeSeen => "mcp_affinity.initialize_seen": "POST bodies recognised as JSON-RPC `initialize` (with control: bodies are read for its record only).",
     SessionsPinned => "mcp_affinity.sessions_pinned": "Sessions recorded from an `initialize` response.",

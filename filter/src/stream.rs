@@ -547,19 +547,15 @@ impl Stream {
         if is_post {
             // The answer may carry a new session's `Mcp-Session-Id`.
             ops.push(Op::WantResponse);
-        }
-        if is_post && !end_of_stream {
             // May be `initialize`. Its body is copied only for control's record (the
             // `initialize` a recovery replays on another pod); without control nothing
             // reads it: the answer's `Mcp-Session-Id` alone pins the session. The hint
             // header lets us skip the body when it names another method; it is never a
             // reason to pin by itself. Rule 1: the headers go on; the body is copied as it
             // streams.
-            let copy = cx.control && mcp_method.is_none_or(|m| m == jsonrpc::INITIALIZE.as_bytes());
+            let copy = !end_of_stream && cx.control && mcp_method.is_none_or(|m| m == jsonrpc::INITIALIZE.as_bytes());
             let body = if copy { Copy::new(cx.cfg.max_body_bytes) } else { Copy::Off };
             self.phase = Phase::NewSession { body, initialize: None };
-        } else if is_post {
-            self.phase = Phase::NewSession { body: Copy::Off, initialize: None };
         }
         Step::go(ops)
     }
