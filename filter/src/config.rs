@@ -68,15 +68,21 @@ pub struct FilterConfig {
 pub struct RecoveryConfig {
     /// Recover at all (default true; effective only with `control`).
     pub enabled: bool,
+    /// Who carries a failed request to control for its replay (default `filter`).
+    pub replay_by: ReplayBy,
     /// Largest request body (bytes) copied for a replay (default 1 MiB). Larger requests
     /// are not recoverable: the client gets the upstream's answer as it was (counted).
+    /// With `replay_by: envoy_retry` nothing is copied; Envoy's retry buffer limit
+    /// (`per_connection_buffer_limit_bytes`) plays this part.
     pub max_replay_body_bytes: usize,
     /// Statuses that by themselves mean "session unknown" (default `[404]`).
     pub session_unknown_statuses: Vec<u16>,
     /// Statuses whose JSON answer may mean "session unknown" (default `[400]`). Envoy does
     /// not let the filter read that body before the headers are decided, so the answer is
     /// held while control probes the pinned upstream with these rules
-    /// (`session_suspect`): alive → the answer goes through unchanged.
+    /// (`session_suspect`): alive → the answer goes through unchanged. With
+    /// `replay_by: envoy_retry` the filter does not hold them: list them in the route's
+    /// `retriable_status_codes` instead, and control probes the pod the same way.
     pub error_body_statuses: Vec<u16>,
     /// JSON-RPC error codes that mean "session unknown" (default `[-32001]`).
     pub session_unknown_codes: Vec<i64>,
@@ -95,6 +101,7 @@ impl Default for RecoveryConfig {
     fn default() -> Self {
         RecoveryConfig {
             enabled: true,
+            replay_by: ReplayBy::Filter,
             max_replay_body_bytes: 1024 * 1024,
             session_unknown_statuses: vec![404],
             error_body_statuses: vec![400],
@@ -104,6 +111,31 @@ impl Default for RecoveryConfig {
             timeout_ms: 15_000,
         }
     }
+}
+
+/// How a request whose pinned upstream failed reaches control for its replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayBy {
+    /// The filter copies the body of every pinned request (up to `max_replay_body_bytes`)
+    /// and, on a failure its response headers show, sends it to control's
+    /// `POST {prefix}/sessions/{id}/recover`; control's answer becomes a local reply. Works
+    /// with every bootstrap (ORIGINAL_DST, stateful session, Istio).
+    #[default]
+    Filter,
+    /// Envoy's own retry carries the failed request, body included, to control's replay
+    /// listener (`mcp-affinity-control --replay-listen`): the route of requests with a
+    /// session id retries `connect-failure` and `retriable-status-codes` (404) once,
+    /// `envoy.retry_priorities.previous_priorities`, to the cluster's priority-1 endpoint,
+    /// control (`envoy/envoy-stateful-session.yaml`). The router ignores the
+    /// stateful-session override host on a retry (Envoy `source/common/router/router.h`,
+    /// `overrideHostToSelect`), so the retry never goes back to the failed pod. The filter
+    /// copies no request body; it learns the new pin from control's answer (header
+    /// `x-mcp-affinity-pin`, trusted only on a retried attempt: Envoy attribute
+    /// `upstream.request_attempt_count` ≥ 2) and names the client's session id in
+    /// `x-mcp-affinity-session` when it sends a request under the backend's id. Not with
+    /// ORIGINAL_DST: it has no priorities and the retry would follow the pin header.
+    EnvoyRetry,
 }
 
 /// Policy for requests carrying a session id nobody knows.

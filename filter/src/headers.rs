@@ -13,3 +13,12 @@ pub const STATUS: &str = ":status";
 pub const PATH: &str = ":path";
 pub const AUTHORITY: &str = ":authority";
 pub const CONTENT_TYPE: &str = "content-type";
+/// Request header naming the client's session id when the filter sends a request under
+/// the backend's (`recovery.replay_by: envoy_retry`): control's replay listener finds the
+/// session's record by it. Naming a session here gives a client nothing it could not do
+/// by sending that id as `Mcp-Session-Id`.
+pub const CLIENT_SESSION: &str = "x-mcp-affinity-session";
+/// Response header of control's replay listener: where the session lives now,
+/// `<upstream ip:port> <backend session id> <generation>` (`recovery.replay_by:
+/// envoy_retry`). Never reaches the client.
+pub const RECOVERED_PIN: &str = "x-mcp-affinity-pin";

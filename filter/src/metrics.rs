@@ -51,6 +51,8 @@ counters! {
     RecoveriesNotReplayed => "mcp_affinity.recoveries_not_replayed": "Recoveries where control re-pinned the session but did not replay (unsafe to replay, or a GET stream).",
     RecoveriesFailed => "mcp_affinity.recoveries_failed": "Recoveries that failed (no live pod, initialize rejected): the client got 404.",
     SessionsVerified => "mcp_affinity.sessions_verified": "Suspect error responses (e.g. 400 JSON) on which control found the session alive: passed through unchanged.",
+    RecoveredPins => "mcp_affinity.recovered_pins": "Sessions re-pinned from the answer of control's replay listener, after Envoy retried a failed request there (`recovery.replay_by: envoy_retry`).",
+    RecoveredPinsRejected => "mcp_affinity.recovered_pins_rejected": "`x-mcp-affinity-pin` answers ignored (and removed): malformed, or on a first attempt, which a pod answered, not control.",
     RecoveryBodyTooLarge => "mcp_affinity.recovery_body_too_large": "Requests that needed recovery but whose body was over the replay limit.",
     SessionsMovedByDrain => "mcp_affinity.sessions_moved_by_drain": "Sessions moved off a draining upstream before their next request was sent.",
     DrainMovesFailed => "mcp_affinity.drain_moves_failed": "Drain moves that could not be made (control down, no live pod): the request went to the draining upstream.",

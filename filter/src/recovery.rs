@@ -171,6 +171,26 @@ pub struct NewPin {
     pub generation: u64,
 }
 
+/// Parses control's replay-listener header ([`crate::headers::RECOVERED_PIN`]):
+/// `<upstream ip:port> <backend session id> <generation>`, single spaces, a valid session
+/// id and a generation ≥ 1.
+///
+/// # Errors
+/// A message naming what is wrong; the caller ignores the header.
+pub fn parse_recovered_pin(value: &[u8]) -> Result<NewPin, String> {
+    let text = std::str::from_utf8(value).map_err(|_| "recovered pin: not UTF-8".to_string())?;
+    let mut fields = text.split(' ');
+    let (Some(upstream), Some(backend), Some(generation), None) = (fields.next(), fields.next(), fields.next(), fields.next()) else {
+        return Err(format!("recovered pin: expected `upstream backend_session_id generation`, got {text:?}"));
+    };
+    if upstream.is_empty() {
+        return Err("recovered pin: empty upstream".to_string());
+    }
+    let backend = crate::session_id::validate(backend.as_bytes(), crate::session_id::MAX_SESSION_ID_LEN).map_err(|e| format!("recovered pin: {e}"))?;
+    let generation = generation.parse::<u64>().ok().filter(|g| *g >= 1).ok_or_else(|| format!("recovered pin: generation {generation:?}"))?;
+    Ok(NewPin { upstream: upstream.to_string(), backend_session_id: backend.to_string(), generation })
+}
+
 /// The answer to give the client.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ClientResponse {
@@ -251,6 +271,15 @@ mod tests {
         assert_eq!((m.outcome, m.pin.unwrap().generation), (Outcome::Moved, 3));
         assert!(parse_answer(br#"{"outcome":"moved","pin":null,"response":null}"#).is_err(), "moved needs a pin");
         assert_eq!(parse_answer(br#"{"outcome":"stayed","pin":{"upstream":"10.0.0.1:80","backend_session_id":"b","generation":1},"response":null}"#).unwrap().outcome, Outcome::Stayed);
+    }
+
+    #[test]
+    fn recovered_pin_header() {
+        let p = parse_recovered_pin(b"10.0.0.2:80 b-2 3").unwrap();
+        assert_eq!(p, NewPin { upstream: "10.0.0.2:80".into(), backend_session_id: "b-2".into(), generation: 3 });
+        for bad in [&b"10.0.0.2:80 b-2"[..], b"10.0.0.2:80 b-2 3 x", b" b-2 3", b"10.0.0.2:80  3", b"10.0.0.2:80 b-2 0", b"10.0.0.2:80 b-2 -1", b"10.0.0.2:80 b\x01 3", b"\xff 1 1"] {
+            assert!(parse_recovered_pin(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

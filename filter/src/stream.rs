@@ -28,11 +28,11 @@
 
 use hashbrown::{HashMap, HashSet};
 
-use crate::config::{FilterConfig, UnknownSession};
+use crate::config::{FilterConfig, ReplayBy, UnknownSession};
 use crate::drain::Draining;
 use crate::control::{PatchSession, PutSession, parse_record, to_body};
 use crate::header_map::HeaderPairs;
-use crate::headers::{AUTHORITY, CONTENT_TYPE, MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, METHOD, PATH};
+use crate::headers::{AUTHORITY, CONTENT_TYPE, MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, METHOD, PATH, RECOVERED_PIN};
 use crate::jsonrpc::{self, BodyKind};
 use crate::metrics::Counter;
 use crate::pin::Pin;
@@ -110,6 +110,18 @@ pub struct Ctx<'a> {
 impl Ctx<'_> {
     fn recoverable(&self) -> bool {
         self.control && self.cfg.recovery.enabled
+    }
+
+    /// The filter replays failed requests itself through control (`replay_by: filter`):
+    /// pinned requests' bodies are copied.
+    fn replays_itself(&self) -> bool {
+        self.recoverable() && self.cfg.recovery.replay_by == ReplayBy::Filter
+    }
+
+    /// Envoy's retry carries failed requests to control's replay listener (`replay_by:
+    /// envoy_retry`): nothing is copied; the answer may carry a new pin.
+    fn envoy_retries(&self) -> bool {
+        self.recoverable() && self.cfg.recovery.replay_by == ReplayBy::EnvoyRetry
     }
 
     fn count(&mut self, c: Counter) {
@@ -211,6 +223,9 @@ pub trait ResponseHead {
     fn flags(&self) -> u64;
     /// Envoy `upstream.address`, the upstream host that was selected (`ip:port`).
     fn upstream_address(&self) -> Option<Vec<u8>>;
+    /// Envoy `upstream.request_attempt_count`: 1 for the first attempt, 2 after one retry
+    /// (0 when unknown).
+    fn attempt_count(&self) -> u64;
 }
 
 /// A header the machine writes.
@@ -220,6 +235,10 @@ pub enum Header {
     Pin,
     /// `mcp-session-id`.
     SessionId,
+    /// `x-mcp-affinity-session` ([`crate::headers::CLIENT_SESSION`]).
+    ClientSession,
+    /// `x-mcp-affinity-pin` ([`crate::headers::RECOVERED_PIN`]).
+    RecoveredPin,
 }
 
 /// A call to the control service (`dispatch_http_call`), `{prefix}/sessions/{id}{suffix}`.
@@ -258,6 +277,7 @@ pub enum Op {
     RemoveRequestHeader(Header),
     SetRequestHeader(Header, String),
     SetResponseHeader(Header, String),
+    RemoveResponseHeader(Header),
     Call(Call),
     Reply(Reply),
     /// Marks the stream so that its response headers reach the filter: Envoy's response
@@ -438,6 +458,10 @@ fn pin_ops(cfg: &FilterConfig, client_id: &str, pin: &Pin, ops: &mut Vec<Op>) {
     ops.push(Op::SetRequestHeader(Header::Pin, cfg.pin_encoding.header_value(&pin.upstream)));
     if pin.backend_session_id != client_id {
         ops.push(Op::SetRequestHeader(Header::SessionId, pin.backend_session_id.clone()));
+        if cfg.recovery.replay_by == ReplayBy::EnvoyRetry {
+            // Control's replay listener finds the record by the client's id.
+            ops.push(Op::SetRequestHeader(Header::ClientSession, client_id.to_string()));
+        }
         // The answer may carry the backend's id, which the client must never see: its
         // response headers must reach the filter even where Envoy's response matcher
         // would skip it.
@@ -485,7 +509,7 @@ impl Stream {
         let watch_lifecycle = cx.control && !pin.recorded && !is_delete;
         let limit = if is_delete {
             0
-        } else if cx.recoverable() {
+        } else if cx.replays_itself() {
             cx.cfg.recovery.max_replay_body_bytes.max(if watch_lifecycle { cx.cfg.max_body_bytes } else { 0 })
         } else if watch_lifecycle {
             cx.cfg.max_body_bytes
@@ -814,24 +838,53 @@ impl Stream {
     /// steady path reads nothing from the response.
     fn on_pinned_response(&mut self, cx: &mut Ctx, head: &dyn ResponseHead, mut p: Pinned) -> Step {
         p.rewrite_response_id = p.pin.backend_session_id != p.client_id && head.header(MCP_SESSION_ID).is_some();
-        let is_delete = p.kind == Kind::Delete;
-        if !is_delete && !cx.recoverable() {
-            return self.pass_on(p, Flow::Continue);
-        }
-        let status = head.status();
         // DELETE answered 2xx ends the session; 404 says it is gone already. Never recovered.
-        if is_delete {
+        if p.kind == Kind::Delete {
+            let status = head.status();
             if (200..300).contains(&status) || status == 404 {
                 return self.forget(cx, p);
             }
             return self.pass_on(p, Flow::Continue);
         }
+        if cx.envoy_retries() {
+            return self.learn_recovered_pin(cx, head, p);
+        }
         if cx.recoverable()
-            && let Some(reason) = Self::recovery_reason(cx, head, status)
+            && let Some(reason) = Self::recovery_reason(cx, head, head.status())
         {
             return self.start_recovery(cx, p, reason);
         }
         self.pass_on(p, Flow::Continue)
+    }
+
+    /// `replay_by: envoy_retry`: a failed request was retried by Envoy to control's replay
+    /// listener, whose answer names the session's pin ([`RECOVERED_PIN`]): re-pin, and keep
+    /// the header from the client. Trusted only on a retried attempt
+    /// (`upstream.request_attempt_count` ≥ 2; the route retries once, to control): a pod
+    /// answers the first attempt and must not move sessions. Any other answer, a 404
+    /// included (control found no live pod, or the retry was not possible), goes on as it
+    /// is; the filter has nothing to add.
+    fn learn_recovered_pin(&mut self, cx: &mut Ctx, head: &dyn ResponseHead, p: Pinned) -> Step {
+        let Some(value) = head.header(RECOVERED_PIN) else { return self.pass_on(p, Flow::Continue) };
+        let attempt = head.attempt_count();
+        match recovery::parse_recovered_pin(&value) {
+            Ok(new) if attempt >= 2 => {
+                log::info!("mcp-affinity: session {} recovered by control on {} (generation {})", p.client_id, new.upstream, new.generation);
+                cx.repin(&p.client_id, &new);
+                cx.count(Counter::RecoveredPins);
+            }
+            Ok(_) => {
+                log::warn!("mcp-affinity: {RECOVERED_PIN} on attempt {attempt} of session {} ignored: only Envoy's retry reaches control", p.client_id);
+                cx.count(Counter::RecoveredPinsRejected);
+            }
+            Err(e) => {
+                log::warn!("mcp-affinity: session {}: {e}", p.client_id);
+                cx.count(Counter::RecoveredPinsRejected);
+            }
+        }
+        let mut step = self.pass_on(p, Flow::Continue);
+        step.ops.push(Op::RemoveResponseHeader(Header::RecoveredPin));
+        step
     }
 
     /// Why a response of a pinned request needs control, if it does. Router local replies

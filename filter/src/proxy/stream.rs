@@ -7,7 +7,7 @@ use super::abi::{self, Buffer, Map, StreamType};
 use super::control::answer_status;
 use super::exports::{self, Action};
 use super::root::{HostEnv, Plugin};
-use crate::headers::{MCP_SESSION_ID, STATUS};
+use crate::headers::{CLIENT_SESSION, MCP_SESSION_ID, RECOVERED_PIN, STATUS};
 use crate::header_map::HeaderPairs;
 use crate::stream::{self as machine, Answer, Ctx, Flow, Header, Op, ResponseHead, Step};
 
@@ -42,6 +42,11 @@ impl ResponseHead for ResponseHeaders {
     fn upstream_address(&self) -> Option<Vec<u8>> {
         abi::property(&["upstream", "address"])
     }
+
+    /// `upstream.request_attempt_count` arrives as 8 little-endian bytes (uint64).
+    fn attempt_count(&self) -> u64 {
+        abi::property(&["upstream", "request_attempt_count"]).and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?))).unwrap_or(0)
+    }
 }
 
 impl Stream {
@@ -61,6 +66,8 @@ impl Stream {
         match h {
             Header::Pin => &self.p.config.pin_header,
             Header::SessionId => MCP_SESSION_ID,
+            Header::ClientSession => CLIENT_SESSION,
+            Header::RecoveredPin => RECOVERED_PIN,
         }
     }
 
@@ -81,6 +88,9 @@ impl Stream {
                 }
                 Op::SetResponseHeader(h, v) => {
                     abi::set_header(Map::ResponseHeaders, self.header_name(h), &v);
+                }
+                Op::RemoveResponseHeader(h) => {
+                    abi::remove_header(Map::ResponseHeaders, self.header_name(h));
                 }
                 Op::Reply(r) => {
                     let mut headers = vec![("content-type", r.content_type.as_str())];

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use hashbrown::HashMap;
 
 use super::*;
-use crate::config::{ControlConfig, FilterConfig, UnknownSession};
+use crate::config::{ControlConfig, FilterConfig, ReplayBy, UnknownSession};
 use crate::header_map::HeaderPairs;
 use crate::store::memory::MemorySharedData;
 
@@ -74,13 +74,14 @@ struct Resp {
     details: &'static str,
     flags: u64,
     upstream: &'static str,
+    attempt: u64,
     properties_read: RefCell<u32>,
     status_read: RefCell<u32>,
 }
 
 impl Resp {
     fn new(status: u16, headers: &[(&'static str, &'static str)]) -> Resp {
-        Resp { status, headers: headers.to_vec(), details: "via_upstream", flags: 0, upstream: "10.0.0.1:80", properties_read: RefCell::new(0), status_read: RefCell::new(0) }
+        Resp { status, headers: headers.to_vec(), details: "via_upstream", flags: 0, upstream: "10.0.0.1:80", attempt: 1, properties_read: RefCell::new(0), status_read: RefCell::new(0) }
     }
     fn local_reply(details: &'static str, flags: u64) -> Resp {
         Resp { details, flags, ..Resp::new(503, &[("content-type", "text/plain")]) }
@@ -106,6 +107,10 @@ impl ResponseHead for Resp {
     fn upstream_address(&self) -> Option<Vec<u8>> {
         *self.properties_read.borrow_mut() += 1;
         Some(self.upstream.as_bytes().to_vec())
+    }
+    fn attempt_count(&self) -> u64 {
+        *self.properties_read.borrow_mut() += 1;
+        self.attempt
     }
 }
 
@@ -567,6 +572,79 @@ fn a_body_over_the_replay_limit_is_not_recovered() {
     let mut s = pinned_call(&mut w);
     assert_eq!(s.on_response_headers(&mut w.cx(), &Resp::new(404, &[])).flow, Flow::Continue);
     assert_eq!(w.count("recovery_body_too_large"), 1);
+}
+
+// ---- replay by Envoy's retry (`recovery.replay_by: envoy_retry`) --------------------------
+
+fn envoy_retry_world() -> World {
+    let mut w = World::new(true);
+    w.cfg.recovery.replay_by = ReplayBy::EnvoyRetry;
+    w
+}
+
+/// A pinned `tools/call` of s1 (past initialisation) whose body the filter must not read.
+fn pinned_call_without_copy(w: &mut World) -> Stream {
+    w.pin("s1", "10.0.0.2:80", true);
+    let mut s = Stream::new(1);
+    let step = s.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    assert_eq!(step, Step::go(vec![Op::SetRequestHeader(Header::Pin, "10.0.0.2:80".into())]));
+    let step = s.on_request_body(&mut w.cx(), &|| panic!("the body of a pinned request is not read"), true);
+    assert_eq!(step, Step::flow(Flow::Continue));
+    s
+}
+
+#[test]
+fn with_envoy_retry_a_pinned_request_copies_nothing_and_leaves_failures_to_envoy() {
+    let mut w = envoy_retry_world();
+    let failures = [
+        Resp::new(404, &[]),
+        Resp::new(400, &[("content-type", "application/json")]),
+        Resp::local_reply("upstream_reset_before_response_started{remote_connection_failure}", 0x20),
+        Resp::local_reply("upstream_reset_before_response_started{connection_termination}", 0x40),
+    ];
+    for resp in failures {
+        let mut s = pinned_call_without_copy(&mut w);
+        assert_eq!(s.on_response_headers(&mut w.cx(), &resp), Step::flow(Flow::Continue), "status {}", resp.status);
+        assert_eq!((*resp.properties_read.borrow(), *resp.status_read.borrow()), (0, 0), "nothing but the pin header is read");
+    }
+    assert_eq!(w.stored("s1").unwrap().upstream, "10.0.0.2:80", "a 404 that reaches the client changes nothing here");
+}
+
+#[test]
+fn with_envoy_retry_control_s_answer_re_pins_the_session_and_the_pin_header_never_reaches_the_client() {
+    let mut w = envoy_retry_world();
+    let mut s = pinned_call_without_copy(&mut w);
+    let answer = Resp { attempt: 2, ..Resp::new(200, &[("mcp-session-id", "s1"), ("x-mcp-affinity-pin", "10.0.0.5:80 b2 2")]) };
+    let step = s.on_response_headers(&mut w.cx(), &answer);
+    assert_eq!(step, Step::go(vec![Op::RemoveResponseHeader(Header::RecoveredPin)]));
+    let pin = w.stored("s1").unwrap();
+    assert_eq!((pin.upstream.as_str(), pin.backend_session_id.as_str(), pin.generation), ("10.0.0.5:80", "b2", 2));
+    assert_eq!((w.count("recovered_pins"), w.count("pins_changed")), (1, 1));
+    // The next request goes to the new pod under its id; control can still find the record.
+    let mut s = Stream::new(2);
+    let step = s.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    assert_eq!(
+        step.ops,
+        vec![
+            Op::SetRequestHeader(Header::Pin, "10.0.0.5:80".into()),
+            Op::SetRequestHeader(Header::SessionId, "b2".into()),
+            Op::SetRequestHeader(Header::ClientSession, "s1".into()),
+            Op::WantResponse,
+        ]
+    );
+}
+
+#[test]
+fn with_envoy_retry_a_pin_header_a_pod_sends_is_removed_and_ignored() {
+    let mut w = envoy_retry_world();
+    for (attempt, value) in [(1, "10.6.6.6:80 evil 9"), (0, "10.6.6.6:80 evil 9"), (2, "10.6.6.6:80 evil"), (2, "10.6.6.6:80 evil 0")] {
+        let mut s = pinned_call_without_copy(&mut w);
+        let answer = Resp { attempt, ..Resp::new(200, &[("x-mcp-affinity-pin", value)]) };
+        let step = s.on_response_headers(&mut w.cx(), &answer);
+        assert_eq!(step, Step::go(vec![Op::RemoveResponseHeader(Header::RecoveredPin)]), "attempt {attempt}, {value:?}");
+        assert_eq!(w.stored("s1").unwrap().upstream, "10.0.0.2:80", "attempt {attempt}, {value:?}");
+    }
+    assert_eq!((w.count("recovered_pins_rejected"), w.count("recovered_pins")), (4, 0));
 }
 
 // ---- any event sequence ------------------------------------------------------------------
