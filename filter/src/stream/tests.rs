@@ -812,11 +812,12 @@ mod any_sequence {
 
     proptest! {
         /// Whatever order events arrive in, on any of three streams of one VM, with or
-        /// without control: the machine never panics, and a client-sent pin header never
-        /// becomes the route.
+        /// without control, replayed by the filter or by Envoy's retry: the machine never
+        /// panics, and a client-sent pin header never becomes the route.
         #[test]
-        fn no_sequence_panics(control in any::<bool>(), events in prop::collection::vec((0usize..3, event()), 0..40)) {
+        fn no_sequence_panics(control in any::<bool>(), envoy_retry in any::<bool>(), events in prop::collection::vec((0usize..3, event()), 0..40)) {
             let mut w = World::new(control);
+            if envoy_retry { w.cfg.recovery.replay_by = ReplayBy::EnvoyRetry; }
             w.pin("s2", "10.0.0.9:80", false);
             w.pin("s1", "10.0.0.2:80", true);
             drain(&mut w, &["10.0.0.2:80", "10.0.0.4:80"]);
@@ -835,8 +836,11 @@ mod any_sequence {
                         let mut h = vec![];
                         if json { h.push(("content-type", "application/json")); }
                         if let Some(id) = session { h.push(("mcp-session-id", id)); }
+                        // Control's replay-listener answer, on a retried attempt or not.
+                        if status == 200 { h.push(("x-mcp-affinity-pin", "10.0.0.7:80 b7 3")); }
                         let mut r = Resp::new(status, &h);
                         r.details = details;
+                        r.attempt = if json { 2 } else { 1 };
                         s.on_response_headers(&mut w.cx(), &r)
                     }
                     Event::Answer { status, body } => s.on_control_answer(&mut w.cx(), Answer { status, body }),
