@@ -76,6 +76,10 @@ pub struct Render {
     pub upstreams: Vec<SocketAddr>,
     /// The `mcp_affinity_control` endpoint; `None` keeps the shipped one.
     pub control: Option<SocketAddr>,
+    /// Control's replay listener, the priority-1 endpoint of `mcp_service`
+    /// (`envoy/envoy-stateful-session.yaml`); `None` keeps the shipped one. Errors on a
+    /// bootstrap without one.
+    pub replay: Option<SocketAddr>,
     /// The plugin configuration JSON (`configuration.value`), verbatim; `None` keeps the
     /// shipped configuration.
     pub filter_config: Option<String>,
@@ -98,6 +102,7 @@ impl Render {
             wasm: None,
             upstreams: upstreams.to_vec(),
             control: None,
+            replay: None,
             filter_config: None,
             host_env_keys: Vec::new(),
             no_filter: false,
@@ -168,9 +173,13 @@ pub fn render(yaml: &str, r: &Render) -> Result<String> {
     }
 
     let clusters = seq(&mut b, &["static_resources", "clusters"])?;
-    set_endpoints(named(clusters, SERVICE_CLUSTER)?, &r.upstreams)?;
+    let service = named(clusters, SERVICE_CLUSTER)?;
+    set_endpoints(service, 0, &r.upstreams)?;
+    if let Some(replay) = r.replay {
+        set_endpoints(service, 1, &[replay]).with_context(|| format!("--replay {replay}: {SERVICE_CLUSTER} has no priority-1 endpoint (control's replay listener)"))?;
+    }
     if let Some(control) = r.control {
-        set_endpoints(named(clusters, CONTROL_CLUSTER)?, &[control])?;
+        set_endpoints(named(clusters, CONTROL_CLUSTER)?, 0, &[control])?;
     }
     serde_norway::to_string(&b).context("serialize the bootstrap")
 }
@@ -267,7 +276,10 @@ fn http_filters(listener: &mut Value) -> Result<&mut Vec<Value>> {
 }
 
 /// Replaces a cluster's `load_assignment.endpoints` with one locality of `addrs`.
-fn set_endpoints(cluster: &mut Value, addrs: &[SocketAddr]) -> Result<()> {
+/// Replaces the endpoints of `cluster` at `priority` (its `load_assignment.endpoints`
+/// entry of that `priority`, 0 when absent) by `addrs`; other priorities stay. Priority 0
+/// is added when missing; another missing priority is an error.
+fn set_endpoints(cluster: &mut Value, priority: u64, addrs: &[SocketAddr]) -> Result<()> {
     let lb_endpoints: Vec<Value> = addrs
         .iter()
         .map(|a| {
@@ -279,8 +291,18 @@ fn set_endpoints(cluster: &mut Value, addrs: &[SocketAddr]) -> Result<()> {
         })
         .collect();
     let mut locality = Mapping::new();
+    if priority > 0 {
+        locality.insert("priority".into(), Value::from(priority));
+    }
     locality.insert("lb_endpoints".into(), Value::Sequence(lb_endpoints));
-    *field(cluster, &["load_assignment", "endpoints"])? = Value::Sequence(vec![Value::Mapping(locality)]);
+    let endpoints = field(cluster, &["load_assignment", "endpoints"])?;
+    let list = endpoints.as_sequence_mut().ok_or_else(|| anyhow!("load_assignment.endpoints is not a list"))?;
+    let at = list.iter().position(|l| l.get("priority").and_then(Value::as_u64).unwrap_or(0) == priority);
+    match at {
+        Some(i) => list[i] = Value::Mapping(locality),
+        None if priority == 0 => list.insert(0, Value::Mapping(locality)),
+        None => bail!("no endpoints at priority {priority}"),
+    }
     Ok(())
 }
 

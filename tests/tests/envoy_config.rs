@@ -29,7 +29,8 @@ use envoy_types::pb::envoy::config::common::mutation_rules::v3::header_mutation 
 use envoy_types::pb::envoy::config::core::v3::{Address, address, async_data_source, data_source, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint;
 use envoy_types::pb::envoy::config::listener::v3::filter;
-use envoy_types::pb::envoy::config::route::v3::{Route, header_matcher, route, route_action};
+use envoy_types::pb::envoy::config::route::v3::{RetryPolicy, Route, header_matcher, retry_policy::retry_priority, route, route_action};
+use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
 use envoy_types::pb::envoy::extensions::filters::http::header_mutation::v3::HeaderMutation as HeaderMutationFilter;
 use envoy_types::pb::envoy::extensions::filters::http::stateful_session::v3::StatefulSession;
 use envoy_types::pb::envoy::extensions::common::matching::v3::ExtensionWithMatcher;
@@ -46,7 +47,8 @@ use envoy_types::pb::google::protobuf::{Any, Duration, StringValue};
 use envoy_types::pb::xds::r#type::matcher::v3::matcher::matcher_list::predicate::{self, single_predicate};
 use envoy_types::pb::xds::r#type::matcher::v3::matcher::{MatcherType, matcher_list::Predicate, on_match};
 use envoy_types::pb::xds::r#type::matcher::v3::string_matcher::MatchPattern;
-use mcp_affinity_filter::config::FilterConfig;
+use mcp_affinity_filter::config::{FilterConfig, ReplayBy};
+use mcp_affinity_filter::headers::MCP_SESSION_ID;
 use mcp_affinity_filter::pin::PinEncoding;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::Value as Json;
@@ -151,6 +153,7 @@ const PROTO_FILES: &[&str] = &[
     "envoy/type/matcher/v3/status_code_input.proto",
     "envoy/extensions/matching/common_inputs/network/v3/network_inputs.proto",
     "envoy/extensions/filters/http/router/v3/router.proto",
+    "envoy/extensions/retry/priority/previous_priorities/v3/previous_priorities_config.proto",
     "envoy/extensions/filters/http/stateful_session/v3/stateful_session.proto",
     "envoy/extensions/filters/http/header_mutation/v3/header_mutation.proto",
     "envoy/extensions/http/stateful_session/header/v3/header.proto",
@@ -251,6 +254,23 @@ fn is_zero(d: &Option<Duration>) -> bool {
 /// lost sessions or upstream failures from it.
 const SKIP_WHEN: [&str; 2] = ["not filter state wasm.mcp_affinity.want_response is 1", "response status class is 2xx"];
 
+/// With `recovery.replay_by: envoy_retry`, one more: the answer of control's replay listener
+/// carries the session's new pin (`x-mcp-affinity-pin`, which always contains a space), and
+/// must reach the filter.
+const SKIP_WHEN_ENVOY_RETRY: [&str; 3] = [
+    "not filter state wasm.mcp_affinity.want_response is 1",
+    "not response header x-mcp-affinity-pin contains  ",
+    "response status class is 2xx",
+];
+
+/// The conditions the response matcher must skip the filter on, for its configuration.
+fn skip_when(filter: &FilterConfig) -> Vec<&'static str> {
+    match filter.recovery.replay_by {
+        ReplayBy::Filter => SKIP_WHEN.to_vec(),
+        ReplayBy::EnvoyRetry => SKIP_WHEN_ENVOY_RETRY.to_vec(),
+    }
+}
+
 /// One condition of the matcher, in words (see [`SKIP_WHEN`]).
 fn describe(p: &Predicate) -> Result<Vec<String>, String> {
     match p.match_type.as_ref().ok_or("empty predicate")? {
@@ -269,6 +289,7 @@ fn describe(p: &Predicate) -> Result<Vec<String>, String> {
             let test = match &sp.matcher {
                 Some(single_predicate::Matcher::ValueMatch(m)) => match &m.match_pattern {
                     Some(MatchPattern::Exact(v)) => format!("is {v}"),
+                    Some(MatchPattern::Contains(v)) => format!("contains {v}"),
                     Some(MatchPattern::SafeRegex(r)) => format!("matches {}", r.regex),
                     other => return Err(format!("unexpected value_match {other:?}")),
                 },
@@ -281,13 +302,24 @@ fn describe(p: &Predicate) -> Result<Vec<String>, String> {
 
 /// The `Wasm` configuration of the wasm HTTP filter entry. Wrapped in an
 /// `ExtensionWithMatcher` (as shipped), the matcher must be one list matcher whose action
-/// is `SkipFilter` exactly on [`SKIP_WHEN`].
+/// is `SkipFilter` exactly on [`skip_when`] its plugin configuration.
 fn wasm_of(f: &HttpFilter) -> Result<Wasm, String> {
     let any = typed_config(f)?;
     if any.type_url != <ExtensionWithMatcher as prost::Name>::type_url() {
         return unpack(any);
     }
     let wrapped: ExtensionWithMatcher = unpack(any)?;
+    let inner = wrapped.extension_config.as_ref().and_then(|e| e.typed_config.as_ref()).ok_or("ExtensionWithMatcher without extension_config")?;
+    let wasm: Wasm = unpack(inner)?;
+    let plugin = wasm.config.as_ref().and_then(|c| c.configuration.as_ref()).ok_or("wasm filter without configuration")?;
+    let filter = FilterConfig::parse(unpack::<StringValue>(plugin)?.value.as_bytes())?;
+    check_matcher(&wrapped, &skip_when(&filter))?;
+    Ok(wasm)
+}
+
+/// The response matcher of the wasm filter: one list matcher whose action is `SkipFilter`
+/// exactly on `skip`.
+fn check_matcher(wrapped: &ExtensionWithMatcher, skip: &[&str]) -> Check {
     let matcher = wrapped.xds_matcher.as_ref().ok_or("ExtensionWithMatcher without xds_matcher")?;
     ensure!(matcher.on_no_match.is_none(), "the response matcher must not act on no match");
     let Some(MatcherType::MatcherList(list)) = &matcher.matcher_type else { return Err("the response matcher must be a matcher_list".into()) };
@@ -301,9 +333,9 @@ fn wasm_of(f: &HttpFilter) -> Result<Wasm, String> {
     let mut when = describe(m.predicate.as_ref().ok_or("matcher without predicate")?)?;
     when.sort();
     ensure!(SKIP_WHEN[0].ends_with(&format!("wasm.{} is 1", mcp_affinity_filter::stream::WANT_RESPONSE)), "SKIP_WHEN names the filter's property");
-    ensure!(when == SKIP_WHEN, "the response matcher skips the filter when {when:?}; it must be exactly {SKIP_WHEN:?}");
-    let inner = wrapped.extension_config.as_ref().and_then(|e| e.typed_config.as_ref()).ok_or("ExtensionWithMatcher without extension_config")?;
-    unpack(inner)
+    ensure!(SKIP_WHEN_ENVOY_RETRY[1].contains(mcp_affinity_filter::headers::RECOVERED_PIN), "SKIP_WHEN_ENVOY_RETRY names the filter's header");
+    ensure!(when == skip, "the response matcher skips the filter when {when:?}; it must be exactly {skip:?}");
+    Ok(())
 }
 
 /// What one wasm filter instance says.
@@ -339,11 +371,13 @@ fn check_wasm_filter(wasm: &Wasm, expect_file: Option<&str>) -> Result<WasmFilte
 }
 
 /// The shipped configurations show the filter's defaults, apart from the pin encoding
-/// (chosen by the pinning mechanism) and the control section (absent by default).
+/// and who replays (both chosen by the pinning mechanism) and the control section (absent
+/// by default).
 fn check_defaults(filter: &FilterConfig) -> Check {
     let mut shown = filter.clone();
     shown.control = None;
     shown.pin_encoding = FilterConfig::default().pin_encoding;
+    shown.recovery.replay_by = ReplayBy::default();
     ensure!(shown == FilterConfig::default(), "the plugin configuration departs from the filter's defaults: {shown:?}");
     Ok(())
 }
@@ -441,6 +475,7 @@ fn check_bootstrap(text: &str, pinning: Pinning) -> Check {
     let routes: Vec<&Route> = route_config.virtual_hosts.iter().flat_map(|vh| &vh.routes).collect();
     ensure!(!routes.is_empty(), "no routes");
     let mut routed = Vec::new();
+    let mut retrying = Vec::new();
     for r in &routes {
         let action = match &r.action {
             Some(route::Action::Route(a)) => a,
@@ -453,11 +488,24 @@ fn check_bootstrap(text: &str, pinning: Pinning) -> Check {
         ensure!(clusters.contains_key(target), "route {:?} goes to cluster {target:?}, which does not exist", r.name);
         ensure!(is_zero(&action.timeout), "route {:?}: set `timeout: 0s` (SSE streams are long-lived)", r.name);
         ensure!(action.idle_timeout.is_some(), "route {:?}: set an idle_timeout", r.name);
-        ensure!(action.retry_policy.is_none(), "route {:?}: no retries (MCP requests are not idempotent)", r.name);
-        let on_pin = r.r#match.iter().flat_map(|m| &m.headers).any(|h| {
-            h.name.eq_ignore_ascii_case(pin) && matches!(h.header_match_specifier, Some(header_matcher::HeaderMatchSpecifier::PresentMatch(true)))
-        });
-        routed.push((target, on_pin));
+        let present = |name: &str| {
+            r.r#match.iter().flat_map(|m| &m.headers).any(|h| {
+                h.name.eq_ignore_ascii_case(name) && matches!(h.header_match_specifier, Some(header_matcher::HeaderMatchSpecifier::PresentMatch(true)))
+            })
+        };
+        if let Some(policy) = &action.retry_policy {
+            ensure!(wf.filter.recovery.replay_by == ReplayBy::EnvoyRetry, "route {:?}: no retries (MCP requests are not idempotent; only control, with replay_by envoy_retry, may replay)", r.name);
+            ensure!(present(MCP_SESSION_ID), "route {:?} retries: it must match only requests with {MCP_SESSION_ID} (control replays requests of known sessions)", r.name);
+            check_retry_policy(policy, &wf.filter).map_err(|e| format!("route {:?}: {e}", r.name))?;
+            retrying.push(target);
+        }
+        routed.push((target, present(pin)));
+    }
+    if wf.filter.recovery.replay_by == ReplayBy::EnvoyRetry {
+        ensure!(pinning == Pinning::StatefulSession, "replay_by envoy_retry needs the stateful-session override (an ORIGINAL_DST retry follows the pin header back to the failed pod)");
+        let target = retrying.first().ok_or("replay_by envoy_retry, but no route retries to control")?;
+        let replay_at: Vec<u32> = clusters[target].load_assignment.iter().flat_map(|la| &la.endpoints).map(|l| l.priority).filter(|p| *p > 0).collect();
+        ensure!(replay_at == [1], "cluster {target}: control's replay listener must be its one priority-1 endpoint group (the retry's previous_priorities target), found priorities {replay_at:?}");
     }
     ensure!(is_zero(&hcm.request_timeout) || hcm.request_timeout.is_none(), "request_timeout must be off for SSE");
 
@@ -506,6 +554,23 @@ fn check_bootstrap(text: &str, pinning: Pinning) -> Check {
             ensure!(removes_response, "a header_mutation filter before stateful_session must remove {pin:?} from responses");
         }
     }
+    Ok(())
+}
+
+/// A route's retry policy with `replay_by: envoy_retry`: one retry, to the next priority
+/// (control), on exactly the failures after which a request provably did not run (connect
+/// failure, a "session unknown" status), never on a reset after the request was sent.
+fn check_retry_policy(policy: &RetryPolicy, filter: &FilterConfig) -> Check {
+    let on: BTreeSet<&str> = policy.retry_on.split(',').map(str::trim).collect();
+    ensure!(on == BTreeSet::from(["connect-failure", "retriable-status-codes"]), "retry_on {:?}: must be exactly connect-failure,retriable-status-codes", policy.retry_on);
+    let unknown = &filter.recovery.session_unknown_statuses;
+    ensure!(unknown.iter().all(|s| policy.retriable_status_codes.contains(&u32::from(*s))), "retriable_status_codes {:?} must include session_unknown_statuses {unknown:?}", policy.retriable_status_codes);
+    ensure!(policy.num_retries.as_ref().map(|n| n.value) == Some(1), "num_retries must be 1 (one retry, to control)");
+    let priority = policy.retry_priority.as_ref().ok_or("no retry_priority: the retry must skip priority 0 (previous_priorities)")?;
+    ensure!(priority.name == "envoy.retry_priorities.previous_priorities", "retry_priority {:?}: must be envoy.retry_priorities.previous_priorities", priority.name);
+    let Some(retry_priority::ConfigType::TypedConfig(any)) = &priority.config_type else { return Err("retry_priority without typed_config".into()) };
+    let config: PreviousPrioritiesConfig = unpack(any)?;
+    ensure!(config.update_frequency == 1, "previous_priorities update_frequency {}: must be 1 (skip priority 0 after its one attempt)", config.update_frequency);
     Ok(())
 }
 
@@ -922,6 +987,16 @@ fn mutated_bootstraps_are_rejected() {
         // The response matcher skips the filter only where it has nothing to do.
         (&plain, "value_match: { exact: 2xx }", "value_match: { exact: 4xx }", Pinning::OriginalDst, "must be exactly"),
         (&ss, "value_match: { exact: \"1\" }", "value_match: { exact: \"0\" }", Pinning::StatefulSession, "must be exactly"),
+        (&ss, "header_name: x-mcp-affinity-pin", "header_name: x-mcp-affinity-pins", Pinning::StatefulSession, "must be exactly"),
+        // Envoy's retry to control (replay_by envoy_retry): only what provably did not run, once, to priority 1.
+        (&ss, "retry_on: connect-failure,retriable-status-codes", "retry_on: connect-failure,retriable-status-codes,reset", Pinning::StatefulSession, "retry_on"),
+        (&ss, "retriable_status_codes: [404]", "retriable_status_codes: [400]", Pinning::StatefulSession, "session_unknown_statuses"),
+        (&ss, "num_retries: 1", "num_retries: 2", Pinning::StatefulSession, "num_retries"),
+        (&ss, "update_frequency: 1", "update_frequency: 2", Pinning::StatefulSession, "update_frequency"),
+        (&ss, "name: envoy.retry_priorities.previous_priorities", "name: envoy.retry_priorities.other", Pinning::StatefulSession, "previous_priorities"),
+        (&ss, "- name: mcp-session-id\n                    present_match: true", "- name: x-other\n                    present_match: true", Pinning::StatefulSession, "must match only requests with mcp-session-id"),
+        (&ss, "      - priority: 1\n", "      - priority: 2\n", Pinning::StatefulSession, "priority-1"),
+        (&ss, "\"replay_by\": \"envoy_retry\",", "\"replay_by\": \"filter\",", Pinning::StatefulSession, "must be exactly"),
         (&plain, "key: wasm.mcp_affinity.want_response", "key: wasm.want_response", Pinning::OriginalDst, "must be exactly"),
         (&plain, "v3.SkipFilter", "v3.SkipFiltr", Pinning::OriginalDst, "SkipFiltr"),
         (&plain, "v3.ExtensionWithMatcher", "v3.ExtensionWithMatchr", Pinning::OriginalDst, "ExtensionWithMatchr"),
@@ -931,7 +1006,7 @@ fn mutated_bootstraps_are_rejected() {
     }
     // The two files are not interchangeable.
     expect_err(check_bootstrap(&plain, Pinning::StatefulSession), "base64");
-    expect_err(check_bootstrap(&ss, Pinning::OriginalDst), "plain");
+    expect_err(check_bootstrap(&ss, Pinning::OriginalDst), "envoy_retry needs the stateful-session override");
 }
 
 #[test]

@@ -32,6 +32,10 @@ struct Args {
     /// shipped.
     #[arg(long)]
     control: Option<SocketAddr>,
+    /// Address of control's replay listener (`--replay-listen`), the priority-1 endpoint of
+    /// `mcp_service` in `envoy/envoy-stateful-session.yaml`; default: as shipped.
+    #[arg(long)]
+    replay: Option<SocketAddr>,
     /// File with the plugin configuration JSON, used verbatim; default: as shipped.
     #[arg(long)]
     filter_config: Option<PathBuf>,
@@ -61,6 +65,7 @@ fn main() -> anyhow::Result<()> {
     let render = Render {
         wasm,
         control: args.control,
+        replay: args.replay,
         filter_config,
         no_filter: args.no_filter,
         no_response_matcher: args.no_response_matcher,
