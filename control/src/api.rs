@@ -88,7 +88,7 @@ impl<S> Clone for AppState<S> {
 
 impl<S: SessionStore> AppState<S> {
     /// Runs one store operation, recording its latency under `op`.
-    async fn timed<T>(&self, op: &'static str, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    pub(crate) async fn timed<T>(&self, op: &'static str, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
         let start = Instant::now();
         let result = fut.await;
         self.metrics.observe_store(op, result.is_ok(), start.elapsed());
@@ -111,6 +111,12 @@ impl<S: SessionStore> AppState<S> {
 /// admission control of `max_in_flight` requests at once ([`admit`]), the health and
 /// metrics routes open.
 pub fn router<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: usize, max_in_flight: usize) -> Router {
+    router_with_permits(state, auth, max_body_bytes, Arc::new(Semaphore::new(max_in_flight)))
+}
+
+/// [`router`] whose admission control takes its permits from `permits`, which other
+/// listeners may share (the replay listener, [`crate::replay`], takes one per request).
+pub fn router_with_permits<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: usize, permits: Arc<Semaphore>) -> Router {
     let v1 = Router::new()
         .route(
             SESSION_ROUTE,
@@ -122,7 +128,7 @@ pub fn router<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: u
         .route(DRAINING_ROUTE, get(list_draining::<S>))
         .route("/v1/sessions/", any(empty_session_id))
         .route_layer(middleware::from_fn_with_state(auth, require_bearer))
-        .route_layer(middleware::from_fn_with_state(Arc::new(Semaphore::new(max_in_flight)), admit))
+        .route_layer(middleware::from_fn_with_state(permits, admit))
         .layer(DefaultBodyLimit::max(max_body_bytes));
     let metrics = state.metrics.clone();
     Router::new()

@@ -134,6 +134,11 @@ single flight per session across every control instance sharing the store), stor
 compare-and-set, and replays the client's request only when it provably did not run (connection failure, \
 session unknown) or its method is in --replay-safe-methods. See control/README.md, section Recovery.
 
+Replay listener (--replay-listen ADDR): Envoy retries a pinned request that failed to this second listener \
+(any method, any path, no token), with the whole request; control recovers the session, probing its pod first, \
+and answers the client's request with the headers mcp-session-id and x-mcp-affinity-pin. Keep it reachable only \
+by Envoy. See control/README.md, section Replay listener (Envoy retry).
+
 Authentication: every /v1 request needs `Authorization: Bearer <token>`. Give the token with --token-file \
 (preferred) or the MCP_AFFINITY_CONTROL_TOKEN environment variable. Without a token the service refuses to \
 start unless --insecure-no-auth is given.";
@@ -145,6 +150,15 @@ pub struct Config {
     /// Address to listen on (ip:port). Keep it on loopback or a pod-internal address.
     #[arg(long, env = "MCP_AFFINITY_CONTROL_LISTEN", default_value = "127.0.0.1:9901", value_name = "ADDR")]
     pub listen: SocketAddr,
+
+    /// Replay listener address (ip:port); absent (default) = no replay listener. Envoy retries a
+    /// pinned request that failed (connect failure, 404, optionally 400) here, the whole request
+    /// (`retry_priority` previous_priorities, this address at priority 1 of the pods cluster), and
+    /// control recovers the session and answers it. No bearer token on it (Envoy forwards the
+    /// client's request): keep it on loopback or reachable only by Envoy (NetworkPolicy). See
+    /// control/README.md, "Replay listener (Envoy retry)".
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_REPLAY_LISTEN", value_name = "ADDR")]
+    pub replay_listen: Option<SocketAddr>,
 
     /// Session store: `memory` (embedded, lost on exit, bounded by --max-sessions) or Redis, shared by
     /// several control instances: one node `redis://[user:pass@]host:port[/db]`; Sentinel
@@ -280,6 +294,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
+            .field("replay_listen", &self.replay_listen)
             .field("store", &self.store)
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("redis_timeout_ms", &self.redis_timeout_ms)
@@ -420,6 +435,7 @@ mod tests {
     fn defaults() {
         let c = parse(&["--insecure-no-auth"]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:9901");
+        assert_eq!(c.replay_listen, None);
         assert_eq!(c.store, StoreKind::Memory);
         assert_eq!(c.redis_key_prefix, "mcp-affinity:");
         assert_eq!(c.redis_wait(), None);
@@ -433,6 +449,13 @@ mod tests {
         assert!(r.replay_safe_methods.contains("resources/templates/list"));
         assert!(!r.replay_safe_methods.contains("tools/call"));
         assert_eq!((c.drain_ttl(), c.endpoints_refresh()), (Duration::from_secs(3600), Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn replay_listen_flag() {
+        let c = parse(&["--replay-listen", "127.0.0.1:9902"]).unwrap();
+        assert_eq!(c.replay_listen, Some("127.0.0.1:9902".parse().unwrap()));
+        assert!(parse(&["--replay-listen", "localhost"]).is_err());
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`store`]: the [`store::SessionStore`] trait, [`store::memory`] and [`store::redis`].
 //! - [`recover`]: session recovery (`POST /v1/sessions/{id}/recover`): re-initialize on a
 //!   live pod once per session, replay when safe; move sessions off draining upstreams.
+//! - [`replay`]: the replay listener (`--replay-listen`): a request Envoy retried to
+//!   control after its pinned pod failed; recovered and answered like the client's own.
 //! - [`drain_source`]: drains from the endpoint source (`--endpoints-dns`; EndpointSlices with the `kube` feature).
 //! - [`metrics`]: Prometheus metrics; [`clock`]: injectable time.
 //!
@@ -25,6 +27,7 @@ pub mod errors;
 pub mod metrics;
 pub mod record;
 pub mod recover;
+pub mod replay;
 pub mod session_id;
 pub mod store;
 
@@ -33,6 +36,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::api::AppState;
 use crate::auth::Auth;
@@ -44,17 +48,40 @@ use crate::store::redis::{RedisStore, RedisStoreConfig};
 
 /// Serves the API described by `config` on `listener` until `shutdown` completes, then
 /// finishes the requests in flight and returns. `config.listen` is not used (the caller
-/// bound `listener`).
+/// bound `listener`); with `--replay-listen ADDR`, the replay listener ([`replay`]) is
+/// bound to `ADDR` and served next to the API.
 ///
 /// # Errors
 /// When the configuration is unusable (no token without `--insecure-no-auth`, unreadable
-/// token file, invalid Redis URL, `rediss://` without the `tls` feature) or the server
-/// fails. An unreachable Redis is not an error: the service starts and reports not ready.
+/// token file, invalid Redis URL, `rediss://` without the `tls` feature), the replay
+/// address cannot be bound, or a server fails. An unreachable Redis is not an error: the
+/// service starts and reports not ready.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let replay = match config.replay_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--replay-listen {addr}"))?),
+        None => None,
+    };
+    serve_listeners(config, listener, replay, shutdown).await
+}
+
+/// [`serve`] on listeners the caller bound: the API on `listener`, the replay listener on
+/// `replay` when given (`config.listen` and `config.replay_listen` are not used). Both
+/// share the store, the metrics, the recovery engine and the `--max-in-flight` admission
+/// limit, and stop together when `shutdown` completes.
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_listeners(
+    config: Config,
+    listener: TcpListener,
+    replay: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listeners = Listeners { api: listener, replay };
     let auth = config.auth()?;
     if matches!(auth, Auth::Disabled) {
         tracing::warn!("--insecure-no-auth: the /v1 API accepts requests without a token");
@@ -64,7 +91,7 @@ pub async fn serve(
             let store = MemoryStore::new(config.session_ttl(), usize::try_from(config.max_sessions).unwrap_or(usize::MAX))
                 .with_drain_ttl(config.drain_ttl());
             tracing::info!(ttl_secs = config.session_ttl_secs, max_sessions = config.max_sessions, "memory store");
-            run(Arc::new(store), auth, &config, listener, shutdown).await
+            run(Arc::new(store), auth, &config, listeners, shutdown).await
         }
         StoreKind::Redis(url) => {
             check_tls_support(url)?;
@@ -85,17 +112,24 @@ pub async fn serve(
                 wait_replicas = config.redis_wait_replicas,
                 "redis store"
             );
-            run(Arc::new(store), auth, &config, listener, shutdown).await
+            run(Arc::new(store), auth, &config, listeners, shutdown).await
         }
     }
 }
 
-/// Serves `store` with the router of [`api::router`].
+/// The bound listeners: the API's and, with `--replay-listen`, the replay listener's.
+struct Listeners {
+    api: TcpListener,
+    replay: Option<TcpListener>,
+}
+
+/// Serves `store` with the router of [`api::router_with_permits`], and the replay
+/// listener's ([`replay::router`]) when bound.
 async fn run<S: SessionStore>(
     store: Arc<S>,
     auth: Auth,
     config: &Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let settings = config.recovery();
@@ -124,9 +158,29 @@ async fn run<S: SessionStore>(
     tracing::info!(drain_ttl_secs = config.drain_ttl_secs, "drains");
     let recovery = Arc::new(crate::recover::Recovery::new(settings).context("recovery")?);
     let state = AppState { store, metrics, recovery };
-    let app = api::router(state, auth, config.max_body_bytes, usize::try_from(config.max_in_flight).unwrap_or(usize::MAX));
-    tracing::info!(addr = %listener.local_addr()?, "listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("http server")?;
+    let permits = Arc::new(Semaphore::new(usize::try_from(config.max_in_flight).unwrap_or(usize::MAX)));
+    let app = api::router_with_permits(state.clone(), auth, config.max_body_bytes, permits.clone());
+    // One shutdown for both listeners.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let _signal = AbortOnDrop(tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    }));
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    tracing::info!(addr = %listeners.api.local_addr()?, "listening");
+    let api = async { axum::serve(listeners.api, app).with_graceful_shutdown(until_stopped()).await.context("http server") };
+    let replay = async {
+        let Some(listener) = listeners.replay else { return Ok(()) };
+        tracing::info!(addr = %listener.local_addr()?, "replay listener (no token: reachable by Envoy only)");
+        let app = replay::router(state, permits, config.max_body_bytes);
+        axum::serve(listener, app).with_graceful_shutdown(until_stopped()).await.context("replay listener")
+    };
+    tokio::try_join!(api, replay)?;
     drop(watcher);
     drop(slices);
     tracing::info!("stopped");

@@ -20,7 +20,8 @@
 //!   (`initialize` + `notifications/initialized` succeeded), counted before the new pin is
 //!   stored: with working single flight, one per recovered failure whatever the number
 //!   of concurrent recoveries.
-//! - `mcp_affinity_control_replays_total` — counter, requests replayed on a new pin.
+//! - `mcp_affinity_control_replays_total` — counter, requests replayed on a new pin (and
+//!   requests the replay listener sent again to a pod that still knew the session).
 //! - `mcp_affinity_control_recovery_duration_seconds` — histogram of decided recoveries.
 //! - `mcp_affinity_control_drain_moves_total{outcome}` — counter of drain-moves decided by
 //!   this instance (`outcome` = moved|stayed): `moved` = a session this instance
@@ -36,6 +37,11 @@
 //! - `mcp_affinity_control_upstreams_draining` — gauge, drains in the store when this
 //!   instance last read or changed the list (`GET /v1/upstreams/draining`, which filters
 //!   poll, drain/undrain, recoveries, the DNS watcher).
+//! - `mcp_affinity_control_replay_listener_requests_total{result}` — counter of the
+//!   requests Envoy retried to the replay listener ([`crate::replay`]), by how they ended
+//!   (`result` = replayed|not_replayed|failed|alive|deleted|session_not_found|
+//!   bad_request|store_unavailable|overloaded|internal; `alive` = sent again to the pod
+//!   that still knew the session). Recoveries they started are also in `recoveries_total`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -93,6 +99,7 @@ pub struct Metrics {
     drain_moves: Family<OutcomeLabels, Counter>,
     drain_move_delay: Histogram,
     upstreams_draining: Gauge,
+    replay_requests: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -163,6 +170,13 @@ impl Metrics {
             "Draining upstreams in the store, as last read or changed by this instance",
             upstreams_draining.clone(),
         );
+        let replay_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "replay_listener_requests",
+            "Requests Envoy retried to the replay listener, by result (replayed, not_replayed, failed, alive, deleted, \
+             session_not_found, bad_request, store_unavailable, overloaded, internal)",
+            replay_requests.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -178,6 +192,7 @@ impl Metrics {
             drain_moves,
             drain_move_delay,
             upstreams_draining,
+            replay_requests,
         }
     }
 
@@ -222,6 +237,11 @@ impl Metrics {
         if let (true, Some(delay)) = (moved, delay) {
             self.drain_move_delay.observe(delay.as_secs_f64());
         }
+    }
+
+    /// Counts one request of the replay listener, by `result` (see the module docs).
+    pub fn count_replay_request(&self, result: &'static str) {
+        self.replay_requests.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Sets the number of draining upstreams (after reading or changing the list).
@@ -285,6 +305,12 @@ mod tests {
         assert!(text.contains("mcp_affinity_control_drain_move_delay_seconds_sum 1.5"), "{text}");
         assert!(text.contains(r#"mcp_affinity_control_drain_move_delay_seconds_bucket{le="1.6"} 1"#), "{text}");
         assert!(text.contains("mcp_affinity_control_upstreams_draining 2"), "{text}");
+        m.count_replay_request("replayed");
+        m.count_replay_request("deleted");
+        m.count_replay_request("deleted");
+        let text = m.render(StoreStats { records: Some(3), evictions: 2 });
+        assert!(text.contains(r#"mcp_affinity_control_replay_listener_requests_total{result="replayed"} 1"#), "{text}");
+        assert!(text.contains(r#"mcp_affinity_control_replay_listener_requests_total{result="deleted"} 2"#), "{text}");
         // Evictions are a running total: rendering again with the same total adds nothing.
         let text = m.render(StoreStats { records: Some(3), evictions: 2 });
         assert!(text.contains("mcp_affinity_control_store_evictions_total 2"));

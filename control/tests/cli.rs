@@ -26,14 +26,14 @@ fn help_names_every_flag_and_its_environment_variable() {
     for flag in [
         "--listen", "--store", "--redis-key-prefix", "--redis-timeout-ms", "--session-ttl-secs",
         "--max-sessions", "--max-body-bytes", "--max-in-flight", "--log-format", "--token-file", "--token", "--insecure-no-auth",
-        "--endpoints-refresh-secs", "--drain-ttl-secs", "--drain-from-endpointslices",
+        "--endpoints-refresh-secs", "--drain-ttl-secs", "--drain-from-endpointslices", "--replay-listen",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
     for env in [
         "MCP_AFFINITY_CONTROL_LISTEN", "MCP_AFFINITY_CONTROL_STORE", "MCP_AFFINITY_CONTROL_TOKEN_FILE",
         "MCP_AFFINITY_CONTROL_TOKEN", "MCP_AFFINITY_CONTROL_SESSION_TTL_SECS", "MCP_AFFINITY_CONTROL_DRAIN_TTL_SECS",
-        "MCP_AFFINITY_CONTROL_ENDPOINTS_REFRESH_SECS",
+        "MCP_AFFINITY_CONTROL_ENDPOINTS_REFRESH_SECS", "MCP_AFFINITY_CONTROL_REPLAY_LISTEN",
     ] {
         assert!(help.contains(env), "--help lacks {env}:\n{help}");
     }

@@ -312,6 +312,12 @@ impl JsonRpcInfo {
     }
 }
 
+/// The JSON-RPC `id` of a request body: the id of its single message, else `null` (a
+/// batch, a notification, not JSON).
+pub(crate) fn jsonrpc_id(body: &str) -> Value {
+    JsonRpcInfo::of(body).id
+}
+
 /// How the pin question ended.
 enum Settled {
     /// The session lives on this pin (re-initialized now or by someone else).
@@ -727,6 +733,17 @@ impl Recovery {
         });
     }
 
+    /// Sends `req` once more to `pin`, the session's current, unchanged pin, and answers
+    /// with the pod's answer: the replay step of [`Recovery::recover`] under a deadline of
+    /// its own (`--recovery-timeout-ms`). For the replay listener ([`crate::replay`]) after
+    /// [`Outcome::Alive`]: the pod's first answer was genuine, but Envoy discarded it when
+    /// it retried. Outcome `replayed` (`not_replayed` for a GET, or when the resend got no
+    /// complete answer).
+    pub(crate) async fn resend(&self, req: &RecoverRequest, pin: Pin, metrics: &Metrics) -> RecoverResponse {
+        let deadline = Instant::now() + self.settings.timeout;
+        self.answer(req, &JsonRpcInfo::of(&req.request.body), pin, metrics, deadline).await
+    }
+
     /// Steps 2 and 3: replay or explain, on `pin`.
     async fn answer(&self, req: &RecoverRequest, info: &JsonRpcInfo, pin: Pin, metrics: &Metrics, deadline: Instant) -> RecoverResponse {
         let r = &req.request;
@@ -741,7 +758,9 @@ impl Recovery {
         let safe = match req.reason {
             // `session_suspect` gets here only when the probe found the session unknown or
             // the pod unreachable (or the pin already moved): the pod answered the
-            // original request with an error, so it did not run.
+            // original request with an error, so it did not run. Through `resend` the probe
+            // found the session alive: the pod's error answer was genuine, an HTTP-level
+            // refusal (404/400) of a request it did not run.
             Reason::ConnectFailure | Reason::SessionUnknown | Reason::SessionSuspect => true,
             Reason::ResetAfterSend => {
                 !info.methods.is_empty() && info.methods.iter().all(|m| self.settings.replay_safe_methods.contains(m))
@@ -843,7 +862,8 @@ fn outcome_unknown(info: &JsonRpcInfo, message: &str) -> ClientResponse {
 }
 
 /// The 404 + JSON-RPC "Session not found" that makes a standard client re-initialize.
-fn session_not_found(id: &Value) -> ClientResponse {
+/// `id` is the request's JSON-RPC id ([`jsonrpc_id`]).
+pub(crate) fn session_not_found(id: &Value) -> ClientResponse {
     let body = json!({"jsonrpc": "2.0", "error": {"code": SESSION_NOT_FOUND_CODE, "message": "Session not found"}, "id": id});
     ClientResponse { status: 404, content_type: Some("application/json".into()), body: body.to_string() }
 }
