@@ -253,7 +253,7 @@ async fn get_session<S: SessionStore>(
 
 /// The record of `id`, looked for again every [`WAIT_POLL`] for up to `wait` while it is
 /// missing.
-async fn wait_for_record<S: SessionStore>(state: &AppState<S>, id: &SessionId, wait: std::time::Duration) -> Result<Option<SessionRecord>, StoreError> {
+pub(crate) async fn wait_for_record<S: SessionStore>(state: &AppState<S>, id: &SessionId, wait: std::time::Duration) -> Result<Option<SessionRecord>, StoreError> {
     let deadline = Instant::now() + wait;
     loop {
         let record = state.timed("get", state.store.get(id)).await?;

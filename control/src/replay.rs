@@ -120,6 +120,12 @@ pub const POD_HEADER: &str = "x-session-pod";
 /// it to update its pin ([`pin_header_value`]).
 pub const PIN_HEADER: &str = "x-mcp-affinity-pin";
 
+/// How long a missing record is waited for: a session's first requests may overtake the
+/// filter's asynchronous write of its record (`control.initialize_write: async`, sent every
+/// `record_flush_ms`), as the filter's own lookups allow for with its default
+/// `control.lookup_wait_ms` (250 ms). An unknown session is answered 404 after this wait.
+pub const RECORD_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// JSON-RPC "Invalid Request" (JSON-RPC 2.0 §5.1): a request control cannot recover.
 pub const INVALID_REQUEST_CODE: i64 = -32600;
 
@@ -253,9 +259,12 @@ async fn handle<S: SessionStore>(listener: &Listener<S>, request: Request) -> (&
     };
     let text = std::str::from_utf8(&body);
     let rpc_id = text.map_or(Value::Null, jsonrpc_id);
-    let record = match app.timed("get", app.store.get(&id)).await {
+    let record = match crate::api::wait_for_record(app, &id, RECORD_WAIT).await {
         Ok(Some(record)) => record,
-        Ok(None) => return ("session_not_found", client_response(session_not_found(&rpc_id), None)),
+        Ok(None) => {
+            tracing::info!(session = id.as_str(), method = parts.method.as_str(), outcome = "session_not_found", "replay listener");
+            return ("session_not_found", client_response(session_not_found(&rpc_id), None));
+        }
         Err(_) => return store_unavailable(&rpc_id),
     };
     if parts.method == Method::DELETE {

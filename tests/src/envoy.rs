@@ -45,6 +45,12 @@ pub fn shipped_bootstrap() -> PathBuf {
     workspace_root().join("envoy/envoy.yaml")
 }
 
+/// `envoy/envoy-stateful-session.yaml` of this repository: stateful-session pinning, and
+/// recovery through Envoy's retry to control's replay listener.
+pub fn stateful_session_bootstrap() -> PathBuf {
+    workspace_root().join("envoy/envoy-stateful-session.yaml")
+}
+
 /// The Envoy binary: `ENVOY` from the environment, else the one `make setup-envoy`
 /// installs, `<workspace>/.venv-envoy-1.40.0/bin/envoy`. Errors (saying how to install
 /// it) when that file does not exist.
@@ -312,8 +318,17 @@ fn set_endpoints(cluster: &mut Value, priority: u64, addrs: &[SocketAddr]) -> Re
 /// # Errors
 /// The admin API cannot be reached, or answers a non-number for the counter.
 pub async fn filter_metric(admin: std::net::SocketAddr, name: &str) -> Result<i64> {
-    let text = reqwest::get(format!("http://{admin}/stats?filter=wasmcustom")).await?.error_for_status()?.text().await?;
-    let key = format!("wasmcustom.mcp_affinity.{name}");
+    stat(admin, &format!("wasmcustom.mcp_affinity.{name}")).await
+}
+
+/// One Envoy stat by its full name (e.g. `cluster.mcp_service.upstream_rq_retry`) from the
+/// admin API at `admin`; 0 when absent.
+///
+/// # Errors
+/// The admin API cannot be reached, or answers a non-number for the stat.
+pub async fn stat(admin: std::net::SocketAddr, key: &str) -> Result<i64> {
+    // `filter` is a regex; the key's dots match themselves too, and the exact line is picked below.
+    let text = reqwest::get(format!("http://{admin}/stats?filter={key}")).await?.error_for_status()?.text().await?;
     for line in text.lines() {
         if let Some((k, v)) = line.split_once(':')
             && k.trim() == key

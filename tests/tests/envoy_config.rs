@@ -506,6 +506,8 @@ fn check_bootstrap(text: &str, pinning: Pinning) -> Check {
         let target = retrying.first().ok_or("replay_by envoy_retry, but no route retries to control")?;
         let replay_at: Vec<u32> = clusters[target].load_assignment.iter().flat_map(|la| &la.endpoints).map(|l| l.priority).filter(|p| *p > 0).collect();
         ensure!(replay_at == [1], "cluster {target}: control's replay listener must be its one priority-1 endpoint group (the retry's previous_priorities target), found priorities {replay_at:?}");
+        let max_retries = clusters[target].circuit_breakers.iter().flat_map(|c| &c.thresholds).filter(|t| t.priority == 0).find_map(|t| t.max_retries.as_ref()).map_or(3, |m| m.value);
+        ensure!(max_retries >= 1000, "cluster {target}: circuit_breakers max_retries {max_retries}: a dead pod's sessions are all retried to control at once (Envoy's default allows 3)");
     }
     ensure!(is_zero(&hcm.request_timeout) || hcm.request_timeout.is_none(), "request_timeout must be off for SSE");
 
@@ -996,6 +998,7 @@ fn mutated_bootstraps_are_rejected() {
         (&ss, "name: envoy.retry_priorities.previous_priorities", "name: envoy.retry_priorities.other", Pinning::StatefulSession, "previous_priorities"),
         (&ss, "- name: mcp-session-id\n                    present_match: true", "- name: x-other\n                    present_match: true", Pinning::StatefulSession, "must match only requests with mcp-session-id"),
         (&ss, "      - priority: 1\n", "      - priority: 2\n", Pinning::StatefulSession, "priority-1"),
+        (&ss, "        max_retries: 1024", "        max_retries: 3", Pinning::StatefulSession, "max_retries"),
         (&ss, "\"replay_by\": \"envoy_retry\",", "\"replay_by\": \"filter\",", Pinning::StatefulSession, "must be exactly"),
         (&plain, "key: wasm.mcp_affinity.want_response", "key: wasm.want_response", Pinning::OriginalDst, "must be exactly"),
         (&plain, "v3.SkipFilter", "v3.SkipFiltr", Pinning::OriginalDst, "SkipFiltr"),

@@ -1,0 +1,142 @@
+//! End-to-end recovery through Envoy's own retry (`recovery.replay_by: envoy_retry`,
+//! `envoy/envoy-stateful-session.yaml`): demo pods at priority 0 of `mcp_service`, control's
+//! replay listener at priority 1. A request of a session whose pod is gone (connect
+//! failure) or has lost the session (404) is retried once by Envoy, body included, to
+//! control, which re-initializes the session on a live pod and replays the request; the
+//! filter learns the new pin from control's answer and never copies a request body. The
+//! client keeps its session id and sees no error.
+
+use std::net::SocketAddr;
+
+use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
+use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations};
+use mcp_affinity_harness::mcp_client::{self, Session};
+use mcp_affinity_harness::process::free_addr;
+
+/// Envoy's count of retries on the pods' cluster (each went to control).
+const RETRIES: &str = "cluster.mcp_service.upstream_rq_retry";
+
+struct Mesh {
+    pods: Vec<Pod>,
+    control: ControlService,
+    proxy: Proxy,
+}
+
+/// `n` demo pods, control (memory store, the pods as its endpoints, a replay listener) and
+/// Envoy on the stateful-session bootstrap with the filter replaying through Envoy's retry.
+fn mesh(n: usize) -> Mesh {
+    let pods: Vec<Pod> = (0..n).map(|i| Pod::start(&format!("pod-{i}")).unwrap()).collect();
+    let endpoints = pods.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>().join(",");
+    let replay: SocketAddr = free_addr();
+    let control = ControlService::start_with("memory", &["--endpoints".into(), endpoints, "--replay-listen".into(), replay.to_string()]).unwrap();
+    let config = ControlService::filter_config(r#","pin_encoding":"base64","recovery":{"replay_by":"envoy_retry"}"#);
+    let proxy = Proxy::start(
+        &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
+        ProxyOptions {
+            filter_config: config,
+            clusters: vec![control.proxy_cluster()],
+            vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
+            replay: Some(replay),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    Mesh { pods, control, proxy }
+}
+
+/// Opens sessions until `want` of them are on `pod` (each Envoy worker round-robins on its
+/// own, so a worker's every `pods` consecutive sessions include one on `pod`); returns those
+/// and how many landed elsewhere.
+async fn sessions_on(proxy: &Proxy, pod: &str, want: usize) -> (Vec<Session>, usize) {
+    let mut mine = Vec::new();
+    let mut others = 0;
+    while mine.len() < want {
+        assert!(mine.len() + others < 100, "only {} of {want} sessions landed on {pod}", mine.len());
+        let s = mcp_client::connect(&proxy.url()).await.unwrap();
+        if s.whoami().await.unwrap() == pod { mine.push(s) } else { others += 1 }
+    }
+    (mine, others)
+}
+
+async fn reinitializations(control: &ControlService) -> f64 {
+    control.metric("reinitializations_total", "").await.unwrap()
+}
+
+/// The pinned pod is killed: every session's next request is retried by Envoy to control,
+/// which moves the session once; the requests after it go straight to the new pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_pod_s_sessions_are_moved_by_envoy_s_retry_to_control() {
+    let mut m = mesh(3);
+    let (victims, others) = sessions_on(&m.proxy, "pod-0", 4).await;
+    assert_eq!(m.proxy.stat(RETRIES).await.unwrap(), 0, "nothing failed yet");
+    m.pods[0].kill();
+    for s in &victims {
+        let moved = s.whoami_keeping_id().await;
+        assert_ne!(moved, "pod-0");
+        assert_eq!(s.echo("still here").await.unwrap(), "still here");
+        assert_eq!(s.whoami_keeping_id().await, moved, "stays on its new pod");
+    }
+    assert_eq!(reinitializations(&m.control).await, 4.0, "exactly one re-initialization per session");
+    assert_eq!(m.proxy.metric("recovered_pins").await.unwrap(), 4, "the filter learned each new pin from control's answer");
+    assert_eq!(m.proxy.stat(RETRIES).await.unwrap(), 4, "one retry per session: later requests went to the new pod directly");
+    assert_eq!(m.proxy.metric("recovery_body_too_large").await.unwrap(), 0);
+    assert_eq!(initializations(&m.pods[1..]).await, others as u64 + 4, "the live pods saw their own sessions and the 4 moves");
+}
+
+/// The pod restarts in place (same address, sessions lost) and answers 404: Envoy retries
+/// the 404 to control, which finds the session unknown there and re-creates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_restarted_in_place_is_recovered_from_its_404() {
+    let mut m = mesh(2);
+    let (victims, others) = sessions_on(&m.proxy, "pod-1", 2).await;
+    m.pods[1].restart().unwrap();
+    for s in &victims {
+        let now = s.whoami_keeping_id().await;
+        assert_eq!(s.whoami_keeping_id().await, now);
+    }
+    assert_eq!(reinitializations(&m.control).await, 2.0);
+    assert_eq!(initializations(&m.pods).await, (others + 2) as u64, "each lost session re-created once, nobody else");
+    assert_eq!(m.proxy.stat(RETRIES).await.unwrap(), 2);
+}
+
+/// 16 concurrent requests of one session hit its dead pod: Envoy retries each to control,
+/// which re-initializes once and replays all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_retries_of_one_session_reinitialize_it_once() {
+    let mut m = mesh(2);
+    let (victims, others) = sessions_on(&m.proxy, "pod-0", 1).await;
+    let s = victims.into_iter().next().unwrap();
+    m.pods[0].kill();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.echo(&format!("m{i}")).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap().unwrap(), format!("m{i}"));
+    }
+    assert_eq!(reinitializations(&m.control).await, 1.0);
+    assert_eq!(s.whoami_keeping_id().await, "pod-1");
+    assert_eq!(initializations(&m.pods[1..]).await, others as u64 + 1, "its own sessions and the one move");
+}
+
+/// A moved session runs under the new pod's session id; when that pod dies too, Envoy's
+/// retry carries `x-mcp-affinity-session` (the client's id), by which control finds the
+/// record and moves the session again. The client's id never changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_moved_twice_keeps_the_client_s_id() {
+    let mut m = mesh(3);
+    let (victims, _) = sessions_on(&m.proxy, "pod-0", 1).await;
+    let s = victims.into_iter().next().unwrap();
+    m.pods[0].kill();
+    let second = s.whoami_keeping_id().await;
+    assert_ne!(second, "pod-0");
+    let at = m.pods.iter().position(|p| p.name == second).unwrap();
+    m.pods[at].kill();
+    let third = s.whoami_keeping_id().await;
+    assert!(third != "pod-0" && third != second, "moved again, to the last live pod: {third}");
+    assert_eq!(s.echo("twice").await.unwrap(), "twice");
+    assert_eq!(reinitializations(&m.control).await, 2.0);
+    assert_eq!(m.proxy.metric("recovered_pins").await.unwrap(), 2);
+}
