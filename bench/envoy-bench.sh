@@ -167,7 +167,8 @@ fi
 CONFIGS=(plain empty pin affinity control haproxy direct)
 declare -A LABEL=([plain]=plain [empty]=empty [pin]=empty+pin [affinity]=affinity [control]=affinity+control [haproxy]=haproxy [direct]=direct
   [plain2]="plain (2 pods)" [affinity_big]="affinity (2nd)" [control_big]="affinity+control (2nd)" [haproxy_big]="haproxy (2nd)"
-  [control_plain]="affinity+control, no matcher")
+  [control_plain]="affinity+control, no matcher"
+  [plain_ss]="plain (stateful session)" [empty_ss]="empty (stateful session)" [retry_ss]="affinity+control, Envoy retry")
 # Scale (BENCH_SCALE > 0): a second instance of each of SCALED (CFG_big), populated with N
 # sessions, measured in the same rounds as the first; plain2: plain Envoy round robin over both
 # pods, the baseline of the initialize phase (each initialize is a new session).
@@ -302,8 +303,9 @@ else
 fi
 free_port CONTROL_PORT
 # Room for every session of the run (no eviction skews the memory numbers).
+free_port REPLAY_PORT
 RUST_LOG=warn spawn control "$CONTROL_BIN" --listen "127.0.0.1:$CONTROL_PORT" --store "$STORE_ARG" \
-  --max-sessions $((4 * SCALE + 2000000)) --endpoints "127.0.0.1:$POD1,127.0.0.1:$POD2"
+  --max-sessions $((4 * SCALE + 2000000)) --endpoints "127.0.0.1:$POD1,127.0.0.1:$POD2" --replay-listen "127.0.0.1:$REPLAY_PORT"
 CONTROL_PID=$LAST_PID
 wait_port "$CONTROL_PORT" "$CONTROL_PID" control
 
@@ -319,11 +321,17 @@ JSON
 cat >"$RUN/filter-control-callgrind.json" <<JSON
 { "control": { "cluster": "mcp_affinity_control", "token_env": "MCP_AFFINITY_CONTROL_TOKEN", "record_flush_ms": 500 } }
 JSON
+# The stateful-session bootstrap's configuration (recovery through Envoy's retry), likewise.
+cat >"$RUN/filter-retry-callgrind.json" <<JSON
+{ "pin_encoding": "base64", "recovery": { "replay_by": "envoy_retry" },
+  "control": { "cluster": "mcp_affinity_control", "token_env": "MCP_AFFINITY_CONTROL_TOKEN", "record_flush_ms": 500 } }
+JSON
 
 # plain and empty have no affinity: with both pods behind them, a session's requests would
 # alternate between pods (wrong in reality, and round robin over 2 connection pools costs
 # Envoy 5-7 µs/request more than 1 pod on this machine: as much as the effect measured).
 # By default they get pod 1 only, so every config sends the session's requests to one pod.
+SS_ARGS=(--bootstrap envoy/envoy-stateful-session.yaml --replay "127.0.0.1:$REPLAY_PORT")
 render_args() { # cfg: the pods (1|2) and render arguments of each Envoy config, in R_PODS, R_ARGS
   case ${1%_big} in
     plain) R_PODS=$BASELINE_PODS R_ARGS=(--no-filter) ;;
@@ -337,6 +345,12 @@ render_args() { # cfg: the pods (1|2) and render arguments of each Envoy config,
     # Instructions only: affinity+control loaded without its response matcher, as an Istio
     # WasmPlugin loads it (every answer reaches the VM).
     control_plain) render_args control; R_ARGS+=(--no-response-matcher) ;;
+    # Instructions only, on envoy/envoy-stateful-session.yaml (its route retries a failed
+    # request of a session to control's replay listener, priority 1 of mcp_service): plain and
+    # empty there, and affinity+control replaying through that retry (no body copy).
+    plain_ss) render_args plain; R_ARGS+=("${SS_ARGS[@]}") ;;
+    empty_ss) render_args empty; R_ARGS+=("${SS_ARGS[@]}") ;;
+    retry_ss) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-retry-callgrind.json" --control "127.0.0.1:$CONTROL_PORT" "${SS_ARGS[@]}") ;;
     *) die "render_args: unknown config $1" ;;
   esac
 }
@@ -601,6 +615,9 @@ fi
 # Initialize: a new session each, so the baseline is plain Envoy round robin over both pods
 # (plain2; plain itself when BENCH_BASELINE_PODS=2).
 INSTR_CONFIGS=(plain empty pin affinity control control_plain)
+# The stateful-session bootstrap: its own baselines (BENCH_INSTR_SS=0 skips them).
+INSTR_SS_CONFIGS=()
+((${BENCH_INSTR_SS:-1})) && INSTR_SS_CONFIGS=(plain_ss empty_ss retry_ss)
 INSTR_INIT_CONFIGS=()
 ((INSTR_INIT > 0)) && INSTR_INIT_CONFIGS=(plain2 affinity control)
 declare -A IR=() IR_IDLE=() IR_LOAD=() IR_INIT=() IR_INIT_LOAD=()
@@ -641,7 +658,7 @@ steady_through() {
   python3 bench/sequential.py steady "$2" "$3" "$5" >"$out" 2>&1 || { cat "$out" >&2; die "${LABEL[$cfg]} under callgrind: steady requests failed"; }
   pods=$(sed -n 's/.* pods=\([^ ]*\).*/\1/p' "$out")
   case $cfg in
-    plain | empty) ((BASELINE_PODS == 2)) || [[ $pods != *,* ]] || die "${LABEL[$cfg]} under callgrind: answered by pods $pods" ;;
+    plain | empty | plain_ss | empty_ss) ((BASELINE_PODS == 2)) || [[ $pods != *,* ]] || die "${LABEL[$cfg]} under callgrind: answered by pods $pods" ;;
     pin) [[ $pods != *,* ]] || die "empty+pin under callgrind: answered by pods $pods" ;;
     *) [[ $pods == "$4" ]] || die "${LABEL[$cfg]} under callgrind: session from pod $4 answered by pods $pods: not pinned" ;;
   esac
@@ -712,7 +729,7 @@ if ((INSTR)); then
   for cfg in "${INSTR_INIT_CONFIGS[@]}"; do WANT_INIT[$cfg]=1; done
   # With BENCH_BASELINE_PODS=2, plain is plain2: one Envoy counts both.
   ((BASELINE_PODS == 2 && INSTR_INIT > 0)) && WANT_INIT[plain]=1
-  for cfg in "${INSTR_CONFIGS[@]}"; do instructions "$cfg" 1 "${WANT_INIT[$cfg]:-0}"; done
+  for cfg in "${INSTR_CONFIGS[@]}" "${INSTR_SS_CONFIGS[@]}"; do instructions "$cfg" 1 "${WANT_INIT[$cfg]:-0}"; done
   if ((INSTR_INIT > 0)); then
     if ((BASELINE_PODS == 2)); then
       IR_INIT[plain2]=${IR_INIT[plain]} IR_INIT_LOAD[plain2]=${IR_INIT_LOAD[plain]} IR_IDLE[plain2]=${IR_IDLE[plain]}
@@ -862,6 +879,19 @@ if ((INSTR)); then
     printf '| %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "${IR[$cfg]}" "$([[ $cfg == plain ]] && echo - || printf '%+d' "${IR_ADD[$cfg]}")" \
       "${IR_RATIO[$cfg]}" "${IR_RATIO_PIN[$cfg]}"
   done
+  if ((${#INSTR_SS_CONFIGS[@]})); then
+    echo
+    echo "the same on envoy/envoy-stateful-session.yaml (stateful-session pinning; the route of requests with a session id retries"
+    echo "once to control's replay listener), against plain and empty Envoy on that bootstrap"
+    echo
+    echo "| config | instructions/req | + vs plain (stateful session) | (X − plain) / (empty − plain), stateful session |"
+    echo "|---|---:|---:|---:|"
+    for cfg in "${INSTR_SS_CONFIGS[@]}"; do
+      IR_ADD[$cfg]=$((IR[$cfg] - IR[plain_ss]))
+      if [[ $cfg == plain_ss ]]; then IR_RATIO[$cfg]=- IR_RATIO_PIN[$cfg]=-; else IR_RATIO[$cfg]=$(ratio "${IR_ADD[$cfg]}" "$((IR[empty_ss] - IR[plain_ss]))") IR_RATIO_PIN[$cfg]=-; fi
+      printf '| %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "${IR[$cfg]}" "$([[ $cfg == plain_ss ]] && echo - || printf '%+d' "${IR_ADD[$cfg]}")" "${IR_RATIO[$cfg]}"
+    done
+  fi
   declare -A IR_INIT_ADD=()
   if ((INSTR_INIT > 0)); then
     echo
@@ -988,7 +1018,7 @@ JSON_FILE=$RESULTS/envoy-$STAMP.json
     printf '{"tool": "callgrind", "valgrind": %s, "warmup_requests": %s, "requests": %s, "idle_seconds": %s, "configs": {' \
       "$(jstr "$VALGRIND_VERSION")" "$INSTR_WARMUP" "$INSTR_REQUESTS" "$INSTR_IDLE_SECS"
     first=1
-    for cfg in "${INSTR_CONFIGS[@]}"; do
+    for cfg in "${INSTR_CONFIGS[@]}" "${INSTR_SS_CONFIGS[@]}"; do
       ((first)) || printf ','
       first=0
       printf '\n    %s: {"per_request": %s, "added_per_request": %s, "ratio_to_empty": %s, "ratio_to_empty_pin": %s, "idle_per_second": %s, "load_seconds": %s}' \
