@@ -164,35 +164,8 @@ pub fn pin_header_value(pin: &Pin) -> String {
 
 /// Standard-alphabet base64 with padding (RFC 4648 §4); `None` for any other text.
 fn base64_standard(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    if bytes.is_empty() || !bytes.len().is_multiple_of(4) || bytes.iter().rev().take_while(|b| **b == b'=').count() > 2 {
-        return None;
-    }
-    let chunks = bytes.len() / 4;
-    let mut out = Vec::with_capacity(chunks * 3);
-    for (i, chunk) in bytes.chunks(4).enumerate() {
-        let (mut n, mut pad) = (0u32, 0usize);
-        for &b in chunk {
-            let v = match b {
-                b'A'..=b'Z' => b - b'A',
-                b'a'..=b'z' => b - b'a' + 26,
-                b'0'..=b'9' => b - b'0' + 52,
-                b'+' => 62,
-                b'/' => 63,
-                b'=' if i + 1 == chunks => {
-                    pad += 1;
-                    0
-                }
-                _ => return None,
-            };
-            if pad > 0 && b != b'=' {
-                return None;
-            }
-            n = (n << 6) | u32::from(v);
-        }
-        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
-    }
-    Some(out)
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
 
 /// The client's session id: `x-mcp-affinity-session` when present, else `mcp-session-id`.
