@@ -480,6 +480,23 @@ mod tests {
     }
 
     #[test]
+    fn the_replay_listener_is_the_priority_1_endpoint_and_the_pods_stay_priority_0() {
+        let ss = std::fs::read_to_string(stateful_session_bootstrap()).unwrap();
+        let b = parse(&render(&ss, &Render { replay: Some(a("127.0.0.1:4444")), ..local() }).unwrap());
+        let service = b["static_resources"]["clusters"].as_array().unwrap().iter().find(|c| c["name"] == SERVICE_CLUSTER).unwrap();
+        let groups = service.pointer("/load_assignment/endpoints").unwrap().as_array().unwrap();
+        let port = |g: &serde_json::Value, i: usize| g.pointer(&format!("/lb_endpoints/{i}/endpoint/address/socket_address/port_value")).and_then(serde_json::Value::as_u64);
+        assert_eq!(groups.len(), 2);
+        assert_eq!((groups[0].get("priority"), port(&groups[0], 0), port(&groups[0], 2)), (None, Some(5001), Some(5003)));
+        assert_eq!((groups[1]["priority"].as_u64(), port(&groups[1], 0), port(&groups[1], 1)), (Some(1), Some(4444), None));
+        // Without --replay the shipped priority-1 endpoint stays; envoy.yaml has none to set.
+        let kept = parse(&render(&ss, &local()).unwrap());
+        assert_eq!(kept.pointer("/static_resources/clusters/0/load_assignment/endpoints/1/lb_endpoints/0/endpoint/address/socket_address/port_value"), Some(&serde_json::json!(9902)));
+        let err = render(&shipped(), &Render { replay: Some(a("127.0.0.1:4444")), ..local() }).unwrap_err();
+        assert!(format!("{err:#}").contains("priority-1"), "{err:#}");
+    }
+
+    #[test]
     fn unexpected_shapes_are_errors() {
         let r = local();
         let err = |yaml: &str| render(yaml, &r).unwrap_err().to_string();
