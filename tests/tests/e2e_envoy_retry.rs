@@ -9,8 +9,8 @@
 use std::net::SocketAddr;
 
 use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
-use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations};
-use mcp_affinity_harness::mcp_client::{self, Session};
+use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
+use mcp_affinity_harness::mcp_client::Session;
 use mcp_affinity_harness::process::free_addr;
 
 /// Envoy's count of retries on the pods' cluster (each went to control).
@@ -19,18 +19,21 @@ const RETRIES: &str = "cluster.mcp_service.upstream_rq_retry";
 struct Mesh {
     pods: Vec<Pod>,
     control: ControlService,
+    replay: SocketAddr,
     proxy: Proxy,
 }
 
-/// `n` demo pods, control (memory store, the pods as its endpoints, a replay listener) and
-/// Envoy on the stateful-session bootstrap with the filter replaying through Envoy's retry.
-fn mesh(n: usize) -> Mesh {
-    let pods: Vec<Pod> = (0..n).map(|i| Pod::start(&format!("pod-{i}")).unwrap()).collect();
-    let endpoints = pods.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>().join(",");
-    let replay: SocketAddr = free_addr();
-    let control = ControlService::start_with("memory", &["--endpoints".into(), endpoints, "--replay-listen".into(), replay.to_string()]).unwrap();
+impl Mesh {
+    /// Another Envoy in front of the same pods and control (shared data of its own).
+    fn another_proxy(&self) -> Proxy {
+        proxy_for(&self.pods, &self.control, self.replay)
+    }
+}
+
+/// Envoy on the stateful-session bootstrap, the filter replaying through Envoy's retry.
+fn proxy_for(pods: &[Pod], control: &ControlService, replay: SocketAddr) -> Proxy {
     let config = ControlService::filter_config(r#","pin_encoding":"base64","recovery":{"replay_by":"envoy_retry"}"#);
-    let proxy = Proxy::start(
+    Proxy::start(
         &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
         ProxyOptions {
             filter_config: config,
@@ -40,26 +43,18 @@ fn mesh(n: usize) -> Mesh {
             ..Default::default()
         },
     )
-    .unwrap();
-    Mesh { pods, control, proxy }
+    .unwrap()
 }
 
-/// Opens sessions until `want` of them are on `pod` (each Envoy worker round-robins on its
-/// own, so a worker's every `pods` consecutive sessions include one on `pod`); returns those
-/// and how many landed elsewhere.
-async fn sessions_on(proxy: &Proxy, pod: &str, want: usize) -> (Vec<Session>, usize) {
-    let mut mine = Vec::new();
-    let mut others = 0;
-    while mine.len() < want {
-        assert!(mine.len() + others < 100, "only {} of {want} sessions landed on {pod}", mine.len());
-        let s = mcp_client::connect(&proxy.url()).await.unwrap();
-        if s.whoami().await.unwrap() == pod { mine.push(s) } else { others += 1 }
-    }
-    (mine, others)
-}
-
-async fn reinitializations(control: &ControlService) -> f64 {
-    control.metric("reinitializations_total", "").await.unwrap()
+/// `n` demo pods, control (memory store, the pods as its endpoints, a replay listener) and
+/// Envoy on the stateful-session bootstrap with the filter replaying through Envoy's retry.
+fn mesh(n: usize) -> Mesh {
+    let pods: Vec<Pod> = (0..n).map(|i| Pod::start(&format!("pod-{i}")).unwrap()).collect();
+    let endpoints = pods.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>().join(",");
+    let replay: SocketAddr = free_addr();
+    let control = ControlService::start_with("memory", &["--endpoints".into(), endpoints, "--replay-listen".into(), replay.to_string()]).unwrap();
+    let proxy = proxy_for(&pods, &control, replay);
+    Mesh { pods, control, replay, proxy }
 }
 
 /// The pinned pod is killed: every session's next request is retried by Envoy to control,
@@ -76,7 +71,7 @@ async fn a_killed_pod_s_sessions_are_moved_by_envoy_s_retry_to_control() {
         assert_eq!(s.echo("still here").await.unwrap(), "still here");
         assert_eq!(s.whoami_keeping_id().await, moved, "stays on its new pod");
     }
-    assert_eq!(reinitializations(&m.control).await, 4.0, "exactly one re-initialization per session");
+    assert_eq!(m.control.reinitializations().await, 4.0, "exactly one re-initialization per session");
     assert_eq!(m.proxy.metric("recovered_pins").await.unwrap(), 4, "the filter learned each new pin from control's answer");
     assert_eq!(m.proxy.stat(RETRIES).await.unwrap(), 4, "one retry per session: later requests went to the new pod directly");
     assert_eq!(m.proxy.metric("recovery_body_too_large").await.unwrap(), 0);
@@ -94,7 +89,7 @@ async fn a_pod_restarted_in_place_is_recovered_from_its_404() {
         let now = s.whoami_keeping_id().await;
         assert_eq!(s.whoami_keeping_id().await, now);
     }
-    assert_eq!(reinitializations(&m.control).await, 2.0);
+    assert_eq!(m.control.reinitializations().await, 2.0);
     assert_eq!(initializations(&m.pods).await, (others + 2) as u64, "each lost session re-created once, nobody else");
     assert_eq!(m.proxy.stat(RETRIES).await.unwrap(), 2);
 }
@@ -116,7 +111,7 @@ async fn concurrent_retries_of_one_session_reinitialize_it_once() {
     for (i, t) in tasks.into_iter().enumerate() {
         assert_eq!(t.await.unwrap().unwrap(), format!("m{i}"));
     }
-    assert_eq!(reinitializations(&m.control).await, 1.0);
+    assert_eq!(m.control.reinitializations().await, 1.0);
     assert_eq!(s.whoami_keeping_id().await, "pod-1");
     assert_eq!(initializations(&m.pods[1..]).await, others as u64 + 1, "its own sessions and the one move");
 }
@@ -137,6 +132,27 @@ async fn a_session_moved_twice_keeps_the_client_s_id() {
     let third = s.whoami_keeping_id().await;
     assert!(third != "pod-0" && third != second, "moved again, to the last live pod: {third}");
     assert_eq!(s.echo("twice").await.unwrap(), "twice");
-    assert_eq!(reinitializations(&m.control).await, 2.0);
+    assert_eq!(m.control.reinitializations().await, 2.0);
     assert_eq!(m.proxy.metric("recovered_pins").await.unwrap(), 2);
+}
+
+/// Two Envoys share control; the second holds a pin that went stale when the first moved
+/// the session. Its retry reaches control, which finds the session already moved (the
+/// failed pod is not the record's) and replays on the current pin: no second
+/// re-initialization, and the second Envoy learns the new pin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_envoy_with_a_stale_pin_does_not_reinitialize_again() {
+    let mut m = mesh(2);
+    let b = m.another_proxy();
+    let (victims, _) = sessions_on(&m.proxy, "pod-0", 1).await;
+    let via_a = victims.into_iter().next().unwrap();
+    let via_b = Session::with_id(&b.url(), &via_a.session_id);
+    assert_eq!(via_b.whoami_keeping_id().await, "pod-0", "B learned the pin from control");
+    m.pods[0].kill();
+    assert_eq!(via_a.whoami_keeping_id().await, "pod-1", "A's retry moves the session");
+    assert_eq!(via_b.whoami_keeping_id().await, "pod-1", "B's retry finds it moved");
+    assert_eq!(via_b.whoami_keeping_id().await, "pod-1");
+    assert_eq!(m.control.reinitializations().await, 1.0, "B's retry found the newer generation");
+    assert_eq!((m.proxy.metric("recovered_pins").await.unwrap(), b.metric("recovered_pins").await.unwrap()), (1, 1));
+    assert_eq!(b.stat(RETRIES).await.unwrap(), 1, "B's next request went to pod-1 directly");
 }

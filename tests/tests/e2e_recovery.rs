@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener};
 
 use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
 use mcp_affinity_harness::demo_server::GENUINE_BAD_REQUEST_BODY;
-use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations};
+use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use mcp_affinity_harness::mcp_client::{self, Session};
 use serde_json::json;
@@ -39,25 +39,6 @@ fn start_pods(n: usize, flags: &[&str]) -> Vec<Pod> {
     (0..n).map(|i| Pod::start_with(&format!("pod-{i}"), flags).unwrap()).collect()
 }
 
-/// Opens sessions through `proxy` until `want` of them are on `pod`; returns those and
-/// how many landed elsewhere. Each Envoy worker round-robins on its own, so which
-/// sessions land where is not fixed, but a worker's every `pods` consecutive sessions
-/// include one on `pod`: 100 tries always find `want` ≤ 10 on 3 pods.
-async fn sessions_on(proxy: &Proxy, pod: &str, want: usize) -> (Vec<Session>, usize) {
-    let mut mine = Vec::new();
-    let mut others = 0;
-    while mine.len() < want {
-        assert!(mine.len() + others < 100, "only {} of {want} sessions landed on {pod}", mine.len());
-        let s = mcp_client::connect(&proxy.url()).await.unwrap();
-        if s.whoami().await.unwrap() == pod { mine.push(s) } else { others += 1 }
-    }
-    (mine, others)
-}
-
-async fn reinitializations(control: &ControlService) -> f64 {
-    control.metric("reinitializations_total", "").await.unwrap()
-}
-
 /// Issue scenario 1 (+7): the pod holding 10 sessions is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_pinned_pod_moves_each_session_once() {
@@ -72,7 +53,7 @@ async fn killing_the_pinned_pod_moves_each_session_once() {
         assert_eq!(s.whoami_keeping_id().await, moved, "stays on its new pod");
         assert_eq!(s.echo("still here").await.unwrap(), "still here");
     }
-    assert_eq!(reinitializations(&control).await, 10.0, "exactly one re-initialization per session");
+    assert_eq!(control.reinitializations().await, 10.0, "exactly one re-initialization per session");
     assert_eq!(proxy.metric("recoveries_replayed").await.unwrap(), 10);
     assert_eq!(initializations(&pods[1..]).await, others as u64 + 10, "the live pods saw their own sessions and the 10 moves");
 }
@@ -90,7 +71,7 @@ async fn restart_in_place_recovers(pod_flags: &[&str], victim: usize, expected: 
         let now = s.whoami_keeping_id().await;
         assert_eq!(s.whoami_keeping_id().await, now);
     }
-    assert_eq!(reinitializations(&control).await, expected as f64);
+    assert_eq!(control.reinitializations().await, expected as f64);
     // The lost sessions were re-created once each; nobody else was.
     assert_eq!(initializations(&pods).await, (others + expected) as u64);
 }
@@ -133,7 +114,7 @@ async fn concurrent_requests_to_a_dead_pod_reinitialize_once() {
     for (i, t) in tasks.into_iter().enumerate() {
         assert_eq!(t.await.unwrap().unwrap(), format!("m{i}"));
     }
-    assert_eq!(reinitializations(&control).await, 1.0);
+    assert_eq!(control.reinitializations().await, 1.0);
     assert_eq!(s.whoami_keeping_id().await, "pod-1");
     assert_eq!(initializations(&pods[1..]).await, others as u64 + 1, "its own sessions and the one move");
 }
@@ -154,7 +135,7 @@ async fn a_genuine_400_on_a_live_session_passes_through_untouched() {
     assert_eq!(r.status, 400);
     assert_eq!(r.text(), GENUINE_BAD_REQUEST_BODY, "the pod's own answer, byte for byte");
     assert_eq!(proxy.metric("sessions_verified").await.unwrap(), 1);
-    assert_eq!(reinitializations(&control).await, 0.0);
+    assert_eq!(control.reinitializations().await, 0.0);
     assert_eq!(initializations(&pods).await, 1);
     assert_eq!(s.whoami().await.unwrap(), origin);
 }
@@ -174,7 +155,7 @@ async fn a_second_proxy_with_a_stale_pin_does_not_reinitialize_again() {
     pods[0].kill();
     assert_eq!(via_a.whoami_keeping_id().await, "pod-1", "A recovers");
     assert_eq!(via_b.whoami_keeping_id().await, "pod-1", "B recovers onto the same pod");
-    assert_eq!(reinitializations(&control).await, 1.0, "B's recovery found the newer generation");
+    assert_eq!(control.reinitializations().await, 1.0, "B's recovery found the newer generation");
     assert_eq!(b.metric("recoveries_replayed").await.unwrap(), 1);
 }
 
@@ -261,5 +242,5 @@ async fn a_get_stream_to_a_dead_pod_is_answered_so_the_client_reopens_it() {
     assert_eq!(proxy.metric("recoveries_not_replayed").await.unwrap(), 1);
     // Re-pinned: the next request (and a reopened GET) goes to the live pod.
     assert_eq!(s.whoami_keeping_id().await, "pod-1");
-    assert_eq!(reinitializations(&control).await, 1.0);
+    assert_eq!(control.reinitializations().await, 1.0);
 }

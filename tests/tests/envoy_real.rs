@@ -326,11 +326,6 @@ fn control_for(pods: &[Pod], store: &str) -> ControlService {
     ControlService::start_with(store, &["--endpoints".into(), endpoints]).unwrap()
 }
 
-/// Sessions re-initialized on a pod by control (`mcp_affinity_control_reinitializations_total`).
-async fn reinitializations(control: &ControlService) -> f64 {
-    control.metric("mcp_affinity_control_reinitializations_total", "").await.unwrap()
-}
-
 /// `n` sessions through `envoy`, each with the pod that answered its first `whoami`.
 async fn sessions(envoy: &Envoy, n: usize) -> Vec<(Session, String)> {
     let mut out = Vec::new();
@@ -465,7 +460,7 @@ async fn envoy_restart_keeps_sessions(store: &str) {
     assert_eq!(hits, lookups, "control knew every session");
     assert_eq!(envoy.metric("unknown_session").await.unwrap(), 0);
     assert_eq!(envoy.metric("recoveries_replayed").await.unwrap(), 0);
-    assert_eq!(reinitializations(&control).await, 0.0, "no session was re-initialized");
+    assert_eq!(control.reinitializations().await, 0.0, "no session was re-initialized");
     assert_eq!(initializations(&pods).await, sessions.len() as u64, "the restart and the lookups re-initialized nothing");
 }
 
@@ -517,7 +512,7 @@ async fn killed_pod_is_recovered_through_real_envoy() {
     let replayed = envoy.metric("recoveries_replayed").await.unwrap();
     assert!(replayed >= 1, "recoveries_replayed = {replayed}");
     assert_eq!(replayed, victims.len() as i64, "one recovery per session of the killed pod");
-    assert_eq!(reinitializations(&control).await, victims.len() as f64, "one re-initialization per session of the killed pod");
+    assert_eq!(control.reinitializations().await, victims.len() as f64, "one re-initialization per session of the killed pod");
     assert_eq!(initializations(&pods).await - before, victims.len() as u64, "the live pods initialized each moved session once");
     assert_eq!(envoy.metric("unknown_session").await.unwrap(), 0);
 }
