@@ -12,6 +12,11 @@
 //!   -32000 "Bad Request: No valid session ID provided" as TypeScript-SDK servers answer).
 //!   Envoy gives no body before the headers are decided, so control probes the session
 //!   with these rules ([`SessionErrors`]) and answers `alive` or recovers it.
+//!
+//! With `recovery.replay_by: envoy_retry` ([`crate::config::ReplayBy::EnvoyRetry`]) none of
+//! these triggers is the filter's: Envoy's route retries a connect failure or a 404 once, to
+//! control's replay listener, and the filter only learns the new pin from the answer
+//! ([`parse_recovered_pin`]).
 
 use serde::{Deserialize, Serialize};
 
