@@ -1,6 +1,8 @@
 //! The real-Envoy suite in a container: the end-to-end scenarios (pinning, an Envoy
 //! restart with control on memory and on Redis, recovery of a killed pod) through an
-//! Envoy image running the filter's wasm module with the shipped `envoy/envoy.yaml`.
+//! Envoy image running the filter's wasm module with the shipped `envoy/envoy.yaml`; and
+//! the killed pod again on the shipped `envoy/envoy-stateful-session.yaml`, recovered
+//! through Envoy's retry to control's replay listener.
 //!
 //! Built only with the `real-envoy` feature (it pulls in `testcontainers`):
 //!
@@ -208,9 +210,19 @@ impl Envoy {
     /// Starts Envoy in front of `pods`, with the filter reaching `control`, and waits
     /// until it is ready.
     async fn start(pods: &[Pod], control: &ControlService) -> Result<Envoy> {
+        Envoy::start_on(pods, control, None).await
+    }
+
+    /// [`Envoy::start`] on `envoy/envoy.yaml`, or, given control's replay listener, on
+    /// `envoy/envoy-stateful-session.yaml` (recovery through Envoy's retry to it).
+    async fn start_on(pods: &[Pod], control: &ControlService, replay: Option<SocketAddr>) -> Result<Envoy> {
         let (listen, admin) = (free_addr(), free_addr());
         let upstreams: Vec<SocketAddr> = pods.iter().map(|p| p.addr).collect();
-        let yaml = envoy::render_shipped(&container_render(listen, admin, &upstreams, control.addr))?;
+        let render = Render { replay, ..container_render(listen, admin, &upstreams, control.addr) };
+        let yaml = match replay {
+            None => envoy::render_shipped(&render)?,
+            Some(_) => envoy::render(&std::fs::read_to_string(envoy::stateful_session_bootstrap())?, &render)?,
+        };
         let dir = Scratch::new()?;
         let bootstrap = dir.0.join("envoy.yaml");
         std::fs::write(&bootstrap, yaml).with_context(|| format!("write {}", bootstrap.display()))?;
@@ -322,8 +334,14 @@ impl Drop for Envoy {
 
 /// Control with the demo pods as its endpoints (what recovery re-initializes onto).
 fn control_for(pods: &[Pod], store: &str) -> ControlService {
+    control_with(pods, store, &[])
+}
+
+/// [`control_for`] with more flags.
+fn control_with(pods: &[Pod], store: &str, extra: &[String]) -> ControlService {
     let endpoints = pods.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>().join(",");
-    ControlService::start_with(store, &["--endpoints".into(), endpoints]).unwrap()
+    let flags: Vec<String> = ["--endpoints".to_string(), endpoints].into_iter().chain(extra.iter().cloned()).collect();
+    ControlService::start_with(store, &flags).unwrap()
 }
 
 /// `n` sessions through `envoy`, each with the pod that answered its first `whoami`.
@@ -490,9 +508,30 @@ async fn killed_pod_is_recovered_through_real_envoy() {
     if !docker_or_skip("killed_pod_is_recovered_through_real_envoy") {
         return;
     }
+    killed_pod_is_recovered(false).await;
+}
+
+/// The same on `envoy/envoy-stateful-session.yaml`: Envoy's own retry carries each failed
+/// request to control's replay listener (`recovery.replay_by: envoy_retry`), and the filter
+/// learns each new pin from control's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_pod_is_recovered_by_envoy_s_retry_in_a_container() {
+    if !docker_or_skip("killed_pod_is_recovered_by_envoy_s_retry_in_a_container") {
+        return;
+    }
+    killed_pod_is_recovered(true).await;
+}
+
+/// A pod of 3 holding some of 6 sessions is killed; with `envoy_retry`, on the
+/// stateful-session bootstrap.
+async fn killed_pod_is_recovered(envoy_retry: bool) {
     let mut pods = pods(3).unwrap();
-    let control = control_for(&pods, "memory");
-    let envoy = Envoy::start(&pods, &control).await.unwrap();
+    let replay = envoy_retry.then(free_addr);
+    let control = match replay {
+        Some(r) => control_with(&pods, "memory", &["--replay-listen".into(), r.to_string()]),
+        None => control_for(&pods, "memory"),
+    };
+    let envoy = Envoy::start_on(&pods, &control, replay).await.unwrap();
     let sessions = sessions(&envoy, 6).await;
     let victim = sessions[0].1.clone();
     let (victims, others): (Vec<_>, Vec<_>) = sessions.iter().partition(|(_, origin)| *origin == victim);
@@ -509,7 +548,7 @@ async fn killed_pod_is_recovered_through_real_envoy() {
     for (s, origin) in &others {
         assert_eq!(&s.whoami().await.unwrap(), origin, "session {} was not on the killed pod", s.session_id);
     }
-    let replayed = envoy.metric("recoveries_replayed").await.unwrap();
+    let replayed = envoy.metric(if envoy_retry { "recovered_pins" } else { "recoveries_replayed" }).await.unwrap();
     assert!(replayed >= 1, "recoveries_replayed = {replayed}");
     assert_eq!(replayed, victims.len() as i64, "one recovery per session of the killed pod");
     assert_eq!(control.reinitializations().await, victims.len() as f64, "one re-initialization per session of the killed pod");
