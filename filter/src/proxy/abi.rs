@@ -44,9 +44,10 @@ pub enum LogLevel {
     Critical = 5,
 }
 
-/// Header maps (ABI `proxy_map_type`).
+/// Header maps (ABI `proxy_map_type`); the names are the ABI's.
 #[derive(Debug, Clone, Copy)]
 #[repr(u32)]
+#[allow(clippy::enum_variant_names)]
 pub enum Map {
     RequestHeaders = 0,
     ResponseHeaders = 2,
