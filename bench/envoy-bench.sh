@@ -27,6 +27,10 @@
 # Instructions/request = (dump − idle rate × load time) / requests, counted over every thread; the
 # dump's `summary:`/`totals:` line. Repeat runs agree within ~0.5 %. Printed as a table with
 # (X − plain) / (empty − plain) and (X − plain) / (empty+pin − plain); "instructions" in the JSON.
+# The same on envoy/envoy-stateful-session.yaml (BENCH_INSTR_SS=1, the default): plain, empty,
+# affinity and affinity+control replaying through Envoy's retry to control's replay listener
+# (recovery.replay_by envoy_retry, no body copy), each ratio against that bootstrap's own plain and
+# empty: its retry policy and stateful-session filter cost plain Envoy by themselves.
 # Then the initialize path (BENCH_INSTR_INIT > 0) of plain (2 pods: each initialize is a new
 # session, round robin is the right baseline; an Envoy of its own unless BENCH_BASELINE_PODS=2),
 # affinity and affinity+control, in the same Envoys: 100 initializes (bench/sequential.py initialize, one
@@ -168,7 +172,8 @@ CONFIGS=(plain empty pin affinity control haproxy direct)
 declare -A LABEL=([plain]=plain [empty]=empty [pin]=empty+pin [affinity]=affinity [control]=affinity+control [haproxy]=haproxy [direct]=direct
   [plain2]="plain (2 pods)" [affinity_big]="affinity (2nd)" [control_big]="affinity+control (2nd)" [haproxy_big]="haproxy (2nd)"
   [control_plain]="affinity+control, no matcher"
-  [plain_ss]="plain (stateful session)" [empty_ss]="empty (stateful session)" [retry_ss]="affinity+control, Envoy retry")
+  [plain_ss]="plain (stateful session)" [empty_ss]="empty (stateful session)" [affinity_ss]="affinity (stateful session)"
+  [retry_ss]="affinity+control, Envoy retry")
 # Scale (BENCH_SCALE > 0): a second instance of each of SCALED (CFG_big), populated with N
 # sessions, measured in the same rounds as the first; plain2: plain Envoy round robin over both
 # pods, the baseline of the initialize phase (each initialize is a new session).
@@ -321,6 +326,7 @@ JSON
 cat >"$RUN/filter-control-callgrind.json" <<JSON
 { "control": { "cluster": "mcp_affinity_control", "token_env": "MCP_AFFINITY_CONTROL_TOKEN", "record_flush_ms": 500 } }
 JSON
+echo '{ "pin_encoding": "base64" }' >"$RUN/filter-ss.json"
 # The stateful-session bootstrap's configuration (recovery through Envoy's retry), likewise.
 cat >"$RUN/filter-retry-callgrind.json" <<JSON
 { "pin_encoding": "base64", "recovery": { "replay_by": "envoy_retry" },
@@ -347,9 +353,11 @@ render_args() { # cfg: the pods (1|2) and render arguments of each Envoy config,
     control_plain) render_args control; R_ARGS+=(--no-response-matcher) ;;
     # Instructions only, on envoy/envoy-stateful-session.yaml (its route retries a failed
     # request of a session to control's replay listener, priority 1 of mcp_service): plain and
-    # empty there, and affinity+control replaying through that retry (no body copy).
+    # empty there, affinity without control, and affinity+control replaying through that
+    # retry (no body copy).
     plain_ss) render_args plain; R_ARGS+=("${SS_ARGS[@]}") ;;
     empty_ss) render_args empty; R_ARGS+=("${SS_ARGS[@]}") ;;
+    affinity_ss) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-ss.json" "${SS_ARGS[@]}") ;;
     retry_ss) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-retry-callgrind.json" --control "127.0.0.1:$CONTROL_PORT" "${SS_ARGS[@]}") ;;
     *) die "render_args: unknown config $1" ;;
   esac
@@ -617,7 +625,7 @@ fi
 INSTR_CONFIGS=(plain empty pin affinity control control_plain)
 # The stateful-session bootstrap: its own baselines (BENCH_INSTR_SS=0 skips them).
 INSTR_SS_CONFIGS=()
-((${BENCH_INSTR_SS:-1})) && INSTR_SS_CONFIGS=(plain_ss empty_ss retry_ss)
+((${BENCH_INSTR_SS:-1})) && INSTR_SS_CONFIGS=(plain_ss empty_ss affinity_ss retry_ss)
 INSTR_INIT_CONFIGS=()
 ((INSTR_INIT > 0)) && INSTR_INIT_CONFIGS=(plain2 affinity control)
 declare -A IR=() IR_IDLE=() IR_LOAD=() IR_INIT=() IR_INIT_LOAD=()
