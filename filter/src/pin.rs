@@ -44,9 +44,24 @@ pub enum DecodeError {
 impl Pin {
     /// Serialises to the version-1 value format described in the module docs.
     pub fn encode(&self) -> Vec<u8> {
-        let flags = if self.recorded { "r" } else { "-" };
-        format!("1 {} {} {} {flags} {}", self.upstream, self.generation, self.last_seen, self.backend_session_id)
-            .into_bytes()
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the version-1 value to `out`, without the formatting machinery: a pin is
+    /// written on every `initialize` and every refresh of its last-seen time.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let mut digits = [0; MAX_DECIMAL];
+        out.reserve(self.upstream.len() + self.backend_session_id.len() + 2 * MAX_DECIMAL + 8);
+        out.extend_from_slice(b"1 ");
+        out.extend_from_slice(self.upstream.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(to_decimal(self.generation, &mut digits));
+        out.push(b' ');
+        out.extend_from_slice(to_decimal(self.last_seen, &mut digits));
+        out.extend_from_slice(if self.recorded { b" r " } else { b" - " });
+        out.extend_from_slice(self.backend_session_id.as_bytes());
     }
 
     /// Parses a shared-data value (one pass over the bytes; read on every request).
@@ -84,6 +99,23 @@ impl Pin {
     /// Refreshing at most once per interval keeps shared-data writes off most requests.
     pub fn needs_touch(&self, now: u64, interval_secs: u64) -> bool {
         now.saturating_sub(self.last_seen) >= interval_secs
+    }
+}
+
+/// Most decimal digits of a `u64`.
+pub const MAX_DECIMAL: usize = 20;
+
+/// `n` in decimal ASCII, written at the end of `buf`; returns the digits.
+pub fn to_decimal(n: u64, buf: &mut [u8; MAX_DECIMAL]) -> &[u8] {
+    let mut at = buf.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            return &buf[at..];
+        }
     }
 }
 
@@ -136,6 +168,20 @@ mod tests {
         assert_eq!(Pin::decode(&p.encode()), Ok(p.clone()));
         let fresh = Pin { recorded: false, ..p };
         assert_eq!(Pin::decode(&fresh.encode()), Ok(fresh));
+    }
+
+    #[test]
+    fn decimals_round_trip_at_the_edges() {
+        let mut buf = [0; MAX_DECIMAL];
+        for n in [0, 9, 10, 1_700_000_000, u64::MAX] {
+            assert_eq!(to_decimal(n, &mut buf), n.to_string().as_bytes());
+            assert_eq!(decimal(&n.to_string().into_bytes()), Some(n));
+        }
+        let p = Pin { generation: u64::MAX, last_seen: 0, ..pin() };
+        let mut out = b"kept ".to_vec();
+        p.encode_into(&mut out);
+        assert_eq!(out, format!("kept 1 10.0.0.7:8080 {} 0 r b-1", u64::MAX).into_bytes(), "appends");
+        assert_eq!(Pin::decode(&out[5..]), Ok(p));
     }
 
     #[test]

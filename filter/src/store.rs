@@ -21,7 +21,7 @@
 //!   gets 404 and the client re-initialises, MCP `basic/transports`);
 //! - the sweep walks the buckets incrementally ([`sweep`]) and drops idle pins.
 
-use crate::pin::{DecodeError, Pin};
+use crate::pin::{self, DecodeError, MAX_DECIMAL, Pin, to_decimal};
 
 /// Shared data as the proxy-wasm ABI offers it.
 pub trait SharedData {
@@ -64,18 +64,8 @@ impl Layout {
     pub fn key(n: u32) -> BucketKey {
         let mut key = BucketKey { bytes: [0; BucketKey::MAX], len: KEY_PREFIX.len() };
         key.bytes[..KEY_PREFIX.len()].copy_from_slice(KEY_PREFIX.as_bytes());
-        let mut digits = [0u8; 10];
-        let mut at = digits.len();
-        let mut rest = n;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (rest % 10) as u8;
-            rest /= 10;
-            if rest == 0 {
-                break;
-            }
-        }
-        let digits = &digits[at..];
+        let mut buf = [0; MAX_DECIMAL];
+        let digits = to_decimal(u64::from(n), &mut buf);
         key.bytes[key.len..key.len + digits.len()].copy_from_slice(digits);
         key.len += digits.len();
         key
@@ -141,37 +131,47 @@ pub fn update(shared: &mut dyn SharedData, layout: Layout, session_id: &str, mut
     let key = Layout::key(layout.bucket(session_id));
     for _ in 0..CAS_ATTEMPTS {
         let (value, cas) = shared.get(&key).unwrap_or_default();
-        let mut lines: Vec<&[u8]> = value.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
-        let at = lines.iter().position(|l| l.strip_prefix(session_id.as_bytes()).is_some_and(|r| r.first() == Some(&b' ')));
-        let current = at.and_then(|i| Pin::decode(&lines[i][session_id.len() + 1..]).ok());
+        let lines = || value.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+        let own = lines().find(|l| l.strip_prefix(session_id.as_bytes()).is_some_and(|r| r.first() == Some(&b' ')));
+        let current = own.and_then(|l| Pin::decode(&l[session_id.len() + 1..]).ok());
         let next = f(current.clone());
         if next == current {
             return Updated::Done;
         }
-        let encoded = next.map(|pin| {
-            let mut line = Vec::with_capacity(session_id.len() + 64);
-            line.extend_from_slice(session_id.as_bytes());
-            line.push(b' ');
-            line.extend_from_slice(&pin.encode());
-            line
-        });
-        let mut evicted = false;
-        match (at, &encoded) {
-            (Some(i), Some(line)) => lines[i] = line,
-            (Some(i), None) => {
-                lines.remove(i);
+        // A new pin in a full bucket takes the place of its least recently used one.
+        let evict = if own.is_none() && next.is_some() && lines().count() >= layout.capacity { lines().min_by_key(|l| last_seen(l)) } else { None };
+        // The bucket rewritten in one buffer: the other lines as they are, this session's
+        // line replaced in place, removed, or appended.
+        let mut written = Vec::with_capacity(value.len() + session_id.len() + 2 * pin::MAX_DECIMAL + 64);
+        let push_line = |written: &mut Vec<u8>, line: Result<&[u8], &Pin>| {
+            if !written.is_empty() {
+                written.push(b'\n');
             }
-            (None, Some(line)) => {
-                if lines.len() >= layout.capacity {
-                    let oldest = (0..lines.len()).min_by_key(|&i| last_seen(lines[i])).unwrap_or(0);
-                    lines.remove(oldest);
-                    evicted = true;
+            match line {
+                Ok(line) => written.extend_from_slice(line),
+                Err(pin) => {
+                    written.extend_from_slice(session_id.as_bytes());
+                    written.push(b' ');
+                    pin.encode_into(written);
                 }
-                lines.push(line);
             }
-            (None, None) => return Updated::Done,
+        };
+        for line in lines() {
+            // Lines are told apart by address: two lines of equal bytes stay two lines.
+            let is = |other: Option<&[u8]>| other.is_some_and(|o| std::ptr::eq(o, line));
+            if is(own) {
+                if let Some(pin) = &next {
+                    push_line(&mut written, Err(pin));
+                }
+            } else if !is(evict) {
+                push_line(&mut written, Ok(line));
+            }
         }
-        let written = lines.join(&b'\n');
+        if own.is_none()
+            && let Some(pin) = &next
+        {
+            push_line(&mut written, Err(pin));
+        }
         // A bucket's first write has no CAS to guard it (the ABI cannot create-if-absent):
         // read it back, and go round again if another VM's first write won.
         let landed = match cas {
@@ -179,7 +179,7 @@ pub fn update(shared: &mut dyn SharedData, layout: Layout, session_id: &str, mut
             None => shared.set(&key, &written, None) && shared.get(&key).is_some_and(|(v, _)| v == written),
         };
         if landed {
-            return if evicted { Updated::Evicted } else { Updated::Done };
+            return if evict.is_some() { Updated::Evicted } else { Updated::Done };
         }
     }
     log::warn!("mcp-affinity: shared-data bucket of {session_id} kept changing; update dropped");

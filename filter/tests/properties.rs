@@ -2,7 +2,8 @@
 //! request bodies (clients), shared-data values (other VMs, older versions), the plugin
 //! configuration (operators), header maps (the host), control's records and recover
 //! answers (the network). No input panics; every rejection is a value, not a crash; and
-//! what the filter writes, it reads back.
+//! what the filter writes, it reads back. The shared-data buckets behave as a model of
+//! them does under any sequence of writes.
 
 use mcp_affinity_filter::config::FilterConfig;
 use mcp_affinity_filter::control::parse_record;
@@ -11,7 +12,32 @@ use mcp_affinity_filter::jsonrpc::{self, BodyKind};
 use mcp_affinity_filter::pin::{DecodeError, Pin};
 use mcp_affinity_filter::recovery::parse_answer;
 use mcp_affinity_filter::session_id::{self, MAX_SESSION_ID_LEN};
+use mcp_affinity_filter::store::memory::MemorySharedData;
+use mcp_affinity_filter::store::{self, Layout, Updated};
 use proptest::prelude::*;
+
+/// A write to the pin store: put a pin (session, last seen), refresh it, or forget it.
+#[derive(Debug, Clone)]
+enum Write {
+    Put(u8, u64),
+    Touch(u8, u64),
+    Forget(u8),
+}
+
+fn write() -> impl Strategy<Value = Write> {
+    prop_oneof![
+        (0u8..12, 0u64..50).prop_map(|(s, t)| Write::Put(s, t)),
+        (0u8..12, 0u64..50).prop_map(|(s, t)| Write::Touch(s, t)),
+        (0u8..12).prop_map(Write::Forget),
+    ]
+}
+
+/// What a write does to a session's current pin.
+type Change = Box<dyn Fn(Option<Pin>) -> Option<Pin>>;
+
+fn model_pin(last_seen: u64) -> Pin {
+    Pin { upstream: "10.0.0.1:80".into(), generation: 1, last_seen, backend_session_id: "b".into(), recorded: false }
+}
 
 /// A valid session id: 1..=64 visible ASCII bytes.
 fn session_id() -> impl Strategy<Value = String> {
@@ -71,6 +97,42 @@ proptest! {
         let backend = backend.replace(' ', "_");
         let pin = Pin { upstream, generation, last_seen, backend_session_id: backend, recorded };
         prop_assert_eq!(Pin::decode(&pin.encode()).unwrap(), pin);
+    }
+
+    /// Buckets as lists in write order: a pin replaced in place, a new pin appended, a full
+    /// bucket's least recently used pin (first of equals) evicted for a new one.
+    #[test]
+    fn the_pin_store_behaves_as_its_model(writes in proptest::collection::vec(write(), 0..60)) {
+        let layout = Layout { buckets: 3, capacity: 3 };
+        let mut shared = MemorySharedData::default();
+        let mut model: Vec<Vec<(String, Pin)>> = vec![Vec::new(); 3];
+        for w in writes {
+            let (id, f): (String, Change) = match w {
+                Write::Put(s, t) => (format!("s{s}"), Box::new(move |_| Some(model_pin(t)))),
+                Write::Touch(s, t) => (format!("s{s}"), Box::new(move |p: Option<Pin>| p.map(|p| Pin { last_seen: t.max(p.last_seen), ..p }))),
+                Write::Forget(s) => (format!("s{s}"), Box::new(|_| None)),
+            };
+            let bucket = &mut model[layout.bucket(&id) as usize];
+            let at = bucket.iter().position(|(k, _)| *k == id);
+            let expected = match (at, f(at.map(|i| bucket[i].1.clone()))) {
+                (Some(i), Some(pin)) => { bucket[i].1 = pin; Updated::Done }
+                (Some(i), None) => { bucket.remove(i); Updated::Done }
+                (None, Some(pin)) if bucket.len() >= layout.capacity => {
+                    let oldest = (0..bucket.len()).min_by_key(|&i| bucket[i].1.last_seen).unwrap();
+                    bucket.remove(oldest);
+                    bucket.push((id.clone(), pin));
+                    Updated::Evicted
+                }
+                (None, Some(pin)) => { bucket.push((id.clone(), pin)); Updated::Done }
+                (None, None) => Updated::Done,
+            };
+            prop_assert_eq!(store::update(&mut shared, layout, &id, f), expected);
+            for (n, bucket) in model.iter().enumerate() {
+                let lines: Vec<String> = bucket.iter().map(|(k, p)| format!("{k} {}", String::from_utf8(p.encode()).unwrap())).collect();
+                let stored = shared_value(&shared, n as u32);
+                prop_assert_eq!(stored, lines.join("\n"), "bucket {}", n);
+            }
+        }
     }
 
     #[test]
@@ -140,4 +202,10 @@ fn deeply_nested_bodies_do_not_overflow() {
 fn huge_numbers_are_not_malformed() {
     let body = format!(r#"{{"jsonrpc":"2.0","id":{},"method":"initialize"}}"#, "9".repeat(400));
     assert_eq!(jsonrpc::classify(body.as_bytes()), BodyKind::Initialize);
+}
+
+/// The value of bucket `n` ("" when never written).
+fn shared_value(shared: &MemorySharedData, n: u32) -> String {
+    use mcp_affinity_filter::store::SharedData;
+    shared.get(&Layout::key(n)).map(|(v, _)| String::from_utf8(v).unwrap()).unwrap_or_default()
 }
