@@ -822,6 +822,24 @@ fi
 us_per_req() { awk -v r="$1" 'BEGIN { printf "%.2f", 1e6 / r }'; }
 # ratio DX DE: DX / DE (added costs over plain), or n/a when the empty filter added nothing measurable.
 ratio() { awk -v x="$1" -v e="$2" 'BEGIN { if (x == "-" || e == "-" || e <= 0) print "n/a"; else printf "%.2f", x / e }'; }
+# ir_rows PLAIN EMPTY PIN CFG...: a table row per CFG of the instruction counts: instructions, + vs PLAIN,
+# (CFG − PLAIN) / (EMPTY − PLAIN) and, unless PIN is -, (CFG − PLAIN) / (PIN − PLAIN); fills IR_ADD,
+# IR_RATIO and IR_RATIO_PIN (- where there is none) for the JSON.
+ir_rows() {
+  local plain=$1 empty=$2 pin=$3 cfg add row
+  shift 3
+  for cfg; do
+    IR_ADD[$cfg]=$((IR[$cfg] - IR[$plain])) IR_RATIO[$cfg]=- IR_RATIO_PIN[$cfg]=- add=-
+    if [[ $cfg != "$plain" ]]; then
+      IR_RATIO[$cfg]=$(ratio "${IR_ADD[$cfg]}" "$((IR[$empty] - IR[$plain]))")
+      [[ $pin == - ]] || IR_RATIO_PIN[$cfg]=$(ratio "${IR_ADD[$cfg]}" "$((IR[$pin] - IR[$plain]))")
+      add=$(printf '%+d' "${IR_ADD[$cfg]}")
+    fi
+    row="| ${LABEL[$cfg]} | ${IR[$cfg]} | $add | ${IR_RATIO[$cfg]} |"
+    [[ $pin == - ]] || row+=" ${IR_RATIO_PIN[$cfg]} |"
+    echo "$row"
+  done
+}
 # overhead_block PHASE: the added cost of each Envoy config over plain, and the ratio to empty's.
 declare -A RATIO=() RATIO_CPU=() RATIO_MED=() RATIO_PIN=()
 overhead_block() {
@@ -876,17 +894,7 @@ if ((INSTR)); then
   echo "| config | instructions/req | + vs plain | (X − plain) / (empty − plain) | (X − plain) / (empty+pin − plain) |"
   echo "|---|---:|---:|---:|---:|"
   declare -A IR_ADD=() IR_RATIO=() IR_RATIO_PIN=()
-  for cfg in "${INSTR_CONFIGS[@]}"; do
-    IR_ADD[$cfg]=$((IR[$cfg] - IR[plain]))
-  done
-  for cfg in "${INSTR_CONFIGS[@]}"; do
-    if [[ $cfg == plain ]]; then IR_RATIO[$cfg]=- IR_RATIO_PIN[$cfg]=-; else
-      IR_RATIO[$cfg]=$(ratio "${IR_ADD[$cfg]}" "${IR_ADD[empty]}")
-      IR_RATIO_PIN[$cfg]=$(ratio "${IR_ADD[$cfg]}" "${IR_ADD[pin]}")
-    fi
-    printf '| %s | %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "${IR[$cfg]}" "$([[ $cfg == plain ]] && echo - || printf '%+d' "${IR_ADD[$cfg]}")" \
-      "${IR_RATIO[$cfg]}" "${IR_RATIO_PIN[$cfg]}"
-  done
+  ir_rows plain empty pin "${INSTR_CONFIGS[@]}"
   if ((${#INSTR_SS_CONFIGS[@]})); then
     echo
     echo "the same on envoy/envoy-stateful-session.yaml (stateful-session pinning; the route of requests with a session id retries"
@@ -894,11 +902,7 @@ if ((INSTR)); then
     echo
     echo "| config | instructions/req | + vs plain (stateful session) | (X − plain) / (empty − plain), stateful session |"
     echo "|---|---:|---:|---:|"
-    for cfg in "${INSTR_SS_CONFIGS[@]}"; do
-      IR_ADD[$cfg]=$((IR[$cfg] - IR[plain_ss]))
-      if [[ $cfg == plain_ss ]]; then IR_RATIO[$cfg]=- IR_RATIO_PIN[$cfg]=-; else IR_RATIO[$cfg]=$(ratio "${IR_ADD[$cfg]}" "$((IR[empty_ss] - IR[plain_ss]))") IR_RATIO_PIN[$cfg]=-; fi
-      printf '| %s | %s | %s | %s |\n' "${LABEL[$cfg]}" "${IR[$cfg]}" "$([[ $cfg == plain_ss ]] && echo - || printf '%+d' "${IR_ADD[$cfg]}")" "${IR_RATIO[$cfg]}"
-    done
+    ir_rows plain_ss empty_ss - "${INSTR_SS_CONFIGS[@]}"
   fi
   declare -A IR_INIT_ADD=()
   if ((INSTR_INIT > 0)); then
