@@ -21,7 +21,7 @@
 //!   gets 404 and the client re-initialises, MCP `basic/transports`);
 //! - the sweep walks the buckets incrementally ([`sweep`]) and drops idle pins.
 
-use crate::pin::{self, DecodeError, MAX_DECIMAL, Pin, to_decimal};
+use crate::pin::{DecodeError, MAX_DECIMAL, Pin, to_decimal};
 
 /// Shared data as the proxy-wasm ABI offers it.
 pub trait SharedData {
@@ -142,35 +142,23 @@ pub fn update(shared: &mut dyn SharedData, layout: Layout, session_id: &str, mut
         let evict = if own.is_none() && next.is_some() && lines().count() >= layout.capacity { lines().min_by_key(|l| last_seen(l)) } else { None };
         // The bucket rewritten in one buffer: the other lines as they are, this session's
         // line replaced in place, removed, or appended.
-        let mut written = Vec::with_capacity(value.len() + session_id.len() + 2 * pin::MAX_DECIMAL + 64);
-        let push_line = |written: &mut Vec<u8>, line: Result<&[u8], &Pin>| {
-            if !written.is_empty() {
-                written.push(b'\n');
-            }
-            match line {
-                Ok(line) => written.extend_from_slice(line),
-                Err(pin) => {
-                    written.extend_from_slice(session_id.as_bytes());
-                    written.push(b' ');
-                    pin.encode_into(written);
-                }
-            }
-        };
+        let mut written = Vec::with_capacity(value.len() + session_id.len() + 2 * MAX_DECIMAL + 64);
         for line in lines() {
             // Lines are told apart by address: two lines of equal bytes stay two lines.
             let is = |other: Option<&[u8]>| other.is_some_and(|o| std::ptr::eq(o, line));
             if is(own) {
                 if let Some(pin) = &next {
-                    push_line(&mut written, Err(pin));
+                    push_pin_line(&mut written, session_id, pin);
                 }
             } else if !is(evict) {
-                push_line(&mut written, Ok(line));
+                new_line(&mut written);
+                written.extend_from_slice(line);
             }
         }
         if own.is_none()
             && let Some(pin) = &next
         {
-            push_line(&mut written, Err(pin));
+            push_pin_line(&mut written, session_id, pin);
         }
         // A bucket's first write has no CAS to guard it (the ABI cannot create-if-absent):
         // read it back, and go round again if another VM's first write won.
@@ -184,6 +172,21 @@ pub fn update(shared: &mut dyn SharedData, layout: Layout, session_id: &str, mut
     }
     log::warn!("mcp-affinity: shared-data bucket of {session_id} kept changing; update dropped");
     Updated::Contended
+}
+
+/// Starts a line of a bucket value being written (lines are separated by `\n`).
+fn new_line(out: &mut Vec<u8>) {
+    if !out.is_empty() {
+        out.push(b'\n');
+    }
+}
+
+/// Appends the line `<session id> <pin>` to a bucket value being written.
+fn push_pin_line(out: &mut Vec<u8>, session_id: &str, pin: &Pin) {
+    new_line(out);
+    out.extend_from_slice(session_id.as_bytes());
+    out.push(b' ');
+    pin.encode_into(out);
 }
 
 /// `last_seen` of a bucket line (0 when undecodable, so it goes first).
