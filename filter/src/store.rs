@@ -93,12 +93,14 @@ impl std::ops::Deref for BucketKey {
     }
 }
 
-/// The line of `session_id` in a bucket value, if any.
+/// The pin part of a bucket line when the line is `session_id`'s (`<session id> <pin>`).
+fn pin_of<'a>(line: &'a [u8], session_id: &str) -> Option<&'a [u8]> {
+    line.strip_prefix(session_id.as_bytes())?.strip_prefix(b" ")
+}
+
+/// The pin part of `session_id`'s line in a bucket value, if any.
 fn find<'a>(bucket: &'a [u8], session_id: &str) -> Option<&'a [u8]> {
-    bucket.split(|b| *b == b'\n').find_map(|line| {
-        let rest = line.strip_prefix(session_id.as_bytes())?;
-        rest.strip_prefix(b" ")
-    })
+    bucket.split(|b| *b == b'\n').find_map(|line| pin_of(line, session_id))
 }
 
 /// Reads the pin of `session_id`; `None` when absent or undecodable (logged).
@@ -132,8 +134,8 @@ pub fn update(shared: &mut dyn SharedData, layout: Layout, session_id: &str, mut
     for _ in 0..CAS_ATTEMPTS {
         let (value, cas) = shared.get(&key).unwrap_or_default();
         let lines = || value.split(|b| *b == b'\n').filter(|l| !l.is_empty());
-        let own = lines().find(|l| l.strip_prefix(session_id.as_bytes()).is_some_and(|r| r.first() == Some(&b' ')));
-        let current = own.and_then(|l| Pin::decode(&l[session_id.len() + 1..]).ok());
+        let own = find(&value, session_id);
+        let current = own.and_then(|p| Pin::decode(p).ok());
         let next = f(current.clone());
         if next == current {
             return Updated::Done;
@@ -145,12 +147,11 @@ pub fn update(shared: &mut dyn SharedData, layout: Layout, session_id: &str, mut
         let mut written = Vec::with_capacity(value.len() + session_id.len() + 2 * MAX_DECIMAL + 64);
         for line in lines() {
             // Lines are told apart by address: two lines of equal bytes stay two lines.
-            let is = |other: Option<&[u8]>| other.is_some_and(|o| std::ptr::eq(o, line));
-            if is(own) {
+            if own.is_some_and(|o| pin_of(line, session_id).is_some_and(|p| std::ptr::eq(p, o))) {
                 if let Some(pin) = &next {
                     push_pin_line(&mut written, session_id, pin);
                 }
-            } else if !is(evict) {
+            } else if !evict.is_some_and(|e| std::ptr::eq(e, line)) {
                 new_line(&mut written);
                 written.extend_from_slice(line);
             }
