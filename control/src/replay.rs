@@ -202,6 +202,8 @@ fn recover_request(parts: &Parts, body: &str, record: &SessionRecord) -> Recover
         protocol_version: header("mcp-protocol-version"),
         authorization: header(header::AUTHORIZATION.as_str()),
         body: body.to_string(),
+        // Envoy's retry carries the whole request, which this listener read to its end.
+        body_complete: true,
     };
     RecoverRequest { failed_generation, failed_upstream, reason: Reason::SessionSuspect, request, session_errors: Default::default() }
 }

@@ -13,6 +13,8 @@ pub const STATUS: &str = ":status";
 pub const PATH: &str = ":path";
 pub const AUTHORITY: &str = ":authority";
 pub const CONTENT_TYPE: &str = "content-type";
+/// Length of the request body the client declared (absent for chunked and HTTP/2 bodies).
+pub const CONTENT_LENGTH: &str = "content-length";
 /// Request header naming the client's session id when the filter sends a request under
 /// the backend's (`recovery.replay_by: envoy_retry`): control's replay listener finds the
 /// session's record by it. Naming a session here gives a client nothing it could not do

@@ -110,7 +110,12 @@ pub struct OriginalRequest<'a> {
     pub protocol_version: Option<&'a str>,
     /// Used for the replay only; control never stores it.
     pub authorization: Option<&'a str>,
+    /// The whole body the client sent when `body_complete`, else empty.
     pub body: &'a str,
+    /// The filter saw the end of the request body and `body` is all of it (matching
+    /// `content-length` where given). `false`: control recovers the session but never
+    /// replays the request (the body was over the replay limit, or incomplete).
+    pub body_complete: bool,
 }
 
 /// Body of `POST {prefix}/sessions/{id}/recover`.
@@ -293,7 +298,7 @@ mod tests {
             failed_generation: 1,
             failed_upstream: "10.0.0.1:80",
             reason: Reason::SessionUnknown,
-            request: OriginalRequest { method: "POST", path: "/mcp", authority: "a", content_type: Some("application/json"), accept: None, protocol_version: None, authorization: None, body: "{}" },
+            request: OriginalRequest { method: "POST", path: "/mcp", authority: "a", content_type: Some("application/json"), accept: None, protocol_version: None, authorization: None, body: "{}", body_complete: true },
             session_errors: None,
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();

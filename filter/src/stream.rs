@@ -25,6 +25,13 @@
 //!    the original answer goes on unchanged.
 //! 4. **Response headers are writable only in the response-headers event** or while
 //!    paused there (the session id the client sees is rewritten then).
+//! 5. **Once the router is done, the rest of the request body never reaches the filter.**
+//!    A router local reply (pinned pod gone) or an upstream answer can come before the
+//!    body did (HTTP/1.1 clients that write headers and body apart, chunked bodies, HTTP/2
+//!    DATA frames); Envoy then reads the body off the connection but calls no decoder
+//!    filter with it (`-l trace`: `request end stream timestamp recorded`, no `decode data
+//!    called`). So a replay is sent only for a body whose end the filter saw; Envoy's
+//!    buffer filter ahead of this one (`envoy/envoy.yaml`) makes that every body.
 
 use hashbrown::{HashMap, HashSet};
 
@@ -32,7 +39,7 @@ use crate::config::{FilterConfig, ReplayBy, UnknownSession};
 use crate::drain::Draining;
 use crate::control::{PatchSession, PutSession, parse_record, to_body};
 use crate::header_map::HeaderPairs;
-use crate::headers::{AUTHORITY, CONTENT_TYPE, MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, METHOD, PATH, RECOVERED_PIN};
+use crate::headers::{AUTHORITY, CONTENT_LENGTH, CONTENT_TYPE, MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, METHOD, PATH, RECOVERED_PIN};
 use crate::jsonrpc::{self, BodyKind};
 use crate::metrics::Counter;
 use crate::pin::Pin;
@@ -334,30 +341,38 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
-/// A copy of a body, bounded.
+/// A bounded copy of a request body, taken chunk by chunk as it streams upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Copy {
+enum BodyCopy {
     Off,
-    On { bytes: Vec<u8>, limit: usize },
+    On {
+        bytes: Vec<u8>,
+        limit: usize,
+        /// The end of the stream was seen: `bytes` is the whole body the client sent.
+        whole: bool,
+    },
     /// Went over its limit.
     Over,
 }
 
-impl Copy {
-    fn new(limit: usize) -> Copy {
-        if limit == 0 { Copy::Off } else { Copy::On { bytes: Vec::new(), limit } }
+impl BodyCopy {
+    /// A copy of up to `limit` bytes (`Off` for 0); `whole` when the request has no body
+    /// (its headers ended the stream).
+    fn new(limit: usize, whole: bool) -> BodyCopy {
+        if limit == 0 { BodyCopy::Off } else { BodyCopy::On { bytes: Vec::new(), limit, whole } }
     }
 
     fn wants(&self) -> bool {
-        matches!(self, Copy::On { .. })
+        matches!(self, BodyCopy::On { whole: false, .. })
     }
 
-    /// Appends a chunk; false when the copy just went over its limit. The first chunk
-    /// (the whole body of most requests) becomes the copy itself: no second allocation.
-    fn push(&mut self, chunk: Vec<u8>) -> bool {
-        if let Copy::On { bytes, limit } = self {
+    /// Appends a chunk (`end_of_stream`: the last one); false when the copy just went over
+    /// its limit. The first chunk (the whole body of most requests) becomes the copy
+    /// itself: no second allocation.
+    fn push(&mut self, chunk: Vec<u8>, end_of_stream: bool) -> bool {
+        if let BodyCopy::On { bytes, limit, whole } = self {
             if bytes.len() + chunk.len() > *limit {
-                *self = Copy::Over;
+                *self = BodyCopy::Over;
                 return false;
             }
             if bytes.is_empty() {
@@ -365,8 +380,24 @@ impl Copy {
             } else {
                 bytes.extend_from_slice(&chunk);
             }
+            *whole = end_of_stream;
         }
         true
+    }
+
+    /// The whole body the client sent, or `None`: the copy is off, over its limit, still
+    /// streaming, or shorter or longer than the request's `content-length` (a replay
+    /// carries exactly the client's bytes or nothing).
+    fn whole(&self, head: &HeaderPairs) -> Option<&[u8]> {
+        let BodyCopy::On { bytes, whole: true, .. } = self else { return None };
+        let declared = head.get(CONTENT_LENGTH).and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok());
+        match declared {
+            Some(n) if n != bytes.len() => {
+                log::warn!("mcp-affinity: request body of {} bytes against content-length {n}: not replayable", bytes.len());
+                None
+            }
+            _ => Some(bytes),
+        }
     }
 }
 
@@ -381,7 +412,7 @@ struct Pinned {
     /// The request headers, kept when a recovery may replay the request (rule 2).
     request: Option<HeaderPairs>,
     /// The request body, for a replay by control and for the lifecycle.
-    body: Copy,
+    body: BodyCopy,
     /// The response carries the backend's session id, to be replaced by the client's.
     rewrite_response_id: bool,
 }
@@ -391,7 +422,7 @@ enum Phase {
     /// Nothing to do.
     Passthrough,
     /// A POST without session id: its response may open a session.
-    NewSession { body: Copy, initialize: Option<Vec<u8>> },
+    NewSession { body: BodyCopy, initialize: Option<Vec<u8>> },
     /// Held while control is asked about the session (by this stream, or by another
     /// one of this VM that this stream waits for).
     Resolving(Resolving),
@@ -418,6 +449,8 @@ struct Resolving {
     client_id: String,
     kind: Kind,
     request: Option<HeaderPairs>,
+    /// The request headers ended the stream (no body).
+    no_body: bool,
     /// Set while this stream moves the session off this pin, whose upstream drains.
     moving: Option<Pin>,
 }
@@ -504,7 +537,8 @@ impl Stream {
         self.pending != Pending::None
     }
 
-    fn pinned(cx: &Ctx, client_id: String, pin: Pin, kind: Kind, request: Option<HeaderPairs>) -> Pinned {
+    /// `no_body`: the request headers ended the stream.
+    fn pinned(cx: &Ctx, client_id: String, pin: Pin, kind: Kind, request: Option<HeaderPairs>, no_body: bool) -> Pinned {
         let is_delete = kind == Kind::Delete;
         let watch_lifecycle = cx.control && !pin.recorded && !is_delete;
         let limit = if is_delete {
@@ -518,7 +552,7 @@ impl Stream {
         };
         // Kept for a replay, or for the protocol version of `notifications/initialized`.
         let request = if limit > 0 { request } else { None };
-        Pinned { client_id, pin, kind, watch_lifecycle, request, body: Copy::new(limit), rewrite_response_id: false }
+        Pinned { client_id, pin, kind, watch_lifecycle, request, body: BodyCopy::new(limit, no_body), rewrite_response_id: false }
     }
 
     /// Enters the pinned phase; an open GET stream is remembered so that a drain of its
@@ -558,7 +592,7 @@ impl Stream {
                         // routed (now, or after a lookup this stream waits for).
                         ops.push(Op::WantResponse);
                     }
-                    self.route_session(cx, head, id, kind, ops)
+                    self.route_session(cx, head, id, kind, end_of_stream, ops)
                 }
                 Err(e) => {
                     cx.count(Counter::InvalidSessionId);
@@ -578,19 +612,19 @@ impl Stream {
             // reason to pin by itself. Rule 1: the headers go on; the body is copied as it
             // streams.
             let copy = !end_of_stream && cx.control && mcp_method.is_none_or(|m| m == jsonrpc::INITIALIZE.as_bytes());
-            let body = if copy { Copy::new(cx.cfg.max_body_bytes) } else { Copy::Off };
+            let body = if copy { BodyCopy::new(cx.cfg.max_body_bytes, false) } else { BodyCopy::Off };
             self.phase = Phase::NewSession { body, initialize: None };
         }
         Step::go(ops)
     }
 
-    fn route_session(&mut self, cx: &mut Ctx, head: HeaderPairs, client_id: String, kind: Kind, mut ops: Vec<Op>) -> Step {
+    fn route_session(&mut self, cx: &mut Ctx, head: HeaderPairs, client_id: String, kind: Kind, no_body: bool, mut ops: Vec<Op>) -> Step {
         let Some(mut pin) = cx.get_pin(&client_id) else {
-            let r = Resolving { client_id, kind, request: Some(head), moving: None };
+            let r = Resolving { client_id, kind, request: Some(head), no_body, moving: None };
             return self.resolve(cx, r, ops);
         };
         if kind != Kind::Delete && cx.recoverable() && cx.vm.draining.contains(&pin.upstream) {
-            let r = Resolving { client_id, kind, request: Some(head), moving: None };
+            let r = Resolving { client_id, kind, request: Some(head), no_body, moving: None };
             return self.move_or_wait(cx, r, pin, ops);
         }
         pin_ops(cx.cfg, &client_id, &pin, &mut ops);
@@ -604,7 +638,7 @@ impl Stream {
             }
         }
         // The id copied out of the headers once becomes the stream's own: no second copy.
-        let p = Self::pinned(cx, client_id, pin, kind, Some(head));
+        let p = Self::pinned(cx, client_id, pin, kind, Some(head), no_body);
         self.enter_pinned(cx, p);
         Step::go(ops)
     }
@@ -663,7 +697,7 @@ impl Stream {
             failed_generation: pin.generation,
             failed_upstream: &pin.upstream,
             reason: Reason::Draining,
-            request: head.map(|h| original_request(h, "")).unwrap_or_default(),
+            request: head.map(|h| original_request(h, "", false)).unwrap_or_default(),
             session_errors: None,
         };
         log::info!("mcp-affinity: moving session {} off draining {}", r.client_id, pin.upstream);
@@ -689,7 +723,7 @@ impl Stream {
         cx.count(counter);
         match resolution {
             Resolution::Found(pin) => {
-                let p = Self::pinned(cx, r.client_id, pin.clone(), r.kind, r.request);
+                let p = Self::pinned(cx, r.client_id, pin.clone(), r.kind, r.request, r.no_body);
                 self.enter_pinned(cx, p);
             }
             _ if go_on => self.phase = Phase::Passthrough,
@@ -706,7 +740,7 @@ impl Stream {
             && let Phase::Resolving(r) = std::mem::replace(&mut self.phase, Phase::Passthrough)
             && let Some(pin) = cx.get_pin(&r.client_id)
         {
-            let p = Self::pinned(cx, r.client_id, pin, r.kind, r.request);
+            let p = Self::pinned(cx, r.client_id, pin, r.kind, r.request, r.no_body);
             self.enter_pinned(cx, p);
         }
     }
@@ -720,11 +754,11 @@ impl Stream {
         self.catch_up(cx);
         match &mut self.phase {
             Phase::NewSession { body, initialize } => {
-                if body.wants() && !body.push(read()) {
+                if body.wants() && !body.push(read(), end_of_stream) {
                     cx.count(Counter::BodyTooLarge);
                     log::debug!("mcp-affinity: POST body over {} bytes, not inspected", cx.cfg.max_body_bytes);
                 }
-                if end_of_stream && let Copy::On { bytes, .. } = std::mem::replace(body, Copy::Off) {
+                if end_of_stream && let BodyCopy::On { bytes, .. } = std::mem::replace(body, BodyCopy::Off) {
                     match jsonrpc::classify(&bytes) {
                         BodyKind::Initialize => {
                             cx.count(Counter::InitializeSeen);
@@ -737,7 +771,7 @@ impl Stream {
                 Step::flow(Flow::Continue)
             }
             Phase::Pinned(p) => {
-                if p.body.wants() && !p.body.push(read()) {
+                if p.body.wants() && !p.body.push(read(), end_of_stream) {
                     p.watch_lifecycle = false;
                 }
                 if end_of_stream && p.watch_lifecycle {
@@ -755,7 +789,7 @@ impl Stream {
     /// the session is past it.
     fn watch_lifecycle(&mut self, cx: &mut Ctx) -> Step {
         let Phase::Pinned(p) = &self.phase else { return Step::flow(Flow::Continue) };
-        let Copy::On { bytes, .. } = &p.body else { return Step::flow(Flow::Continue) };
+        let BodyCopy::On { bytes, .. } = &p.body else { return Step::flow(Flow::Continue) };
         if jsonrpc::method(bytes).as_deref() != Some(INITIALIZED) {
             // Anything else means the session is past initialisation (MCP lifecycle).
             let id = p.client_id.clone();
@@ -932,18 +966,30 @@ impl Stream {
     /// Asks control to recover the session (or, for a suspect answer, to verify it first)
     /// and answer this request; the response headers stay held until control answers
     /// (bounded by `recovery.timeout_ms`).
+    ///
+    /// Only a body seen whole is sent for a replay (rule 5). One still streaming — a router
+    /// local reply can come before the body reached the filter (clients that write headers
+    /// and body apart, chunked bodies, HTTP/2 DATA frames), and Envoy never hands the
+    /// filter the rest once the router is done — or over the replay limit, or not matching
+    /// its `content-length`, is never sent: control recovers the session and answers that
+    /// the request did not run and may be sent again (`body_complete: false`).
     fn start_recovery(&mut self, cx: &mut Ctx, p: Pinned, reason: Reason) -> Step {
-        let (Copy::On { bytes, .. }, Some(head)) = (&p.body, &p.request) else {
-            cx.count(Counter::RecoveryBodyTooLarge);
-            log::warn!("mcp-affinity: session {} needs recovery but its request body is over the replay limit", p.client_id);
+        let Some(head) = &p.request else {
+            // Not kept: a request the filter does not replay (DELETE never gets here).
             return self.pass_on(p, Flow::Continue);
         };
-        let body = String::from_utf8_lossy(bytes);
+        // JSON text is UTF-8 (RFC 8259): a body that is not is never replayed, rather than
+        // replayed with replacement characters.
+        let whole = p.body.whole(head).and_then(|b| std::str::from_utf8(b).ok());
+        if whole.is_none() {
+            cx.count(if p.body == BodyCopy::Over { Counter::RecoveryBodyTooLarge } else { Counter::RecoveryBodyIncomplete });
+            log::warn!("mcp-affinity: session {} needs recovery; its request body is not replayable (over the replay limit or incomplete)", p.client_id);
+        }
         let request = RecoverRequest {
             failed_generation: p.pin.generation,
             failed_upstream: &p.pin.upstream,
             reason,
-            request: original_request(head, &body),
+            request: original_request(head, whole.unwrap_or_default(), whole.is_some()),
             session_errors: (reason == Reason::SessionSuspect).then(|| recovery::SessionErrors::of(&cx.cfg.recovery)),
         };
         log::info!("mcp-affinity: recovering session {} ({reason:?}) from {}", p.client_id, p.pin.upstream);
@@ -1165,8 +1211,9 @@ impl Stream {
 }
 
 /// The request fields control needs to re-initialize (and, for a recovery, replay), read
-/// from the request headers kept by the machine (rule 2).
-fn original_request<'a>(head: &'a HeaderPairs, body: &'a str) -> OriginalRequest<'a> {
+/// from the request headers kept by the machine (rule 2). `body_complete`: `body` is the
+/// whole body the client sent (else it is empty and control never replays the request).
+fn original_request<'a>(head: &'a HeaderPairs, body: &'a str, body_complete: bool) -> OriginalRequest<'a> {
     let text = |name| head.get(name).and_then(|v| std::str::from_utf8(v).ok());
     OriginalRequest {
         method: text(METHOD).unwrap_or_default(),
@@ -1177,6 +1224,7 @@ fn original_request<'a>(head: &'a HeaderPairs, body: &'a str) -> OriginalRequest
         protocol_version: text(MCP_PROTOCOL_VERSION),
         authorization: text("authorization"),
         body,
+        body_complete,
     }
 }
 

@@ -154,11 +154,74 @@ impl std::error::Error for CallError {}
 
 /// An HTTP client for tests: no proxy from the environment, [`REQUEST_TIMEOUT`].
 pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .expect("build reqwest client")
+    Shape::OneWrite.client()
+}
+
+/// How a client puts a request on the wire. Envoy hands the filter the request headers as
+/// soon as they are parsed and connects upstream at once, so whether the body arrives with
+/// the headers or after them changes what the filter has seen when a pod fails: tests that
+/// prove recovery run every shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Shape {
+    /// HTTP/1.1 with `Content-Length`, headers and body written together.
+    #[default]
+    OneWrite,
+    /// HTTP/1.1 with `Content-Length`: the headers are written, then, after [`SHAPE_PAUSE`],
+    /// the body (as Python's httpx/h11 writes a POST).
+    SplitWrite,
+    /// HTTP/1.1 `Transfer-Encoding: chunked`, the body in three chunks with a
+    /// [`SHAPE_PAUSE`] before each.
+    Chunked,
+    /// HTTP/2 over cleartext with prior knowledge: a HEADERS frame, then, after
+    /// [`SHAPE_PAUSE`], the DATA frames.
+    Http2,
+}
+
+/// The pause between the pieces of a [`Shape::SplitWrite`], [`Shape::Chunked`] or
+/// [`Shape::Http2`] request: long enough for Envoy to connect upstream (and fail) before
+/// the body comes.
+pub const SHAPE_PAUSE: Duration = Duration::from_millis(50);
+
+impl Shape {
+    /// Every shape.
+    pub const ALL: [Shape; 4] = [Shape::OneWrite, Shape::SplitWrite, Shape::Chunked, Shape::Http2];
+    /// The shapes that send the body after the headers.
+    pub const SPLIT: [Shape; 3] = [Shape::SplitWrite, Shape::Chunked, Shape::Http2];
+
+    /// A client speaking this shape's HTTP version (no proxy from the environment,
+    /// [`REQUEST_TIMEOUT`]).
+    pub fn client(self) -> reqwest::Client {
+        let b = reqwest::Client::builder().no_proxy().timeout(REQUEST_TIMEOUT);
+        let b = if self == Shape::Http2 { b.http2_prior_knowledge() } else { b.http1_only() };
+        b.build().expect("build reqwest client")
+    }
+
+    /// The body to send, in this shape's pieces. Sets `Content-Length` in `headers` where
+    /// the shape declares one (hyper then frames the streamed body by it), removes it where
+    /// it does not.
+    pub fn body(self, body: Bytes, headers: &mut HeaderMap) -> reqwest::Body {
+        let pieces: Vec<Bytes> = match self {
+            Shape::OneWrite => {
+                headers.remove(http::header::CONTENT_LENGTH);
+                return reqwest::Body::from(body);
+            }
+            Shape::SplitWrite | Shape::Http2 => vec![body.clone()],
+            Shape::Chunked => {
+                let (a, b) = (body.len() / 3, 2 * body.len() / 3);
+                vec![body.slice(..a), body.slice(a..b), body.slice(b..)]
+            }
+        };
+        if self == Shape::Chunked {
+            headers.remove(http::header::CONTENT_LENGTH);
+        } else {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        let stream = futures::stream::iter(pieces).then(|piece| async move {
+            tokio::time::sleep(SHAPE_PAUSE).await;
+            Ok::<_, std::io::Error>(piece)
+        });
+        reqwest::Body::wrap_stream(stream)
+    }
 }
 
 /// POSTs `body` to `url` with exactly the given headers (plus what reqwest always adds:
@@ -176,9 +239,24 @@ pub async fn send_raw(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<RawResponse> {
+    send_shaped(http, Shape::OneWrite, method, url, headers, body).await
+}
+
+/// [`send_raw`] with the body written in `shape`'s pieces (`http` must speak the shape's
+/// HTTP version: [`Shape::client`]).
+pub async fn send_shaped(
+    http: &reqwest::Client,
+    shape: Shape,
+    method: reqwest::Method,
+    url: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<RawResponse> {
+    let mut headers = headers.clone();
+    let body = shape.body(body, &mut headers);
     let resp = http
         .request(method.clone(), url)
-        .headers(headers.clone())
+        .headers(headers)
         .body(body)
         .send()
         .await
@@ -230,6 +308,8 @@ pub struct Session {
     pub initialize_result: Value,
     /// The raw HTTP answer to `initialize`.
     pub initialize_response: RawResponse,
+    /// How this session's requests go on the wire ([`Session::shaped`]).
+    pub shape: Shape,
     http: reqwest::Client,
     next_id: Arc<AtomicU64>,
 }
@@ -284,6 +364,7 @@ pub async fn initialize_with(url: &str, protocol_version: &str, extra_headers: &
         protocol_version,
         initialize_result: result,
         initialize_response: resp,
+        shape: Shape::OneWrite,
         http,
         next_id: Arc::new(AtomicU64::new(1)),
     })
@@ -303,9 +384,16 @@ impl Session {
                 headers: HeaderMap::new(),
                 body: Bytes::new(),
             },
+            shape: Shape::OneWrite,
             http: http_client(),
             next_id: Arc::new(AtomicU64::new(1)),
         }
+    }
+
+    /// The same session (id, JSON-RPC id counter) with its requests written in `shape`,
+    /// over a client of its own.
+    pub fn shaped(&self, shape: Shape) -> Session {
+        Session { shape, http: shape.client(), ..self.clone() }
     }
 
     /// `serverInfo.name` from the `initialize` result, if any.
@@ -336,7 +424,7 @@ impl Session {
                 map.insert(k, v);
             }
         }
-        send_raw(&self.http, reqwest::Method::POST, &self.url, &map, body.into()).await
+        send_shaped(&self.http, self.shape, reqwest::Method::POST, &self.url, &map, body.into()).await
     }
 
     /// Sends `notifications/initialized`; fails unless the answer is 202.
@@ -354,10 +442,12 @@ impl Session {
     pub async fn request(&self, method: &str, params: Value) -> Result<Value, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+        let mut headers = self.default_headers();
+        let body = self.shape.body(body.into(), &mut headers);
         let resp = self
             .http
             .post(&self.url)
-            .headers(self.default_headers())
+            .headers(headers)
             .body(body)
             .send()
             .await

@@ -567,6 +567,8 @@ fn check_retry_policy(policy: &RetryPolicy, filter: &FilterConfig) -> Check {
     ensure!(on == BTreeSet::from(["connect-failure", "retriable-status-codes"]), "retry_on {:?}: must be exactly connect-failure,retriable-status-codes", policy.retry_on);
     let unknown = &filter.recovery.session_unknown_statuses;
     ensure!(unknown.iter().all(|s| policy.retriable_status_codes.contains(&u32::from(*s))), "retriable_status_codes {:?} must include session_unknown_statuses {unknown:?}", policy.retriable_status_codes);
+    let suspect = &filter.recovery.error_body_statuses;
+    ensure!(suspect.iter().all(|s| policy.retriable_status_codes.contains(&u32::from(*s))), "retriable_status_codes {:?} must include error_body_statuses {suspect:?} (control probes them)", policy.retriable_status_codes);
     ensure!(policy.num_retries.as_ref().map(|n| n.value) == Some(1), "num_retries must be 1 (one retry, to control)");
     let priority = policy.retry_priority.as_ref().ok_or("no retry_priority: the retry must skip priority 0 (previous_priorities)")?;
     ensure!(priority.name == "envoy.retry_priorities.previous_priorities", "retry_priority {:?}: must be envoy.retry_priorities.previous_priorities", priority.name);
@@ -992,7 +994,8 @@ fn mutated_bootstraps_are_rejected() {
         (&ss, "header_name: x-mcp-affinity-pin", "header_name: x-mcp-affinity-pins", Pinning::StatefulSession, "must be exactly"),
         // Envoy's retry to control (replay_by envoy_retry): only what provably did not run, once, to priority 1.
         (&ss, "retry_on: connect-failure,retriable-status-codes", "retry_on: connect-failure,retriable-status-codes,reset", Pinning::StatefulSession, "retry_on"),
-        (&ss, "retriable_status_codes: [404]", "retriable_status_codes: [400]", Pinning::StatefulSession, "session_unknown_statuses"),
+        (&ss, "retriable_status_codes: [404, 400]", "retriable_status_codes: [400]", Pinning::StatefulSession, "session_unknown_statuses"),
+        (&ss, "retriable_status_codes: [404, 400]", "retriable_status_codes: [404]", Pinning::StatefulSession, "error_body_statuses"),
         (&ss, "num_retries: 1", "num_retries: 2", Pinning::StatefulSession, "num_retries"),
         (&ss, "update_frequency: 1", "update_frequency: 2", Pinning::StatefulSession, "update_frequency"),
         (&ss, "name: envoy.retry_priorities.previous_priorities", "name: envoy.retry_priorities.other", Pinning::StatefulSession, "previous_priorities"),

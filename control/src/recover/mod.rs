@@ -77,6 +77,13 @@ use crate::store::{Drain, PutOutcome, SessionStore};
 /// (-32000..-32099); -32000 / -32001 / -32002 are taken by SDK conventions and MCP.
 pub const OUTCOME_UNKNOWN_CODE: i64 = -32003;
 
+/// HTTP status of the answer to a request that provably did not run and was not replayed
+/// because the filter did not hold its whole body (`body_complete: false`). Not a
+/// JSON-RPC result: without the body there is no request id to answer, and an HTTP error
+/// is what every client surfaces at once (a 200 with `id: null` would leave it waiting).
+/// The body is a JSON-RPC error ([`OUTCOME_UNKNOWN_CODE`], `data.resend: true`).
+pub const NOT_DELIVERED_STATUS: u16 = 503;
+
 /// JSON-RPC error code of the "Session not found" answer after a failed recovery (the
 /// TypeScript SDK's convention, also used by ToolHive).
 pub const SESSION_NOT_FOUND_CODE: i64 = -32001;
@@ -144,6 +151,16 @@ pub struct OriginalRequest {
     /// The raw request body (JSON text; empty for GET).
     #[serde(default)]
     pub body: String,
+    /// `body` is the whole body the client sent. `false` (the filter did not see the body
+    /// end, or it was over the filter's replay limit; `body` is then empty): the session is
+    /// recovered but the request is never replayed; the client is told it did not run
+    /// ([`NOT_DELIVERED_STATUS`]). Absent: `true` (filters before this field).
+    #[serde(default = "whole_by_default")]
+    pub body_complete: bool,
+}
+
+fn whole_by_default() -> bool {
+    true
 }
 
 impl fmt::Debug for OriginalRequest {
@@ -157,6 +174,7 @@ impl fmt::Debug for OriginalRequest {
             .field("protocol_version", &self.protocol_version)
             .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
             .field("body_len", &self.body.len())
+            .field("body_complete", &self.body_complete)
             .finish()
     }
 }
@@ -755,6 +773,9 @@ impl Recovery {
                 body: GET_RETRY_BODY.into(),
             });
         }
+        if !r.body_complete {
+            return not_replayed(not_delivered(req.reason));
+        }
         let safe = match req.reason {
             // `session_suspect` gets here only when the probe found the session unknown or
             // the pod unreachable (or the pin already moved): the pod answered the
@@ -859,6 +880,26 @@ fn outcome_unknown(info: &JsonRpcInfo, message: &str) -> ClientResponse {
         "error": {"code": OUTCOME_UNKNOWN_CODE, "message": message, "data": {"recovered": true}},
     });
     ClientResponse { status: 200, content_type: Some("application/json".into()), body: body.to_string() }
+}
+
+/// The answer to a request whose whole body control does not have ([`NOT_DELIVERED_STATUS`],
+/// `id: null`). After `reset_after_send` the request may have run: the message says so and
+/// `data.resend` is false.
+fn not_delivered(reason: Reason) -> ClientResponse {
+    let (message, resend) = if reason == Reason::ResetAfterSend {
+        ("Outcome unknown: the connection to the MCP server was lost after the request was sent, and the request \
+          could not be replayed (its body was not held whole). The session has been recovered; check the state \
+          before retrying.", false)
+    } else {
+        ("The request did not run: the MCP server's pod was gone before the request reached it, and its body was not \
+          held whole to replay it. The session has been recovered; send the request again.", true)
+    };
+    let body = json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": {"code": OUTCOME_UNKNOWN_CODE, "message": message, "data": {"recovered": true, "resend": resend}},
+    });
+    ClientResponse { status: NOT_DELIVERED_STATUS, content_type: Some("application/json".into()), body: body.to_string() }
 }
 
 /// The 404 + JSON-RPC "Session not found" that makes a standard client re-initialize.

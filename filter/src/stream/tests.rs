@@ -565,13 +565,75 @@ fn control_failing_a_recovery_lets_the_upstream_answer_through() {
 }
 
 #[test]
-fn a_body_over_the_replay_limit_is_not_recovered() {
+fn a_body_over_the_replay_limit_recovers_the_session_but_is_never_sent() {
     let mut w = World::new(true);
     w.cfg.recovery.max_replay_body_bytes = 8;
     w.cfg.max_body_bytes = 8;
     let mut s = pinned_call(&mut w);
-    assert_eq!(s.on_response_headers(&mut w.cx(), &Resp::new(404, &[])).flow, Flow::Continue);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
+    assert_eq!(step.flow, Flow::Pause, "held for control's answer");
+    let r = json(calls(&step)[0].body.as_ref().unwrap());
+    assert_eq!((r["request"]["body"].as_str(), r["request"]["body_complete"].as_bool()), (Some(""), Some(false)), "no part of the body is sent");
     assert_eq!(w.count("recovery_body_too_large"), 1);
+}
+
+/// Rule 5 (Envoy 1.40, `-l trace`): a client writes the headers, then the body; the pinned
+/// pod is gone and the router's local reply (`UF`) reaches the filter before the body did.
+/// Envoy will not hand the filter the rest: nothing of the body is sent, control recovers
+/// the session and tells the client the request did not run.
+#[test]
+fn a_local_reply_before_the_whole_body_recovers_the_session_without_a_replay() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    s.on_request_body(&mut w.cx(), &body(&CALL[..20]), false);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::local_reply("upstream_reset_before_response_started{remote_connection_failure}", 0x20));
+    assert_eq!(step.flow, Flow::Pause, "held for control's answer");
+    let r = json(calls(&step)[0].body.as_ref().unwrap());
+    assert_eq!(r["reason"], "connect_failure");
+    assert_eq!((r["request"]["body"].as_str(), r["request"]["body_complete"].as_bool()), (Some(""), Some(false)), "no part of the body is sent");
+    assert_eq!(w.count("recovery_body_incomplete"), 1);
+}
+
+#[test]
+fn a_body_seen_whole_is_sent_byte_for_byte() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    let (head, tail) = CALL.split_at(20);
+    s.on_request_body(&mut w.cx(), &body(head), false);
+    s.on_request_body(&mut w.cx(), &body(tail), true);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::local_reply("upstream_reset_before_response_started{remote_connection_failure}", 0x20));
+    let r = json(calls(&step)[0].body.as_ref().unwrap());
+    assert_eq!((r["request"]["body"].as_str(), r["request"]["body_complete"].as_bool()), (Some(CALL), Some(true)));
+}
+
+#[test]
+fn a_body_shorter_than_its_content_length_is_never_replayed() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    let mut s = Stream::new(1);
+    let head = HeaderPairs::from_pairs(&[(":method", "POST"), (":path", "/mcp"), ("mcp-session-id", "s1"), ("content-length", "500")]);
+    s.on_request_headers(&mut w.cx(), head, false);
+    s.on_request_body(&mut w.cx(), &body(CALL), true);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
+    let r = json(calls(&step)[0].body.as_ref().unwrap());
+    assert_eq!((r["request"]["body"].as_str(), r["request"]["body_complete"].as_bool()), (Some(""), Some(false)));
+    assert_eq!(w.count("recovery_body_incomplete"), 1);
+}
+
+#[test]
+fn a_get_has_no_body_to_wait_for() {
+    let mut w = World::new(true);
+    w.pin("s1", "10.0.0.2:80", true);
+    let mut s = Stream::new(1);
+    let get = HeaderPairs::from_pairs(&[(":method", "GET"), (":path", "/mcp"), ("mcp-session-id", "s1")]);
+    s.on_request_headers(&mut w.cx(), get, true);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
+    let r = json(calls(&step)[0].body.as_ref().unwrap());
+    assert_eq!((r["request"]["method"].as_str(), r["request"]["body_complete"].as_bool()), (Some("GET"), Some(true)));
 }
 
 // ---- replay by Envoy's retry (`recovery.replay_by: envoy_retry`) --------------------------
@@ -810,7 +872,69 @@ mod any_sequence {
         ]
     }
 
+    /// Splits `body` at `cuts` (positions, any order, repeats allowed) into chunks.
+    fn chunks_of(body: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+        at.sort_unstable();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for c in at.into_iter().chain([body.len()]) {
+            out.push(body[from..c].to_vec());
+            from = c;
+        }
+        out
+    }
+
     proptest! {
+        /// A replay carries exactly the bytes the client sent, or nothing: whatever the
+        /// chunking of the body, wherever among the chunks the failed answer arrives (a
+        /// router local reply can come before any body byte), whatever `content-length`
+        /// says. And a body the filter saw whole within the limits is sent once, whole.
+        #[test]
+        fn a_replay_carries_the_whole_body_or_nothing(
+            text in ".{0,120}",
+            invalid_utf8 in prop::bool::weighted(0.1),
+            cuts in prop::collection::vec(any::<usize>(), 0..5),
+            response_at in 0usize..8,
+            declared_off in prop::option::of(-2i64..3),
+            failure in prop::sample::select(vec![0u8, 1, 2]),
+            limit in prop::sample::select(vec![16usize, 1 << 20]),
+        ) {
+            let mut body = text.into_bytes();
+            if invalid_utf8 { body.push(0xff); }
+            let mut w = World::new(true);
+            w.cfg.recovery.max_replay_body_bytes = limit;
+            w.pin("s1", "10.0.0.2:80", true);
+            let declared = declared_off.map(|off| (body.len() as i64 + off).max(0).to_string());
+            let mut h = vec![(":method", "POST"), (":path", "/mcp"), ("mcp-session-id", "s1"), ("content-type", "application/json")];
+            if let Some(d) = &declared { h.push(("content-length", d.as_str())); }
+            let mut s = Stream::new(1);
+            let chunks = chunks_of(&body, &cuts);
+            let mut steps = vec![s.on_request_headers(&mut w.cx(), HeaderPairs::from_pairs(&h), false)];
+            let response = match failure {
+                0 => Resp::local_reply("upstream_reset_before_response_started{remote_connection_failure}", 0x20),
+                1 => Resp::new(404, &[]),
+                _ => Resp::new(400, &[("content-type", "application/json")]),
+            };
+            let response_at = response_at.min(chunks.len());
+            for (i, chunk) in chunks.iter().enumerate() {
+                if i == response_at { steps.push(s.on_response_headers(&mut w.cx(), &response)); }
+                steps.push(s.on_request_body(&mut w.cx(), &|| chunk.clone(), i + 1 == chunks.len()));
+            }
+            if response_at == chunks.len() { steps.push(s.on_response_headers(&mut w.cx(), &response)); }
+            let sent: Vec<serde_json::Value> = steps.iter().flat_map(|st| calls(st).into_iter().map(|c| json(c.body.as_ref().unwrap())).collect::<Vec<_>>()).collect();
+            prop_assert_eq!(sent.len(), 1, "one recover call: {:?}", sent);
+            let req = &sent[0]["request"];
+            let seen_whole = response_at == chunks.len();
+            let replayable = seen_whole && body.len() <= limit && declared.as_deref().is_none_or(|d| d == body.len().to_string()) && !invalid_utf8;
+            if req["body_complete"] == true {
+                prop_assert_eq!(req["body"].as_str().unwrap().as_bytes(), body.as_slice(), "a replay carries exactly the client's bytes");
+            } else {
+                prop_assert_eq!(req["body"].as_str(), Some(""), "a body not held whole is never sent");
+            }
+            prop_assert_eq!(req["body_complete"] == true, replayable);
+        }
+
         /// Whatever order events arrive in, on any of three streams of one VM, with or
         /// without control, replayed by the filter or by Envoy's retry: the machine never
         /// panics, and a client-sent pin header never becomes the route.
@@ -884,15 +1008,37 @@ fn the_filter_asks_for_exactly_the_answers_it_acts_on() {
 fn a_body_copy_keeps_the_host_s_buffer_of_its_first_chunk() {
     // The host allocates each chunk in the VM (`proxy_on_memory_allocate`); the copy takes
     // the first one as it is instead of allocating and copying it again.
-    let mut copy = Copy::new(64);
+    let mut copy = BodyCopy::new(64, false);
     let chunk = b"{\"jsonrpc\":\"2.0\"".to_vec();
     let first = chunk.as_ptr();
-    assert!(copy.push(chunk));
-    let Copy::On { bytes, .. } = &copy else { panic!("{copy:?}") };
+    assert!(copy.push(chunk, false));
+    let BodyCopy::On { bytes, whole: false, .. } = &copy else { panic!("{copy:?}") };
     assert_eq!(bytes.as_ptr(), first, "no second allocation for a one-chunk body");
-    assert!(copy.push(b",\"id\":1}".to_vec()), "later chunks are appended");
-    let Copy::On { bytes, .. } = &copy else { panic!("{copy:?}") };
+    assert!(copy.wants(), "still streaming");
+    assert!(copy.push(b",\"id\":1}".to_vec(), true), "later chunks are appended");
+    let BodyCopy::On { bytes, whole: true, .. } = &copy else { panic!("{copy:?}") };
     assert_eq!(bytes.as_slice(), b"{\"jsonrpc\":\"2.0\",\"id\":1}");
-    assert!(!copy.push(vec![b'y'; 60]), "over the limit");
-    assert_eq!(copy, Copy::Over);
+    assert!(!copy.wants(), "whole: nothing more to copy");
+    let mut copy = BodyCopy::new(8, false);
+    assert!(!copy.push(vec![b'y'; 9], true), "over the limit");
+    assert_eq!(copy, BodyCopy::Over);
+}
+
+#[test]
+fn a_body_copy_is_whole_only_at_the_end_of_the_stream_and_at_its_declared_length() {
+    let head = |len: Option<&'static str>| {
+        let mut h = vec![(":method", "POST")];
+        h.extend(len.map(|l| ("content-length", l)));
+        HeaderPairs::from_pairs(&h)
+    };
+    let mut copy = BodyCopy::new(64, false);
+    copy.push(b"{}".to_vec(), false);
+    assert_eq!(copy.whole(&head(None)), None, "the end of the stream was not seen");
+    copy.push(Vec::new(), true);
+    assert_eq!(copy.whole(&head(None)), Some(&b"{}"[..]), "chunked and HTTP/2 bodies declare no length");
+    assert_eq!(copy.whole(&head(Some("2"))), Some(&b"{}"[..]));
+    assert_eq!(copy.whole(&head(Some("3"))), None, "shorter than declared: never replayed");
+    assert_eq!(BodyCopy::new(64, true).whole(&head(None)), Some(&b""[..]), "headers that end the stream: an empty body, whole");
+    assert_eq!(BodyCopy::Over.whole(&head(None)), None);
+    assert_eq!(BodyCopy::Off.whole(&head(None)), None);
 }

@@ -1,0 +1,173 @@
+//! Recovery carries the whole request, whatever shape the client gives it on the wire.
+//!
+//! Envoy hands the filter the request headers as soon as they are parsed and connects
+//! upstream at once; when the pinned pod is gone, the router's local reply can reach the
+//! filter before any body byte did. Clients that write the body after the headers
+//! (HTTP/1.1 split writes, chunked bodies, HTTP/2 HEADERS then DATA) therefore meet
+//! recovery in another state than a client that writes a request in one piece. Every
+//! scenario here runs each such shape ([`Shape::SPLIT`]) through real Envoy, on both
+//! shipped bootstraps:
+//! - `envoy/envoy-stateful-session.yaml` (the default): pins applied by Envoy's stateful
+//!   session to members of `mcp_service` only; Envoy's retry carries a failed request,
+//!   body included, to control's replay listener;
+//! - `envoy/envoy.yaml`: the filter holds the failed answer until it has seen the whole
+//!   body, then asks control to replay it (as under an Istio `WasmPlugin`).
+//!
+//! Each scenario asserts that the tool's result reaches the client (the demo pod's `echo`
+//! returns the text only when it parsed the client's whole JSON body), and counts the
+//! pods' `initialize`s: exactly one re-initialization per affected session.
+
+use std::net::SocketAddr;
+
+use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
+use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
+use mcp_affinity_harness::mcp_client::{CallError, Shape};
+use mcp_affinity_harness::process::free_addr;
+
+/// Which shipped bootstrap Envoy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bootstrap {
+    /// `envoy/envoy-stateful-session.yaml`, `recovery.replay_by: envoy_retry`.
+    StatefulSession,
+    /// `envoy/envoy.yaml`, `recovery.replay_by: filter`.
+    OriginalDst,
+}
+
+/// What happens to the pod the sessions are pinned to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// Killed: the pinned connection fails (router local reply, `UF`).
+    Killed,
+    /// Restarted in place: same address, sessions lost, `404`.
+    Restarted404,
+    /// Restarted in place as a TypeScript-SDK style server: `400` / `-32000`.
+    Restarted400,
+}
+
+struct Mesh {
+    pods: Vec<Pod>,
+    control: ControlService,
+    proxy: Proxy,
+}
+
+fn mesh(bootstrap: Bootstrap, pods: usize, pod_flags: &[&str], filter_extra: &str) -> Mesh {
+    let pods: Vec<Pod> = (0..pods).map(|i| Pod::start_with(&format!("pod-{i}"), pod_flags).unwrap()).collect();
+    let endpoints = pods.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>().join(",");
+    let mut args = vec!["--endpoints".to_string(), endpoints];
+    let replay: Option<SocketAddr> = (bootstrap == Bootstrap::StatefulSession).then(free_addr);
+    if let Some(r) = replay {
+        args.extend(["--replay-listen".to_string(), r.to_string()]);
+    }
+    let control = ControlService::start_with("memory", &args).unwrap();
+    let mode = match bootstrap {
+        Bootstrap::StatefulSession => r#","pin_encoding":"base64","recovery":{"replay_by":"envoy_retry"}"#.to_string(),
+        Bootstrap::OriginalDst => format!(r#","recovery":{{"replay_by":"filter"{filter_extra}}}"#),
+    };
+    let proxy = Proxy::start(
+        &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
+        ProxyOptions {
+            filter_config: ControlService::filter_config(&mode),
+            clusters: vec![control.proxy_cluster()],
+            vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
+            replay,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    Mesh { pods, control, proxy }
+}
+
+/// A text whose `echo` proves the pod parsed the client's whole body: a few kilobytes,
+/// ending with a marker.
+fn long_text(shape: Shape) -> String {
+    format!("{shape:?} {} end-of-{shape:?}", "0123456789abcdef".repeat(256))
+}
+
+/// Pins one session per split shape to pod-0, fails pod-0 by `trigger`, then calls `echo`
+/// once per session in its shape: every call gets its own text back, and each session is
+/// re-initialized exactly once.
+async fn every_shape_is_recovered_whole(bootstrap: Bootstrap, trigger: Trigger) {
+    let flags: &[&str] = if trigger == Trigger::Restarted400 { &["--unknown-session", "ts-sdk"] } else { &[] };
+    let mut m = mesh(bootstrap, 2, flags, "");
+    let (victims, others) = sessions_on(&m.proxy, "pod-0", Shape::SPLIT.len()).await;
+    match trigger {
+        Trigger::Killed => m.pods[0].kill(),
+        Trigger::Restarted404 | Trigger::Restarted400 => m.pods[0].restart().unwrap(),
+    }
+    for (s, shape) in victims.iter().zip(Shape::SPLIT) {
+        let s = s.shaped(shape);
+        let text = long_text(shape);
+        match s.echo(&text).await {
+            Ok(got) => assert!(got == text, "{bootstrap:?}/{trigger:?}/{shape:?}: echo came back altered ({} bytes)", got.len()),
+            Err(e) => panic!("{bootstrap:?}/{trigger:?}/{shape:?}: {e}\n{}", m.proxy.log()),
+        }
+        assert_eq!(s.whoami_keeping_id().await, s.whoami_keeping_id().await, "{shape:?}: stays where it was recovered");
+    }
+    let n = Shape::SPLIT.len();
+    assert_eq!(m.control.reinitializations().await, n as f64, "{bootstrap:?}/{trigger:?}: one re-initialization per session");
+    let live = if trigger == Trigger::Killed { &m.pods[1..] } else { &m.pods[..] };
+    assert_eq!(initializations(live).await, (others + n) as u64, "{bootstrap:?}/{trigger:?}: their own sessions and one per recovery");
+    if bootstrap == Bootstrap::OriginalDst {
+        assert_eq!(m.proxy.metric("recoveries_replayed").await.unwrap(), n as i64);
+        assert_eq!(m.proxy.metric("recovery_body_incomplete").await.unwrap(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn default_bootstrap_a_killed_pod_s_split_requests_are_replayed_whole() {
+    every_shape_is_recovered_whole(Bootstrap::StatefulSession, Trigger::Killed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn default_bootstrap_a_restarted_pod_s_404_split_requests_are_replayed_whole() {
+    every_shape_is_recovered_whole(Bootstrap::StatefulSession, Trigger::Restarted404).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn default_bootstrap_a_ts_sdk_400_split_requests_are_replayed_whole() {
+    every_shape_is_recovered_whole(Bootstrap::StatefulSession, Trigger::Restarted400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filter_replay_a_killed_pod_s_split_requests_are_replayed_whole() {
+    every_shape_is_recovered_whole(Bootstrap::OriginalDst, Trigger::Killed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filter_replay_a_restarted_pod_s_404_split_requests_are_replayed_whole() {
+    every_shape_is_recovered_whole(Bootstrap::OriginalDst, Trigger::Restarted404).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filter_replay_a_ts_sdk_400_split_requests_are_replayed_whole() {
+    every_shape_is_recovered_whole(Bootstrap::OriginalDst, Trigger::Restarted400).await;
+}
+
+/// A body just above the filter's replay limit is never sent to control: the session is
+/// recovered, the client gets an HTTP error at once that says the request did not run and
+/// may be re-sent, and re-sending it works, on the same session id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filter_replay_a_body_above_the_replay_limit_is_not_replayed_and_may_be_resent() {
+    let limit = 4096;
+    let mut m = mesh(Bootstrap::OriginalDst, 2, &[], &format!(r#","max_replay_body_bytes":{limit}"#));
+    let (victims, others) = sessions_on(&m.proxy, "pod-0", Shape::SPLIT.len()).await;
+    m.pods[0].kill();
+    for (s, shape) in victims.iter().zip(Shape::SPLIT) {
+        let s = s.shaped(shape);
+        let text = "y".repeat(limit); // its JSON-RPC body is a little over the limit
+        match s.echo(&text).await {
+            Err(CallError::Http { status, body, .. }) => {
+                assert_eq!(status, 503, "{shape:?}: {body}");
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["error"]["data"]["resend"], true, "{shape:?}: {body}");
+                assert_eq!(v["error"]["data"]["recovered"], true, "{shape:?}: {body}");
+            }
+            other => panic!("{shape:?}: expected the not-delivered answer, got {other:?}"),
+        }
+        assert_eq!(s.echo(&text).await.unwrap(), text, "{shape:?}: the re-sent request runs on the recovered session");
+    }
+    let n = Shape::SPLIT.len();
+    assert_eq!(m.proxy.metric("recovery_body_too_large").await.unwrap(), n as i64);
+    assert_eq!(m.control.reinitializations().await, n as f64);
+    assert_eq!(initializations(&m.pods[1..]).await, (others + n) as u64);
+}
