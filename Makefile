@@ -18,7 +18,7 @@ endif
 ENVOY         ?= $(CURDIR)/$(ENVOY_VENV)/bin/envoy
 export ENVOY
 
-.PHONY: all setup setup-wasm setup-envoy setup-redis wasm build run test soak test-envoy envoy-image bench images clean help
+.PHONY: all setup setup-wasm setup-envoy setup-redis setup-ts-client wasm build run test soak test-envoy envoy-image bench images clean help
 
 all: build
 
@@ -35,7 +35,7 @@ help:
 	@echo "                 then Envoy's instructions per request under callgrind (BENCH_INSTRUCTIONS=0 skips them)"
 	@echo "make wasm        build $(WASM)"
 
-setup: setup-wasm setup-envoy setup-redis
+setup: setup-wasm setup-envoy setup-redis setup-ts-client
 
 setup-wasm:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -64,6 +64,18 @@ setup-redis:
 	  echo "installing redis-server and redis-tools (Debian packages)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; }
 	@# The Debian package may start a system instance on 6379; the project never uses it.
+
+# The official TypeScript MCP SDK client the end-to-end tests and the soak drive
+# (tests/clients/ts, version pinned by its package-lock.json), installed with the machine's
+# Node.js and npm into tests/clients/ts/node_modules; Node.js from Debian when missing.
+TS_CLIENT := tests/clients/ts
+setup-ts-client:
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+	  echo "installing nodejs and npm (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	@[ -d $(TS_CLIENT)/node_modules/@modelcontextprotocol/sdk ] || { \
+	  echo "installing the TypeScript MCP SDK (npm ci) into $(TS_CLIENT)/node_modules"; \
+	  npm ci --prefix $(TS_CLIENT) --no-audit --no-fund --silent; }
 
 wasm: setup-wasm
 	$(CARGO) build -p mcp-affinity-filter --target $(WASM_TARGET) --profile wasm

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Starts a local mcp-affinity stack and stops all of it on Ctrl-C:
 #   - three demo MCP pods on 127.0.0.1:8081-8083 (unless UPSTREAMS is set),
-#   - the control service on 127.0.0.1:9901 (embedded in-memory store),
+#   - the control service on 127.0.0.1:9901 (embedded in-memory store) and its replay
+#     listener on 127.0.0.1:9902,
 #   - real Envoy running the filter on http://127.0.0.1:10000/mcp (admin on :15000), with
-#     envoy/envoy.yaml rendered for these addresses by mcp-affinity-envoy-config.
+#     the default bootstrap envoy/envoy-stateful-session.yaml (pins applied by Envoy's
+#     stateful session to members of the MCP cluster only; a failed request retried by
+#     Envoy, body included, to control's replay listener) rendered for these addresses by
+#     mcp-affinity-envoy-config. BOOTSTRAP=original-dst runs envoy/envoy.yaml instead.
 # Environment: UPSTREAMS=ip:port,ip:port  put your own MCP servers behind Envoy;
 #              LISTEN (default 127.0.0.1:10000), ADMIN (default 127.0.0.1:15000),
-#              CONTROL (default 127.0.0.1:9901);
+#              CONTROL (default 127.0.0.1:9901), REPLAY (default 127.0.0.1:9902);
+#              BOOTSTRAP (default stateful-session; original-dst: envoy/envoy.yaml);
 #              ENVOY (default: .venv-envoy-1.40.0/bin/envoy, installed by `make setup-envoy`);
 #              ENVOY_LOG_LEVEL (default warn; e.g. debug, or info for the filter's own logs).
 set -euo pipefail
@@ -17,6 +22,12 @@ ENVOY=${ENVOY:-$PWD/.venv-envoy-1.40.0/bin/envoy}
 LISTEN=${LISTEN:-127.0.0.1:10000}
 ADMIN=${ADMIN:-127.0.0.1:15000}
 CONTROL=${CONTROL:-127.0.0.1:9901}
+REPLAY=${REPLAY:-127.0.0.1:9902}
+BOOTSTRAP=${BOOTSTRAP:-stateful-session}
+case "$BOOTSTRAP" in
+  stateful-session|original-dst) ;;
+  *) echo "BOOTSTRAP=$BOOTSTRAP: expected stateful-session (default) or original-dst" >&2; exit 1 ;;
+esac
 RUN_DIR=$(mktemp -d)
 pids=()
 
@@ -71,19 +82,29 @@ fi
 MCP_AFFINITY_CONTROL_TOKEN=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
 export MCP_AFFINITY_CONTROL_TOKEN
 (umask 077; printf '%s' "$MCP_AFFINITY_CONTROL_TOKEN" >"$RUN_DIR/control.token")
-# Control re-initializes sessions on these endpoints when their pod is gone (recovery).
-"$BIN/mcp-affinity-control" --listen "$CONTROL" --store memory --endpoints "$(IFS=,; echo "${upstreams[*]}")" &
+# Control re-initializes sessions on these endpoints when their pod is gone (recovery); with
+# the default bootstrap, Envoy's retry brings it the failed request on its replay listener.
+control_args=(--listen "$CONTROL" --store memory --endpoints "$(IFS=,; echo "${upstreams[*]}")")
+if [[ "$BOOTSTRAP" == stateful-session ]]; then
+  control_args+=(--replay-listen "$REPLAY")
+  pinning='"pin_encoding": "base64", "recovery": { "replay_by": "envoy_retry" },'
+  bootstrap_args=(--bootstrap envoy/envoy-stateful-session.yaml --replay "$REPLAY")
+else
+  pinning='"pin_encoding": "plain", "recovery": { "replay_by": "filter" },'
+  bootstrap_args=(--bootstrap envoy/envoy.yaml)
+fi
+"$BIN/mcp-affinity-control" "${control_args[@]}" &
 pids+=($!)
 
 # The filter reads the token from Envoy's environment (vm_config host_env_keys).
 cat >"$RUN_DIR/filter.json" <<JSON
 {
-  "pin_header": "x-session-pod",
+  "pin_header": "x-session-pod", $pinning
   "control": { "cluster": "mcp_affinity_control", "token_env": "MCP_AFFINITY_CONTROL_TOKEN", "timeout_ms": 1000 }
 }
 JSON
 
-args=(--listen "$LISTEN" --admin "$ADMIN" --wasm "$WASM" --control "$CONTROL" --filter-config "$RUN_DIR/filter.json")
+args=(--listen "$LISTEN" --admin "$ADMIN" --wasm "$WASM" --control "$CONTROL" --filter-config "$RUN_DIR/filter.json" "${bootstrap_args[@]}")
 for u in "${upstreams[@]}"; do args+=(--upstream "$u"); done
 "$BIN/mcp-affinity-envoy-config" "${args[@]}" >"$RUN_DIR/envoy.yaml"
 
@@ -98,7 +119,7 @@ wait_port "$LISTEN"
 
 cat <<MSG
 
-mcp-affinity is running (Envoy $("$ENVOY" --version 2>/dev/null | sed -n 's|.*/\([0-9][0-9.]*\)/.*|\1|p'), pid $envoy_pid).
+mcp-affinity is running (Envoy $("$ENVOY" --version 2>/dev/null | sed -n 's|.*/\([0-9][0-9.]*\)/.*|\1|p'), pid $envoy_pid, bootstrap $BOOTSTRAP).
   MCP endpoint (Streamable HTTP):  http://$LISTEN/mcp
   upstream MCP servers:            ${upstreams[*]}
   control service:                 http://$CONTROL  (/healthz, /readyz, /metrics; /v1 token in $RUN_DIR/control.token)

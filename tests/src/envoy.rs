@@ -29,6 +29,8 @@ pub const SERVICE_CLUSTER: &str = "mcp_service";
 pub const CONTROL_CLUSTER: &str = "mcp_affinity_control";
 /// Envoy's name of the wasm HTTP filter.
 pub const WASM_FILTER: &str = "envoy.filters.http.wasm";
+/// Envoy's buffer filter, which `envoy/envoy.yaml` runs before the wasm filter.
+pub const BUFFER_FILTER: &str = "envoy.filters.http.buffer";
 /// `@type` of the matcher the shipped bootstrap wraps the wasm filter in (Envoy
 /// `envoy.extensions.common.matching.v3.ExtensionWithMatcher`: it skips the filter for the
 /// responses it has nothing to do with).
@@ -146,7 +148,9 @@ pub fn render(yaml: &str, r: &Render) -> Result<String> {
         http_filters.iter().enumerate().filter(|(_, f)| f.get("name").and_then(Value::as_str) == Some(WASM_FILTER)).map(|(i, _)| i).collect();
     let [wasm_at] = wasm_at[..] else { bail!("expected one {WASM_FILTER} HTTP filter in listener {LISTENER:?}, found {}", wasm_at.len()) };
     if r.no_filter {
-        http_filters.remove(wasm_at);
+        // Plain Envoy: without mcp-affinity's filters (the wasm filter and the buffer
+        // filter that holds requests for its replay).
+        http_filters.retain(|f| !matches!(f.get("name").and_then(Value::as_str), Some(WASM_FILTER | BUFFER_FILTER)));
     } else {
         let filter = &mut http_filters[wasm_at];
         if r.no_response_matcher {
@@ -447,7 +451,7 @@ mod tests {
     }
 
     #[test]
-    fn no_filter_removes_only_the_wasm_filter() {
+    fn no_filter_removes_the_wasm_filter_and_its_buffer_filter() {
         let b = parse(&render(&shipped(), &Render { no_filter: true, ..local() }).unwrap());
         assert!(wasm_filter(&b).is_none());
         let filters = b.pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters").unwrap();

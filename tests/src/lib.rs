@@ -7,6 +7,7 @@
 //! - [`demo_server`]: the demo MCP server (rmcp, stateful Streamable HTTP).
 //! - [`mcp_client`]: a raw-HTTP MCP client that shows exact statuses and headers.
 //! - [`rmcp_client`]: the real rmcp Streamable HTTP client.
+//! - [`ts_client`]: the official TypeScript MCP SDK client, driven as a Node process.
 //! - [`fixtures`]: external services started for tests: Envoy proxies and demo pods,
 //!   the control service, a real `redis-server`.
 pub mod envoy;
@@ -14,4 +15,5 @@ pub mod process;
 pub mod demo_server;
 pub mod mcp_client;
 pub mod rmcp_client;
+pub mod ts_client;
 pub mod fixtures;

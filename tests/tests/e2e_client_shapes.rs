@@ -1,4 +1,5 @@
-//! Recovery carries the whole request, whatever shape the client gives it on the wire.
+//! Recovery carries the whole request, whatever shape the client gives it on the wire, and
+//! whichever real client sends it (the official TypeScript MCP SDK beside the raw shapes).
 //!
 //! Envoy hands the filter the request headers as soon as they are parsed and connects
 //! upstream at once; when the pinned pod is gone, the router's local reply can reach the
@@ -23,6 +24,8 @@ use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
 use mcp_affinity_harness::mcp_client::{CallError, Shape};
 use mcp_affinity_harness::process::free_addr;
+use mcp_affinity_harness::ts_client::TsClient;
+use serde_json::json;
 
 /// Which shipped bootstrap Envoy runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,4 +173,31 @@ async fn filter_replay_a_body_above_the_replay_limit_is_not_replayed_and_may_be_
     assert_eq!(m.proxy.metric("recovery_body_too_large").await.unwrap(), n as i64);
     assert_eq!(m.control.reinitializations().await, n as f64);
     assert_eq!(initializations(&m.pods[1..]).await, (others + n) as u64);
+}
+
+/// The official TypeScript MCP SDK client holds a session whose pod is killed: its next
+/// `tools/call` gets the tool's result, on the same session id, after exactly one
+/// re-initialization; then it ends the session (DELETE) cleanly.
+async fn the_typescript_sdk_client_keeps_its_session(bootstrap: Bootstrap) {
+    let mut m = mesh(bootstrap, 2, &[], "");
+    let mut ts = TsClient::connect(&m.proxy.url()).await.unwrap();
+    let pod = ts.call("whoami", json!({})).await.unwrap();
+    assert_eq!(ts.call("whoami", json!({})).await.unwrap(), pod, "pinned");
+    let at = m.pods.iter().position(|p| p.name == pod).unwrap();
+    m.pods[at].kill();
+    let text = long_text(Shape::OneWrite);
+    assert_eq!(ts.call("echo", json!({"text": text})).await.unwrap(), text, "{bootstrap:?}: recovered transparently");
+    assert_ne!(ts.call("whoami", json!({})).await.unwrap(), pod);
+    assert_eq!(m.control.reinitializations().await, 1.0, "{bootstrap:?}");
+    ts.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn default_bootstrap_the_typescript_sdk_client_keeps_its_session() {
+    the_typescript_sdk_client_keeps_its_session(Bootstrap::StatefulSession).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filter_replay_the_typescript_sdk_client_keeps_its_session() {
+    the_typescript_sdk_client_keeps_its_session(Bootstrap::OriginalDst).await;
 }

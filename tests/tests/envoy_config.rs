@@ -34,6 +34,7 @@ use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3
 use envoy_types::pb::envoy::extensions::filters::http::header_mutation::v3::HeaderMutation as HeaderMutationFilter;
 use envoy_types::pb::envoy::extensions::filters::http::stateful_session::v3::StatefulSession;
 use envoy_types::pb::envoy::extensions::common::matching::v3::ExtensionWithMatcher;
+use envoy_types::pb::envoy::extensions::filters::http::buffer::v3::Buffer;
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
@@ -147,6 +148,7 @@ const PROTO_FILES: &[&str] = &[
     "envoy/config/bootstrap/v3/bootstrap.proto",
     "envoy/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto",
     "envoy/extensions/filters/http/wasm/v3/wasm.proto",
+    "envoy/extensions/filters/http/buffer/v3/buffer.proto",
     "envoy/extensions/common/matching/v3/extension_matcher.proto",
     "envoy/extensions/filters/common/matcher/action/v3/skip_action.proto",
     "envoy/type/matcher/v3/http_inputs.proto",
@@ -303,6 +305,41 @@ fn describe(p: &Predicate) -> Result<Vec<String>, String> {
 /// The `Wasm` configuration of the wasm HTTP filter entry. Wrapped in an
 /// `ExtensionWithMatcher` (as shipped), the matcher must be one list matcher whose action
 /// is `SkipFilter` exactly on [`skip_when`] its plugin configuration.
+/// With `replay_by: filter`: Envoy's buffer filter runs before the wasm filter (`before`),
+/// so a session's request reaches the filter whole before the router tries the pinned pod
+/// (a replay needs the whole body; the router's local reply can come before a body that is
+/// written after the headers); it holds at least `max_replay_body_bytes`, and its matcher
+/// skips it only for requests without `Mcp-Session-Id`.
+fn check_buffer_filter(before: &[HttpFilter], max_replay_body_bytes: usize) -> Check {
+    let f = before.iter().find(|f| f.name == "envoy.filters.http.buffer").ok_or("replay_by filter: envoy.filters.http.buffer must come before the wasm filter")?;
+    let any = typed_config(f)?;
+    let (buffer, skip_header): (Buffer, Option<String>) = if any.type_url == <ExtensionWithMatcher as prost::Name>::type_url() {
+        let wrapped: ExtensionWithMatcher = unpack(any)?;
+        let inner = wrapped.extension_config.as_ref().and_then(|e| e.typed_config.as_ref()).ok_or("buffer ExtensionWithMatcher without extension_config")?;
+        let matchers = match wrapped.xds_matcher.as_ref().and_then(|m| m.matcher_type.as_ref()) {
+            Some(MatcherType::MatcherList(l)) => &l.matchers,
+            _ => return Err("the buffer filter's matcher must be a matcher_list".into()),
+        };
+        let [m] = &matchers[..] else { return Err("the buffer filter's matcher must have one matcher".into()) };
+        let header = match m.predicate.as_ref().and_then(|p| p.match_type.as_ref()) {
+            Some(predicate::MatchType::NotMatcher(inner)) => match inner.match_type.as_ref() {
+                Some(predicate::MatchType::SinglePredicate(sp)) => sp.input.as_ref().and_then(|i| i.typed_config.as_ref()).and_then(|a| unpack::<HttpRequestHeaderMatchInput>(a).ok()).map(|h| h.header_name),
+                _ => None,
+            },
+            _ => None,
+        };
+        (unpack(inner)?, Some(header.ok_or("the buffer filter may be skipped only when a request has no mcp-session-id (not_matcher on that header)")?))
+    } else {
+        (unpack(any)?, None)
+    };
+    if let Some(h) = skip_header {
+        ensure!(h.eq_ignore_ascii_case(MCP_SESSION_ID), "the buffer filter is skipped on header {h:?}: it must be skipped only for requests without {MCP_SESSION_ID}");
+    }
+    let max = buffer.max_request_bytes.map(|v| v.value as usize).unwrap_or(0);
+    ensure!(max >= max_replay_body_bytes, "buffer max_request_bytes {max} must be at least recovery.max_replay_body_bytes {max_replay_body_bytes}");
+    Ok(())
+}
+
 fn wasm_of(f: &HttpFilter) -> Result<Wasm, String> {
     let any = typed_config(f)?;
     if any.type_url != <ExtensionWithMatcher as prost::Name>::type_url() {
@@ -442,6 +479,10 @@ fn check_bootstrap(text: &str, pinning: Pinning) -> Check {
     check_defaults(&wf.filter)?;
     let pin = wf.filter.pin_header.as_str();
     ensure!(wf.host_env_keys.iter().any(|k| k == "MCP_AFFINITY_CONTROL_TOKEN"), "host_env_keys must expose MCP_AFFINITY_CONTROL_TOKEN");
+
+    if wf.filter.recovery.replay_by == ReplayBy::Filter {
+        check_buffer_filter(&hcm.http_filters[..wasm_at], wf.filter.recovery.max_replay_body_bytes)?;
+    }
 
     // The filter buffers bodies up to max_body_bytes; Envoy's own limit must be larger.
     let limit = listener.per_connection_buffer_limit_bytes.as_ref().map(|v| v.value as usize).unwrap_or(1 << 20);
@@ -961,6 +1002,10 @@ fn mutated_bootstraps_are_rejected() {
     let cases: &[(&str, &str, &str, Pinning, &str)] = &[
         // Envoy's API: unknown field, unknown enum value, unknown @type, wrong type.
         (&plain, "stat_prefix: mcp", "stat_prefx: mcp", Pinning::OriginalDst, "stat_prefx"),
+        // The buffer filter holds a session's request whole before the pinned pod is tried.
+        (&plain, "          - name: envoy.filters.http.buffer\n", "          - name: envoy.filters.http.buffr\n", Pinning::OriginalDst, "must come before the wasm filter"),
+        (&plain, "max_request_bytes: 4194304", "max_request_bytes: 1024", Pinning::OriginalDst, "max_request_bytes"),
+        (&plain, "header_name: mcp-session-id\n", "header_name: x-other\n", Pinning::OriginalDst, "skipped only"),
         (&plain, "lb_policy: CLUSTER_PROVIDED", "lb_policy: CLUSTER_PROVIDE", Pinning::OriginalDst, "CLUSTER_PROVIDE"),
         (&plain, "v3.Router", "v3.Routr", Pinning::OriginalDst, "Routr"),
         (&plain, "port_value: 10000", "port_value: ten", Pinning::OriginalDst, "Bootstrap"),
@@ -1004,8 +1049,8 @@ fn mutated_bootstraps_are_rejected() {
         (&ss, "        max_retries: 1024", "        max_retries: 3", Pinning::StatefulSession, "max_retries"),
         (&ss, "\"replay_by\": \"envoy_retry\",", "\"replay_by\": \"filter\",", Pinning::StatefulSession, "must be exactly"),
         (&plain, "key: wasm.mcp_affinity.want_response", "key: wasm.want_response", Pinning::OriginalDst, "must be exactly"),
-        (&plain, "v3.SkipFilter", "v3.SkipFiltr", Pinning::OriginalDst, "SkipFiltr"),
-        (&plain, "v3.ExtensionWithMatcher", "v3.ExtensionWithMatchr", Pinning::OriginalDst, "ExtensionWithMatchr"),
+        (&ss, "v3.SkipFilter", "v3.SkipFiltr", Pinning::StatefulSession, "SkipFiltr"),
+        (&ss, "v3.ExtensionWithMatcher", "v3.ExtensionWithMatchr", Pinning::StatefulSession, "ExtensionWithMatchr"),
     ];
     for (text, from, to, pinning, needle) in cases {
         expect_err(check_bootstrap(&mutate(text, from, to), *pinning), needle);

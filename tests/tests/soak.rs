@@ -21,7 +21,9 @@
 //! recovery timeouts as deployed), `--concurrency 2`; each control instance has
 //! `--endpoints` listing the three pods. Calls: `ping` and `tools/list` (replay-safe in
 //! control's default `--replay-safe-methods`; the demo server has no resources) and
-//! `tools/call` of `whoami` and `echo` (not replay-safe).
+//! `tools/call` of `whoami` and `echo` (not replay-safe). The lanes take turns at the
+//! shapes real clients give a request (`mcp_client::Shape`): headers and body in one write,
+//! the body written after the headers, a chunked body in pieces, HTTP/2 HEADERS then DATA.
 //!
 //! # The chaos
 //!
@@ -98,7 +100,7 @@ use futures::StreamExt;
 use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions};
 use mcp_affinity_harness::fixtures::redis::RedisServer;
-use mcp_affinity_harness::mcp_client::{ACCEPT_BOTH, DEFAULT_PROTOCOL_VERSION, initialize_body, sse_data};
+use mcp_affinity_harness::mcp_client::{ACCEPT_BOTH, DEFAULT_PROTOCOL_VERSION, Shape, initialize_body, sse_data};
 use serde_json::{Value, json};
 
 // ---- settings ------------------------------------------------------------------------
@@ -244,7 +246,8 @@ struct Seen {
 /// What everybody shares: the Envoys' URLs, the client, the clock, the pod-fault log.
 struct Shared {
     urls: [String; 2],
-    http: reqwest::Client,
+    /// HTTP/1.1 and HTTP/2 (prior knowledge) clients.
+    http: [reqwest::Client; 2],
     t0: Instant,
     stop: AtomicBool,
     pod_faults: Mutex<Vec<PodFault>>,
@@ -372,17 +375,16 @@ fn find_response(messages: impl IntoIterator<Item = Value>, id: &Value) -> Optio
 impl Shared {
     /// One POST of `body` (a JSON-RPC request with `id`, or a notification when `id` is
     /// `None`) on `url`, with `session` as `Mcp-Session-Id` when given.
-    async fn post(&self, url: &str, session: Option<&str>, body: &str, id: Option<u64>) -> (Answer, Option<String>) {
-        let mut req = self
-            .http
-            .post(url)
-            .header("accept", ACCEPT_BOTH)
-            .header("content-type", "application/json")
-            .header("mcp-protocol-version", DEFAULT_PROTOCOL_VERSION)
-            .body(body.to_string());
-        if let Some(s) = session {
-            req = req.header("mcp-session-id", s);
+    async fn post(&self, shape: Shape, url: &str, session: Option<&str>, body: &str, id: Option<u64>) -> (Answer, Option<String>) {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("accept", reqwest::header::HeaderValue::from_static(ACCEPT_BOTH));
+        headers.insert("content-type", reqwest::header::HeaderValue::from_static("application/json"));
+        headers.insert("mcp-protocol-version", reqwest::header::HeaderValue::from_static(DEFAULT_PROTOCOL_VERSION));
+        if let Some(s) = session.and_then(|s| reqwest::header::HeaderValue::from_str(s).ok()) {
+            headers.insert("mcp-session-id", s);
         }
+        let body = shape.body(body.to_string().into(), &mut headers);
+        let req = self.http[usize::from(shape == Shape::Http2)].post(url).headers(headers).body(body);
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) if e.is_connect() => return (Answer::Refused(chain(&e)), None),
@@ -478,7 +480,7 @@ impl Shared {
     /// connection is refused (stopped, its endpoint not yet removed) is retried on the
     /// other Envoy — back and forth, pausing, while neither takes the call, up to
     /// [`FAILOVER_DEADLINE`].
-    async fn post_failover(&self, envoy: usize, session: Option<&str>, body: &str, id: Option<u64>) -> Sent {
+    async fn post_failover(&self, shape: Shape, envoy: usize, session: Option<&str>, body: &str, id: Option<u64>) -> Sent {
         let deadline = Instant::now() + FAILOVER_DEADLINE;
         let mut sent = Sent { answer: Answer::Result(Value::Null), session_header: None, envoy, refused: 0, out_of_service: 0 };
         loop {
@@ -490,7 +492,7 @@ impl Shared {
             let answer = if gated {
                 None
             } else {
-                let (answer, header) = self.post(&self.urls[e], session, body, id).await;
+                let (answer, header) = self.post(shape, &self.urls[e], session, body, id).await;
                 sent.session_header = header;
                 Some(answer)
             };
@@ -525,14 +527,14 @@ impl Shared {
     /// refusal). Returns the new session id.
     async fn open_session(&self, envoy: usize) -> Result<String> {
         let body = initialize_body(0, DEFAULT_PROTOCOL_VERSION).to_string();
-        let Sent { answer, session_header: header, envoy: via, .. } = self.post_failover(envoy, None, &body, Some(0)).await;
+        let Sent { answer, session_header: header, envoy: via, .. } = self.post_failover(Shape::OneWrite, envoy, None, &body, Some(0)).await;
         match answer {
             Answer::Result(r) if r.get("protocolVersion").is_some() => {}
             other => bail!("initialize through Envoy {}: {}", ENVOY_NAMES[via], other.describe()),
         }
         let id = header.ok_or_else(|| anyhow!("initialize through Envoy {}: no Mcp-Session-Id", ENVOY_NAMES[via]))?;
         let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string();
-        let Sent { answer, envoy: via, .. } = self.post_failover(envoy, Some(&id), &note, None).await;
+        let Sent { answer, envoy: via, .. } = self.post_failover(Shape::OneWrite, envoy, Some(&id), &note, None).await;
         match answer {
             Answer::Result(_) => Ok(id),
             other => bail!("notifications/initialized of {id} through Envoy {}: {}", ENVOY_NAMES[via], other.describe()),
@@ -688,6 +690,8 @@ fn check_result(call: Call, result: &Value, echo_text: &str) -> Result<Option<us
 async fn run_lane(shared: Arc<Shared>, slot: Arc<Slot>, lane: usize, mut rng: Rng, think_ms: u64) -> Tally {
     let mut t = Tally::default();
     let mut envoy = (slot.index + lane) % 2;
+    // Lanes take turns at the client shapes: one write, split writes, chunked, HTTP/2.
+    let shape = Shape::ALL[(slot.index + lane) % Shape::ALL.len()];
     while !shared.stop.load(Ordering::Relaxed) {
         let (session_id, generation) = {
             let s = slot.state.lock().await;
@@ -708,7 +712,7 @@ async fn run_lane(shared: Arc<Shared>, slot: Arc<Slot>, lane: usize, mut rng: Rn
         let mut retries = 0;
         let (mut refused, mut out_of_service) = (0, 0);
         let sent = loop {
-            let sent = shared.post_failover(envoy, Some(&session_id), &body, Some(id)).await;
+            let sent = shared.post_failover(shape, envoy, Some(&session_id), &body, Some(id)).await;
             refused += sent.refused;
             out_of_service += sent.out_of_service;
             // A replay-safe call whose answer was cut because a pod died after it had
@@ -1280,14 +1284,16 @@ async fn chaos_soak_loses_nothing() {
         .collect();
     assert!(replay_safe.contains("ping") && replay_safe.contains("tools/list") && !replay_safe.contains("tools/call"), "{replay_safe:?}");
 
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        // A connection per request: a stopped Envoy refuses it (see the module docs).
-        .pool_max_idle_per_host(0)
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .unwrap();
+    let client = |h2: bool| {
+        let b = reqwest::Client::builder()
+            .no_proxy()
+            // A connection per request: a stopped Envoy refuses it (see the module docs).
+            .pool_max_idle_per_host(0)
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(REQUEST_TIMEOUT);
+        if h2 { b.http2_prior_knowledge() } else { b.http1_only() }.build().unwrap()
+    };
+    let http = [client(false), client(true)];
     let shared = Arc::new(Shared {
         urls: [mesh.envoys[0].url(), mesh.envoys[1].url()],
         http,
