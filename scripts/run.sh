@@ -94,7 +94,8 @@ else
   bootstrap_args=(--bootstrap envoy/envoy.yaml)
 fi
 "$BIN/mcp-affinity-control" "${control_args[@]}" &
-pids+=($!)
+control_pid=$!
+pids+=("$control_pid")
 
 # The filter reads the token from Envoy's environment (vm_config host_env_keys).
 cat >"$RUN_DIR/filter.json" <<JSON
@@ -138,7 +139,11 @@ Drain a pod as a rolling update would (its sessions move to another pod on their
 request, with no error; DELETE instead of POST undoes it):
   curl -si -X POST -H "authorization: Bearer \$(cat $RUN_DIR/control.token)" http://$CONTROL/v1/upstreams/${upstreams[0]}/drain
 
+Kill a demo pod (kill <pid>: ${pids[*]:0:${#upstreams[@]}}) to see its sessions recovered on
+another pod on their next request, with the same session id and no error.
+
 Ctrl-C stops everything.
 MSG
-wait -n "${pids[@]}"
-echo "a process exited; stopping the rest" >&2
+# Demo pods may be killed to try recovery; the stack stops when Envoy or control exits.
+wait -n "$envoy_pid" "$control_pid"
+echo "Envoy or control exited; stopping the rest" >&2
