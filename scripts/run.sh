@@ -2,7 +2,8 @@
 # Starts a local mcp-affinity stack and stops all of it on Ctrl-C:
 #   - three demo MCP pods on 127.0.0.1:8081-8083 (unless UPSTREAMS is set),
 #   - the control service on 127.0.0.1:9901 (embedded in-memory store) and its replay
-#     listener on 127.0.0.1:9902,
+#     listener on 127.0.0.1:9902 (mutual TLS: certificates made by scripts/replay-certs.sh
+#     for this run, so that only Envoy reaches it),
 #   - real Envoy running the filter on http://127.0.0.1:10000/mcp (admin on :15000), with
 #     the default bootstrap envoy/envoy-stateful-session.yaml (pins applied by Envoy's
 #     stateful session to members of the MCP cluster only; a failed request retried by
@@ -86,9 +87,12 @@ export MCP_AFFINITY_CONTROL_TOKEN
 # the default bootstrap, Envoy's retry brings it the failed request on its replay listener.
 control_args=(--listen "$CONTROL" --store memory --endpoints "$(IFS=,; echo "${upstreams[*]}")")
 if [[ "$BOOTSTRAP" == stateful-session ]]; then
-  control_args+=(--replay-listen "$REPLAY")
+  # The replay listener answers Envoy only: mutual TLS with certificates made for this run.
+  scripts/replay-certs.sh "$RUN_DIR/replay-tls" 1
+  control_args+=(--replay-listen "$REPLAY" --replay-tls-cert "$RUN_DIR/replay-tls/control.crt"
+    --replay-tls-key "$RUN_DIR/replay-tls/control.key" --replay-client-ca "$RUN_DIR/replay-tls/ca.crt")
   pinning='"pin_encoding": "base64", "recovery": { "replay_by": "envoy_retry" },'
-  bootstrap_args=(--bootstrap envoy/envoy-stateful-session.yaml --replay "$REPLAY")
+  bootstrap_args=(--bootstrap envoy/envoy-stateful-session.yaml --replay "$REPLAY" --replay-tls "$RUN_DIR/replay-tls")
 else
   pinning='"pin_encoding": "plain", "recovery": { "replay_by": "filter" },'
   bootstrap_args=(--bootstrap envoy/envoy.yaml)

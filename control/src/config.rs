@@ -160,6 +160,22 @@ pub struct Config {
     #[arg(long, env = "MCP_AFFINITY_CONTROL_REPLAY_LISTEN", value_name = "ADDR")]
     pub replay_listen: Option<SocketAddr>,
 
+    /// The replay listener's certificate chain, PEM. With --replay-tls-key and --replay-client-ca the
+    /// replay listener speaks TLS and completes a handshake only with a client whose certificate is
+    /// signed by that CA — Envoy's, which pods never have (mutual TLS; scripts/replay-certs.sh makes
+    /// the files). Without them it speaks plain HTTP to anybody who reaches it.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_REPLAY_TLS_CERT", value_name = "FILE",
+          requires_all = ["replay_tls_key", "replay_client_ca", "replay_listen"])]
+    pub replay_tls_cert: Option<PathBuf>,
+
+    /// The private key of --replay-tls-cert, PEM.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_REPLAY_TLS_KEY", value_name = "FILE", requires = "replay_tls_cert")]
+    pub replay_tls_key: Option<PathBuf>,
+
+    /// The CA whose client certificates the replay listener accepts (Envoy's), PEM.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_REPLAY_CLIENT_CA", value_name = "FILE", requires = "replay_tls_cert")]
+    pub replay_client_ca: Option<PathBuf>,
+
     /// Session store: `memory` (embedded, lost on exit, bounded by --max-sessions) or Redis, shared by
     /// several control instances: one node `redis://[user:pass@]host:port[/db]`; Sentinel
     /// `redis+sentinel://[user:pass@]host:port[,host:port...]/MASTERNAME[/db][?sentinel_password=P]` (follows
@@ -290,11 +306,25 @@ pub struct Config {
     pub insecure_no_auth: bool,
 }
 
+impl Config {
+    /// The replay listener's mutual TLS files, when all three are given.
+    pub fn replay_tls(&self) -> Option<crate::mtls::TlsFiles> {
+        Some(crate::mtls::TlsFiles {
+            cert: self.replay_tls_cert.clone()?,
+            key: self.replay_tls_key.clone()?,
+            client_ca: self.replay_client_ca.clone()?,
+        })
+    }
+}
+
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("replay_listen", &self.replay_listen)
+            .field("replay_tls_cert", &self.replay_tls_cert)
+            .field("replay_tls_key", &self.replay_tls_key)
+            .field("replay_client_ca", &self.replay_client_ca)
             .field("store", &self.store)
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("redis_timeout_ms", &self.redis_timeout_ms)

@@ -25,6 +25,7 @@ pub mod config;
 pub mod drain_source;
 pub mod errors;
 pub mod metrics;
+pub mod mtls;
 pub mod record;
 pub mod recover;
 pub mod replay;
@@ -174,11 +175,21 @@ async fn run<S: SessionStore>(
     };
     tracing::info!(addr = %listeners.api.local_addr()?, "listening");
     let api = async { axum::serve(listeners.api, app).with_graceful_shutdown(until_stopped()).await.context("http server") };
+    let replay_tls = config.replay_tls().map(|files| mtls::server_config(&files)).transpose()?;
     let replay = async {
         let Some(listener) = listeners.replay else { return Ok(()) };
-        tracing::info!(addr = %listener.local_addr()?, "replay listener (no token: reachable by Envoy only)");
         let app = replay::router(state, permits, config.max_body_bytes);
-        axum::serve(listener, app).with_graceful_shutdown(until_stopped()).await.context("replay listener")
+        let addr = listener.local_addr()?;
+        match replay_tls {
+            Some(tls) => {
+                tracing::info!(%addr, "replay listener (mutual TLS: clients with a certificate of --replay-client-ca only)");
+                mtls::serve(listener, tls, app, until_stopped.clone()).await.context("replay listener")
+            }
+            None => {
+                tracing::warn!(%addr, "replay listener without --replay-tls-*: plain HTTP, no credential; keep it reachable by Envoy only");
+                axum::serve(listener, app).with_graceful_shutdown(until_stopped()).await.context("replay listener")
+            }
+        }
     };
     tokio::try_join!(api, replay)?;
     drop(watcher);

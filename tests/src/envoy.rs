@@ -88,6 +88,11 @@ pub struct Render {
     /// (`envoy/envoy-stateful-session.yaml`); `None` keeps the shipped one. Errors on a
     /// bootstrap without one.
     pub replay: Option<SocketAddr>,
+    /// With `replay`: the directory of the replay listener's mutual-TLS files
+    /// (`scripts/replay-certs.sh`), which replaces the shipped [`REPLAY_TLS_DIR`]; `None`
+    /// with `replay`: the replay endpoint is plain HTTP (the TLS transport socket is
+    /// removed).
+    pub replay_tls: Option<PathBuf>,
     /// The plugin configuration JSON (`configuration.value`), verbatim; `None` keeps the
     /// shipped configuration.
     pub filter_config: Option<String>,
@@ -111,6 +116,7 @@ impl Render {
             upstreams: upstreams.to_vec(),
             control: None,
             replay: None,
+            replay_tls: None,
             filter_config: None,
             host_env_keys: Vec::new(),
             no_filter: false,
@@ -187,6 +193,14 @@ pub fn render(yaml: &str, r: &Render) -> Result<String> {
     set_endpoints(service, 0, &r.upstreams)?;
     if let Some(replay) = r.replay {
         set_endpoints(service, 1, &[replay]).with_context(|| format!("--replay {replay}: {SERVICE_CLUSTER} has no priority-1 endpoint (control's replay listener)"))?;
+        match &r.replay_tls {
+            Some(dir) => use_replay_tls(service, dir)?,
+            None => {
+                if let Value::Mapping(m) = service {
+                    m.remove("transport_socket_matches");
+                }
+            }
+        }
     }
     if let Some(control) = r.control {
         set_endpoints(named(clusters, CONTROL_CLUSTER)?, 0, &[control])?;
@@ -287,6 +301,37 @@ fn http_filters(listener: &mut Value) -> Result<&mut Vec<Value>> {
 
 /// Replaces a cluster's `load_assignment.endpoints` with one locality of `addrs`.
 /// Replaces the endpoints of `cluster` at `priority` (its `load_assignment.endpoints`
+/// Where the shipped stateful-session bootstrap reads the replay listener's mutual-TLS files.
+pub const REPLAY_TLS_DIR: &str = "/etc/envoy/replay-tls/";
+
+/// The replay endpoint (priority 1 of `cluster`) reached over mutual TLS with the files in
+/// `dir`: its metadata selects the cluster's TLS transport socket, whose file names move
+/// from [`REPLAY_TLS_DIR`] to `dir`.
+fn use_replay_tls(cluster: &mut Value, dir: &Path) -> Result<()> {
+    let dir = dir.to_str().ok_or_else(|| anyhow!("replay TLS directory {} is not UTF-8", dir.display()))?;
+    let matches = field(cluster, &["transport_socket_matches"]).context("the bootstrap has no transport_socket_matches for the replay listener")?;
+    let criteria = matches.get(0).and_then(|m| m.get("match")).cloned().ok_or_else(|| anyhow!("transport_socket_matches[0] has no match"))?;
+    fn rewrite(v: &mut Value, dir: &str) {
+        match v {
+            Value::String(s) if s.starts_with(REPLAY_TLS_DIR) => *s = format!("{}/{}", dir.trim_end_matches('/'), &s[REPLAY_TLS_DIR.len()..]),
+            Value::Mapping(m) => m.values_mut().for_each(|v| rewrite(v, dir)),
+            Value::Sequence(l) => l.iter_mut().for_each(|v| rewrite(v, dir)),
+            _ => {}
+        }
+    }
+    rewrite(matches, dir);
+    let endpoints = field(cluster, &["load_assignment", "endpoints"])?.as_sequence_mut().ok_or_else(|| anyhow!("endpoints is not a list"))?;
+    let replay = endpoints.iter_mut().find(|l| l.get("priority").and_then(Value::as_u64) == Some(1)).ok_or_else(|| anyhow!("no priority-1 endpoint"))?;
+    for lb in seq(replay, &["lb_endpoints"])? {
+        let mut socket_match = Mapping::new();
+        socket_match.insert("envoy.transport_socket_match".into(), criteria.clone());
+        let mut metadata = Mapping::new();
+        metadata.insert("filter_metadata".into(), Value::Mapping(socket_match));
+        mapping(lb)?.insert("metadata".into(), Value::Mapping(metadata));
+    }
+    Ok(())
+}
+
 /// entry of that `priority`, 0 when absent) by `addrs`; other priorities stay. Priority 0
 /// is added when missing; another missing priority is an error.
 fn set_endpoints(cluster: &mut Value, priority: u64, addrs: &[SocketAddr]) -> Result<()> {

@@ -18,12 +18,10 @@
 //! returns the text only when it parsed the client's whole JSON body), and counts the
 //! pods' `initialize`s: exactly one re-initialization per affected session.
 
-use std::net::SocketAddr;
-
 use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
 use mcp_affinity_harness::mcp_client::{CallError, Shape};
-use mcp_affinity_harness::process::free_addr;
+use mcp_affinity_harness::fixtures::replay::ReplayListener;
 use mcp_affinity_harness::ts_client::TsClient;
 use serde_json::json;
 
@@ -57,9 +55,9 @@ fn mesh(bootstrap: Bootstrap, pods: usize, pod_flags: &[&str], filter_extra: &st
     let pods: Vec<Pod> = (0..pods).map(|i| Pod::start_with(&format!("pod-{i}"), pod_flags).unwrap()).collect();
     let endpoints = pods.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>().join(",");
     let mut args = vec!["--endpoints".to_string(), endpoints];
-    let replay: Option<SocketAddr> = (bootstrap == Bootstrap::StatefulSession).then(free_addr);
-    if let Some(r) = replay {
-        args.extend(["--replay-listen".to_string(), r.to_string()]);
+    let replay = (bootstrap == Bootstrap::StatefulSession).then(|| ReplayListener::new().unwrap());
+    if let Some(r) = &replay {
+        args.extend(r.control_args());
     }
     let control = ControlService::start_with("memory", &args).unwrap();
     let mode = match bootstrap {

@@ -6,12 +6,13 @@
 //! filter learns the new pin from control's answer and never copies a request body. The
 //! client keeps its session id and sees no error.
 
-use std::net::SocketAddr;
 
 use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
 use mcp_affinity_harness::mcp_client::Session;
-use mcp_affinity_harness::process::free_addr;
+use std::path::Path;
+
+use mcp_affinity_harness::fixtures::replay::ReplayListener;
 
 /// Envoy's count of retries on the pods' cluster (each went to control).
 const RETRIES: &str = "cluster.mcp_service.upstream_rq_retry";
@@ -19,19 +20,19 @@ const RETRIES: &str = "cluster.mcp_service.upstream_rq_retry";
 struct Mesh {
     pods: Vec<Pod>,
     control: ControlService,
-    replay: SocketAddr,
+    replay: ReplayListener,
     proxy: Proxy,
 }
 
 impl Mesh {
     /// Another Envoy in front of the same pods and control (shared data of its own).
     fn another_proxy(&self) -> Proxy {
-        proxy_for(&self.pods, &self.control, self.replay)
+        proxy_for(&self.pods, &self.control, &self.replay)
     }
 }
 
 /// Envoy on the stateful-session bootstrap, the filter replaying through Envoy's retry.
-fn proxy_for(pods: &[Pod], control: &ControlService, replay: SocketAddr) -> Proxy {
+fn proxy_for(pods: &[Pod], control: &ControlService, replay: &ReplayListener) -> Proxy {
     let config = ControlService::filter_config(r#","pin_encoding":"base64","recovery":{"replay_by":"envoy_retry"}"#);
     Proxy::start(
         &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
@@ -39,7 +40,7 @@ fn proxy_for(pods: &[Pod], control: &ControlService, replay: SocketAddr) -> Prox
             filter_config: config,
             clusters: vec![control.proxy_cluster()],
             vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
-            replay: Some(replay),
+            replay: Some(replay.clone()),
             ..Default::default()
         },
     )
@@ -51,9 +52,11 @@ fn proxy_for(pods: &[Pod], control: &ControlService, replay: SocketAddr) -> Prox
 fn mesh(n: usize) -> Mesh {
     let pods: Vec<Pod> = (0..n).map(|i| Pod::start(&format!("pod-{i}")).unwrap()).collect();
     let endpoints = pods.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>().join(",");
-    let replay: SocketAddr = free_addr();
-    let control = ControlService::start_with("memory", &["--endpoints".into(), endpoints, "--replay-listen".into(), replay.to_string()]).unwrap();
-    let proxy = proxy_for(&pods, &control, replay);
+    let replay = ReplayListener::new().unwrap();
+    let mut args = vec!["--endpoints".to_string(), endpoints];
+    args.extend(replay.control_args());
+    let control = ControlService::start_with("memory", &args).unwrap();
+    let proxy = proxy_for(&pods, &control, &replay);
     Mesh { pods, control, replay, proxy }
 }
 
@@ -160,4 +163,57 @@ async fn a_second_envoy_with_a_stale_pin_does_not_reinitialize_again() {
     assert_eq!(m.control.reinitializations().await, 1.0, "B's retry found the newer generation");
     assert_eq!((m.proxy.metric("recovered_pins").await.unwrap(), b.metric("recovered_pins").await.unwrap()), (1, 1));
     assert_eq!(b.stat(RETRIES).await.unwrap() - b_before, 1, "B's next request went to pod-1 directly");
+}
+
+/// One HTTP/1.1 POST to control's replay listener at `addr` over TLS, trusting the CA in
+/// `server_ca`, presenting `client` (a directory with `envoy.crt` / `envoy.key`) or no
+/// certificate: the status line, or why there was none.
+async fn replay_over_tls(addr: std::net::SocketAddr, server_ca: &Path, client: Option<&Path>, session_id: &str) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(server_ca.join("ca.crt")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots);
+    let config = match client {
+        Some(dir) => {
+            let certs = CertificateDer::pem_file_iter(dir.join("envoy.crt")).unwrap().map(Result::unwrap).collect();
+            builder.with_client_auth_cert(certs, PrivateKeyDer::from_pem_file(dir.join("envoy.key")).unwrap()).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let mut tls = connector.connect(ServerName::try_from("mcp-affinity-control").unwrap(), tcp).await.map_err(|e| format!("handshake: {e}"))?;
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let request = format!("POST /mcp HTTP/1.1\r\nhost: mcp\r\ncontent-type: application/json\r\nmcp-session-id: {session_id}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+    tls.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await.map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    text.lines().next().filter(|l| l.starts_with("HTTP/1.1 ")).map(str::to_string).ok_or_else(|| format!("no HTTP answer: {text:?}"))
+}
+
+/// The replay listener takes a client's request without a bearer token, so it serves only
+/// Envoy: plain HTTP, TLS without a client certificate, and a client certificate of another
+/// CA are all refused before any HTTP exchange (a pod, or anybody else who reaches the port,
+/// gets nothing). Envoy's certificate gets an HTTP answer — the tests above go through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_replay_listener_answers_envoy_s_certificate_only() {
+    let m = mesh(2);
+    let (victims, _) = sessions_on(&m.proxy, "pod-0", 1).await;
+    let id = &victims[0].session_id;
+    let (addr, dir) = (m.replay.addr, m.replay.tls_dir.as_path());
+    let plain = mcp_affinity_harness::mcp_client::Session::with_id(&format!("http://{addr}/mcp"), id).post_raw(&[], "{}").await;
+    assert!(plain.is_err(), "plain HTTP must get no answer: {plain:?}");
+    let none = replay_over_tls(addr, dir, None, id).await;
+    assert!(none.is_err(), "no client certificate: {none:?}");
+    let stranger = ReplayListener::new().unwrap();
+    let other_ca = replay_over_tls(addr, dir, Some(&stranger.tls_dir), id).await;
+    assert!(other_ca.is_err(), "a certificate of another CA: {other_ca:?}");
+    let envoy = replay_over_tls(addr, dir, Some(dir), id).await;
+    assert!(envoy.is_ok(), "Envoy's certificate gets an answer: {envoy:?}");
 }

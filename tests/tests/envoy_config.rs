@@ -549,6 +549,7 @@ fn check_bootstrap(text: &str, pinning: Pinning) -> Check {
         ensure!(replay_at == [1], "cluster {target}: control's replay listener must be its one priority-1 endpoint group (the retry's previous_priorities target), found priorities {replay_at:?}");
         let max_retries = clusters[target].circuit_breakers.iter().flat_map(|c| &c.thresholds).filter(|t| t.priority == 0).find_map(|t| t.max_retries.as_ref()).map_or(3, |m| m.value);
         ensure!(max_retries >= 1000, "cluster {target}: circuit_breakers max_retries {max_retries}: a dead pod's sessions are all retried to control at once (Envoy's default allows 3)");
+        check_replay_mtls(clusters[target])?;
     }
     ensure!(is_zero(&hcm.request_timeout) || hcm.request_timeout.is_none(), "request_timeout must be off for SSE");
 
@@ -595,6 +596,39 @@ fn check_bootstrap(text: &str, pinning: Pinning) -> Check {
                     .unwrap_or(false)
             });
             ensure!(removes_response, "a header_mutation filter before stateful_session must remove {pin:?} from responses");
+        }
+    }
+    Ok(())
+}
+
+/// The replay listener (priority 1 of `cluster`) is reached over mutual TLS, and only it:
+/// each of its endpoints carries the metadata of a `transport_socket_matches` entry whose
+/// TLS context presents a client certificate and verifies control's against a CA; the
+/// pods' endpoints (priority 0) match no entry and stay plain.
+fn check_replay_mtls(cluster: &Cluster) -> Check {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{UpstreamTlsContext, common_tls_context};
+    let key = "envoy.transport_socket_match";
+    let criteria = |lb: &envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint| lb.metadata.as_ref().and_then(|m| m.filter_metadata.get(key)).cloned();
+    let groups = cluster.load_assignment.iter().flat_map(|la| &la.endpoints);
+    for g in groups {
+        for lb in &g.lb_endpoints {
+            match (g.priority, criteria(lb)) {
+                (0, Some(_)) => return Err(format!("cluster {}: a pod's endpoint carries {key} metadata: pods must not get the replay listener's client certificate", cluster.name)),
+                (0, None) => {}
+                (_, None) => return Err(format!("cluster {}: the replay listener's endpoint needs {key} metadata selecting its mutual-TLS transport socket", cluster.name)),
+                (_, Some(want)) => {
+                    let m = cluster.transport_socket_matches.iter().find(|m| m.r#match.as_ref() == Some(&want)).ok_or_else(|| format!("cluster {}: no transport_socket_matches entry matches the replay endpoint's metadata", cluster.name))?;
+                    let any = m.transport_socket.as_ref().and_then(|t| match &t.config_type {
+                        Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(a)) => Some(a),
+                        _ => None,
+                    }).ok_or("replay transport socket without typed_config")?;
+                    let tls: UpstreamTlsContext = unpack(any)?;
+                    let common = tls.common_tls_context.ok_or("replay UpstreamTlsContext without common_tls_context")?;
+                    ensure!(!common.tls_certificates.is_empty(), "the replay transport socket must present a client certificate (tls_certificates): control accepts Envoy's only");
+                    let verifies = matches!(&common.validation_context_type, Some(common_tls_context::ValidationContextType::ValidationContext(v)) if v.trusted_ca.is_some());
+                    ensure!(verifies, "the replay transport socket must verify control's certificate (validation_context.trusted_ca)");
+                }
+            }
         }
     }
     Ok(())
@@ -1046,6 +1080,10 @@ fn mutated_bootstraps_are_rejected() {
         (&ss, "name: envoy.retry_priorities.previous_priorities", "name: envoy.retry_priorities.other", Pinning::StatefulSession, "previous_priorities"),
         (&ss, "- name: mcp-session-id\n                    present_match: true", "- name: x-other\n                    present_match: true", Pinning::StatefulSession, "must match only requests with mcp-session-id"),
         (&ss, "      - priority: 1\n", "      - priority: 2\n", Pinning::StatefulSession, "priority-1"),
+        // Only Envoy reaches the replay listener: mutual TLS on that endpoint alone.
+        (&ss, "              envoy.transport_socket_match: { mcp-affinity: replay-listener }\n", "", Pinning::StatefulSession, "needs envoy.transport_socket_match"),
+        (&ss, "            tls_certificates:\n            - certificate_chain: { filename: /etc/envoy/replay-tls/envoy.crt }\n              private_key: { filename: /etc/envoy/replay-tls/envoy.key }\n", "", Pinning::StatefulSession, "client certificate"),
+        (&ss, "      match: { mcp-affinity: replay-listener }", "      match: { mcp-affinity: other }", Pinning::StatefulSession, "no transport_socket_matches entry"),
         (&ss, "        max_retries: 1024", "        max_retries: 3", Pinning::StatefulSession, "max_retries"),
         (&ss, "\"replay_by\": \"envoy_retry\",", "\"replay_by\": \"filter\",", Pinning::StatefulSession, "must be exactly"),
         (&plain, "key: wasm.mcp_affinity.want_response", "key: wasm.want_response", Pinning::OriginalDst, "must be exactly"),

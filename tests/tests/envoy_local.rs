@@ -54,17 +54,21 @@ fn rendered_bootstraps_pass_envoy_validate() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Every shipped bootstrap, byte for byte except where the module lives, passes
-/// `envoy --mode validate` (which loads the module and runs its `on_configure`).
+/// Every shipped bootstrap, byte for byte except where the module and the replay
+/// listener's TLS files live, passes `envoy --mode validate` (which loads the module and
+/// runs its `on_configure`, and reads the certificates).
 #[test]
 fn shipped_bootstraps_pass_envoy_validate() {
     let dir = scratch("shipped");
     let wasm = mcp_affinity_harness::process::filter_wasm();
+    let replay = mcp_affinity_harness::fixtures::replay::ReplayListener::new().unwrap();
+    let tls_dir = format!("{}/", replay.tls_dir.display());
     for name in ["envoy.yaml", "envoy-stateful-session.yaml"] {
         let shipped = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy").join(name)).unwrap();
         assert!(shipped.contains("/etc/envoy/mcp_affinity_filter.wasm"), "{name}: module path moved");
         let path = dir.join(name);
-        std::fs::write(&path, shipped.replace("/etc/envoy/mcp_affinity_filter.wasm", &wasm.to_string_lossy())).unwrap();
+        let local = shipped.replace("/etc/envoy/mcp_affinity_filter.wasm", &wasm.to_string_lossy()).replace(envoy::REPLAY_TLS_DIR, &tls_dir);
+        std::fs::write(&path, local).unwrap();
         envoy::validate(&envoy::envoy_binary().unwrap(), &path, &token()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -36,6 +36,11 @@ struct Args {
     /// `mcp_service` in `envoy/envoy-stateful-session.yaml`; default: as shipped.
     #[arg(long)]
     replay: Option<SocketAddr>,
+    /// With --replay: the directory of the replay listener's mutual-TLS files
+    /// (`scripts/replay-certs.sh`: ca.crt, envoy.crt, envoy.key); without it the replay
+    /// endpoint is plain HTTP.
+    #[arg(long, requires = "replay")]
+    replay_tls: Option<PathBuf>,
     /// File with the plugin configuration JSON, used verbatim; default: as shipped.
     #[arg(long)]
     filter_config: Option<PathBuf>,
@@ -66,6 +71,10 @@ fn main() -> anyhow::Result<()> {
         wasm,
         control: args.control,
         replay: args.replay,
+        replay_tls: match &args.replay_tls {
+            Some(d) => Some(std::path::absolute(d).with_context(|| format!("--replay-tls {}", d.display()))?),
+            None => None,
+        },
         filter_config,
         no_filter: args.no_filter,
         no_response_matcher: args.no_response_matcher,
