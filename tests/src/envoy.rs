@@ -104,6 +104,13 @@ pub struct Render {
     /// Unwrap the wasm filter from its response matcher: every response then reaches the
     /// VM (how a filter runs when it is loaded plainly, e.g. by an Istio WasmPlugin).
     pub no_response_matcher: bool,
+    /// The Istio shape, applied to the stateful-session bootstrap: what an ingress gateway
+    /// runs with the `WasmPlugin` (`envoy/istio/wasmplugin.yaml`: the filter loaded without
+    /// its response matcher, no early header mutation), Istio's persistent session (the
+    /// stateful-session header override) and `envoy/istio/buffer-filter.yaml` (Envoy's
+    /// buffer filter first): no route retries and no replay endpoint — the filter replays
+    /// itself (`recovery.replay_by: filter`).
+    pub istio: bool,
 }
 
 impl Render {
@@ -121,6 +128,7 @@ impl Render {
             host_env_keys: Vec::new(),
             no_filter: false,
             no_response_matcher: false,
+            istio: false,
         }
     }
 }
@@ -159,7 +167,7 @@ pub fn render(yaml: &str, r: &Render) -> Result<String> {
         http_filters.retain(|f| !matches!(f.get("name").and_then(Value::as_str), Some(WASM_FILTER | BUFFER_FILTER)));
     } else {
         let filter = &mut http_filters[wasm_at];
-        if r.no_response_matcher {
+        if r.no_response_matcher || r.istio {
             let inner = field(filter, &["typed_config", "extension_config", "typed_config"])
                 .with_context(|| format!("--no-response-matcher: the {WASM_FILTER} filter is not in an ExtensionWithMatcher"))?
                 .clone();
@@ -205,7 +213,44 @@ pub fn render(yaml: &str, r: &Render) -> Result<String> {
     if let Some(control) = r.control {
         set_endpoints(named(clusters, CONTROL_CLUSTER)?, 0, &[control])?;
     }
+    if r.istio {
+        istio_shape(&mut b)?;
+    }
     serde_norway::to_string(&b).context("serialize the bootstrap")
+}
+
+/// `envoy/istio/buffer-filter.yaml`, the EnvoyFilter that puts Envoy's buffer filter first.
+pub fn istio_buffer_filter() -> PathBuf {
+    workspace_root().join("envoy/istio/buffer-filter.yaml")
+}
+
+/// See [`Render::istio`]. The buffer filter is the shipped EnvoyFilter's patch value.
+fn istio_shape(b: &mut Value) -> Result<()> {
+    let path = istio_buffer_filter();
+    let patch: Value = serde_norway::from_str(&std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?)?;
+    let buffer = patch
+        .get("spec")
+        .and_then(|s| s.get("configPatches"))
+        .and_then(|p| p.get(0))
+        .and_then(|p| p.get("patch"))
+        .and_then(|p| p.get("value"))
+        .cloned()
+        .ok_or_else(|| anyhow!("{}: no spec.configPatches[0].patch.value", path.display()))?;
+    let listener = named(seq(b, &["static_resources", "listeners"])?, LISTENER)?;
+    let hcm = hcm_config(listener)?;
+    mapping(hcm)?.remove("early_header_mutation_extensions");
+    seq(hcm, &["http_filters"])?.insert(0, buffer);
+    for vhost in seq(hcm, &["route_config", "virtual_hosts"])?.iter_mut() {
+        for route in seq(vhost, &["routes"])?.iter_mut() {
+            if let Some(Value::Mapping(action)) = route.get_mut("route") {
+                action.remove("retry_policy");
+            }
+        }
+    }
+    let service = named(seq(b, &["static_resources", "clusters"])?, SERVICE_CLUSTER)?;
+    mapping(service)?.remove("transport_socket_matches");
+    seq(service, &["load_assignment", "endpoints"])?.retain(|l| l.get("priority").and_then(Value::as_u64).unwrap_or(0) == 0);
+    Ok(())
 }
 
 /// The plugin configuration (`configuration.value`, JSON text) of the `mcp` listener's wasm
@@ -287,6 +332,11 @@ fn named<'a>(items: &'a mut [Value], name: &str) -> Result<&'a mut Value> {
 
 /// The `http_filters` of the listener's (single) HTTP connection manager.
 fn http_filters(listener: &mut Value) -> Result<&mut Vec<Value>> {
+    seq(hcm_config(listener)?, &["http_filters"])
+}
+
+/// The `typed_config` of the listener's (single) HTTP connection manager.
+fn hcm_config(listener: &mut Value) -> Result<&mut Value> {
     let mut hcms = Vec::new();
     for chain in seq(listener, &["filter_chains"])?.iter_mut() {
         for f in seq(chain, &["filters"])?.iter_mut() {
@@ -296,7 +346,7 @@ fn http_filters(listener: &mut Value) -> Result<&mut Vec<Value>> {
         }
     }
     ensure!(hcms.len() == 1, "expected one HTTP connection manager in listener {LISTENER:?}, found {}", hcms.len());
-    seq(hcms.pop().unwrap(), &["typed_config", "http_filters"])
+    field(hcms.pop().unwrap(), &["typed_config"])
 }
 
 /// Replaces a cluster's `load_assignment.endpoints` with one locality of `addrs`.

@@ -11,8 +11,12 @@
 //! - `envoy/envoy-stateful-session.yaml` (the default): pins applied by Envoy's stateful
 //!   session to members of `mcp_service` only; Envoy's retry carries a failed request,
 //!   body included, to control's replay listener;
-//! - `envoy/envoy.yaml`: the filter holds the failed answer until it has seen the whole
-//!   body, then asks control to replay it (as under an Istio `WasmPlugin`).
+//! - `envoy/envoy.yaml`: Envoy's buffer filter holds a session's request until its body is
+//!   whole, so the filter has seen all of it when the pinned pod fails, and asks control to
+//!   replay it;
+//! - the Istio shape (`Render::istio`): the stateful-session override, the filter loaded as
+//!   a `WasmPlugin` loads it (no response matcher, no early header mutation), the buffer
+//!   filter of `envoy/istio/buffer-filter.yaml`, the filter replaying through control.
 //!
 //! Each scenario asserts that the tool's result reaches the client (the demo pod's `echo`
 //! returns the text only when it parsed the client's whole JSON body), and counts the
@@ -25,13 +29,16 @@ use mcp_affinity_harness::fixtures::replay::ReplayListener;
 use mcp_affinity_harness::ts_client::TsClient;
 use serde_json::json;
 
-/// Which shipped bootstrap Envoy runs.
+/// Which shipped configuration Envoy runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Bootstrap {
     /// `envoy/envoy-stateful-session.yaml`, `recovery.replay_by: envoy_retry`.
     StatefulSession,
     /// `envoy/envoy.yaml`, `recovery.replay_by: filter`.
     OriginalDst,
+    /// The Istio shape (`Render::istio`): the stateful-session override, the filter loaded
+    /// as a `WasmPlugin` loads it, `envoy/istio/buffer-filter.yaml`, `replay_by: filter`.
+    Istio,
 }
 
 /// What happens to the pod the sessions are pinned to.
@@ -63,6 +70,7 @@ fn mesh(bootstrap: Bootstrap, pods: usize, pod_flags: &[&str], filter_extra: &st
     let mode = match bootstrap {
         Bootstrap::StatefulSession => r#","pin_encoding":"base64","recovery":{"replay_by":"envoy_retry"}"#.to_string(),
         Bootstrap::OriginalDst => format!(r#","recovery":{{"replay_by":"filter"{filter_extra}}}"#),
+        Bootstrap::Istio => format!(r#","pin_encoding":"base64","recovery":{{"replay_by":"filter"{filter_extra}}}"#),
     };
     let proxy = Proxy::start(
         &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
@@ -71,6 +79,7 @@ fn mesh(bootstrap: Bootstrap, pods: usize, pod_flags: &[&str], filter_extra: &st
             clusters: vec![control.proxy_cluster()],
             vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
             replay,
+            istio: bootstrap == Bootstrap::Istio,
             ..Default::default()
         },
     )
@@ -108,7 +117,7 @@ async fn every_shape_is_recovered_whole(bootstrap: Bootstrap, trigger: Trigger) 
     assert_eq!(m.control.reinitializations().await, n as f64, "{bootstrap:?}/{trigger:?}: one re-initialization per session");
     let live = if trigger == Trigger::Killed { &m.pods[1..] } else { &m.pods[..] };
     assert_eq!(initializations(live).await, (others + n) as u64, "{bootstrap:?}/{trigger:?}: their own sessions and one per recovery");
-    if bootstrap == Bootstrap::OriginalDst {
+    if bootstrap != Bootstrap::StatefulSession {
         assert_eq!(m.proxy.metric("recoveries_replayed").await.unwrap(), n as i64);
         assert_eq!(m.proxy.metric("recovery_body_incomplete").await.unwrap(), 0);
     }
@@ -144,13 +153,27 @@ async fn filter_replay_a_ts_sdk_400_split_requests_are_replayed_whole() {
     every_shape_is_recovered_whole(Bootstrap::OriginalDst, Trigger::Restarted400).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn istio_shape_a_killed_pod_s_split_requests_are_replayed_whole() {
+    every_shape_is_recovered_whole(Bootstrap::Istio, Trigger::Killed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn istio_shape_a_restarted_pod_s_404_split_requests_are_replayed_whole() {
+    every_shape_is_recovered_whole(Bootstrap::Istio, Trigger::Restarted404).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn istio_shape_a_ts_sdk_400_split_requests_are_replayed_whole() {
+    every_shape_is_recovered_whole(Bootstrap::Istio, Trigger::Restarted400).await;
+}
+
 /// A body just above the filter's replay limit is never sent to control: the session is
 /// recovered, the client gets an HTTP error at once that says the request did not run and
 /// may be re-sent, and re-sending it works, on the same session id.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn filter_replay_a_body_above_the_replay_limit_is_not_replayed_and_may_be_resent() {
+async fn a_body_above_the_replay_limit_is_not_replayed_and_may_be_resent(bootstrap: Bootstrap) {
     let limit = 4096;
-    let mut m = mesh(Bootstrap::OriginalDst, 2, &[], &format!(r#","max_replay_body_bytes":{limit}"#));
+    let mut m = mesh(bootstrap, 2, &[], &format!(r#","max_replay_body_bytes":{limit}"#));
     let (victims, others) = sessions_on(&m.proxy, "pod-0", Shape::SPLIT.len()).await;
     m.pods[0].kill();
     for (s, shape) in victims.iter().zip(Shape::SPLIT) {
@@ -171,6 +194,16 @@ async fn filter_replay_a_body_above_the_replay_limit_is_not_replayed_and_may_be_
     assert_eq!(m.proxy.metric("recovery_body_too_large").await.unwrap(), n as i64);
     assert_eq!(m.control.reinitializations().await, n as f64);
     assert_eq!(initializations(&m.pods[1..]).await, (others + n) as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filter_replay_a_body_above_the_replay_limit_is_not_replayed_and_may_be_resent() {
+    a_body_above_the_replay_limit_is_not_replayed_and_may_be_resent(Bootstrap::OriginalDst).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn istio_shape_a_body_above_the_replay_limit_is_not_replayed_and_may_be_resent() {
+    a_body_above_the_replay_limit_is_not_replayed_and_may_be_resent(Bootstrap::Istio).await;
 }
 
 /// The official TypeScript MCP SDK client holds a session whose pod is killed: its next
@@ -198,4 +231,9 @@ async fn default_bootstrap_the_typescript_sdk_client_keeps_its_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn filter_replay_the_typescript_sdk_client_keeps_its_session() {
     the_typescript_sdk_client_keeps_its_session(Bootstrap::OriginalDst).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn istio_shape_the_typescript_sdk_client_keeps_its_session() {
+    the_typescript_sdk_client_keeps_its_session(Bootstrap::Istio).await;
 }
