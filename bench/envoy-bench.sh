@@ -173,7 +173,7 @@ declare -A LABEL=([plain]=plain [empty]=empty [pin]=empty+pin [affinity]=affinit
   [plain2]="plain (2 pods)" [affinity_big]="affinity (2nd)" [control_big]="affinity+control (2nd)" [haproxy_big]="haproxy (2nd)"
   [control_plain]="affinity+control, no matcher"
   [plain_ss]="plain (stateful session)" [empty_ss]="empty (stateful session)" [affinity_ss]="affinity (stateful session)"
-  [retry_ss]="affinity+control, Envoy retry")
+  [retry_ss]="affinity+control, Envoy retry (the default)" [istio_ss]="affinity+control, Istio shape")
 # Scale (BENCH_SCALE > 0): a second instance of each of SCALED (CFG_big), populated with N
 # sessions, measured in the same rounds as the first; plain2: plain Envoy round robin over both
 # pods, the baseline of the initialize phase (each initialize is a new session).
@@ -333,6 +333,11 @@ cat >"$RUN/filter-retry-callgrind.json" <<JSON
   "control": { "cluster": "mcp_affinity_control", "token_env": "MCP_AFFINITY_CONTROL_TOKEN", "record_flush_ms": 500 } }
 JSON
 
+cat >"$RUN/filter-istio-callgrind.json" <<JSON
+{ "pin_encoding": "base64", "recovery": { "replay_by": "filter" },
+  "control": { "cluster": "mcp_affinity_control", "token_env": "MCP_AFFINITY_CONTROL_TOKEN", "record_flush_ms": 500 } }
+JSON
+
 # plain and empty have no affinity: with both pods behind them, a session's requests would
 # alternate between pods (wrong in reality, and round robin over 2 connection pools costs
 # Envoy 5-7 µs/request more than 1 pod on this machine: as much as the effect measured).
@@ -359,6 +364,10 @@ render_args() { # cfg: the pods (1|2) and render arguments of each Envoy config,
     empty_ss) render_args empty; R_ARGS+=("${SS_ARGS[@]}") ;;
     affinity_ss) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-ss.json" "${SS_ARGS[@]}") ;;
     retry_ss) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-retry-callgrind.json" --control "127.0.0.1:$CONTROL_PORT" "${SS_ARGS[@]}") ;;
+    # The Istio shape (Render::istio): the filter without its response matcher, Envoy's buffer
+    # filter first (envoy/istio/buffer-filter.yaml), no retry; the filter copies bodies and
+    # replays through control itself.
+    istio_ss) R_PODS=2 R_ARGS=(--wasm "$WASM" --filter-config "$RUN/filter-istio-callgrind.json" --control "127.0.0.1:$CONTROL_PORT" "${SS_ARGS[@]}" --istio) ;;
     *) die "render_args: unknown config $1" ;;
   esac
 }
@@ -625,7 +634,7 @@ fi
 INSTR_CONFIGS=(plain empty pin affinity control control_plain)
 # The stateful-session bootstrap: its own baselines (BENCH_INSTR_SS=0 skips them).
 INSTR_SS_CONFIGS=()
-((${BENCH_INSTR_SS:-1})) && INSTR_SS_CONFIGS=(plain_ss empty_ss affinity_ss retry_ss)
+((${BENCH_INSTR_SS:-1})) && INSTR_SS_CONFIGS=(plain_ss empty_ss affinity_ss retry_ss istio_ss)
 INSTR_INIT_CONFIGS=()
 ((INSTR_INIT > 0)) && INSTR_INIT_CONFIGS=(plain2 affinity control)
 declare -A IR=() IR_IDLE=() IR_LOAD=() IR_INIT=() IR_INIT_LOAD=()
@@ -737,7 +746,7 @@ if ((INSTR)); then
   for cfg in "${INSTR_INIT_CONFIGS[@]}"; do WANT_INIT[$cfg]=1; done
   # With BENCH_BASELINE_PODS=2, plain is plain2: one Envoy counts both.
   ((BASELINE_PODS == 2 && INSTR_INIT > 0)) && WANT_INIT[plain]=1
-  for cfg in "${INSTR_CONFIGS[@]}" "${INSTR_SS_CONFIGS[@]}"; do instructions "$cfg" 1 "${WANT_INIT[$cfg]:-0}"; done
+  for cfg in "${INSTR_SS_CONFIGS[@]}" "${INSTR_CONFIGS[@]}"; do instructions "$cfg" 1 "${WANT_INIT[$cfg]:-0}"; done
   if ((INSTR_INIT > 0)); then
     if ((BASELINE_PODS == 2)); then
       IR_INIT[plain2]=${IR_INIT[plain]} IR_INIT_LOAD[plain2]=${IR_INIT_LOAD[plain]} IR_IDLE[plain2]=${IR_IDLE[plain]}
@@ -891,19 +900,21 @@ if ((INSTR)); then
   echo "instructions executed by Envoy per steady request (valgrind $VALGRIND_VERSION --tool=callgrind, every thread; $INSTR_REQUESTS requests"
   echo "on one connection after $INSTR_WARMUP warm-up; Envoy's idle instructions subtracted): independent of machine load"
   echo
-  echo "| config | instructions/req | + vs plain | (X − plain) / (empty − plain) | (X − plain) / (empty+pin − plain) |"
-  echo "|---|---:|---:|---:|---:|"
   declare -A IR_ADD=() IR_RATIO=() IR_RATIO_PIN=()
-  ir_rows plain empty pin "${INSTR_CONFIGS[@]}"
   if ((${#INSTR_SS_CONFIGS[@]})); then
-    echo
-    echo "the same on envoy/envoy-stateful-session.yaml (stateful-session pinning; the route of requests with a session id retries"
-    echo "once to control's replay listener), against plain and empty Envoy on that bootstrap"
+    echo "the default, envoy/envoy-stateful-session.yaml (stateful-session pinning; the route of requests with a session id retries"
+    echo "once to control's replay listener), and the Istio shape on that bootstrap, against plain and empty Envoy on it"
     echo
     echo "| config | instructions/req | + vs plain (stateful session) | (X − plain) / (empty − plain), stateful session |"
     echo "|---|---:|---:|---:|"
     ir_rows plain_ss empty_ss - "${INSTR_SS_CONFIGS[@]}"
+    echo
+    echo "envoy/envoy.yaml (ORIGINAL_DST pinning, the buffer filter ahead of the wasm filter, the filter replaying itself)"
+    echo
   fi
+  echo "| config | instructions/req | + vs plain | (X − plain) / (empty − plain) | (X − plain) / (empty+pin − plain) |"
+  echo "|---|---:|---:|---:|---:|"
+  ir_rows plain empty pin "${INSTR_CONFIGS[@]}"
   declare -A IR_INIT_ADD=()
   if ((INSTR_INIT > 0)); then
     echo

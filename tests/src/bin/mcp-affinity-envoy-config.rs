@@ -51,6 +51,11 @@ struct Args {
     /// as when an Istio WasmPlugin loads it).
     #[arg(long)]
     no_response_matcher: bool,
+    /// The Istio shape (with --bootstrap envoy/envoy-stateful-session.yaml): the filter
+    /// without its response matcher and early header mutation, envoy/istio/buffer-filter.yaml's
+    /// buffer filter first, no retry and no replay endpoint.
+    #[arg(long)]
+    istio: bool,
     /// The bootstrap to render.
     #[arg(long, default_value_os_t = envoy::shipped_bootstrap())]
     bootstrap: PathBuf,
@@ -78,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         filter_config,
         no_filter: args.no_filter,
         no_response_matcher: args.no_response_matcher,
+        istio: args.istio,
         ..Render::new(args.listen, args.admin, &args.upstreams)
     };
     print!("{}", envoy::render(&yaml, &render)?);
