@@ -101,7 +101,7 @@ ifneq ($(ENVOY_OLDEST),$(ENVOY_VERSION))
 endif
 endif
 	@# Control's optional EndpointSlice drain source (cargo feature `kube`, off by default).
-	$(CARGO) test -p mcp-affinity-control --features kube --lib drain_source
+	$(CARGO) test -p mcp-affinity-control --features kube --lib
 
 # Chaos soak (tests/tests/soak.rs): 50 MCP sessions through two Envoys sharing Redis-backed
 # control while pods, Envoys, control instances and Redis are killed and restarted on a

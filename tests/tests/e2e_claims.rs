@@ -1,0 +1,125 @@
+//! README and docs/configuration.md claims that no other end-to-end test guards, each through
+//! real Envoy: what the filter does with DELETE, with recovery turned off, with
+//! `unknown_session: pass_through`, and with a client's pin header where no early header
+//! mutation strips it first (the Istio shape, as under a `WasmPlugin`).
+
+use mcp_affinity_harness::demo_server::SPEC_UNKNOWN_SESSION_BODY;
+use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
+use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
+
+const TOOLS_LIST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+
+/// Two pods, control with them as its endpoints, and Envoy on `envoy/envoy.yaml` whose
+/// filter configuration adds `extra` to the control fixture's.
+fn mesh(extra: &str) -> (Vec<Pod>, ControlService, Proxy) {
+    let pods: Vec<Pod> = (0..2).map(|i| Pod::start(&format!("pod-{i}")).unwrap()).collect();
+    let endpoints = pods.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>().join(",");
+    let control = ControlService::start_with("memory", &["--endpoints".into(), endpoints]).unwrap();
+    let proxy = Proxy::start(
+        &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
+        ProxyOptions {
+            filter_config: ControlService::filter_config(extra),
+            clusters: vec![control.proxy_cluster()],
+            vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (pods, control, proxy)
+}
+
+/// "DELETE is never recovered": the pinned pod is gone; the DELETE gets the router's 503,
+/// control re-initializes nothing, and the pin stays (a later request is recovered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_to_a_dead_pod_is_not_recovered() {
+    let (mut pods, control, proxy) = mesh("");
+    let (victims, _) = sessions_on(&proxy, "pod-0", 1).await;
+    let s = &victims[0];
+    pods[0].kill();
+    let r = s.delete().await.unwrap();
+    assert_eq!(r.status, 503, "the router's answer, not a recovery: {}", r.text());
+    assert_eq!(control.reinitializations().await, 0.0, "DELETE is never recovered");
+    assert_eq!(proxy.metric("sessions_forgotten").await.unwrap(), 0, "a failed DELETE keeps the pin");
+    assert_ne!(s.whoami_keeping_id().await, "pod-0", "the next request is recovered");
+    assert_eq!(control.reinitializations().await, 1.0);
+}
+
+/// "A 2xx (or 404) answer to DELETE forgets the pin (and the control record)": the pod
+/// restarted in place and answers 404; the session is forgotten here and in control, so its
+/// next request is the filter's own 404 and nothing is re-initialized.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_answered_404_forgets_the_session() {
+    let (mut pods, control, proxy) = mesh("");
+    let (victims, _) = sessions_on(&proxy, "pod-0", 1).await;
+    let s = &victims[0];
+    pods[0].restart().unwrap();
+    let r = s.delete().await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(proxy.metric("sessions_forgotten").await.unwrap(), 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while control.get_session(&s.session_id).await.unwrap().0 != 404 {
+        assert!(std::time::Instant::now() < deadline, "control still has the record");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let next = s.post_raw(&[], TOOLS_LIST).await.unwrap();
+    assert_eq!(next.status, 404);
+    assert_eq!(next.json().unwrap()["error"]["code"], -32001, "the filter's own answer: {}", next.text());
+    assert_eq!(control.reinitializations().await, 0.0);
+}
+
+/// `recovery.enabled: false`: a request to a dead pod gets the router's 503; nothing is
+/// re-initialized.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recovery_turned_off_recovers_nothing() {
+    let (mut pods, control, proxy) = mesh(r#","recovery":{"enabled":false}"#);
+    let (victims, others) = sessions_on(&proxy, "pod-0", 1).await;
+    pods[0].kill();
+    let r = victims[0].post_raw(&[], TOOLS_LIST).await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(control.reinitializations().await, 0.0);
+    assert_eq!(proxy.metric("recoveries_replayed").await.unwrap(), 0);
+    assert_eq!(initializations(&pods[1..]).await, others as u64, "no session was moved");
+}
+
+/// `unknown_session: pass_through`: a session id nobody knows is forwarded unpinned, and the
+/// pod answers it (its own 404), not the filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pass_through_forwards_an_unknown_session_to_a_pod() {
+    let (_pods, _control, proxy) = mesh(r#","unknown_session":"pass_through""#);
+    let r = mcp_affinity_harness::mcp_client::Session::with_id(&proxy.url(), "nobody-knows-me").post_raw(&[], TOOLS_LIST).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (404, SPEC_UNKNOWN_SESSION_BODY), "the pod's own answer");
+    assert_eq!(proxy.metric("unknown_session").await.unwrap(), 0);
+    proxy.metric_reaching("requests_unpinned", 1).await.unwrap();
+}
+
+/// "Any client-sent pin header is removed" by the filter itself, where no early header
+/// mutation strips it first (the Istio shape: a `WasmPlugin` gateway has none): `initialize`
+/// requests that all name pod-1 in `x-session-pod` are load-balanced as usual (some land on
+/// pod-0), and a pinned session's request that names pod-1 still reaches its own pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_filter_itself_removes_a_client_s_pin_header() {
+    use base64::Engine as _;
+    let pods: Vec<Pod> = (0..2).map(|i| Pod::start(&format!("pod-{i}")).unwrap()).collect();
+    let proxy = Proxy::start(
+        &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
+        ProxyOptions { filter_config: r#"{"pin_encoding":"base64"}"#.into(), istio: true, ..Default::default() },
+    )
+    .unwrap();
+    let pod1 = base64::engine::general_purpose::STANDARD.encode(pods[1].addr.to_string());
+    let spoof = [("x-session-pod", pod1.as_str())];
+    // Each Envoy worker round-robins over both pods: of 6 new sessions, a worker that takes
+    // two or more sends one to pod-0.
+    let mut landed = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let s = mcp_affinity_harness::mcp_client::initialize_with(&proxy.url(), mcp_affinity_harness::mcp_client::DEFAULT_PROTOCOL_VERSION, &spoof).await.unwrap();
+        s.notify_initialized().await.unwrap();
+        landed.insert(s.whoami_keeping_id().await);
+    }
+    assert!(landed.contains("pod-0"), "every initialize went where the client's header said: {landed:?}");
+    let (victims, _) = sessions_on(&proxy, "pod-0", 1).await;
+    let body = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"whoami","arguments":{}}}"#;
+    let r = victims[0].post_raw(&spoof, body).await.unwrap();
+    let text = r.messages().into_iter().find_map(|m| m["result"]["content"][0]["text"].as_str().map(str::to_string));
+    assert_eq!(text.as_deref(), Some("pod-0"), "a pinned request went where the client's header said: {}", r.text());
+    assert_eq!(proxy.metric("client_pin_header_removed").await.unwrap(), 6 + 1, "the 6 initialize requests and the pinned request carried it");
+}
