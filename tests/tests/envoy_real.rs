@@ -374,8 +374,10 @@ fn container_bootstrap_is_the_shipped_one() {
     assert_eq!(sa("/admin/address/socket_address"), json!({"address": "127.0.0.1", "port_value": 20001}));
     assert_eq!(sa("/static_resources/listeners/0/address/socket_address"), json!({"address": "127.0.0.1", "port_value": 20000}));
     // The filter's `Wasm` config, inside the response matcher it ships in.
-    let wasm = "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters/0/typed_config/extension_config/typed_config/config";
-    let (config, shipped_config) = (rendered.pointer(wasm).unwrap(), shipped.pointer(wasm).unwrap());
+    let filters = "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters";
+    let wasm_at = shipped.pointer(filters).and_then(|f| f.as_array()?.iter().position(|f| f["name"] == envoy::WASM_FILTER)).expect("the wasm filter");
+    let wasm = format!("{filters}/{wasm_at}/typed_config/extension_config/typed_config/config");
+    let (config, shipped_config) = (rendered.pointer(&wasm).unwrap(), shipped.pointer(&wasm).unwrap());
     assert_eq!(config["vm_config"]["code"]["local"]["filename"], CONTAINER_WASM);
     assert_eq!(config["configuration"], shipped_config["configuration"], "the filter configuration is the shipped one");
     assert_eq!(config["vm_config"]["environment_variables"]["host_env_keys"], json!([TOKEN_ENV]));
