@@ -226,6 +226,8 @@ struct Slot {
     lane_done: Vec<AtomicU64>,
     /// The latest `whoami` observation of the current session.
     seen: Mutex<Option<Seen>>,
+    /// The latest `whoami` observations (at most [`HISTORY`]), in the order they finished.
+    history: Mutex<std::collections::VecDeque<Seen>>,
 }
 
 struct SlotState {
@@ -403,10 +405,9 @@ impl Shared {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
         if !(200..300).contains(&status) {
-            let body = match resp.text().await {
-                Ok(b) => b,
-                Err(e) => return (Answer::Cut(format!("HTTP {status}, then the body broke: {}", chain(&e))), session_header),
-            };
+            // Classified by its status: an error status is an error answer (a 404 always a
+            // lost session) even when its body breaks off.
+            let body = resp.text().await.unwrap_or_else(|e| format!("<the body broke: {}>", chain(&e)));
             return (Answer::Http { status, code: rpc_error_code(&body), body }, session_header);
         }
         let Some(id) = id else {
@@ -807,23 +808,38 @@ async fn run_lane(shared: Arc<Shared>, slot: Arc<Slot>, lane: usize, mut rng: Rn
 
 /// Whether the session's pod may have died during the call `[start, end]`: a pod had a
 /// fault during the call, and — when a `whoami` that finished before the call showed
-/// where the session lived — that pod had a fault between that observation and the end
-/// of the call (if it did before the call, the session moved somewhere the client has not
-/// seen yet, and any pod dying during the call may be its new one). A later observation
-/// overlapping the call may already show the session's next pod, so it decides nothing.
+/// where the session lived (the latest such one, kept in the slot's history even when a
+/// later observation overlaps the call) — that pod had a fault between that observation
+/// and the end of the call (if it did before the call, the session moved somewhere the
+/// client has not seen yet, and any pod dying during the call may be its new one). A later
+/// observation overlapping the call may already show the session's next pod, so it decides
+/// nothing.
 fn its_pod_died(shared: &Shared, slot: &Slot, generation: u64, start: Micros, end: Micros) -> bool {
     if !shared.pod_fault_during(None, start, end) {
         return false;
     }
-    let seen = slot.seen.lock().unwrap().clone();
-    match seen {
-        Some(seen) if seen.generation == generation && seen.end < start => shared.pod_fault_during(Some(seen.pod), seen.start, end),
-        _ => true,
+    // The last observation of this session that finished before the call started (an
+    // observation overlapping the call may already show the session's next pod).
+    let before = slot.history.lock().unwrap().iter().rev().find(|s| s.generation == generation && s.end < start).cloned();
+    match before {
+        Some(seen) => shared.pod_fault_during(Some(seen.pod), seen.start, end),
+        // No pod seen before the call: any pod's fault during the call may be its.
+        None => true,
     }
 }
 
+/// How many `whoami` observations a slot keeps for [`its_pod_died`].
+const HISTORY: usize = 16;
+
 /// Records a `whoami` answer; a change of pod must follow a fault of the previous pod.
 fn observe(shared: &Shared, slot: &Slot, t: &mut Tally, now: Seen) {
+    {
+        let mut history = slot.history.lock().unwrap();
+        if history.len() == HISTORY {
+            history.pop_front();
+        }
+        history.push_back(now.clone());
+    }
     let mut seen = slot.seen.lock().unwrap();
     if let Some(prev) = seen.as_ref()
         && prev.generation == now.generation
@@ -875,6 +891,7 @@ async fn replace_lost_session(shared: &Shared, slot: &Slot, generation: u64, env
                 state.session_id = id;
                 state.generation += 1;
                 *slot.seen.lock().unwrap() = None;
+                slot.history.lock().unwrap().clear();
                 return;
             }
             Err(e) if Instant::now() < deadline => {
@@ -1324,6 +1341,7 @@ async fn chaos_soak_loses_nothing() {
                 last_ok: [AtomicU64::new(0), AtomicU64::new(0)],
                 lane_done: (0..settings.lanes).map(|_| AtomicU64::new(0)).collect(),
                 seen: Mutex::new(None),
+                history: Mutex::new(std::collections::VecDeque::new()),
             })
         })
         .collect();
@@ -1506,6 +1524,16 @@ async fn chaos_soak_loses_nothing() {
     }
     if tally.tool_failed > 0 {
         violations.push(format!("{} tools/call failed otherwise than -32003 during a pod fault", tally.tool_failed));
+    }
+    // A cut answer is excused only by a fault of its session's pod during the call; and a pod
+    // fault can cut at most the calls in flight at once (one per lane of each session).
+    let pod_faults = shared.pod_faults.lock().unwrap().len() as u64;
+    let cut_bound = pod_faults * (settings.sessions * settings.lanes) as u64;
+    if tally.tool_cut + tally.safe_resent_after_cut > cut_bound {
+        violations.push(format!(
+            "{} answers cut while a pod died, more than {pod_faults} pod faults can cut ({cut_bound}: sessions × lanes each)",
+            tally.tool_cut + tally.safe_resent_after_cut
+        ));
     }
     if tally.rpc_32003 as f64 != filter("recoveries_not_replayed") {
         violations.push(format!(
