@@ -372,6 +372,60 @@ mod tests {
         assert_eq!((ctl.cluster.as_str(), ctl.path_prefix.as_str(), ctl.timeout_ms), ("ctl", "/v1", 250));
     }
 
+    /// Every field of the plugin configuration, each set to something other than its
+    /// default, lands where it belongs (a field the parser dropped or swapped fails here).
+    #[test]
+    fn every_field_is_parsed_into_its_place() {
+        let c = FilterConfig::parse(
+            br#"{"pin_header":"x-pod","pin_encoding":"base64","max_body_bytes":100,"max_session_id_len":64,
+                 "shared_data_buckets":128,"shared_data_bucket_capacity":4,"local_pins":16,"session_ttl_secs":600,
+                 "touch_interval_secs":30,"sweep_period_ms":250,"unknown_session":"pass_through",
+                 "control":{"cluster":"ctl","authority":"ctl.local","path_prefix":"/api","token_env":"TOKEN","timeout_ms":250,
+                            "drain_poll_ms":0,"initialize_write":"sync","record_flush_ms":20,"lookup_wait_ms":100},
+                 "recovery":{"enabled":false,"replay_by":"envoy_retry","max_replay_body_bytes":2048,
+                             "session_unknown_statuses":[404,410],"error_body_statuses":[400,422],"session_unknown_codes":[-32001,-32099],
+                             "message_codes":[-32000,-32098],"message_patterns":["session","expired"],"timeout_ms":5000}}"#,
+        )
+        .unwrap();
+        let want = FilterConfig {
+            pin_header: "x-pod".into(),
+            pin_encoding: PinEncoding::Base64,
+            max_body_bytes: 100,
+            max_session_id_len: 64,
+            shared_data_buckets: 128,
+            shared_data_bucket_capacity: 4,
+            local_pins: 16,
+            session_ttl_secs: 600,
+            touch_interval_secs: 30,
+            sweep_period_ms: 250,
+            unknown_session: UnknownSession::PassThrough,
+            control: Some(ControlConfig {
+                cluster: "ctl".into(),
+                authority: "ctl.local".into(),
+                path_prefix: "/api".into(),
+                token: None,
+                token_env: Some("TOKEN".into()),
+                timeout_ms: 250,
+                drain_poll_ms: 0,
+                initialize_write: InitializeWrite::Sync,
+                record_flush_ms: 20,
+                lookup_wait_ms: 100,
+            }),
+            recovery: RecoveryConfig {
+                enabled: false,
+                replay_by: ReplayBy::EnvoyRetry,
+                max_replay_body_bytes: 2048,
+                session_unknown_statuses: vec![404, 410],
+                error_body_statuses: vec![400, 422],
+                session_unknown_codes: vec![-32001, -32099],
+                message_codes: vec![-32000, -32098],
+                message_patterns: vec!["session".into(), "expired".into()],
+                timeout_ms: 5000,
+            },
+        };
+        assert_eq!(c, want);
+    }
+
     #[test]
     fn errors_name_the_problem() {
         let cases: &[(&[u8], &str)] = &[
