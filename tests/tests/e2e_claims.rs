@@ -123,3 +123,22 @@ async fn the_filter_itself_removes_a_client_s_pin_header() {
     assert_eq!(text.as_deref(), Some("pod-0"), "a pinned request went where the client's header said: {}", r.text());
     assert_eq!(proxy.metric("client_pin_header_removed").await.unwrap(), 6 + 1, "the 6 initialize requests and the pinned request carried it");
 }
+
+/// `session_ttl_secs`: an idle pin is removed by the root context's sweep on the tick
+/// (`sessions_expired`); without control, the session's next request is then unknown
+/// (404, the MCP signal to start anew). Small numbers so that one tick sweeps every bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_pin_expires_through_the_sweep() {
+    let pods: Vec<Pod> = (0..2).map(|i| Pod::start(&format!("pod-{i}")).unwrap()).collect();
+    let config = r#"{"session_ttl_secs":2,"touch_interval_secs":1,"sweep_period_ms":100,"shared_data_buckets":64}"#;
+    let proxy = Proxy::start(&pods.iter().map(|p| p.addr).collect::<Vec<_>>(), ProxyOptions { filter_config: config.into(), ..Default::default() }).unwrap();
+    let s = mcp_affinity_harness::mcp_client::connect(&proxy.url()).await.unwrap();
+    let pod = s.whoami_keeping_id().await;
+    assert_eq!(s.whoami_keeping_id().await, pod, "pinned");
+    assert_eq!(proxy.metric("sessions_expired").await.unwrap(), 0);
+    // Idle past the TTL (2 s, in whole seconds of the VM's clock): the sweep removes it.
+    proxy.metric_reaching("sessions_expired", 1).await.unwrap();
+    let r = s.post_raw(&[], TOOLS_LIST).await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json().unwrap()["error"]["code"], -32001, "the filter's own answer: the pin is gone");
+}

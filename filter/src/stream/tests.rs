@@ -12,10 +12,17 @@ use crate::config::{ControlConfig, FilterConfig, ReplayBy, UnknownSession};
 use crate::header_map::HeaderPairs;
 use crate::store::memory::MemorySharedData;
 
-#[derive(Default)]
 struct TestEnv {
     shared: MemorySharedData,
     counts: HashMap<&'static str, u64>,
+    /// The wall clock, Unix seconds (settable: `World::advance`).
+    now: u64,
+}
+
+impl Default for TestEnv {
+    fn default() -> TestEnv {
+        TestEnv { shared: MemorySharedData::default(), counts: HashMap::new(), now: 1_000 }
+    }
 }
 
 impl Env for TestEnv {
@@ -23,7 +30,7 @@ impl Env for TestEnv {
         &mut self.shared
     }
     fn now_secs(&self) -> u64 {
-        1_000
+        self.now
     }
     fn count(&mut self, c: Counter) {
         *self.counts.entry(c.name().trim_start_matches("mcp_affinity.")).or_default() += 1;
@@ -55,6 +62,11 @@ impl World {
 
     fn count(&self, name: &str) -> u64 {
         self.env.counts.get(name).copied().unwrap_or(0)
+    }
+
+    /// Moves the clock on by `secs`.
+    fn advance(&mut self, secs: u64) {
+        self.env.now += secs;
     }
 
     fn pin(&mut self, id: &str, upstream: &str, recorded: bool) {
@@ -1002,6 +1014,51 @@ fn the_filter_asks_for_exactly_the_answers_it_acts_on() {
     let pin = Pin { upstream: "10.0.0.5:80".into(), generation: 2, last_seen: 1_000, backend_session_id: "b2".into(), recorded: true };
     store::put(&mut w.env.shared, w.cfg.layout(), "s2", &pin);
     assert!(wants(&Stream::new(7).on_request_headers(&mut w.cx(), post(Some("s2")), false)));
+}
+
+/// `touch_interval_secs`: a pinned request rewrites its pin's last-seen time (shared data,
+/// and a touch queued for control) only once the interval has passed since the last one.
+#[test]
+fn a_pin_is_touched_once_per_touch_interval() {
+    let mut w = World::new(true);
+    w.cfg.touch_interval_secs = 60;
+    w.pin("s1", "10.0.0.2:80", true);
+    let request = |w: &mut World| {
+        Stream::new(1).on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    };
+    w.advance(59);
+    request(&mut w);
+    assert_eq!((w.stored("s1").unwrap().last_seen, w.vm.touches.len()), (1_000, 0), "inside the interval: nothing written");
+    w.advance(1);
+    request(&mut w);
+    assert_eq!(w.stored("s1").unwrap().last_seen, 1_060, "touched in shared data");
+    assert!(w.vm.touches.contains("s1"), "and queued for control");
+    w.vm.touches.clear();
+    w.advance(30);
+    request(&mut w);
+    assert_eq!((w.stored("s1").unwrap().last_seen, w.vm.touches.len()), (1_060, 0), "the interval starts again from the touch");
+}
+
+/// A full shared-data bucket evicts its least recently used pin to take a new session, and
+/// the machine counts it (`pins_evicted`).
+#[test]
+fn a_new_session_in_a_full_bucket_evicts_the_least_recently_used_pin() {
+    let mut w = World::new(false);
+    (w.cfg.shared_data_buckets, w.cfg.shared_data_bucket_capacity) = (1, 2);
+    let open = |w: &mut World, id: &'static str| {
+        let mut s = Stream::new(1);
+        s.on_request_headers(&mut w.cx(), post(None), false);
+        s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", id)]));
+    };
+    open(&mut w, "s1");
+    w.advance(1);
+    open(&mut w, "s2");
+    assert_eq!(w.count("pins_evicted"), 0);
+    w.advance(1);
+    open(&mut w, "s3");
+    assert_eq!(w.count("pins_evicted"), 1);
+    assert!(w.stored("s1").is_none(), "the least recently used pin went");
+    assert!(w.stored("s2").is_some() && w.stored("s3").is_some());
 }
 
 #[test]
