@@ -12,20 +12,40 @@ const TOOLS_LIST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
 /// Two pods, control with them as its endpoints, and Envoy on `envoy/envoy.yaml` whose
 /// filter configuration adds `extra` to the control fixture's.
 fn mesh(extra: &str) -> (Vec<Pod>, ControlService, Proxy) {
+    mesh_with(&ControlService::filter_config(extra), |_| true)
+}
+
+/// The control fixture's plugin configuration with `fields` added to its `control` object.
+fn with_control_fields(fields: &str) -> String {
+    format!(r#"{{"control":{{"cluster":"mcp_affinity_control","token_env":"MCP_AFFINITY_CONTROL_TOKEN","timeout_ms":1000{fields}}}}}"#)
+}
+
+/// Two pods, control with the pods `endpoint` accepts (by index) as its `--endpoints`, and
+/// Envoy on `envoy/envoy.yaml` with the plugin configuration `config`.
+fn mesh_with(config: &str, endpoint: impl Fn(usize) -> bool) -> (Vec<Pod>, ControlService, Proxy) {
     let pods: Vec<Pod> = (0..2).map(|i| Pod::start(&format!("pod-{i}")).unwrap()).collect();
-    let endpoints = pods.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>().join(",");
+    let endpoints = pods.iter().enumerate().filter(|(i, _)| endpoint(*i)).map(|(_, p)| p.addr.to_string()).collect::<Vec<_>>().join(",");
     let control = ControlService::start_with("memory", &["--endpoints".into(), endpoints]).unwrap();
-    let proxy = Proxy::start(
+    let proxy = proxy_for(&pods, &control, config);
+    (pods, control, proxy)
+}
+
+fn proxy_for(pods: &[Pod], control: &ControlService, config: &str) -> Proxy {
+    Proxy::start(
         &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
         ProxyOptions {
-            filter_config: ControlService::filter_config(extra),
+            filter_config: config.to_string(),
             clusters: vec![control.proxy_cluster()],
             vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
             ..Default::default()
         },
     )
-    .unwrap();
-    (pods, control, proxy)
+    .unwrap()
+}
+
+/// Both worker VMs of `proxy` (`--concurrency 2`) adopted a change of the draining list.
+async fn both_vms_adopted_the_drain(proxy: &Proxy) {
+    proxy.metric_reaching("drain_list_updates", 2).await.unwrap();
 }
 
 /// "DELETE is never recovered": the pinned pod is gone; the DELETE gets the router's 503,
@@ -130,7 +150,9 @@ async fn the_filter_itself_removes_a_client_s_pin_header() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idle_pin_expires_through_the_sweep() {
     let pods: Vec<Pod> = (0..2).map(|i| Pod::start(&format!("pod-{i}")).unwrap()).collect();
-    let config = r#"{"session_ttl_secs":2,"touch_interval_secs":1,"sweep_period_ms":100,"shared_data_buckets":64}"#;
+    // local_pins 0: every request reads shared data (a worker VM's own copy may serve an idle
+    // pin until its own clock, refreshed on its tick, passes the TTL).
+    let config = r#"{"session_ttl_secs":2,"touch_interval_secs":1,"sweep_period_ms":100,"shared_data_buckets":64,"local_pins":0}"#;
     let proxy = Proxy::start(&pods.iter().map(|p| p.addr).collect::<Vec<_>>(), ProxyOptions { filter_config: config.into(), ..Default::default() }).unwrap();
     let s = mcp_affinity_harness::mcp_client::connect(&proxy.url()).await.unwrap();
     let pod = s.whoami_keeping_id().await;
@@ -141,4 +163,86 @@ async fn an_idle_pin_expires_through_the_sweep() {
     let r = s.post_raw(&[], TOOLS_LIST).await.unwrap();
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(r.json().unwrap()["error"]["code"], -32001, "the filter's own answer: the pin is gone");
+}
+
+/// `control.drain_poll_ms: 0` turns drain moves off: while another Envoy on the same control
+/// adopts the draining list, this one never fetches it and keeps its sessions where they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_poll_ms_zero_turns_drain_moves_off() {
+    let (pods, control, off) = mesh_with(&with_control_fields(r#","drain_poll_ms":0"#), |_| true);
+    let on = proxy_for(&pods, &control, &ControlService::filter_config(""));
+    let (victims, _) = sessions_on(&off, "pod-0", 1).await;
+    assert_eq!(control.drain(pods[0].addr, false).await.unwrap(), 200);
+    both_vms_adopted_the_drain(&on).await;
+    assert_eq!(victims[0].whoami_keeping_id().await, "pod-0", "not moved");
+    assert_eq!((off.metric("drain_list_updates").await.unwrap(), off.metric("sessions_moved_by_drain").await.unwrap()), (0, 0));
+}
+
+/// A drain move control cannot make (no live, non-draining endpoint: `stayed`) leaves the
+/// session on its draining pod, which still serves, and is counted (`drain_moves_failed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_move_that_cannot_be_made_stays_on_the_draining_pod() {
+    let (pods, control, proxy) = mesh_with(&ControlService::filter_config(""), |i| i == 0);
+    let (victims, _) = sessions_on(&proxy, "pod-0", 1).await;
+    assert_eq!(control.drain(pods[0].addr, false).await.unwrap(), 200);
+    both_vms_adopted_the_drain(&proxy).await;
+    assert_eq!(victims[0].whoami_keeping_id().await, "pod-0", "served by the draining pod");
+    assert_eq!(proxy.metric("drain_moves_failed").await.unwrap(), 1);
+    assert_eq!(proxy.metric("sessions_moved_by_drain").await.unwrap(), 0);
+}
+
+/// A drain move while control is down: the request goes to the draining pod, which still
+/// serves (`drain_moves_failed`); nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_move_with_control_down_goes_to_the_draining_pod() {
+    let (pods, mut control, proxy) = mesh("");
+    let (victims, _) = sessions_on(&proxy, "pod-0", 1).await;
+    assert_eq!(control.drain(pods[0].addr, false).await.unwrap(), 200);
+    both_vms_adopted_the_drain(&proxy).await;
+    control.kill();
+    assert_eq!(victims[0].whoami_keeping_id().await, "pod-0");
+    assert_eq!(proxy.metric("drain_moves_failed").await.unwrap(), 1);
+}
+
+/// Control unreachable during a recovery: the pod's own answer goes to the client unchanged
+/// (here the 404 of a pod restarted in place), and the failed call is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recovery_without_control_passes_the_pod_s_answer_through() {
+    let (mut pods, mut control, proxy) = mesh("");
+    let (victims, _) = sessions_on(&proxy, "pod-0", 1).await;
+    pods[0].restart().unwrap();
+    control.kill();
+    let errors = proxy.metric("control_errors").await.unwrap();
+    let r = victims[0].post_raw(&[], TOOLS_LIST).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (404, SPEC_UNKNOWN_SESSION_BODY), "the pod's own answer");
+    assert!(proxy.metric("control_errors").await.unwrap() > errors);
+}
+
+/// `initialize_write: sync`: the record is in control when the client has the `initialize`
+/// answer (a lookup that does not wait finds it). With `async` (the default) it would wait in
+/// the VM for the next flush (`record_flush_ms`), and a lookup right after the answer would
+/// mostly miss it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn initialize_write_sync_records_before_the_answer() {
+    let no_wait = |control: &ControlService, id: &str| {
+        let url = format!("{}/v1/sessions/{id}", control.base_url());
+        async move { reqwest::Client::new().get(url).bearer_auth(TEST_TOKEN).send().await.unwrap().status().as_u16() }
+    };
+    let (_pods, control, proxy) = mesh_with(&with_control_fields(r#","initialize_write":"sync""#), |_| true);
+    for _ in 0..3 {
+        let s = mcp_affinity_harness::mcp_client::initialize(&proxy.url()).await.unwrap();
+        assert_eq!(no_wait(&control, &s.session_id).await, 200, "sync: recorded before the answer");
+    }
+}
+
+/// `max_body_bytes` with control: a POST body over it passes through uninspected
+/// (`body_too_large`); the session it opens still works and is pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_post_body_over_max_body_bytes_passes_through_uninspected() {
+    let (_pods, _control, proxy) = mesh(r#","max_body_bytes":64"#);
+    let s = mcp_affinity_harness::mcp_client::connect(&proxy.url()).await.unwrap();
+    assert_eq!(proxy.metric("body_too_large").await.unwrap(), 1, "the initialize body (over 64 bytes) was not read");
+    assert_eq!(proxy.metric("initialize_seen").await.unwrap(), 0);
+    let pod = s.whoami_keeping_id().await;
+    assert_eq!(s.whoami_keeping_id().await, pod, "pinned all the same");
 }
