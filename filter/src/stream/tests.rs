@@ -1061,6 +1061,20 @@ fn a_new_session_in_a_full_bucket_evicts_the_least_recently_used_pin() {
     assert!(w.stored("s2").is_some() && w.stored("s3").is_some());
 }
 
+/// An `initialize` answer whose upstream host Envoy does not name (`upstream.address`
+/// empty or absent, which a real upstream answer always has) pins nothing and is counted.
+#[test]
+fn an_answer_without_upstream_address_pins_nothing() {
+    let mut w = World::new(false);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), post(None), false);
+    let mut r = Resp::new(200, &[("mcp-session-id", "s1")]);
+    r.upstream = "";
+    assert_eq!(s.on_response_headers(&mut w.cx(), &r).flow, Flow::Continue, "the answer goes on");
+    assert_eq!((w.count("no_upstream_address"), w.count("sessions_pinned")), (1, 0));
+    assert!(w.stored("s1").is_none());
+}
+
 #[test]
 fn a_body_copy_keeps_the_host_s_buffer_of_its_first_chunk() {
     // The host allocates each chunk in the VM (`proxy_on_memory_allocate`); the copy takes
