@@ -41,7 +41,7 @@ use crate::auth::{Auth, require_bearer};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::record::{MAX_BATCH_RECORDS, PatchSession, PutCondition, PutSession, PutSessions, PutSessionsAnswer, Rejected, SessionRecord};
-use crate::recover::{RecoverRequest, RecoverResponse, Recovery};
+use crate::recover::{RecoverRequest, RecoverAnswer, Recovery};
 use crate::session_id::SessionId;
 use crate::store::{Drain, DrainSource, PutOutcome, SessionStore, StoreError};
 use tokio::sync::Semaphore;
@@ -372,7 +372,7 @@ async fn recover_session<S: SessionStore>(
     ValidId(id): ValidId,
     query: Result<Query<WaitQuery>, QueryRejection>,
     RawBody(body): RawBody,
-) -> Result<Json<RecoverResponse>, ApiError> {
+) -> Result<Json<RecoverAnswer>, ApiError> {
     let wait = wait_of(query)?;
     let request: RecoverRequest = parse_json(&body)?;
     Recovery::validate(&request)?;

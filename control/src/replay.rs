@@ -59,7 +59,7 @@
 //! | `DELETE` | 200, no body | `mcp-session-id` |
 //!
 //! `x-mcp-affinity-pin` is `<upstream> <backend_session_id> <generation>`, single spaces,
-//! exactly three fields ([`pin_header_value`]); the wasm filter parses it to update its pin.
+//! exactly three fields ([`Placement`]'s `Display`); the wasm filter parses it to update its pin.
 //!
 //! **Errors** (JSON-RPC error bodies, `content-type: application/json`, `"id"` = the
 //! request's id when it has one, else `null`):
@@ -98,27 +98,19 @@ use tokio::sync::Semaphore;
 use crate::api::AppState;
 use crate::errors::ApiError;
 use crate::record::SessionRecord;
-use crate::recover::{ClientResponse, OriginalRequest, Outcome, Pin, Reason, RecoverRequest, RecoverResponse, Recovery, jsonrpc_id, session_not_found};
+use crate::recover::{ClientResponse, OriginalRequest, Outcome, Placement, Reason, RecoverRequest, RecoverAnswer, Recovery, jsonrpc_id, session_not_found};
 use crate::session_id::SessionId;
 use crate::store::SessionStore;
 
-/// `Mcp-Session-Id` (MCP `basic/transports`): on the request, the id the pod knows; on
-/// the answer, the client's session id.
-pub const SESSION_HEADER: &str = "mcp-session-id";
-
-/// The client's session id (the record key) when `mcp-session-id` carries a backend id
-/// (after an earlier recovery). Set by the wasm filter on the request it sends upstream.
-pub const CLIENT_SESSION_HEADER: &str = "x-mcp-affinity-session";
-
-/// The upstream that failed, as the routing header carries it: `ip:port`, or the standard
-/// base64 (padded) of `ip:port` ([`decode_pod_header`]).
-pub const POD_HEADER: &str = "x-session-pod";
-
-/// Where the session lives after this answer: `<upstream> <backend_session_id>
-/// <generation>` (single spaces, exactly three fields, e.g. `10.0.0.8:8080 b-2 2`), on
-/// every answer with a pin (`replayed`, `not_replayed`, `alive`). The wasm filter parses
-/// it to update its pin ([`pin_header_value`]).
-pub const PIN_HEADER: &str = "x-mcp-affinity-pin";
+/// The headers of the replay listener's exchange, defined once in the contract crate:
+/// `Mcp-Session-Id` (on the request, the id the pod knows; on the answer, the client's
+/// session id); the client's session id when `mcp-session-id` carries a backend id (set by
+/// the filter); the failed upstream as the routing header carries it (`ip:port`, or the
+/// standard base64 of `ip:port`, [`decode_pod_header`]); and, on every answer with a pin
+/// (`replayed`, `not_replayed`, `alive`), where the session lives now
+/// ([`Placement`]'s `Display`: `<upstream> <backend_session_id> <generation>`), which the
+/// filter parses to update its pin.
+pub use mcp_affinity_proto::headers::{CLIENT_SESSION as CLIENT_SESSION_HEADER, MCP_SESSION_ID as SESSION_HEADER, PIN as POD_HEADER, RECOVERED_PIN as PIN_HEADER};
 
 /// How long a missing record is waited for: a session's first requests may overtake the
 /// filter's asynchronous write of its record (`control.initialize_write: async`, sent every
@@ -155,11 +147,6 @@ pub fn decode_pod_header(value: &[u8]) -> Option<SocketAddr> {
         return Some(addr);
     }
     std::str::from_utf8(&base64_standard(text)?).ok()?.parse().ok()
-}
-
-/// The [`PIN_HEADER`] value of `pin`: `<upstream> <backend_session_id> <generation>`.
-pub fn pin_header_value(pin: &Pin) -> String {
-    format!("{} {} {}", pin.upstream, pin.backend_session_id, pin.generation)
 }
 
 /// Standard-alphabet base64 with padding (RFC 4648 §4); `None` for any other text.
@@ -289,23 +276,23 @@ async fn handle<S: SessionStore>(listener: &Listener<S>, request: Request) -> (&
 
 /// [`Recovery::recover`]; after `alive`, the request sent once more to the unchanged pin
 /// ([`Recovery::resend`]). The metric result (`alive` for a resend) and the answer.
-async fn recover_and_resend<S: SessionStore>(app: &AppState<S>, id: &SessionId, req: &RecoverRequest) -> Result<(&'static str, RecoverResponse), ApiError> {
+async fn recover_and_resend<S: SessionStore>(app: &AppState<S>, id: &SessionId, req: &RecoverRequest) -> Result<(&'static str, RecoverAnswer), ApiError> {
     let answer = app.recovery.recover(app.store.as_ref(), &app.metrics, id, req).await?;
     match answer {
-        RecoverResponse { outcome: Outcome::Alive, pin: Some(pin), .. } => Ok(("alive", app.recovery.resend(req, pin, &app.metrics).await)),
+        RecoverAnswer { outcome: Outcome::Alive, pin: Some(pin), .. } => Ok(("alive", app.recovery.resend(req, pin, &app.metrics).await)),
         answer => Ok((answer.outcome.as_str(), answer)),
     }
 }
 
 /// `response` as an HTTP answer; with `pin`, the headers `mcp-session-id` (the client's
 /// id) and [`PIN_HEADER`].
-fn client_response(response: ClientResponse, pin: Option<(&SessionId, &Pin)>) -> Response {
+fn client_response(response: ClientResponse, pin: Option<(&SessionId, &Placement)>) -> Response {
     let mut builder = Response::builder().status(response.status);
     if let Some(content_type) = &response.content_type {
         builder = builder.header(header::CONTENT_TYPE, content_type);
     }
     if let Some((id, pin)) = pin {
-        builder = builder.header(SESSION_HEADER, id.as_str()).header(PIN_HEADER, pin_header_value(pin));
+        builder = builder.header(SESSION_HEADER, id.as_str()).header(PIN_HEADER, pin.to_string());
     }
     builder.body(Body::from(response.body)).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "replay listener: the answer cannot be sent as is");
@@ -362,12 +349,14 @@ mod tests {
         let v4: SocketAddr = "10.0.0.7:8080".parse().unwrap();
         assert_eq!(decode_pod_header(b"10.0.0.7:8080"), Some(v4));
         assert_eq!(decode_pod_header(b" 10.0.0.7:8080 "), Some(v4));
-        // The filter's own encoder (`PinEncoding::Base64`) and Envoy's stateful-session header.
-        let encoded = mcp_affinity_filter::pin::PinEncoding::Base64.header_value("10.0.0.7:8080");
+        // Standard base64 with padding: the filter's `pin_encoding: base64` and Envoy's
+        // stateful-session header.
+        let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+        let encoded = b64("10.0.0.7:8080");
         assert_eq!(encoded, "MTAuMC4wLjc6ODA4MA==");
         assert_eq!(decode_pod_header(encoded.as_bytes()), Some(v4));
         for (upstream, padding) in [("10.0.0.7:80", 1), ("10.0.0.17:80", 0), ("10.0.0.17:800", 2), ("[fd00::7]:8080", 1)] {
-            let encoded = mcp_affinity_filter::pin::PinEncoding::Base64.header_value(upstream);
+            let encoded = b64(upstream);
             assert_eq!(encoded.bytes().rev().take_while(|b| *b == b'=').count(), padding, "{encoded}");
             assert_eq!(decode_pod_header(encoded.as_bytes()), Some(upstream.parse().unwrap()), "{encoded}");
         }
@@ -399,13 +388,6 @@ mod tests {
         assert!(client_session_id(&h).unwrap_err().contains(CLIENT_SESSION_HEADER));
         h.insert(CLIENT_SESSION_HEADER, "a b".parse().unwrap());
         assert!(client_session_id(&h).is_err());
-    }
-
-    #[test]
-    fn pin_header_format() {
-        let pin = Pin { upstream: "[fd00::7]:8080".into(), backend_session_id: "b-2".into(), generation: 12 };
-        assert_eq!(pin_header_value(&pin), "[fd00::7]:8080 b-2 12");
-        assert_eq!(pin_header_value(&pin).split(' ').count(), 3);
     }
 
     #[test]

@@ -1,10 +1,10 @@
-//! Session id validation, identical to the filter's: an MCP session id is 1..=256 bytes of
+//! Session id validation, the contract crate's rule (`mcp_affinity_proto::session_id`): an MCP session id is 1..=256 bytes of
 //! visible ASCII (0x21–0x7E).
 
 use std::fmt;
 
 /// Longest accepted session id, in bytes (the filter's bound).
-pub const MAX_SESSION_ID_LEN: usize = mcp_affinity_filter::session_id::MAX_SESSION_ID_LEN;
+pub const MAX_SESSION_ID_LEN: usize = mcp_affinity_proto::session_id::MAX_SESSION_ID_LEN;
 
 /// A validated MCP session id (1..=256 bytes, each 0x21–0x7E).
 ///
@@ -12,17 +12,17 @@ pub const MAX_SESSION_ID_LEN: usize = mcp_affinity_filter::session_id::MAX_SESSI
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(String);
 
-/// Why a string is not a valid session id: the filter's own error, so both sides apply
+/// Why a string is not a valid session id: the contract crate's error, so both sides apply
 /// one rule (MCP `basic/transports`, session management).
-pub use mcp_affinity_filter::session_id::InvalidSessionId;
+pub use mcp_affinity_proto::session_id::InvalidSessionId;
 
-/// True when `s` is 1..=256 bytes of visible ASCII. The same rule as the filter's.
+/// True when `s` is 1..=256 bytes of visible ASCII (the contract crate's rule).
 pub fn is_valid_session_id(s: &str) -> bool {
     validate(s).is_ok()
 }
 
 fn validate(s: &str) -> Result<(), InvalidSessionId> {
-    mcp_affinity_filter::session_id::validate(s.as_bytes(), MAX_SESSION_ID_LEN).map(|_| ())
+    mcp_affinity_proto::session_id::validate(s.as_bytes(), MAX_SESSION_ID_LEN).map(|_| ())
 }
 
 impl SessionId {

@@ -279,7 +279,7 @@ async fn moved_session_plain_pod_header() {
 
 #[tokio::test]
 async fn moved_session_base64_pod_header() {
-    moved_session_is_replayed_on_its_current_pin(|old| mcp_affinity_filter::pin::PinEncoding::Base64.header_value(&old.to_string())).await;
+    moved_session_is_replayed_on_its_current_pin(|old| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, old.to_string())).await;
 }
 
 #[tokio::test]

@@ -34,7 +34,7 @@ pub mod pin;
 pub mod pin_cache;
 pub mod record_queue;
 pub mod recovery;
-pub mod session_id;
+pub use mcp_affinity_proto::session_id;
 pub mod store;
 pub mod stream;
 

@@ -18,7 +18,9 @@
 //! control's replay listener, and the filter only learns the new pin from the answer
 //! ([`parse_recovered_pin`]).
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+pub use mcp_affinity_proto::recover::{ClientResponse, Outcome, Placement, Reason, RecoverAnswer};
 
 use crate::config::RecoveryConfig;
 
@@ -32,28 +34,6 @@ pub mod flags {
     pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 0x40;
     /// UO: upstream overflow (circuit breaking).
     pub const UPSTREAM_OVERFLOW: u64 = 0x80;
-}
-
-/// Why a request is recovered; decides whether control may replay it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// The request never reached an upstream (connect failure, overflow, no host).
-    ConnectFailure,
-    /// The connection reset after the request may have been sent.
-    ResetAfterSend,
-    /// The upstream answered that it does not know the session.
-    SessionUnknown,
-    /// The upstream answered with an error that may mean "session unknown" (a small JSON
-    /// error, e.g. 400/-32000 from TypeScript-SDK servers). The filter cannot read that body
-    /// before deciding on the headers in Envoy, so control probes the pinned upstream
-    /// first: alive → [`Outcome::Alive`], the original answer goes through; unknown →
-    /// recovered as [`Reason::SessionUnknown`].
-    SessionSuspect,
-    /// Not a failure: the pinned upstream is draining (a pod about to stop). Control moves
-    /// the session to a live pod before the request is sent; nothing is replayed, the
-    /// answer is [`Outcome::Moved`] or [`Outcome::Stayed`].
-    Draining,
 }
 
 /// Reads a router local reply. `details` is `response.code_details`, `flags` the
@@ -155,90 +135,22 @@ impl<'a> SessionErrors<'a> {
     }
 }
 
-/// Control's decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Replayed,
-    NotReplayed,
-    Failed,
-    /// ([`Reason::SessionSuspect`] only) the probe found the session alive on its pinned
-    /// upstream: nothing changed, the upstream's own answer goes to the client.
-    Alive,
-    /// ([`Reason::Draining`] only) the session lives on `pin` now, off the draining
-    /// upstream; no `response`: the filter sends the request there.
-    Moved,
-    /// ([`Reason::Draining`] only) the session could not be moved and stays on its
-    /// draining upstream (which still serves during its grace period); no `response`.
-    Stayed,
-}
-
-/// Where the session lives after recovery.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct NewPin {
-    pub upstream: String,
-    pub backend_session_id: String,
-    pub generation: u64,
-}
-
-/// Parses control's replay-listener header ([`crate::headers::RECOVERED_PIN`]):
-/// `<upstream ip:port> <backend session id> <generation>`, single spaces, a valid session
-/// id and a generation ≥ 1.
+/// Parses control's replay-listener header ([`crate::headers::RECOVERED_PIN`],
+/// [`Placement`]'s `FromStr`).
 ///
 /// # Errors
 /// A message naming what is wrong; the caller ignores the header.
-pub fn parse_recovered_pin(value: &[u8]) -> Result<NewPin, String> {
-    let text = std::str::from_utf8(value).map_err(|_| "recovered pin: not UTF-8".to_string())?;
-    let mut fields = text.split(' ');
-    let (Some(upstream), Some(backend), Some(generation), None) = (fields.next(), fields.next(), fields.next(), fields.next()) else {
-        return Err(format!("recovered pin: expected `upstream backend_session_id generation`, got {text:?}"));
-    };
-    if upstream.is_empty() {
-        return Err("recovered pin: empty upstream".to_string());
-    }
-    let backend = crate::session_id::validate(backend.as_bytes(), crate::session_id::MAX_SESSION_ID_LEN).map_err(|e| format!("recovered pin: {e}"))?;
-    let generation = generation.parse::<u64>().ok().filter(|g| *g >= 1).ok_or_else(|| format!("recovered pin: generation {generation:?}"))?;
-    Ok(NewPin { upstream: upstream.to_string(), backend_session_id: backend.to_string(), generation })
+pub fn parse_recovered_pin(value: &[u8]) -> Result<Placement, String> {
+    std::str::from_utf8(value).map_err(|_| "recovered pin: not UTF-8".to_string())?.parse().map_err(|e| format!("recovered pin: {e}"))
 }
 
-/// The answer to give the client.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct ClientResponse {
-    pub status: u16,
-    #[serde(default)]
-    pub content_type: Option<String>,
-    #[serde(default)]
-    pub body: String,
-}
-
-/// A 200 answer of the recover endpoint.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct RecoverAnswer {
-    pub outcome: Outcome,
-    #[serde(default)]
-    pub pin: Option<NewPin>,
-    /// The answer to give the client; absent for [`Outcome::Alive`].
-    #[serde(default)]
-    pub response: Option<ClientResponse>,
-}
-
-/// Parses a recover answer; a pin with spaces or empty fields is rejected (it would not
-/// fit the shared-data record).
+/// Parses a recover answer and checks it ([`RecoverAnswer::check`]).
+///
+/// # Errors
+/// Not JSON of that shape, or incoherent; the caller lets the upstream's answer through.
 pub fn parse_answer(body: &[u8]) -> Result<RecoverAnswer, String> {
     let a: RecoverAnswer = serde_json::from_slice(body).map_err(|e| format!("recover answer: {e}"))?;
-    if let Some(p) = &a.pin
-        && (p.upstream.is_empty() || p.upstream.contains(' ') || p.backend_session_id.is_empty() || p.backend_session_id.contains(' '))
-    {
-        return Err("recover answer: malformed pin".to_string());
-    }
-    match (&a.outcome, &a.response) {
-        (Outcome::Alive | Outcome::Stayed, _) => {}
-        (Outcome::Moved, _) if a.pin.is_none() => return Err("recover answer: moved without a pin".to_string()),
-        (Outcome::Moved, _) => {}
-        (_, None) => return Err("recover answer: no response".to_string()),
-        (_, Some(r)) if !(200..=599).contains(&r.status) => return Err(format!("recover answer: status {} out of range", r.status)),
-        _ => {}
-    }
+    a.check()?;
     Ok(a)
 }
 
@@ -286,7 +198,7 @@ mod tests {
     #[test]
     fn recovered_pin_header() {
         let p = parse_recovered_pin(b"10.0.0.2:80 b-2 3").unwrap();
-        assert_eq!(p, NewPin { upstream: "10.0.0.2:80".into(), backend_session_id: "b-2".into(), generation: 3 });
+        assert_eq!(p, Placement { upstream: "10.0.0.2:80".into(), backend_session_id: "b-2".into(), generation: 3 });
         for bad in [&b"10.0.0.2:80 b-2"[..], b"10.0.0.2:80 b-2 3 x", b" b-2 3", b"10.0.0.2:80  3", b"10.0.0.2:80 b-2 0", b"10.0.0.2:80 b-2 -1", b"10.0.0.2:80 b\x01 3", b"\xff 1 1"] {
             assert!(parse_recovered_pin(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }

@@ -45,7 +45,7 @@ use crate::metrics::Counter;
 use crate::pin::Pin;
 use crate::pin_cache::PinCache;
 use crate::record_queue::{self, NewRecord, RecordQueue};
-use crate::recovery::{self, NewPin, OriginalRequest, Outcome, Reason, RecoverRequest, StatusVerdict};
+use crate::recovery::{self, OriginalRequest, Outcome, Placement, Reason, RecoverRequest, StatusVerdict};
 use crate::session_id;
 use crate::store::{self, SharedData, Updated};
 
@@ -185,7 +185,7 @@ impl Ctx<'_> {
 
     /// Pins `session_id` where control says the session lives now (after a recovery or a
     /// move; control has recorded it, so nothing is left to record).
-    fn repin(&mut self, session_id: &str, new: &NewPin) -> Pin {
+    fn repin(&mut self, session_id: &str, new: &Placement) -> Pin {
         let pin = Pin {
             upstream: new.upstream.clone(),
             generation: new.generation,

@@ -66,10 +66,12 @@ fn mesh(n: usize) -> Mesh {
 async fn a_killed_pod_s_sessions_are_moved_by_envoy_s_retry_to_control() {
     let mut m = mesh(3);
     let (victims, others) = sessions_on(&m.proxy, "pod-0", 4).await;
-    // Retries before the kill: a pod's transient refusal under load (a bodyless 4xx that
-    // closes the connection) is retried to control like any other and recovered; only the
-    // retries the kill causes are counted below.
+    // Retries (and the pins they re-learn) before the kill: a pod's transient refusal under
+    // load (a bodyless 4xx that closes the connection, seen on a loaded 2-core machine) is
+    // retried to control like any other failure and answered there; only what the kill
+    // causes is counted below.
     let before = m.proxy.stat(RETRIES).await.unwrap();
+    let pins_before = m.proxy.metric("recovered_pins").await.unwrap();
     m.pods[0].kill();
     for s in &victims {
         let moved = s.whoami_keeping_id().await;
@@ -78,7 +80,7 @@ async fn a_killed_pod_s_sessions_are_moved_by_envoy_s_retry_to_control() {
         assert_eq!(s.whoami_keeping_id().await, moved, "stays on its new pod");
     }
     assert_eq!(m.control.reinitializations().await, 4.0, "exactly one re-initialization per session");
-    assert_eq!(m.proxy.metric("recovered_pins").await.unwrap(), 4, "the filter learned each new pin from control's answer");
+    assert_eq!(m.proxy.metric("recovered_pins").await.unwrap() - pins_before, 4, "the filter learned each new pin from control's answer");
     assert_eq!(m.proxy.stat(RETRIES).await.unwrap() - before, 4, "one retry per session: later requests went to the new pod directly");
     assert_eq!(m.proxy.metric("recovery_body_too_large").await.unwrap(), 0);
     assert_eq!(initializations(&m.pods[1..]).await, others as u64 + 4, "the live pods saw their own sessions and the 4 moves");
@@ -131,6 +133,7 @@ async fn a_session_moved_twice_keeps_the_client_s_id() {
     let mut m = mesh(3);
     let (victims, _) = sessions_on(&m.proxy, "pod-0", 1).await;
     let s = victims.into_iter().next().unwrap();
+    let pins_before = m.proxy.metric("recovered_pins").await.unwrap();
     m.pods[0].kill();
     let second = s.whoami_keeping_id().await;
     assert_ne!(second, "pod-0");
@@ -140,7 +143,7 @@ async fn a_session_moved_twice_keeps_the_client_s_id() {
     assert!(third != "pod-0" && third != second, "moved again, to the last live pod: {third}");
     assert_eq!(s.echo("twice").await.unwrap(), "twice");
     assert_eq!(m.control.reinitializations().await, 2.0);
-    assert_eq!(m.proxy.metric("recovered_pins").await.unwrap(), 2);
+    assert_eq!(m.proxy.metric("recovered_pins").await.unwrap() - pins_before, 2);
 }
 
 /// Two Envoys share control; the second holds a pin that went stale when the first moved
@@ -156,12 +159,14 @@ async fn a_second_envoy_with_a_stale_pin_does_not_reinitialize_again() {
     let via_b = Session::with_id(&b.url(), &via_a.session_id);
     assert_eq!(via_b.whoami_keeping_id().await, "pod-0", "B learned the pin from control");
     let b_before = b.stat(RETRIES).await.unwrap();
+    let pins_before = (m.proxy.metric("recovered_pins").await.unwrap(), b.metric("recovered_pins").await.unwrap());
     m.pods[0].kill();
     assert_eq!(via_a.whoami_keeping_id().await, "pod-1", "A's retry moves the session");
     assert_eq!(via_b.whoami_keeping_id().await, "pod-1", "B's retry finds it moved");
     assert_eq!(via_b.whoami_keeping_id().await, "pod-1");
     assert_eq!(m.control.reinitializations().await, 1.0, "B's retry found the newer generation");
-    assert_eq!((m.proxy.metric("recovered_pins").await.unwrap(), b.metric("recovered_pins").await.unwrap()), (1, 1));
+    let pins = (m.proxy.metric("recovered_pins").await.unwrap(), b.metric("recovered_pins").await.unwrap());
+    assert_eq!((pins.0 - pins_before.0, pins.1 - pins_before.1), (1, 1));
     assert_eq!(b.stat(RETRIES).await.unwrap() - b_before, 1, "B's next request went to pod-1 directly");
 }
 

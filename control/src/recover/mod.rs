@@ -59,6 +59,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use mcp_affinity_proto::recover::{ClientResponse, Outcome, Placement, Reason, RecoverAnswer};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -101,29 +103,6 @@ pub const GET_RETRY_BODY: &str = "retry: 1000\n\n";
 
 /// `notifications/initialized` sent after re-initialization when the record has none.
 pub const DEFAULT_INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
-
-/// Why the filter asks for recovery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// The upstream could not be reached; the request was not sent.
-    ConnectFailure,
-    /// The connection reset after the request was (or may have been) sent.
-    ResetAfterSend,
-    /// The upstream answered that it does not know the session; the request did not run.
-    SessionUnknown,
-    /// The upstream answered an error status whose body may say "session unknown" (e.g.
-    /// HTTP 400 with a JSON body, the TypeScript SDK's answer to an unknown session) and
-    /// the filter could not read the body. Control probes the pinned pod first: if it
-    /// still knows the session the answer is [`Outcome::Alive`] (the filter passes the
-    /// pod's answer through), else this is handled as [`Reason::SessionUnknown`].
-    SessionSuspect,
-    /// Nothing failed: the pinned upstream (`failed_upstream`, `ip:port`) is draining and
-    /// the filter asks, before sending the request (`request.body` may be empty), to move
-    /// the session to a live, non-draining endpoint. Answered [`Outcome::Moved`] or
-    /// [`Outcome::Stayed`]; nothing is replayed and the record is never deleted.
-    Draining,
-}
 
 /// The client's request as the filter saw it.
 #[derive(Clone, Serialize, Deserialize)]
@@ -197,89 +176,9 @@ pub struct RecoverRequest {
     pub session_errors: upstream::SessionErrors,
 }
 
-/// What happened to the client's request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The session is on `pin` and the request was replayed there; `response` is its answer.
-    Replayed,
-    /// The session is on `pin`; the request was not replayed (unsafe, GET, or no complete
-    /// answer to the replay); `response` says so.
-    NotReplayed,
-    /// The session could not be recovered; its record is deleted; `response` is 404.
-    Failed,
-    /// Only for `session_suspect`: the probe found the session alive on its pin. Nothing
-    /// was changed or replayed; `pin` is the current pin and `response` is `null` — the
-    /// filter sends the client the pod's original answer unchanged.
-    Alive,
-    /// Only for `draining`: the session is on `pin`, off the draining upstream — moved
-    /// now, or found already moved (a newer generation). `response` is `null`: the filter
-    /// sends the request itself, to the new pin.
-    Moved,
-    /// Only for `draining`: the session could not be moved (no live non-draining endpoint
-    /// accepted it, deadline, another recovery holding it, or the upstream is no longer
-    /// draining). `pin` is the current, unchanged pin and the record is kept — the
-    /// draining pod still serves during its grace period; `response` is `null`.
-    Stayed,
-}
-
-impl Outcome {
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Replayed => "replayed",
-            Outcome::NotReplayed => "not_replayed",
-            Outcome::Failed => "failed",
-            Outcome::Alive => "alive",
-            Outcome::Moved => "moved",
-            Outcome::Stayed => "stayed",
-        }
-    }
-}
-
-/// Where the session lives now.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pin {
-    /// `ip:port` of the pod.
-    pub upstream: String,
-    /// The session id that pod knows.
-    pub backend_session_id: String,
-    /// Generation of this pin.
-    pub generation: u64,
-}
-
-impl Pin {
-    fn of(record: &SessionRecord) -> Pin {
-        Pin {
-            upstream: record.upstream.clone(),
-            backend_session_id: record.backend_session_id.clone(),
-            generation: record.generation,
-        }
-    }
-}
-
-/// The HTTP answer the filter gives the client, as is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClientResponse {
-    /// HTTP status.
-    pub status: u16,
-    /// `Content-Type`, `null` when the answer has none (e.g. 202).
-    pub content_type: Option<String>,
-    /// Body text (lossy UTF-8).
-    pub body: String,
-}
-
-/// Answer of `POST /v1/sessions/{id}/recover` (HTTP 200).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecoverResponse {
-    /// What happened.
-    pub outcome: Outcome,
-    /// Where the session lives now (`null` for `failed`).
-    pub pin: Option<Pin>,
-    /// The answer for the client; `null` for `alive` (the filter passes the pod's
-    /// original answer through) and for `moved` / `stayed` (nothing was sent; the filter
-    /// sends the request to `pin` itself).
-    pub response: Option<ClientResponse>,
+/// Where `record` says its session lives.
+fn placement(record: &SessionRecord) -> Placement {
+    Placement { upstream: record.upstream.clone(), backend_session_id: record.backend_session_id.clone(), generation: record.generation }
 }
 
 /// Settings of recovery (from the flags, see [`crate::config::Config::recovery`]).
@@ -339,7 +238,7 @@ pub(crate) fn jsonrpc_id(body: &str) -> Value {
 /// How the pin question ended.
 enum Settled {
     /// The session lives on this pin (re-initialized now or by someone else).
-    Pinned(Pin),
+    Pinned(Placement),
     /// No pin: why (logged).
     Failed(String),
 }
@@ -436,7 +335,7 @@ impl Recovery {
         metrics: &Metrics,
         id: &SessionId,
         req: &RecoverRequest,
-    ) -> Result<RecoverResponse, ApiError> {
+    ) -> Result<RecoverAnswer, ApiError> {
         let start = Instant::now();
         let deadline = start + self.settings.timeout;
         let Some(record) = store.get(id).await? else {
@@ -455,7 +354,7 @@ impl Recovery {
                 detail = match &probe { Probe::Unreachable(e) => e.as_str(), _ => "" },
                 "session probe"
             );
-            (probe == Probe::Alive).then(|| RecoverResponse { outcome: Outcome::Alive, pin: Some(Pin::of(&record)), response: None })
+            (probe == Probe::Alive).then(|| RecoverAnswer { outcome: Outcome::Alive, pin: Some(placement(&record)), response: None })
         } else {
             None
         };
@@ -464,7 +363,7 @@ impl Recovery {
             None => match self.settle(store, metrics, id, req, deadline).await? {
                 Settled::Failed(why) => {
                     tracing::warn!(session = id.as_str(), reason = ?req.reason, why, "recovery failed");
-                    RecoverResponse { outcome: Outcome::Failed, pin: None, response: Some(session_not_found(&info.id)) }
+                    RecoverAnswer { outcome: Outcome::Failed, pin: None, response: Some(session_not_found(&info.id)) }
                 }
                 Settled::Pinned(pin) => self.answer(req, &info, pin, metrics, deadline).await,
             },
@@ -493,15 +392,15 @@ impl Recovery {
         req: &RecoverRequest,
         start: Instant,
         deadline: Instant,
-    ) -> Result<RecoverResponse, ApiError> {
+    ) -> Result<RecoverAnswer, ApiError> {
         let answer = match self.settle(store, metrics, id, req, deadline).await? {
-            Settled::Pinned(pin) => RecoverResponse { outcome: Outcome::Moved, pin: Some(pin), response: None },
+            Settled::Pinned(pin) => RecoverAnswer { outcome: Outcome::Moved, pin: Some(pin), response: None },
             Settled::Failed(why) => {
                 let Some(current) = store.get(id).await? else {
                     return Err(ApiError::session_not_found(id.as_str()));
                 };
                 tracing::info!(session = id.as_str(), upstream = current.upstream.as_str(), why, "drain-move not made");
-                RecoverResponse { outcome: Outcome::Stayed, pin: Some(Pin::of(&current)), response: None }
+                RecoverAnswer { outcome: Outcome::Stayed, pin: Some(placement(&current)), response: None }
             }
         };
         tracing::info!(
@@ -583,7 +482,7 @@ impl Recovery {
                 return Ok(Settled::Failed("the record was deleted meanwhile".into()));
             };
             if record.generation > req.failed_generation {
-                return Ok(Settled::Pinned(Pin::of(&record)));
+                return Ok(Settled::Pinned(placement(&record)));
             }
             if store.try_acquire_lease(id, &owner, self.settings.timeout).await? {
                 let result = self.reinitialize(store, metrics, id, req, deadline).await;
@@ -612,7 +511,7 @@ impl Recovery {
             return Ok(Settled::Failed("the record was deleted meanwhile".into()));
         };
         if record.generation > req.failed_generation {
-            return Ok(Settled::Pinned(Pin::of(&record)));
+            return Ok(Settled::Pinned(placement(&record)));
         }
         // Draining upstreams: excluded for a drain-move (whose failed upstream must still be
         // draining), tried last otherwise (a store error then only loses that preference).
@@ -696,13 +595,13 @@ impl Recovery {
                     if let Some(upstream) = drained.filter(|_| drain_move) {
                         self.count_drain_move(store, metrics, upstream, true).await;
                     }
-                    Ok(Settled::Pinned(Pin::of(&new)))
+                    Ok(Settled::Pinned(placement(&new)))
                 }
                 Ok(PutOutcome::Conflict(current)) => {
                     self.delete_orphan(&target, &init.session_id);
                     match current {
                         // Someone else moved it: their move, not counted here.
-                        Some(current) if current.generation > req.failed_generation => Ok(Settled::Pinned(Pin::of(&current))),
+                        Some(current) if current.generation > req.failed_generation => Ok(Settled::Pinned(placement(&current))),
                         Some(_) => {
                             if let Some(upstream) = drained.filter(|_| drain_move) {
                                 self.count_drain_move(store, metrics, upstream, false).await;
@@ -757,15 +656,15 @@ impl Recovery {
     /// [`Outcome::Alive`]: the pod's first answer was genuine, but Envoy discarded it when
     /// it retried. Outcome `replayed` (`not_replayed` for a GET, or when the resend got no
     /// complete answer).
-    pub(crate) async fn resend(&self, req: &RecoverRequest, pin: Pin, metrics: &Metrics) -> RecoverResponse {
+    pub(crate) async fn resend(&self, req: &RecoverRequest, pin: Placement, metrics: &Metrics) -> RecoverAnswer {
         let deadline = Instant::now() + self.settings.timeout;
         self.answer(req, &JsonRpcInfo::of(&req.request.body), pin, metrics, deadline).await
     }
 
     /// Steps 2 and 3: replay or explain, on `pin`.
-    async fn answer(&self, req: &RecoverRequest, info: &JsonRpcInfo, pin: Pin, metrics: &Metrics, deadline: Instant) -> RecoverResponse {
+    async fn answer(&self, req: &RecoverRequest, info: &JsonRpcInfo, pin: Placement, metrics: &Metrics, deadline: Instant) -> RecoverAnswer {
         let r = &req.request;
-        let not_replayed = |response| RecoverResponse { outcome: Outcome::NotReplayed, pin: Some(pin.clone()), response: Some(response) };
+        let not_replayed = |response| RecoverAnswer { outcome: Outcome::NotReplayed, pin: Some(pin.clone()), response: Some(response) };
         if r.method.eq_ignore_ascii_case("GET") {
             return not_replayed(ClientResponse {
                 status: 200,
@@ -828,7 +727,7 @@ impl Recovery {
         match sent {
             Ok(answer) => {
                 metrics.count_replay();
-                RecoverResponse {
+                RecoverAnswer {
                     outcome: Outcome::Replayed,
                     pin: Some(pin.clone()),
                     response: Some(ClientResponse {
@@ -983,9 +882,9 @@ mod tests {
         assert_eq!(serde_json::to_value(Outcome::Alive).unwrap(), json!("alive"));
         assert_eq!(serde_json::from_value::<Outcome>(json!("alive")).unwrap(), Outcome::Alive);
         assert_eq!(Outcome::Alive.as_str(), "alive");
-        let alive = RecoverResponse {
+        let alive = RecoverAnswer {
             outcome: Outcome::Alive,
-            pin: Some(Pin { upstream: "10.0.0.1:80".into(), backend_session_id: "b-1".into(), generation: 3 }),
+            pin: Some(Placement { upstream: "10.0.0.1:80".into(), backend_session_id: "b-1".into(), generation: 3 }),
             response: None,
         };
         let v = serde_json::to_value(&alive).unwrap();
@@ -994,9 +893,9 @@ mod tests {
             json!({"outcome": "alive", "pin": {"upstream": "10.0.0.1:80", "backend_session_id": "b-1", "generation": 3},
                    "response": null})
         );
-        assert_eq!(serde_json::from_value::<RecoverResponse>(v).unwrap(), alive);
+        assert_eq!(serde_json::from_value::<RecoverAnswer>(v).unwrap(), alive);
         // The other outcomes keep a response object.
-        let replayed = RecoverResponse {
+        let replayed = RecoverAnswer {
             outcome: Outcome::Replayed,
             pin: alive.pin.clone(),
             response: Some(ClientResponse { status: 202, content_type: None, body: String::new() }),
@@ -1134,8 +1033,8 @@ mod tests {
         // Even a request body (a filter never sends one here) is not replayed.
         let body = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{}}"#;
         let answer = recovery.recover(&store, &metrics, &id, &draining_request(from, 1, "POST", body)).await.unwrap();
-        let pin = Pin { upstream: to.to_string(), backend_session_id: "new-id".into(), generation: 2 };
-        assert_eq!(answer, RecoverResponse { outcome: Outcome::Moved, pin: Some(pin.clone()), response: None });
+        let pin = Placement { upstream: to.to_string(), backend_session_id: "new-id".into(), generation: 2 };
+        assert_eq!(answer, RecoverAnswer { outcome: Outcome::Moved, pin: Some(pin.clone()), response: None });
         let methods: Vec<String> = to_log.lock().unwrap().iter().map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" ")).collect();
         assert_eq!(methods, ["initialize -", "notifications/initialized new-id"], "re-initialization only");
         assert!(from_log.lock().unwrap().is_empty(), "the draining pod is not called");
@@ -1155,7 +1054,7 @@ mod tests {
         // nothing sent anywhere, nothing counted again.
         to_log.lock().unwrap().clear();
         let again = recovery.recover(&store, &metrics, &id, &draining_request(from, 1, "GET", "")).await.unwrap();
-        assert_eq!(again, RecoverResponse { outcome: Outcome::Moved, pin: Some(pin), response: None });
+        assert_eq!(again, RecoverAnswer { outcome: Outcome::Moved, pin: Some(pin), response: None });
         assert!(to_log.lock().unwrap().is_empty());
         assert_eq!(store.draining().await.unwrap()[0].moved, 1);
         assert!(rendered(&metrics).contains(r#"mcp_affinity_control_drain_moves_total{outcome="moved"} 1"#));
@@ -1174,8 +1073,8 @@ mod tests {
         let metrics = Metrics::new();
         let recovery = recovery_with(vec![from, other, dead]);
         let answer = recovery.recover(&store, &metrics, &id, &draining_request(from, 1, "POST", "")).await.unwrap();
-        let pin = Pin { upstream: from.to_string(), backend_session_id: "b-1".into(), generation: 1 };
-        assert_eq!(answer, RecoverResponse { outcome: Outcome::Stayed, pin: Some(pin), response: None });
+        let pin = Placement { upstream: from.to_string(), backend_session_id: "b-1".into(), generation: 1 };
+        assert_eq!(answer, RecoverAnswer { outcome: Outcome::Stayed, pin: Some(pin), response: None });
         assert!(other_log.lock().unwrap().is_empty(), "a draining endpoint is never a drain-move target");
         let record = store.get(&id).await.unwrap().expect("the record is kept");
         assert_eq!((record.upstream, record.generation), (from.to_string(), 1));
@@ -1252,9 +1151,9 @@ mod tests {
         req.request.method = "DELETE".into();
         assert!(Recovery::validate(&req).is_err());
         assert_eq!(serde_json::to_value(Reason::Draining).unwrap(), json!("draining"));
-        let moved = RecoverResponse {
+        let moved = RecoverAnswer {
             outcome: Outcome::Moved,
-            pin: Some(Pin { upstream: "10.0.0.2:80".into(), backend_session_id: "b-2".into(), generation: 2 }),
+            pin: Some(Placement { upstream: "10.0.0.2:80".into(), backend_session_id: "b-2".into(), generation: 2 }),
             response: None,
         };
         assert_eq!(
@@ -1269,8 +1168,8 @@ mod tests {
         let (recovery, store, id, addr, log) = suspect_setup("b-1").await;
         let metrics = Metrics::new();
         let answer = recovery.recover(&store, &metrics, &id, &suspect(addr, 1)).await.unwrap();
-        let pin = Pin { upstream: addr.to_string(), backend_session_id: "b-1".into(), generation: 1 };
-        assert_eq!(answer, RecoverResponse { outcome: Outcome::Alive, pin: Some(pin), response: None });
+        let pin = Placement { upstream: addr.to_string(), backend_session_id: "b-1".into(), generation: 1 };
+        assert_eq!(answer, RecoverAnswer { outcome: Outcome::Alive, pin: Some(pin), response: None });
         // One ping in the backend session, with the record's protocol version and the
         // client's Host and Authorization; the request itself was not replayed.
         assert_eq!(*log.lock().unwrap(), ["ping b-1 2025-06-18 mcp.local Bearer c"]);
@@ -1287,7 +1186,7 @@ mod tests {
         let metrics = Metrics::new();
         let answer = recovery.recover(&store, &metrics, &id, &suspect(addr, 1)).await.unwrap();
         assert_eq!(answer.outcome, Outcome::Replayed, "{answer:?}");
-        assert_eq!(answer.pin, Some(Pin { upstream: addr.to_string(), backend_session_id: "new-id".into(), generation: 2 }));
+        assert_eq!(answer.pin, Some(Placement { upstream: addr.to_string(), backend_session_id: "new-id".into(), generation: 2 }));
         let response = answer.response.unwrap();
         assert_eq!(response.status, 200);
         assert_eq!(serde_json::from_str::<Value>(&response.body).unwrap()["id"], 9);
