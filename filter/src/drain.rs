@@ -8,7 +8,8 @@
 //! lookup, skipped while nothing drains). One VM per Envoy polls control per interval:
 //! the VM whose tick finds the list due claims the poll with a CAS write of the fetch
 //! time ([`claim_poll`]); the others see the claim and wait. The answer is written back
-//! for all ([`store_answer`]).
+//! for all ([`store_answer`]) under the time of the claim it answers, and only while no
+//! later claim exists: a slow answer never overwrites a newer list.
 //!
 //! Shared-data value of [`KEY`] (text): first line the fetch time in Unix milliseconds,
 //! then one upstream (`ip:port`, as Envoy's `upstream.address`) per line.
@@ -113,10 +114,27 @@ pub fn claim_poll(shared: &mut dyn SharedData, now_ms: u64, interval_ms: u64) ->
     shared.set(KEY, &value, cas)
 }
 
-/// Stores control's list for every VM, fetched at `now_ms`. False when the host refused.
-pub fn store_answer(shared: &mut dyn SharedData, now_ms: u64, upstreams: &[String]) -> bool {
+/// Stores control's list for every VM, as fetched by the poll claimed at `claimed_at_ms`
+/// ([`claim_poll`]). A later claim in shared data means a newer fetch (under load an
+/// answer can come after the next interval's): this answer is then stale and dropped
+/// (false), so the list never goes back to an older state. Compare-and-set; false too when
+/// the host refused.
+pub fn store_answer(shared: &mut dyn SharedData, claimed_at_ms: u64, upstreams: &[String]) -> bool {
     let list: Vec<&str> = upstreams.iter().map(String::as_str).collect();
-    shared.set(KEY, &encode(now_ms, &list), None)
+    let value = encode(claimed_at_ms, &list);
+    for _ in 0..4 {
+        let cas = match shared.get(KEY) {
+            Some((current, cas)) => match decode(&current) {
+                Some(e) if e.fetched_at_ms > claimed_at_ms => return false,
+                _ => cas,
+            },
+            None => None,
+        };
+        if shared.set(KEY, &value, cas) {
+            return true;
+        }
+    }
+    false
 }
 
 #[derive(Deserialize)]
@@ -206,6 +224,22 @@ mod tests {
         assert!(a.contains("10.0.0.3:8080"));
         assert!(store_answer(&mut host, 6_100, &[]));
         assert!(b.refresh(&host) && b.is_empty() && !b.contains("10.0.0.2:8080"));
+    }
+
+    /// A poll's answer that comes after a later poll was claimed (a slow control, a loaded
+    /// Envoy) is stale: it never replaces the newer list. Seen on Envoy 1.40 with two
+    /// workers: the list went [pod] → [] → [pod] and a request of the draining pod's
+    /// session was not moved.
+    #[test]
+    fn a_stale_answer_never_replaces_a_newer_list() {
+        let mut host = Host::default();
+        assert!(claim_poll(&mut host, 10_000, 1000), "VM A claims");
+        assert!(claim_poll(&mut host, 11_000, 1000), "A's answer is slow: VM B claims the next interval");
+        assert!(store_answer(&mut host, 11_000, &["10.0.0.2:8080".into()]), "B's answer");
+        assert!(!store_answer(&mut host, 10_000, &[]), "A's older answer is dropped");
+        let mut d = Draining::default();
+        assert!(d.refresh(&host) && d.contains("10.0.0.2:8080"));
+        assert!(!claim_poll(&mut host, 11_999, 1000), "the next poll is due one interval after B's claim");
     }
 
     #[test]

@@ -214,7 +214,7 @@ async fn forwarded_unpinned_by_the_pod(proxy: &Proxy, id: &str) {
     assert!(took < Duration::from_millis(1000) + Duration::from_secs(2), "{id}: took {took:?}, control.timeout_ms is 1000");
     assert!(proxy.metric("control_errors").await.unwrap() > errors, "{id}: the failed lookup is counted");
     // Per-request counters reach Envoy once per tick (sweep_period_ms).
-    proxy.metric_reaching("requests_unpinned", unpinned + 1).await.unwrap();
+    assert!(proxy.metric_reaching("requests_unpinned", unpinned + 1).await.unwrap() > unpinned, "{id}: counted as unpinned");
 }
 
 /// A new session's record that control could not take (control down) is sent again on

@@ -177,7 +177,7 @@ pub struct Root {
     plugin: Option<Rc<Plugin>>,
     metrics: Option<Metrics>,
     /// Token of this VM's draining-list fetch in flight.
-    drain_fetch: Option<u32>,
+    drain_fetch: Option<(u32, u64)>,
     /// The last fetch failed (the next failure is not logged again).
     drain_failing: bool,
     /// Record batches in flight: token → their records (queued again if control did not
@@ -216,8 +216,9 @@ impl Root {
         abi::set_effective_context(self.context_id);
     }
 
-    /// The draining-list fetch answered: share the list with every VM.
-    fn on_draining_answer(&mut self, p: &Plugin, num_headers: usize, body_size: usize) {
+    /// The draining-list fetch of the poll claimed at `claimed_at_ms` answered: share the
+    /// list with every VM (unless a later poll's answer is there already).
+    fn on_draining_answer(&mut self, p: &Plugin, claimed_at_ms: u64, num_headers: usize, body_size: usize) {
         let list = match answer_status(num_headers) {
             Some(200) => drain::parse_answer(&abi::buffer(Buffer::HttpCallResponseBody, 0, body_size)),
             other => Err(format!("status {other:?}")),
@@ -225,7 +226,7 @@ impl Root {
         match list {
             Ok(list) => {
                 self.drain_failing = false;
-                drain::store_answer(&mut HostSharedData, millis(abi::now()), &list);
+                drain::store_answer(&mut HostSharedData, claimed_at_ms, &list);
                 self.adopt_draining(p);
             }
             Err(e) => {
@@ -252,10 +253,12 @@ impl Root {
             }
             return;
         }
-        if self.drain_fetch == Some(token) {
+        if let Some((fetch, claimed_at_ms)) = self.drain_fetch
+            && fetch == token
+        {
             self.drain_fetch = None;
             if let Some(p) = self.plugin.clone() {
-                self.on_draining_answer(&p, num_headers, body_size);
+                self.on_draining_answer(&p, claimed_at_ms, num_headers, body_size);
             }
             return;
         }
@@ -332,9 +335,10 @@ impl Root {
             && cfg.drain_poll_ms > 0
         {
             self.adopt_draining(&p);
-            if self.drain_fetch.is_none() && drain::claim_poll(&mut HostSharedData, millis(clock), cfg.drain_poll_ms) {
+            let now_ms = millis(clock);
+            if self.drain_fetch.is_none() && drain::claim_poll(&mut HostSharedData, now_ms, cfg.drain_poll_ms) {
                 match control.fetch_draining() {
-                    Ok(token) => self.drain_fetch = Some(token),
+                    Ok(token) => self.drain_fetch = Some((token, now_ms)),
                     Err(_) => p.metrics.add(Counter::DrainPollErrors, 1),
                 }
             }
