@@ -21,7 +21,10 @@
 //! recovery timeouts as deployed), `--concurrency 2`; each control instance has
 //! `--endpoints` listing the three pods. Calls: `ping` and `tools/list` (replay-safe in
 //! control's default `--replay-safe-methods`; the demo server has no resources) and
-//! `tools/call` of `whoami` and `echo` (not replay-safe). The lanes take turns at the
+//! `tools/call` of `whoami` and `echo` (not replay-safe). Beside them, `SOAK_TS_SESSIONS`
+//! (2) sessions of the official TypeScript MCP SDK client call `echo` through a third Envoy,
+//! C, which the chaos never restarts (the SDK's client has no second Envoy to fail over to)
+//! but whose pods, control and Redis it shares. The lanes take turns at the
 //! shapes real clients give a request (`mcp_client::Shape`): headers and body in one write,
 //! the body written after the headers, a chunked body in pieces, HTTP/2 HEADERS then DATA.
 //!
@@ -101,6 +104,7 @@ use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions};
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use mcp_affinity_harness::mcp_client::{ACCEPT_BOTH, DEFAULT_PROTOCOL_VERSION, Shape, initialize_body, sse_data};
+use mcp_affinity_harness::ts_client::TsClient;
 use serde_json::{Value, json};
 
 // ---- settings ------------------------------------------------------------------------
@@ -112,6 +116,8 @@ struct Settings {
     sessions: usize,
     lanes: usize,
     think_ms: u64,
+    /// Sessions of the official TypeScript MCP SDK client (`SOAK_TS_SESSIONS`, 2; 0: none).
+    ts_sessions: usize,
     seed: u64,
 }
 
@@ -144,6 +150,7 @@ impl Settings {
             sessions: env_u64("SOAK_SESSIONS", 50) as usize,
             lanes: env_u64("SOAK_LANES", 2) as usize,
             think_ms: env_u64("SOAK_THINK_MS", 100),
+            ts_sessions: env_u64("SOAK_TS_SESSIONS", 2) as usize,
             seed,
         };
         assert!(s.sessions >= 1 && s.lanes >= 1, "SOAK_SESSIONS and SOAK_LANES must be ≥ 1");
@@ -541,6 +548,61 @@ impl Shared {
             other => bail!("notifications/initialized of {id} through Envoy {}: {}", ENVOY_NAMES[via], other.describe()),
         }
     }
+}
+
+// ---- the TypeScript SDK lanes --------------------------------------------------------------
+
+/// What the TypeScript SDK lanes counted.
+#[derive(Debug, Default)]
+struct TsTally {
+    sessions: u64,
+    calls: u64,
+    ok: u64,
+    /// `tools/call` answered -32003 "outcome unknown" (a reset after the request was sent);
+    /// cross-checked with the filters' `recoveries_not_replayed` like the raw lanes'.
+    rpc_32003: u64,
+    /// Calls that failed otherwise while a pod had a fault (an SSE answer cut after its
+    /// headers); bounded by the pod faults.
+    cut_while_a_pod_died: u64,
+    failures: Vec<String>,
+}
+
+/// One session of the official TypeScript MCP SDK client (`tests/clients/ts`, its own HTTP
+/// stack and session handling) calling `echo` in a loop through Envoy C until the soak
+/// stops. Every call must return its text; the excuses are the raw lanes' (-32003, or a cut
+/// while a pod died).
+async fn run_ts_lane(shared: Arc<Shared>, url: String, index: usize, think_ms: u64) -> TsTally {
+    let mut t = TsTally::default();
+    let mut ts = match TsClient::connect(&url).await {
+        Ok(c) => c,
+        Err(e) => {
+            t.failures.push(format!("ts{index}: connect: {e:#}"));
+            return t;
+        }
+    };
+    t.sessions = 1;
+    let mut n = 0u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        n += 1;
+        let text = format!("ts{index}-{n}");
+        let start = shared.now();
+        let answer = ts.call("echo", json!({"text": text})).await;
+        let end = shared.now();
+        t.calls += 1;
+        match answer {
+            Ok(got) if got == text => t.ok += 1,
+            Ok(got) => t.failures.push(format!("ts{index} call {n}: echo answered {got:?}")),
+            Err(e) if e.to_string().contains("-32003") => t.rpc_32003 += 1,
+            Err(e) if shared.pod_fault_during(None, start, end) => {
+                t.cut_while_a_pod_died += 1;
+                println!("soak: [{}..{}] ts{index} call {n}: failed while a pod died: {e:#}", secs(start), secs(end));
+            }
+            Err(e) => t.failures.push(format!("ts{index} call {n} [{}..{}]: {e:#}", secs(start), secs(end))),
+        }
+        tokio::time::sleep(Duration::from_millis(think_ms)).await;
+    }
+    let _ = ts.close().await;
+    t
 }
 
 // ---- one lane of traffic -----------------------------------------------------------------
@@ -1027,6 +1089,9 @@ struct Mesh {
     redis_dir: PathBuf,
     controls: Vec<ControlService>,
     envoys: Vec<Proxy>,
+    /// Envoy C: the TypeScript SDK lanes' (never restarted: the SDK's client fails over to
+    /// no other Envoy), paired with control 1.
+    ts_envoy: Proxy,
     filter: [Counters; 2],
     control: [Counters; 2],
 }
@@ -1044,23 +1109,21 @@ impl Mesh {
             .context("control")?;
         let upstreams: Vec<SocketAddr> = pods.iter().map(|p| p.addr).collect();
         let (filter_config, token_env) = shipped_plugin_config()?;
-        let envoys = controls
-            .iter()
-            .map(|c| {
-                Proxy::start(
-                    &upstreams,
-                    ProxyOptions {
-                        filter_config: filter_config.clone(),
-                        clusters: vec![c.proxy_cluster()],
-                        vm_env: vec![(token_env.clone(), TEST_TOKEN.into())],
-                        concurrency: Some(2),
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect::<Result<Vec<_>>>()
-            .context("envoy")?;
-        Ok(Mesh { pods, redis, redis_dir, controls, envoys, filter: Default::default(), control: Default::default() })
+        let envoy = |c: &ControlService| {
+            Proxy::start(
+                &upstreams,
+                ProxyOptions {
+                    filter_config: filter_config.clone(),
+                    clusters: vec![c.proxy_cluster()],
+                    vm_env: vec![(token_env.clone(), TEST_TOKEN.into())],
+                    concurrency: Some(2),
+                    ..Default::default()
+                },
+            )
+        };
+        let envoys = controls.iter().map(envoy).collect::<Result<Vec<_>>>().context("envoy")?;
+        let ts_envoy = envoy(&controls[0]).context("envoy C")?;
+        Ok(Mesh { pods, redis, redis_dir, controls, envoys, ts_envoy, filter: Default::default(), control: Default::default() })
     }
 
     async fn read_filter(&mut self, i: usize) -> Result<()> {
@@ -1356,6 +1419,7 @@ async fn chaos_soak_loses_nothing() {
             tokio::spawn(run_lane(shared.clone(), slot, lane, lane_rng, settings.think_ms))
         })
         .collect();
+    let ts_lanes: Vec<_> = (0..settings.ts_sessions).map(|i| tokio::spawn(run_ts_lane(shared.clone(), mesh.ts_envoy.url(), i, settings.think_ms))).collect();
 
     // Chaos: warm-up, then faults one at a time until too little time is left for one
     // more fault and its settling (the first round always completes).
@@ -1401,6 +1465,25 @@ async fn chaos_soak_loses_nothing() {
             }
         }
     }
+    let mut ts = TsTally::default();
+    for mut lane in ts_lanes {
+        match tokio::time::timeout_at(join_deadline, &mut lane).await {
+            Ok(Ok(t)) => {
+                ts.sessions += t.sessions;
+                ts.calls += t.calls;
+                ts.ok += t.ok;
+                ts.rpc_32003 += t.rpc_32003;
+                ts.cut_while_a_pod_died += t.cut_while_a_pod_died;
+                ts.failures.extend(t.failures);
+            }
+            Ok(Err(e)) => log.problems.push(format!("a TypeScript SDK lane panicked: {e}")),
+            Err(_) => {
+                lane.abort();
+                log.problems.push("a TypeScript SDK lane did not stop in time".into());
+            }
+        }
+    }
+    let ts_not_replayed = mesh.ts_envoy.metric("recoveries_not_replayed").await.unwrap_or(-1) as f64;
     let traffic_secs = traffic_start.elapsed().as_secs_f64();
     for (i, name) in ENVOY_NAMES.iter().enumerate() {
         if let Err(e) = mesh.read_filter(i).await {
@@ -1512,6 +1595,16 @@ async fn chaos_soak_loses_nothing() {
         percentile(&lat, 0.99),
         percentile(&lat, 1.0)
     );
+    let _ = writeln!(
+        s,
+        "TypeScript SDK client (through Envoy C): {} sessions, {} calls, {} ok, {} -32003 (Envoy C recoveries_not_replayed {ts_not_replayed}), {} cut while a pod died, {} failed",
+        ts.sessions,
+        ts.calls,
+        ts.ok,
+        ts.rpc_32003,
+        ts.cut_while_a_pod_died,
+        ts.failures.len()
+    );
 
     // ---- the verdict ----
     let mut violations: Vec<String> = Vec::new();
@@ -1541,6 +1634,19 @@ async fn chaos_soak_loses_nothing() {
             tally.rpc_32003,
             filter("recoveries_not_replayed")
         ));
+    }
+    if ts.rpc_32003 as f64 != ts_not_replayed {
+        violations.push(format!("the TypeScript SDK saw {} -32003 answers, Envoy C's filter counted {ts_not_replayed} recoveries_not_replayed", ts.rpc_32003));
+    }
+    if !ts.failures.is_empty() {
+        let lines: Vec<String> = ts.failures.iter().take(20).map(|l| format!("  {l}")).collect();
+        violations.push(format!("{} TypeScript SDK calls failed:\n{}", ts.failures.len(), lines.join("\n")));
+    }
+    if ts.sessions != settings.ts_sessions as u64 || (settings.ts_sessions > 0 && ts.ok == 0) {
+        violations.push(format!("TypeScript SDK lanes: {} of {} sessions ran, {} calls ok", ts.sessions, settings.ts_sessions, ts.ok));
+    }
+    if ts.cut_while_a_pod_died > pod_faults * settings.ts_sessions as u64 {
+        violations.push(format!("{} TypeScript SDK calls cut while a pod died, more than {pod_faults} pod faults can cut", ts.cut_while_a_pod_died));
     }
     if filter("recoveries_failed") > 0.0 {
         violations.push(format!("the filters counted {} recoveries_failed", filter("recoveries_failed")));
