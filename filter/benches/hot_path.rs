@@ -19,7 +19,7 @@ use mcp_affinity_filter::pin::{Pin, PinEncoding};
 use mcp_affinity_filter::session_id;
 use mcp_affinity_filter::store::SharedData;
 use mcp_affinity_filter::store::memory::MemorySharedData;
-use mcp_affinity_filter::stream::{Ctx, Env, ResponseHead, Stream, Vm};
+use mcp_affinity_filter::machine::{Ctx, Env, ResponseHead, Stream, Vm};
 
 /// Host services in memory: shared data, a fixed clock, counters dropped.
 #[derive(Default)]

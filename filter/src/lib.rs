@@ -17,11 +17,11 @@
 //! - [`store`]: pins in shared data (CAS, tombstones, sweep) over a [`store::SharedData`]
 //!   interface;
 //! - [`metrics`]: the filter's counters;
-//! - [`stream`]: the per-stream state machine — events in, actions out — that encodes
+//! - [`machine`]: the per-stream state machine — events in, actions out — that encodes
 //!   the rules real Envoy imposes on a proxy-wasm filter.
 //!
 //! The proxy-wasm layer (`proxy`, compiled for `wasm32` only) only translates Envoy's
-//! callbacks into [`stream`] events and its actions into host calls.
+//! callbacks into [`machine`] events and its actions into host calls.
 
 pub mod config;
 pub mod control;
@@ -36,7 +36,7 @@ pub mod record_queue;
 pub mod recovery;
 pub use mcp_affinity_proto::session_id;
 pub mod store;
-pub mod stream;
+pub mod machine;
 
 #[cfg(target_arch = "wasm32")]
 mod proxy;

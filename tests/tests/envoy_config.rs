@@ -251,7 +251,7 @@ fn is_zero(d: &Option<Duration>) -> bool {
 
 /// The predicate the response matcher must skip the filter on, one line per condition
 /// (sorted): a 2xx answer the filter did not ask for (filter state `wasm.` +
-/// [`mcp_affinity_filter::stream::WANT_RESPONSE`], set on the request headers of a POST
+/// [`mcp_affinity_filter::machine::WANT_RESPONSE`], set on the request headers of a POST
 /// without session id, a DELETE, a request under a backend id). Anything wider would hide
 /// lost sessions or upstream failures from it.
 const SKIP_WHEN: [&str; 2] = ["not filter state wasm.mcp_affinity.want_response is 1", "response status class is 2xx"];
@@ -369,7 +369,7 @@ fn check_matcher(wrapped: &ExtensionWithMatcher, skip: &[&str]) -> Check {
     ensure!(action.ends_with("envoy.extensions.filters.common.matcher.action.v3.SkipFilter"), "the response matcher's action is {action}, want SkipFilter");
     let mut when = describe(m.predicate.as_ref().ok_or("matcher without predicate")?)?;
     when.sort();
-    ensure!(SKIP_WHEN[0].ends_with(&format!("wasm.{} is 1", mcp_affinity_filter::stream::WANT_RESPONSE)), "SKIP_WHEN names the filter's property");
+    ensure!(SKIP_WHEN[0].ends_with(&format!("wasm.{} is 1", mcp_affinity_filter::machine::WANT_RESPONSE)), "SKIP_WHEN names the filter's property");
     ensure!(SKIP_WHEN_ENVOY_RETRY[1].contains(mcp_affinity_filter::headers::RECOVERED_PIN), "SKIP_WHEN_ENVOY_RETRY names the filter's header");
     ensure!(when == skip, "the response matcher skips the filter when {when:?}; it must be exactly {skip:?}");
     Ok(())

@@ -9,7 +9,7 @@ use super::abi::{self, Map};
 use crate::config::ControlConfig;
 use crate::headers::STATUS;
 use crate::control::session_path;
-use crate::stream::Call;
+use crate::machine::Call;
 
 /// A resolved `control` configuration.
 #[derive(Debug)]

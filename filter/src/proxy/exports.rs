@@ -27,7 +27,7 @@ use hashbrown::HashMap;
 
 use super::abi::{self, LogLevel};
 use super::root::Root;
-use super::stream::Stream;
+use super::http_context::HttpContext;
 
 /// What a stream callback tells Envoy (ABI `proxy_action`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +39,7 @@ pub enum Action {
 
 thread_local! {
     static ROOTS: RefCell<HashMap<u32, Root>> = RefCell::new(HashMap::new());
-    static STREAMS: RefCell<HashMap<u32, Stream>> = RefCell::new(HashMap::new());
+    static STREAMS: RefCell<HashMap<u32, HttpContext>> = RefCell::new(HashMap::new());
     /// Calls to control in flight made by streams: token → stream context id.
     static CALLS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
 }
@@ -60,11 +60,11 @@ pub fn answer_at_root(context_id: u32) {
 }
 
 /// Runs `f` on stream `context_id`, if it exists.
-fn with_stream<T>(context_id: u32, f: impl FnOnce(&mut Stream) -> T) -> Option<T> {
+fn with_stream<T>(context_id: u32, f: impl FnOnce(&mut HttpContext) -> T) -> Option<T> {
     STREAMS.with_borrow_mut(|streams| streams.get_mut(&context_id).map(f))
 }
 
-fn stream_action(context_id: u32, f: impl FnOnce(&mut Stream) -> Action) -> u32 {
+fn stream_action(context_id: u32, f: impl FnOnce(&mut HttpContext) -> Action) -> u32 {
     with_stream(context_id, f).unwrap_or(Action::Continue) as u32
 }
 
@@ -155,7 +155,7 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32)
     }
     let plugin = ROOTS.with_borrow(|roots| roots.get(&root_context_id).and_then(|r| r.plugin().cloned()));
     if let Some(plugin) = plugin {
-        STREAMS.with_borrow_mut(|streams| streams.insert(context_id, Stream::new(plugin, context_id)));
+        STREAMS.with_borrow_mut(|streams| streams.insert(context_id, HttpContext::new(plugin, context_id)));
     }
 }
 
@@ -224,7 +224,7 @@ pub extern "C" fn proxy_on_request_body(context_id: u32, body_size: usize, end_o
 
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_response_headers(context_id: u32, _num_headers: usize, _end_of_stream: u32) -> u32 {
-    stream_action(context_id, Stream::on_response_headers)
+    stream_action(context_id, HttpContext::on_response_headers)
 }
 
 /// The end of a context: a stream finishes (waking streams that waited for its control

@@ -19,7 +19,7 @@ use crate::drain;
 use crate::metrics::Counter;
 use crate::record_queue::{self, NewRecord};
 use crate::store::{self, SharedData};
-use crate::stream::{Call, Env, Vm};
+use crate::machine::{Call, Env, Vm};
 
 /// Most touches sent to control per tick; the rest wait for the next tick.
 const TOUCHES_PER_TICK: usize = 256;

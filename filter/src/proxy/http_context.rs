@@ -1,5 +1,5 @@
-//! One HTTP stream: translates Envoy's callbacks into events of the host-independent
-//! machine ([`crate::stream`]) and its actions into host calls. No decision is made here.
+//! The proxy-wasm HTTP context of one stream: translates Envoy's callbacks into events of the host-independent
+//! machine ([`crate::machine`]) and its actions into host calls. No decision is made here.
 
 use std::rc::Rc;
 
@@ -9,10 +9,10 @@ use super::exports::{self, Action};
 use super::root::{HostEnv, Plugin};
 use crate::headers::{CLIENT_SESSION, MCP_SESSION_ID, RECOVERED_PIN, STATUS};
 use crate::header_map::HeaderPairs;
-use crate::stream::{self as machine, Answer, Ctx, Flow, Header, Op, ResponseHead, Step};
+use crate::machine::{self as machine, Answer, Ctx, Flow, Header, Op, ResponseHead, Step};
 
 /// Per-stream HTTP context.
-pub struct Stream {
+pub struct HttpContext {
     p: Rc<Plugin>,
     context_id: u32,
     m: machine::Stream,
@@ -49,9 +49,9 @@ impl ResponseHead for ResponseHeaders {
     }
 }
 
-impl Stream {
+impl HttpContext {
     pub fn new(p: Rc<Plugin>, context_id: u32) -> Self {
-        Stream { p, context_id, m: machine::Stream::new(context_id) }
+        HttpContext { p, context_id, m: machine::Stream::new(context_id) }
     }
 
     /// Runs one machine event with the plugin's VM state and host services.
@@ -136,7 +136,7 @@ impl Stream {
 }
 
 /// The callbacks [`super::exports`] hands to a stream.
-impl Stream {
+impl HttpContext {
     /// `proxy_on_http_call_response` of a call this stream made (Envoy delivers it to the
     /// root context; the effective context is this stream's again).
     pub fn on_http_call_response(&mut self, num_headers: usize, body_size: usize) {

@@ -7,7 +7,11 @@ use std::cell::RefCell;
 
 use hashbrown::HashMap;
 
+use super::body::BodyCopy;
 use super::*;
+use crate::metrics::Counter;
+use crate::pin::Pin;
+use crate::store::{self, SharedData};
 use crate::config::{ControlConfig, FilterConfig, ReplayBy, UnknownSession};
 use crate::header_map::HeaderPairs;
 use crate::store::memory::MemorySharedData;
