@@ -18,9 +18,8 @@
 //! control's replay listener, and the filter only learns the new pin from the answer
 //! ([`parse_recovered_pin`]).
 
-use serde::Serialize;
 
-pub use mcp_affinity_proto::recover::{ClientResponse, Outcome, Placement, Reason, RecoverAnswer};
+pub use mcp_affinity_proto::recover::{ClientResponse, OriginalRequest, Outcome, Placement, Reason, RecoverAnswer, RecoverRequest, SessionErrors};
 
 use crate::config::RecoveryConfig;
 
@@ -79,59 +78,14 @@ pub fn status_verdict(cfg: &RecoveryConfig, status: u16) -> StatusVerdict {
     }
 }
 
-/// The original request, as control replays it.
-#[derive(Debug, Default, Serialize)]
-pub struct OriginalRequest<'a> {
-    pub method: &'a str,
-    pub path: &'a str,
-    pub authority: &'a str,
-    pub content_type: Option<&'a str>,
-    pub accept: Option<&'a str>,
-    pub protocol_version: Option<&'a str>,
-    /// Used for the replay only; control never stores it.
-    pub authorization: Option<&'a str>,
-    /// The whole body the client sent when `body_complete`, else empty.
-    pub body: &'a str,
-    /// The filter saw the end of the request body and `body` is all of it (matching
-    /// `content-length` where given). `false`: control recovers the session but never
-    /// replays the request (the body was over the replay limit, or incomplete).
-    pub body_complete: bool,
-}
-
-/// Body of `POST {prefix}/sessions/{id}/recover`.
-#[derive(Debug, Serialize)]
-pub struct RecoverRequest<'a> {
-    pub failed_generation: u64,
-    pub failed_upstream: &'a str,
-    pub reason: Reason,
-    pub request: OriginalRequest<'a>,
-    /// For [`Reason::SessionSuspect`]: how the upstream says "session unknown", from the
-    /// plugin configuration, for control's probe.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub session_errors: Option<SessionErrors<'a>>,
-}
-
-/// The plugin configuration's "session unknown" rules, as control's probe applies them
-/// (control `SessionErrors`).
-#[derive(Debug, Serialize)]
-pub struct SessionErrors<'a> {
-    pub statuses: &'a [u16],
-    pub body_statuses: &'a [u16],
-    pub codes: &'a [i64],
-    pub message_codes: &'a [i64],
-    pub message_patterns: &'a [String],
-}
-
-impl<'a> SessionErrors<'a> {
-    /// The rules of `cfg`.
-    pub fn of(cfg: &'a RecoveryConfig) -> Self {
-        SessionErrors {
-            statuses: &cfg.session_unknown_statuses,
-            body_statuses: &cfg.error_body_statuses,
-            codes: &cfg.session_unknown_codes,
-            message_codes: &cfg.message_codes,
-            message_patterns: &cfg.message_patterns,
-        }
+/// The plugin configuration's "session unknown" rules, as control's probe applies them.
+pub fn session_errors(cfg: &RecoveryConfig) -> SessionErrors {
+    SessionErrors {
+        statuses: cfg.session_unknown_statuses.clone(),
+        body_statuses: cfg.error_body_statuses.clone(),
+        codes: cfg.session_unknown_codes.clone(),
+        message_codes: cfg.message_codes.clone(),
+        message_patterns: cfg.message_patterns.clone(),
     }
 }
 
@@ -202,20 +156,5 @@ mod tests {
         for bad in [&b"10.0.0.2:80 b-2"[..], b"10.0.0.2:80 b-2 3 x", b" b-2 3", b"10.0.0.2:80  3", b"10.0.0.2:80 b-2 0", b"10.0.0.2:80 b-2 -1", b"10.0.0.2:80 b\x01 3", b"\xff 1 1"] {
             assert!(parse_recovered_pin(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
-    }
-
-    #[test]
-    fn request_shape() {
-        let r = RecoverRequest {
-            failed_generation: 1,
-            failed_upstream: "10.0.0.1:80",
-            reason: Reason::SessionUnknown,
-            request: OriginalRequest { method: "POST", path: "/mcp", authority: "a", content_type: Some("application/json"), accept: None, protocol_version: None, authorization: None, body: "{}", body_complete: true },
-            session_errors: None,
-        };
-        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
-        assert_eq!(v["reason"], "session_unknown");
-        assert_eq!(v["request"]["method"], "POST");
-        assert!(v["request"]["accept"].is_null());
     }
 }

@@ -1,5 +1,5 @@
-//! Recovery's shared vocabulary: why the filter asks (`POST /v1/sessions/{id}/recover`,
-//! body field `reason`), and control's answer (that endpoint's 200 body, or the headers of
+//! Recovery's shared vocabulary: the filter's request (`POST /v1/sessions/{id}/recover`:
+//! why it asks, the client's request, how the pods say "session unknown"), and control's answer (that endpoint's 200 body, or the headers of
 //! its replay listener's answer). Control's API: `control/README.md`, section Recovery.
 
 use std::fmt;
@@ -29,6 +29,122 @@ pub enum Reason {
     /// the session to a live pod before the request is sent; nothing is replayed, the
     /// answer is [`Outcome::Moved`] or [`Outcome::Stayed`].
     Draining,
+}
+
+/// The client's request as the filter saw it (rule: the request headers are readable only
+/// in their own callback, so the filter keeps what control needs).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginalRequest {
+    /// `POST` or `GET` (`DELETE` is never recovered).
+    pub method: String,
+    /// Path and query, e.g. `/mcp?x=1`.
+    pub path: String,
+    /// `:authority` / `Host`, sent as `Host` to the pod.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// `Content-Type`.
+    #[serde(default)]
+    pub content_type: Option<String>,
+    /// `Accept`.
+    #[serde(default)]
+    pub accept: Option<String>,
+    /// `MCP-Protocol-Version`.
+    #[serde(default)]
+    pub protocol_version: Option<String>,
+    /// `Authorization` of this request: used for the calls to the pod on the client's
+    /// behalf, never stored or logged (`Debug` redacts it).
+    #[serde(default)]
+    pub authorization: Option<String>,
+    /// The raw request body (JSON text; empty for GET, and when not `body_complete`).
+    #[serde(default)]
+    pub body: String,
+    /// `body` is the whole body the client sent (the filter saw its end, it matches
+    /// `content-length`, it is UTF-8). `false`: control recovers the session but never
+    /// replays the request, and tells the client it did not run. Absent: `true`.
+    #[serde(default = "whole_by_default")]
+    pub body_complete: bool,
+}
+
+fn whole_by_default() -> bool {
+    true
+}
+
+impl fmt::Debug for OriginalRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OriginalRequest")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("authority", &self.authority)
+            .field("content_type", &self.content_type)
+            .field("accept", &self.accept)
+            .field("protocol_version", &self.protocol_version)
+            .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .field("body_len", &self.body.len())
+            .field("body_complete", &self.body_complete)
+            .finish()
+    }
+}
+
+/// How an MCP server says "I do not know this session" (the filter's plugin configuration,
+/// `recovery.*`): control's probe and recovery apply these rules. Seen in the wild: HTTP 404
+/// (MCP `basic/transports`), 400 with JSON-RPC -32000 "Bad Request: No valid session ID
+/// provided" (TypeScript-SDK servers), -32001 "Session not found".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SessionErrors {
+    /// Statuses that by themselves mean "session unknown".
+    pub statuses: Vec<u16>,
+    /// Statuses whose JSON-RPC error body is inspected.
+    pub body_statuses: Vec<u16>,
+    /// JSON-RPC error codes that mean "session unknown".
+    pub codes: Vec<i64>,
+    /// JSON-RPC error codes whose message is matched against `message_patterns`.
+    pub message_codes: Vec<i64>,
+    /// Case-insensitive substrings of such a message.
+    pub message_patterns: Vec<String>,
+}
+
+impl Default for SessionErrors {
+    fn default() -> Self {
+        SessionErrors {
+            statuses: vec![404],
+            body_statuses: vec![400],
+            codes: vec![-32001],
+            message_codes: vec![-32000],
+            message_patterns: vec!["session".to_string()],
+        }
+    }
+}
+
+impl SessionErrors {
+    /// Whether a JSON-RPC error (`code`, `message`) means "session unknown".
+    pub fn is_session_error(&self, code: i64, message: Option<&str>) -> bool {
+        if self.codes.contains(&code) {
+            return true;
+        }
+        self.message_codes.contains(&code)
+            && message.is_some_and(|m| {
+                let m = m.to_ascii_lowercase();
+                self.message_patterns.iter().any(|p| m.contains(&p.to_ascii_lowercase()))
+            })
+    }
+}
+
+/// Body of `POST /v1/sessions/{id}/recover`. Unknown fields are ignored (newer filters may
+/// send more).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverRequest {
+    /// The generation of the pin that failed (the filter's view).
+    pub failed_generation: u64,
+    /// The upstream that failed, `ip:port`.
+    pub failed_upstream: String,
+    /// What failed.
+    pub reason: Reason,
+    /// The client's request.
+    pub request: OriginalRequest,
+    /// How the upstream says "session unknown" (the filter's rules); absent → the defaults.
+    #[serde(default)]
+    pub session_errors: SessionErrors,
 }
 
 /// What happened to the client's request.
@@ -199,6 +315,28 @@ mod tests {
             response: Some(ClientResponse { status: 200, content_type: Some("text/event-stream".into()), body: "data: {}\n\n".into() }),
         };
         round_trip(&answer);
+        let request = RecoverRequest {
+            failed_generation: 2,
+            failed_upstream: "10.0.0.1:80".into(),
+            reason: Reason::ConnectFailure,
+            request: OriginalRequest {
+                method: "POST".into(),
+                path: "/mcp".into(),
+                authority: Some("mcp.local".into()),
+                content_type: Some("application/json".into()),
+                accept: None,
+                protocol_version: Some("2025-06-18".into()),
+                authorization: Some("Bearer secret".into()),
+                body: "{}".into(),
+                body_complete: true,
+            },
+            session_errors: SessionErrors::default(),
+        };
+        round_trip(&request);
+        assert!(!format!("{request:?}").contains("secret"), "Debug redacts the authorization");
+        let minimal: RecoverRequest = serde_json::from_str(r#"{"failed_generation":1,"failed_upstream":"a:1","reason":"session_unknown","request":{"method":"GET","path":"/"}}"#).unwrap();
+        assert!(minimal.request.body_complete, "absent: a whole (empty) body");
+        assert_eq!(minimal.session_errors, SessionErrors::default());
         assert_eq!(serde_json::to_value(Reason::SessionSuspect).unwrap(), "session_suspect");
     }
 
@@ -211,6 +349,15 @@ mod tests {
         for bad in ["10.0.0.2:80 b-2", "10.0.0.2:80 b-2 3 x", " b-2 3", "10.0.0.2:80  3", "10.0.0.2:80 b-2 0", "10.0.0.2:80 b-2 -1", "10.0.0.2:80 b\u{1} 3"] {
             assert!(bad.parse::<Placement>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn session_error_rules() {
+        let rules = SessionErrors::default();
+        assert!(rules.is_session_error(-32001, None));
+        assert!(rules.is_session_error(-32000, Some("Bad Request: No valid SESSION ID provided")));
+        assert!(!rules.is_session_error(-32000, Some("Bad Request: malformed")));
+        assert!(!rules.is_session_error(-32602, Some("session")));
     }
 
     #[test]

@@ -1,92 +1,13 @@
-//! The recover request: the client's request as the filter saw it, the request body of
-//! `POST /v1/sessions/{id}/recover`, what its JSON-RPC body holds, and the checks made before
-//! anything is done.
+//! The recover request (its shape is the contract crate's, `mcp_affinity_proto::recover`):
+//! what its JSON-RPC body holds, and the checks made before anything is done.
 
-
-use std::fmt;
 use std::net::SocketAddr;
 
-use serde::{Deserialize, Serialize};
-
-pub use mcp_affinity_proto::recover::Reason;
+pub use mcp_affinity_proto::recover::{OriginalRequest, Reason, RecoverRequest};
 use serde_json::Value;
 
-use super::upstream::{self};
-use crate::errors::ApiError;
-
 use super::Recovery;
-
-/// The client's request as the filter saw it.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct OriginalRequest {
-    /// `POST` or `GET` (`DELETE` is never recovered).
-    pub method: String,
-    /// Path and query, e.g. `/mcp?x=1`.
-    pub path: String,
-    /// `:authority` / `Host`, sent as `Host` to the pod.
-    #[serde(default)]
-    pub authority: Option<String>,
-    /// `Content-Type`.
-    #[serde(default)]
-    pub content_type: Option<String>,
-    /// `Accept`.
-    #[serde(default)]
-    pub accept: Option<String>,
-    /// `MCP-Protocol-Version`.
-    #[serde(default)]
-    pub protocol_version: Option<String>,
-    /// `Authorization` of this request: used for the calls to the pod, never stored or
-    /// logged.
-    #[serde(default)]
-    pub authorization: Option<String>,
-    /// The raw request body (JSON text; empty for GET).
-    #[serde(default)]
-    pub body: String,
-    /// `body` is the whole body the client sent. `false` (the filter did not see the body
-    /// end, or it was over the filter's replay limit; `body` is then empty): the session is
-    /// recovered but the request is never replayed; the client is told it did not run
-    /// ([`NOT_DELIVERED_STATUS`]). Absent: `true` (filters before this field).
-    #[serde(default = "whole_by_default")]
-    pub body_complete: bool,
-}
-
-fn whole_by_default() -> bool {
-    true
-}
-
-impl fmt::Debug for OriginalRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OriginalRequest")
-            .field("method", &self.method)
-            .field("path", &self.path)
-            .field("authority", &self.authority)
-            .field("content_type", &self.content_type)
-            .field("accept", &self.accept)
-            .field("protocol_version", &self.protocol_version)
-            .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
-            .field("body_len", &self.body.len())
-            .field("body_complete", &self.body_complete)
-            .finish()
-    }
-}
-
-/// Body of `POST /v1/sessions/{id}/recover`. Unknown fields are ignored (newer filters
-/// may send more).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RecoverRequest {
-    /// The generation of the pin that failed (the filter's view).
-    pub failed_generation: u64,
-    /// The upstream that failed, `ip:port`.
-    pub failed_upstream: String,
-    /// What failed.
-    pub reason: Reason,
-    /// The client's request.
-    pub request: OriginalRequest,
-    /// How the upstream says "session unknown" (`session_suspect` probes): the filter sends
-    /// its plugin configuration's rules; absent → the defaults.
-    #[serde(default)]
-    pub session_errors: upstream::SessionErrors,
-}
+use crate::errors::ApiError;
 
 /// What the JSON-RPC body of the client's request holds.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -11,14 +11,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
 /// `Accept` of the control's own calls (both types, as the spec requires of clients).
 pub const ACCEPT_BOTH: &str = "application/json, text/event-stream";
-const SESSION_HEADER: &str = "mcp-session-id";
-const PROTOCOL_HEADER: &str = "mcp-protocol-version";
+use mcp_affinity_proto::headers::{MCP_PROTOCOL_VERSION as PROTOCOL_HEADER, MCP_SESSION_ID as SESSION_HEADER};
 
 /// Where and how to call a pod: its address, the MCP endpoint path (and query), the
 /// client's `Host` and `Authorization` (used, never stored).
@@ -308,70 +306,32 @@ pub async fn probe(
     }
     let id = Value::String(PROBE_ID.to_string());
     match send(http, target, reqwest::Method::POST, headers, PROBE_BODY.to_string(), Some(&id), deadline, max_bytes).await {
-        Ok(answer) if errors.is_session_unknown(&answer) => Probe::SessionUnknown,
+        Ok(answer) if is_session_unknown_by(errors, &answer) => Probe::SessionUnknown,
         Ok(_) => Probe::Alive,
         Err(e) => Probe::Unreachable(e.to_string()),
     }
 }
 
-/// How an upstream says it does not know a session, as the filter's plugin configuration
-/// (`recovery.*`) states it. Defaults: HTTP 404 (the MCP spec's answer); HTTP 400 carrying
-/// a JSON-RPC error (JSON body or SSE event) with code -32001 ("Session not found",
-/// TypeScript SDK / ToolHive), or code -32000 whose message mentions "session" (ASCII
-/// case-insensitive; the TypeScript SDK's "Bad Request: No valid session ID provided").
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SessionErrors {
-    /// Statuses that by themselves mean "session unknown".
-    pub statuses: Vec<u16>,
-    /// Statuses whose JSON-RPC error body is inspected.
-    pub body_statuses: Vec<u16>,
-    /// JSON-RPC error codes that mean "session unknown".
-    pub codes: Vec<i64>,
-    /// JSON-RPC error codes whose message is matched against `message_patterns`.
-    pub message_codes: Vec<i64>,
-    /// Case-insensitive substrings of such a message.
-    pub message_patterns: Vec<String>,
+
+pub use mcp_affinity_proto::recover::SessionErrors;
+
+/// `true` when `answer` says the server does not know the session, by `rules` (a status
+/// alone, or a JSON-RPC error of a body status: [`SessionErrors::is_session_error`]).
+pub fn is_session_unknown_by(rules: &SessionErrors, answer: &Answer) -> bool {
+    if rules.statuses.contains(&answer.status) {
+        return true;
+    }
+    rules.body_statuses.contains(&answer.status)
+        && answer.messages().iter().any(|m| {
+            let Some(error) = m.get("error") else { return false };
+            let Some(code) = error.get("code").and_then(Value::as_i64) else { return false };
+            rules.is_session_error(code, error.get("message").and_then(Value::as_str))
+        })
 }
 
-impl Default for SessionErrors {
-    fn default() -> Self {
-        SessionErrors {
-            statuses: vec![404],
-            body_statuses: vec![400],
-            codes: vec![-32001],
-            message_codes: vec![-32000],
-            message_patterns: vec!["session".to_string()],
-        }
-    }
-}
-
-impl SessionErrors {
-    /// `true` when `answer` says the server does not know the session.
-    pub fn is_session_unknown(&self, answer: &Answer) -> bool {
-        if self.statuses.contains(&answer.status) {
-            return true;
-        }
-        self.body_statuses.contains(&answer.status) && answer.messages().iter().any(|m| self.is_session_error(m))
-    }
-
-    fn is_session_error(&self, message: &Value) -> bool {
-        let Some(error) = message.get("error") else { return false };
-        let Some(code) = error.get("code").and_then(Value::as_i64) else { return false };
-        if self.codes.contains(&code) {
-            return true;
-        }
-        self.message_codes.contains(&code)
-            && error.get("message").and_then(Value::as_str).is_some_and(|m| {
-                let m = m.to_ascii_lowercase();
-                self.message_patterns.iter().any(|p| m.contains(&p.to_ascii_lowercase()))
-            })
-    }
-}
-
-/// [`SessionErrors::is_session_unknown`] with the default rules.
+/// [`is_session_unknown_by`] the default rules.
 pub fn is_session_unknown(answer: &Answer) -> bool {
-    SessionErrors::default().is_session_unknown(answer)
+    is_session_unknown_by(&SessionErrors::default(), answer)
 }
 
 /// The client request headers of a replay: `Mcp-Session-Id` = the backend id, and the
@@ -499,10 +459,10 @@ mod tests {
         assert!(!is_session_unknown(&answer(400, "text/plain", "Bad Request: session")));
         assert!(!is_session_unknown(&answer(200, "application/json", r#"{"jsonrpc":"2.0","id":"mcp-affinity-probe","result":{}}"#)));
         let custom = SessionErrors { statuses: vec![410], message_patterns: vec!["expired".into()], ..SessionErrors::default() };
-        assert!(custom.is_session_unknown(&answer(410, "text/plain", "")));
-        assert!(!custom.is_session_unknown(&answer(404, "text/plain", "")), "the configured statuses replace the defaults");
+        assert!(is_session_unknown_by(&custom, &answer(410, "text/plain", "")));
+        assert!(!is_session_unknown_by(&custom, &answer(404, "text/plain", "")), "the configured statuses replace the defaults");
         let expired = r#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Session expired"},"id":1}"#;
-        assert!(custom.is_session_unknown(&answer(400, "application/json", expired)));
+        assert!(is_session_unknown_by(&custom, &answer(400, "application/json", expired)));
     }
 
     #[tokio::test]

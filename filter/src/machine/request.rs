@@ -196,10 +196,10 @@ impl Stream {
         let head = r.request.as_ref();
         let request = RecoverRequest {
             failed_generation: pin.generation,
-            failed_upstream: &pin.upstream,
+            failed_upstream: pin.upstream.clone(),
             reason: Reason::Draining,
             request: head.map(|h| original_request(h, "", false)).unwrap_or_default(),
-            session_errors: None,
+            session_errors: Default::default(),
         };
         log::info!("mcp-affinity: moving session {} off draining {}", r.client_id, pin.upstream);
         let call = Call {

@@ -197,10 +197,10 @@ impl Stream {
         }
         let request = RecoverRequest {
             failed_generation: p.pin.generation,
-            failed_upstream: &p.pin.upstream,
+            failed_upstream: p.pin.upstream.clone(),
             reason,
             request: original_request(head, whole.unwrap_or_default(), whole.is_some()),
-            session_errors: (reason == Reason::SessionSuspect).then(|| recovery::SessionErrors::of(&cx.cfg.recovery)),
+            session_errors: recovery::session_errors(&cx.cfg.recovery),
         };
         log::info!("mcp-affinity: recovering session {} ({reason:?}) from {}", p.client_id, p.pin.upstream);
         let call = Call { method: "POST", session_id: p.client_id.clone(), suffix: "/recover", body: Some(to_body(&request)), timeout_ms: Some(cx.cfg.recovery.timeout_ms), wait_ms: cx.record_wait() };

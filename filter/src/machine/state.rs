@@ -135,17 +135,19 @@ pub(super) fn resolution_ops(cfg: &FilterConfig, client_id: &str, r: &Resolution
 
 /// The request fields control needs to re-initialize (and, for a recovery, replay), read
 /// from the request headers kept by the machine (rule 2). `body_complete`: `body` is the
-pub(super) fn original_request<'a>(head: &'a HeaderPairs, body: &'a str, body_complete: bool) -> OriginalRequest<'a> {
-    let text = |name| head.get(name).and_then(|v| std::str::from_utf8(v).ok());
+/// whole body the client sent (else it is empty and control never replays the request).
+/// Built only when a session is recovered or moved, never on the steady path.
+pub(super) fn original_request(head: &HeaderPairs, body: &str, body_complete: bool) -> OriginalRequest {
+    let text = |name| head.get(name).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string);
     OriginalRequest {
         method: text(METHOD).unwrap_or_default(),
         path: text(PATH).unwrap_or_default(),
-        authority: text(AUTHORITY).unwrap_or_default(),
+        authority: text(AUTHORITY),
         content_type: text(CONTENT_TYPE),
         accept: text("accept"),
         protocol_version: text(MCP_PROTOCOL_VERSION),
         authorization: text("authorization"),
-        body,
+        body: body.to_string(),
         body_complete,
     }
 }
