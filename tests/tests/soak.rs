@@ -567,6 +567,32 @@ struct TsTally {
     failures: Vec<String>,
 }
 
+impl TsTally {
+    fn merge(&mut self, o: TsTally) {
+        self.sessions += o.sessions;
+        self.calls += o.calls;
+        self.ok += o.ok;
+        self.rpc_32003 += o.rpc_32003;
+        self.cut_while_a_pod_died += o.cut_while_a_pod_died;
+        self.failures.extend(o.failures);
+    }
+}
+
+/// Waits for `lanes` until `deadline`, handing each one's tally to `merge`; a lane that
+/// panicked or did not stop in time (then aborted) is a problem named after `what`.
+async fn join_lanes<T>(lanes: Vec<tokio::task::JoinHandle<T>>, deadline: tokio::time::Instant, what: &str, problems: &mut Vec<String>, mut merge: impl FnMut(T)) {
+    for mut lane in lanes {
+        match tokio::time::timeout_at(deadline, &mut lane).await {
+            Ok(Ok(t)) => merge(t),
+            Ok(Err(e)) => problems.push(format!("{what} panicked: {e}")),
+            Err(_) => {
+                lane.abort();
+                problems.push(format!("{what} did not stop in time"));
+            }
+        }
+    }
+}
+
 /// One session of the official TypeScript MCP SDK client (`tests/clients/ts`, its own HTTP
 /// stack and session handling) calling `echo` in a loop through Envoy C until the soak
 /// stops. Every call must return its text; the excuses are the raw lanes' (-32003, or a cut
@@ -1455,34 +1481,9 @@ async fn chaos_soak_loses_nothing() {
     let mut tally = Tally::default();
     // A lane stops after its current call (bounded by the request and fail-over deadlines).
     let join_deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT + FAILOVER_DEADLINE + Duration::from_secs(10);
-    for mut lane in lanes {
-        match tokio::time::timeout_at(join_deadline, &mut lane).await {
-            Ok(Ok(t)) => tally.merge(t),
-            Ok(Err(e)) => log.problems.push(format!("a lane panicked: {e}")),
-            Err(_) => {
-                lane.abort();
-                log.problems.push("a lane did not stop in time".into());
-            }
-        }
-    }
+    join_lanes(lanes, join_deadline, "a lane", &mut log.problems, |t| tally.merge(t)).await;
     let mut ts = TsTally::default();
-    for mut lane in ts_lanes {
-        match tokio::time::timeout_at(join_deadline, &mut lane).await {
-            Ok(Ok(t)) => {
-                ts.sessions += t.sessions;
-                ts.calls += t.calls;
-                ts.ok += t.ok;
-                ts.rpc_32003 += t.rpc_32003;
-                ts.cut_while_a_pod_died += t.cut_while_a_pod_died;
-                ts.failures.extend(t.failures);
-            }
-            Ok(Err(e)) => log.problems.push(format!("a TypeScript SDK lane panicked: {e}")),
-            Err(_) => {
-                lane.abort();
-                log.problems.push("a TypeScript SDK lane did not stop in time".into());
-            }
-        }
-    }
+    join_lanes(ts_lanes, join_deadline, "a TypeScript SDK lane", &mut log.problems, |t| ts.merge(t)).await;
     let ts_not_replayed = mesh.ts_envoy.metric("recoveries_not_replayed").await.unwrap_or(-1) as f64;
     let traffic_secs = traffic_start.elapsed().as_secs_f64();
     for (i, name) in ENVOY_NAMES.iter().enumerate() {
