@@ -16,12 +16,42 @@ use std::time::Duration;
 
 use crate::header_map::HeaderPairs;
 
-/// ABI status `OK`.
-const OK: u32 = 0;
-/// ABI status `NOT_FOUND`.
-const NOT_FOUND: u32 = 1;
-/// ABI status `CAS_MISMATCH`.
-const CAS_MISMATCH: u32 = 8;
+/// A host call's result (proxy-wasm ABI v0.2.1 `proxy_status_t`), as a value: every status
+/// the host may return is handled where the call is made, never a panic (the SDK panics on
+/// statuses it does not expect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    NotFound,
+    BadArgument,
+    SerializationFailure,
+    ParseFailure,
+    InvalidMemoryAccess,
+    Empty,
+    CasMismatch,
+    InternalFailure,
+    Unimplemented,
+    /// A code the ABI version does not define.
+    Other(u32),
+}
+
+impl From<u32> for Status {
+    fn from(code: u32) -> Status {
+        match code {
+            0 => Status::Ok,
+            1 => Status::NotFound,
+            2 => Status::BadArgument,
+            3 => Status::SerializationFailure,
+            4 => Status::ParseFailure,
+            6 => Status::InvalidMemoryAccess,
+            7 => Status::Empty,
+            8 => Status::CasMismatch,
+            10 => Status::InternalFailure,
+            12 => Status::Unimplemented,
+            other => Status::Other(other),
+        }
+    }
+}
 
 /// Buffers (ABI `proxy_buffer_type`).
 #[derive(Debug, Clone, Copy)]
@@ -121,18 +151,18 @@ fn owned(ptr: *mut u8, len: usize) -> Option<Vec<u8>> {
     Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }
 
-fn complain(what: &str, status: u32) {
-    log::warn!("mcp-affinity: host refused {what}: status {status}");
+fn complain(what: &str, status: Status) {
+    log::warn!("mcp-affinity: host refused {what}: status {status:?}");
 }
 
 /// A header value; `None` when absent or when the host refused (logged).
 pub fn header(map: Map, name: &str) -> Option<Vec<u8>> {
     let (mut ptr, mut len) = (null_mut(), 0);
     // SAFETY: pointers to live locals; the host writes the result pointer and length.
-    let status = unsafe { proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut ptr, &mut len) };
+    let status = Status::from(unsafe { proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut ptr, &mut len) });
     match status {
-        OK => owned(ptr, len),
-        NOT_FOUND => None,
+        Status::Ok => owned(ptr, len),
+        Status::NotFound => None,
         s => {
             complain("a header read", s);
             None
@@ -145,9 +175,9 @@ pub fn header(map: Map, name: &str) -> Option<Vec<u8>> {
 pub fn pairs(map: Map) -> Option<Vec<u8>> {
     let (mut ptr, mut len) = (null_mut(), 0);
     // SAFETY: pointers to live locals; the host writes the result pointer and length.
-    let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut ptr, &mut len) };
+    let status = Status::from(unsafe { proxy_get_header_map_pairs(map as u32, &mut ptr, &mut len) });
     match status {
-        OK => owned(ptr, len),
+        Status::Ok => owned(ptr, len),
         s => {
             complain("a header map read", s);
             None
@@ -158,8 +188,8 @@ pub fn pairs(map: Map) -> Option<Vec<u8>> {
 /// Sets (replaces) a header; false when the host refused (logged).
 pub fn set_header(map: Map, name: &str, value: &str) -> bool {
     // SAFETY: pointers to live slices.
-    let status = unsafe { proxy_replace_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
-    status == OK || {
+    let status = Status::from(unsafe { proxy_replace_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len()) });
+    status == Status::Ok || {
         complain("a header write", status);
         false
     }
@@ -168,8 +198,8 @@ pub fn set_header(map: Map, name: &str, value: &str) -> bool {
 /// Removes a header; false when the host refused (logged).
 pub fn remove_header(map: Map, name: &str) -> bool {
     // SAFETY: pointer to a live slice.
-    let status = unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) };
-    status == OK || status == NOT_FOUND || {
+    let status = Status::from(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) });
+    status == Status::Ok || status == Status::NotFound || {
         complain("a header removal", status);
         false
     }
@@ -187,12 +217,12 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     }
     let (mut ptr, mut len) = (null_mut(), 0);
     // SAFETY: pointers to live locals.
-    let status = unsafe { proxy_get_property(joined.as_ptr(), joined.len(), &mut ptr, &mut len) };
+    let status = Status::from(unsafe { proxy_get_property(joined.as_ptr(), joined.len(), &mut ptr, &mut len) });
     match status {
-        OK => owned(ptr, len),
-        NOT_FOUND => None,
+        Status::Ok => owned(ptr, len),
+        Status::NotFound => None,
         s => {
-            log::debug!("mcp-affinity: property {path:?}: status {s}");
+            log::debug!("mcp-affinity: property {path:?}: status {s:?}");
             None
         }
     }
@@ -203,18 +233,18 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
 /// refused.
 pub fn set_property(path: &str, value: &[u8]) -> bool {
     // SAFETY: pointers to live slices.
-    let status = unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) };
-    if status != OK {
-        log::debug!("mcp-affinity: set property {path}: status {status}");
+    let status = Status::from(unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) });
+    if status != Status::Ok {
+        log::debug!("mcp-affinity: set property {path}: status {status:?}");
     }
-    status == OK
+    status == Status::Ok
 }
 
 /// Resumes a held stream (`proxy_continue_stream`).
 pub fn resume(stream: StreamType) {
     // SAFETY: no pointers.
-    let status = unsafe { proxy_continue_stream(stream as u32) };
-    if status != OK {
+    let status = Status::from(unsafe { proxy_continue_stream(stream as u32) });
+    if status != Status::Ok {
         complain("a stream resume", status);
     }
 }
@@ -223,8 +253,8 @@ pub fn resume(stream: StreamType) {
 /// returns, response code details `wasm_close_stream`).
 pub fn close(stream: StreamType) {
     // SAFETY: no pointers.
-    let status = unsafe { proxy_close_stream(stream as u32) };
-    if status != OK {
+    let status = Status::from(unsafe { proxy_close_stream(stream as u32) });
+    if status != Status::Ok {
         complain("a stream close", status);
     }
 }
@@ -236,8 +266,8 @@ pub fn local_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
     let map = map.as_bytes();
     let details = "mcp_affinity";
     // SAFETY: pointers to live slices.
-    let s = unsafe { proxy_send_local_response(status, details.as_ptr(), details.len(), body.as_ptr(), body.len(), map.as_ptr(), map.len(), -1) };
-    if s != OK {
+    let s = Status::from(unsafe { proxy_send_local_response(status, details.as_ptr(), details.len(), body.as_ptr(), body.len(), map.as_ptr(), map.len(), -1) });
+    if s != Status::Ok {
         complain("a local reply", s);
     }
 }
@@ -247,10 +277,10 @@ pub fn local_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
 pub fn buffer(buffer: Buffer, start: usize, max_size: usize) -> Vec<u8> {
     let (mut ptr, mut len) = (null_mut(), 0);
     // SAFETY: pointers to live locals; the host writes the result pointer and length.
-    let status = unsafe { proxy_get_buffer_bytes(buffer as u32, start, max_size, &mut ptr, &mut len) };
+    let status = Status::from(unsafe { proxy_get_buffer_bytes(buffer as u32, start, max_size, &mut ptr, &mut len) });
     match status {
-        OK => owned(ptr, len).unwrap_or_default(),
-        NOT_FOUND => Vec::new(),
+        Status::Ok => owned(ptr, len).unwrap_or_default(),
+        Status::NotFound => Vec::new(),
         s => {
             complain("a buffer read", s);
             Vec::new()
@@ -263,10 +293,10 @@ pub fn buffer(buffer: Buffer, start: usize, max_size: usize) -> Vec<u8> {
 pub fn shared_data(key: &str) -> Option<(Vec<u8>, Option<u32>)> {
     let (mut ptr, mut len, mut cas) = (null_mut(), 0, 0);
     // SAFETY: pointers to live locals.
-    let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut ptr, &mut len, &mut cas) };
+    let status = Status::from(unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut ptr, &mut len, &mut cas) });
     match status {
-        OK => Some((owned(ptr, len).unwrap_or_default(), (cas != 0).then_some(cas))),
-        NOT_FOUND => None,
+        Status::Ok => Some((owned(ptr, len).unwrap_or_default(), (cas != 0).then_some(cas))),
+        Status::NotFound => None,
         s => {
             complain("a shared-data read", s);
             None
@@ -278,10 +308,10 @@ pub fn shared_data(key: &str) -> Option<(Vec<u8>, Option<u32>)> {
 /// false on CAS_MISMATCH (another writer was first) or when the host refused (logged).
 pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> bool {
     // SAFETY: pointers to live slices.
-    let status = unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0)) };
+    let status = Status::from(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0)) });
     match status {
-        OK => true,
-        CAS_MISMATCH => false,
+        Status::Ok => true,
+        Status::CasMismatch => false,
         s => {
             complain("a shared-data write", s);
             false
@@ -293,8 +323,8 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> bool {
 pub fn define_counter(name: &str) -> u32 {
     let mut id = 0;
     // SAFETY: pointers to a live slice and local.
-    let status = unsafe { proxy_define_metric(0, name.as_ptr(), name.len(), &mut id) };
-    if status == OK { id } else { 0 }
+    let status = Status::from(unsafe { proxy_define_metric(0, name.as_ptr(), name.len(), &mut id) });
+    if status == Status::Ok { id } else { 0 }
 }
 
 /// Adds `n` to a counter (`proxy_increment_metric`); a refusal is ignored.
@@ -308,8 +338,8 @@ pub fn increment(id: u32, n: u64) {
 pub fn metric(id: u32) -> u64 {
     let mut value = 0;
     // SAFETY: pointer to a live local.
-    let status = unsafe { proxy_get_metric(id, &mut value) };
-    if status == OK { value } else { 0 }
+    let status = Status::from(unsafe { proxy_get_metric(id, &mut value) });
+    if status == Status::Ok { value } else { 0 }
 }
 
 /// Wall clock since the Unix epoch (`proxy_get_current_time_nanoseconds`); zero when refused.
@@ -323,8 +353,8 @@ pub fn now() -> Duration {
 /// Calls the root context's `proxy_on_tick` every `period` (`proxy_set_tick_period_milliseconds`).
 pub fn set_tick_period(period: Duration) {
     // SAFETY: no pointers.
-    let status = unsafe { proxy_set_tick_period_milliseconds(u32::try_from(period.as_millis()).unwrap_or(u32::MAX)) };
-    if status != OK {
+    let status = Status::from(unsafe { proxy_set_tick_period_milliseconds(u32::try_from(period.as_millis()).unwrap_or(u32::MAX)) });
+    if status != Status::Ok {
         complain("a tick period", status);
     }
 }
@@ -333,7 +363,7 @@ pub fn set_tick_period(period: Duration) {
 /// false when the context is gone.
 pub fn set_effective_context(context_id: u32) -> bool {
     // SAFETY: no pointers.
-    unsafe { proxy_set_effective_context(context_id) == OK }
+    Status::from(unsafe { proxy_set_effective_context(context_id) }) == Status::Ok
 }
 
 /// Writes a log line at `level` (`proxy_log`).
@@ -346,8 +376,8 @@ pub fn log(level: LogLevel, message: &str) {
 pub fn log_level() -> Option<LogLevel> {
     let mut level = 0;
     // SAFETY: pointer to a live local.
-    let status = unsafe { proxy_get_log_level(&mut level) };
-    if status != OK {
+    let status = Status::from(unsafe { proxy_get_log_level(&mut level) });
+    if status != Status::Ok {
         return None;
     }
     Some(match level {
@@ -365,7 +395,7 @@ pub fn log_level() -> Option<LogLevel> {
 /// host's status when it refused (BAD_ARGUMENT: unknown cluster or missing pseudo-header;
 /// INTERNAL_FAILURE). The answer arrives in `proxy_on_http_call_response` of the root
 /// context.
-pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: Option<&[u8]>, timeout: Duration) -> Result<u32, u32> {
+pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: Option<&[u8]>, timeout: Duration) -> Result<u32, Status> {
     let map = HeaderPairs::from_pairs(headers);
     let map = map.as_bytes();
     let (body_ptr, body_len) = body.map_or((null(), 0), |b| (b.as_ptr(), b.len()));
@@ -374,8 +404,8 @@ pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: Option<&[u8]>, t
     let trailers = trailers.as_bytes();
     let mut token = 0;
     // SAFETY: pointers to live slices and a live local.
-    let status = unsafe {
+    let status = Status::from(unsafe {
         proxy_http_call(cluster.as_ptr(), cluster.len(), map.as_ptr(), map.len(), body_ptr, body_len, trailers.as_ptr(), trailers.len(), timeout_ms, &mut token)
-    };
-    if status == OK { Ok(token) } else { Err(status) }
+    });
+    if status == Status::Ok { Ok(token) } else { Err(status) }
 }

@@ -51,7 +51,7 @@ impl ControlClient {
     /// # Errors
     /// The host's ABI status when it refuses the call (BAD_ARGUMENT: unknown cluster or
     /// missing pseudo-header; INTERNAL_FAILURE), logged here.
-    pub fn call(&self, call: &Call) -> Result<u32, u32> {
+    pub fn call(&self, call: &Call) -> Result<u32, abi::Status> {
         let mut path = session_path(&self.path_prefix, &call.session_id);
         path.push_str(call.suffix);
         if let Some(ms) = call.wait_ms {
@@ -67,7 +67,7 @@ impl ControlClient {
     ///
     /// # Errors
     /// As [`ControlClient::call`].
-    pub fn write_records(&self, body: &[u8]) -> Result<u32, u32> {
+    pub fn write_records(&self, body: &[u8]) -> Result<u32, abi::Status> {
         let path = format!("{}/sessions", self.path_prefix);
         self.dispatch("POST", &path, Some(body), None)
     }
@@ -77,12 +77,12 @@ impl ControlClient {
     ///
     /// # Errors
     /// As [`ControlClient::call`].
-    pub fn fetch_draining(&self) -> Result<u32, u32> {
+    pub fn fetch_draining(&self) -> Result<u32, abi::Status> {
         let path = format!("{}/upstreams/draining", self.path_prefix);
         self.dispatch("GET", &path, None, None)
     }
 
-    fn dispatch(&self, method: &str, path: &str, body: Option<&[u8]>, timeout_ms: Option<u64>) -> Result<u32, u32> {
+    fn dispatch(&self, method: &str, path: &str, body: Option<&[u8]>, timeout_ms: Option<u64>) -> Result<u32, abi::Status> {
         let mut headers = vec![(":method", method), (":path", path), (":authority", self.authority.as_str())];
         if body.is_some() {
             headers.push(("content-type", "application/json"));
@@ -93,7 +93,7 @@ impl ControlClient {
         let timeout = timeout_ms.map_or(self.timeout, Duration::from_millis);
         let r = abi::http_call(&self.cluster, &headers, body, timeout);
         if let Err(status) = r {
-            log::warn!("mcp-affinity: proxy_http_call to cluster {} refused: status {status}", self.cluster);
+            log::warn!("mcp-affinity: proxy_http_call to cluster {} refused: status {status:?}", self.cluster);
         }
         r
     }

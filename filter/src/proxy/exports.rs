@@ -127,6 +127,9 @@ pub extern "C" fn _initialize() {
     }
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(log::LevelFilter::Info);
+    // A panic aborts the VM (`panic = "abort"`); Envoy then applies the plugin's
+    // failure_policy. Say why at critical first, in Envoy's log.
+    std::panic::set_hook(Box::new(|info| abi::log(LogLevel::Critical, &format!("mcp-affinity: panic: {info}"))));
 }
 
 /// Marks the ABI version the module speaks (proxy-wasm-cpp-host looks for this export).
