@@ -237,3 +237,57 @@ async fn filter_replay_the_typescript_sdk_client_keeps_its_session() {
 async fn istio_shape_the_typescript_sdk_client_keeps_its_session() {
     the_typescript_sdk_client_keeps_its_session(Bootstrap::Istio).await;
 }
+
+/// The fourth trigger: the pod dies after the request reached it (a `tools/call` running
+/// there). Such a request may have run, so it is never replayed. The demo pods (rmcp) answer
+/// a `tools/call` with SSE and send the `200` headers at once, so the client sees its stream
+/// cut (the known limit in docs/development.md); a pod that had not answered yet gives
+/// control's -32003 "outcome unknown" (filter replay) or Envoy's 503 (Envoy's retry retries
+/// only what provably did not run). Never the tool's result from a second run. Either way the
+/// session's next call, in the same shape, runs on a live pod under the same session id,
+/// after exactly one re-initialization.
+async fn a_reset_after_send_is_never_replayed(bootstrap: Bootstrap) {
+    let mut m = mesh(bootstrap, 2, &[], "");
+    for (i, shape) in Shape::SPLIT.into_iter().enumerate() {
+        // A session on pod-0 (as it is now: each round ends with pod-0 restarted, empty).
+        let (victims, _) = sessions_on(&m.proxy, "pod-0", 1).await;
+        let s = victims[0].shaped(shape);
+        let slow = {
+            let s = s.clone();
+            tokio::spawn(async move { s.call_tool("echo", json!({"text": "slow", "sleep_ms": 20_000})).await })
+        };
+        // The call is running on pod-0 (its in-flight count says so); then pod-0 dies.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while m.pods[0].in_flight().await.unwrap_or(0) == 0 {
+            assert!(std::time::Instant::now() < deadline, "{shape:?}: the slow call never reached pod-0");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        m.pods[0].kill();
+        match slow.await.unwrap() {
+            Err(CallError::Transport(_)) => {} // the SSE answer was cut
+            Err(CallError::Http { status, .. }) if bootstrap == Bootstrap::StatefulSession => assert_eq!(status, 503, "{shape:?}"),
+            Err(CallError::JsonRpc { code, .. }) if bootstrap != Bootstrap::StatefulSession => assert_eq!(code, -32003, "{shape:?}"),
+            other => panic!("{bootstrap:?}/{shape:?}: expected the request not to be replayed, got {other:?}"),
+        }
+        assert_eq!(m.pods[1].in_flight().await.unwrap(), 0, "{bootstrap:?}/{shape:?}: the slow call was not run again on pod-1");
+        let text = long_text(shape);
+        assert_eq!(s.echo(&text).await.unwrap(), text, "{bootstrap:?}/{shape:?}: the next call runs, on the same session");
+        assert_eq!(m.control.reinitializations().await, (i + 1) as f64, "{bootstrap:?}/{shape:?}: one re-initialization per session");
+        m.pods[0].restart().unwrap(); // back (empty) for the next shape's session
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn default_bootstrap_a_reset_after_send_is_never_replayed() {
+    a_reset_after_send_is_never_replayed(Bootstrap::StatefulSession).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filter_replay_a_reset_after_send_is_never_replayed() {
+    a_reset_after_send_is_never_replayed(Bootstrap::OriginalDst).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn istio_shape_a_reset_after_send_is_never_replayed() {
+    a_reset_after_send_is_never_replayed(Bootstrap::Istio).await;
+}
