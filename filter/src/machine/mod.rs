@@ -1,7 +1,7 @@
 //! One HTTP stream's decisions, independent of the host: events in (request headers, a
 //! request body chunk, response headers, a control answer, the end of the stream), a
 //! [`Step`] out (header changes, calls to control, a local reply, and whether the stream
-//! goes on). The proxy-wasm layer (`proxy/stream.rs`) only translates.
+//! goes on). The proxy-wasm layer (`proxy/http_context.rs`) only translates.
 //!
 //! The machine encodes the rules real Envoy imposes on a proxy-wasm HTTP filter (checked
 //! in proxy-wasm-cpp-host `src/context.cc` and Envoy
