@@ -33,12 +33,7 @@ fn mesh_with(config: &str, endpoint: impl Fn(usize) -> bool) -> (Vec<Pod>, Contr
 fn proxy_for(pods: &[Pod], control: &ControlService, config: &str) -> Proxy {
     Proxy::start(
         &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
-        ProxyOptions {
-            filter_config: config.to_string(),
-            clusters: vec![control.proxy_cluster()],
-            vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
-            ..Default::default()
-        },
+        control.proxy_options(config.to_string()),
     )
     .unwrap()
 }

@@ -22,7 +22,7 @@
 //! returns the text only when it parsed the client's whole JSON body), and counts the
 //! pods' `initialize`s: exactly one re-initialization per affected session.
 
-use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
+use mcp_affinity_harness::fixtures::control::ControlService;
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
 use mcp_affinity_harness::mcp_client::{CallError, Shape};
 use mcp_affinity_harness::fixtures::replay::ReplayListener;
@@ -74,14 +74,7 @@ fn mesh(bootstrap: Bootstrap, pods: usize, pod_flags: &[&str], filter_extra: &st
     };
     let proxy = Proxy::start(
         &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
-        ProxyOptions {
-            filter_config: ControlService::filter_config(&mode),
-            clusters: vec![control.proxy_cluster()],
-            vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
-            replay,
-            istio: bootstrap == Bootstrap::Istio,
-            ..Default::default()
-        },
+        ProxyOptions { replay, istio: bootstrap == Bootstrap::Istio, ..control.proxy_options(ControlService::filter_config(&mode)) },
     )
     .unwrap();
     Mesh { pods, control, proxy }

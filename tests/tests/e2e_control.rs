@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
+use mcp_affinity_harness::fixtures::control::ControlService;
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, pods};
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use mcp_affinity_harness::mcp_client::{self, Session};
@@ -15,12 +15,7 @@ fn addrs(pods: &[Pod]) -> Vec<std::net::SocketAddr> {
 }
 
 fn with_control(control: &ControlService) -> ProxyOptions {
-    ProxyOptions {
-        filter_config: ControlService::filter_config(""),
-        clusters: vec![control.proxy_cluster()],
-        vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
-        ..Default::default()
-    }
+    control.proxy_options(ControlService::filter_config(""))
 }
 
 /// The acceptance case: initialize, restart Envoy, 5 requests → all on the original pod,

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
-use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions};
+use mcp_affinity_harness::fixtures::control::ControlService;
+use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy};
 use mcp_affinity_harness::mcp_client::{self, Session};
 use mcp_affinity_harness::process::free_addr;
 use serde_json::json;
@@ -133,12 +133,7 @@ fn mesh() -> Mesh {
     let control = ControlService::start_with("memory", &["--endpoints".into(), endpoints.join(",")]).unwrap();
     let proxy = Proxy::start(
         &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
-        ProxyOptions {
-            filter_config: ControlService::filter_config(r#","sweep_period_ms":200"#),
-            clusters: vec![control.proxy_cluster()],
-            vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
-            ..Default::default()
-        },
+        control.proxy_options(ControlService::filter_config(r#","sweep_period_ms":200"#)),
     )
     .unwrap();
     Mesh { pods, next, control, proxy }

@@ -7,7 +7,7 @@
 //! client keeps its session id and sees no error.
 
 
-use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
+use mcp_affinity_harness::fixtures::control::ControlService;
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
 use mcp_affinity_harness::mcp_client::Session;
 use std::path::Path;
@@ -36,13 +36,7 @@ fn proxy_for(pods: &[Pod], control: &ControlService, replay: &ReplayListener) ->
     let config = ControlService::filter_config(r#","pin_encoding":"base64","recovery":{"replay_by":"envoy_retry"}"#);
     Proxy::start(
         &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
-        ProxyOptions {
-            filter_config: config,
-            clusters: vec![control.proxy_cluster()],
-            vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
-            replay: Some(replay.clone()),
-            ..Default::default()
-        },
+        ProxyOptions { replay: Some(replay.clone()), ..control.proxy_options(config) },
     )
     .unwrap()
 }

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener};
 
 use mcp_affinity_harness::fixtures::control::{ControlService, TEST_TOKEN};
 use mcp_affinity_harness::demo_server::GENUINE_BAD_REQUEST_BODY;
-use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
+use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, initializations, sessions_on};
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use mcp_affinity_harness::mcp_client::{self, Session};
 use serde_json::json;
@@ -25,12 +25,7 @@ fn control_for(pods: &[Pod], store: &str) -> ControlService {
 fn proxy_for(pods: &[Pod], control: &ControlService) -> Proxy {
     Proxy::start(
         &addrs(pods),
-        ProxyOptions {
-            filter_config: ControlService::filter_config(""),
-            clusters: vec![control.proxy_cluster()],
-            vm_env: vec![("MCP_AFFINITY_CONTROL_TOKEN".into(), TEST_TOKEN.into())],
-            ..Default::default()
-        },
+        control.proxy_options(ControlService::filter_config("")),
     )
     .unwrap()
 }
