@@ -35,7 +35,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::auth::{Auth, require_bearer};
 use crate::errors::ApiError;
@@ -61,14 +61,8 @@ pub const DRAIN_ROUTE: &str = "/v1/upstreams/{upstream}/drain";
 /// Route template of the list of draining upstreams (polled by every filter).
 pub const DRAINING_ROUTE: &str = "/v1/upstreams/draining";
 
-/// Body of `GET /v1/upstreams/draining`:
-/// `{"draining":[{"upstream":"127.0.0.2:8080","since_ms":…,"source":"admin","moved":0,"failed":0,"last_move_ms":null}]}`.
-/// The filter reads only `draining[].upstream`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DrainingList {
-    /// Every unexpired drain, sorted by `upstream`.
-    pub draining: Vec<Drain>,
-}
+/// Body of `GET /v1/upstreams/draining` (the contract crate's).
+pub use mcp_affinity_proto::draining::DrainingList;
 
 /// Shared state of the handlers.
 pub struct AppState<S> {

@@ -18,7 +18,7 @@
 //! an outage) and the next poll comes one interval later.
 
 use hashbrown::HashSet;
-use serde::Deserialize;
+use mcp_affinity_proto::draining::DrainingList;
 
 use crate::store::SharedData;
 
@@ -137,24 +137,14 @@ pub fn store_answer(shared: &mut dyn SharedData, claimed_at_ms: u64, upstreams: 
     false
 }
 
-#[derive(Deserialize)]
-struct Answer {
-    draining: Vec<Upstream>,
-}
-
-#[derive(Deserialize)]
-struct Upstream {
-    upstream: String,
-}
-
-/// Parses control's `GET {prefix}/upstreams/draining` answer
-/// (`{"draining":[{"upstream":"10.0.0.7:8080", ...}, ...]}`; other fields are ignored).
+/// Parses control's `GET {prefix}/upstreams/draining` answer ([`DrainingList`]) into the
+/// sorted, deduplicated upstream hosts.
 ///
 /// # Errors
 /// A message when the body is not that shape, holds more than [`MAX_UPSTREAMS`] entries,
 /// or an upstream that is empty, longer than 128 bytes or not visible ASCII.
 pub fn parse_answer(body: &[u8]) -> Result<Vec<String>, String> {
-    let a: Answer = serde_json::from_slice(body).map_err(|e| format!("draining list: {e}"))?;
+    let a: DrainingList = serde_json::from_slice(body).map_err(|e| format!("draining list: {e}"))?;
     if a.draining.len() > MAX_UPSTREAMS {
         return Err(format!("draining list: {} upstreams, at most {MAX_UPSTREAMS} accepted", a.draining.len()));
     }
@@ -254,15 +244,21 @@ mod tests {
         assert!(claim_poll(&mut host, 5, 1000), "an undecodable value is due for a poll");
     }
 
+    /// One element of control's list, as control writes it.
+    fn entry(upstream: &str) -> String {
+        format!(r#"{{"upstream":"{upstream}","since_ms":1,"source":"admin","moved":0,"failed":0,"last_move_ms":null}}"#)
+    }
+
     #[test]
     fn answers() {
-        let body = br#"{"draining":[{"upstream":"10.0.0.3:8080","since_ms":1,"source":"admin","moved":0,"failed":0,"last_move_ms":null},{"upstream":"10.0.0.2:8080"}]}"#;
-        assert_eq!(parse_answer(body).unwrap(), ["10.0.0.2:8080", "10.0.0.3:8080"]);
+        let body = format!(r#"{{"draining":[{},{},{}]}}"#, entry("10.0.0.3:8080"), entry("10.0.0.2:8080"), entry("10.0.0.3:8080"));
+        assert_eq!(parse_answer(body.as_bytes()).unwrap(), ["10.0.0.2:8080", "10.0.0.3:8080"]);
         assert_eq!(parse_answer(br#"{"draining":[]}"#).unwrap(), Vec::<String>::new());
-        for bad in [&b"{}"[..], b"[]", b"not json", br#"{"draining":[{"upstream":""}]}"#, br#"{"draining":[{"upstream":"a b"}]}"#] {
+        let (empty, spaced) = (format!(r#"{{"draining":[{}]}}"#, entry("")), format!(r#"{{"draining":[{}]}}"#, entry("a b")));
+        for bad in [&b"{}"[..], b"[]", b"not json", br#"{"draining":[{"upstream":"10.0.0.2:80"}]}"#, empty.as_bytes(), spaced.as_bytes()] {
             assert!(parse_answer(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
-        let many = format!("{{\"draining\":[{}]}}", vec![r#"{"upstream":"1.1.1.1:1"}"#; MAX_UPSTREAMS + 1].join(","));
+        let many = format!("{{\"draining\":[{}]}}", vec![entry("1.1.1.1:1"); MAX_UPSTREAMS + 1].join(","));
         assert!(parse_answer(many.as_bytes()).unwrap_err().contains("at most"));
     }
 }

@@ -7,7 +7,7 @@
 //! - [`jsonrpc`]: recognising `initialize` in a POST body, JSON-RPC error bodies;
 //! - [`pin`]: the session → upstream host record kept in Envoy shared data, and the
 //!   routing-header encodings;
-//! - [`control`]: requests to and records from the control service;
+
 //! - [`header_map`]: the ABI's serialised header map, read without copies;
 //! - [`record_queue`]: new sessions' records waiting in the VM, sent to control in
 //!   batches on the root context's tick;
@@ -24,7 +24,6 @@
 //! callbacks into [`machine`] events and its actions into host calls.
 
 pub mod config;
-pub mod control;
 pub mod drain;
 pub mod header_map;
 pub mod headers;

@@ -19,81 +19,52 @@
 
 use std::collections::VecDeque;
 
-use serde::ser::{Serialize, SerializeMap, SerializeStruct, Serializer};
+use mcp_affinity_proto::sessions::{PutSession, PutSessions};
+
+pub use mcp_affinity_proto::sessions::PutSessionsAnswer;
 
 /// Most records waiting in one VM.
 pub const MAX_QUEUED: usize = 16_384;
-/// Most records per call (control accepts up to 1024).
+/// Most records per call (control accepts up to `sessions::MAX_BATCH_RECORDS`, 1024).
 pub const MAX_BATCH_RECORDS: usize = 256;
+const _: () = assert!(MAX_BATCH_RECORDS <= mcp_affinity_proto::sessions::MAX_BATCH_RECORDS);
 /// A batch stops growing once its body passes this many bytes (a single larger record
 /// still goes alone; control's `--max-body-bytes`, default 1 MiB, bounds it).
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// Sends of one record before it is dropped.
 pub const MAX_ATTEMPTS: u8 = 5;
 
-/// The record of a session pinned by an `initialize` answer (control's `PUT` body plus
-/// the session id).
+/// The record of a session pinned by an `initialize` answer: the session id and control's
+/// `PUT` body ([`PutSession`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRecord {
     /// The client's `Mcp-Session-Id`.
     pub session_id: String,
-    /// The id the upstream host knows the session by.
-    pub backend_session_id: String,
-    /// The upstream host, `ip:port`.
-    pub upstream: String,
-    pub generation: u64,
-    /// The raw `initialize` request body (JSON text), replayed on recovery.
-    pub initialize: String,
+    /// What control stores: backend session id, upstream host, generation, the raw
+    /// `initialize` request body.
+    pub put: PutSession,
     /// Sends so far.
     attempts: u8,
 }
 
 impl NewRecord {
+    /// The record of session `session_id` (known to `upstream` as `backend_session_id`)
+    /// created by the `initialize` request body `initialize`.
     pub fn new(session_id: &str, backend_session_id: &str, upstream: &str, generation: u64, initialize: String) -> NewRecord {
-        NewRecord { session_id: session_id.to_string(), backend_session_id: backend_session_id.to_string(), upstream: upstream.to_string(), generation, initialize, attempts: 0 }
+        let put = PutSession {
+            backend_session_id: Some(backend_session_id.to_string()),
+            upstream: upstream.to_string(),
+            generation: Some(generation),
+            initialize,
+            initialized: None,
+            protocol_version: None,
+        };
+        NewRecord { session_id: session_id.to_string(), put, attempts: 0 }
     }
 
     /// Rough size of its part of a batch body, bytes.
     fn size(&self) -> usize {
-        self.session_id.len() + self.backend_session_id.len() + self.upstream.len() + self.initialize.len() + 96
-    }
-}
-
-/// The `PUT` body part of a record.
-struct Body<'a>(&'a NewRecord);
-
-impl Serialize for Body<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut r = s.serialize_struct("PutSession", 4)?;
-        r.serialize_field("backend_session_id", &self.0.backend_session_id)?;
-        r.serialize_field("upstream", &self.0.upstream)?;
-        r.serialize_field("generation", &self.0.generation)?;
-        r.serialize_field("initialize", &self.0.initialize)?;
-        r.end()
-    }
-}
-
-/// The records as a map, session id → body.
-struct ById<'a>(&'a [NewRecord]);
-
-impl Serialize for ById<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for r in self.0 {
-            m.serialize_entry(&r.session_id, &Body(r))?;
-        }
-        m.end()
-    }
-}
-
-/// `{"records": {id: body, …}}`.
-struct Records<'a>(&'a [NewRecord]);
-
-impl Serialize for Records<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut top = s.serialize_struct("PutSessions", 1)?;
-        top.serialize_field("records", &ById(self.0))?;
-        top.end()
+        self.session_id.len() * 2 + self.put.upstream.len() + self.put.initialize.len() + 96
     }
 }
 
@@ -170,7 +141,7 @@ impl RecordQueue {
         for r in &mut records {
             r.attempts += 1;
         }
-        let body = serde_json::to_vec(&Records(&records)).unwrap_or_default();
+        let body = PutSessions::body(records.iter().map(|r| (r.session_id.as_str(), &r.put)));
         Some(Batch { records, body })
     }
 
@@ -190,21 +161,10 @@ impl RecordQueue {
     }
 }
 
-/// Control's answer to a batch (200): records created, records kept (one of that id
-/// existed: an earlier send of the same batch landed, or a recovery re-pinned the
-/// session), and the ids it rejected with their reason (invalid id or body; never sent
-/// again).
-#[derive(Debug, Default, PartialEq, Eq, serde::Deserialize)]
-pub struct BatchAnswer {
-    pub written: u64,
-    #[serde(default)]
-    pub kept: u64,
-    #[serde(default)]
-    pub rejected: std::collections::BTreeMap<String, serde_json::Value>,
-}
-
-/// Parses a 200 answer of `POST {prefix}/sessions`. Errors are strings for logs.
-pub fn parse_answer(body: &[u8]) -> Result<BatchAnswer, String> {
+/// Parses a 200 answer of `POST {prefix}/sessions` ([`PutSessionsAnswer`]: records
+/// created, records kept because one of that id existed, and the ids control rejected with
+/// their reason, never sent again). Errors are strings for logs.
+pub fn parse_answer(body: &[u8]) -> Result<PutSessionsAnswer, String> {
     serde_json::from_slice(body).map_err(|e| format!("control batch answer: {e}"))
 }
 

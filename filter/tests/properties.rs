@@ -6,7 +6,6 @@
 //! them does under any sequence of writes.
 
 use mcp_affinity_filter::config::FilterConfig;
-use mcp_affinity_filter::control::parse_record;
 use mcp_affinity_filter::header_map::HeaderPairs;
 use mcp_affinity_filter::jsonrpc::{self, BodyKind};
 use mcp_affinity_filter::pin::{DecodeError, Pin};
@@ -14,6 +13,7 @@ use mcp_affinity_filter::recovery::parse_answer;
 use mcp_affinity_filter::session_id::{self, MAX_SESSION_ID_LEN};
 use mcp_affinity_filter::store::memory::MemorySharedData;
 use mcp_affinity_filter::store::{self, Layout, Updated};
+use mcp_affinity_proto::sessions::SessionRecord;
 use proptest::prelude::*;
 
 /// A write to the pin store: put a pin (session, last seen), refresh it, or forget it.
@@ -175,9 +175,9 @@ proptest! {
     #[test]
     fn control_answers_of_any_shape_are_values(v in json(), bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let body = serde_json::to_vec(&v).unwrap();
-        let _ = parse_record(&body);
+        let _ = SessionRecord::parse(&body);
         let _ = parse_answer(&body);
-        let _ = parse_record(&bytes);
+        let _ = SessionRecord::parse(&bytes);
         let _ = parse_answer(&bytes);
     }
 }

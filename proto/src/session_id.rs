@@ -54,6 +54,11 @@ pub fn validate(id: &[u8], max_len: usize) -> Result<&str, InvalidSessionId> {
     Ok(std::str::from_utf8(id).expect("visible ASCII is UTF-8"))
 }
 
+/// True when `id` is a valid session id within [`MAX_SESSION_ID_LEN`].
+pub fn is_valid(id: &str) -> bool {
+    validate(id.as_bytes(), MAX_SESSION_ID_LEN).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

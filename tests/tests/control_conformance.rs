@@ -18,7 +18,7 @@ use mcp_affinity_control::clock::{Clock, ManualClock};
 use mcp_affinity_control::store::memory::MemoryStore;
 use mcp_affinity_control::store::redis::{RedisStore, RedisStoreConfig};
 use mcp_affinity_control::store::{Drain, DrainSource, SessionStore};
-use mcp_affinity_filter::control::encode_segment as encode;
+use mcp_affinity_proto::sessions::encode_segment as encode;
 use mcp_affinity_harness::fixtures::control::InProcessControl;
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use reqwest::{Method, StatusCode};

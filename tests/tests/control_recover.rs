@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mcp_affinity_harness::fixtures::mesh::{Pod, pods};
-use mcp_affinity_filter::control::encode_segment as encode;
+use mcp_affinity_proto::sessions::encode_segment as encode;
 use mcp_affinity_harness::fixtures::control::InProcessControl;
 use mcp_affinity_harness::fixtures::redis::RedisServer;
 use mcp_affinity_harness::mcp_client::{self, Session};

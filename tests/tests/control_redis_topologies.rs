@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use mcp_affinity_control::session_id::SessionId;
 use mcp_affinity_control::store::SessionStore;
 use mcp_affinity_control::store::redis::{RedisStore, RedisStoreConfig, lease_key, record_key};
-use mcp_affinity_filter::control::encode_segment as encode;
+use mcp_affinity_proto::sessions::encode_segment as encode;
 use mcp_affinity_harness::fixtures::control::InProcessControl;
 use mcp_affinity_harness::fixtures::redis::{RedisCluster, RedisSentinels, RedisServer, query};
 use reqwest::{Method, StatusCode};

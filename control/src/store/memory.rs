@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{DEFAULT_DRAIN_TTL, Drain, DrainSource, PutOutcome, SessionStore, StoreError, StoreStats};
+use super::{DEFAULT_DRAIN_TTL, Drain, drain_expired, DrainSource, PutOutcome, SessionStore, StoreError, StoreStats};
 use crate::clock::{Clock, SystemClock};
 use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
 use crate::session_id::SessionId;
@@ -129,7 +129,7 @@ impl MemoryStore {
     fn lock_drains(&self) -> (std::sync::MutexGuard<'_, BTreeMap<String, Drain>>, u64) {
         let now_ms = self.clock.unix_ms();
         let mut drains = self.drains.lock().unwrap_or_else(|p| p.into_inner());
-        drains.retain(|_, d| !d.expired(now_ms, self.drain_ttl));
+        drains.retain(|_, d| !drain_expired(d.since_ms, now_ms, self.drain_ttl));
         (drains, now_ms)
     }
 

@@ -22,7 +22,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 
 use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
 use crate::session_id::SessionId;
@@ -67,81 +66,7 @@ pub enum StoreError {
 /// Default drain TTL (`--drain-ttl-secs`): one hour.
 pub const DEFAULT_DRAIN_TTL: Duration = Duration::from_secs(3600);
 
-/// Who started a drain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DrainSource {
-    /// `POST /v1/upstreams/{upstream}/drain` (e.g. a pod's Kubernetes `preStop` hook).
-    Admin,
-    /// The `--endpoints-dns` watcher: the address stopped resolving (a terminating pod
-    /// leaves its headless Service). Undone automatically when it resolves again.
-    Dns,
-    /// The EndpointSlice watcher (`--drain-from-endpointslices`, cargo feature `kube`):
-    /// the endpoint is terminating or not ready. Undone automatically when it is ready.
-    Endpointslice,
-    /// A source this version does not know (written by a newer control version sharing
-    /// the store). Treated like `admin`: never undone automatically.
-    #[serde(other)]
-    Other,
-}
-
-impl DrainSource {
-    /// The serialised name: `admin`, `dns`, `endpointslice` or `other`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DrainSource::Admin => "admin",
-            DrainSource::Dns => "dns",
-            DrainSource::Endpointslice => "endpointslice",
-            DrainSource::Other => "other",
-        }
-    }
-
-    /// The source named `name` ([`DrainSource::Other`] for a name this version does not know).
-    pub fn parse(name: &str) -> DrainSource {
-        match name {
-            "admin" => DrainSource::Admin,
-            "dns" => DrainSource::Dns,
-            "endpointslice" => DrainSource::Endpointslice,
-            _ => DrainSource::Other,
-        }
-    }
-}
-
-/// The drain of one upstream: its sessions are to be moved off it. JSON shape (the
-/// elements of `GET /v1/upstreams/draining`):
-/// `{"upstream":"127.0.0.2:8080","since_ms":1700000000000,"source":"admin","moved":0,"failed":0,"last_move_ms":null}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Drain {
-    /// The draining upstream, `ip:port` in canonical form (`SocketAddr::to_string()`:
-    /// `10.0.0.7:8080`, `[fd00::7]:8080`).
-    pub upstream: String,
-    /// Unix milliseconds (the store's clock) when the drain began. Kept when the
-    /// upstream is drained again while draining.
-    pub since_ms: u64,
-    /// Who started it.
-    pub source: DrainSource,
-    /// Sessions moved off this upstream by drain-moves (recoveries with reason
-    /// `draining` that re-initialized the session elsewhere and stored the new pin).
-    pub moved: u64,
-    /// Drain-moves of this upstream that could not be made (no live non-draining endpoint
-    /// accepted the session, deadline, lost race): the session stayed on the upstream.
-    pub failed: u64,
-    /// Unix milliseconds of the last successful drain-move (`null` before the first), so
-    /// `last_move_ms - since_ms` is the time from the drain to its last moved session.
-    pub last_move_ms: Option<u64>,
-}
-
-impl Drain {
-    /// A drain of `upstream` by `source` beginning at `now_ms`, nothing moved yet.
-    pub fn new(upstream: SocketAddr, source: DrainSource, now_ms: u64) -> Drain {
-        Drain { upstream: upstream.to_string(), since_ms: now_ms, source, moved: 0, failed: 0, last_move_ms: None }
-    }
-
-    /// `true` when the drain is over at `now_ms`: `ttl` has passed since `since_ms`.
-    pub fn expired(&self, now_ms: u64, ttl: Duration) -> bool {
-        drain_expired(self.since_ms, now_ms, ttl)
-    }
-}
+pub use mcp_affinity_proto::draining::{Drain, DrainSource};
 
 /// `true` when a drain that began at `since_ms` is over at `now_ms` (`ttl` after it began).
 pub fn drain_expired(since_ms: u64, now_ms: u64, ttl: Duration) -> bool {
@@ -243,8 +168,8 @@ mod tests {
         assert_eq!(serde_json::from_str::<DrainSource>(r#""kubernetes""#).unwrap(), DrainSource::Other);
         // Expiry: exactly `ttl` after since_ms.
         let ttl = Duration::from_secs(10);
-        assert!(!d.expired(d.since_ms + 9_999, ttl));
-        assert!(d.expired(d.since_ms + 10_000, ttl));
+        assert!(!drain_expired(d.since_ms, d.since_ms + 9_999, ttl));
+        assert!(drain_expired(d.since_ms, d.since_ms + 10_000, ttl));
         assert!(!drain_expired(u64::MAX - 1, u64::MAX - 1, ttl), "no overflow");
     }
 }

@@ -1,12 +1,13 @@
 //! Control's answers (lookups, drain moves, writes, recoveries) and the end of a stream.
 
 
-use crate::control::parse_record;
+use mcp_affinity_proto::sessions::SessionRecord;
+
 use crate::jsonrpc::{self};
 use crate::metrics::Counter;
 use crate::pin::Pin;
 use crate::recovery::{self, Outcome};
-use super::ops::{Answer, Flow, Op, Reply, Step};
+use super::ops::{ControlAnswer, Flow, Op, Reply, Step};
 use super::state::{Kind, Pending, Phase, Resolution, Resolving, Stream, pin_ops, resolution_ops};
 use super::vm::Ctx;
 
@@ -14,7 +15,7 @@ impl Stream {
     // ---- control answers -------------------------------------------------------------
 
     /// Control answered the call this stream made (or the call failed: `status` None).
-    pub fn on_control_answer(&mut self, cx: &mut Ctx, answer: Answer) -> Step {
+    pub fn on_control_answer(&mut self, cx: &mut Ctx, answer: ControlAnswer) -> Step {
         let pending = std::mem::replace(&mut self.pending, Pending::None);
         let ok = answer.status.is_some_and(|s| (200..300).contains(&s) || s == 404);
         if !matches!(pending, Pending::Lookup | Pending::Move | Pending::None) {
@@ -41,12 +42,12 @@ impl Stream {
         }
     }
 
-    pub(super) fn on_lookup_answer(&mut self, cx: &mut Ctx, answer: Answer) -> Step {
+    pub(super) fn on_lookup_answer(&mut self, cx: &mut Ctx, answer: ControlAnswer) -> Step {
         let Phase::Resolving(r) = std::mem::replace(&mut self.phase, Phase::Passthrough) else {
             return Step::flow(Flow::Stay);
         };
         let resolution = match answer.status {
-            Some(200) => match parse_record(&answer.body) {
+            Some(200) => match SessionRecord::parse(&answer.body) {
                 Ok(record) => {
                     cx.count(Counter::ControlHits);
                     let pin = Pin {
@@ -60,7 +61,7 @@ impl Stream {
                     Resolution::Found(pin)
                 }
                 Err(e) => {
-                    log::warn!("mcp-affinity: {e}");
+                    log::warn!("mcp-affinity: control lookup of {}: {e}", r.client_id);
                     cx.count(Counter::ControlErrors);
                     Resolution::Unavailable
                 }
@@ -85,7 +86,7 @@ impl Stream {
     /// Control answered a drain move: route by the new pin (`moved`), or by the old one
     /// when the move could not be made (the draining pod still serves during its grace
     /// period, so the request is not lost).
-    pub(super) fn on_move_answer(&mut self, cx: &mut Ctx, answer: Answer) -> Step {
+    pub(super) fn on_move_answer(&mut self, cx: &mut Ctx, answer: ControlAnswer) -> Step {
         let Phase::Resolving(mut r) = std::mem::replace(&mut self.phase, Phase::Passthrough) else {
             return Step::flow(Flow::Stay);
         };
@@ -143,7 +144,7 @@ impl Stream {
     /// Control answered the recover call: answer the client with its response (carrying
     /// the client's own session id) and re-pin; or, when control verified the session
     /// alive or failed, let the upstream's answer through as it was.
-    pub(super) fn on_recover_answer(&mut self, cx: &mut Ctx, answer: Answer) -> Step {
+    pub(super) fn on_recover_answer(&mut self, cx: &mut Ctx, answer: ControlAnswer) -> Step {
         let Phase::Pinned(p) = std::mem::replace(&mut self.phase, Phase::Answered) else {
             return Step::flow(Flow::ResumeResponse);
         };

@@ -46,7 +46,7 @@ mod response;
 mod state;
 pub mod vm;
 
-pub use self::ops::{Answer, Call, Flow, Header, Op, Reply, ResponseHead, Step, WANT_RESPONSE};
+pub use self::ops::{Call, ControlAnswer, Flow, Header, Op, Reply, ResponseHead, Step, WANT_RESPONSE, json};
 pub use self::state::Stream;
 pub use self::vm::{Ctx, Env, Vm};
 

@@ -1,6 +1,6 @@
 //! The machine's vocabulary with the host: the response head it reads ([`ResponseHead`]),
 //! the actions it asks for ([`Op`]: header changes, calls to control, local replies), the
-//! flow of the stream after an event ([`Flow`], [`Step`]) and control's answers ([`Answer`]).
+//! flow of the stream after an event ([`Flow`], [`Step`]) and control's answers ([`ControlAnswer`]).
 
 
 use crate::jsonrpc::{self};
@@ -130,8 +130,14 @@ impl Step {
 /// Control's answer to a call: `status` `None` when the call failed (reset, timeout, or
 /// refused by the host).
 #[derive(Debug, Clone, Default)]
-pub struct Answer {
+pub struct ControlAnswer {
     pub status: Option<u16>,
     pub body: Vec<u8>,
 }
 
+
+/// A request body for control: `value` as JSON text (the contract crate's types always
+/// serialise).
+pub fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("the contract's types serialise")
+}

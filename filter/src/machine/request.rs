@@ -3,7 +3,8 @@
 //! record `notifications/initialized`).
 
 
-use crate::control::{PatchSession, to_body};
+use mcp_affinity_proto::sessions::PatchSession;
+
 use crate::header_map::HeaderPairs;
 use crate::headers::{MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, METHOD};
 use crate::jsonrpc::{self, BodyKind};
@@ -12,7 +13,7 @@ use crate::pin::Pin;
 use crate::recovery::{Reason, RecoverRequest};
 use crate::session_id;
 use super::body::BodyCopy;
-use super::ops::{Call, Flow, Header, Op, Reply, Step};
+use super::ops::{Call, Flow, Header, Op, Reply, Step, json};
 use super::state::{Kind, Pending, Phase, Pinned, Resolution, Resolving, Stream, original_request, pin_ops, resolution_ops};
 use super::vm::Ctx;
 
@@ -206,7 +207,7 @@ impl Stream {
             method: "POST",
             session_id: r.client_id.clone(),
             suffix: "/recover",
-            body: Some(to_body(&request)),
+            body: Some(json(&request)),
             timeout_ms: Some(cx.cfg.recovery.timeout_ms),
             wait_ms: cx.record_wait(),
         };
@@ -299,9 +300,9 @@ impl Stream {
         }
         let text = String::from_utf8_lossy(bytes);
         let version = p.request.as_ref().and_then(|h| h.get(MCP_PROTOCOL_VERSION)).and_then(|v| std::str::from_utf8(v).ok());
-        let patch = PatchSession { initialized: Some(&text), protocol_version: version };
+        let patch = PatchSession { initialized: Some(text.into_owned()), protocol_version: version.map(str::to_string) };
         let wait_ms = cx.record_wait();
-        let call = Call { method: "PATCH", session_id: p.client_id.clone(), suffix: "", body: Some(to_body(&patch)), timeout_ms: None, wait_ms };
+        let call = Call { method: "PATCH", session_id: p.client_id.clone(), suffix: "", body: Some(json(&patch)), timeout_ms: None, wait_ms };
         self.pending = Pending::RecordInitialized;
         Step::hold(vec![Op::Call(call)])
     }

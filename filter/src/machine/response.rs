@@ -2,7 +2,8 @@
 //! retry brought back, or start a recovery (rules 3 and 4).
 
 
-use crate::control::{PutSession, to_body};
+use mcp_affinity_proto::sessions::PutSession;
+
 use crate::headers::{CONTENT_TYPE, MCP_SESSION_ID, RECOVERED_PIN};
 use crate::metrics::Counter;
 use crate::pin::Pin;
@@ -10,7 +11,7 @@ use crate::record_queue::{self, NewRecord};
 use crate::recovery::{self, Reason, RecoverRequest, StatusVerdict};
 use crate::session_id;
 use super::body::BodyCopy;
-use super::ops::{Call, Flow, Header, Op, ResponseHead, Step};
+use super::ops::{Call, Flow, Header, Op, ResponseHead, Step, json};
 use super::state::{Kind, Pending, Phase, Pinned, Stream, header_str, original_request};
 use super::vm::Ctx;
 
@@ -70,7 +71,7 @@ impl Stream {
             }
             return Step::flow(Flow::Continue);
         }
-        let body = to_body(&PutSession { backend_session_id: session_id, upstream: &pin.upstream, generation: 1, initialize: &initialize });
+        let body = json(&PutSession { backend_session_id: Some(session_id.to_string()), upstream: pin.upstream.clone(), generation: Some(1), initialize, initialized: None, protocol_version: None });
         let call = Call { method: "PUT", session_id: session_id.to_string(), suffix: "", body: Some(body), timeout_ms: None, wait_ms: None };
         self.pending = Pending::WriteInitialize;
         Step::hold(vec![Op::Call(call)])
@@ -203,7 +204,7 @@ impl Stream {
             session_errors: recovery::session_errors(&cx.cfg.recovery),
         };
         log::info!("mcp-affinity: recovering session {} ({reason:?}) from {}", p.client_id, p.pin.upstream);
-        let call = Call { method: "POST", session_id: p.client_id.clone(), suffix: "/recover", body: Some(to_body(&request)), timeout_ms: Some(cx.cfg.recovery.timeout_ms), wait_ms: cx.record_wait() };
+        let call = Call { method: "POST", session_id: p.client_id.clone(), suffix: "/recover", body: Some(json(&request)), timeout_ms: Some(cx.cfg.recovery.timeout_ms), wait_ms: cx.record_wait() };
         self.phase = Phase::Pinned(p);
         self.pending = Pending::Recover;
         Step::hold(vec![Op::Call(call)])

@@ -234,12 +234,12 @@ fn with_sync_writes_the_initialize_response_is_held_until_control_has_the_record
     assert_eq!(record["initialize"], INIT);
     assert_eq!(record["upstream"], "10.0.0.1:80");
     // Control answers (or fails): the held response goes on either way.
-    assert_eq!(s.on_control_answer(&mut w.cx(), Answer { status: Some(201), body: vec![] }).flow, Flow::ResumeResponse);
+    assert_eq!(s.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(201), body: vec![] }).flow, Flow::ResumeResponse);
     let mut s2 = Stream::new(2);
     s2.on_request_headers(&mut w.cx(), post(None), false);
     s2.on_request_body(&mut w.cx(), &body(INIT), true);
     s2.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s2")]));
-    assert_eq!(s2.on_control_answer(&mut w.cx(), Answer::default()).flow, Flow::ResumeResponse);
+    assert_eq!(s2.on_control_answer(&mut w.cx(), ControlAnswer::default()).flow, Flow::ResumeResponse);
     assert_eq!(w.count("control_errors"), 1);
     assert!(w.stored("s2").is_some(), "shared data has the pin even when control is down");
 }
@@ -326,7 +326,7 @@ fn the_protocol_version_is_captured_with_the_headers_for_notifications_initializ
     assert_eq!(step.flow, Flow::Pause, "held at its body end while control records it");
     let patch = json(calls(&step)[0].body.as_ref().unwrap());
     assert_eq!((patch["initialized"].as_str(), patch["protocol_version"].as_str()), (Some(note), Some("2025-06-18")));
-    assert_eq!(s.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: vec![] }).flow, Flow::ResumeRequest);
+    assert_eq!(s.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(200), body: vec![] }).flow, Flow::ResumeRequest);
     assert!(w.stored("s1").unwrap().recorded);
 }
 
@@ -391,7 +391,7 @@ fn delete_forgets_the_session_here_and_in_control() {
     let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[]));
     assert_eq!((step.flow, calls(&step)[0].method), (Flow::Pause, "DELETE"));
     assert!(w.stored("s1").is_none());
-    assert_eq!(s.on_control_answer(&mut w.cx(), Answer { status: Some(204), body: vec![] }).flow, Flow::ResumeResponse);
+    assert_eq!(s.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(204), body: vec![] }).flow, Flow::ResumeResponse);
 }
 
 // ---- a VM's own copies of pins ------------------------------------------------------------
@@ -433,7 +433,7 @@ fn a_recovery_or_a_delete_on_one_vm_reaches_the_next_request_on_another() {
     assert_eq!(routed_to(&on_other_vm(&mut w, &mut other, 10, post(Some("s1")))), Some("10.0.0.2:80"));
     // This VM recovers the session onto another pod: a change.
     s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
-    s.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: REPLAYED.into() });
+    s.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(200), body: REPLAYED.into() });
     assert_eq!(w.count("pins_changed"), 1);
     let step = on_other_vm(&mut w, &mut other, 11, post(Some("s1")));
     assert_eq!(routed_to(&step), Some("10.0.0.5:80"));
@@ -449,7 +449,8 @@ fn a_recovery_or_a_delete_on_one_vm_reaches_the_next_request_on_another() {
 
 // ---- lookups: one per session per VM ------------------------------------------------------
 
-const RECORD: &str = r#"{"backend_session_id":"s1","upstream":"10.0.0.4:80","generation":1,"initialized":"{}"}"#;
+/// A record as control answers a lookup (`GET /v1/sessions/s1`).
+const RECORD: &str = r#"{"version":1,"session_id":"s1","backend_session_id":"s1","upstream":"10.0.0.4:80","generation":1,"initialize":"{}","initialized":"{}","protocol_version":null,"created_at_ms":1,"last_seen_ms":1}"#;
 
 #[test]
 fn one_lookup_per_session_and_waiters_are_woken_with_the_same_route() {
@@ -459,7 +460,7 @@ fn one_lookup_per_session_and_waiters_are_woken_with_the_same_route() {
     assert_eq!((step.flow, calls(&step)[0].method), (Flow::Pause, "GET"));
     let step = b.on_request_headers(&mut w.cx(), post(Some("s1")), false);
     assert_eq!(step, Step { ops: vec![], flow: Flow::Pause }, "waits without a second lookup");
-    let step = a.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: RECORD.into() });
+    let step = a.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(200), body: RECORD.into() });
     assert_eq!(step.flow, Flow::ResumeRequest);
     let set = Op::SetRequestHeader(Header::Pin, "10.0.0.4:80".into());
     assert_eq!(step.ops, vec![Op::Wake { waiters: vec![2], ops: vec![set.clone()], resume: true }, set]);
@@ -476,7 +477,7 @@ fn a_failed_or_refused_lookup_lets_requests_go_on_unpinned() {
     let mut w = World::new(true);
     let mut a = Stream::new(1);
     a.on_request_headers(&mut w.cx(), post(Some("s1")), false);
-    let step = a.on_control_answer(&mut w.cx(), Answer::default());
+    let step = a.on_control_answer(&mut w.cx(), ControlAnswer::default());
     assert_eq!(step, Step { ops: vec![], flow: Flow::ResumeRequest });
     assert_eq!((w.count("control_errors"), w.count("requests_unpinned")), (1, 1));
     assert!(w.vm.lookups.is_empty());
@@ -498,7 +499,7 @@ fn control_says_unknown_so_every_waiter_gets_404() {
     let (mut a, mut b) = (Stream::new(1), Stream::new(2));
     a.on_request_headers(&mut w.cx(), post(Some("s1")), false);
     b.on_request_headers(&mut w.cx(), post(Some("s1")), false);
-    let step = a.on_control_answer(&mut w.cx(), Answer { status: Some(404), body: vec![] });
+    let step = a.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(404), body: vec![] });
     assert_eq!(step.flow, Flow::Stay);
     assert!(matches!(&step.ops[0], Op::Wake { ops, resume: false, .. } if matches!(ops[0], Op::Reply(Reply { status: 404, .. }))));
     assert_eq!(reply(&step).unwrap().status, 404);
@@ -522,7 +523,7 @@ fn a_session_error_is_answered_with_control_s_replay_and_the_client_s_id() {
     let mut w = World::new(true);
     let mut s = pinned_call(&mut w);
     s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
-    let step = s.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: REPLAYED.into() });
+    let step = s.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(200), body: REPLAYED.into() });
     assert_eq!(step.flow, Flow::Stay, "the local reply replaces the held response");
     let r = reply(&step).unwrap();
     assert_eq!((r.status, r.session_id.as_deref(), r.body.as_slice()), (200, Some("s1"), &b"{\"ok\":1}"[..]));
@@ -541,7 +542,7 @@ fn a_400_json_is_verified_by_control_and_passed_through_when_the_session_is_aliv
     assert_eq!(suspect["reason"], "session_suspect");
     assert_eq!(suspect["session_errors"]["codes"], serde_json::json!([-32001]), "control probes with the configured rules");
     let alive = r#"{"outcome":"alive","pin":{"upstream":"10.0.0.2:80","backend_session_id":"s1","generation":1}}"#;
-    let step = s.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: alive.into() });
+    let step = s.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(200), body: alive.into() });
     assert_eq!(step, Step { ops: vec![], flow: Flow::ResumeResponse }, "the genuine 400 goes through untouched");
     assert_eq!(w.stored("s1").unwrap().upstream, "10.0.0.2:80");
     assert_eq!(w.count("sessions_verified"), 1);
@@ -572,10 +573,10 @@ fn control_failing_a_recovery_lets_the_upstream_answer_through() {
     let mut w = World::new(true);
     let mut s = pinned_call(&mut w);
     s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
-    assert_eq!(s.on_control_answer(&mut w.cx(), Answer::default()), Step { ops: vec![], flow: Flow::ResumeResponse });
+    assert_eq!(s.on_control_answer(&mut w.cx(), ControlAnswer::default()), Step { ops: vec![], flow: Flow::ResumeResponse });
     let mut s = pinned_call(&mut w);
     s.on_response_headers(&mut w.cx(), &Resp::new(404, &[]));
-    let step = s.on_control_answer(&mut w.cx(), Answer { status: Some(404), body: vec![] });
+    let step = s.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(404), body: vec![] });
     assert_eq!(reply(&step).unwrap().status, 404, "control does not know the session either");
     assert!(w.stored("s1").is_none());
 }
@@ -754,7 +755,7 @@ fn a_session_on_a_draining_upstream_is_moved_before_its_request_is_sent() {
     assert_eq!((req["request"]["body"].as_str(), req["request"]["authorization"].as_str()), (Some(""), Some("Bearer t")), "no body yet; the pod may need the client's credentials");
     let step = b.on_request_headers(&mut w.cx(), post(Some("s1")), false);
     assert_eq!(step, Step { ops: vec![], flow: Flow::Pause }, "one move per session per VM; the other stream waits");
-    let step = a.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: MOVED.into() });
+    let step = a.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(200), body: MOVED.into() });
     assert_eq!(step.flow, Flow::ResumeRequest);
     let route = vec![Op::SetRequestHeader(Header::Pin, "10.0.0.5:80".into()), Op::SetRequestHeader(Header::SessionId, "b2".into()), Op::WantResponse];
     let mut expected = vec![Op::Wake { waiters: vec![2], ops: route.clone(), resume: true }];
@@ -773,7 +774,7 @@ fn a_session_on_a_draining_upstream_is_moved_before_its_request_is_sent() {
 
 #[test]
 fn a_move_that_cannot_be_made_sends_the_request_to_the_draining_upstream() {
-    for answer in [Answer { status: Some(200), body: STAYED.into() }, Answer { status: Some(503), body: vec![] }, Answer::default(), Answer { status: Some(404), body: vec![] }, Answer { status: Some(200), body: b"{}".to_vec() }] {
+    for answer in [ControlAnswer { status: Some(200), body: STAYED.into() }, ControlAnswer { status: Some(503), body: vec![] }, ControlAnswer::default(), ControlAnswer { status: Some(404), body: vec![] }, ControlAnswer { status: Some(200), body: b"{}".to_vec() }] {
         let mut w = World::new(true);
         w.pin("s1", "10.0.0.2:80", true);
         drain(&mut w, &["10.0.0.2:80"]);
@@ -809,10 +810,10 @@ fn a_lookup_that_finds_a_draining_pin_moves_the_session_too() {
     let (mut a, mut b) = (Stream::new(1), Stream::new(2));
     a.on_request_headers(&mut w.cx(), post(Some("s1")), false);
     b.on_request_headers(&mut w.cx(), post(Some("s1")), false);
-    let step = a.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: RECORD.into() });
+    let step = a.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(200), body: RECORD.into() });
     assert_eq!(step.flow, Flow::Stay, "still held: now moving");
     assert_eq!(json(calls(&step)[0].body.as_ref().unwrap())["reason"], "draining");
-    let step = a.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: MOVED.into() });
+    let step = a.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(200), body: MOVED.into() });
     assert_eq!(step.flow, Flow::ResumeRequest);
     assert!(matches!(&step.ops[0], Op::Wake { waiters, resume: true, .. } if waiters == &vec![2]));
 }
@@ -847,7 +848,7 @@ fn open_get_streams_on_an_upstream_that_starts_draining_are_ended() {
     // The client reopens the stream: it is moved first, then remembered on its new pin.
     let mut c = Stream::new(10);
     c.on_request_headers(&mut w.cx(), get("s1"), true);
-    c.on_control_answer(&mut w.cx(), Answer { status: Some(200), body: MOVED.into() });
+    c.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(200), body: MOVED.into() });
     assert_eq!(w.vm.open_gets.get(&10).map(String::as_str), Some("10.0.0.5:80"));
     assert!(w.vm.streams_to_end().is_empty());
 }
@@ -862,7 +863,7 @@ mod any_sequence {
         Request { method: &'static str, session: Option<&'static str>, spoof: bool, end: bool },
         Body { chunk: Vec<u8>, end: bool },
         Response { status: u16, json: bool, session: Option<&'static str>, details: &'static str },
-        Answer { status: Option<u16>, body: Vec<u8> },
+        ControlAnswer { status: Option<u16>, body: Vec<u8> },
         Done,
     }
 
@@ -883,7 +884,7 @@ mod any_sequence {
             (body.clone(), any::<bool>()).prop_map(|(chunk, end)| Event::Body { chunk, end }),
             (prop::sample::select(vec![200u16, 202, 400, 404, 500, 503]), any::<bool>(), session, prop::sample::select(vec!["via_upstream", "upstream_reset_before_response_started{remote_connection_failure}", "upstream_reset_before_response_started{connection_termination}"]))
                 .prop_map(|(status, json, session, details)| Event::Response { status, json, session, details }),
-            (prop::option::of(prop::sample::select(vec![200u16, 201, 404, 500])), body).prop_map(|(status, body)| Event::Answer { status, body }),
+            (prop::option::of(prop::sample::select(vec![200u16, 201, 404, 500])), body).prop_map(|(status, body)| Event::ControlAnswer { status, body }),
             Just(Event::Done),
         ]
     }
@@ -983,7 +984,7 @@ mod any_sequence {
                         r.attempt = if json { 2 } else { 1 };
                         s.on_response_headers(&mut w.cx(), &r)
                     }
-                    Event::Answer { status, body } => s.on_control_answer(&mut w.cx(), Answer { status, body }),
+                    Event::ControlAnswer { status, body } => s.on_control_answer(&mut w.cx(), ControlAnswer { status, body }),
                     Event::Done => s.on_done(&mut w.cx()),
                 };
                 // A client's pin header never becomes the route.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::abi::{self, Map};
 use crate::config::ControlConfig;
 use crate::headers::STATUS;
-use crate::control::session_path;
+use mcp_affinity_proto::sessions::session_path;
 use crate::machine::Call;
 
 /// A resolved `control` configuration.

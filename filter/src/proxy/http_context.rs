@@ -9,7 +9,7 @@ use super::exports::{self, Action};
 use super::root::{HostEnv, Plugin};
 use crate::headers::{CLIENT_SESSION, MCP_SESSION_ID, RECOVERED_PIN, STATUS};
 use crate::header_map::HeaderPairs;
-use crate::machine::{self as machine, Answer, Ctx, Flow, Header, Op, ResponseHead, Step};
+use crate::machine::{self as machine, ControlAnswer, Ctx, Flow, Header, Op, ResponseHead, Step};
 
 /// Per-stream HTTP context.
 pub struct HttpContext {
@@ -105,7 +105,7 @@ impl HttpContext {
                         exports::expect_answer(token, self.context_id);
                     } else {
                         // Same as an unreachable control service, decided now.
-                        let answer = self.event(|m, cx| m.on_control_answer(cx, Answer::default()));
+                        let answer = self.event(|m, cx| m.on_control_answer(cx, ControlAnswer::default()));
                         flow = self.apply_ops(answer);
                     }
                 }
@@ -142,7 +142,7 @@ impl HttpContext {
     pub fn on_http_call_response(&mut self, num_headers: usize, body_size: usize) {
         let status = answer_status(num_headers);
         let body = if status.is_some() { abi::buffer(Buffer::HttpCallResponseBody, 0, body_size) } else { Vec::new() };
-        let step = self.event(|m, cx| m.on_control_answer(cx, Answer { status, body }));
+        let step = self.event(|m, cx| m.on_control_answer(cx, ControlAnswer { status, body }));
         match self.apply_ops(step) {
             Flow::ResumeRequest => abi::resume(StreamType::Request),
             Flow::ResumeResponse => abi::resume(StreamType::Response),

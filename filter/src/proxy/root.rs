@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::abi::{self, Buffer, StreamType};
 use super::control::{ControlClient, answer_status};
 use crate::config::FilterConfig;
-use crate::control::{PatchSession, to_body};
+use mcp_affinity_proto::sessions::PatchSession;
 use crate::drain;
 use crate::metrics::Counter;
 use crate::record_queue::{self, NewRecord};
@@ -351,7 +351,7 @@ impl Root {
         }
         if let Some(control) = &p.control {
             let batch: Vec<String> = vm.touches.iter().take(TOUCHES_PER_TICK).cloned().collect();
-            let body = to_body(&PatchSession::default());
+            let body = crate::machine::json(&PatchSession::default());
             for id in batch {
                 vm.touches.remove(&id);
                 let call = Call { method: "PATCH", session_id: id, suffix: "", body: Some(body.clone()), timeout_ms: None, wait_ms: None };
@@ -400,9 +400,9 @@ fn on_records_answer(p: &Plugin, records: Vec<NewRecord>, num_headers: usize, bo
     match answer {
         Ok(a) => {
             // A kept record is in control already.
-            p.metrics.add(Counter::ControlWrites, a.written + a.kept);
+            p.metrics.add(Counter::ControlWrites, (a.written + a.kept) as u64);
             if let Some((id, why)) = a.rejected.iter().next() {
-                log::warn!("mcp-affinity: control rejected {} session records, e.g. {id:?}: {why}", a.rejected.len());
+                log::warn!("mcp-affinity: control rejected {} session records, e.g. {id:?}: {}: {}", a.rejected.len(), why.code, why.message);
                 p.metrics.add(Counter::ControlErrors, a.rejected.len() as u64);
             }
         }
