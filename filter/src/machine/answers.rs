@@ -8,44 +8,60 @@ use crate::metrics::Counter;
 use crate::pin::Pin;
 use crate::recovery::{self, Outcome};
 use super::ops::{ControlAnswer, Flow, Op, Reply, Step};
-use super::state::{Kind, Pending, Phase, Resolution, Resolving, Stream, pin_ops, resolution_ops};
+use super::state::{Ask, Kind, Pinned, Resolution, Resolving, State, Stream, pin_ops, resolution_ops};
 use super::vm::Ctx;
+
+/// Counts the answer to a write (a record, a forget, a recovery): `control_writes`, or
+/// `control_errors` when it failed.
+fn count_write(cx: &mut Ctx, ok: bool, status: Option<u16>) {
+    if ok {
+        cx.count(Counter::ControlWrites);
+    } else {
+        log::warn!("mcp-affinity: control call failed: status {status:?}");
+        cx.count(Counter::ControlErrors);
+    }
+}
 
 impl Stream {
     // ---- control answers -------------------------------------------------------------
 
     /// Control answered the call this stream made (or the call failed: `status` None).
     pub fn on_control_answer(&mut self, cx: &mut Ctx, answer: ControlAnswer) -> Step {
-        let pending = std::mem::replace(&mut self.pending, Pending::None);
         let ok = answer.status.is_some_and(|s| (200..300).contains(&s) || s == 404);
-        if !matches!(pending, Pending::Lookup | Pending::Move | Pending::None) {
-            if ok {
-                cx.count(Counter::ControlWrites);
-            } else {
-                log::warn!("mcp-affinity: control call failed: status {:?}", answer.status);
-                cx.count(Counter::ControlErrors);
-            }
-        }
-        match pending {
-            Pending::Lookup => self.on_lookup_answer(cx, answer),
-            Pending::Move => self.on_move_answer(cx, answer),
-            Pending::RecordInitialized => {
-                if ok && let Phase::Pinned(p) = &self.phase {
+        match std::mem::replace(&mut self.state, State::Passthrough) {
+            State::Resolving(r) => match r.ask {
+                Ask::Lookup => self.on_lookup_answer(cx, r, answer),
+                Ask::Move(_) => self.on_move_answer(cx, r, answer),
+                Ask::Waits => {
+                    self.state = State::Resolving(r);
+                    Step::flow(Flow::Stay)
+                }
+            },
+            State::RecordingInitialized(p) => {
+                count_write(cx, ok, answer.status);
+                if ok {
                     cx.mark_recorded(&p.client_id);
                 }
+                self.state = State::Pinned(p);
                 Step::flow(Flow::ResumeRequest)
             }
-            Pending::WriteInitialize | Pending::Delete => Step::flow(Flow::ResumeResponse),
-            // Nothing was held; the stream went on (or is gone: then this is not called).
-            Pending::Recover => self.on_recover_answer(cx, answer),
-            Pending::None => Step::flow(Flow::Stay),
+            State::Writing => {
+                count_write(cx, ok, answer.status);
+                Step::flow(Flow::ResumeResponse)
+            }
+            State::Recovering(p) => {
+                count_write(cx, ok, answer.status);
+                self.on_recover_answer(cx, p, answer)
+            }
+            // Nothing was asked: nothing is held.
+            other => {
+                self.state = other;
+                Step::flow(Flow::Stay)
+            }
         }
     }
 
-    pub(super) fn on_lookup_answer(&mut self, cx: &mut Ctx, answer: ControlAnswer) -> Step {
-        let Phase::Resolving(r) = std::mem::replace(&mut self.phase, Phase::Passthrough) else {
-            return Step::flow(Flow::Stay);
-        };
+    pub(super) fn on_lookup_answer(&mut self, cx: &mut Ctx, r: Resolving, answer: ControlAnswer) -> Step {
         let resolution = match answer.status {
             Some(200) => match SessionRecord::parse(&answer.body) {
                 Ok(record) => {
@@ -86,11 +102,8 @@ impl Stream {
     /// Control answered a drain move: route by the new pin (`moved`), or by the old one
     /// when the move could not be made (the draining pod still serves during its grace
     /// period, so the request is not lost).
-    pub(super) fn on_move_answer(&mut self, cx: &mut Ctx, answer: ControlAnswer) -> Step {
-        let Phase::Resolving(mut r) = std::mem::replace(&mut self.phase, Phase::Passthrough) else {
-            return Step::flow(Flow::Stay);
-        };
-        let Some(old) = r.moving.take() else { return Step::flow(Flow::Stay) };
+    pub(super) fn on_move_answer(&mut self, cx: &mut Ctx, mut r: Resolving, answer: ControlAnswer) -> Step {
+        let Ask::Move(old) = std::mem::replace(&mut r.ask, Ask::Waits) else { return Step::flow(Flow::Stay) };
         let moved = match answer.status {
             Some(200) => match recovery::parse_answer(&answer.body) {
                 Ok(a) if a.outcome == Outcome::Moved => a.pin,
@@ -144,10 +157,8 @@ impl Stream {
     /// Control answered the recover call: answer the client with its response (carrying
     /// the client's own session id) and re-pin; or, when control verified the session
     /// alive or failed, let the upstream's answer through as it was.
-    pub(super) fn on_recover_answer(&mut self, cx: &mut Ctx, answer: ControlAnswer) -> Step {
-        let Phase::Pinned(p) = std::mem::replace(&mut self.phase, Phase::Answered) else {
-            return Step::flow(Flow::ResumeResponse);
-        };
+    pub(super) fn on_recover_answer(&mut self, cx: &mut Ctx, p: Pinned, answer: ControlAnswer) -> Step {
+        self.state = State::Answered;
         let parsed = match answer.status {
             Some(200) => recovery::parse_answer(&answer.body),
             Some(404) => {
@@ -200,19 +211,19 @@ impl Stream {
         if !cx.vm.open_gets.is_empty() {
             cx.vm.open_gets.remove(&self.context_id);
         }
-        if matches!(self.pending, Pending::Lookup | Pending::Move)
-            && let Phase::Resolving(r) = &self.phase
+        if let State::Resolving(r) = &self.state
+            && r.ask != Ask::Waits
             && let Some(waiters) = cx.vm.lookups.remove(r.client_id.as_str())
             && !waiters.is_empty()
         {
             // A move in flight: the waiters go to the old pin (its pod still serves).
             let mut ops = Vec::new();
-            let counter = match &r.moving {
-                Some(old) => {
+            let counter = match &r.ask {
+                Ask::Move(old) => {
                     pin_ops(cx.cfg, &r.client_id, old, &mut ops);
                     Counter::RequestsPinned
                 }
-                None => Counter::RequestsUnpinned,
+                Ask::Lookup | Ask::Waits => Counter::RequestsUnpinned,
             };
             for _ in &waiters {
                 cx.count(counter);

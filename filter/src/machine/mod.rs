@@ -1,4 +1,9 @@
-//! One HTTP stream's decisions, independent of the host: events in (request headers, a
+//! The filter's decisions, independent of the host: one machine per HTTP stream
+//! ([`Stream`]) and one per root context ([`Root`]: tick cadence, record batches, the
+//! sweep, touches, the draining list). The proxy-wasm layer (`proxy/`) only translates
+//! Envoy's callbacks into their events and their actions into host calls.
+//!
+//! A stream's events in (request headers, a
 //! request body chunk, response headers, a control answer, the end of the stream), a
 //! [`Step`] out (header changes, calls to control, a local reply, and whether the stream
 //! goes on). The proxy-wasm layer (`proxy/http_context.rs`) only translates.
@@ -36,17 +41,20 @@
 //!
 //! The module's files: [`vm`] (host services, the VM's shared state), [`ops`] (the actions
 //! and flow an event returns), `body` (the bounded body copy), `state` (a stream's state),
-//! and one file per kind of event: `request`, `response`, `answers`.
+//! and one file per kind of event: `request`, `response`, `answers`; [`root`] the root
+//! context's machine.
 
 mod answers;
 mod body;
 pub mod ops;
 mod request;
 mod response;
+pub mod root;
 mod state;
 pub mod vm;
 
 pub use self::ops::{Call, ControlAnswer, Flow, Header, Op, Reply, ResponseHead, Step, WANT_RESPONSE, json};
+pub use self::root::{Root, RootCtx, RootHost, tick_change};
 pub use self::state::Stream;
 pub use self::vm::{Ctx, Env, Vm};
 

@@ -14,7 +14,7 @@ use crate::recovery::{Reason, RecoverRequest};
 use crate::session_id;
 use super::body::BodyCopy;
 use super::ops::{Call, Flow, Header, Op, Reply, Step, json};
-use super::state::{Kind, Pending, Phase, Pinned, Resolution, Resolving, Stream, original_request, pin_ops, resolution_ops};
+use super::state::{Ask, Kind, Pinned, Resolution, Resolving, State, Stream, original_request, pin_ops, resolution_ops};
 use super::vm::Ctx;
 
 /// JSON-RPC method of the notification that completes MCP initialisation.
@@ -23,19 +23,23 @@ const INITIALIZED: &str = "notifications/initialized";
 impl Stream {
     /// A new stream with the host's context id.
     pub fn new(context_id: u32) -> Stream {
-        Stream { context_id, phase: Phase::Passthrough, pending: Pending::None }
+        Stream { context_id, state: State::Passthrough }
     }
 
     /// Whether the call this stream waits for writes a record (its answer still counts
     /// when the stream has ended before it came).
     pub fn waits_for_a_write(&self) -> bool {
-        matches!(self.pending, Pending::WriteInitialize | Pending::RecordInitialized | Pending::Delete)
+        matches!(self.state, State::Writing | State::RecordingInitialized(_))
     }
 
     /// Whether the machine waits for a control answer (the proxy layer reads the answer
     /// body only then).
     pub fn waits_for_control(&self) -> bool {
-        self.pending != Pending::None
+        match &self.state {
+            State::Resolving(r) => r.ask != Ask::Waits,
+            State::RecordingInitialized(_) | State::Recovering(_) | State::Writing => true,
+            State::Passthrough | State::NewSession { .. } | State::Pinned(_) | State::Answered => false,
+        }
     }
 
     /// `no_body`: the request headers ended the stream.
@@ -56,13 +60,13 @@ impl Stream {
         Pinned { client_id, pin, kind, watch_lifecycle, request, body: BodyCopy::new(limit, no_body), rewrite_response_id: false }
     }
 
-    /// Enters the pinned phase; an open GET stream is remembered so that a drain of its
+    /// Enters the pinned state; an open GET stream is remembered so that a drain of its
     /// upstream can end it (only with control: drains come from control).
     pub(super) fn enter_pinned(&mut self, cx: &mut Ctx, p: Pinned) {
         if p.kind == Kind::Get && cx.control {
             cx.vm.open_gets.insert(self.context_id, p.pin.upstream.clone());
         }
-        self.phase = Phase::Pinned(p);
+        self.state = State::Pinned(p);
     }
 
 
@@ -98,7 +102,7 @@ impl Stream {
                 }
                 Err(e) => {
                     cx.count(Counter::InvalidSessionId);
-                    self.phase = Phase::Answered;
+                    self.state = State::Answered;
                     ops.push(Op::Reply(Reply::error(400, jsonrpc::code::INVALID_REQUEST, &format!("Bad Request: {e}"))));
                     Step::hold(ops)
                 }
@@ -115,18 +119,18 @@ impl Stream {
             // streams.
             let copy = !end_of_stream && cx.control && mcp_method.is_none_or(|m| m == jsonrpc::INITIALIZE.as_bytes());
             let body = if copy { BodyCopy::new(cx.cfg.max_body_bytes, false) } else { BodyCopy::Off };
-            self.phase = Phase::NewSession { body, initialize: None };
+            self.state = State::NewSession { body, initialize: None };
         }
         Step::go(ops)
     }
 
     pub(super) fn route_session(&mut self, cx: &mut Ctx, head: HeaderPairs, client_id: String, kind: Kind, no_body: bool, mut ops: Vec<Op>) -> Step {
         let Some(mut pin) = cx.get_pin(&client_id) else {
-            let r = Resolving { client_id, kind, request: Some(head), no_body, moving: None };
+            let r = Resolving { client_id, kind, request: Some(head), no_body, ask: Ask::Waits };
             return self.resolve(cx, r, ops);
         };
         if kind != Kind::Delete && cx.recoverable() && cx.vm.draining.contains(&pin.upstream) {
-            let r = Resolving { client_id, kind, request: Some(head), no_body, moving: None };
+            let r = Resolving { client_id, kind, request: Some(head), no_body, ask: Ask::Waits };
             return self.move_or_wait(cx, r, pin, ops);
         }
         pin_ops(cx.cfg, &client_id, &pin, &mut ops);
@@ -153,14 +157,13 @@ impl Stream {
             return if go_on { Step::go(ops) } else { Step::hold(ops) };
         }
         if self.join_or_lead(cx, &r) {
-            self.phase = Phase::Resolving(r);
+            self.state = State::Resolving(r);
             return Step::hold(ops);
         }
         cx.count(Counter::ControlLookups);
-        self.pending = Pending::Lookup;
         let wait_ms = cx.record_wait();
         ops.push(Op::Call(Call { method: "GET", session_id: r.client_id.clone(), suffix: "", body: None, timeout_ms: None, wait_ms }));
-        self.phase = Phase::Resolving(r);
+        self.state = State::Resolving(Resolving { ask: Ask::Lookup, ..r });
         Step::hold(ops)
     }
 
@@ -185,7 +188,7 @@ impl Stream {
     /// method is safe), or wait for the move another stream of this VM started.
     pub(super) fn move_or_wait(&mut self, cx: &mut Ctx, r: Resolving, pin: Pin, ops: Vec<Op>) -> Step {
         if self.join_or_lead(cx, &r) {
-            self.phase = Phase::Resolving(r);
+            self.state = State::Resolving(r);
             return Step::hold(ops);
         }
         self.start_move(cx, r, pin, ops)
@@ -212,9 +215,8 @@ impl Stream {
             wait_ms: cx.record_wait(),
         };
         ops.push(Op::Call(call));
-        r.moving = Some(pin);
-        self.phase = Phase::Resolving(r);
-        self.pending = Pending::Move;
+        r.ask = Ask::Move(pin);
+        self.state = State::Resolving(r);
         Step::hold(ops)
     }
 
@@ -228,8 +230,8 @@ impl Stream {
                 let p = Self::pinned(cx, r.client_id, pin.clone(), r.kind, r.request, r.no_body);
                 self.enter_pinned(cx, p);
             }
-            _ if go_on => self.phase = Phase::Passthrough,
-            _ => self.phase = Phase::Answered,
+            _ if go_on => self.state = State::Passthrough,
+            _ => self.state = State::Answered,
         }
         go_on
     }
@@ -237,14 +239,14 @@ impl Stream {
     /// A stream that waited for another stream's lookup learns its pin from shared data
     /// at its next event.
     pub(super) fn catch_up(&mut self, cx: &mut Ctx) {
-        if matches!(self.phase, Phase::Resolving(_))
-            && self.pending == Pending::None
-            && let Phase::Resolving(r) = std::mem::replace(&mut self.phase, Phase::Passthrough)
-            && let Some(pin) = cx.get_pin(&r.client_id)
-        {
-            let p = Self::pinned(cx, r.client_id, pin, r.kind, r.request, r.no_body);
-            self.enter_pinned(cx, p);
+        let State::Resolving(r) = &self.state else { return };
+        if r.ask != Ask::Waits {
+            return;
         }
+        let Some(pin) = cx.get_pin(&r.client_id) else { return };
+        let State::Resolving(r) = std::mem::replace(&mut self.state, State::Passthrough) else { return };
+        let p = Self::pinned(cx, r.client_id, pin, r.kind, r.request, r.no_body);
+        self.enter_pinned(cx, p);
     }
 
     // ---- request body ----------------------------------------------------------------
@@ -254,8 +256,8 @@ impl Stream {
     /// `notifications/initialized` with control at the end of the body.
     pub fn on_request_body(&mut self, cx: &mut Ctx, read: &dyn Fn() -> Vec<u8>, end_of_stream: bool) -> Step {
         self.catch_up(cx);
-        match &mut self.phase {
-            Phase::NewSession { body, initialize } => {
+        match &mut self.state {
+            State::NewSession { body, initialize } => {
                 if body.wants() && !body.push(read(), end_of_stream) {
                     cx.count(Counter::BodyTooLarge);
                     log::debug!("mcp-affinity: POST body over {} bytes, not inspected", cx.cfg.max_body_bytes);
@@ -272,7 +274,7 @@ impl Stream {
                 }
                 Step::flow(Flow::Continue)
             }
-            Phase::Pinned(p) => {
+            State::Pinned(p) => {
                 if p.body.wants() && !p.body.push(read(), end_of_stream) {
                     p.watch_lifecycle = false;
                 }
@@ -290,7 +292,7 @@ impl Stream {
     /// `notifications/initialized` (and the protocol version) with control, or note that
     /// the session is past it.
     pub(super) fn watch_lifecycle(&mut self, cx: &mut Ctx) -> Step {
-        let Phase::Pinned(p) = &self.phase else { return Step::flow(Flow::Continue) };
+        let State::Pinned(p) = &self.state else { return Step::flow(Flow::Continue) };
         let BodyCopy::On { bytes, .. } = &p.body else { return Step::flow(Flow::Continue) };
         if jsonrpc::method(bytes).as_deref() != Some(INITIALIZED) {
             // Anything else means the session is past initialisation (MCP lifecycle).
@@ -303,7 +305,9 @@ impl Stream {
         let patch = PatchSession { initialized: Some(text.into_owned()), protocol_version: version.map(str::to_string) };
         let wait_ms = cx.record_wait();
         let call = Call { method: "PATCH", session_id: p.client_id.clone(), suffix: "", body: Some(json(&patch)), timeout_ms: None, wait_ms };
-        self.pending = Pending::RecordInitialized;
+        if let State::Pinned(p) = std::mem::replace(&mut self.state, State::Passthrough) {
+            self.state = State::RecordingInitialized(p);
+        }
         Step::hold(vec![Op::Call(call)])
     }
 

@@ -12,7 +12,7 @@ use crate::recovery::{self, Reason, RecoverRequest, StatusVerdict};
 use crate::session_id;
 use super::body::BodyCopy;
 use super::ops::{Call, Flow, Header, Op, ResponseHead, Step, json};
-use super::state::{Kind, Pending, Phase, Pinned, Stream, header_str, original_request};
+use super::state::{Kind, Pinned, State, Stream, header_str, original_request};
 use super::vm::Ctx;
 
 impl Stream {
@@ -22,14 +22,14 @@ impl Stream {
     pub fn on_response_headers(&mut self, cx: &mut Ctx, head: &dyn ResponseHead) -> Step {
         cx.count(Counter::ResponseHeadersSeen);
         self.catch_up(cx);
-        match std::mem::replace(&mut self.phase, Phase::Passthrough) {
-            Phase::NewSession { initialize, .. } => match head.header(MCP_SESSION_ID) {
+        match std::mem::replace(&mut self.state, State::Passthrough) {
+            State::NewSession { initialize, .. } => match head.header(MCP_SESSION_ID) {
                 Some(raw_id) => self.record_new_session(cx, head, &raw_id, initialize),
                 None => Step::flow(Flow::Continue),
             },
-            Phase::Pinned(p) => self.on_pinned_response(cx, head, p),
+            State::Pinned(p) => self.on_pinned_response(cx, head, p),
             other => {
-                self.phase = other;
+                self.state = other;
                 Step::flow(Flow::Continue)
             }
         }
@@ -73,7 +73,7 @@ impl Stream {
         }
         let body = json(&PutSession { backend_session_id: Some(session_id.to_string()), upstream: pin.upstream.clone(), generation: Some(1), initialize, initialized: None, protocol_version: None });
         let call = Call { method: "PUT", session_id: session_id.to_string(), suffix: "", body: Some(body), timeout_ms: None, wait_ms: None };
-        self.pending = Pending::WriteInitialize;
+        self.state = State::Writing;
         Step::hold(vec![Op::Call(call)])
     }
 
@@ -154,7 +154,7 @@ impl Stream {
     /// Lets the response through, mapping the backend's session id to the client's.
     pub(super) fn pass_on(&mut self, p: Pinned, flow: Flow) -> Step {
         let ops = if p.rewrite_response_id { vec![Op::SetResponseHeader(Header::SessionId, p.client_id.clone())] } else { Vec::new() };
-        self.phase = Phase::Pinned(p);
+        self.state = State::Pinned(p);
         Step { ops, flow }
     }
 
@@ -168,7 +168,7 @@ impl Stream {
         if !cx.control {
             return step;
         }
-        self.pending = Pending::Delete;
+        self.state = State::Writing;
         let mut ops = step.ops;
         ops.push(Op::Call(Call { method: "DELETE", session_id: id, suffix: "", body: None, timeout_ms: None, wait_ms: None }));
         Step::hold(ops)
@@ -205,8 +205,7 @@ impl Stream {
         };
         log::info!("mcp-affinity: recovering session {} ({reason:?}) from {}", p.client_id, p.pin.upstream);
         let call = Call { method: "POST", session_id: p.client_id.clone(), suffix: "/recover", body: Some(json(&request)), timeout_ms: Some(cx.cfg.recovery.timeout_ms), wait_ms: cx.record_wait() };
-        self.phase = Phase::Pinned(p);
-        self.pending = Pending::Recover;
+        self.state = State::Recovering(p);
         Step::hold(vec![Op::Call(call)])
     }
 

@@ -1,4 +1,5 @@
-//! A stream's state (what it waits for, what it keeps of the request) and the ops shared by
+//! A stream's state (what it is, which control call it waits for, what it keeps of the
+//! request) and the ops shared by
 //! several events: routing by a pin, applying a lookup's resolution, and the request fields
 //! control needs.
 
@@ -29,16 +30,28 @@ pub(super) struct Pinned {
     pub(super) rewrite_response_id: bool,
 }
 
+/// A stream's state: one value says what the stream is and which control call, if any,
+/// it waits for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Phase {
+pub(super) enum State {
     /// Nothing to do.
     Passthrough,
     /// A POST without session id: its response may open a session.
     NewSession { body: BodyCopy, initialize: Option<Vec<u8>> },
     /// Held while control is asked about the session (by this stream, or by another
-    /// one of this VM that this stream waits for).
+    /// one of this VM that this stream waits for: [`Resolving::ask`]).
     Resolving(Resolving),
+    /// Routed by the session's pin.
     Pinned(Pinned),
+    /// A pinned request's end held while control records its
+    /// `notifications/initialized` (`PATCH`).
+    RecordingInitialized(Pinned),
+    /// A pinned request's answer held while control recovers the session (or verifies
+    /// it, for a suspect answer): `POST .../recover`.
+    Recovering(Pinned),
+    /// An answer held until control took a write: a new session's record
+    /// (`initialize_write: sync`, `PUT`) or the end of a deleted one (`DELETE`).
+    Writing,
     /// The filter answered itself.
     Answered,
 }
@@ -63,20 +76,21 @@ pub(super) struct Resolving {
     pub(super) request: Option<HeaderPairs>,
     /// The request headers ended the stream (no body).
     pub(super) no_body: bool,
-    /// Set while this stream moves the session off this pin, whose upstream drains.
-    pub(super) moving: Option<Pin>,
+    /// Who asks control.
+    pub(super) ask: Ask,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Pending {
-    None,
+/// Which stream of a VM asks control about a session; the others wait for it
+/// (`Vm::lookups`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Ask {
+    /// Another stream of this VM asks; this one catches up from shared data.
+    Waits,
+    /// This stream looks the session up (`GET {prefix}/sessions/{id}`).
     Lookup,
-    /// A drain move: `POST {prefix}/sessions/{id}/recover` with reason `draining`.
-    Move,
-    WriteInitialize,
-    RecordInitialized,
-    Delete,
-    Recover,
+    /// This stream moves the session off this pin, whose upstream drains
+    /// (`POST {prefix}/sessions/{id}/recover` with reason `draining`).
+    Move(Pin),
 }
 
 /// What control (or its absence) said about a session unknown to shared data.
@@ -90,8 +104,7 @@ pub(super) enum Resolution {
 #[derive(Debug)]
 pub struct Stream {
     pub(super) context_id: u32,
-    pub(super) phase: Phase,
-    pub(super) pending: Pending,
+    pub(super) state: State,
 }
 
 pub(super) fn header_str(v: Option<Vec<u8>>) -> Option<String> {

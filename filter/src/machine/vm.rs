@@ -46,6 +46,13 @@ pub struct Vm {
     /// Open pinned GET streams (server-to-client SSE): context id → upstream host. Ended
     /// when their upstream starts draining ([`Vm::streams_to_end`]).
     pub open_gets: HashMap<u32, String>,
+    /// The VM's clock, Unix seconds, set by the root context on configure and every
+    /// `sweep_period_ms`: pins need seconds, and a host call per request for them would
+    /// be waste.
+    pub clock_secs: u64,
+    /// The root context ticks every `control.record_flush_ms` (records wait), not every
+    /// `sweep_period_ms` ([`super::root::tick_change`]).
+    pub fast_tick: bool,
 }
 
 impl Vm {

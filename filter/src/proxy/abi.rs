@@ -84,6 +84,14 @@ pub enum Map {
     HttpCallResponseHeaders = 6,
 }
 
+/// What a stream callback tells Envoy (ABI `proxy_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Action {
+    Continue = 0,
+    Pause = 1,
+}
+
 /// Streams (ABI `proxy_stream_type`).
 #[derive(Debug, Clone, Copy)]
 #[repr(u32)]

@@ -12,12 +12,8 @@
 //! `Context::onDestroy`), network-filter, queue, gRPC and foreign-function callbacks.
 //!
 //! Contexts live in this VM's registry: root contexts (one per plugin configuration that
-//! uses the VM), streams (each with its root's [`super::root::Plugin`]), and the calls to
-//! control that streams made. Envoy attaches every `proxy_http_call` to the root context
-//! (proxy-wasm-cpp-host `src/exports.cc`, `http_call` uses `root_context()`), so every
-//! answer arrives as the root's `proxy_on_http_call_response`; the registry hands a
-//! stream's answer to that stream. When the stream has ended, the root counts the answer
-//! to a write and drops any other.
+//! uses the VM) and streams (each with its root's [`super::plugin::Plugin`]); answers to
+//! calls go where [`super::calls`] says.
 //!
 //! Nothing here panics: an unknown context id is a callback to ignore (`Continue`).
 
@@ -25,38 +21,15 @@ use std::cell::RefCell;
 
 use hashbrown::HashMap;
 
-use super::abi::{self, LogLevel};
-use super::root::Root;
+use super::abi::{self, Action};
+use super::calls::{self, ENDED_STREAM};
 use super::http_context::HttpContext;
-
-/// What a stream callback tells Envoy (ABI `proxy_action`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Action {
-    Continue = 0,
-    Pause = 1,
-}
+use super::log;
+use super::root::RootContext;
 
 thread_local! {
-    static ROOTS: RefCell<HashMap<u32, Root>> = RefCell::new(HashMap::new());
+    static ROOTS: RefCell<HashMap<u32, RootContext>> = RefCell::new(HashMap::new());
     static STREAMS: RefCell<HashMap<u32, HttpContext>> = RefCell::new(HashMap::new());
-    /// Calls to control in flight made by streams: token → stream context id.
-    static CALLS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
-}
-
-/// The "stream" of a write whose stream has ended ([`answer_at_root`]): its answer is
-/// counted by the root context (`control_writes` / `control_errors`).
-const ENDED_STREAM: u32 = 0;
-
-/// Routes the answer to call `token` to stream `context_id`.
-pub fn expect_answer(token: u32, context_id: u32) {
-    CALLS.with_borrow_mut(|calls| calls.insert(token, context_id));
-}
-
-/// Sends the answers to the calls in flight of stream `context_id`, which is ending and
-/// whose calls are writes, to the root context to be counted.
-pub fn answer_at_root(context_id: u32) {
-    CALLS.with_borrow_mut(|calls| calls.values_mut().filter(|id| **id == context_id).for_each(|id| *id = ENDED_STREAM));
 }
 
 /// Runs `f` on stream `context_id`, if it exists.
@@ -68,45 +41,12 @@ fn stream_action(context_id: u32, f: impl FnOnce(&mut HttpContext) -> Action) ->
     with_stream(context_id, f).unwrap_or(Action::Continue) as u32
 }
 
-// ---- logging ---------------------------------------------------------------------------
-
-/// The `log` facade on `proxy_log`, at the host's level for this VM (`proxy_get_log_level`,
-/// read at VM start and every `sweep_period_ms` on the tick, so a change through Envoy's admin `/logging` applies
-/// within a tick). Below that level a `log::debug!` costs a comparison, not a host call.
-struct HostLogger;
-
-static LOGGER: HostLogger = HostLogger;
-
-impl log::Log for HostLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record) {
-        if !self.enabled(record.metadata()) {
-            return;
+/// Runs `f` on root context `context_id`, if it exists.
+fn with_root(context_id: u32, f: impl FnOnce(&mut RootContext)) {
+    ROOTS.with_borrow_mut(|roots| {
+        if let Some(root) = roots.get_mut(&context_id) {
+            f(root);
         }
-        let level = match record.level() {
-            log::Level::Error => LogLevel::Error,
-            log::Level::Warn => LogLevel::Warn,
-            log::Level::Info => LogLevel::Info,
-            log::Level::Debug => LogLevel::Debug,
-            log::Level::Trace => LogLevel::Trace,
-        };
-        abi::log(level, &record.args().to_string());
-    }
-
-    fn flush(&self) {}
-}
-
-/// Follows the host's log level (Info when the host does not say).
-pub fn follow_host_log_level() {
-    log::set_max_level(match abi::log_level().unwrap_or(LogLevel::Info) {
-        LogLevel::Trace => log::LevelFilter::Trace,
-        LogLevel::Debug => log::LevelFilter::Debug,
-        LogLevel::Info => log::LevelFilter::Info,
-        LogLevel::Warn => log::LevelFilter::Warn,
-        LogLevel::Error | LogLevel::Critical => log::LevelFilter::Error,
     });
 }
 
@@ -117,7 +57,7 @@ unsafe extern "C" {
     fn __wasm_call_ctors();
 }
 
-/// WASI reactor start: runs static constructors, installs the logger.
+/// WASI reactor start: runs static constructors, installs the logger and the panic hook.
 #[unsafe(no_mangle)]
 pub extern "C" fn _initialize() {
     #[cfg(target_os = "wasi")]
@@ -125,11 +65,7 @@ pub extern "C" fn _initialize() {
     unsafe {
         __wasm_call_ctors();
     }
-    let _ = log::set_logger(&LOGGER);
-    log::set_max_level(log::LevelFilter::Info);
-    // A panic aborts the VM (`panic = "abort"`); Envoy then applies the plugin's
-    // failure_policy. Say why at critical first, in Envoy's log.
-    std::panic::set_hook(Box::new(|info| abi::log(LogLevel::Critical, &format!("mcp-affinity: panic: {info}"))));
+    log::install();
 }
 
 /// Marks the ABI version the module speaks (proxy-wasm-cpp-host looks for this export).
@@ -152,7 +88,7 @@ pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
 pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32) {
     if root_context_id == 0 {
         ROOTS.with_borrow_mut(|roots| {
-            roots.entry(context_id).or_insert_with(|| Root::new(context_id));
+            roots.entry(context_id).or_insert_with(|| RootContext::new(context_id));
         });
         return;
     }
@@ -165,7 +101,7 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32)
 /// VM start: nothing to read from the VM configuration; follows the host's log level.
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_vm_start(_root_context_id: u32, _vm_configuration_size: usize) -> u32 {
-    follow_host_log_level();
+    log::follow_host_level();
     1
 }
 
@@ -173,31 +109,23 @@ pub extern "C" fn proxy_on_vm_start(_root_context_id: u32, _vm_configuration_siz
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_configure(root_context_id: u32, configuration_size: usize) -> u32 {
     let accepted = ROOTS.with_borrow_mut(|roots| {
-        roots.entry(root_context_id).or_insert_with(|| Root::new(root_context_id)).on_configure(configuration_size)
+        roots.entry(root_context_id).or_insert_with(|| RootContext::new(root_context_id)).on_configure(configuration_size)
     });
     u32::from(accepted)
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_tick(root_context_id: u32) {
-    ROOTS.with_borrow_mut(|roots| {
-        if let Some(root) = roots.get_mut(&root_context_id) {
-            root.on_tick();
-        }
-    });
+    with_root(root_context_id, RootContext::on_tick);
 }
 
 /// An answer from control: to the stream that made the call (dropped when it has ended),
 /// else to the root that made it.
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_http_call_response(context_id: u32, token: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-    let stream_id = CALLS.with_borrow_mut(|calls| calls.remove(&token));
+    let stream_id = calls::take(token);
     if stream_id == Some(ENDED_STREAM) {
-        ROOTS.with_borrow_mut(|roots| {
-            if let Some(root) = roots.get_mut(&context_id) {
-                root.on_write_answer(num_headers);
-            }
-        });
+        with_root(context_id, |root| root.on_write_answer(num_headers));
         return;
     }
     if let Some(stream_id) = stream_id {
@@ -208,11 +136,7 @@ pub extern "C" fn proxy_on_http_call_response(context_id: u32, token: u32, num_h
         });
         return;
     }
-    ROOTS.with_borrow_mut(|roots| {
-        if let Some(root) = roots.get_mut(&context_id) {
-            root.on_http_call_response(token, num_headers, body_size);
-        }
-    });
+    with_root(context_id, |root| root.on_http_call_response(token, num_headers, body_size));
 }
 
 #[unsafe(no_mangle)]

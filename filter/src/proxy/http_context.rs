@@ -3,10 +3,10 @@
 
 use std::rc::Rc;
 
-use super::abi::{self, Buffer, Map, StreamType};
-use super::control::answer_status;
-use super::exports::{self, Action};
-use super::root::{HostEnv, Plugin};
+use super::abi::{self, Action, Buffer, Map, StreamType};
+use super::calls;
+use super::dispatch::answer_status;
+use super::plugin::{HostEnv, HostSharedData, Plugin};
 use crate::headers::{CLIENT_SESSION, MCP_SESSION_ID, RECOVERED_PIN, STATUS};
 use crate::header_map::HeaderPairs;
 use crate::machine::{self as machine, ControlAnswer, Ctx, Flow, Header, Op, ResponseHead, Step};
@@ -57,7 +57,7 @@ impl HttpContext {
     /// Runs one machine event with the plugin's VM state and host services.
     fn event(&mut self, f: impl FnOnce(&mut machine::Stream, &mut Ctx) -> Step) -> Step {
         let mut vm = self.p.vm.borrow_mut();
-        let mut env = HostEnv::new(&self.p);
+        let mut env = HostEnv { counters: &self.p.counters, now_secs: vm.clock_secs, shared: HostSharedData };
         let mut cx = Ctx { cfg: &self.p.config, control: self.p.control.is_some(), vm: &mut vm, env: &mut env };
         f(&mut self.m, &mut cx)
     }
@@ -102,7 +102,7 @@ impl HttpContext {
                 Op::Call(c) => {
                     let token = self.p.control.as_ref().and_then(|control| control.call(&c).ok());
                     if let Some(token) = token {
-                        exports::expect_answer(token, self.context_id);
+                        calls::expect_answer(token, self.context_id);
                     } else {
                         // Same as an unreachable control service, decided now.
                         let answer = self.event(|m, cx| m.on_control_answer(cx, ControlAnswer::default()));
@@ -158,7 +158,7 @@ impl HttpContext {
         let step = self.event(|m, cx| m.on_done(cx));
         self.apply_ops(step);
         if waits_for_a_write {
-            exports::answer_at_root(self.context_id);
+            calls::answer_at_root(self.context_id);
         }
     }
 
@@ -185,8 +185,11 @@ impl HttpContext {
     pub fn on_response_headers(&mut self) -> Action {
         let step = self.event(|m, cx| m.on_response_headers(cx, &ResponseHeaders));
         let action = self.in_callback(step);
-        // A new session's record may wait now (`initialize_write: async`).
-        self.p.tick_for_records();
+        // A new session's record may wait now (`initialize_write: async`): the root
+        // context ticks faster until it is sent.
+        if let Some(ms) = machine::tick_change(&self.p.config, &mut self.p.vm.borrow_mut()) {
+            abi::set_tick_period(std::time::Duration::from_millis(ms));
+        }
         action
     }
 }

@@ -1,12 +1,22 @@
-//! proxy-wasm glue (ABI v0.2.1, without the SDK): `exports` holds the callbacks Envoy calls
-//! and the VM's registry of contexts; the root context (`root`) owns the configuration,
-//! metrics, the expiry sweep, control touches and the draining list; one stream context
-//! per HTTP stream (`http_context`, the proxy-wasm HTTP context) translates Envoy's callbacks for the machine in
-//! [`crate::machine`]; `control` makes the calls to the control service; `abi` the host
-//! calls, each status a value.
+//! proxy-wasm glue (ABI v0.2.1, without the SDK); it only translates, the decisions are
+//! in [`crate::machine`]. Imports go one way: `exports` → `root`, `http_context` →
+//! `plugin`, `dispatch`, `calls`, `log` → `abi`.
+//! - `exports`: the callbacks Envoy calls and the VM's registry of contexts;
+//! - `root`: the root context (configuration, counters; ticks and answers to the root
+//!   machine);
+//! - `http_context`: one per HTTP stream, events to the stream machine, its ops to host calls;
+//! - `plugin`: what a root shares with its streams, and the host side of the machines'
+//!   services (counters, shared data, clock);
+//! - `dispatch`: calls to the control service (`proxy_http_call`);
+//! - `calls`: which stream waits for which call's answer;
+//! - `log`: the `log` facade on `proxy_log`, and the panic hook;
+//! - `abi`: the host calls, each status a value.
 
 mod abi;
-mod control;
+mod calls;
+mod dispatch;
 mod exports;
-mod root;
 mod http_context;
+mod log;
+mod plugin;
+mod root;

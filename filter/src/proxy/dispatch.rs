@@ -46,7 +46,7 @@ impl ControlClient {
 
     /// Sends `call` (`{prefix}/sessions/{id}{suffix}`, JSON body when given); returns the
     /// call's token. The answer arrives in the root context's `proxy_on_http_call_response`,
-    /// which hands it to the calling stream ([`super::exports`]).
+    /// which hands it to the calling stream ([`super::calls`]).
     ///
     /// # Errors
     /// The host's ABI status when it refuses the call (BAD_ARGUMENT: unknown cluster or
