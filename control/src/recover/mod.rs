@@ -63,7 +63,7 @@ use self::answer::resolve_upstream;
 use self::request::JsonRpcInfo;
 
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -80,7 +80,7 @@ use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::record::SessionRecord;
 use crate::session_id::SessionId;
-use crate::store::{Drain, SessionStore};
+use crate::store::SessionStore;
 
 
 /// JSON-RPC error code of the answer to a request that was not replayed because it may
@@ -132,12 +132,44 @@ pub struct RecoverySettings {
     pub max_response_bytes: usize,
 }
 
-/// How the pin question ended.
+/// What settling the pin did ([`Recovery::settle`]).
 pub(super) enum Settled {
-    /// The session lives on this pin (re-initialized now or by someone else).
-    Pinned(Placement),
-    /// No pin: why (logged).
-    Failed(String),
+    /// This call re-initialized the session on this pin.
+    Reinitialized(Placement),
+    /// Someone else did (the record's generation is past the failed one): its pin.
+    Already(Placement),
+    /// No new pin.
+    Failed(Failure),
+}
+
+impl Settled {
+    /// The pin the session lives on now, if it moved.
+    fn placement(self) -> Result<Placement, Failure> {
+        match self {
+            Settled::Reinitialized(p) | Settled::Already(p) => Ok(p),
+            Settled::Failed(f) => Err(f),
+        }
+    }
+}
+
+/// Why no new pin; each carries the reason for the log.
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// Nothing was tried on a pod: the deadline passed waiting for another recovery of the
+    /// session, or the record was deleted meanwhile.
+    NotTried(String),
+    /// A pod took the session, but the record changed under the compare-and-set.
+    Conflict(String),
+    /// No endpoint accepted the session.
+    NoEndpoint(String),
+}
+
+impl Failure {
+    fn why(&self) -> &str {
+        match self {
+            Failure::NotTried(why) | Failure::Conflict(why) | Failure::NoEndpoint(why) => why,
+        }
+    }
 }
 
 /// The recovery engine: settings, the HTTP client for pods, in-process single flight.
@@ -219,12 +251,18 @@ impl Recovery {
         };
         let answer = match probed {
             Some(alive) => alive,
-            None => match self.settle(store, metrics, id, req, deadline).await? {
-                Settled::Failed(why) => {
-                    tracing::warn!(session = id.as_str(), reason = ?req.reason, why, "recovery failed");
+            None => match self.settle(store, metrics, id, req, deadline).await?.placement() {
+                Ok(pin) => self.answer(req, &info, pin, metrics, deadline).await,
+                Err(failure) => {
+                    tracing::warn!(session = id.as_str(), reason = ?req.reason, why = failure.why(), "recovery failed");
+                    if let Failure::NoEndpoint(_) = failure
+                        && let Err(e) = store.delete(id).await
+                    {
+                        // No endpoint took the session: the client must start a new one.
+                        tracing::warn!(session = id.as_str(), error = %e, "deleting the unrecoverable session failed");
+                    }
                     RecoverAnswer { outcome: Outcome::Failed, pin: None, response: Some(session_not_found(&info.id)) }
                 }
-                Settled::Pinned(pin) => self.answer(req, &info, pin, metrics, deadline).await,
             },
         };
         metrics.observe_recovery(answer.outcome.as_str(), start.elapsed());
@@ -242,7 +280,9 @@ impl Recovery {
 
     /// Reason `draining`: settle the pin as a recovery does, reply `moved` with the pin or
     /// `stayed` with the current one. Nothing is replayed; the record is never deleted
-    /// (the 404 answers a record deleted meanwhile, e.g. by the client's DELETE).
+    /// (the 404 answers a record deleted meanwhile, e.g. by the client's DELETE). A
+    /// failed upstream that is not draining (any more) stays; a move this call made, or
+    /// tried and could not make, is counted in the drain.
     async fn move_off_draining<S: SessionStore>(
         &self,
         store: &S,
@@ -252,13 +292,27 @@ impl Recovery {
         start: Instant,
         deadline: Instant,
     ) -> Result<RecoverAnswer, ApiError> {
-        let answer = match self.settle(store, metrics, id, req, deadline).await? {
-            Settled::Pinned(pin) => RecoverAnswer { outcome: Outcome::Moved, pin: Some(pin), response: None },
-            Settled::Failed(why) => {
+        let draining = self.draining(store, metrics).await?;
+        let drained = req.failed_upstream.parse::<SocketAddr>().ok().filter(|a| draining.contains(a));
+        let settled = match drained {
+            Some(_) => self.settle(store, metrics, id, req, deadline).await?,
+            None => Settled::Failed(Failure::NotTried(format!("{} is not draining (any more)", req.failed_upstream))),
+        };
+        if let Some(upstream) = drained {
+            match &settled {
+                Settled::Reinitialized(_) => self.count_drain_move(store, metrics, upstream, true).await,
+                Settled::Failed(Failure::Conflict(_) | Failure::NoEndpoint(_)) => self.count_drain_move(store, metrics, upstream, false).await,
+                // Someone else's move, or none tried: not this call's to count.
+                Settled::Already(_) | Settled::Failed(Failure::NotTried(_)) => {}
+            }
+        }
+        let answer = match settled.placement() {
+            Ok(pin) => RecoverAnswer { outcome: Outcome::Moved, pin: Some(pin), response: None },
+            Err(failure) => {
                 let Some(current) = store.get(id).await? else {
                     return Err(ApiError::session_not_found(id.as_str()));
                 };
-                tracing::info!(session = id.as_str(), upstream = current.upstream.as_str(), why, "drain-move not made");
+                tracing::info!(session = id.as_str(), upstream = current.upstream.as_str(), why = failure.why(), "drain-move not made");
                 RecoverAnswer { outcome: Outcome::Stayed, pin: Some(placement(&current)), response: None }
             }
         };
@@ -275,11 +329,11 @@ impl Recovery {
         Ok(answer)
     }
 
-    /// The draining upstreams (by address), updating the `upstreams_draining` gauge.
-    async fn draining<S: SessionStore>(&self, store: &S, metrics: &Metrics) -> Result<BTreeMap<SocketAddr, Drain>, ApiError> {
+    /// The draining upstreams' addresses, updating the `upstreams_draining` gauge.
+    async fn draining<S: SessionStore>(&self, store: &S, metrics: &Metrics) -> Result<BTreeSet<SocketAddr>, ApiError> {
         let list = store.draining().await?;
         metrics.set_upstreams_draining(list.len());
-        Ok(list.into_iter().filter_map(|d| Some((d.upstream.parse().ok()?, d))).collect())
+        Ok(list.into_iter().filter_map(|d| d.upstream.parse().ok()).collect())
     }
 
     /// Counts a drain-move of `upstream` decided by this call, in the store's drain and in

@@ -1,16 +1,16 @@
-//! Step 1 of a recovery: settle where the session lives — once per session across every
-//! control instance (the record's lease, the in-process lock) — re-initializing it on a live
-//! endpoint when its pod is gone or lost it (the stored `initialize` and
+//! Step 1 of a recovery or a drain-move: settle where the session lives — once per session
+//! across every control instance (the record's lease, the in-process lock) —
+//! re-initializing it on a live endpoint (the stored `initialize` and
 //! `notifications/initialized`), and deleting what a lost race left behind on a pod.
+//! Returns what happened ([`Settled`]); what that means for the record, the client and the
+//! drain's counts is the caller's.
 
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 
-pub use mcp_affinity_proto::recover::Reason;
 use tokio::time::Instant;
 
 use super::endpoints::{self};
@@ -22,7 +22,7 @@ use crate::session_id::SessionId;
 use crate::store::{PutOutcome, SessionStore};
 
 use super::request::RecoverRequest;
-use super::{Recovery, Settled, placement};
+use super::{Failure, Recovery, Settled, placement};
 use super::{DEFAULT_INITIALIZED, LEASE_POLL};
 
 impl Recovery {
@@ -36,15 +36,15 @@ impl Recovery {
         deadline: Instant,
     ) -> Result<Settled, ApiError> {
         let Ok(_local) = tokio::time::timeout_at(deadline, self.locks.lock(id.as_str())).await else {
-            return Ok(Settled::Failed("timed out waiting for another recovery of this session in this instance".into()));
+            return Ok(Settled::Failed(Failure::NotTried("timed out waiting for another recovery of this session in this instance".into())));
         };
         let owner = self.next_owner();
         loop {
             let Some(record) = store.get(id).await? else {
-                return Ok(Settled::Failed("the record was deleted meanwhile".into()));
+                return Ok(Settled::Failed(Failure::NotTried("the record was deleted meanwhile".into())));
             };
             if record.generation > req.failed_generation {
-                return Ok(Settled::Pinned(placement(&record)));
+                return Ok(Settled::Already(placement(&record)));
             }
             if store.try_acquire_lease(id, &owner, self.settings.timeout).await? {
                 let result = self.reinitialize(store, metrics, id, req, deadline).await;
@@ -54,7 +54,7 @@ impl Recovery {
                 return result;
             }
             if Instant::now() + LEASE_POLL >= deadline {
-                return Ok(Settled::Failed("timed out waiting for the recovery by another control instance".into()));
+                return Ok(Settled::Failed(Failure::NotTried("timed out waiting for the recovery by another control instance".into())));
             }
             tokio::time::sleep(LEASE_POLL).await;
         }
@@ -70,34 +70,24 @@ impl Recovery {
         deadline: Instant,
     ) -> Result<Settled, ApiError> {
         let Some(record) = store.get(id).await? else {
-            return Ok(Settled::Failed("the record was deleted meanwhile".into()));
+            return Ok(Settled::Failed(Failure::NotTried("the record was deleted meanwhile".into())));
         };
         if record.generation > req.failed_generation {
-            return Ok(Settled::Pinned(placement(&record)));
+            return Ok(Settled::Already(placement(&record)));
         }
-        // Draining upstreams: excluded for a drain-move (whose failed upstream must still be
-        // draining), tried last otherwise (a store error then only loses that preference).
-        let drain_move = req.reason == Reason::Draining;
-        let draining = match self.draining(store, metrics).await {
-            Ok(d) => d,
-            Err(e) if drain_move => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e.message, "reading the draining upstreams failed; not avoiding them");
-                BTreeMap::new()
-            }
-        };
-        let drained = req.failed_upstream.parse::<SocketAddr>().ok().filter(|a| draining.contains_key(a));
-        if drain_move && drained.is_none() {
-            return Ok(Settled::Failed(format!("{} is not draining (any more)", req.failed_upstream)));
-        }
+        // Draining upstreams are tried last, or not at all for a drain-move
+        // ([`endpoints::candidates`]); a store error only loses that preference.
+        let draining = self.draining(store, metrics).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e.message, "reading the draining upstreams failed; not avoiding them");
+            BTreeSet::new()
+        });
         let remaining = deadline.saturating_duration_since(Instant::now());
         let endpoints = self.settings.endpoints.resolve(remaining).await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no recovery endpoints");
             Vec::new()
         });
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let draining_set: BTreeSet<SocketAddr> = draining.keys().copied().collect();
-        let candidates = endpoints::candidates(&endpoints, &req.failed_upstream, req.reason, turn, &draining_set);
+        let candidates = endpoints::candidates(&endpoints, &req.failed_upstream, req.reason, turn, &draining);
         let r = &req.request;
         let max = self.settings.max_response_bytes;
         let mut tried = Vec::new();
@@ -154,23 +144,15 @@ impl Recovery {
                     tracing::info!(
                         session = id.as_str(), %endpoint, generation = new.generation, "session re-initialized"
                     );
-                    if let Some(upstream) = drained.filter(|_| drain_move) {
-                        self.count_drain_move(store, metrics, upstream, true).await;
-                    }
-                    Ok(Settled::Pinned(placement(&new)))
+                    Ok(Settled::Reinitialized(placement(&new)))
                 }
                 Ok(PutOutcome::Conflict(current)) => {
                     self.delete_orphan(&target, &init.session_id);
                     match current {
-                        // Someone else moved it: their move, not counted here.
-                        Some(current) if current.generation > req.failed_generation => Ok(Settled::Pinned(placement(&current))),
-                        Some(_) => {
-                            if let Some(upstream) = drained.filter(|_| drain_move) {
-                                self.count_drain_move(store, metrics, upstream, false).await;
-                            }
-                            Ok(Settled::Failed("the record changed during re-initialization".into()))
-                        }
-                        None => Ok(Settled::Failed("the record was deleted during re-initialization".into())),
+                        // Someone else moved it.
+                        Some(current) if current.generation > req.failed_generation => Ok(Settled::Already(placement(&current))),
+                        Some(_) => Ok(Settled::Failed(Failure::Conflict("the record changed during re-initialization".into()))),
+                        None => Ok(Settled::Failed(Failure::NotTried("the record was deleted during re-initialization".into()))),
                     }
                 }
                 Err(e) => {
@@ -184,16 +166,7 @@ impl Recovery {
         } else {
             format!("no endpoint accepted the session: {}", tried.join("; "))
         };
-        if let Some(upstream) = drained.filter(|_| drain_move) {
-            // The session stays on its draining pod, which still serves: keep the record.
-            self.count_drain_move(store, metrics, upstream, false).await;
-            return Ok(Settled::Failed(why));
-        }
-        // No endpoint took the session: the client must start a new one.
-        if let Err(e) = store.delete(id).await {
-            tracing::warn!(session = id.as_str(), error = %e, "deleting the unrecoverable session failed");
-        }
-        Ok(Settled::Failed(why))
+        Ok(Settled::Failed(Failure::NoEndpoint(why)))
     }
 
     /// Best effort, in the background: ends a backend session control created but does not use.
