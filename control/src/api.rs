@@ -109,7 +109,7 @@ pub fn router<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: u
 }
 
 /// [`router`] whose admission control takes its permits from `permits`, which other
-/// listeners may share (the replay listener, [`crate::replay`], takes one per request).
+/// listeners may share (the replay listener, [`crate::replay_listener`], takes one per request).
 pub fn router_with_permits<S: SessionStore>(state: AppState<S>, auth: Auth, max_body_bytes: usize, permits: Arc<Semaphore>) -> Router {
     let v1 = Router::new()
         .route(

@@ -28,7 +28,7 @@ pub mod metrics;
 pub mod mtls;
 pub mod record;
 pub mod recover;
-pub mod replay;
+pub mod replay_listener;
 pub mod session_id;
 pub mod store;
 
@@ -125,7 +125,7 @@ struct Listeners {
 }
 
 /// Serves `store` with the router of [`api::router_with_permits`], and the replay
-/// listener's ([`replay::router`]) when bound.
+/// listener's ([`replay_listener::router`]) when bound.
 async fn run<S: SessionStore>(
     store: Arc<S>,
     auth: Auth,
@@ -178,7 +178,7 @@ async fn run<S: SessionStore>(
     let replay_tls = config.replay_tls().map(|files| mtls::server_config(&files)).transpose()?;
     let replay = async {
         let Some(listener) = listeners.replay else { return Ok(()) };
-        let app = replay::router(state, permits, config.max_body_bytes);
+        let app = replay_listener::router(state, permits, config.max_body_bytes);
         let addr = listener.local_addr()?;
         match replay_tls {
             Some(tls) => {

@@ -38,7 +38,7 @@
 //!   instance last read or changed the list (`GET /v1/upstreams/draining`, which filters
 //!   poll, drain/undrain, recoveries, the DNS watcher).
 //! - `mcp_affinity_control_replay_listener_requests_total{result}` — counter of the
-//!   requests Envoy retried to the replay listener ([`crate::replay`]), by how they ended
+//!   requests Envoy retried to the replay listener ([`crate::replay_listener`]), by how they ended
 //!   (`result` = replayed|not_replayed|failed|alive|deleted|session_not_found|
 //!   bad_request|store_unavailable|overloaded|internal; `alive` = sent again to the pod
 //!   that still knew the session). Recoveries they started are also in `recoveries_total`.

@@ -1,6 +1,6 @@
 //! Mutual TLS on the replay listener: the credential Envoy presents and pods never see.
 //!
-//! The replay listener ([`crate::replay`]) answers requests without a bearer token: Envoy
+//! The replay listener ([`crate::replay_listener`]) answers requests without a bearer token: Envoy
 //! forwards the client's own request there when it retries. With
 //! `--replay-tls-cert`, `--replay-tls-key` and `--replay-client-ca`, it speaks TLS and
 //! completes a handshake only with a client whose certificate chains to that CA — the one

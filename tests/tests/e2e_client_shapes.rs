@@ -25,7 +25,7 @@
 use mcp_affinity_harness::fixtures::control::ControlService;
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
 use mcp_affinity_harness::mcp_client::{CallError, Shape};
-use mcp_affinity_harness::fixtures::replay::ReplayListener;
+use mcp_affinity_harness::fixtures::replay_listener::ReplayListener;
 use mcp_affinity_harness::ts_client::TsClient;
 use serde_json::json;
 

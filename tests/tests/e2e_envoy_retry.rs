@@ -12,7 +12,7 @@ use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializat
 use mcp_affinity_harness::mcp_client::Session;
 use std::path::Path;
 
-use mcp_affinity_harness::fixtures::replay::ReplayListener;
+use mcp_affinity_harness::fixtures::replay_listener::ReplayListener;
 
 /// Envoy's count of retries on the pods' cluster (each went to control).
 const RETRIES: &str = "cluster.mcp_service.upstream_rq_retry";

@@ -61,7 +61,7 @@ fn rendered_bootstraps_pass_envoy_validate() {
 fn shipped_bootstraps_pass_envoy_validate() {
     let dir = scratch("shipped");
     let wasm = mcp_affinity_harness::process::filter_wasm();
-    let replay = mcp_affinity_harness::fixtures::replay::ReplayListener::new().unwrap();
+    let replay = mcp_affinity_harness::fixtures::replay_listener::ReplayListener::new().unwrap();
     let tls_dir = format!("{}/", replay.tls_dir.display());
     for name in ["envoy.yaml", "envoy-stateful-session.yaml"] {
         let shipped = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy").join(name)).unwrap();

@@ -19,7 +19,7 @@ use super::{GET_RETRY_BODY, NOT_DELIVERED_STATUS, OUTCOME_UNKNOWN_CODE, SESSION_
 impl Recovery {
     /// Sends `req` once more to `pin`, the session's current, unchanged pin, and answers
     /// with the pod's answer: the replay step of [`Recovery::recover`] under a deadline of
-    /// its own (`--recovery-timeout-ms`). For the replay listener ([`crate::replay`]) after
+    /// its own (`--recovery-timeout-ms`). For the replay listener ([`crate::replay_listener`]) after
     /// [`Outcome::Alive`]: the pod's first answer was genuine, but Envoy discarded it when
     /// it retried. Outcome `replayed` (`not_replayed` for a GET, or when the resend got no
     /// complete answer).

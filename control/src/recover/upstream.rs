@@ -55,7 +55,7 @@ fn value(name: &str, v: &str) -> Result<HeaderValue, String> {
 
 /// An answer read (up to the cap) from a pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Answer {
+pub struct PodAnswer {
     /// HTTP status.
     pub status: u16,
     /// `Content-Type`, when present.
@@ -66,7 +66,7 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
-impl Answer {
+impl PodAnswer {
     /// `true` when the answer is an SSE stream.
     pub fn is_sse(&self) -> bool {
         self.content_type.as_deref().is_some_and(is_sse)
@@ -114,7 +114,7 @@ pub async fn send(
     wait_for_id: Option<&Value>,
     deadline: Instant,
     max_bytes: usize,
-) -> Result<Answer, CallError> {
+) -> Result<PodAnswer, CallError> {
     let remaining = deadline.saturating_duration_since(Instant::now());
     if remaining.is_zero() {
         return Err(CallError::NotSent("recovery deadline passed".into()));
@@ -130,7 +130,7 @@ pub async fn send(
         Ok(Ok(r)) => r,
     };
     let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let mut answer = Answer {
+    let mut answer = PodAnswer {
         status: response.status().as_u16(),
         content_type: header(CONTENT_TYPE.as_str()),
         session_id: header(SESSION_HEADER),
@@ -317,7 +317,7 @@ pub use mcp_affinity_proto::recover::SessionErrors;
 
 /// `true` when `answer` says the server does not know the session, by `rules` (a status
 /// alone, or a JSON-RPC error of a body status: [`SessionErrors::is_session_error`]).
-pub fn is_session_unknown_by(rules: &SessionErrors, answer: &Answer) -> bool {
+pub fn is_session_unknown_by(rules: &SessionErrors, answer: &PodAnswer) -> bool {
     if rules.statuses.contains(&answer.status) {
         return true;
     }
@@ -330,7 +330,7 @@ pub fn is_session_unknown_by(rules: &SessionErrors, answer: &Answer) -> bool {
 }
 
 /// [`is_session_unknown_by`] the default rules.
-pub fn is_session_unknown(answer: &Answer) -> bool {
+pub fn is_session_unknown(answer: &PodAnswer) -> bool {
     is_session_unknown_by(&SessionErrors::default(), answer)
 }
 
@@ -435,8 +435,8 @@ mod tests {
         assert_eq!(sse_data("data: a\r\ndata: b\r\n\r\ndata:x"), ["a\nb", "x"]);
     }
 
-    fn answer(status: u16, content_type: &str, body: &str) -> Answer {
-        Answer { status, content_type: Some(content_type.into()), session_id: None, body: body.as_bytes().to_vec() }
+    fn answer(status: u16, content_type: &str, body: &str) -> PodAnswer {
+        PodAnswer { status, content_type: Some(content_type.into()), session_id: None, body: body.as_bytes().to_vec() }
     }
 
     #[test]
