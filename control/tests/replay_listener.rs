@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use clap::Parser;
 use mcp_affinity_control::config::Config;
-use mcp_affinity_control::replay::{CLIENT_SESSION_HEADER, PIN_HEADER, POD_HEADER, SESSION_HEADER};
+use mcp_affinity_control::replay_listener::{CLIENT_SESSION_HEADER, PIN_HEADER, POD_HEADER, SESSION_HEADER};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
