@@ -139,7 +139,7 @@ impl Answer {
 }
 
 /// An error with its sources (reqwest's `Display` alone hides the cause).
-pub fn chain(e: &dyn std::error::Error) -> String {
+fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
@@ -150,11 +150,11 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-pub fn rpc_error_code(body: &str) -> Option<i64> {
+fn rpc_error_code(body: &str) -> Option<i64> {
     serde_json::from_str::<Value>(body).ok()?.pointer("/error/code")?.as_i64()
 }
 
-pub fn find_response(messages: impl IntoIterator<Item = Value>, id: &Value) -> Option<Value> {
+fn find_response(messages: impl IntoIterator<Item = Value>, id: &Value) -> Option<Value> {
     messages
         .into_iter()
         .find(|m| m.get("id") == Some(id) && (m.get("result").is_some() || m.get("error").is_some()))

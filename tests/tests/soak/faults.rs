@@ -16,9 +16,10 @@ use crate::mesh::{ENVOY_NAMES, Mesh, POD_NAMES};
 use crate::schedule::{Fault, FaultKind, fault_label};
 
 /// A fault must settle (every session answered through each Envoy) within this.
-pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 
-pub async fn poll_until<F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<Duration>
+/// Polls `f` every 20 ms until it holds (returns how long that took) or `timeout` passes.
+async fn poll_until<F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<Duration>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -47,6 +48,7 @@ pub struct ChaosLog {
     pub max_settle: Duration,
 }
 
+/// The chaos driver: the mesh it breaks, the traffic it watches settle, its log.
 pub struct Chaos<'a> {
     pub mesh: &'a mut Mesh,
     pub shared: &'a Shared,

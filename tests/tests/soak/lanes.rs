@@ -19,7 +19,7 @@ use crate::schedule::Rng;
 use crate::tally::{Failure, Tally, TsTally};
 
 /// Failures kept with their details (all are counted).
-pub const KEEP_FAILURES: usize = 200;
+const KEEP_FAILURES: usize = 200;
 
 /// What the client knows about one logical MCP session slot (a lost session is replaced
 /// by a new one in the same slot).
@@ -138,7 +138,7 @@ impl Call {
 }
 
 /// The cause of a failed call, as the summary groups them.
-pub fn cause_of(answer: &Answer) -> String {
+fn cause_of(answer: &Answer) -> String {
     match answer {
         Answer::Http { status, code: Some(c), .. } => format!("HTTP {status} JSON-RPC {c}"),
         Answer::Http { status, code: None, .. } => format!("HTTP {status}"),
@@ -154,7 +154,7 @@ pub fn cause_of(answer: &Answer) -> String {
 }
 
 /// Checks a successful result; `Err` says what is wrong with it.
-pub fn check_result(call: Call, result: &Value, echo_text: &str) -> Result<Option<usize>, String> {
+fn check_result(call: Call, result: &Value, echo_text: &str) -> Result<Option<usize>, String> {
     let text = || result.pointer("/content/0/text").and_then(Value::as_str);
     match call {
         Call::Ping => result.is_object().then_some(None).ok_or_else(|| format!("ping result {result}")),
@@ -299,7 +299,7 @@ pub async fn run_lane(shared: Arc<Shared>, slot: Arc<Slot>, lane: usize, mut rng
 /// client has not seen yet, and any pod dying during the call may be its new one). A later
 /// observation overlapping the call may already show the session's next pod, so it decides
 /// nothing.
-pub fn its_pod_died(shared: &Shared, slot: &Slot, generation: u64, start: Micros, end: Micros) -> bool {
+fn its_pod_died(shared: &Shared, slot: &Slot, generation: u64, start: Micros, end: Micros) -> bool {
     if !shared.pod_fault_during(None, start, end) {
         return false;
     }
@@ -314,10 +314,10 @@ pub fn its_pod_died(shared: &Shared, slot: &Slot, generation: u64, start: Micros
 }
 
 /// How many `whoami` observations a slot keeps for [`its_pod_died`].
-pub const HISTORY: usize = 16;
+const HISTORY: usize = 16;
 
 /// Records a `whoami` answer; a change of pod must follow a fault of the previous pod.
-pub fn observe(shared: &Shared, slot: &Slot, t: &mut Tally, now: Seen) {
+fn observe(shared: &Shared, slot: &Slot, t: &mut Tally, now: Seen) {
     {
         let mut history = slot.history.lock().unwrap();
         if history.len() == HISTORY {
@@ -355,7 +355,7 @@ pub fn observe(shared: &Shared, slot: &Slot, t: &mut Tally, now: Seen) {
 
 /// A 404: the session is gone for the client, which starts a new one (once per session,
 /// whichever lane saw it first).
-pub async fn replace_lost_session(shared: &Shared, slot: &Slot, generation: u64, envoy: usize, call: Call, cause: &str) {
+async fn replace_lost_session(shared: &Shared, slot: &Slot, generation: u64, envoy: usize, call: Call, cause: &str) {
     let mut state = slot.state.lock().await;
     if state.generation != generation {
         return;

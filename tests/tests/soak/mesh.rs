@@ -14,6 +14,7 @@ use serde_json::Value;
 
 /// The Envoys the raw lanes alternate between, as the report names them.
 pub const ENVOY_NAMES: [&str; 2] = ["A", "B"];
+/// The demo pods, as their `whoami` answers name them.
 pub const POD_NAMES: [&str; 3] = ["pod-0", "pod-1", "pod-2"];
 
 /// Counters read from processes that restart (they count from 0 again after a restart):
@@ -30,7 +31,7 @@ impl Counters {
     }
 }
 
-pub const FILTER_COUNTERS: &[&str] = &[
+const FILTER_COUNTERS: &[&str] = &[
     "recoveries_replayed",
     "recoveries_not_replayed",
     "recoveries_failed",
@@ -43,7 +44,7 @@ pub const FILTER_COUNTERS: &[&str] = &[
 ];
 
 /// `(name, metric suffix, labels)` of control metrics summed over restarts.
-pub const CONTROL_COUNTERS: &[(&str, &str, &str)] = &[
+const CONTROL_COUNTERS: &[(&str, &str, &str)] = &[
     ("reinitializations", "reinitializations_total", ""),
     ("recoveries replayed", "recoveries_total", "outcome=\"replayed\""),
     ("recoveries not_replayed", "recoveries_total", "outcome=\"not_replayed\""),
@@ -55,7 +56,7 @@ pub const CONTROL_COUNTERS: &[(&str, &str, &str)] = &[
 /// The plugin configuration shipped in `envoy/envoy.yaml` (the soak runs the filter as
 /// deployed: its control and recovery timeouts, not the fixtures' shorter ones), and the
 /// environment variable it reads control's token from.
-pub fn shipped_plugin_config() -> Result<(String, String)> {
+fn shipped_plugin_config() -> Result<(String, String)> {
     let path = mcp_affinity_harness::envoy::shipped_bootstrap();
     let config = mcp_affinity_harness::envoy::plugin_configuration(&std::fs::read_to_string(&path)?)
         .with_context(|| format!("the wasm filter configuration in {}", path.display()))?;

@@ -40,6 +40,7 @@ impl Rng {
     }
 }
 
+/// What a fault does (described in the test's docs, run by `faults.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FaultKind {
     PodOutage,
@@ -49,6 +50,8 @@ pub enum FaultKind {
     RedisRestart,
 }
 
+/// One scheduled fault: its kind, the pod it hits (pod faults), how long the process
+/// stays down, and the pause before it.
 #[derive(Debug, Clone)]
 pub struct Fault {
     pub kind: FaultKind,
@@ -107,6 +110,7 @@ impl Schedule {
     }
 }
 
+/// How the timeline and the summary name a fault kind.
 pub fn fault_label(k: FaultKind) -> String {
     match k {
         FaultKind::PodOutage => "pod outage (kill, down, restart in place)".into(),
