@@ -119,7 +119,7 @@ endif
 	@# Control's optional EndpointSlice drain source (cargo feature `kube`, off by default).
 	$(CARGO) test -p mcp-affinity-control --features kube --lib
 
-# Chaos soak (tests/tests/soak.rs): 50 MCP sessions through two Envoys sharing Redis-backed
+# Chaos soak (tests/tests/soak/): 50 MCP sessions through two Envoys sharing Redis-backed
 # control while pods, Envoys, control instances and Redis are killed and restarted on a
 # seeded schedule; fails on any loss and prints one summary. `make test` runs its 60 s
 # profile. SOAK_SEED=<printed seed> replays a schedule; SOAK_SESSIONS, SOAK_LANES and

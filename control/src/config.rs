@@ -132,12 +132,12 @@ POST /v1/sessions/{id}/recover. Control picks a live MCP server endpoint (--endp
 failed one is skipped after a connection failure and tried last otherwise), re-initializes the session there once (the stored initialize and notifications/initialized; \
 single flight per session across every control instance sharing the store), stores the new pin with a \
 compare-and-set, and replays the client's request only when it provably did not run (connection failure, \
-session unknown) or its method is in --replay-safe-methods. See control/README.md, section Recovery.
+session unknown) or its method is in --replay-safe-methods. See docs/recovery.md.
 
 Replay listener (--replay-listen ADDR): Envoy retries a pinned request that failed to this second listener \
 (any method, any path, no token), with the whole request; control recovers the session, probing its pod first, \
 and answers the client's request with the headers mcp-session-id and x-mcp-affinity-pin. Keep it reachable only \
-by Envoy. See control/README.md, section Replay listener (Envoy retry).
+by Envoy. See docs/recovery.md, section Replay listener (Envoy retry).
 
 Authentication: every /v1 request needs `Authorization: Bearer <token>`. Give the token with --token-file \
 (preferred) or the MCP_AFFINITY_CONTROL_TOKEN environment variable. Without a token the service refuses to \
@@ -156,7 +156,7 @@ pub struct Config {
     /// (`retry_priority` previous_priorities, this address at priority 1 of the pods cluster), and
     /// control recovers the session and answers it. No bearer token on it (Envoy forwards the
     /// client's request): keep it on loopback or reachable only by Envoy (NetworkPolicy). See
-    /// control/README.md, "Replay listener (Envoy retry)".
+    /// docs/recovery.md, "Replay listener (Envoy retry)".
     #[arg(long, env = "MCP_AFFINITY_CONTROL_REPLAY_LISTEN", value_name = "ADDR")]
     pub replay_listen: Option<SocketAddr>,
 
@@ -180,7 +180,7 @@ pub struct Config {
     /// several control instances: one node `redis://[user:pass@]host:port[/db]`; Sentinel
     /// `redis+sentinel://[user:pass@]host:port[,host:port...]/MASTERNAME[/db][?sentinel_password=P]` (follows
     /// failovers); Cluster `redis+cluster://[user:pass@]host:port[,host:port...]`. `rediss` instead of `redis`
-    /// for TLS (with the `tls` build feature). See control/README.md, "Redis topologies".
+    /// for TLS (with the `tls` build feature). See docs/stores.md, "Redis topologies".
     #[arg(long, env = "MCP_AFFINITY_CONTROL_STORE", hide_env_values = true, default_value = "memory", value_name = "STORE",
           value_parser = StoreParser)]
     pub store: StoreKind,

@@ -1,6 +1,6 @@
 //! `control/openapi.yaml` matches the real router: every documented path and method is
 //! served, every other method on a documented path answers 405, and every error code the
-//! document lists is one the README documents.
+//! document lists is one the API reference (`docs/control-api.md`) documents.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +14,8 @@ use mcp_affinity_control::store::memory::MemoryStore;
 use tower::ServiceExt;
 
 const SPEC: &str = include_str!("../openapi.yaml");
-const README: &str = include_str!("../README.md");
+/// The API reference, whose error table lists every code.
+const API_DOC: &str = include_str!("../../docs/control-api.md");
 
 /// Documented paths and their methods, read from the `paths:` section (two-space indent
 /// for paths, four for methods).
@@ -95,11 +96,11 @@ async fn documented_routes_are_the_served_routes() {
 }
 
 #[test]
-fn documented_error_codes_match_the_readme() {
+fn documented_error_codes_match_the_api_reference() {
     let enum_line = SPEC.split("enum: [").nth(1).expect("error code enum").split(']').next().unwrap();
     let codes: Vec<&str> = enum_line.split(',').map(|c| c.trim()).filter(|c| !c.is_empty()).collect();
     assert_eq!(codes.len(), 16, "{codes:?}");
     for code in codes {
-        assert!(README.contains(&format!("| `{code}`")), "README error table lacks {code}");
+        assert!(API_DOC.contains(&format!("| `{code}`")), "docs/control-api.md error table lacks {code}");
     }
 }

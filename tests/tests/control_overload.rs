@@ -399,7 +399,7 @@ async fn ten_times_the_limit_is_refused_fast_with_bounded_memory_and_control_rec
     );
 
     // The held recoveries end at their deadline: no endpoint accepted the session, so the
-    // outcome is `failed` (README, Recovery step 6): 404 JSON-RPC -32001 for the client, no
+    // outcome is `failed` (docs/recovery.md, step 6): 404 JSON-RPC -32001 for the client, no
     // pin, the record deleted.
     for (id, task) in held_ids.iter().zip(held) {
         let (status, body, took) = task.await.expect("held recovery task");

@@ -1,5 +1,5 @@
 //! Where drains come from besides the admin API: the endpoint source tells control that a
-//! pod is going away, and control drains its address (see the README, "Draining").
+//! pod is going away, and control drains its address (see `docs/draining.md`).
 //!
 //! - [`dns`]: `--endpoints-dns` (a headless Service): an address that stops resolving;
 //! - [`endpointslices`] (cargo feature `kube`): `--drain-from-endpointslices`, the
