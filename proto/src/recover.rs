@@ -1,6 +1,6 @@
 //! Recovery's shared vocabulary: the filter's request (`POST /v1/sessions/{id}/recover`:
 //! why it asks, the client's request, how the pods say "session unknown"), and control's answer (that endpoint's 200 body, or the headers of
-//! its replay listener's answer). Control's API: `control/README.md`, section Recovery.
+//! its replay listener's answer). Control's API: `docs/recovery.md`.
 
 use std::fmt;
 use std::str::FromStr;
