@@ -7,7 +7,8 @@
 //! - [`jsonrpc`]: recognising `initialize` in a POST body, JSON-RPC error bodies;
 //! - [`pin`]: the session → upstream host record kept in Envoy shared data, and the
 //!   routing-header encodings;
-
+//! - [`drain`]: the draining upstream hosts, shared by the VMs of one Envoy;
+//! - [`headers`]: the header names it reads and writes;
 //! - [`header_map`]: the ABI's serialised header map, read without copies;
 //! - [`record_queue`]: new sessions' records waiting in the VM, sent to control in
 //!   batches on the root context's tick;
@@ -17,11 +18,13 @@
 //! - [`store`]: pins in shared data (CAS, tombstones, sweep) over a [`store::SharedData`]
 //!   interface;
 //! - [`metrics`]: the filter's counters;
-//! - [`machine`]: the per-stream state machine — events in, actions out — that encodes
-//!   the rules real Envoy imposes on a proxy-wasm filter.
+//! - [`machine`]: the decisions — the per-stream state machine (events in, actions out)
+//!   that encodes the rules real Envoy imposes on a proxy-wasm filter, and the root
+//!   context's machine (ticks, record batches, the sweep, touches, the draining list).
 //!
 //! The proxy-wasm layer (`proxy`, compiled for `wasm32` only) only translates Envoy's
-//! callbacks into [`machine`] events and its actions into host calls.
+//! callbacks into [`machine`] events and its actions into host calls. What crosses to
+//! control is defined once, in `mcp-affinity-proto`.
 
 pub mod config;
 pub mod drain;
