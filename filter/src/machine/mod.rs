@@ -21,12 +21,12 @@
 //!    event's pause holds the stream): Envoy drops its pointer to them once the callback
 //!    continued, and a later read fails (the SDK then panics). The `request.*` attributes
 //!    go through the same pointer, so they are gone too. The machine gets the request
-//!    headers as one serialised map ([`HeaderPairs`], one host call) and keeps that
+//!    headers as one serialised map ([`crate::header_map::HeaderPairs`], one host call) and keeps that
 //!    buffer when a recovery may need the request later.
 //! 3. **A response body cannot be read before deciding on the response headers** (rule 1
 //!    on the response side). A small error answer that may mean "session unknown" (400
 //!    JSON, as TypeScript-SDK servers answer) is therefore held on its headers while
-//!    control verifies the session with a probe ([`Reason::SessionSuspect`]); alive →
+//!    control verifies the session with a probe ([`crate::recovery::Reason::SessionSuspect`]); alive →
 //!    the original answer goes on unchanged.
 //! 4. **Response headers are writable only in the response-headers event** or while
 //!    paused there (the session id the client sees is rewritten then).
