@@ -412,11 +412,20 @@ pub async fn join_lanes<T>(lanes: Vec<tokio::task::JoinHandle<T>>, deadline: tok
 /// while a pod died).
 pub async fn run_ts_lane(shared: Arc<Shared>, url: String, index: usize, think_ms: u64) -> TsTally {
     let mut t = TsTally::default();
-    let mut ts = match TsClient::connect(&url).await {
-        Ok(c) => c,
-        Err(e) => {
-            t.failures.push(format!("ts{index}: connect: {e:#}"));
-            return t;
+    // A connect whose `initialize` meets a pod's death fails like any request cut then; a
+    // client connects again (twice at most here, and only then).
+    let mut ts = loop {
+        let start = shared.now();
+        match TsClient::connect(&url).await {
+            Ok(c) => break c,
+            Err(e) if t.connects_retried < 2 && shared.pod_fault_during(None, start, shared.now()) => {
+                println!("soak: ts{index}: connect failed while a pod died, connecting again: {e:#}");
+                t.connects_retried += 1;
+            }
+            Err(e) => {
+                t.failures.push(format!("ts{index}: connect: {e:#}"));
+                return t;
+            }
         }
     };
     t.sessions = 1;
