@@ -60,6 +60,12 @@ pub struct FilterConfig {
     pub control: Option<ControlConfig>,
     /// Transparent recovery through the control service (needs `control`).
     pub recovery: RecoveryConfig,
+    /// Task affinity for the MCP 2026-07-28 era (default true): the answer of a 2026-era
+    /// `tools/call` that created a task (tasks extension) pins the task to the upstream
+    /// host that answered, and `tasks/get`, `tasks/update`, `tasks/cancel` are routed by
+    /// `Mcp-Name` to it ([`crate::tasks`]). Task pins live in shared data beside session
+    /// pins and expire like them (`session_ttl_secs` idle).
+    pub task_affinity: bool,
 }
 
 /// When and how a pinned session is recovered (re-initialised on a live pod by control).
@@ -219,6 +225,7 @@ impl Default for FilterConfig {
             unknown_session: UnknownSession::NotFound,
             control: None,
             recovery: RecoveryConfig::default(),
+            task_affinity: true,
         }
     }
 }
@@ -384,7 +391,8 @@ mod tests {
                             "drain_poll_ms":0,"initialize_write":"sync","record_flush_ms":20,"lookup_wait_ms":100},
                  "recovery":{"enabled":false,"replay_by":"envoy_retry","max_replay_body_bytes":2048,
                              "session_unknown_statuses":[404,410],"error_body_statuses":[400,422],"session_unknown_codes":[-32001,-32099],
-                             "message_codes":[-32000,-32098],"message_patterns":["session","expired"],"timeout_ms":5000}}"#,
+                             "message_codes":[-32000,-32098],"message_patterns":["session","expired"],"timeout_ms":5000},
+                 "task_affinity":false}"#,
         )
         .unwrap();
         let want = FilterConfig {
@@ -399,6 +407,7 @@ mod tests {
             touch_interval_secs: 30,
             sweep_period_ms: 250,
             unknown_session: UnknownSession::PassThrough,
+            task_affinity: false,
             control: Some(ControlConfig {
                 cluster: "ctl".into(),
                 authority: "ctl.local".into(),

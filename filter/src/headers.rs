@@ -1,7 +1,7 @@
 //! Header names the filter reads and writes (lowercase, as Envoy's header maps hold them):
 //! those it shares with control come from the contract crate (`mcp_affinity_proto::headers`).
 
-pub use mcp_affinity_proto::headers::{CLIENT_SESSION, MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, RECOVERED_PIN};
+pub use mcp_affinity_proto::headers::{CLIENT_SESSION, MCP_METHOD, MCP_NAME, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, RECOVERED_PIN};
 
 /// HTTP/2-style pseudo-headers Envoy exposes in header maps.
 pub const METHOD: &str = ":method";

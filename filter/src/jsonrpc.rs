@@ -63,6 +63,9 @@ pub fn method(body: &[u8]) -> Option<String> {
 pub mod code {
     /// JSON-RPC 2.0: "The JSON sent is not a valid Request object."
     pub const INVALID_REQUEST: i32 = -32600;
+    /// JSON-RPC 2.0: "Invalid method parameter(s)." The MCP tasks extension's answer for
+    /// a task id the server does not know.
+    pub const INVALID_PARAMS: i32 = -32602;
     /// Convention of the MCP TypeScript SDK (not the spec) for "Session not found";
     /// clients and peers (ToolHive) recognise it.
     pub const SESSION_NOT_FOUND: i32 = -32001;

@@ -18,6 +18,8 @@
 //! - [`store`]: pins in shared data (CAS, tombstones, sweep) over a [`store::SharedData`]
 //!   interface;
 //! - [`metrics`]: the filter's counters;
+//! - [`tasks`]: the MCP 2026-07-28 era and its tasks extension (which requests concern a
+//!   task, the task a `tools/call` answer created);
 //! - [`machine`]: the decisions — the per-stream state machine (events in, actions out)
 //!   that encodes the rules real Envoy imposes on a proxy-wasm filter, and the root
 //!   context's machine (ticks, record batches, the sweep, touches, the draining list).
@@ -38,6 +40,7 @@ pub mod record_queue;
 pub mod recovery;
 pub use mcp_affinity_proto::session_id;
 pub mod store;
+pub mod tasks;
 pub mod machine;
 
 #[cfg(target_arch = "wasm32")]

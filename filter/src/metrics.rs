@@ -61,5 +61,9 @@ counters! {
     DrainListUpdates => "mcp_affinity.drain_list_updates": "Changes of the draining list adopted by a VM (each worker VM counts its own).",
     DrainPollErrors => "mcp_affinity.drain_poll_errors": "Fetches of the draining list from control that failed; the last list stays in force.",
     ControlErrors => "mcp_affinity.control_errors": "Calls to control that failed, timed out or were refused; the request went on without control.",
+    TasksPinned => "mcp_affinity.tasks_pinned": "Tasks (MCP tasks extension) pinned to the upstream host whose `tools/call` answer created them.",
+    TasksRouted => "mcp_affinity.tasks_routed": "`tasks/get`, `tasks/update` and `tasks/cancel` requests routed to their task's pinned upstream host by `Mcp-Name`.",
+    TasksUnpinned => "mcp_affinity.tasks_unpinned": "Task requests whose task this Envoy holds no pin for (created before a restart of this Envoy, or through another one): load-balanced.",
+    TasksLost => "mcp_affinity.tasks_lost": "Task requests whose pinned upstream host is gone: answered at once with JSON-RPC -32602 (unknown task), the pin forgotten.",
     ControlWriteRetries => "mcp_affinity.control_write_retries": "Batches of new sessions' records control did not take (down, timeout, 5xx), queued to be sent again on the next `sweep_period_ms` tick.",
 }

@@ -8,6 +8,10 @@ pub const MCP_SESSION_ID: &str = "mcp-session-id";
 pub const MCP_METHOD: &str = "mcp-method";
 /// Negotiated protocol version sent by clients after `initialize` (MCP 2025-06-18).
 pub const MCP_PROTOCOL_VERSION: &str = "mcp-protocol-version";
+/// What a request is about (SEP-2243, MCP 2026-07-28): a tool's name, a resource's URI, a
+/// task's id (`tasks/get`, `tasks/update`, `tasks/cancel`); `=?base64?…?=` when not a
+/// plain token.
+pub const MCP_NAME: &str = "mcp-name";
 /// The default routing header carrying a pinned upstream host (`ip:port`, or its base64 for
 /// Envoy's stateful-session header override): the filter's `pin_header`, and what control's
 /// replay listener reads to learn which pod failed.

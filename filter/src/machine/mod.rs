@@ -41,8 +41,9 @@
 //!
 //! The module's files: [`vm`] (host services, the VM's shared state), [`ops`] (the actions
 //! and flow an event returns), `body` (the bounded body copy), `state` (a stream's state),
-//! and one file per kind of event: `request`, `response`, `answers`; [`root`] the root
-//! context's machine.
+//! and one file per kind of event: `request`, `response`, `answers`; `tasks` the MCP
+//! 2026-07-28 era's task affinity (its requests, answers and answer bodies); [`root`] the
+//! root context's machine.
 
 mod answers;
 mod body;
@@ -51,6 +52,7 @@ mod request;
 mod response;
 pub mod root;
 mod state;
+mod tasks;
 pub mod vm;
 
 pub use self::ops::{Call, ControlAnswer, Flow, Header, Op, Reply, ResponseHead, Step, WANT_RESPONSE, json};

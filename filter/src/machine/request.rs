@@ -39,6 +39,7 @@ impl Stream {
             State::Resolving(r) => r.ask != Ask::Waits,
             State::RecordingInitialized(_) | State::Recovering(_) | State::Writing => true,
             State::Passthrough | State::NewSession { .. } | State::Pinned(_) | State::Answered => false,
+            State::TaskCall | State::TaskAnswer { .. } | State::TaskRequest { .. } => false,
         }
     }
 
@@ -107,6 +108,14 @@ impl Stream {
                     Step::hold(ops)
                 }
             };
+        }
+        if is_post
+            && let Some(m) = mcp_method
+            && m != jsonrpc::INITIALIZE.as_bytes()
+        {
+            // Only an `initialize` answer opens a session: nothing to do here, unless the
+            // request concerns a task (MCP 2026-07-28, tasks extension).
+            return if cx.cfg.task_affinity { self.on_stateless_request(cx, &head, m, ops) } else { Step::go(ops) };
         }
         if is_post {
             // The answer may carry a new session's `Mcp-Session-Id`.

@@ -28,6 +28,8 @@ impl Stream {
                 None => Step::flow(Flow::Continue),
             },
             State::Pinned(p) => self.on_pinned_response(cx, head, p),
+            State::TaskCall => self.on_task_call_response(cx, head),
+            State::TaskRequest { key } => self.on_task_request_response(cx, head, &key),
             other => {
                 self.state = other;
                 Step::flow(Flow::Continue)

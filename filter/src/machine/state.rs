@@ -52,6 +52,13 @@ pub(super) enum State {
     /// An answer held until control took a write: a new session's record
     /// (`initialize_write: sync`, `PUT`) or the end of a deleted one (`DELETE`).
     Writing,
+    /// A 2026-era `tools/call`: its answer may create a task (tasks extension).
+    TaskCall,
+    /// The answer of a 2026-era `tools/call`, copied (bounded) until it shows whether it
+    /// created a task, which is then pinned to `upstream`.
+    TaskAnswer { body: BodyCopy, upstream: String, sse: bool },
+    /// A `tasks/get|update|cancel` routed by its task's pin (shared-data key `key`).
+    TaskRequest { key: String },
     /// The filter answered itself.
     Answered,
 }

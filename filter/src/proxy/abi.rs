@@ -58,6 +58,7 @@ impl From<u32> for Status {
 #[repr(u32)]
 pub enum Buffer {
     HttpRequestBody = 0,
+    HttpResponseBody = 1,
     HttpCallResponseBody = 4,
     PluginConfiguration = 7,
 }

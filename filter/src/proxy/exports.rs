@@ -6,10 +6,12 @@
 //! here it pays for four (`proxy_on_context_create`, `proxy_on_request_headers`,
 //! `proxy_on_response_headers`, `proxy_on_delete`), five with a body
 //! (`proxy_on_request_body`); in the shipped Envoy configurations Envoy's response matcher
-//! spares the steady request `proxy_on_response_headers` too (`envoy/README.md`). Not
-//! exported, so never called: response bodies and trailers, metadata,
-//! `proxy_on_log`, `proxy_on_done` (Envoy calls `proxy_on_delete` right after it,
-//! `Context::onDestroy`), network-filter, queue, gRPC and foreign-function callbacks.
+//! spares the steady request `proxy_on_response_headers` and the response body callbacks
+//! too (`envoy/README.md`). `proxy_on_response_body` copies nothing but the answer of a
+//! 2026-era `tools/call`, which may create a task ([`crate::tasks`]). Not exported, so
+//! never called: trailers, metadata, `proxy_on_log`, `proxy_on_done` (Envoy calls
+//! `proxy_on_delete` right after it, `Context::onDestroy`), network-filter, queue, gRPC and
+//! foreign-function callbacks.
 //!
 //! Contexts live in this VM's registry: root contexts (one per plugin configuration that
 //! uses the VM) and streams (each with its root's [`super::plugin::Plugin`]); answers to
@@ -147,6 +149,11 @@ pub extern "C" fn proxy_on_request_headers(context_id: u32, _num_headers: usize,
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_request_body(context_id: u32, body_size: usize, end_of_stream: u32) -> u32 {
     stream_action(context_id, |s| s.on_request_body(body_size, end_of_stream != 0))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_response_body(context_id: u32, body_size: usize, end_of_stream: u32) -> u32 {
+    stream_action(context_id, |s| s.on_response_body(body_size, end_of_stream != 0))
 }
 
 #[unsafe(no_mangle)]

@@ -181,6 +181,13 @@ impl HttpContext {
         self.in_callback(step)
     }
 
+    /// `proxy_on_response_body`, once per chunk (read only while the machine copies).
+    pub fn on_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let read = || abi::buffer(Buffer::HttpResponseBody, 0, body_size);
+        let step = self.event(|m, cx| m.on_response_body(cx, &read, end_of_stream));
+        self.in_callback(step)
+    }
+
     /// `proxy_on_response_headers`.
     pub fn on_response_headers(&mut self) -> Action {
         let step = self.event(|m, cx| m.on_response_headers(cx, &ResponseHeaders));

@@ -1118,3 +1118,5 @@ fn a_body_copy_is_whole_only_at_the_end_of_the_stream_and_at_its_declared_length
     assert_eq!(BodyCopy::Over.whole(&head(None)), None);
     assert_eq!(BodyCopy::Off.whole(&head(None)), None);
 }
+
+mod tasks;

@@ -1,0 +1,116 @@
+//! Task affinity for the MCP 2026-07-28 era ([`crate::tasks`]): a request without session
+//! id that names its method (`Mcp-Method`) cannot open a session, so the machine looks at
+//! it only when it concerns a task — a 2026-era `tools/call`, whose answer may create one,
+//! or `tasks/get|update|cancel`, routed by `Mcp-Name` to the upstream host that holds the
+//! task. Anything else (`tools/list`, `resources/read`, a 2025-era request) goes on
+//! untouched: no header written, no answer asked for.
+//!
+//! The answer of a `tools/call` is read chunk by chunk as it streams (rule 1 on the
+//! response side: nothing is held), up to [`TASK_ANSWER_LIMIT`] bytes: a
+//! `CreateTaskResult` is small, so a longer answer is a standard result and the copy stops.
+
+use crate::header_map::HeaderPairs;
+use crate::headers::{CONTENT_TYPE, MCP_NAME, MCP_PROTOCOL_VERSION};
+use crate::metrics::Counter;
+use crate::pin::Pin;
+use crate::recovery;
+use crate::tasks::{self, TOOLS_CALL, UNKNOWN_TASK_CODE};
+use super::body::BodyCopy;
+use super::ops::{Flow, Header, Op, Reply, ResponseHead, Step};
+use super::state::{State, Stream, header_str};
+use super::vm::Ctx;
+
+/// Most bytes of a 2026-era `tools/call` answer read to find a `CreateTaskResult`.
+pub const TASK_ANSWER_LIMIT: usize = 16 * 1024;
+
+impl Stream {
+    /// A POST without session id whose `Mcp-Method` is `method` (not `initialize`).
+    pub(super) fn on_stateless_request(&mut self, cx: &mut Ctx, head: &HeaderPairs, method: &[u8], mut ops: Vec<Op>) -> Step {
+        if tasks::is_task_method(method) {
+            let [name] = head.find([MCP_NAME]);
+            let Some(task_id) = name.and_then(tasks::task_id) else { return Step::go(ops) };
+            let key = tasks::pin_key(&task_id);
+            let Some(pin) = cx.get_pin(&key) else {
+                cx.count(Counter::TasksUnpinned);
+                return Step::go(ops);
+            };
+            ops.push(Op::SetRequestHeader(Header::Pin, cx.cfg.pin_encoding.header_value(&pin.upstream)));
+            // Its answer tells whether the task's upstream host is gone.
+            ops.push(Op::WantResponse);
+            cx.count(Counter::TasksRouted);
+            self.state = State::TaskRequest { key };
+            return Step::go(ops);
+        }
+        if method == TOOLS_CALL.as_bytes() && head.find([MCP_PROTOCOL_VERSION])[0].is_some_and(tasks::is_stateless) {
+            ops.push(Op::WantResponse);
+            self.state = State::TaskCall;
+        }
+        Step::go(ops)
+    }
+
+    /// The answer of a 2026-era `tools/call`: a 200 JSON or SSE answer is read as it
+    /// streams; nothing is held.
+    pub(super) fn on_task_call_response(&mut self, cx: &mut Ctx, head: &dyn ResponseHead) -> Step {
+        if head.status() != 200 {
+            return Step::flow(Flow::Continue);
+        }
+        let content_type = head.header(CONTENT_TYPE).unwrap_or_default();
+        let sse = content_type.starts_with(b"text/event-stream");
+        if !sse && !content_type.starts_with(b"application/json") {
+            return Step::flow(Flow::Continue);
+        }
+        let Some(upstream) = header_str(head.upstream_address()).filter(|s| !s.is_empty() && !s.contains(' ')) else {
+            cx.count(Counter::NoUpstreamAddress);
+            return Step::flow(Flow::Continue);
+        };
+        self.state = State::TaskAnswer { body: BodyCopy::new(TASK_ANSWER_LIMIT, false), upstream, sse };
+        Step::flow(Flow::Continue)
+    }
+
+    /// `on_http_response_body` with this event's chunk (`read` gives its bytes; called only
+    /// while an answer is copied). Pins the task the answer created, once it shows.
+    pub fn on_response_body(&mut self, cx: &mut Ctx, read: &dyn Fn() -> Vec<u8>, end_of_stream: bool) -> Step {
+        let State::TaskAnswer { body, sse, upstream } = &mut self.state else { return Step::flow(Flow::Continue) };
+        if !body.push(read(), end_of_stream) {
+            // Over the limit: a standard result, not a `CreateTaskResult`.
+            self.state = State::Passthrough;
+            return Step::flow(Flow::Continue);
+        }
+        let BodyCopy::On { bytes, .. } = body else { return Step::flow(Flow::Continue) };
+        // An SSE answer's response event may come before its stream ends.
+        let created = if *sse || end_of_stream { tasks::created_task(bytes, *sse) } else { None };
+        if created.is_none() && !end_of_stream {
+            return Step::flow(Flow::Continue);
+        }
+        let upstream = std::mem::take(upstream);
+        self.state = State::Passthrough;
+        if let Some(task) = created {
+            let pin = Pin { upstream, generation: 1, last_seen: cx.env.now_secs(), backend_session_id: task.task_id.clone(), recorded: true };
+            log::debug!("mcp-affinity: pinned task {} → {}", task.task_id, pin.upstream);
+            cx.put_pin(&tasks::pin_key(&task.task_id), &pin);
+            cx.count(Counter::TasksPinned);
+        }
+        Step::flow(Flow::Continue)
+    }
+
+    /// The answer of a request routed by its task's pin: a router local reply (the host is
+    /// gone: connect failure, reset) or an answer from Envoy's retry (control holds no
+    /// tasks) means the task is lost with its host: the client gets the spec's unknown-task
+    /// error at once and the pin is forgotten.
+    pub(super) fn on_task_request_response(&mut self, cx: &mut Ctx, head: &dyn ResponseHead, key: &str) -> Step {
+        let status = head.status();
+        let lost = (status >= 500 && {
+            let details = head.code_details().unwrap_or_default();
+            recovery::local_reply_reason(&String::from_utf8_lossy(&details), head.flags()).is_some()
+        }) || head.attempt_count() >= 2;
+        if !lost {
+            return Step::flow(Flow::Continue);
+        }
+        log::info!("mcp-affinity: {key}: its upstream host is gone; answered unknown task");
+        cx.forget_pin(key);
+        cx.count(Counter::TasksLost);
+        self.state = State::Answered;
+        let reply = Reply::error(200, UNKNOWN_TASK_CODE, "Unknown task: the server that held it is gone");
+        Step { ops: vec![Op::Reply(reply)], flow: Flow::Stay }
+    }
+}

@@ -1,0 +1,142 @@
+//! Task affinity (MCP 2026-07-28 era, tasks extension): what the machine does with
+//! requests without session id that name their method.
+
+use super::*;
+use crate::machine::tasks::TASK_ANSWER_LIMIT;
+
+/// A 2026-era POST: no session id; `Mcp-Method`, `Mcp-Name` and the protocol version.
+fn stateless(method: &'static str, name: Option<&'static str>) -> HeaderPairs {
+    let mut h = vec![(":method", "POST"), (":path", "/mcp"), (":authority", "example"), ("content-type", "application/json"), ("mcp-protocol-version", "2026-07-28"), ("mcp-method", method)];
+    if let Some(name) = name {
+        h.push(("mcp-name", name));
+    }
+    HeaderPairs::from_pairs(&h)
+}
+
+const CREATED: &str = r#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"task","taskId":"t-1","status":"working","createdAt":"2026-12-06T10:00:00Z","lastUpdatedAt":"2026-12-06T10:00:00Z","ttlMs":60000,"pollIntervalMs":100}}"#;
+
+/// A `tools/call` through stream 1 whose answer (`content_type`, in `chunks`, the last
+/// one ending it) came from 10.0.0.1:80.
+fn tools_call(w: &mut World, content_type: &'static str, chunks: &[&str]) -> Stream {
+    tools_call_ending(w, content_type, chunks, true)
+}
+
+/// As [`tools_call`]; `ends`: the last chunk ends the answer.
+fn tools_call_ending(w: &mut World, content_type: &'static str, chunks: &[&str], ends: bool) -> Stream {
+    let mut s = Stream::new(1);
+    let step = s.on_request_headers(&mut w.cx(), stateless("tools/call", Some("slow_task")), false);
+    assert_eq!(step, Step { ops: vec![Op::WantResponse], flow: Flow::Continue }, "its answer is asked for, nothing held");
+    let read = || -> Vec<u8> { panic!("a task's request body is never read") };
+    assert_eq!(s.on_request_body(&mut w.cx(), &read, true).flow, Flow::Continue);
+    assert_eq!(s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("content-type", content_type)])).flow, Flow::Continue);
+    for (i, chunk) in chunks.iter().enumerate() {
+        assert_eq!(s.on_response_body(&mut w.cx(), &body(chunk), ends && i + 1 == chunks.len()).flow, Flow::Continue);
+    }
+    s
+}
+
+fn task_pin(w: &World, id: &str) -> Option<Pin> {
+    w.stored(&crate::tasks::pin_key(id))
+}
+
+#[test]
+fn a_request_that_cannot_concern_a_task_passes_untouched() {
+    let mut w = World::new(true);
+    for head in [stateless("tools/list", None), stateless("resources/read", Some("file:///a")), stateless("notifications/progress", None)] {
+        let mut s = Stream::new(1);
+        assert_eq!(s.on_request_headers(&mut w.cx(), head, false), Step { ops: vec![], flow: Flow::Continue });
+        let read = || -> Vec<u8> { panic!("not read") };
+        assert_eq!(s.on_request_body(&mut w.cx(), &read, true).flow, Flow::Continue);
+        assert_eq!(s.on_response_body(&mut w.cx(), &read, true).flow, Flow::Continue);
+    }
+    // A 2025-era tools/call without session id: no session to open, no task to learn.
+    let mut s = Stream::new(2);
+    let head = HeaderPairs::from_pairs(&[(":method", "POST"), ("mcp-protocol-version", "2025-11-25"), ("mcp-method", "tools/call")]);
+    assert_eq!(s.on_request_headers(&mut w.cx(), head, false), Step { ops: vec![], flow: Flow::Continue });
+    assert!(w.env.counts.is_empty(), "nothing counted: {:?}", w.env.counts);
+}
+
+#[test]
+fn a_task_a_json_answer_created_is_pinned_to_the_host_that_answered() {
+    let mut w = World::new(true);
+    let (a, b) = CREATED.split_at(40);
+    tools_call(&mut w, "application/json", &[a, b]);
+    assert_eq!(task_pin(&w, "t-1").map(|p| p.upstream).as_deref(), Some("10.0.0.1:80"));
+    assert_eq!(w.count("tasks_pinned"), 1);
+}
+
+#[test]
+fn a_task_an_sse_answer_created_is_pinned_at_its_response_event() {
+    let mut w = World::new(false);
+    let event = format!("id: 0\nretry: 3000\ndata:\n\nevent: message\ndata: {CREATED}\n\n");
+    let mut s = tools_call_ending(&mut w, "text/event-stream", &[&event], false);
+    assert!(task_pin(&w, "t-1").is_some(), "pinned before the stream ends");
+    let read = || -> Vec<u8> { panic!("the rest of the answer is not read") };
+    assert_eq!(s.on_response_body(&mut w.cx(), &read, true).flow, Flow::Continue);
+}
+
+#[test]
+fn a_standard_result_pins_nothing_and_a_long_answer_stops_being_read() {
+    let mut w = World::new(true);
+    tools_call(&mut w, "application/json", &[r#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#]);
+    let long = "x".repeat(TASK_ANSWER_LIMIT);
+    let mut s = tools_call(&mut w, "application/json", &[&long, "more"]);
+    let read = || -> Vec<u8> { panic!("past the limit nothing is read") };
+    s.on_response_body(&mut w.cx(), &read, true);
+    let mut s = Stream::new(3);
+    s.on_request_headers(&mut w.cx(), stateless("tools/call", Some("x")), false);
+    s.on_response_headers(&mut w.cx(), &Resp::new(500, &[("content-type", "application/json")]));
+    s.on_response_body(&mut w.cx(), &read, true);
+    assert_eq!(w.count("tasks_pinned"), 0);
+}
+
+#[test]
+fn task_requests_are_routed_by_mcp_name_without_reading_their_body() {
+    let mut w = World::new(true);
+    tools_call(&mut w, "application/json", &[CREATED]);
+    for method in ["tasks/get", "tasks/update", "tasks/cancel"] {
+        let mut s = Stream::new(5);
+        let step = s.on_request_headers(&mut w.cx(), stateless(method, Some("t-1")), false);
+        assert_eq!(step.ops, vec![Op::SetRequestHeader(Header::Pin, "10.0.0.1:80".into()), Op::WantResponse], "{method}");
+        let read = || -> Vec<u8> { panic!("not read") };
+        assert_eq!(s.on_request_body(&mut w.cx(), &read, true).flow, Flow::Continue);
+        assert_eq!(s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("content-type", "application/json")])).flow, Flow::Continue);
+    }
+    // The id may come base64-encoded (`=?base64?…?=`), as clients send non-token values.
+    let mut s = Stream::new(6);
+    let step = s.on_request_headers(&mut w.cx(), stateless("tasks/get", Some("=?base64?dC0x?=")), true);
+    assert_eq!(routed_to(&step), Some("10.0.0.1:80"));
+    assert_eq!(w.count("tasks_routed"), 4);
+    // A task this Envoy never saw goes on load-balanced (counted).
+    let mut s = Stream::new(7);
+    assert_eq!(s.on_request_headers(&mut w.cx(), stateless("tasks/get", Some("t-9")), true).ops, vec![]);
+    assert_eq!(w.count("tasks_unpinned"), 1);
+}
+
+#[test]
+fn a_task_whose_host_is_gone_gets_the_unknown_task_answer_at_once() {
+    let mut w = World::new(true);
+    tools_call(&mut w, "application/json", &[CREATED]);
+    for gone in [Resp::local_reply("upstream_reset_before_response_started{remote_connection_failure}", 0x20), Resp { attempt: 2, ..Resp::new(404, &[]) }] {
+        let mut s = Stream::new(5);
+        s.on_request_headers(&mut w.cx(), stateless("tasks/get", Some("t-1")), true);
+        let step = s.on_response_headers(&mut w.cx(), &gone);
+        let r = reply(&step).expect("answered by the filter");
+        assert_eq!((r.status, json(&r.body)["error"]["code"].as_i64()), (200, Some(-32602)));
+        assert!(task_pin(&w, "t-1").is_none(), "forgotten");
+        tools_call(&mut w, "application/json", &[CREATED]);
+    }
+    assert_eq!(w.count("tasks_lost"), 2);
+    // The pod's own answers, errors included, go through.
+    let mut s = Stream::new(5);
+    s.on_request_headers(&mut w.cx(), stateless("tasks/get", Some("t-1")), true);
+    assert_eq!(s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("content-type", "application/json")])), Step::flow(Flow::Continue));
+}
+
+#[test]
+fn task_affinity_off_leaves_every_stateless_request_alone() {
+    let mut w = World::new(true);
+    w.cfg.task_affinity = false;
+    let mut s = Stream::new(1);
+    assert_eq!(s.on_request_headers(&mut w.cx(), stateless("tools/call", Some("slow_task")), false).ops, vec![]);
+}
