@@ -193,9 +193,14 @@ impl Stream {
         };
         // JSON text is UTF-8 (RFC 8259): a body that is not is never replayed, rather than
         // replayed with replacement characters.
-        let whole = p.body.whole(head).and_then(|b| std::str::from_utf8(b).ok());
+        // The copy may be longer than the replay limit (it also serves the lifecycle, up to
+        // `max_body_bytes`); the limit decides here.
+        let limit = cx.cfg.recovery.max_replay_body_bytes;
+        let seen = p.body.whole(head);
+        let too_large = p.body == BodyCopy::Over || seen.is_some_and(|b| b.len() > limit);
+        let whole = seen.filter(|_| !too_large).and_then(|b| std::str::from_utf8(b).ok());
         if whole.is_none() {
-            cx.count(if p.body == BodyCopy::Over { Counter::RecoveryBodyTooLarge } else { Counter::RecoveryBodyIncomplete });
+            cx.count(if too_large { Counter::RecoveryBodyTooLarge } else { Counter::RecoveryBodyIncomplete });
             log::warn!("mcp-affinity: session {} needs recovery; its request body is not replayable (over the replay limit or incomplete)", p.client_id);
         }
         let request = RecoverRequest {

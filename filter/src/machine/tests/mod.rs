@@ -627,6 +627,23 @@ fn a_body_seen_whole_is_sent_byte_for_byte() {
     assert_eq!((r["request"]["body"].as_str(), r["request"]["body_complete"].as_bool()), (Some(CALL), Some(true)));
 }
 
+/// A session not yet past `notifications/initialized` (in this VM's copy of its pin) has
+/// its bodies copied up to `max_body_bytes` for the lifecycle; a replay still takes only
+/// bodies within `max_replay_body_bytes`.
+#[test]
+fn a_body_over_the_replay_limit_is_never_replayed_however_long_the_copy() {
+    let mut w = World::new(true);
+    w.cfg.recovery.max_replay_body_bytes = 16;
+    w.pin("s1", "10.0.0.2:80", false);
+    let mut s = Stream::new(1);
+    s.on_request_headers(&mut w.cx(), post(Some("s1")), false);
+    s.on_request_body(&mut w.cx(), &body(CALL), true);
+    let step = s.on_response_headers(&mut w.cx(), &Resp::local_reply("upstream_reset_before_response_started{remote_connection_failure}", 0x20));
+    let r = json(calls(&step)[0].body.as_ref().unwrap());
+    assert_eq!((r["request"]["body"].as_str(), r["request"]["body_complete"].as_bool()), (Some(""), Some(false)));
+    assert_eq!(w.count("recovery_body_too_large"), 1);
+}
+
 #[test]
 fn a_body_shorter_than_its_content_length_is_never_replayed() {
     let mut w = World::new(true);
