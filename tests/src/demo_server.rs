@@ -157,10 +157,12 @@ pub struct DemoServerOptions {
     pub unknown_session: UnknownSessionStyle,
     /// Which revisions the server speaks; [`Era::V2025`] by default.
     pub era: Era,
-    /// In eras `2026`/`dual`: answer 2026-07-28 requests as SSE (rmcp's default: one
-    /// event with the JSON-RPC response, after a priming event) instead of
-    /// `application/json`. JSON-RPC errors rmcp maps to a non-200 status (-32021 → 400,
-    /// -32601 → 404) are JSON either way.
+    /// In eras `2026`/`dual`: answer 2026-07-28 requests as SSE (rmcp's default for its
+    /// stateless path: `200`, `text/event-stream`, one event `data: <JSON-RPC response>`,
+    /// no priming event, no event id) instead of `application/json`. JSON-RPC errors rmcp
+    /// maps to a non-200 status (-32020/-32021/-32022 → 400, -32601 → 404) are
+    /// `application/json` either way; -32602 (unknown task) is a `200` and follows this
+    /// option.
     pub sse_2026: bool,
 }
 
@@ -353,8 +355,9 @@ fn unknown_session_response(style: UnknownSessionStyle) -> Response {
 }
 
 /// The axum router of the demo server: the MCP endpoint at `options.path`, behind the
-/// unknown-session middleware. `ct` ends all sessions and their SSE streams when
-/// cancelled.
+/// unknown-session middleware (not in era `2026`), and [`STATS_PATH`]. `ct` ends all
+/// sessions and their SSE streams, and aborts running tasks, when cancelled. Must be
+/// called inside a Tokio runtime (it spawns the task that waits for `ct`).
 pub fn router(options: &DemoServerOptions, ct: CancellationToken) -> axum::Router {
     let sessions = Arc::new(LocalSessionManager::default());
     let name: Arc<str> = Arc::from(options.name.as_str());

@@ -15,13 +15,13 @@
 //!   extension (-32021 "missing required client capability", HTTP 400, when the request
 //!   does not declare it) and refuses a `CreateTaskResult` to a request that did not
 //!   declare it;
-//! - its [`TaskManager`] keeps the tasks in process memory, runs them, answers `tasks/get`
+//! - its [`TaskManager`](rmcp::task_manager::TaskManager) keeps the tasks in process memory, runs them, answers `tasks/get`
 //!   (status, and the inlined `result`/`error` once terminal), `tasks/update` and
 //!   cooperative `tasks/cancel`, and answers -32602 (invalid params, `unknown task: <id>`)
 //!   for a task id it does not hold (another pod's, or one evicted after its TTL).
 //!
 //! This module only decides *when* a `tools/call` becomes a task: `slow_task` called by a
-//! request that declares the tasks extension is spawned on the process's [`TaskManager`]
+//! request that declares the tasks extension is spawned on the process's [`TaskManager`](rmcp::task_manager::TaskManager)
 //! and answered at once with rmcp's `CreateTaskResult` (`resultType: "task"`, `taskId`,
 //! `status: "working"`, `ttlMs`, `pollIntervalMs`, ...). Without the extension (or from a
 //! 2025 session) `slow_task` runs synchronously: the call sleeps `ms` and answers the
@@ -30,6 +30,23 @@
 //! [`DemoServerOptions::name`](super::DemoServerOptions::name), so a test sees which pod
 //! ran it. A task cancelled
 //! with `tasks/cancel` stops sleeping and ends `cancelled`.
+
+//!
+//! # On the wire (era `dual`, default JSON answers)
+//! A task-creating `tools/call` is answered `200`, `Content-Type: application/json`, no
+//! `Mcp-Session-Id`, and nothing in the headers names the task or the pod; the body is
+//! ```json
+//! {"jsonrpc":"2.0","id":1,"result":{"resultType":"task","taskId":"d4fc3d7f-82e0-4888-aede-94cca3004755",
+//!  "status":"working","statusMessage":"sleeping 300 ms","createdAt":"2026-12-06T10:43:36.540985398+00:00",
+//!  "lastUpdatedAt":"2026-12-06T10:43:36.540985398+00:00","ttlMs":300000,"pollIntervalMs":100}}
+//! ```
+//! `tasks/get` (headers `Mcp-Method: tasks/get`, `Mcp-Name: <taskId>`) is answered with
+//! `result.resultType: "complete"`, the task fields and, once completed,
+//! `result.result` = the `CallToolResult` (`{"content":[{"type":"text","text":"pod-a"}],
+//! "isError":false,"resultType":"complete"}`). An unknown id: `200`,
+//! `{"jsonrpc":"2.0","id":3,"error":{"code":-32602,"message":"unknown task: <id>"}}`.
+//! With `--sse-2026` the same JSON-RPC messages come as `text/event-stream`, one
+//! `data:` event each (no priming event).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
