@@ -41,6 +41,27 @@
 //!   default) is switched off: behind a proxy or a Kubernetes Service the `Host` is
 //!   whatever the client used.
 //!
+//! # Eras ([`Era`], `--era 2025|2026|dual`)
+//! - `2025` (the default): the behaviour above, unchanged. (rmcp 3.11 itself already
+//!   answers a 2026-07-28 request — no session, `_meta` protocol version — statelessly
+//!   on the same endpoint; in this era the server advertises no tasks extension and
+//!   lists no `slow_task`, so such requests only see `echo`/`whoami`.)
+//! - `dual`: one endpoint for both eras, as real deployments have. 2025 clients
+//!   `initialize` and get sessions exactly as above; 2026-07-28 requests (no session,
+//!   `MCP-Protocol-Version: 2026-07-28`, `Mcp-Method`/`Mcp-Name` headers,
+//!   per-request `_meta`) are served by rmcp's own stateless path, answered as
+//!   `application/json` (rmcp's `json_response`, which applies to its stateless path
+//!   only) unless [`DemoServerOptions::sse_2026`]. Adds the tasks extension
+//!   (`io.modelcontextprotocol/tasks`) and the `slow_task` tool: see [`era2026`].
+//! - `2026`: rmcp's stateless mode only (`legacy_session_mode = false`): no sessions at
+//!   all, `initialize` is answered without `Mcp-Session-Id`, the unknown-session
+//!   middleware is not installed. Same tools and tasks as `dual`.
+//!
+//! `GET /demo/stats` also answers `"tasks_created"` (tasks this process created) and
+//! `"tasks_running"` (tasks not yet terminal). `"initializations"` counts `initialize`
+//! requests handled (in the 2025 era that is the sessions created, as before; stateless
+//! 2026 requests, for which rmcp builds a handler per request, do not count).
+//!
 //! # Restart in place
 //! A test restarts a pod "in place" (same address, all sessions lost) by killing the
 //! process and starting it again with the same `--listen`. The listener is bound with
@@ -59,12 +80,19 @@ use axum::middleware::Next;
 use axum::response::Response;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{Implementation, ServerCapabilities, ServerConfig};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CancelTaskParams, GetTaskParams, GetTaskResult, Implementation,
+    InitializeRequestParams, InitializeResult, ServerCapabilities, ServerConfig, UpdateTaskParams,
+};
+use rmcp::service::{RequestContext, RoleServer};
+use rmcp::task_manager::TaskManager;
 use rmcp::transport::streamable_http_server::session::SessionManager;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
+use rmcp::{ErrorData, ServerHandler, schemars, tool, tool_handler, tool_router};
 use tokio_util::sync::CancellationToken;
+
+pub mod era2026;
 
 /// Body of the `400` that TypeScript-SDK based servers send for a missing or unknown
 /// session id (the SDK's example servers), used by [`UnknownSessionStyle::TsSdk`].
@@ -97,6 +125,27 @@ pub enum UnknownSessionStyle {
     TsSdk,
 }
 
+/// Which MCP revisions the server speaks (see the module docs, "Eras").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Era {
+    /// 2025-era only (sessions via `initialize`); no tasks extension. The default.
+    #[default]
+    #[value(name = "2025")]
+    V2025,
+    /// 2026-07-28 only: rmcp's stateless mode, tasks extension, `slow_task`.
+    #[value(name = "2026")]
+    V2026,
+    /// Both on one endpoint: 2025 sessions and stateless 2026-07-28 requests with tasks.
+    Dual,
+}
+
+impl Era {
+    /// `true` if the server speaks 2026-07-28 with the tasks extension (`2026`, `dual`).
+    pub fn has_tasks(self) -> bool {
+        self != Era::V2025
+    }
+}
+
 /// Options of the demo server.
 #[derive(Debug, Clone)]
 pub struct DemoServerOptions {
@@ -106,6 +155,15 @@ pub struct DemoServerOptions {
     pub path: String,
     /// Answer to requests with an unknown `Mcp-Session-Id`.
     pub unknown_session: UnknownSessionStyle,
+    /// Which revisions the server speaks; [`Era::V2025`] by default.
+    pub era: Era,
+    /// In eras `2026`/`dual`: answer 2026-07-28 requests as SSE (rmcp's default for its
+    /// stateless path: `200`, `text/event-stream`, one event `data: <JSON-RPC response>`,
+    /// no priming event, no event id) instead of `application/json`. JSON-RPC errors rmcp
+    /// maps to a non-200 status (-32020/-32021/-32022 → 400, -32601 → 404) are
+    /// `application/json` either way; -32602 (unknown task) is a `200` and follows this
+    /// option.
+    pub sse_2026: bool,
 }
 
 impl Default for DemoServerOptions {
@@ -114,6 +172,8 @@ impl Default for DemoServerOptions {
             name: "demo".to_string(),
             path: "/mcp".to_string(),
             unknown_session: UnknownSessionStyle::Spec,
+            era: Era::V2025,
+            sse_2026: false,
         }
     }
 }
@@ -133,6 +193,7 @@ pub struct EchoArgs {
 struct Stats {
     initializations: AtomicU64,
     in_flight: AtomicU64,
+    tasks_created: AtomicU64,
 }
 
 /// Counts one running tool call for as long as it lives.
@@ -151,17 +212,24 @@ impl Drop for Running {
     }
 }
 
-/// The MCP handler: one instance per session (rmcp calls the factory per session).
-#[derive(Debug, Clone)]
+/// The MCP handler: one instance per session (rmcp calls the factory per session), and
+/// one per stateless (2026-07-28) request. All share the process's [`TaskManager`].
+#[derive(Clone)]
 struct DemoHandler {
     name: Arc<str>,
     stats: Arc<Stats>,
+    era: Era,
+    tasks: TaskManager,
     tool_router: ToolRouter<Self>,
 }
 
 impl DemoHandler {
-    fn new(name: Arc<str>, stats: Arc<Stats>) -> Self {
-        DemoHandler { name, stats, tool_router: Self::tool_router() }
+    fn new(name: Arc<str>, stats: Arc<Stats>, era: Era, tasks: TaskManager) -> Self {
+        let mut tool_router = Self::tool_router();
+        if era.has_tasks() {
+            tool_router.merge(Self::era2026_tool_router());
+        }
+        DemoHandler { name, stats, era, tasks, tool_router }
     }
 }
 
@@ -186,12 +254,54 @@ impl DemoHandler {
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for DemoHandler {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        let (capabilities, instructions) = if self.era.has_tasks() {
+            (
+                ServerCapabilities::builder().enable_tools().enable_tasks().build(),
+                "mcp-affinity demo/test server: tools echo, whoami and slow_task (tasks extension)",
+            )
+        } else {
+            (ServerCapabilities::builder().enable_tools().build(), "mcp-affinity demo/test server: tools echo and whoami")
+        };
+        ServerConfig::new(capabilities)
             .with_server_info(Implementation::new(
                 format!("mcp-affinity-demo-server/{}", self.name),
                 env!("CARGO_PKG_VERSION"),
             ))
-            .with_instructions("mcp-affinity demo/test server: tools echo and whoami")
+            .with_instructions(instructions)
+    }
+
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        self.stats.initializations.fetch_add(1, Ordering::Relaxed);
+        context.peer.set_peer_info(request.clone());
+        self.negotiate_initialize(&request)
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        if let Some(task) = self.call_tool_as_task(&request, &context)? {
+            return Ok(task);
+        }
+        let tcc = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
+        self.tool_router.call(tcc).await
+    }
+
+    async fn get_task(&self, request: GetTaskParams, _: RequestContext<RoleServer>) -> Result<GetTaskResult, ErrorData> {
+        Ok(GetTaskResult::new(self.tasks.get_task(&request.task_id)?))
+    }
+
+    async fn update_task(&self, request: UpdateTaskParams, _: RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        self.tasks.update_task(&request.task_id, request.input_responses)
+    }
+
+    async fn cancel_task(&self, request: CancelTaskParams, _: RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        self.tasks.cancel_task(&request.task_id)
     }
 }
 
@@ -245,32 +355,57 @@ fn unknown_session_response(style: UnknownSessionStyle) -> Response {
 }
 
 /// The axum router of the demo server: the MCP endpoint at `options.path`, behind the
-/// unknown-session middleware. `ct` ends all sessions and their SSE streams when
-/// cancelled.
+/// unknown-session middleware (not in era `2026`), and [`STATS_PATH`]. `ct` ends all
+/// sessions and their SSE streams, and aborts running tasks, when cancelled. Must be
+/// called inside a Tokio runtime (it spawns the task that waits for `ct`).
 pub fn router(options: &DemoServerOptions, ct: CancellationToken) -> axum::Router {
     let sessions = Arc::new(LocalSessionManager::default());
     let name: Arc<str> = Arc::from(options.name.as_str());
     let stats = Arc::new(Stats::default());
     let counted = stats.clone();
-    let config = StreamableHttpServerConfig::default()
+    let era = options.era;
+    // One task store for the process: every handler (per session, per stateless
+    // request) shares it, so a task created by one request is seen by later ones.
+    let tasks = TaskManager::new();
+    let handler_tasks = tasks.clone();
+    let mut config = StreamableHttpServerConfig::default()
         .disable_allowed_hosts()
-        .with_cancellation_token(ct);
+        .with_cancellation_token(ct.clone());
+    if era.has_tasks() {
+        // `json_response` only applies to rmcp's stateless path (2026-07-28 requests);
+        // 2025 sessions keep their SSE answers.
+        config = config.with_json_response(!options.sse_2026);
+    }
+    if era == Era::V2026 {
+        config = config.with_legacy_session_mode(false);
+    }
     let service = StreamableHttpService::new(
-        move || {
-            // rmcp calls the factory once per new session, i.e. per `initialize`.
-            counted.initializations.fetch_add(1, Ordering::Relaxed);
-            Ok(DemoHandler::new(name.clone(), counted.clone()))
-        },
+        move || Ok(DemoHandler::new(name.clone(), counted.clone(), era, handler_tasks.clone())),
         sessions.clone(),
         config,
     );
-    let guard = GuardState { sessions, style: options.unknown_session };
-    let endpoint = axum::routing::any_service(service)
-        .layer(axum::middleware::from_fn_with_state(guard, unknown_session_guard));
+    // Running tasks end with the server.
+    let shutdown_tasks = tasks.clone();
+    tokio::spawn(async move {
+        ct.cancelled().await;
+        shutdown_tasks.shutdown();
+    });
+    let endpoint = axum::routing::any_service(service);
+    let endpoint = if era == Era::V2026 {
+        endpoint
+    } else {
+        let guard = GuardState { sessions, style: options.unknown_session };
+        endpoint.layer(axum::middleware::from_fn_with_state(guard, unknown_session_guard))
+    };
     let path = if options.path.is_empty() { "/" } else { options.path.as_str() };
     let stats = axum::routing::get(move || {
-        let (n, running) = (stats.initializations.load(Ordering::Relaxed), stats.in_flight.load(Ordering::SeqCst));
-        async move { axum::Json(serde_json::json!({ "initializations": n, "in_flight": running })) }
+        let body = serde_json::json!({
+            "initializations": stats.initializations.load(Ordering::Relaxed),
+            "in_flight": stats.in_flight.load(Ordering::SeqCst),
+            "tasks_created": stats.tasks_created.load(Ordering::SeqCst),
+            "tasks_running": tasks.running_task_count(),
+        });
+        async move { axum::Json(body) }
     });
     axum::Router::new().route(path, endpoint).route(STATS_PATH, stats)
 }
@@ -290,7 +425,7 @@ pub async fn serve_with_shutdown(
     let ct = CancellationToken::new();
     let app = router(&options, ct.child_token());
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, name = %options.name, path = %options.path, unknown_session = ?options.unknown_session, "demo MCP server listening");
+    tracing::info!(?addr, name = %options.name, path = %options.path, unknown_session = ?options.unknown_session, era = ?options.era, "demo MCP server listening");
     let stop = ct.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;

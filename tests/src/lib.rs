@@ -4,8 +4,10 @@
 //!
 //! - [`envoy`]: the Envoy binary, and `envoy/envoy.yaml` rendered for loopback use.
 //! - [`process`]: free loopback ports and child processes stopped by pid.
-//! - [`demo_server`]: the demo MCP server (rmcp, stateful Streamable HTTP).
+//! - [`demo_server`]: the demo MCP server (rmcp, stateful Streamable HTTP; optionally
+//!   2026-07-28 with tasks).
 //! - [`mcp_client`]: a raw-HTTP MCP client that shows exact statuses and headers.
+//! - [`era2026_client`]: a raw-HTTP MCP 2026-07-28 client (no sessions; tasks).
 //! - [`rmcp_client`]: the real rmcp Streamable HTTP client.
 //! - [`ts_client`]: the official TypeScript MCP SDK client, driven as a Node process.
 //! - [`fixtures`]: external services started for tests: Envoy proxies and demo pods,
@@ -14,6 +16,7 @@ pub mod envoy;
 pub mod process;
 pub mod demo_server;
 pub mod mcp_client;
+pub mod era2026_client;
 pub mod rmcp_client;
 pub mod ts_client;
 pub mod fixtures;

@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
-use mcp_affinity_harness::demo_server::{self, DemoServerOptions, UnknownSessionStyle};
+use mcp_affinity_harness::demo_server::{self, DemoServerOptions, Era, UnknownSessionStyle};
 
 /// Demo/test MCP server for mcp-affinity (not for production).
 ///
 /// Stateful Streamable HTTP server built on rmcp: sessions live in memory and are lost
 /// when the process exits. Tools: `echo` (returns `text`; optional `sleep_ms`) and
-/// `whoami` (returns --name). Restarting it with the same --listen is a "restart in
+/// `whoami` (returns --name); with --era 2026|dual also `slow_task` and the tasks
+/// extension (tasks, too, live in memory only). Restarting it with the same --listen is a "restart in
 /// place": same address, all sessions gone.
 #[derive(Debug, Parser)]
 #[command(name = "mcp-affinity-demo-server", version)]
@@ -30,6 +31,15 @@ struct Args {
     /// provided" (like TypeScript-SDK servers).
     #[arg(long, value_enum, default_value_t = UnknownSessionStyle::Spec)]
     unknown_session: UnknownSessionStyle,
+    /// Which MCP revisions to speak: `2025` = sessions via `initialize` (the default),
+    /// `dual` = 2025 sessions and stateless 2026-07-28 requests on the same endpoint,
+    /// `2026` = stateless 2026-07-28 only. `2026` and `dual` add the tasks extension and
+    /// the `slow_task` tool (`ms`: a task when the request declares the extension).
+    #[arg(long, value_enum, default_value_t = Era::V2025)]
+    era: Era,
+    /// Eras `2026`/`dual`: answer 2026-07-28 requests as SSE instead of application/json.
+    #[arg(long)]
+    sse_2026: bool,
 }
 
 #[tokio::main]
@@ -48,6 +58,8 @@ async fn main() -> anyhow::Result<()> {
         name: args.name.unwrap_or_else(|| args.listen.to_string()),
         path,
         unknown_session: args.unknown_session,
+        era: args.era,
+        sse_2026: args.sse_2026,
     };
     // tokio's bind sets SO_REUSEADDR on Unix: a restart on the same port works at once.
     let listener = tokio::net::TcpListener::bind(args.listen)
