@@ -22,24 +22,11 @@
 //! returns the text only when it parsed the client's whole JSON body), and counts the
 //! pods' `initialize`s: exactly one re-initialization per affected session.
 
-use mcp_affinity_harness::fixtures::control::ControlService;
-use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions, initializations, sessions_on};
+use mcp_affinity_harness::fixtures::deployment::{Bootstrap, Deployment};
+use mcp_affinity_harness::fixtures::mesh::{initializations, sessions_on};
 use mcp_affinity_harness::mcp_client::{CallError, Shape};
-use mcp_affinity_harness::fixtures::replay_listener::ReplayListener;
 use mcp_affinity_harness::ts_client::TsClient;
 use serde_json::json;
-
-/// Which shipped configuration Envoy runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Bootstrap {
-    /// `envoy/envoy-stateful-session.yaml`, `recovery.replay_by: envoy_retry`.
-    StatefulSession,
-    /// `envoy/envoy.yaml`, `recovery.replay_by: filter`.
-    OriginalDst,
-    /// The Istio shape (`Render::istio`): the stateful-session override, the filter loaded
-    /// as a `WasmPlugin` loads it, `envoy/istio/buffer-filter.yaml`, `replay_by: filter`.
-    Istio,
-}
 
 /// What happens to the pod the sessions are pinned to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,34 +37,6 @@ enum Trigger {
     Restarted404,
     /// Restarted in place as a TypeScript-SDK style server: `400` / `-32000`.
     Restarted400,
-}
-
-struct Mesh {
-    pods: Vec<Pod>,
-    control: ControlService,
-    proxy: Proxy,
-}
-
-fn mesh(bootstrap: Bootstrap, pods: usize, pod_flags: &[&str], filter_extra: &str) -> Mesh {
-    let pods: Vec<Pod> = (0..pods).map(|i| Pod::start_with(&format!("pod-{i}"), pod_flags).unwrap()).collect();
-    let endpoints = pods.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>().join(",");
-    let mut args = vec!["--endpoints".to_string(), endpoints];
-    let replay = (bootstrap == Bootstrap::StatefulSession).then(|| ReplayListener::new().unwrap());
-    if let Some(r) = &replay {
-        args.extend(r.control_args());
-    }
-    let control = ControlService::start_with("memory", &args).unwrap();
-    let mode = match bootstrap {
-        Bootstrap::StatefulSession => r#","pin_encoding":"base64","recovery":{"replay_by":"envoy_retry"}"#.to_string(),
-        Bootstrap::OriginalDst => format!(r#","recovery":{{"replay_by":"filter"{filter_extra}}}"#),
-        Bootstrap::Istio => format!(r#","pin_encoding":"base64","recovery":{{"replay_by":"filter"{filter_extra}}}"#),
-    };
-    let proxy = Proxy::start(
-        &pods.iter().map(|p| p.addr).collect::<Vec<_>>(),
-        ProxyOptions { replay, istio: bootstrap == Bootstrap::Istio, ..control.proxy_options(ControlService::filter_config(&mode)) },
-    )
-    .unwrap();
-    Mesh { pods, control, proxy }
 }
 
 /// A text whose `echo` proves the pod parsed the client's whole body: a few kilobytes,
@@ -91,7 +50,7 @@ fn long_text(shape: Shape) -> String {
 /// re-initialized exactly once.
 async fn every_shape_is_recovered_whole(bootstrap: Bootstrap, trigger: Trigger) {
     let flags: &[&str] = if trigger == Trigger::Restarted400 { &["--unknown-session", "ts-sdk"] } else { &[] };
-    let mut m = mesh(bootstrap, 2, flags, "");
+    let mut m = Deployment::start(bootstrap, 2, flags, "");
     let (victims, others) = sessions_on(&m.proxy, "pod-0", Shape::SPLIT.len()).await;
     match trigger {
         Trigger::Killed => m.pods[0].kill(),
@@ -166,7 +125,7 @@ async fn istio_shape_a_ts_sdk_400_split_requests_are_replayed_whole() {
 /// may be re-sent, and re-sending it works, on the same session id.
 async fn a_body_above_the_replay_limit_is_not_replayed_and_may_be_resent(bootstrap: Bootstrap) {
     let limit = 4096;
-    let mut m = mesh(bootstrap, 2, &[], &format!(r#","max_replay_body_bytes":{limit}"#));
+    let mut m = Deployment::start(bootstrap, 2, &[], &format!(r#","max_replay_body_bytes":{limit}"#));
     let (victims, others) = sessions_on(&m.proxy, "pod-0", Shape::SPLIT.len()).await;
     m.pods[0].kill();
     for (s, shape) in victims.iter().zip(Shape::SPLIT) {
@@ -203,7 +162,7 @@ async fn istio_shape_a_body_above_the_replay_limit_is_not_replayed_and_may_be_re
 /// `tools/call` gets the tool's result, on the same session id, after exactly one
 /// re-initialization; then it ends the session (DELETE) cleanly.
 async fn the_typescript_sdk_client_keeps_its_session(bootstrap: Bootstrap) {
-    let mut m = mesh(bootstrap, 2, &[], "");
+    let mut m = Deployment::start(bootstrap, 2, &[], "");
     let mut ts = TsClient::connect(&m.proxy.url()).await.unwrap();
     let pod = ts.call("whoami", json!({})).await.unwrap();
     assert_eq!(ts.call("whoami", json!({})).await.unwrap(), pod, "pinned");
@@ -240,7 +199,7 @@ async fn istio_shape_the_typescript_sdk_client_keeps_its_session() {
 /// session's next call, in the same shape, runs on a live pod under the same session id,
 /// after exactly one re-initialization.
 async fn a_reset_after_send_is_never_replayed(bootstrap: Bootstrap) {
-    let mut m = mesh(bootstrap, 2, &[], "");
+    let mut m = Deployment::start(bootstrap, 2, &[], "");
     for (i, shape) in Shape::SPLIT.into_iter().enumerate() {
         // A session on pod-0 (as it is now: each round ends with pod-0 restarted, empty).
         let (victims, _) = sessions_on(&m.proxy, "pod-0", 1).await;
