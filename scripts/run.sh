@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts a local mcp-affinity stack and stops all of it on Ctrl-C:
-#   - three demo MCP pods on 127.0.0.1:8081-8083 (unless UPSTREAMS is set),
+#   - three demo MCP pods on 127.0.0.1:8081-8083 (unless UPSTREAMS is set), dual-era: 2025
+#     sessions and MCP 2026-07-28 requests on one endpoint, with tasks (tool slow_task),
 #   - the control service on 127.0.0.1:9901 (embedded in-memory store) and its replay
 #     listener on 127.0.0.1:9902 (mutual TLS: certificates made by scripts/replay-certs.sh
 #     for this run, so that only Envoy reaches it),
@@ -75,7 +76,7 @@ else
   upstreams=()
   for i in 1 2 3; do
     addr="127.0.0.1:808$i"
-    "$BIN/mcp-affinity-demo-server" --listen "$addr" --name "pod-$i" &
+    "$BIN/mcp-affinity-demo-server" --listen "$addr" --name "pod-$i" --era dual &
     pids+=($!); upstreams+=("$addr")
   done
 fi
@@ -138,6 +139,15 @@ or by hand:
        -H 'accept: application/json, text/event-stream' \\
        -d '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"curl","version":"1"}}}'
   then repeat with -H 'mcp-session-id: <id>' and a tools/call of "whoami": it always names the same pod.
+MCP 2026-07-28 (no session): a tools/call of "slow_task" declaring the tasks extension answers a
+task; its tasks/get (Mcp-Name: <taskId>) always reaches the pod that holds it:
+  curl -s http://$LISTEN/mcp -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' \
+       -H 'mcp-protocol-version: 2026-07-28' -H 'mcp-method: tools/call' -H 'mcp-name: slow_task' \
+       -d '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"slow_task","arguments":{"ms":5000},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"curl","version":"1"},"io.modelcontextprotocol/clientCapabilities":{"extensions":{"io.modelcontextprotocol/tasks":{}}}}}}'
+  curl -s http://$LISTEN/mcp -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' \
+       -H 'mcp-protocol-version: 2026-07-28' -H 'mcp-method: tasks/get' -H 'mcp-name: <taskId>' \
+       -d '{"jsonrpc":"2.0","id":2,"method":"tasks/get","params":{"taskId":"<taskId>","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"curl","version":"1"},"io.modelcontextprotocol/clientCapabilities":{"extensions":{"io.modelcontextprotocol/tasks":{}}}}}}'
+  (filter counters tasks_pinned, tasks_routed)
 
 Drain a pod as a rolling update would (its sessions move to another pod on their next
 request, with no error; DELETE instead of POST undoes it):
