@@ -38,6 +38,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::auth::{Auth, require_bearer};
+use crate::task_pins;
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::record::{MAX_BATCH_RECORDS, PatchSession, PutCondition, PutSession, PutSessions, PutSessionsAnswer, Rejected, SessionRecord};
@@ -120,6 +121,7 @@ pub fn router_with_permits<S: SessionStore>(state: AppState<S>, auth: Auth, max_
         .route(RECOVER_ROUTE, post(recover_session::<S>))
         .route(DRAIN_ROUTE, post(drain_upstream::<S>).delete(undrain_upstream::<S>))
         .route(DRAINING_ROUTE, get(list_draining::<S>))
+        .route(task_pins::TASK_ROUTE, get(task_pins::get_task::<S>).put(task_pins::put_task::<S>).delete(task_pins::delete_task::<S>))
         .route("/v1/sessions/", any(empty_session_id))
         .route_layer(middleware::from_fn_with_state(auth, require_bearer))
         .route_layer(middleware::from_fn_with_state(permits, admit))
@@ -195,7 +197,7 @@ impl<St: Send + Sync> FromRequestParts<St> for ValidUpstream {
 }
 
 /// The raw request body, within the body limit.
-struct RawBody(Bytes);
+pub(crate) struct RawBody(pub(crate) Bytes);
 
 impl<St: Send + Sync> FromRequest<St> for RawBody {
     type Rejection = ApiError;
@@ -212,7 +214,7 @@ impl<St: Send + Sync> FromRequest<St> for RawBody {
 }
 
 /// Parses a JSON body, telling malformed JSON, unknown fields and wrong values apart.
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {

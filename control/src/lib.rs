@@ -29,6 +29,7 @@ pub mod mtls;
 pub mod record;
 pub mod recover;
 pub mod replay_listener;
+pub mod task_pins;
 pub mod session_id;
 pub mod store;
 

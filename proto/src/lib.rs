@@ -6,6 +6,7 @@
 //! - [`sessions`]: the session record and the bodies of control's `/v1/sessions` API
 //!   (create, batch create, touch), with their validation.
 //! - [`draining`]: the draining upstream hosts (`/v1/upstreams/...`).
+//! - [`tasks`]: task pins (MCP 2026-07-28 era, tasks extension; `/v1/tasks/...`).
 //! - [`recover`]: the answer of `POST /v1/sessions/{id}/recover` and of control's replay
 //!   listener — the outcome, where the session lives now ([`recover::Placement`], also the
 //!   `x-mcp-affinity-pin` header value), and the answer for the client.
@@ -16,3 +17,4 @@ pub mod headers;
 pub mod recover;
 pub mod session_id;
 pub mod sessions;
+pub mod tasks;

@@ -620,6 +620,35 @@ async fn drain_ttl_expiry(backend: Backend) {
     }
 }
 
+/// Task pins (`/v1/tasks/{id}`): written, read back, replaced, deleted; expired after the
+/// task's `ttl_ms`; ids that need encoding; invalid ids and bodies refused.
+async fn task_pins(backend: Backend) {
+    let c = Control::start(backend, 3600).await;
+    let url = |id: &str| c.url(&mcp_affinity_proto::tasks::task_path("/v1", id));
+    let (status, put) = c.call(Method::PUT, &url("t/1 ä"), Some(json!({"upstream": "10.0.0.1:80", "ttl_ms": 60_000}).to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{put}");
+    assert_eq!((put["task_id"].as_str(), put["upstream"].as_str()), (Some("t/1 ä"), Some("10.0.0.1:80")));
+    assert_eq!(put["expires_at_ms"].as_u64().unwrap() - put["created_at_ms"].as_u64().unwrap(), 60_000);
+    assert_eq!(c.call(Method::GET, &url("t/1 ä"), None).await, (StatusCode::OK, put));
+    c.call(Method::PUT, &url("t/1 ä"), Some(json!({"upstream": "10.0.0.2:80"}).to_string())).await;
+    let (_, again) = c.call(Method::GET, &url("t/1 ä"), None).await;
+    assert_eq!(again["upstream"], "10.0.0.2:80", "replaced");
+    assert!(again["expires_at_ms"].as_u64().unwrap() - again["created_at_ms"].as_u64().unwrap() <= 24 * 3600 * 1000, "an unlimited task is kept at most the cap");
+    assert_eq!(c.call(Method::DELETE, &url("t/1 ä"), None).await.0, StatusCode::NO_CONTENT);
+    assert_error(&c.call(Method::GET, &url("t/1 ä"), None).await, StatusCode::NOT_FOUND, "task_not_found");
+    assert_error(&c.call(Method::DELETE, &url("t/1 ä"), None).await, StatusCode::NOT_FOUND, "task_not_found");
+    // Expiry: the store forgets the pin after its ttl.
+    c.call(Method::PUT, &url("short"), Some(json!({"upstream": "10.0.0.1:80", "ttl_ms": 200}).to_string())).await;
+    let start = Instant::now();
+    while c.call(Method::GET, &url("short"), None).await.0 == StatusCode::OK {
+        assert!(start.elapsed() < Duration::from_secs(10), "the task pin did not expire within 10 s (ttl 200 ms)");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Bad input.
+    assert_error(&c.call(Method::PUT, &url("t2"), Some(json!({"upstream": "a b"}).to_string())).await, StatusCode::BAD_REQUEST, "invalid_body");
+    assert_error(&c.call(Method::PUT, &url(&"x".repeat(300)), Some(json!({"upstream": "10.0.0.1:80"}).to_string())).await, StatusCode::BAD_REQUEST, "invalid_task_id");
+}
+
 /// The drain semantics of a store, through the trait, with the store's clock at `clock`
 /// (drain TTL 60 s). `hash_len` reads the Redis hash's field count (memory: `None`).
 async fn drain_semantics<S: SessionStore>(store: S, clock: Arc<ManualClock>, hash_len: impl Fn() -> Option<i64>) {
@@ -752,6 +781,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn drain_ttl_expiry() {
                 super::drain_ttl_expiry($backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn task_pins() {
+                super::task_pins($backend).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn store_drains() {

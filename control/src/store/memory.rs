@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{DEFAULT_DRAIN_TTL, Drain, drain_expired, DrainSource, PutOutcome, SessionStore, StoreError, StoreStats};
+use super::{DEFAULT_DRAIN_TTL, Drain, TaskRecord, drain_expired, DrainSource, PutOutcome, SessionStore, StoreError, StoreStats};
 use crate::clock::{Clock, SystemClock};
 use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
 use crate::session_id::SessionId;
@@ -94,6 +94,8 @@ pub struct MemoryStore {
     leases: Mutex<HashMap<String, (String, Instant)>>,
     drains: Mutex<BTreeMap<String, Drain>>,
     drain_ttl: Duration,
+    /// Task pins by task id, at most `max_sessions` of them.
+    tasks: Mutex<HashMap<String, TaskRecord>>,
 }
 
 impl MemoryStore {
@@ -114,6 +116,7 @@ impl MemoryStore {
             leases: Mutex::new(HashMap::new()),
             drains: Mutex::new(BTreeMap::new()),
             drain_ttl: DEFAULT_DRAIN_TTL,
+            tasks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -262,6 +265,38 @@ impl SessionStore for MemoryStore {
 
     async fn record_drain_move(&self, upstream: SocketAddr, moved: bool) -> Result<Option<Drain>, StoreError> {
         Ok(self.record_drain_move_now(upstream, moved))
+    }
+
+    async fn put_task(&self, task_id: &str, upstream: &str, ttl: Duration) -> Result<TaskRecord, StoreError> {
+        let now_ms = self.clock.unix_ms();
+        let record = TaskRecord {
+            task_id: task_id.to_string(),
+            upstream: upstream.to_string(),
+            created_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+        };
+        let mut tasks = self.tasks.lock().unwrap();
+        if tasks.len() >= self.max_sessions && !tasks.contains_key(task_id) {
+            // Full: drop the expired pins, else the one that expires first.
+            tasks.retain(|_, t| t.expires_at_ms > now_ms);
+            if tasks.len() >= self.max_sessions
+                && let Some(first) = tasks.values().min_by_key(|t| t.expires_at_ms).map(|t| t.task_id.clone())
+            {
+                tasks.remove(&first);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        tasks.insert(task_id.to_string(), record.clone());
+        Ok(record)
+    }
+
+    async fn get_task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let now_ms = self.clock.unix_ms();
+        Ok(self.tasks.lock().unwrap().get(task_id).filter(|t| t.expires_at_ms > now_ms).cloned())
+    }
+
+    async fn delete_task(&self, task_id: &str) -> Result<bool, StoreError> {
+        Ok(self.tasks.lock().unwrap().remove(task_id).is_some())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

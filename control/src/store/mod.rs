@@ -67,6 +67,7 @@ pub enum StoreError {
 pub const DEFAULT_DRAIN_TTL: Duration = Duration::from_secs(3600);
 
 pub use mcp_affinity_proto::draining::{Drain, DrainSource};
+pub use mcp_affinity_proto::tasks::TaskRecord;
 
 /// `true` when a drain that began at `since_ms` is over at `now_ms` (`ttl` after it began).
 pub fn drain_expired(since_ms: u64, now_ms: u64, ttl: Duration) -> bool {
@@ -139,6 +140,16 @@ pub trait SessionStore: Send + Sync + 'static {
         upstream: SocketAddr,
         moved: bool,
     ) -> impl Future<Output = Result<Option<Drain>, StoreError>> + Send;
+
+    /// Stores the pin of task `task_id` (MCP tasks extension): it lives on `upstream`; the
+    /// pin expires `ttl` from now (the store's clock). Replaces any earlier pin of the id.
+    fn put_task(&self, task_id: &str, upstream: &str, ttl: Duration) -> impl Future<Output = Result<TaskRecord, StoreError>> + Send;
+
+    /// The unexpired pin of task `task_id`.
+    fn get_task(&self, task_id: &str) -> impl Future<Output = Result<Option<TaskRecord>, StoreError>> + Send;
+
+    /// Forgets the pin of task `task_id`; `false` when there was none.
+    fn delete_task(&self, task_id: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Checks that the store answers (for `/readyz`).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;

@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use self::connection::Backend;
-pub use self::keys::{check_key_prefix, drains_key, lease_key, record_key};
+pub use self::keys::{check_key_prefix, drains_key, lease_key, record_key, task_key};
 pub use self::topology::RedisTopology;
-use super::{DEFAULT_DRAIN_TTL, Drain, DrainSource, PutOutcome, SessionStore, StoreError, StoreStats};
+use super::{DEFAULT_DRAIN_TTL, Drain, DrainSource, PutOutcome, SessionStore, StoreError, StoreStats, TaskRecord};
 use crate::clock::{Clock, SystemClock};
 use crate::record::{PatchSession, PutCondition, PutSession, SessionRecord};
 use crate::session_id::SessionId;
@@ -241,6 +241,47 @@ impl SessionStore for RedisStore {
 
     async fn record_drain_move(&self, upstream: SocketAddr, moved: bool) -> Result<Option<Drain>, StoreError> {
         self.count_drain_move(upstream, moved).await
+    }
+
+    /// `SET <task key> <record JSON> PX <ttl>`: Redis expires the pin itself.
+    async fn put_task(&self, task_id: &str, upstream: &str, ttl: Duration) -> Result<TaskRecord, StoreError> {
+        let key = task_key(&self.key_prefix, task_id);
+        let (now_ms, ttl_ms) = (self.clock.unix_ms(), u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        let record = TaskRecord { task_id: task_id.to_string(), upstream: upstream.to_string(), created_at_ms: now_ms, expires_at_ms: now_ms.saturating_add(ttl_ms) };
+        let json = serde_json::to_string(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.bounded(async {
+            let mut checkout = self.checkout().await?;
+            let result = self.write_and_wait::<String>(&mut checkout, redis::cmd("SET").arg(&key).arg(&json).arg("PX").arg(ttl_ms)).await;
+            let (_, acked) = self.settle(&checkout, result)?;
+            self.check_replicated(acked)
+        })
+        .await?;
+        Ok(record)
+    }
+
+    async fn get_task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let key = task_key(&self.key_prefix, task_id);
+        let value: Option<String> = self
+            .bounded(async {
+                let mut checkout = self.checkout().await?;
+                self.query(&mut checkout, redis::cmd("GET").arg(&key)).await
+            })
+            .await?;
+        value.map(|v| serde_json::from_str(&v).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))).transpose()
+    }
+
+    async fn delete_task(&self, task_id: &str) -> Result<bool, StoreError> {
+        let key = task_key(&self.key_prefix, task_id);
+        self.bounded(async {
+            let mut checkout = self.checkout().await?;
+            let result = self.write_and_wait::<i64>(&mut checkout, redis::cmd("DEL").arg(&key)).await;
+            let (removed, acked) = self.settle(&checkout, result)?;
+            if removed > 0 {
+                self.check_replicated(acked)?;
+            }
+            Ok(removed > 0)
+        })
+        .await
     }
 
     /// `PING`; in a cluster every primary must answer (every slot is served).

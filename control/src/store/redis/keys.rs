@@ -23,6 +23,12 @@ pub fn lease_key(prefix: &str, id: &SessionId) -> String {
     format!("{prefix}{{{}}}:lease", hash_tag(id.as_str()))
 }
 
+/// The key of the pin of task `task_id`: `<prefix>{<task id>}:task` (a session's keys end
+/// in `:record` or `:lease`, so a task and a session of one id never share a key).
+pub fn task_key(prefix: &str, task_id: &str) -> String {
+    format!("{prefix}{{{}}}:task", hash_tag(task_id))
+}
+
 /// The key of the drains hash: `<prefix>drains` (one key for every upstream; it never
 /// collides with a session's keys, which always carry a `{…}` hash tag).
 pub fn drains_key(prefix: &str) -> String {
@@ -80,6 +86,8 @@ mod tests {
     fn keys_share_a_hash_tag() {
         assert_eq!(record_key("mcp-affinity:", &id("abc-123")), "mcp-affinity:{abc-123}:record");
         assert_eq!(lease_key("mcp-affinity:", &id("abc-123")), "mcp-affinity:{abc-123}:lease");
+        assert_eq!(task_key("mcp-affinity:", "abc-123"), "mcp-affinity:{abc-123}:task");
+        assert_ne!(task_key("p:", "a"), record_key("p:", &id("a")));
         for raw in ["abc", "}", "{", "{}", "a}b{c", "%7D", "%", "x:record", "}}}{{{"] {
             let (record, lease) = (record_key("p:", &id(raw)), lease_key("p:", &id(raw)));
             assert_eq!(cluster_tag(&record), cluster_tag(&lease), "{raw}: {record} / {lease}");
