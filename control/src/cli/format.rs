@@ -157,7 +157,7 @@ pub fn metrics_summary(samples: &[(Sample, f64)]) -> String {
     const P: &str = "mcp_affinity_control_";
     let mut out = String::new();
     if let Some(n) = sum(samples, &format!("{P}store_records"), |_| true) {
-        let _ = writeln!(out, "records     {n} (memory store)");
+        let _ = writeln!(out, "records     {n} (memory store; not counted with Redis)");
     }
     let outcome = |name: &str, o: &str| sum(samples, &format!("{P}{name}"), |l| l.get("outcome").is_some_and(|v| v == o)).unwrap_or(0.0);
     let _ = writeln!(
@@ -205,7 +205,7 @@ mod tests {
             mcp_affinity_control_http_requests_total{route=\"/healthz\",method=\"GET\",status=\"200\"} 9\n\
             mcp_affinity_control_store_operation_duration_seconds_count{op=\"get\",outcome=\"error\"} 1\n# EOF\n";
         let s = metrics_summary(&parse_metrics(text));
-        assert!(s.contains("records     3 (memory store)"), "{s}");
+        assert!(s.contains("records     3 (memory store; not counted with Redis)"), "{s}");
         assert!(s.contains("failed 2"), "{s}");
         assert!(s.contains("errors      4 answers 5xx, 1 store operations failed"), "{s}");
     }

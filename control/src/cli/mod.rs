@@ -274,7 +274,7 @@ async fn drain(client: &Client, upstream: &str, wait: Duration, settle: Duration
         }
         if now.duration_since(start) >= wait {
             println!(
-                "{}: still moving after {}s (--wait): moved {}, failed {}{}",
+                "{}: not settled within --wait {}s: moved {}, failed {}{}",
                 d.upstream,
                 wait.as_secs(),
                 d.moved,
