@@ -98,7 +98,7 @@ pub fn draining(list: &[Drain], now: u64) -> String {
             duration_ms(now.saturating_sub(d.since_ms)),
             d.moved,
             d.failed,
-            last_move(d, now)
+            d.last_move_ms.map_or_else(String::new, |t| format!("  last move {} ago", duration_ms(now.saturating_sub(t))))
         );
     }
     out
