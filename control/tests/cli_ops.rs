@@ -267,6 +267,53 @@ async fn drain_stops_waiting_when_undrained_or_when_the_wait_ends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_keeps_watching_while_control_is_away() {
+    let store = Arc::new(MemoryStore::new(Duration::from_secs(60), 10));
+    let control = Control::over(store.clone()).await;
+    let child = command()
+        .args(["drain", "10.0.0.9:8080", "--wait", "3", "--settle", "30"])
+        .env("MCP_AFFINITY_CONTROL_URL", control.url())
+        .env("MCP_AFFINITY_CONTROL_TOKEN", TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let Control { addr, _stop: stop } = control;
+    let cli = async { child.wait_with_output().await.unwrap() };
+    let away = async move {
+        while store.draining().await.unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        drop(stop);
+    };
+    let (out, ()) = tokio::join!(cli, away);
+    let (code, out, err) = text(&out);
+    assert_eq!(code, 6, "{out}{err}");
+    assert!(out.contains(&format!("  cannot read the draining list (control at http://{addr} is not reachable: ")), "{out}");
+    assert_eq!(out.matches("retrying").count(), 1, "said once:\n{out}");
+    assert!(out.ends_with("10.0.0.9:8080: not settled within --wait 3s: control did not answer\n"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_lists_the_commands_and_they_need_their_arguments() {
+    let out = command().arg("--help").output().await.unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for words in ["status", "sessions", "drain", "undrain", "Usage: mcp-affinity-control [OPTIONS] [COMMAND]"] {
+        assert!(help.contains(words), "{words:?} missing:\n{help}");
+    }
+    let out = command().args(["drain", "--help"]).output().await.unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for words in ["--wait", "--settle", "--url", "MCP_AFFINITY_CONTROL_URL", "--token-file", "[default: 120]", "[default: 10]"] {
+        assert!(help.contains(words), "{words:?} missing:\n{help}");
+    }
+    for args in [&["sessions"][..], &["sessions", "get"], &["drain"], &["undrain"], &["drain", "10.0.0.1:1", "--settle", "0"]] {
+        let out = command().args(args).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_says_when_the_store_is_unreachable() {
     // Redis on a port where nothing listens.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();

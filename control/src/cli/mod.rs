@@ -249,9 +249,27 @@ async fn drain(client: &Client, upstream: &str, wait: Duration, settle: Duration
     let start = Instant::now();
     let mut counts = (drain.moved, drain.failed);
     let (mut last_change, mut last_line) = (start, start);
+    let mut trouble: Option<String> = None;
     loop {
         tokio::time::sleep(POLL).await;
-        let list = client.draining().await?;
+        let list = match client.draining().await {
+            Ok(list) => list,
+            // Control restarting or its store failing must not end the watch (a preStop
+            // hook would let the pod stop early): said once, retried until --wait ends.
+            Err(e) if e.code == exit::UNREACHABLE || e.code == exit::FAILURE => {
+                if trouble.as_ref() != Some(&e.message) {
+                    println!("  cannot read the draining list ({}); retrying", e.message);
+                    trouble = Some(e.message);
+                }
+                if start.elapsed() >= wait {
+                    println!("{}: not settled within --wait {}s: control did not answer", drain.upstream, wait.as_secs());
+                    return Ok(exit::NOT_SETTLED);
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        trouble = None;
         let Some(d) = list.draining.into_iter().find(|d| d.upstream == drain.upstream) else {
             println!("{}: no longer draining (undrained, or the drain expired): moved {}, failed {}", drain.upstream, counts.0, counts.1);
             return Ok(exit::OK);
