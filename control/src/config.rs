@@ -238,12 +238,12 @@ pub struct Config {
 
     /// File holding the bearer token of the /v1 API (surrounding whitespace is ignored). Preferred way
     /// to pass the token.
-    #[arg(long, env = "MCP_AFFINITY_CONTROL_TOKEN_FILE", value_name = "PATH", conflicts_with = "token")]
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_TOKEN_FILE", value_name = "PATH", conflicts_with = "token", global = true)]
     pub token_file: Option<PathBuf>,
 
     /// The bearer token itself. Prefer the MCP_AFFINITY_CONTROL_TOKEN environment variable or
     /// --token-file: a value given on the command line is visible to every user in `ps`.
-    #[arg(long, env = "MCP_AFFINITY_CONTROL_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_TOKEN", hide_env_values = true, value_name = "TOKEN", global = true)]
     pub token: Option<String>,
 
     /// Recovery: the MCP server endpoints (pods) a session may be re-initialized on, as a comma-separated
@@ -304,6 +304,11 @@ pub struct Config {
     /// to start when no token is configured.
     #[arg(long, env = "MCP_AFFINITY_CONTROL_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+
+    /// An operator command run against a running control service (see `docs/control-flags.md`,
+    /// "Operator commands"); without one, the binary serves.
+    #[command(subcommand)]
+    pub command: Option<crate::cli::Command>,
 }
 
 impl Config {
@@ -346,6 +351,7 @@ impl fmt::Debug for Config {
             .field("replay_safe_methods", &self.replay_safe_methods)
             .field("recovery_timeout_ms", &self.recovery_timeout_ms)
             .field("recovery_max_response_bytes", &self.recovery_max_response_bytes)
+            .field("command", &self.command)
             .finish()
     }
 }

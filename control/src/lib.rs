@@ -15,11 +15,14 @@
 //!   control after its pinned pod failed; recovered and answered like the client's own.
 //! - [`drain_source`]: drains from the endpoint source (`--endpoints-dns`; EndpointSlices with the `kube` feature).
 //! - [`metrics`]: Prometheus metrics; [`clock`]: injectable time.
+//! - [`cli`]: the operator commands of the binary (`status`, `sessions get`, `drain`,
+//!   `undrain`), clients of a running service.
 //!
 //! Run in-process with [`serve`] (tests do) or as the `mcp-affinity-control` binary.
 
 pub mod api;
 pub mod auth;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod drain_source;

@@ -1,5 +1,7 @@
 //! `mcp-affinity-control`: parses flags, sets up logging, binds, serves until SIGTERM or
-//! SIGINT. Everything else lives in the library.
+//! SIGINT; or, with a subcommand (`status`, `sessions get`, `drain`, `undrain`), runs that
+//! operator command against a running service and exits with its code. Everything else
+//! lives in the library.
 
 use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
 use mcp_affinity_control::config::{Config, LogFormat};
@@ -9,6 +11,10 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     let matches = Config::command().get_matches();
     let config = Config::from_arg_matches(&matches)?;
+    if let Some(command) = &config.command {
+        let code = mcp_affinity_control::cli::run(&config, command).await;
+        std::process::exit(code);
+    }
     init_logging(config.log_format);
     if matches.value_source("token") == Some(ValueSource::CommandLine) {
         tracing::warn!("--token on the command line is visible in `ps`; prefer --token-file or MCP_AFFINITY_CONTROL_TOKEN");
