@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use mcp_affinity_harness::era2026_client::{self, INVALID_PARAMS};
+use mcp_affinity_harness::fixtures::control::ControlService;
 use mcp_affinity_harness::fixtures::deployment::{Bootstrap, Deployment};
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions};
 use serde_json::{Value, json};
@@ -103,6 +104,29 @@ async fn original_dst_every_task_is_polled_on_its_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn istio_shape_every_task_is_polled_on_its_pod() {
     every_task_is_polled_on_its_pod(Bootstrap::Istio).await;
+}
+
+/// Task pins are written through to control: a task created through one Envoy is polled
+/// on its pod through another Envoy (sharing control, not shared data), and through the
+/// first one after a restart emptied its shared data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_keep_their_pod_across_envoys_and_restarts() {
+    let mut d = Deployment::start(Bootstrap::StatefulSession, 3, &["--era", "dual"], "");
+    let addrs: Vec<_> = d.pods.iter().map(|p| p.addr).collect();
+    let other = Proxy::start(&addrs, d.control.proxy_options(ControlService::filter_config(r#","recovery":{"replay_by":"filter"}"#))).unwrap();
+    let ids = create_tasks(&d.proxy.url(), 30, 300).await;
+    // The pins reach control on the creating Envoy's next tick (every 10 ms while any wait).
+    for id in &ids {
+        d.control.wait_for_task(id).await;
+    }
+    let (ran_on, unknown) = poll_all(&other.url(), &ids).await;
+    assert_eq!((ran_on.len(), unknown), (ids.len(), 0), "through the other Envoy");
+    assert_eq!(other.metric("tasks_pinned").await.unwrap(), 0, "it saw no task created");
+    assert!(other.metric("tasks_routed").await.unwrap() >= ids.len() as i64);
+    d.proxy.restart().unwrap();
+    let (ran_on, unknown) = poll_all(&d.proxy.url(), &ids).await;
+    assert_eq!((ran_on.len(), unknown), (ids.len(), 0), "through the restarted Envoy");
+    assert_eq!(d.proxy.metric("tasks_unpinned").await.unwrap(), 0);
 }
 
 /// The control case: the same client and pods behind Envoy without the filter (round robin

@@ -53,6 +53,7 @@ impl Stream {
                 count_write(cx, ok, answer.status);
                 self.on_recover_answer(cx, p, answer)
             }
+            State::TaskLookup { task_id } => self.on_task_lookup_answer(cx, &task_id, answer),
             // Nothing was asked: nothing is held.
             other => {
                 self.state = other;

@@ -55,7 +55,7 @@ mod state;
 mod tasks;
 pub mod vm;
 
-pub use self::ops::{Call, ControlAnswer, Flow, Header, Op, Reply, ResponseHead, Step, WANT_RESPONSE, json};
+pub use self::ops::{Call, ControlAnswer, Resource, Flow, Header, Op, Reply, ResponseHead, Step, WANT_RESPONSE, json};
 pub use self::root::{Root, RootCtx, RootHost, tick_change};
 pub use self::state::Stream;
 pub use self::vm::{Ctx, Env, Vm};

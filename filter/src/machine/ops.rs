@@ -42,11 +42,21 @@ pub enum Header {
     RecoveredPin,
 }
 
-/// A call to the control service (`dispatch_http_call`), `{prefix}/sessions/{id}{suffix}`.
+/// What a call to control is about: `{prefix}/sessions/{id}` or `{prefix}/tasks/{id}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    Session,
+    Task,
+}
+
+/// A call to the control service (`dispatch_http_call`), `{prefix}/sessions/{id}{suffix}`
+/// or `{prefix}/tasks/{id}{suffix}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
     pub method: &'static str,
-    pub session_id: String,
+    pub resource: Resource,
+    /// The session's or task's id (unencoded).
+    pub id: String,
     pub suffix: &'static str,
     pub body: Option<Vec<u8>>,
     /// Overrides `control.timeout_ms` (milliseconds).

@@ -13,7 +13,7 @@ use crate::pin::Pin;
 use crate::recovery::{Reason, RecoverRequest};
 use crate::session_id;
 use super::body::BodyCopy;
-use super::ops::{Call, Flow, Header, Op, Reply, Step, json};
+use super::ops::{Call, Flow, Header, Op, Reply, Resource, Step, json};
 use super::state::{Ask, Kind, Pinned, Resolution, Resolving, State, Stream, original_request, pin_ops, resolution_ops};
 use super::vm::Ctx;
 
@@ -39,6 +39,7 @@ impl Stream {
             State::Resolving(r) => r.ask != Ask::Waits,
             State::RecordingInitialized(_) | State::Recovering(_) | State::Writing => true,
             State::Passthrough | State::NewSession { .. } | State::Pinned(_) | State::Answered => false,
+            State::TaskLookup { .. } => true,
             State::TaskCall | State::TaskAnswer { .. } | State::TaskRequest { .. } => false,
         }
     }
@@ -171,7 +172,7 @@ impl Stream {
         }
         cx.count(Counter::ControlLookups);
         let wait_ms = cx.record_wait();
-        ops.push(Op::Call(Call { method: "GET", session_id: r.client_id.clone(), suffix: "", body: None, timeout_ms: None, wait_ms }));
+        ops.push(Op::Call(Call { method: "GET", resource: Resource::Session, id: r.client_id.clone(), suffix: "", body: None, timeout_ms: None, wait_ms }));
         self.state = State::Resolving(Resolving { ask: Ask::Lookup, ..r });
         Step::hold(ops)
     }
@@ -217,7 +218,8 @@ impl Stream {
         log::info!("mcp-affinity: moving session {} off draining {}", r.client_id, pin.upstream);
         let call = Call {
             method: "POST",
-            session_id: r.client_id.clone(),
+            resource: Resource::Session,
+            id: r.client_id.clone(),
             suffix: "/recover",
             body: Some(json(&request)),
             timeout_ms: Some(cx.cfg.recovery.timeout_ms),
@@ -313,7 +315,7 @@ impl Stream {
         let version = p.request.as_ref().and_then(|h| h.get(MCP_PROTOCOL_VERSION)).and_then(|v| std::str::from_utf8(v).ok());
         let patch = PatchSession { initialized: Some(text.into_owned()), protocol_version: version.map(str::to_string) };
         let wait_ms = cx.record_wait();
-        let call = Call { method: "PATCH", session_id: p.client_id.clone(), suffix: "", body: Some(json(&patch)), timeout_ms: None, wait_ms };
+        let call = Call { method: "PATCH", resource: Resource::Session, id: p.client_id.clone(), suffix: "", body: Some(json(&patch)), timeout_ms: None, wait_ms };
         if let State::Pinned(p) = std::mem::replace(&mut self.state, State::Passthrough) {
             self.state = State::RecordingInitialized(p);
         }

@@ -11,7 +11,7 @@ use crate::record_queue::{self, NewRecord};
 use crate::recovery::{self, Reason, RecoverRequest, StatusVerdict};
 use crate::session_id;
 use super::body::BodyCopy;
-use super::ops::{Call, Flow, Header, Op, ResponseHead, Step, json};
+use super::ops::{Call, Flow, Header, Op, Resource, ResponseHead, Step, json};
 use super::state::{Kind, Pinned, State, Stream, header_str, original_request};
 use super::vm::Ctx;
 
@@ -74,7 +74,7 @@ impl Stream {
             return Step::flow(Flow::Continue);
         }
         let body = json(&PutSession { backend_session_id: Some(session_id.to_string()), upstream: pin.upstream.clone(), generation: Some(1), initialize, initialized: None, protocol_version: None });
-        let call = Call { method: "PUT", session_id: session_id.to_string(), suffix: "", body: Some(body), timeout_ms: None, wait_ms: None };
+        let call = Call { method: "PUT", resource: Resource::Session, id: session_id.to_string(), suffix: "", body: Some(body), timeout_ms: None, wait_ms: None };
         self.state = State::Writing;
         Step::hold(vec![Op::Call(call)])
     }
@@ -172,7 +172,7 @@ impl Stream {
         }
         self.state = State::Writing;
         let mut ops = step.ops;
-        ops.push(Op::Call(Call { method: "DELETE", session_id: id, suffix: "", body: None, timeout_ms: None, wait_ms: None }));
+        ops.push(Op::Call(Call { method: "DELETE", resource: Resource::Session, id, suffix: "", body: None, timeout_ms: None, wait_ms: None }));
         Step::hold(ops)
     }
 
@@ -211,7 +211,7 @@ impl Stream {
             session_errors: recovery::session_errors(&cx.cfg.recovery),
         };
         log::info!("mcp-affinity: recovering session {} ({reason:?}) from {}", p.client_id, p.pin.upstream);
-        let call = Call { method: "POST", session_id: p.client_id.clone(), suffix: "/recover", body: Some(json(&request)), timeout_ms: Some(cx.cfg.recovery.timeout_ms), wait_ms: cx.record_wait() };
+        let call = Call { method: "POST", resource: Resource::Session, id: p.client_id.clone(), suffix: "/recover", body: Some(json(&request)), timeout_ms: Some(cx.cfg.recovery.timeout_ms), wait_ms: cx.record_wait() };
         self.state = State::Recovering(p);
         Step::hold(vec![Op::Call(call)])
     }

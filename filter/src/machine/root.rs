@@ -14,8 +14,9 @@ use std::cell::RefCell;
 
 use hashbrown::HashMap;
 use mcp_affinity_proto::sessions::PatchSession;
+use mcp_affinity_proto::tasks::PutTask;
 
-use super::ops::{Call, json};
+use super::ops::{Call, Resource, json};
 use super::vm::Vm;
 use crate::config::FilterConfig;
 use crate::drain;
@@ -28,6 +29,9 @@ pub const TOUCHES_PER_TICK: usize = 256;
 
 /// Most shared-data buckets the sweep looks at per tick (each one shared-data read).
 pub const SWEEP_PER_TICK: u32 = 64;
+
+/// Most task pins written to control per tick; the rest wait for the next tick.
+pub const TASK_WRITES_PER_TICK: usize = 64;
 
 /// Most record batches in flight to control per VM; more wait for the next tick.
 pub const RECORD_CALLS_IN_FLIGHT: usize = 8;
@@ -48,7 +52,7 @@ pub trait RootHost {
     /// The host's own periodic work, once per `sweep_period_ms`: sending the per-request
     /// counters gathered in the VM, following the host's log level.
     fn housekeeping(&mut self);
-    /// A call about one session (`{prefix}/sessions/{id}{suffix}`): touches.
+    /// A call about one session or task: touches, task pins.
     fn call(&mut self, call: &Call) -> Option<u32>;
     /// `POST {prefix}/sessions` with a batch of records.
     fn write_records(&mut self, body: &[u8]) -> Option<u32>;
@@ -72,7 +76,7 @@ pub struct RootCtx<'a> {
 /// 100 times a second. Called after any event that may have queued a record and on every
 /// tick; remembers the period in `vm.fast_tick`.
 pub fn tick_change(cfg: &FilterConfig, vm: &mut Vm) -> Option<u64> {
-    let fast = cfg.control.as_ref().filter(|_| vm.records.ready()).map(|c| c.record_flush_ms);
+    let fast = cfg.control.as_ref().filter(|_| vm.records.ready() || !vm.task_writes.is_empty()).map(|c| c.record_flush_ms);
     if fast.is_some() == vm.fast_tick {
         return None;
     }
@@ -120,6 +124,7 @@ impl Root {
             cx.vm.borrow_mut().records.release();
         }
         self.send_records(cx);
+        send_task_writes(cx);
         if let Some(ms) = tick_change(cx.cfg, &mut cx.vm.borrow_mut()) {
             cx.host.set_tick_period(ms);
         }
@@ -269,7 +274,28 @@ fn send_touches(cx: &mut RootCtx) {
     }
     let body = json(&PatchSession::default());
     for id in batch {
-        let call = Call { method: "PATCH", session_id: id, suffix: "", body: Some(body.clone()), timeout_ms: None, wait_ms: None };
+        let call = Call { method: "PATCH", resource: Resource::Session, id, suffix: "", body: Some(body.clone()), timeout_ms: None, wait_ms: None };
+        if cx.host.call(&call).is_none() {
+            cx.host.count(Counter::ControlErrors, 1);
+        }
+    }
+}
+
+/// Writes up to [`TASK_WRITES_PER_TICK`] of the task pins the streams queued
+/// (`PUT {prefix}/tasks/{id}`), on every tick. Best effort like touches: a refused call or
+/// a failed answer is counted (`control_errors`), not retried; the task keeps working
+/// through this Envoy, and another Envoy's request for it is load-balanced.
+fn send_task_writes(cx: &mut RootCtx) {
+    if cx.cfg.control.is_none() {
+        return;
+    }
+    let writes: Vec<(String, PutTask)> = {
+        let mut vm = cx.vm.borrow_mut();
+        let n = vm.task_writes.len().min(TASK_WRITES_PER_TICK);
+        vm.task_writes.drain(..n).collect()
+    };
+    for (task_id, put) in writes {
+        let call = Call { method: "PUT", resource: Resource::Task, id: task_id, suffix: "", body: Some(json(&put)), timeout_ms: None, wait_ms: None };
         if cx.host.call(&call).is_none() {
             cx.host.count(Counter::ControlErrors, 1);
         }

@@ -66,7 +66,7 @@ impl RootHost for Host {
         self.housekeeping += 1;
     }
     fn call(&mut self, call: &Call) -> Option<u32> {
-        self.token(call.method, &call.session_id, call.body.as_deref().unwrap_or_default())
+        self.token(call.method, &call.id, call.body.as_deref().unwrap_or_default())
     }
     fn write_records(&mut self, body: &[u8]) -> Option<u32> {
         self.token("POST", "records", body)
@@ -336,4 +336,26 @@ fn a_write_answer_of_an_ended_stream_is_counted() {
     Root::on_write_answer(&mut host, Some(500));
     Root::on_write_answer(&mut host, None);
     assert_eq!((host.count(Counter::ControlWrites), host.count(Counter::ControlErrors)), (1, 2));
+}
+
+#[test]
+fn task_pins_are_written_through_on_the_tick_in_bounded_batches() {
+    let mut w = World::new(true);
+    let put = mcp_affinity_proto::tasks::PutTask { upstream: "10.0.0.1:80".into(), ttl_ms: Some(1000) };
+    for i in 0..TASK_WRITES_PER_TICK + 2 {
+        w.vm.borrow_mut().task_writes.push((format!("t{i}"), put.clone()));
+    }
+    assert_eq!(w.after_stream_event(), Some(w.cfg.control.as_ref().unwrap().record_flush_ms), "written soon: the fast tick");
+    w.tick();
+    assert_eq!(w.host.calls.len(), TASK_WRITES_PER_TICK);
+    let (method, id, body) = &w.host.calls[0];
+    assert_eq!((method.as_str(), id.as_str(), body.as_slice()), ("PUT", "t0", &br#"{"upstream":"10.0.0.1:80","ttl_ms":1000}"#[..]));
+    w.tick_after(10);
+    assert_eq!(w.host.calls.len(), TASK_WRITES_PER_TICK + 2);
+    assert!(w.vm.borrow().task_writes.is_empty());
+    // Without control nothing is written (and nothing queues: the stream machine checks).
+    let mut w = World::new(false);
+    w.vm.borrow_mut().task_writes.push(("t".into(), put));
+    w.tick();
+    assert!(w.host.calls.is_empty());
 }

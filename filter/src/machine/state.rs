@@ -59,6 +59,9 @@ pub(super) enum State {
     TaskAnswer { body: BodyCopy, upstream: String, sse: bool },
     /// A `tasks/get|update|cancel` routed by its task's pin (shared-data key `key`).
     TaskRequest { key: String },
+    /// A `tasks/get|update|cancel` of a task this Envoy holds no pin for, held while
+    /// control is asked where it lives (`GET {prefix}/tasks/{id}`).
+    TaskLookup { task_id: String },
     /// The filter answered itself.
     Answered,
 }

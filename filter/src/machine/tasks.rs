@@ -16,9 +16,11 @@ use crate::pin::Pin;
 use crate::recovery;
 use crate::tasks::{self, TOOLS_CALL, UNKNOWN_TASK_CODE};
 use super::body::BodyCopy;
-use super::ops::{Flow, Header, Op, Reply, ResponseHead, Step};
+use mcp_affinity_proto::tasks::{PutTask, TaskRecord};
+
+use super::ops::{Call, ControlAnswer, Flow, Header, Op, Reply, Resource, ResponseHead, Step};
 use super::state::{State, Stream, header_str};
-use super::vm::Ctx;
+use super::vm::{Ctx, MAX_TASK_WRITES};
 
 /// Most bytes of a 2026-era `tools/call` answer read to find a `CreateTaskResult`.
 pub const TASK_ANSWER_LIMIT: usize = 16 * 1024;
@@ -30,22 +32,57 @@ impl Stream {
             let [name] = head.find([MCP_NAME]);
             let Some(task_id) = name.and_then(tasks::task_id) else { return Step::go(ops) };
             let key = tasks::pin_key(&task_id);
-            let Some(pin) = cx.get_pin(&key) else {
+            if let Some(pin) = cx.get_pin(&key) {
+                self.route_task(cx, key, &pin.upstream, &mut ops);
+                return Step::go(ops);
+            }
+            if !cx.control {
                 cx.count(Counter::TasksUnpinned);
                 return Step::go(ops);
-            };
-            ops.push(Op::SetRequestHeader(Header::Pin, cx.cfg.pin_encoding.header_value(&pin.upstream)));
-            // Its answer tells whether the task's upstream host is gone.
-            ops.push(Op::WantResponse);
-            cx.count(Counter::TasksRouted);
-            self.state = State::TaskRequest { key };
-            return Step::go(ops);
+            }
+            // Another Envoy (or this one before a restart) saw the task created: ask control.
+            ops.push(Op::Call(Call { method: "GET", resource: Resource::Task, id: task_id.clone(), suffix: "", body: None, timeout_ms: None, wait_ms: None }));
+            self.state = State::TaskLookup { task_id };
+            return Step::hold(ops);
         }
         if method == TOOLS_CALL.as_bytes() && head.find([MCP_PROTOCOL_VERSION])[0].is_some_and(tasks::is_stateless) {
             ops.push(Op::WantResponse);
             self.state = State::TaskCall;
         }
         Step::go(ops)
+    }
+
+    /// Routes a task request to `upstream`; its answer tells whether that host is gone.
+    fn route_task(&mut self, cx: &mut Ctx, key: String, upstream: &str, ops: &mut Vec<Op>) {
+        ops.push(Op::SetRequestHeader(Header::Pin, cx.cfg.pin_encoding.header_value(upstream)));
+        ops.push(Op::WantResponse);
+        cx.count(Counter::TasksRouted);
+        self.state = State::TaskRequest { key };
+    }
+
+    /// Control answered where task `task_id` lives (`GET {prefix}/tasks/{id}`): pinned here
+    /// too and routed there; not found or control down: load-balanced.
+    pub(super) fn on_task_lookup_answer(&mut self, cx: &mut Ctx, task_id: &str, answer: ControlAnswer) -> Step {
+        let record = match answer.status {
+            Some(200) => TaskRecord::parse(&answer.body).map_err(|e| log::warn!("mcp-affinity: control's pin of task {task_id}: {e}")).ok(),
+            Some(404) => None,
+            other => {
+                log::warn!("mcp-affinity: control lookup of task {task_id} failed: status {other:?}; load-balanced");
+                cx.count(Counter::ControlErrors);
+                None
+            }
+        };
+        let Some(record) = record else {
+            cx.count(Counter::TasksUnpinned);
+            self.state = State::Passthrough;
+            return Step::flow(Flow::ResumeRequest);
+        };
+        let key = tasks::pin_key(task_id);
+        let pin = Pin { upstream: record.upstream, generation: 1, last_seen: cx.env.now_secs(), backend_session_id: task_id.to_string(), recorded: true };
+        cx.put_pin(&key, &pin);
+        let mut ops = Vec::new();
+        self.route_task(cx, key, &pin.upstream, &mut ops);
+        Step { ops, flow: Flow::ResumeRequest }
     }
 
     /// The answer of a 2026-era `tools/call`: a 200 JSON or SSE answer is read as it
@@ -89,6 +126,14 @@ impl Stream {
             log::debug!("mcp-affinity: pinned task {} → {}", task.task_id, pin.upstream);
             cx.put_pin(&tasks::pin_key(&task.task_id), &pin);
             cx.count(Counter::TasksPinned);
+            if cx.control {
+                // Written through on the root context's next tick, for the other Envoys.
+                if cx.vm.task_writes.len() < MAX_TASK_WRITES {
+                    cx.vm.task_writes.push((task.task_id, PutTask { upstream: pin.upstream, ttl_ms: task.ttl_ms }));
+                } else {
+                    cx.count(Counter::ControlErrors);
+                }
+            }
         }
         Step::flow(Flow::Continue)
     }

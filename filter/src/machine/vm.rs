@@ -5,6 +5,8 @@
 
 use hashbrown::{HashMap, HashSet};
 
+use mcp_affinity_proto::tasks::PutTask;
+
 use crate::config::{FilterConfig, ReplayBy};
 use crate::drain::Draining;
 use crate::metrics::Counter;
@@ -13,6 +15,10 @@ use crate::pin_cache::PinCache;
 use crate::record_queue::RecordQueue;
 use crate::recovery::Placement;
 use crate::store::{self, SharedData, Updated};
+
+/// Most task pins waiting in one VM to be written to control; more are dropped (counted
+/// `control_errors`): the task still works through this Envoy.
+pub const MAX_TASK_WRITES: usize = 4096;
 
 /// Host services the machine uses besides the stream itself.
 pub trait Env {
@@ -50,6 +56,9 @@ pub struct Vm {
     /// `sweep_period_ms`: pins need seconds, and a host call per request for them would
     /// be waste.
     pub clock_secs: u64,
+    /// Task pins waiting for the root context's tick to be written to control
+    /// (`PUT {prefix}/tasks/{id}`), at most [`MAX_TASK_WRITES`].
+    pub task_writes: Vec<(String, PutTask)>,
     /// The root context ticks every `control.record_flush_ms` (records wait), not every
     /// `sweep_period_ms` ([`super::root::tick_change`]).
     pub fast_tick: bool,

@@ -9,7 +9,8 @@ use super::abi::{self, Map};
 use crate::config::ControlConfig;
 use crate::headers::STATUS;
 use mcp_affinity_proto::sessions::session_path;
-use crate::machine::Call;
+use mcp_affinity_proto::tasks::task_path;
+use crate::machine::{Call, Resource};
 
 /// A resolved `control` configuration.
 #[derive(Debug)]
@@ -52,7 +53,10 @@ impl ControlClient {
     /// The host's ABI status when it refuses the call (BAD_ARGUMENT: unknown cluster or
     /// missing pseudo-header; INTERNAL_FAILURE), logged here.
     pub fn call(&self, call: &Call) -> Result<u32, abi::Status> {
-        let mut path = session_path(&self.path_prefix, &call.session_id);
+        let mut path = match call.resource {
+            Resource::Session => session_path(&self.path_prefix, &call.id),
+            Resource::Task => task_path(&self.path_prefix, &call.id),
+        };
         path.push_str(call.suffix);
         if let Some(ms) = call.wait_ms {
             path.push_str("?wait_ms=");

@@ -229,7 +229,7 @@ fn with_sync_writes_the_initialize_response_is_held_until_control_has_the_record
     let step = s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("mcp-session-id", "s1")]));
     assert_eq!(step.flow, Flow::Pause);
     let put = calls(&step)[0];
-    assert_eq!((put.method, put.session_id.as_str()), ("PUT", "s1"));
+    assert_eq!((put.method, put.id.as_str()), ("PUT", "s1"));
     let record = json(put.body.as_ref().unwrap());
     assert_eq!(record["initialize"], INIT);
     assert_eq!(record["upstream"], "10.0.0.1:80");

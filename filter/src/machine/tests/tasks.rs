@@ -107,10 +107,37 @@ fn task_requests_are_routed_by_mcp_name_without_reading_their_body() {
     let step = s.on_request_headers(&mut w.cx(), stateless("tasks/get", Some("=?base64?dC0x?=")), true);
     assert_eq!(routed_to(&step), Some("10.0.0.1:80"));
     assert_eq!(w.count("tasks_routed"), 4);
-    // A task this Envoy never saw goes on load-balanced (counted).
+    // Without control, a task this Envoy never saw goes on load-balanced (counted).
+    let mut w = World::new(false);
     let mut s = Stream::new(7);
-    assert_eq!(s.on_request_headers(&mut w.cx(), stateless("tasks/get", Some("t-9")), true).ops, vec![]);
+    assert_eq!(s.on_request_headers(&mut w.cx(), stateless("tasks/get", Some("t-9")), true), Step::go(vec![]));
     assert_eq!(w.count("tasks_unpinned"), 1);
+}
+
+#[test]
+fn a_task_pin_is_written_through_to_control_and_read_back_by_another_envoy() {
+    let mut w = World::new(true);
+    tools_call(&mut w, "application/json", &[CREATED]);
+    let (id, put) = w.vm.task_writes.first().cloned().expect("queued for the root context's tick");
+    assert_eq!((id.as_str(), put.upstream.as_str(), put.ttl_ms), ("t-1", "10.0.0.1:80", Some(60000)));
+    // Another Envoy: no pin in its shared data; the request is held while control is asked.
+    let mut other = World::new(true);
+    let mut s = Stream::new(9);
+    let step = s.on_request_headers(&mut other.cx(), stateless("tasks/get", Some("t-1")), true);
+    assert_eq!(step.flow, Flow::Pause);
+    let call = calls(&step)[0].clone();
+    assert_eq!((call.method, call.resource, call.id.as_str()), ("GET", Resource::Task, "t-1"));
+    let record = r#"{"task_id":"t-1","upstream":"10.0.0.1:80","created_at_ms":1,"expires_at_ms":2}"#;
+    let step = s.on_control_answer(&mut other.cx(), ControlAnswer { status: Some(200), body: record.into() });
+    assert_eq!(step, Step { ops: vec![Op::SetRequestHeader(Header::Pin, "10.0.0.1:80".into()), Op::WantResponse], flow: Flow::ResumeRequest });
+    assert!(task_pin(&other, "t-1").is_some(), "pinned here too: the next poll asks nobody");
+    // Unknown to control too, or control down: load-balanced.
+    for status in [Some(404), Some(503), None] {
+        let mut s = Stream::new(10);
+        s.on_request_headers(&mut other.cx(), stateless("tasks/get", Some("t-2")), true);
+        assert_eq!(s.on_control_answer(&mut other.cx(), ControlAnswer { status, body: Vec::new() }), Step::flow(Flow::ResumeRequest));
+    }
+    assert_eq!((other.count("tasks_unpinned"), other.count("control_errors")), (3, 2));
 }
 
 #[test]
