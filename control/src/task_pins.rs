@@ -45,12 +45,12 @@ fn task_not_found(id: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "task_not_found", format!("no task {id:?}"))
 }
 
-/// `PUT /v1/tasks/{id}`: 200 with the stored [`TaskRecord`]; 400 `invalid_task_id` /
-/// `invalid_body`; 503 when the store fails. The pin expires after the task's `ttl_ms`, at
+/// `PUT /v1/tasks/{id}`: 200 with the stored [`TaskRecord`]; 400 `invalid_task_id`, or
+/// `malformed_json` / `unknown_field` / `invalid_request` for the body; 503 when the store fails. The pin expires after the task's `ttl_ms`, at
 /// most [`TASK_TTL_CAP`].
 pub(crate) async fn put_task<S: SessionStore>(State(state): State<AppState<S>>, ValidTaskId(id): ValidTaskId, RawBody(body): RawBody) -> Result<Json<TaskRecord>, ApiError> {
     let put: PutTask = parse_json(&body)?;
-    put.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
+    put.validate().map_err(|e| ApiError::invalid_request(e.to_string()))?;
     let ttl = put.ttl_ms.map_or(TASK_TTL_CAP, |ms| Duration::from_millis(ms).min(TASK_TTL_CAP));
     Ok(Json(state.timed("put_task", state.store.put_task(&id, &put.upstream, ttl)).await?))
 }

@@ -64,6 +64,7 @@ async fn documented_routes_are_the_served_routes() {
             "/v1/sessions",
             "/v1/sessions/{id}",
             "/v1/sessions/{id}/recover",
+            "/v1/tasks/{id}",
             "/v1/upstreams/draining",
             "/v1/upstreams/{upstream}/drain"
         ]
@@ -85,6 +86,7 @@ async fn documented_routes_are_the_served_routes() {
                     status != StatusCode::METHOD_NOT_ALLOWED
                         && (status != StatusCode::NOT_FOUND
                             || path.starts_with("/v1/sessions/{id}")
+                            || path.starts_with("/v1/tasks/{id}")
                             || path.starts_with("/v1/upstreams/{upstream}")),
                     "{method} {path} is documented but answers {status}"
                 );
@@ -99,7 +101,7 @@ async fn documented_routes_are_the_served_routes() {
 fn documented_error_codes_match_the_api_reference() {
     let enum_line = SPEC.split("enum: [").nth(1).expect("error code enum").split(']').next().unwrap();
     let codes: Vec<&str> = enum_line.split(',').map(|c| c.trim()).filter(|c| !c.is_empty()).collect();
-    assert_eq!(codes.len(), 16, "{codes:?}");
+    assert_eq!(codes.len(), 18, "{codes:?}");
     for code in codes {
         assert!(API_DOC.contains(&format!("| `{code}`")), "docs/control-api.md error table lacks {code}");
     }

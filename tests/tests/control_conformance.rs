@@ -645,7 +645,7 @@ async fn task_pins(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Bad input.
-    assert_error(&c.call(Method::PUT, &url("t2"), Some(json!({"upstream": "a b"}).to_string())).await, StatusCode::BAD_REQUEST, "invalid_body");
+    assert_error(&c.call(Method::PUT, &url("t2"), Some(json!({"upstream": "a b"}).to_string())).await, StatusCode::BAD_REQUEST, "invalid_request");
     assert_error(&c.call(Method::PUT, &url(&"x".repeat(300)), Some(json!({"upstream": "10.0.0.1:80"}).to_string())).await, StatusCode::BAD_REQUEST, "invalid_task_id");
 }
 
