@@ -65,5 +65,5 @@ counters! {
     TasksRouted => "mcp_affinity.tasks_routed": "`tasks/get`, `tasks/update` and `tasks/cancel` requests routed to their task's pinned upstream host by `Mcp-Name`.",
     TasksUnpinned => "mcp_affinity.tasks_unpinned": "Task requests whose task this Envoy holds no pin for (created before a restart of this Envoy, or through another one): load-balanced.",
     TasksLost => "mcp_affinity.tasks_lost": "Task requests whose pinned upstream host is gone: answered at once with JSON-RPC -32602 (unknown task), the pin forgotten.",
-    ControlWriteRetries => "mcp_affinity.control_write_retries": "Batches of new sessions' records control did not take (down, timeout, 5xx), queued to be sent again on the next `sweep_period_ms` tick.",
+    ControlWriteRetries => "mcp_affinity.control_write_retries": "Batches of new sessions' records, and task pins, control did not take (down, timeout, 5xx), queued to be sent again on the next `sweep_period_ms` tick.",
 }

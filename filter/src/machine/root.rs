@@ -17,7 +17,7 @@ use mcp_affinity_proto::sessions::PatchSession;
 use mcp_affinity_proto::tasks::PutTask;
 
 use super::ops::{Call, Resource, json};
-use super::vm::Vm;
+use super::vm::{MAX_TASK_WRITES, Vm};
 use crate::config::FilterConfig;
 use crate::drain;
 use crate::metrics::Counter;
@@ -98,6 +98,18 @@ pub struct Root {
     /// When the tick's periodic work is next due, Unix milliseconds; the tick itself may
     /// come more often, to send records.
     housekeeping_due_ms: u64,
+    /// Task pin writes in flight: token → the write and its sends so far.
+    task_calls: HashMap<u32, TaskWrite>,
+    /// Task pin writes control did not take, sent again on the next periodic tick.
+    task_retries: Vec<TaskWrite>,
+}
+
+/// A task pin to write to control (`PUT {prefix}/tasks/{id}`) and how often it was sent.
+#[derive(Debug)]
+struct TaskWrite {
+    task_id: String,
+    put: PutTask,
+    attempts: u8,
 }
 
 impl Root {
@@ -124,7 +136,7 @@ impl Root {
             cx.vm.borrow_mut().records.release();
         }
         self.send_records(cx);
-        send_task_writes(cx);
+        self.send_task_writes(cx, periodic);
         if let Some(ms) = tick_change(cx.cfg, &mut cx.vm.borrow_mut()) {
             cx.host.set_tick_period(ms);
         }
@@ -165,6 +177,17 @@ impl Root {
     pub fn on_answer(&mut self, cx: &mut RootCtx, token: u32, status: Option<u16>, body: &dyn Fn() -> Vec<u8>) {
         if let Some(records) = self.record_calls.remove(&token) {
             on_records_answer(cx, records, status, body);
+            return;
+        }
+        if let Some(write) = self.task_calls.remove(&token) {
+            match status {
+                Some(s) if (200..300).contains(&s) => cx.host.count(Counter::ControlWrites, 1),
+                Some(s) if s < 500 => {
+                    log::warn!("mcp-affinity: control refused the pin of task {} (status {s}); not sent again", write.task_id);
+                    cx.host.count(Counter::ControlErrors, 1);
+                }
+                _ => self.retry_task_write(cx, write),
+            }
             return;
         }
         if let Some((fetch, claimed_at_ms)) = self.drain_fetch
@@ -211,6 +234,44 @@ impl Root {
                 }
                 cx.host.count(Counter::DrainPollErrors, 1);
             }
+        }
+    }
+
+    /// Writes up to [`TASK_WRITES_PER_TICK`] task pins (`PUT {prefix}/tasks/{id}`): on a
+    /// periodic tick first those control did not take before, then the ones the streams
+    /// queued, on every tick. A write without an answer, or answered 5xx, is sent again on
+    /// the next periodic tick, at most [`record_queue::MAX_ATTEMPTS`] times, then dropped
+    /// and counted (`control_errors`); the task keeps working through this Envoy.
+    fn send_task_writes(&mut self, cx: &mut RootCtx, periodic: bool) {
+        if cx.cfg.control.is_none() {
+            return;
+        }
+        let mut writes = if periodic { std::mem::take(&mut self.task_retries) } else { Vec::new() };
+        {
+            let mut vm = cx.vm.borrow_mut();
+            let n = vm.task_writes.len().min(TASK_WRITES_PER_TICK.saturating_sub(writes.len()));
+            writes.extend(vm.task_writes.drain(..n).map(|(task_id, put)| TaskWrite { task_id, put, attempts: 0 }));
+        }
+        for mut write in writes {
+            write.attempts += 1;
+            let call = Call { method: "PUT", resource: Resource::Task, id: write.task_id.clone(), suffix: "", body: Some(json(&write.put)), timeout_ms: None, wait_ms: None };
+            match cx.host.call(&call) {
+                Some(token) => {
+                    self.task_calls.insert(token, write);
+                }
+                None => self.retry_task_write(cx, write),
+            }
+        }
+    }
+
+    /// Keeps a task pin write for the next periodic tick, or drops it after its last attempt.
+    fn retry_task_write(&mut self, cx: &mut RootCtx, write: TaskWrite) {
+        if write.attempts >= record_queue::MAX_ATTEMPTS || self.task_retries.len() >= MAX_TASK_WRITES {
+            log::warn!("mcp-affinity: the pin of task {} not written to control after {} attempts", write.task_id, write.attempts);
+            cx.host.count(Counter::ControlErrors, 1);
+        } else {
+            cx.host.count(Counter::ControlWriteRetries, 1);
+            self.task_retries.push(write);
         }
     }
 
@@ -275,27 +336,6 @@ fn send_touches(cx: &mut RootCtx) {
     let body = json(&PatchSession::default());
     for id in batch {
         let call = Call { method: "PATCH", resource: Resource::Session, id, suffix: "", body: Some(body.clone()), timeout_ms: None, wait_ms: None };
-        if cx.host.call(&call).is_none() {
-            cx.host.count(Counter::ControlErrors, 1);
-        }
-    }
-}
-
-/// Writes up to [`TASK_WRITES_PER_TICK`] of the task pins the streams queued
-/// (`PUT {prefix}/tasks/{id}`), on every tick. Best effort like touches: a refused call or
-/// a failed answer is counted (`control_errors`), not retried; the task keeps working
-/// through this Envoy, and another Envoy's request for it is load-balanced.
-fn send_task_writes(cx: &mut RootCtx) {
-    if cx.cfg.control.is_none() {
-        return;
-    }
-    let writes: Vec<(String, PutTask)> = {
-        let mut vm = cx.vm.borrow_mut();
-        let n = vm.task_writes.len().min(TASK_WRITES_PER_TICK);
-        vm.task_writes.drain(..n).collect()
-    };
-    for (task_id, put) in writes {
-        let call = Call { method: "PUT", resource: Resource::Task, id: task_id, suffix: "", body: Some(json(&put)), timeout_ms: None, wait_ms: None };
         if cx.host.call(&call).is_none() {
             cx.host.count(Counter::ControlErrors, 1);
         }

@@ -359,3 +359,34 @@ fn task_pins_are_written_through_on_the_tick_in_bounded_batches() {
     w.tick();
     assert!(w.host.calls.is_empty());
 }
+
+#[test]
+fn a_task_pin_control_did_not_take_is_sent_again_on_the_periodic_tick_until_its_last_attempt() {
+    let mut w = World::new(true);
+    let put = mcp_affinity_proto::tasks::PutTask { upstream: "10.0.0.1:80".into(), ttl_ms: None };
+    w.vm.borrow_mut().task_writes.push(("t1".into(), put.clone()));
+    w.vm.borrow_mut().task_writes.push(("t2".into(), put));
+    w.tick();
+    let (t1, t2) = (w.last_token() - 1, w.last_token());
+    w.answer(t1, None, "");
+    w.answer(t2, Some(400), "");
+    assert_eq!((w.host.count(Counter::ControlWriteRetries), w.host.count(Counter::ControlErrors)), (1, 1), "t1 kept, t2 refused for good");
+    w.tick_after(10);
+    assert_eq!(w.host.calls.len(), 2, "held until the periodic tick");
+    for attempt in 2..=MAX_ATTEMPTS {
+        w.tick_after(w.cfg.sweep_period_ms);
+        assert_eq!(w.host.calls.last().map(|c| c.1.as_str()), Some("t1"), "attempt {attempt}");
+        let token = w.last_token();
+        w.answer(token, Some(503), "");
+    }
+    assert_eq!(w.host.calls.len(), 1 + usize::from(MAX_ATTEMPTS));
+    assert_eq!(w.host.count(Counter::ControlErrors), 2, "dropped after its last attempt");
+    w.tick_after(w.cfg.sweep_period_ms);
+    assert_eq!(w.host.calls.len(), 1 + usize::from(MAX_ATTEMPTS), "not sent again");
+    // A written pin is counted.
+    w.vm.borrow_mut().task_writes.push(("t3".into(), mcp_affinity_proto::tasks::PutTask { upstream: "10.0.0.1:80".into(), ttl_ms: None }));
+    w.tick_after(10);
+    let token = w.last_token();
+    w.answer(token, Some(200), "{}");
+    assert_eq!(w.host.count(Counter::ControlWrites), 1);
+}
