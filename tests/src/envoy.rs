@@ -3,7 +3,8 @@
 //!
 //! [`render`] parses the bootstrap as YAML and changes only what a local run needs —
 //! addresses (admin, the `mcp` listener, the `mcp_service` pods, the
-//! `mcp_affinity_control` cluster), the path of the wasm module, and optionally the
+//! `mcp_affinity_control` cluster), the path of the wasm module (or, with
+//! [`Render::remote_wasm`], its URL and sha256: `vm_config.code.remote`), and optionally the
 //! plugin configuration, extra `host_env_keys`, the removal of the wasm filter, or the
 //! removal of its response matcher (the `ExtensionWithMatcher` the filter is shipped in).
 //! Everything else (routes, clusters, timeouts, the filter's VM settings) stays exactly as
