@@ -180,7 +180,7 @@ envoy-image: setup-envoy setup-docker
 test-envoy: setup setup-docker wasm $(TEST_ENVOY_IMAGE_DEP)
 	$(CARGO) build -p mcp-affinity-control --bin mcp-affinity-control
 	REQUIRE_DOCKER=1 ENVOY_IMAGE=$(TEST_ENVOY_IMAGE) \
-	  $(CARGO) test -p mcp-affinity-harness --features real-envoy --test envoy_real -- --nocapture
+	  $(CARGO) test -p mcp-affinity-harness --features real-envoy --test envoy_real --test wasm_image -- --nocapture
 
 bench: setup
 	$(CARGO) bench -p mcp-affinity-filter --bench hot_path
@@ -206,10 +206,14 @@ bench-envoy: setup-envoy wasm $(if $(filter redis,$(BENCH_CONTROL_STORE)),setup-
 	BENCH_SECONDS=$(BENCH_SECONDS) BENCH_ROUNDS=$(BENCH_ROUNDS) BENCH_SCALE=$(or $(SCALE),$(BENCH_SCALE)) \
 	  BENCH_INSTRUCTIONS=$(BENCH_INSTRUCTIONS) bench/envoy-bench.sh
 
+# The filter's OCI image: the name envoy/istio/wasmplugin.yaml pulls (`url: oci://…`;
+# tests/tests/wasm_image.rs checks that both agree and that the layer is the module).
+WASM_IMAGE ?= ghcr.io/example/mcp-affinity-filter:0.1.0
+
 images: wasm
 	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine answers here; skipped"; exit 0; }; \
 	docker build -f envoy/docker/control.Dockerfile -t mcp-affinity-control:dev . && \
-	docker build -f envoy/wasm-image/Dockerfile -t mcp-affinity-filter:dev target/$(WASM_TARGET)/wasm
+	docker build -f envoy/wasm-image/Dockerfile -t $(WASM_IMAGE) target/$(WASM_TARGET)/wasm
 
 clean:
 	$(CARGO) clean

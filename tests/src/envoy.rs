@@ -3,7 +3,8 @@
 //!
 //! [`render`] parses the bootstrap as YAML and changes only what a local run needs —
 //! addresses (admin, the `mcp` listener, the `mcp_service` pods, the
-//! `mcp_affinity_control` cluster), the path of the wasm module, and optionally the
+//! `mcp_affinity_control` cluster), the path of the wasm module (or, with
+//! [`Render::remote_wasm`], its URL and sha256: `vm_config.code.remote`), and optionally the
 //! plugin configuration, extra `host_env_keys`, the removal of the wasm filter, or the
 //! removal of its response matcher (the `ExtensionWithMatcher` the filter is shipped in).
 //! Everything else (routes, clusters, timeouts, the filter's VM settings) stays exactly as
@@ -111,6 +112,46 @@ pub struct Render {
     /// buffer filter first): no route retries and no replay endpoint — the filter replays
     /// itself (`recovery.replay_by: filter`).
     pub istio: bool,
+    /// Load the module over HTTP instead of from a file: `vm_config.code.local` becomes
+    /// `vm_config.code.remote` (Envoy's `RemoteDataSource`: `http_uri` through the
+    /// [`WASM_SOURCE_CLUSTER`] cluster, which is added, plus the module's `sha256`). Envoy
+    /// refuses a module whose sha256 differs. Takes precedence over `wasm`.
+    pub remote_wasm: Option<RemoteWasm>,
+}
+
+/// The cluster [`Render::remote_wasm`] adds for the HTTP server that serves the module.
+pub const WASM_SOURCE_CLUSTER: &str = "mcp_affinity_wasm_source";
+
+/// Where Envoy fetches the module from ([`Render::remote_wasm`]).
+#[derive(Clone, Debug)]
+pub struct RemoteWasm {
+    /// `http://HOST:PORT/PATH` (plain HTTP; HOST an IP address or a DNS name).
+    pub url: String,
+    /// The module's sha256, lowercase hex (`sha256sum FILE`).
+    pub sha256: String,
+}
+
+impl RemoteWasm {
+    /// `(host, port)` of [`RemoteWasm::url`].
+    fn authority(&self) -> Result<(String, u16)> {
+        let rest = self.url.strip_prefix("http://").ok_or_else(|| anyhow!("remote wasm URL {:?}: only http:// is supported", self.url))?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, tail) = v6.split_once(']').ok_or_else(|| anyhow!("remote wasm URL {:?}: unclosed [", self.url))?;
+            (h, tail.strip_prefix(':'))
+        } else {
+            match authority.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        let port = match port {
+            Some(p) => p.parse().with_context(|| format!("remote wasm URL {:?}: port", self.url))?,
+            None => 80,
+        };
+        ensure!(!host.is_empty(), "remote wasm URL {:?} has no host", self.url);
+        Ok((host.to_string(), port))
+    }
 }
 
 impl Render {
@@ -129,6 +170,7 @@ impl Render {
             no_filter: false,
             no_response_matcher: false,
             istio: false,
+            remote_wasm: None,
         }
     }
 }
@@ -178,6 +220,15 @@ pub fn render(yaml: &str, r: &Render) -> Result<String> {
             let wasm = wasm.to_str().ok_or_else(|| anyhow!("wasm path {} is not UTF-8", wasm.display()))?;
             *field(config, &["vm_config", "code", "local", "filename"])? = Value::from(wasm);
         }
+        if let Some(remote) = &r.remote_wasm {
+            ensure!(
+                remote.sha256.len() == 64 && remote.sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+                "remote wasm sha256 {:?} is not 64 hex digits",
+                remote.sha256
+            );
+            remote.authority()?;
+            *field(config, &["vm_config", "code"])? = remote_code(remote);
+        }
         if let Some(json) = &r.filter_config {
             *field(config, &["configuration", "value"])? = Value::from(json.as_str());
         }
@@ -213,10 +264,36 @@ pub fn render(yaml: &str, r: &Render) -> Result<String> {
     if let Some(control) = r.control {
         set_endpoints(named(clusters, CONTROL_CLUSTER)?, 0, &[control])?;
     }
+    if let Some(remote) = r.remote_wasm.as_ref().filter(|_| !r.no_filter) {
+        seq(&mut b, &["static_resources", "clusters"])?.push(wasm_source_cluster(remote)?);
+    }
     if r.istio {
         istio_shape(&mut b)?;
     }
     serde_norway::to_string(&b).context("serialize the bootstrap")
+}
+
+/// `vm_config.code` loading the module from `remote` (Envoy's `RemoteDataSource`): fetched
+/// once when the listener is created, retried, and checked against the sha256.
+fn remote_code(remote: &RemoteWasm) -> Value {
+    let yaml = format!(
+        "remote:\n  http_uri:\n    uri: {url}\n    cluster: {WASM_SOURCE_CLUSTER}\n    timeout: 10s\n  sha256: {sha}\n  retry_policy:\n    num_retries: 3\n",
+        url = serde_json::to_string(&remote.url).expect("a string serializes"),
+        sha = remote.sha256.to_ascii_lowercase(),
+    );
+    serde_norway::from_str(&yaml).expect("a fixed YAML shape")
+}
+
+/// The [`WASM_SOURCE_CLUSTER`] cluster: the HTTP server of `remote` (STATIC for an IP
+/// address, STRICT_DNS for a name).
+fn wasm_source_cluster(remote: &RemoteWasm) -> Result<Value> {
+    let (host, port) = remote.authority()?;
+    let kind = if host.parse::<std::net::IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" };
+    let yaml = format!(
+        "name: {WASM_SOURCE_CLUSTER}\ntype: {kind}\nconnect_timeout: 5s\nload_assignment:\n  cluster_name: {WASM_SOURCE_CLUSTER}\n  endpoints:\n  - lb_endpoints:\n    - endpoint:\n        address:\n          socket_address: {{address: {host}, port_value: {port}}}\n",
+        host = serde_json::to_string(&host).expect("a string serializes"),
+    );
+    serde_norway::from_str(&yaml).context("the wasm source cluster")
 }
 
 /// `envoy/istio/buffer-filter.yaml`, the EnvoyFilter that puts Envoy's buffer filter first.
@@ -593,6 +670,31 @@ mod tests {
         assert_eq!(kept.pointer("/static_resources/clusters/0/load_assignment/endpoints/1/lb_endpoints/0/endpoint/address/socket_address/port_value"), Some(&serde_json::json!(9902)));
         let err = render(&shipped(), &Render { replay: Some(a("127.0.0.1:4444")), ..local() }).unwrap_err();
         assert!(format!("{err:#}").contains("priority-1"), "{err:#}");
+    }
+
+    #[test]
+    fn remote_wasm_replaces_the_local_file_and_adds_its_cluster() {
+        let sha = "ab".repeat(32);
+        let remote = RemoteWasm { url: "http://127.0.0.1:4005/m.wasm".into(), sha256: sha.clone() };
+        for bootstrap in [shipped(), std::fs::read_to_string(stateful_session_bootstrap()).unwrap()] {
+            let b = parse(&render(&bootstrap, &Render { remote_wasm: Some(remote.clone()), ..local() }).unwrap());
+            let code = config_of(wasm_filter(&b).unwrap()).pointer("/vm_config/code").unwrap();
+            assert_eq!(
+                code,
+                &serde_json::json!({"remote": {"http_uri": {"uri": "http://127.0.0.1:4005/m.wasm", "cluster": WASM_SOURCE_CLUSTER, "timeout": "10s"}, "sha256": sha, "retry_policy": {"num_retries": 3}}})
+            );
+            let cluster = b["static_resources"]["clusters"].as_array().unwrap().iter().find(|c| c["name"] == WASM_SOURCE_CLUSTER).unwrap();
+            assert_eq!(cluster["type"], "STATIC");
+            assert_eq!(endpoints(&b, WASM_SOURCE_CLUSTER), ["127.0.0.1:4005"]);
+        }
+        let named = RemoteWasm { url: "http://wasm.example:8080/x".into(), ..remote.clone() };
+        let b = parse(&render(&shipped(), &Render { remote_wasm: Some(named), ..local() }).unwrap());
+        assert_eq!(endpoints(&b, WASM_SOURCE_CLUSTER), ["wasm.example:8080"]);
+        let v6 = RemoteWasm { url: "http://[::1]/x".into(), ..remote.clone() };
+        assert_eq!(v6.authority().unwrap(), ("::1".to_string(), 80));
+        for bad in [RemoteWasm { sha256: "abc".into(), ..remote.clone() }, RemoteWasm { url: "https://h/x".into(), ..remote.clone() }] {
+            assert!(render(&shipped(), &Render { remote_wasm: Some(bad), ..local() }).is_err());
+        }
     }
 
     #[test]

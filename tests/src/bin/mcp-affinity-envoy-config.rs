@@ -22,9 +22,17 @@ struct Args {
     /// Address of Envoy's admin API (keep it on loopback).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
-    /// The filter's wasm module (made absolute). Required unless --no-filter.
-    #[arg(long, required_unless_present = "no_filter")]
+    /// The filter's wasm module (made absolute). Required unless --no-filter or --wasm-url.
+    #[arg(long, required_unless_present_any = ["no_filter", "wasm_url"], conflicts_with = "wasm_url")]
     wasm: Option<PathBuf>,
+    /// Load the module over HTTP instead (`vm_config.code.remote`, through an added
+    /// cluster `mcp_affinity_wasm_source`): `http://HOST:PORT/PATH`. Needs --wasm-sha256.
+    #[arg(long, requires = "wasm_sha256")]
+    wasm_url: Option<String>,
+    /// With --wasm-url: the module's sha256 in hex (`sha256sum mcp_affinity_filter.wasm`);
+    /// Envoy refuses a module with another digest.
+    #[arg(long, requires = "wasm_url")]
+    wasm_sha256: Option<String>,
     /// An MCP server pod of the `mcp_service` cluster (ip:port); repeat for several.
     #[arg(long = "upstream", required = true)]
     upstreams: Vec<SocketAddr>,
@@ -84,6 +92,7 @@ fn main() -> anyhow::Result<()> {
         no_filter: args.no_filter,
         no_response_matcher: args.no_response_matcher,
         istio: args.istio,
+        remote_wasm: args.wasm_url.zip(args.wasm_sha256).map(|(url, sha256)| envoy::RemoteWasm { url, sha256 }),
         ..Render::new(args.listen, args.admin, &args.upstreams)
     };
     print!("{}", envoy::render(&yaml, &render)?);
