@@ -156,6 +156,7 @@ const PROTO_FILES: &[&str] = &[
     "envoy/extensions/matching/common_inputs/network/v3/network_inputs.proto",
     "envoy/extensions/filters/http/router/v3/router.proto",
     "envoy/extensions/retry/priority/previous_priorities/v3/previous_priorities_config.proto",
+    "envoy/extensions/retry/host/previous_hosts/v3/previous_hosts.proto",
     "envoy/extensions/filters/http/stateful_session/v3/stateful_session.proto",
     "envoy/extensions/filters/http/header_mutation/v3/header_mutation.proto",
     "envoy/extensions/http/stateful_session/header/v3/header.proto",
@@ -535,10 +536,13 @@ fn check_bootstrap(text: &str, pinning: Pinning) -> Check {
             })
         };
         if let Some(policy) = &action.retry_policy {
-            ensure!(wf.filter.recovery.replay_by == ReplayBy::EnvoyRetry, "route {:?}: no retries (MCP requests are not idempotent; only control, with replay_by envoy_retry, may replay)", r.name);
-            ensure!(present(MCP_SESSION_ID), "route {:?} retries: it must match only requests with {MCP_SESSION_ID} (control replays requests of known sessions)", r.name);
-            check_retry_policy(policy, &wf.filter).map_err(|e| format!("route {:?}: {e}", r.name))?;
-            retrying.push(target);
+            if present(MCP_SESSION_ID) {
+                ensure!(wf.filter.recovery.replay_by == ReplayBy::EnvoyRetry, "route {:?}: no retries (MCP requests are not idempotent; only control, with replay_by envoy_retry, may replay)", r.name);
+                check_retry_policy(policy, &wf.filter).map_err(|e| format!("route {:?}: {e}", r.name))?;
+                retrying.push(target);
+            } else {
+                check_unsent_retry_policy(policy).map_err(|e| format!("route {:?}: {e}", r.name))?;
+            }
         }
         routed.push((target, present(pin)));
     }
@@ -637,6 +641,18 @@ fn check_replay_mtls(cluster: &Cluster) -> Check {
 /// A route's retry policy with `replay_by: envoy_retry`: one retry, to the next priority
 /// (control), on exactly the failures after which a request provably did not run (connect
 /// failure, a "session unknown" status), never on a reset after the request was sent.
+/// A retry of requests without a session may only resend what never left Envoy: a connect
+/// failure, to another host, never to control (no retry priority).
+fn check_unsent_retry_policy(policy: &RetryPolicy) -> Check {
+    ensure!(policy.retry_on.trim() == "connect-failure", "retry_on {:?}: a request without a session may be retried only after a connect failure (it never reached a pod; MCP requests are not idempotent)", policy.retry_on);
+    ensure!(policy.retriable_status_codes.is_empty() && policy.retry_priority.is_none(), "retriable_status_codes or retry_priority: only connect failures are retried here, and never to control");
+    ensure!(
+        policy.retry_host_predicate.iter().any(|p| p.name == "envoy.retry_host_predicates.previous_hosts"),
+        "no envoy.retry_host_predicates.previous_hosts: the retry must go to another pod"
+    );
+    Ok(())
+}
+
 fn check_retry_policy(policy: &RetryPolicy, filter: &FilterConfig) -> Check {
     let on: BTreeSet<&str> = policy.retry_on.split(',').map(str::trim).collect();
     ensure!(on == BTreeSet::from(["connect-failure", "retriable-status-codes"]), "retry_on {:?}: must be exactly connect-failure,retriable-status-codes", policy.retry_on);
@@ -1078,7 +1094,11 @@ fn mutated_bootstraps_are_rejected() {
         (&ss, "num_retries: 1", "num_retries: 2", Pinning::StatefulSession, "num_retries"),
         (&ss, "update_frequency: 1", "update_frequency: 2", Pinning::StatefulSession, "update_frequency"),
         (&ss, "name: envoy.retry_priorities.previous_priorities", "name: envoy.retry_priorities.other", Pinning::StatefulSession, "previous_priorities"),
-        (&ss, "- name: mcp-session-id\n                    present_match: true", "- name: x-other\n                    present_match: true", Pinning::StatefulSession, "must match only requests with mcp-session-id"),
+        (&ss, "- name: mcp-session-id\n                    present_match: true", "- name: x-other\n                    present_match: true", Pinning::StatefulSession, "retried only after a connect failure"),
+        // Requests without a session: a retry only of what never left Envoy, to another pod.
+        (&plain, "retry_on: connect-failure\n", "retry_on: connect-failure,5xx\n", Pinning::OriginalDst, "retried only after a connect failure"),
+        (&plain, "- name: envoy.retry_host_predicates.previous_hosts", "- name: envoy.retry_host_predicates.omit_canary_hosts", Pinning::OriginalDst, "previous_hosts"),
+        (&ss, "retry_on: connect-failure\n", "retry_on: connect-failure\n                    retriable_status_codes: [503]\n", Pinning::StatefulSession, "never to control"),
         (&ss, "      - priority: 1\n", "      - priority: 2\n", Pinning::StatefulSession, "priority-1"),
         // Only Envoy reaches the replay listener: mutual TLS on that endpoint alone.
         (&ss, "              envoy.transport_socket_match: { mcp-affinity: replay-listener }\n", "", Pinning::StatefulSession, "needs envoy.transport_socket_match"),

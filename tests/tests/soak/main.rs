@@ -27,6 +27,9 @@
 //! but whose pods, control and Redis it shares. The lanes take turns at the
 //! shapes real clients give a request (`mcp_client::Shape`): headers and body in one write,
 //! the body written after the headers, a chunked body in pieces, HTTP/2 HEADERS then DATA.
+//! The pods are dual-era: on the same endpoint `SOAK_TASK_LANES` (4) MCP 2026-07-28 clients
+//! create tasks through A or B and poll them until they complete (`tasks.rs`); a task may
+//! die only with its pod.
 //!
 //! # The chaos
 //!
@@ -106,6 +109,7 @@ mod lanes;
 mod mesh;
 mod schedule;
 mod tally;
+mod tasks;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -118,6 +122,7 @@ use clap::Parser as _;
 use crate::client::{FAILOVER_DEADLINE, REQUEST_TIMEOUT, Shared, secs};
 use crate::faults::{Chaos, ChaosLog};
 use crate::lanes::{Slot, join_lanes, run_lane, run_ts_lane};
+use crate::tasks::{TaskTally, run_task_lane};
 use crate::mesh::{ENVOY_NAMES, Mesh};
 use crate::schedule::{Rng, Schedule, fault_label};
 use crate::tally::{Ending, Tally, TsTally};
@@ -131,6 +136,8 @@ struct Settings {
     think_ms: u64,
     /// Sessions of the official TypeScript MCP SDK client (`SOAK_TS_SESSIONS`, 2; 0: none).
     ts_sessions: usize,
+    /// MCP 2026-07-28 task lanes (`SOAK_TASK_LANES`, 4; 0: none).
+    task_lanes: usize,
     seed: u64,
 }
 
@@ -164,6 +171,7 @@ impl Settings {
             lanes: env_u64("SOAK_LANES", 2) as usize,
             think_ms: env_u64("SOAK_THINK_MS", 100),
             ts_sessions: env_u64("SOAK_TS_SESSIONS", 2) as usize,
+            task_lanes: env_u64("SOAK_TASK_LANES", 4) as usize,
             seed,
         };
         assert!(s.sessions >= 1 && s.lanes >= 1, "SOAK_SESSIONS and SOAK_LANES must be ≥ 1");
@@ -218,6 +226,7 @@ async fn chaos_soak_loses_nothing() {
             tokio::spawn(run_lane(shared.clone(), slot, lane, lane_rng, settings.think_ms))
         })
         .collect();
+    let task_lanes: Vec<_> = (0..settings.task_lanes).map(|i| tokio::spawn(run_task_lane(shared.clone(), i, rng.fork(5000 + i as u64)))).collect();
     let ts_lanes: Vec<_> = (0..settings.ts_sessions).map(|i| tokio::spawn(run_ts_lane(shared.clone(), mesh.ts_envoy.url(), i, settings.think_ms))).collect();
 
     // Chaos: warm-up, then faults one at a time until too little time is left for one
@@ -257,6 +266,8 @@ async fn chaos_soak_loses_nothing() {
     join_lanes(lanes, join_deadline, "a lane", &mut log.problems, |t| tally.merge(t)).await;
     let mut ts = TsTally::default();
     join_lanes(ts_lanes, join_deadline, "a TypeScript SDK lane", &mut log.problems, |t| ts.merge(t)).await;
+    let mut tasks = TaskTally::default();
+    join_lanes(task_lanes, join_deadline, "a task lane", &mut log.problems, |t| tasks.merge(t)).await;
     let ts_not_replayed = mesh.ts_envoy.metric("recoveries_not_replayed").await.unwrap_or(-1) as f64;
     let traffic_secs = traffic_start.elapsed().as_secs_f64();
     for (i, name) in ENVOY_NAMES.iter().enumerate() {
@@ -273,6 +284,7 @@ async fn chaos_soak_loses_nothing() {
         traffic_secs,
         tally,
         ts,
+        tasks,
         ts_not_replayed,
         log,
         lost: shared.lost.lock().unwrap().clone(),

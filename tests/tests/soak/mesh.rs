@@ -41,6 +41,10 @@ const FILTER_COUNTERS: &[&str] = &[
     "control_lookups",
     "control_errors",
     "recovery_body_too_large",
+    "tasks_pinned",
+    "tasks_routed",
+    "tasks_unpinned",
+    "tasks_lost",
 ];
 
 /// `(name, metric suffix, labels)` of control metrics summed over restarts.
@@ -87,7 +91,8 @@ impl Mesh {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
         let redis_dir = std::env::temp_dir().join(format!("mcp-affinity-soak-redis-{}-{nanos}", std::process::id()));
         let redis = RedisServer::start_persistent(&redis_dir).context("redis")?;
-        let pods: Vec<Pod> = POD_NAMES.iter().map(|n| Pod::start(n)).collect::<Result<_>>().context("pods")?;
+        // Dual-era pods: 2025 sessions and MCP 2026-07-28 tasks on one endpoint.
+        let pods: Vec<Pod> = POD_NAMES.iter().map(|n| Pod::start_with(n, &["--era", "dual"])).collect::<Result<_>>().context("pods")?;
         let endpoints = pods.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>().join(",");
         let controls = (0..2)
             .map(|_| ControlService::start_with(&redis.url(), &["--endpoints".into(), endpoints.clone()]))

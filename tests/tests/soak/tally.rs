@@ -11,6 +11,7 @@ use crate::client::{Micros, secs};
 use crate::faults::ChaosLog;
 use crate::lanes::{Call, Lost};
 use crate::mesh::{Counters, ENVOY_NAMES};
+use crate::tasks::TaskTally;
 
 /// What the TypeScript SDK lanes counted.
 #[derive(Debug, Default)]
@@ -128,6 +129,7 @@ pub struct Ending<'a> {
     pub traffic_secs: f64,
     pub tally: Tally,
     pub ts: TsTally,
+    pub tasks: TaskTally,
     /// Envoy C's `recoveries_not_replayed` (-1 when it could not be read).
     pub ts_not_replayed: f64,
     pub log: ChaosLog,
@@ -151,7 +153,7 @@ impl Ending<'_> {
 
     /// What must hold and did not (empty: the soak passes).
     pub fn violations(&self) -> Vec<String> {
-        let Ending { settings, tally, ts, ts_not_replayed, log, lost, pod_faults, .. } = self;
+        let Ending { settings, tally, ts, tasks, ts_not_replayed, log, lost, pod_faults, .. } = self;
         let (ts_not_replayed, pod_faults) = (*ts_not_replayed, *pod_faults);
         let filter = |k: &str| self.filter(k);
         let mut violations: Vec<String> = Vec::new();
@@ -200,6 +202,13 @@ impl Ending<'_> {
         if ts.cut_while_a_pod_died > pod_faults * settings.ts_sessions as u64 {
             violations.push(format!("{} TypeScript SDK calls cut while a pod died, more than {pod_faults} pod faults can cut", ts.cut_while_a_pod_died));
         }
+        if !tasks.failures.is_empty() {
+            let lines: Vec<String> = tasks.failures.iter().take(20).map(|l| format!("  {l}")).collect();
+            violations.push(format!("{} MCP 2026-07-28 tasks failed:\n{}", tasks.failures.len(), lines.join("\n")));
+        }
+        if settings.task_lanes > 0 && tasks.completed == 0 {
+            violations.push("no MCP 2026-07-28 task completed".into());
+        }
         if filter("recoveries_failed") > 0.0 {
             violations.push(format!("the filters counted {} recoveries_failed", filter("recoveries_failed")));
         }
@@ -209,7 +218,9 @@ impl Ending<'_> {
         if !log.settle_timeouts.is_empty() {
             violations.push(format!("faults that did not settle: {:#?}", log.settle_timeouts));
         }
-        if let Some((a, b)) = log.redis_keys.iter().find(|(a, b)| a != b) {
+        // Writes may land between the count and the kill, or right after the restart (the
+        // task lanes write pins all the time): a restart may add keys, never lose one.
+        if let Some((a, b)) = log.redis_keys.iter().find(|(a, b)| b < a) {
             violations.push(format!("Redis had {a} keys before its restart and {b} after"));
         }
         if log.rounds_done < 1 {
@@ -331,6 +342,20 @@ impl Ending<'_> {
             ts.cut_while_a_pod_died,
             ts.failures.len(),
             ts.connects_retried
+        );
+        let tasks = &self.tasks;
+        let _ = writeln!(
+            s,
+            "MCP 2026-07-28 tasks (dual-era pods, through Envoys A and B): {} created, {} completed, {} lost with their pod, {} cut while a pod died, {} failed | filters: tasks_pinned {}, tasks_routed {}, tasks_unpinned {}, tasks_lost {}",
+            tasks.created,
+            tasks.completed,
+            tasks.lost_with_their_pod,
+            tasks.cut_while_a_pod_died,
+            tasks.failures.len(),
+            self.filter("tasks_pinned"),
+            self.filter("tasks_routed"),
+            self.filter("tasks_unpinned"),
+            self.filter("tasks_lost")
         );
         let _ = writeln!(s, "verdict: {}", if violations.is_empty() { "PASS — nothing lost" } else { "FAIL" });
         let _ = write!(s, "==================================================================");
