@@ -19,7 +19,7 @@ import sys
 import yaml
 
 # Created by `kubectl create secret` (envoy/README.md, Kubernetes), never kept in git.
-EXTERNAL_SECRETS = {"mcp-affinity-replay-tls", "mcp-affinity-replay-tls-envoy"}
+EXTERNAL_SECRETS = {"mcp-affinity-control-token", "mcp-affinity-replay-tls", "mcp-affinity-replay-tls-envoy"}
 SUPPORTED = {"apiVersion", "kind", "namespace", "labels", "resources", "configMapGenerator"}
 
 

@@ -3,8 +3,8 @@
 #   1. envoy/k8s/envoy/envoy.yaml is what scripts/k8s-bootstrap.py generates from the
 #      default bootstrap envoy/envoy-stateful-session.yaml;
 #   2. the kustomization renders (scripts/k8s-render.py; also `kubectl kustomize` when
-#      kubectl is installed) and every object passes `kubernetes-validate --strict` for
-#      each Kubernetes version given;
+#      kubectl is installed) and every object, and envoy/k8s/example-secrets/, passes
+#      `kubernetes-validate --strict` for each Kubernetes version given;
 #   3. the bootstrap in the rendered ConfigMap passes `envoy --mode validate`. Validate mode
 #      opens the files the bootstrap names (and loads the wasm module, which parses its
 #      configuration), so they are provided in a temporary directory: the built filter, and
@@ -24,7 +24,8 @@ tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
   echo "$k8s/envoy/envoy.yaml differs from the default bootstrap's rendering: run scripts/k8s-bootstrap.py > $k8s/envoy/envoy.yaml" >&2; exit 1; }
 
 "$venv/bin/python" scripts/k8s-render.py $k8s > "$tmp/rendered.yaml"
-files=("$tmp/rendered.yaml")
+# Also the example Secrets (not applied by the kustomization; their shape must be valid).
+files=("$tmp/rendered.yaml" $k8s/example-secrets/*.yaml)
 if command -v kubectl >/dev/null; then
   kubectl kustomize $k8s > "$tmp/kustomize.yaml"
   files+=("$tmp/kustomize.yaml")

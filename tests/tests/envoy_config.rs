@@ -1270,7 +1270,7 @@ fn mutated_manifests_are_rejected() {
         ("k8s/control.yaml", "--log-format=json", "--log-fromat=json", "rejects its arguments"),
         ("k8s/control.yaml", "path: /readyz", "path: /ready", "/readyz"),
         ("k8s/control.yaml", "--store=redis://redis.mcp.svc.cluster.local:6379", "--store=redis://cache.mcp.svc.cluster.local:6379", "not a Service port"),
-        ("k8s/control.yaml", "  token: REPLACE", "  tokn: REPLACE", "no key"),
+        ("k8s/example-secrets/control-token.yaml", "  token: REPLACE", "  tokn: REPLACE", "no key"),
         ("k8s/control.yaml", "    targetPort: http\n    appProtocol: http", "    targetPort: api\n    appProtocol: http", "targetPort \"api\""),
         ("k8s/redis.yaml", "runAsNonRoot: true\n        runAsUser: 999", "runAsNonRoot: false\n        runAsUser: 999", "non-root"),
         ("k8s/mcp-server.yaml", "serviceName: mcp-server-headless", "serviceName: mcp-server-pods", "does not exist"),
