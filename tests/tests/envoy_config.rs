@@ -1081,6 +1081,46 @@ fn check_k8s_envoy(objs: &BTreeMap<String, Json>, default_text: &str, k8s_text: 
     Ok(())
 }
 
+/// Disruptions and isolation (k8s/disruption-budgets.yaml, k8s/network-policies.yaml):
+/// every workload with more than one replica has a PodDisruptionBudget; the NetworkPolicy
+/// of control admits its replay listener only from Envoy pods and its API only from Envoy
+/// pods (or a whole namespace, for metrics); the MCP servers admit Envoy and control.
+fn check_isolation(objs: &BTreeMap<String, Json>) -> Check {
+    let pods_of = |kind: &str, o: &Json| -> BTreeMap<String, String> { if kind == "NetworkPolicy" { labels(o, "/spec/podSelector/matchLabels") } else { labels(o, "/spec/selector/matchLabels") } };
+    for (key, w) in objs.iter().filter(|(_, o)| matches!(s(o, "/kind"), "Deployment" | "StatefulSet")) {
+        if w.pointer("/spec/replicas").and_then(Json::as_u64).unwrap_or(1) > 1 {
+            let pod = labels(w, "/spec/template/metadata/labels");
+            ensure!(objs.values().any(|p| s(p, "/kind") == "PodDisruptionBudget" && subset(&pods_of("PodDisruptionBudget", p), &pod)), "{key}: no PodDisruptionBudget selects its pods");
+        }
+    }
+    let name_of = |app: &str| BTreeMap::from([("app.kubernetes.io/name".to_string(), app.to_string())]);
+    let policy = |app: &str| objs.iter().find(|(_, o)| s(o, "/kind") == "NetworkPolicy" && pods_of("NetworkPolicy", o) == name_of(app));
+    // (port, the peers of every rule admitting it): None = from anywhere.
+    let peers = |np: &Json, port: u64| -> Vec<Option<Vec<Json>>> {
+        np.pointer("/spec/ingress").and_then(Json::as_array).into_iter().flatten()
+            .filter(|r| r["ports"].as_array().is_none_or(|ps| ps.is_empty() || ps.iter().any(|p| p["port"].as_u64() == Some(port))))
+            .map(|r| r["from"].as_array().filter(|f| !f.is_empty()).cloned())
+            .collect()
+    };
+    let is_pods = |peer: &Json, app: &str| peer.get("namespaceSelector").is_none() && labels(peer, "/podSelector/matchLabels") == name_of(app);
+    let (ckey, cnp) = policy("mcp-affinity-control").ok_or("no NetworkPolicy selecting the control pods")?;
+    ensure!(cnp["spec"]["policyTypes"].as_array().is_some_and(|t| t.iter().any(|x| x == "Ingress")), "{ckey}: policyTypes must include Ingress");
+    let replay = peers(cnp, 9902);
+    ensure!(!replay.is_empty() && replay.iter().all(|r| r.as_ref().is_some_and(|f| f.iter().all(|p| is_pods(p, "mcp-affinity-envoy")))), "{ckey}: the replay listener (9902) must admit Envoy pods only");
+    let api = peers(cnp, 9901);
+    ensure!(
+        api.iter().any(|r| r.as_ref().is_some_and(|f| f.iter().any(|p| is_pods(p, "mcp-affinity-envoy"))))
+            && api.iter().all(|r| r.as_ref().is_some_and(|f| f.iter().all(|p| is_pods(p, "mcp-affinity-envoy") || (p.get("podSelector").is_none() && p.get("namespaceSelector").is_some())))),
+        "{ckey}: the API (9901) must admit Envoy pods (and at most whole namespaces, for metrics), nothing else"
+    );
+    let (mkey, mnp) = policy("mcp-server").ok_or("no NetworkPolicy selecting the MCP server pods")?;
+    let mcp = peers(mnp, 8080);
+    for app in ["mcp-affinity-envoy", "mcp-affinity-control"] {
+        ensure!(mcp.iter().any(|r| r.as_ref().is_none_or(|f| f.iter().any(|p| is_pods(p, app)))), "{mkey}: the MCP servers must admit {app}");
+    }
+    Ok(())
+}
+
 // ─── images ─────────────────────────────────────────────────────────────────────────
 
 fn check_dockerfiles(control: &str, wasm_image: &str, envoy_image: &str, bootstrap_wasm_file: &str) -> Check {
@@ -1139,6 +1179,25 @@ fn kubernetes_manifests_agree() {
 fn k8s_envoy_bootstrap_and_deployment_agree_with_the_default_bootstrap() {
     let objs = objects(&manifest_texts()).unwrap();
     check_k8s_envoy(&objs, &read("envoy-stateful-session.yaml"), &read("k8s/envoy/envoy.yaml"), &read("k8s/kustomization.yaml")).unwrap();
+}
+
+#[test]
+fn k8s_disruption_budgets_and_network_policies() {
+    check_isolation(&objects(&manifest_texts()).unwrap()).unwrap();
+}
+
+#[test]
+fn mutated_isolation_is_rejected() {
+    let texts = manifest_texts();
+    let with = |file: &str, from: &str, to: &str| -> BTreeMap<String, Json> {
+        let texts: Vec<(String, String)> = texts.iter().map(|(f, t)| (f.clone(), if f == file { mutate(t, from, to) } else { t.clone() })).collect();
+        objects(&texts).unwrap()
+    };
+    let np = "k8s/network-policies.yaml";
+    expect_err(check_isolation(&with("k8s/disruption-budgets.yaml", "  name: mcp-affinity-control\n  namespace: mcp\n  labels:\n    app.kubernetes.io/name: mcp-affinity-control\nspec:\n  minAvailable: 1\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: mcp-affinity-control", "  name: mcp-affinity-control\n  namespace: mcp\n  labels:\n    app.kubernetes.io/name: mcp-affinity-control\nspec:\n  minAvailable: 1\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: control")), "Deployment/mcp/mcp-affinity-control: no PodDisruptionBudget");
+    expect_err(check_isolation(&with(np, "    - port: 9901\n      protocol: TCP\n    - port: 9902\n", "    - port: 9901\n      protocol: TCP\n  - ports:\n    - port: 9902\n")), "replay listener (9902)");
+    expect_err(check_isolation(&with(np, "          kubernetes.io/metadata.name: monitoring\n    ports:\n    - port: 9901", "          kubernetes.io/metadata.name: monitoring\n    ports:\n    - port: 9902")), "replay listener (9902)");
+    expect_err(check_isolation(&with(np, "    - podSelector:\n        matchLabels:\n          app.kubernetes.io/name: mcp-affinity-control\n", "")), "must admit mcp-affinity-control");
 }
 
 #[test]
