@@ -150,7 +150,8 @@ test-alerts:
 # Kubernetes (envoy/k8s, `kubectl apply -k envoy/k8s`): the Envoy bootstrap is generated
 # from the default one and up to date, every rendered object passes `kubernetes-validate
 # --strict` (PyPI, pinned, in $(K8S_VENV)) for $(K8S_VERSIONS), and the ConfigMap's
-# bootstrap passes `envoy --mode validate`. Offline after the pip install.
+# bootstrap passes `envoy --mode validate` (with the built filter and throw-away replay
+# certificates: validate mode opens those files). Offline after the pip/apt installs.
 K8S_VALIDATE_VERSION := 1.37.0
 K8S_VERSIONS         := 1.30.0 1.31.0 1.32.0 1.33.0 1.34.0 1.35.0 1.36.0 1.37.0
 K8S_VENV             := .venv-kubernetes-validate-$(K8S_VALIDATE_VERSION)
@@ -160,6 +161,8 @@ test-k8s: setup-envoy wasm
 	  echo "installing kubernetes-validate $(K8S_VALIDATE_VERSION) (PyPI) into $(K8S_VENV)"; \
 	  python3 -m venv --clear $(K8S_VENV) && \
 	  $(K8S_VENV)/bin/pip install -q --disable-pip-version-check kubernetes-validate==$(K8S_VALIDATE_VERSION); }
+	@command -v openssl >/dev/null || { echo "installing openssl (Debian package; throw-away replay certificates)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 	@scripts/k8s-validate.sh $(K8S_VENV) "$(ENVOY)" $(WASM) $(K8S_VERSIONS)
 
 # Chaos soak (tests/tests/soak/): 50 MCP sessions through two Envoys sharing Redis-backed
