@@ -263,7 +263,7 @@ pub(crate) async fn wait_for_record<S: SessionStore>(state: &AppState<S>, id: &S
 /// Query of `GET`, `PATCH` and `recover`: `?wait_ms=N`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WaitQuery {
+pub(crate) struct WaitQuery {
     wait_ms: Option<u64>,
 }
 
@@ -271,13 +271,13 @@ struct WaitQuery {
 pub const MAX_WAIT_MS: u64 = 5000;
 
 /// How often a waiting `GET`/`PATCH` looks at the store again.
-const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+pub(crate) const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// `?wait_ms=N` of `GET`/`PATCH`: how long a missing record is waited for. A filter that
 /// writes `initialize` records asynchronously asks for it, so a lookup or an update that
 /// overtook the record's write in flight (another proxy, another connection) finds the
 /// record instead of a 404.
-fn wait_of(query: Result<Query<WaitQuery>, QueryRejection>) -> Result<std::time::Duration, ApiError> {
+pub(crate) fn wait_of(query: Result<Query<WaitQuery>, QueryRejection>) -> Result<std::time::Duration, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::invalid_request(e.body_text()))?;
     match q.wait_ms {
         Some(ms) if ms > MAX_WAIT_MS => Err(ApiError::invalid_request(format!("wait_ms must be at most {MAX_WAIT_MS}, got {ms}"))),

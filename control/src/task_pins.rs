@@ -7,12 +7,15 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use mcp_affinity_proto::tasks::{PutTask, TaskRecord, is_valid_task_id};
 
-use crate::api::{AppState, RawBody, parse_json};
+use tokio::time::Instant;
+
+use crate::api::{AppState, RawBody, WAIT_POLL, WaitQuery, parse_json, wait_of};
 use crate::errors::ApiError;
 use crate::store::SessionStore;
 
@@ -55,9 +58,24 @@ pub(crate) async fn put_task<S: SessionStore>(State(state): State<AppState<S>>, 
     Ok(Json(state.timed("put_task", state.store.put_task(&id, &put.upstream, ttl)).await?))
 }
 
-/// `GET /v1/tasks/{id}`: 200 [`TaskRecord`], 404 `task_not_found`, 503.
-pub(crate) async fn get_task<S: SessionStore>(State(state): State<AppState<S>>, ValidTaskId(id): ValidTaskId) -> Result<Json<TaskRecord>, ApiError> {
-    state.timed("get_task", state.store.get_task(&id)).await?.map(Json).ok_or_else(|| task_not_found(&id))
+/// `GET /v1/tasks/{id}[?wait_ms=N]`: 200 [`TaskRecord`], 404 `task_not_found`, 503. With
+/// `wait_ms` a missing pin is looked for again every few milliseconds for up to that long:
+/// the pin of a task created through another Envoy a moment ago may still be on its way.
+pub(crate) async fn get_task<S: SessionStore>(
+    State(state): State<AppState<S>>,
+    ValidTaskId(id): ValidTaskId,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+) -> Result<Json<TaskRecord>, ApiError> {
+    let deadline = Instant::now() + wait_of(query)?;
+    loop {
+        if let Some(record) = state.timed("get_task", state.store.get_task(&id)).await? {
+            return Ok(Json(record));
+        }
+        if Instant::now() >= deadline {
+            return Err(task_not_found(&id));
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
 }
 
 /// `DELETE /v1/tasks/{id}`: 204, 404 `task_not_found`, 503.

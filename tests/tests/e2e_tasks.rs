@@ -114,15 +114,24 @@ async fn tasks_keep_their_pod_across_envoys_and_restarts() {
     let mut d = Deployment::start(Bootstrap::StatefulSession, 3, &["--era", "dual"], "");
     let addrs: Vec<_> = d.pods.iter().map(|p| p.addr).collect();
     let other = Proxy::start(&addrs, d.control.proxy_options(ControlService::filter_config(r#","recovery":{"replay_by":"filter"}"#))).unwrap();
-    let ids = create_tasks(&d.proxy.url(), 30, 300).await;
-    // The pins reach control on the creating Envoy's next tick (every 10 ms while any wait).
-    for id in &ids {
-        d.control.wait_for_task(id).await;
+    // Polled through the other Envoy at once: the pins reach control on the creating
+    // Envoy's next tick (every 10 ms while any wait), and the other Envoy's lookup waits up
+    // to `lookup_wait_ms` for one still on its way.
+    for _ in 0..5 {
+        // One task alone: no later answer's event wakes the creating Envoy's root context.
+        let id = create_tasks(&d.proxy.url(), 1, 300).await.remove(0);
+        let state = era2026_client::get_task(&other.url(), &id).await;
+        assert!(state.is_ok(), "a task polled at once through the other Envoy: {:?}", state.err());
     }
+    let ids = create_tasks(&d.proxy.url(), 30, 300).await;
     let (ran_on, unknown) = poll_all(&other.url(), &ids).await;
     assert_eq!((ran_on.len(), unknown), (ids.len(), 0), "through the other Envoy");
     assert_eq!(other.metric("tasks_pinned").await.unwrap(), 0, "it saw no task created");
-    assert!(other.metric("tasks_routed").await.unwrap() >= ids.len() as i64);
+    assert_eq!(other.metric("tasks_unpinned").await.unwrap(), 0, "control knew every task it was asked about");
+    for id in &ids {
+        assert_eq!(d.control.wait_for_task(id).await["task_id"], id.as_str());
+    }
+    assert!(other.metric("tasks_routed").await.unwrap() >= ids.len() as i64 + 5);
     d.proxy.restart().unwrap();
     let (ran_on, unknown) = poll_all(&d.proxy.url(), &ids).await;
     assert_eq!((ran_on.len(), unknown), (ids.len(), 0), "through the restarted Envoy");

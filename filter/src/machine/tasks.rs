@@ -41,7 +41,10 @@ impl Stream {
                 return Step::go(ops);
             }
             // Another Envoy (or this one before a restart) saw the task created: ask control.
-            ops.push(Op::Call(Call { method: "GET", resource: Resource::Task, id: task_id.clone(), suffix: "", body: None, timeout_ms: None, wait_ms: None }));
+            // `?wait_ms`: the pin of a task created through another Envoy a moment ago may
+            // still be on its way to control.
+            let wait_ms = cx.record_wait();
+            ops.push(Op::Call(Call { method: "GET", resource: Resource::Task, id: task_id.clone(), suffix: "", body: None, timeout_ms: None, wait_ms }));
             self.state = State::TaskLookup { task_id };
             return Step::hold(ops);
         }

@@ -185,18 +185,26 @@ impl HttpContext {
     pub fn on_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let read = || abi::buffer(Buffer::HttpResponseBody, 0, body_size);
         let step = self.event(|m, cx| m.on_response_body(cx, &read, end_of_stream));
-        self.in_callback(step)
+        let action = self.in_callback(step);
+        // A task's pin may wait to be written to control now.
+        self.tick_soon_if_writes_wait();
+        action
     }
 
     /// `proxy_on_response_headers`.
     pub fn on_response_headers(&mut self) -> Action {
         let step = self.event(|m, cx| m.on_response_headers(cx, &ResponseHeaders));
         let action = self.in_callback(step);
-        // A new session's record may wait now (`initialize_write: async`): the root
-        // context ticks faster until it is sent.
+        // A new session's record may wait now (`initialize_write: async`).
+        self.tick_soon_if_writes_wait();
+        action
+    }
+
+    /// The root context ticks every `control.record_flush_ms` while records or task pins
+    /// wait to be written to control ([`machine::tick_change`]).
+    fn tick_soon_if_writes_wait(&self) {
         if let Some(ms) = machine::tick_change(&self.p.config, &mut self.p.vm.borrow_mut()) {
             abi::set_tick_period(std::time::Duration::from_millis(ms));
         }
-        action
     }
 }
