@@ -8,6 +8,7 @@
 //! - [`mcp_client`]: a raw-HTTP MCP client that shows exact statuses and headers.
 //! - [`rmcp_client`]: the real rmcp Streamable HTTP client.
 //! - [`ts_client`]: the official TypeScript MCP SDK client, driven as a Node process.
+//! - [`bench`]: `make bench-envoy`, mcp-affinity on real Envoy side by side (binary `mcp-affinity-envoy-bench`).
 //! - [`fixtures`]: external services started for tests: Envoy proxies and demo pods,
 //!   the control service, a real `redis-server`.
 pub mod envoy;
@@ -17,3 +18,4 @@ pub mod mcp_client;
 pub mod rmcp_client;
 pub mod ts_client;
 pub mod fixtures;
+pub mod bench;
