@@ -118,6 +118,150 @@ pub struct ConfigResult {
     pub rounds: Vec<Sample>,
 }
 
+/// The JSON result document (`bench/results/envoy-<stamp>.json`). Units are in the field
+/// names (`_us`: µs, `_kb`: kB, `req_s`: requests per second); `null` where a value could
+/// not be computed (e.g. a ratio whose unit was not positive). Objects keyed by config
+/// label keep table order.
+#[derive(Serialize)]
+pub struct Json<'a> {
+    pub timestamp: &'a str,
+    pub machine: &'a Machine,
+    pub versions: &'a Versions,
+    pub settings: SettingsJson<'a>,
+    /// The steady phase, by config; added costs over plain.
+    pub steady: Ordered<ConfigResult>,
+    /// (X − plain) / (empty − plain) on µs/req, paired per round.
+    pub overhead_ratio: Pair,
+    /// The same on proxy CPU µs/req.
+    pub overhead_ratio_proxy_cpu: Pair,
+    /// (X − plain) / (empty+pin − plain) on µs/req.
+    pub overhead_ratio_to_empty_pin: Pair,
+    /// (X − plain) / (empty − plain) from the medians.
+    pub overhead_ratio_of_medians: Pair,
+    /// `null` with `BENCH_INSTRUCTIONS=0`.
+    pub instructions: Option<Instructions>,
+    /// With `BENCH_SCALE` only (so are the fields below).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaled: Option<Scaled>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initialize: Option<InitPhase>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sessions_created: Option<Ordered<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryJson>,
+}
+
+/// The settings, and two constants of the method.
+#[derive(Serialize)]
+pub struct SettingsJson<'a> {
+    #[serde(flatten)]
+    pub settings: &'a Settings,
+    pub envoy_concurrency: u32,
+    pub base_sessions: u64,
+}
+
+/// A figure for affinity and for affinity+control.
+#[derive(Serialize)]
+pub struct Pair {
+    pub affinity: Option<f64>,
+    #[serde(rename = "affinity+control")]
+    pub control: Option<f64>,
+}
+
+/// The instruction counts.
+#[derive(Serialize)]
+pub struct Instructions {
+    pub tool: &'static str,
+    pub valgrind: String,
+    pub warmup_requests: u64,
+    pub requests: u64,
+    pub idle_seconds: u64,
+    pub configs: Ordered<InstrRow>,
+    /// Per `initialize`; `null` with `BENCH_INSTR_INIT=0`.
+    pub initialize: Option<InstrInit>,
+}
+
+/// Instructions per steady request of one config; added and ratios against its bootstrap's
+/// plain (and empty, empty+pin).
+#[derive(Serialize)]
+pub struct InstrRow {
+    pub per_request: f64,
+    pub added_per_request: Option<f64>,
+    pub ratio_to_empty: Option<f64>,
+    pub ratio_to_empty_pin: Option<f64>,
+    pub idle_per_second: f64,
+    pub load_seconds: f64,
+}
+
+/// Instructions per `initialize`.
+#[derive(Serialize)]
+pub struct InstrInit {
+    pub baseline: &'static str,
+    pub warmup_requests: u64,
+    pub requests: u64,
+    pub settle_seconds: u64,
+    pub configs: Ordered<InitRow>,
+}
+
+/// One config's instructions per `initialize`, added over plain (2 pods).
+#[derive(Serialize)]
+pub struct InitRow {
+    pub per_initialize: f64,
+    pub added_per_initialize: Option<f64>,
+    pub idle_per_second: f64,
+    pub load_seconds: f64,
+}
+
+/// The same-time A/B of 10 vs 10 + N sessions.
+#[derive(Serialize)]
+pub struct Scaled {
+    pub method: &'static str,
+    pub configs: Ordered<ScaledRow>,
+}
+
+/// One config's two instances and the change from the first to the second.
+#[derive(Serialize)]
+pub struct ScaledRow {
+    pub sessions: u64,
+    pub sessions_2nd: u64,
+    #[serde(flatten)]
+    pub change: Change,
+    #[serde(rename = "1st")]
+    pub first: ConfigResult,
+    #[serde(rename = "2nd")]
+    pub second: ConfigResult,
+}
+
+/// The initialize phase; added costs over plain (2 pods).
+#[derive(Serialize)]
+pub struct InitPhase {
+    pub baseline: &'static str,
+    pub connections: u32,
+    pub rounds: u32,
+    pub seconds: u64,
+    pub added: &'static str,
+    pub configs: Ordered<ConfigResult>,
+}
+
+/// Memory per session: control's (and Redis'), and each populated instance's by label.
+#[derive(Serialize)]
+pub struct MemoryJson {
+    pub control_store: Store,
+    #[serde(flatten)]
+    pub memory: Memory,
+    pub control_bytes_per_session: Option<f64>,
+    #[serde(flatten)]
+    pub instances: Ordered<Rss>,
+}
+
+/// VmRSS of an instance before and after populating it.
+#[derive(Serialize)]
+pub struct Rss {
+    pub rss_kb_before: u64,
+    pub rss_kb_after: u64,
+    pub bytes_per_session: Option<f64>,
+}
+
 /// Everything a run produced.
 pub struct Outcome {
     pub stamp: String,
@@ -198,90 +342,121 @@ impl Outcome {
     }
 
     /// The JSON document.
-    pub fn json(&self) -> serde_json::Value {
-        use serde_json::json;
+    pub fn json(&self) -> Json<'_> {
         let s = &self.settings;
-        let steady = Ordered(STEADY.iter().map(|&c| (c.label().to_string(), self.result("steady", c, Some(Config::Plain)))).collect());
-        let two = |f: &dyn Fn(Config) -> Option<f64>| json!({"affinity": f(Config::Affinity), "affinity+control": f(Config::Control)});
+        let pair = |f: &dyn Fn(Config) -> Option<f64>| Pair { affinity: f(Config::Affinity), control: f(Config::Control) };
+        let steady_added = |c, base| self.added("steady", c, base);
         let instructions = self.counts.as_ref().map(|counts| {
-            let ss = if s.instr_ss { INSTR_SS.to_vec() } else { vec![] };
-            let configs = Ordered(
-                INSTR.iter().chain(&ss).filter_map(|&c| {
+            let ss: &[Config] = if s.instr_ss { &INSTR_SS } else { &[] };
+            let configs = INSTR
+                .iter()
+                .chain(ss)
+                .filter_map(|&c| {
                     let count = counts.steady.get(&c)?;
                     let (plain, empty, pin) = if INSTR_SS.contains(&c) { (Config::PlainSs, Config::EmptySs, None) } else { (Config::Plain, Config::Empty, Some(Config::Pin)) };
                     let added = self.instr_added(c, plain);
-                    Some((c.label().to_string(), json!({
-                        "per_request": count.per_request.round(),
-                        "added_per_request": added,
-                        "ratio_to_empty": (c != plain).then(|| stats::ratio(added, self.instr_added(empty, plain))).flatten(),
-                        "ratio_to_empty_pin": pin.filter(|_| c != plain).and_then(|p| stats::ratio(added, self.instr_added(p, plain))),
-                        "idle_per_second": count.idle_per_second.round(),
-                        "load_seconds": (count.load_seconds * 100.0).round() / 100.0,
-                    })))
-                }).collect(),
-            );
-            let base = counts.initialize.get(&Config::Plain2).map(|c| c.per_request.round());
-            let init = (s.instr_init > 0).then(|| {
-                json!({
-                    "baseline": Config::Plain2.label(), "warmup_requests": INSTR_INIT_WARMUP, "requests": s.instr_init, "settle_seconds": INSTR_INIT_SETTLE,
-                    "configs": Ordered(INSTR_INIT.iter().filter_map(|&c| {
-                        let count = counts.initialize.get(&c)?;
-                        Some((c.label().to_string(), json!({
-                            "per_initialize": count.per_request.round(),
-                            "added_per_initialize": (c != Config::Plain2).then(|| base.map(|b| count.per_request.round() - b)).flatten(),
-                            "idle_per_second": count.idle_per_second.round(),
-                            "load_seconds": (count.load_seconds * 100.0).round() / 100.0,
-                        })))
-                    }).collect()),
+                    let row = InstrRow {
+                        per_request: count.per_request.round(),
+                        added_per_request: added,
+                        ratio_to_empty: (c != plain).then(|| stats::ratio(added, self.instr_added(empty, plain))).flatten(),
+                        ratio_to_empty_pin: pin.filter(|_| c != plain).and_then(|p| stats::ratio(added, self.instr_added(p, plain))),
+                        idle_per_second: count.idle_per_second.round(),
+                        load_seconds: count.load_seconds,
+                    };
+                    Some((c.label().to_string(), row))
                 })
+                .collect();
+            let base = counts.initialize.get(&Config::Plain2).map(|c| c.per_request.round());
+            let initialize = (s.instr_init > 0).then(|| InstrInit {
+                baseline: Config::Plain2.label(),
+                warmup_requests: INSTR_INIT_WARMUP,
+                requests: s.instr_init,
+                settle_seconds: INSTR_INIT_SETTLE,
+                configs: Ordered(
+                    INSTR_INIT
+                        .iter()
+                        .filter_map(|&c| {
+                            let count = counts.initialize.get(&c)?;
+                            let row = InitRow {
+                                per_initialize: count.per_request.round(),
+                                added_per_initialize: (c != Config::Plain2).then(|| base.map(|b| count.per_request.round() - b)).flatten(),
+                                idle_per_second: count.idle_per_second.round(),
+                                load_seconds: count.load_seconds,
+                            };
+                            Some((c.label().to_string(), row))
+                        })
+                        .collect(),
+                ),
             });
-            json!({"tool": "callgrind", "valgrind": self.versions.valgrind, "warmup_requests": INSTR_WARMUP, "requests": s.instr_requests,
-                   "idle_seconds": INSTR_IDLE_SECS, "configs": configs, "initialize": init})
-        });
-        let mut settings = json!(s);
-        settings["envoy_concurrency"] = json!(1);
-        settings["base_sessions"] = json!(BASE_SESSIONS);
-        let mut doc = json!({
-            "timestamp": self.stamp,
-            "machine": self.machine,
-            "versions": self.versions,
-            "settings": settings,
-            "steady": steady,
-            "overhead_ratio": two(&|c| stats::ratio(self.added("steady", c, Config::Plain).us_per_req, self.added("steady", Config::Empty, Config::Plain).us_per_req)),
-            "overhead_ratio_proxy_cpu": two(&|c| stats::ratio(self.added("steady", c, Config::Plain).proxy_cpu_us_per_req, self.added("steady", Config::Empty, Config::Plain).proxy_cpu_us_per_req)),
-            "overhead_ratio_to_empty_pin": two(&|c| stats::ratio(self.added("steady", c, Config::Plain).us_per_req, self.added("steady", Config::Pin, Config::Plain).us_per_req)),
-            "overhead_ratio_of_medians": two(&|c| self.ratio_of_medians(c)),
-            "instructions": instructions,
-        });
-        if s.scale > 0 {
-            let scaled = Ordered(
-                SCALED.iter().map(|&c| {
-                    let change = stats::change(self.phase("scaled", c), self.phase("scaled", c.second()));
-                    (c.label().to_string(), json!({
-                        "sessions": BASE_SESSIONS, "sessions_2nd": BASE_SESSIONS + self.created.get(&c.second()).copied().unwrap_or(0),
-                        "change": change, "1st": self.result("scaled", c, None), "2nd": self.result("scaled", c.second(), None),
-                    }))
-                }).collect(),
-            );
-            doc["scaled"] = json!({"method": "two instances of each config, the 2nd populated; both measured in every round; *_ratio = median over rounds of 2nd / 1st in the same round", "configs": scaled});
-            doc["initialize"] = json!({
-                "baseline": Config::Plain2.label(), "connections": s.init_connections, "rounds": s.init_rounds, "seconds": s.init_seconds,
-                "added": "median over rounds of X − baseline in the same round",
-                "configs": Ordered(INITIALIZE.iter().map(|&c| (c.label().to_string(), self.result("initialize", c, Some(Config::Plain2)))).collect()),
-            });
-            doc["sessions_created"] = json!(SCALED.iter().map(|&c| (c.label(), self.created.get(&c.second()).copied())).collect::<BTreeMap<_, _>>());
-            let mut memory = json!({"control_store": s.control_store, "memory": self.memory});
-            if let Some(m) = &self.memory {
-                memory["control_bytes_per_session"] = json!(per_session(m.control_rss_kb_before, m.control_rss_kb_after, self.created.get(&Config::ControlBig).copied().unwrap_or(0)));
+            Instructions {
+                tool: "callgrind",
+                valgrind: self.versions.valgrind.clone(),
+                warmup_requests: INSTR_WARMUP,
+                requests: s.instr_requests,
+                idle_seconds: INSTR_IDLE_SECS,
+                configs: Ordered(configs),
+                initialize,
             }
-            for c in SCALED {
-                if let Some(&(b, a)) = self.rss.get(&c.second()) {
-                    memory[c.label()] = json!({"rss_kb_before": b, "rss_kb_after": a, "bytes_per_session": per_session(b, a, self.created.get(&c.second()).copied().unwrap_or(0))});
-                }
-            }
-            doc["memory"] = memory;
+        });
+        let created = |c: Config| self.created.get(&c.second()).copied().unwrap_or(0);
+        let scaled = (s.scale > 0).then(|| Scaled {
+            method: "two instances of each config, the 2nd populated; both measured in every round; *_ratio = median over rounds of 2nd / 1st in the same round",
+            configs: Ordered(
+                SCALED
+                    .iter()
+                    .map(|&c| {
+                        let row = ScaledRow {
+                            sessions: BASE_SESSIONS,
+                            sessions_2nd: BASE_SESSIONS + created(c),
+                            change: stats::change(self.phase("scaled", c), self.phase("scaled", c.second())),
+                            first: self.result("scaled", c, None),
+                            second: self.result("scaled", c.second(), None),
+                        };
+                        (c.label().to_string(), row)
+                    })
+                    .collect(),
+            ),
+        });
+        let initialize = (s.scale > 0).then(|| InitPhase {
+            baseline: Config::Plain2.label(),
+            connections: s.init_connections,
+            rounds: s.init_rounds,
+            seconds: s.init_seconds,
+            added: "median over rounds of X − baseline in the same round",
+            configs: Ordered(INITIALIZE.iter().map(|&c| (c.label().to_string(), self.result("initialize", c, Some(Config::Plain2)))).collect()),
+        });
+        let memory = self.memory.as_ref().map(|m| MemoryJson {
+            control_store: s.control_store,
+            memory: m.clone(),
+            control_bytes_per_session: per_session(m.control_rss_kb_before, m.control_rss_kb_after, created(Config::Control)),
+            instances: Ordered(
+                SCALED
+                    .iter()
+                    .filter_map(|&c| {
+                        let &(before, after) = self.rss.get(&c.second())?;
+                        Some((c.label().to_string(), Rss { rss_kb_before: before, rss_kb_after: after, bytes_per_session: per_session(before, after, created(c)) }))
+                    })
+                    .collect(),
+            ),
+        });
+        Json {
+            timestamp: &self.stamp,
+            machine: &self.machine,
+            versions: &self.versions,
+            settings: SettingsJson { settings: s, envoy_concurrency: 1, base_sessions: BASE_SESSIONS },
+            steady: Ordered(STEADY.iter().map(|&c| (c.label().to_string(), self.result("steady", c, Some(Config::Plain)))).collect()),
+            overhead_ratio: pair(&|c| stats::ratio(steady_added(c, Config::Plain).us_per_req, steady_added(Config::Empty, Config::Plain).us_per_req)),
+            overhead_ratio_proxy_cpu: pair(&|c| {
+                stats::ratio(steady_added(c, Config::Plain).proxy_cpu_us_per_req, steady_added(Config::Empty, Config::Plain).proxy_cpu_us_per_req)
+            }),
+            overhead_ratio_to_empty_pin: pair(&|c| stats::ratio(steady_added(c, Config::Plain).us_per_req, steady_added(Config::Pin, Config::Plain).us_per_req)),
+            overhead_ratio_of_medians: pair(&|c| self.ratio_of_medians(c)),
+            instructions,
+            scaled,
+            initialize,
+            sessions_created: (s.scale > 0).then(|| Ordered(SCALED.iter().map(|&c| (c.label().to_string(), created(c))).collect())),
+            memory,
         }
-        doc
     }
 
     /// The tables, as printed at the end of a run.
