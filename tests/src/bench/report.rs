@@ -313,8 +313,8 @@ impl Outcome {
             added_us_per_req: added.us_per_req,
             added_proxy_cpu_us_per_req: added.proxy_cpu_us_per_req,
             added_p50_us: added.p50_us,
-            ratio_to_empty: stats::ratio(added.us_per_req, empty.us_per_req),
-            ratio_to_empty_proxy_cpu: stats::ratio(added.proxy_cpu_us_per_req, empty.proxy_cpu_us_per_req),
+            ratio_to_empty: stats::ratio(added.us_per_req, empty.us_per_req).filter(|_| base != Some(cfg)),
+            ratio_to_empty_proxy_cpu: stats::ratio(added.proxy_cpu_us_per_req, empty.proxy_cpu_us_per_req).filter(|_| base != Some(cfg)),
             pods: cfg.pods(self.settings.baseline_pods),
             rounds: x.to_vec(),
         }
@@ -622,6 +622,67 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::instructions::Count;
+
+    fn outcome(scale: u64) -> Outcome {
+        let settings = Settings { scale, ..Settings::from(&|_: &str| None).unwrap() };
+        let sample = |round, us: f64, cpu: f64| Sample { round, req_s: 1e6 / us, p50_us: us * 16.0, p99_us: us * 40.0, proxy_cpu_us_per_req: Some(cpu), errors: 0 };
+        let mut samples = Samples::new();
+        // plain 60 µs/req, empty +10, affinity +12, control +15 (CPU likewise, minus 5).
+        for (c, add) in [(Config::Plain, 0.0), (Config::Empty, 10.0), (Config::Pin, 14.0), (Config::Affinity, 12.0), (Config::Control, 15.0), (Config::Haproxy, -30.0), (Config::Direct, -40.0)] {
+            let v = (1..=3).map(|r| sample(r, 60.0 + add + r as f64, 55.0 + add)).collect();
+            samples.entry("steady").or_default().insert(c, v);
+        }
+        let count = |per_request| Count { per_request, idle_per_second: 1e6, load_seconds: 2.0 };
+        let mut counts = Counts::default();
+        for (c, n) in [(Config::Plain, 200_000.0), (Config::Empty, 235_000.0), (Config::Pin, 250_000.0), (Config::Affinity, 245_000.0), (Config::Control, 250_000.0)] {
+            counts.steady.insert(c, count(n));
+        }
+        counts.initialize.insert(Config::Plain2, count(180_000.0));
+        counts.initialize.insert(Config::Affinity, count(270_000.4));
+        Outcome {
+            stamp: "20261206T000000Z".into(),
+            settings,
+            machine: Machine::start(),
+            versions: Versions::default(),
+            samples,
+            counts: Some(counts),
+            created: BTreeMap::new(),
+            rss: BTreeMap::new(),
+            memory: None,
+        }
+    }
+
+    #[test]
+    fn json_shape_and_values() {
+        let o = outcome(0);
+        let text = serde_json::to_string(&o.json()).unwrap();
+        let j: serde_json::Value = serde_json::from_str(&text).unwrap();
+        // Config order as in the tables (serde_json's own maps would sort the keys).
+        let at = |k: &str| text.find(&format!("\"{k}\":{{")).unwrap();
+        assert!(at("plain") < at("empty") && at("empty") < at("empty+pin") && at("affinity") < at("haproxy"));
+        let a = &j["steady"]["affinity"];
+        assert_eq!(a["rounds"].as_array().unwrap().len(), 3, "the per-round list, not a count");
+        assert!((a["added_us_per_req"].as_f64().unwrap() - 12.0).abs() < 1e-9);
+        assert!((a["ratio_to_empty"].as_f64().unwrap() - 1.2).abs() < 1e-9);
+        assert!((j["overhead_ratio"]["affinity+control"].as_f64().unwrap() - 1.5).abs() < 1e-9);
+        assert!((j["overhead_ratio_proxy_cpu"]["affinity"].as_f64().unwrap() - 1.2).abs() < 1e-9);
+        assert_eq!(j["steady"]["plain"]["ratio_to_empty"], serde_json::Value::Null);
+        assert_eq!(j["steady"]["direct"]["pods"], 1);
+        let i = &j["instructions"]["configs"];
+        assert_eq!(i["affinity"]["added_per_request"], 45_000.0);
+        assert!((i["affinity"]["ratio_to_empty"].as_f64().unwrap() - 45.0 / 35.0).abs() < 1e-9);
+        assert_eq!(i["affinity"]["ratio_to_empty_pin"], 0.9);
+        assert_eq!(i["plain"]["ratio_to_empty"], serde_json::Value::Null);
+        assert!(i.get("affinity+control, no matcher").is_none(), "only what was counted");
+        assert_eq!(j["instructions"]["initialize"]["configs"]["affinity"]["added_per_initialize"], 90_000.0);
+        assert_eq!(j["settings"]["base_sessions"], BASE_SESSIONS);
+        assert!(j.get("scaled").is_none() && j.get("memory").is_none());
+        let tables = o.tables();
+        assert!(tables.contains("| affinity | 245000 | +45000 | 1.29 | 0.90 |"), "{tables}");
+        assert!(tables.contains("| affinity | 270000 | +90000 |"), "{tables}");
+        assert!(tables.contains("| affinity | +12.00 | 1.20 | +12.00 | 1.20 |"), "{tables}");
+    }
 
     #[test]
     fn ordered_keeps_order_and_formatting() {

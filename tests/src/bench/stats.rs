@@ -54,7 +54,8 @@ pub struct Summary {
     pub proxy_cpu_us_per_req: Option<f64>,
     /// Errors summed over the rounds.
     pub errors: u64,
-    /// Rounds summarized.
+    /// Rounds summarized (not in the JSON, which lists the rounds themselves).
+    #[serde(skip)]
     pub rounds: usize,
 }
 
