@@ -61,7 +61,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 pub fn profile_bin(profile: &str, name: &str) -> Result<PathBuf> {
     let path = crate::envoy::workspace_root().join("target").join(profile).join(name);
     if !path.exists() {
-        bail!("{} not found: build it (`cargo build --{profile} --bin {name}`, or the make target that uses it)", path.display());
+        let flag = if profile == "debug" { String::new() } else { format!("--profile {profile} ") };
+        bail!("{} not found: build it (`cargo build {flag}--bin {name}`, or the make target that uses it)", path.display());
     }
     Ok(path)
 }

@@ -2,10 +2,10 @@
 //! what wrk cannot do — for the instruction counts, and the single requests that open and
 //! check sessions. Blocking (std `TcpStream`): run it on a blocking thread from async code.
 //!
-//! The requests are byte for byte those `bench/sequential.py` (which this replaces) sent
-//! through Python's `http.client`: `Host`, `Accept-Encoding: identity`, `Content-Length`,
-//! `Content-Type`, `Accept`, then for a session `MCP-Protocol-Version` and `Mcp-Session-Id`,
-//! so that the instructions Envoy spends parsing them are the same as before.
+//! The requests are byte for byte those of the Python client (`http.client`) the published
+//! instruction counts were first measured with: `Host`, `Accept-Encoding: identity`,
+//! `Content-Length`, `Content-Type`, `Accept`, then for a session `MCP-Protocol-Version` and
+//! `Mcp-Session-Id`, so that the instructions Envoy spends parsing them compare.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
