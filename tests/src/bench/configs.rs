@@ -32,13 +32,17 @@ pub enum Config {
     Plain2,
     /// Second instances, populated with `BENCH_SCALE` sessions.
     AffinityBig,
+    /// Second instance of affinity+control (the same control process).
     ControlBig,
+    /// Second instance of haproxy.
     HaproxyBig,
     /// Instruction counts only: affinity+control without its response matcher.
     ControlPlain,
     /// Instruction counts only, on `envoy/envoy-stateful-session.yaml`.
     PlainSs,
+    /// The empty filter on the stateful-session bootstrap.
     EmptySs,
+    /// mcp-affinity without control on the stateful-session bootstrap (`pin_encoding: base64`).
     AffinitySs,
     /// affinity+control replaying through Envoy's retry (`replay_by: envoy_retry`).
     RetrySs,
@@ -139,9 +143,11 @@ pub struct Wiring {
     pub pods: [SocketAddr; 2],
     /// Control's API and its replay listener (plain HTTP).
     pub control: SocketAddr,
+    /// Control's replay listener (plain HTTP), priority 1 of `mcp_service` on the stateful-session bootstrap.
     pub replay: SocketAddr,
     /// mcp-affinity's module and the empty filter's.
     pub wasm: PathBuf,
+    /// The empty filter's module.
     pub empty_wasm: PathBuf,
     /// Pods behind plain and empty (1 or 2).
     pub baseline_pods: usize,

@@ -22,6 +22,7 @@ use crate::process::{Child, free_addr, profile_bin};
 /// One measured instance: where to send requests, and the process whose CPU and memory
 /// count (none for direct).
 pub struct Instance {
+    /// `http://ADDR/mcp`.
     pub url: String,
     /// The proxy's pid.
     pub pid: Option<u32>,
@@ -33,10 +34,15 @@ pub struct Instance {
 
 /// The pods, control, Redis and every proxy of the timed phases.
 pub struct Fleet {
+    /// What the Envoys are wired to.
     pub wiring: Wiring,
+    /// The two canned pods (release), pod 1 and pod 2.
     pub pods: Vec<Child>,
+    /// Control (release build).
     pub control: ControlService,
+    /// Control's `redis-server` (`BENCH_CONTROL_STORE=redis`).
     pub redis: Option<RedisServer>,
+    /// Every instance of the timed phases, direct included.
     pub instances: BTreeMap<Config, Instance>,
 }
 

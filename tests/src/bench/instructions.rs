@@ -32,7 +32,9 @@ pub struct Count {
 /// Counts of every config: steady requests, and initializes.
 #[derive(Default)]
 pub struct Counts {
+    /// Per steady request, by config.
     pub steady: BTreeMap<Config, Count>,
+    /// Per initialize, by config.
     pub initialize: BTreeMap<Config, Count>,
 }
 

@@ -32,11 +32,17 @@ impl Script {
 /// line every script prints (`bench/lua/report.lua`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WrkResult {
+    /// Requests answered (counted).
     pub requests: u64,
+    /// wrk's measuring time, µs.
     pub duration_us: u64,
+    /// p50 latency, µs.
     pub p50_us: u64,
+    /// p99 latency, µs.
     pub p99_us: u64,
+    /// Non-2xx answers.
     pub status_errors: u64,
+    /// Connect, read, write and timeout errors.
     pub socket_errors: u64,
 }
 

@@ -15,6 +15,8 @@
 //! - [`stats`]: medians and paired comparisons.
 //! - [`report`]: the JSON result and the printed tables.
 
+#![warn(missing_docs)]
+
 pub mod callgrind;
 pub mod configs;
 pub mod fleet;

@@ -25,11 +25,17 @@ impl<T: Serialize> Serialize for Ordered<T> {
 /// The machine and what ran on it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Machine {
+    /// CPUs available.
     pub nproc: usize,
+    /// `model name` of /proc/cpuinfo.
     pub cpu: String,
+    /// /proc/loadavg (1, 5, 15 min) at the start.
     pub load_average_start: String,
+    /// /proc/loadavg at the end.
     pub load_average_end: String,
+    /// `rustc` processes running at the start (other builds).
     pub rustc_processes_start: usize,
+    /// `rustc` processes running at the end.
     pub rustc_processes_end: usize,
 }
 
@@ -85,8 +91,11 @@ impl Machine {
 /// Versions of the tools.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Versions {
+    /// Envoy release, e.g. `1.40.0`.
     pub envoy: String,
+    /// `haproxy -v` version.
     pub haproxy: String,
+    /// `wrk -v` version.
     pub wrk: String,
     /// Empty without the instruction phase.
     pub valgrind: String,
@@ -104,17 +113,24 @@ impl Versions {
 /// One config's results in a phase.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConfigResult {
+    /// Medians over rounds (flattened into this object).
     #[serde(flatten)]
     pub summary: Summary,
+    /// 1e6 / median req/s, µs.
     pub us_per_req: Option<f64>,
     /// Medians over rounds of X − the phase's baseline in the same round.
     pub added_us_per_req: Option<f64>,
+    /// The same on proxy CPU µs/req.
     pub added_proxy_cpu_us_per_req: Option<f64>,
+    /// The same on p50, µs.
     pub added_p50_us: Option<f64>,
     /// Added cost in units of empty's (steady phase).
     pub ratio_to_empty: Option<f64>,
+    /// The same on proxy CPU.
     pub ratio_to_empty_proxy_cpu: Option<f64>,
+    /// Pods behind the config.
     pub pods: usize,
+    /// Every round of the config.
     pub rounds: Vec<Sample>,
 }
 
@@ -124,9 +140,13 @@ pub struct ConfigResult {
 /// label keep table order.
 #[derive(Serialize)]
 pub struct Json<'a> {
+    /// UTC start of the run, `YYYYMMDDTHHMMSSZ`.
     pub timestamp: &'a str,
+    /// The machine.
     pub machine: &'a Machine,
+    /// Tool versions.
     pub versions: &'a Versions,
+    /// The settings of the run.
     pub settings: SettingsJson<'a>,
     /// The steady phase, by config; added costs over plain.
     pub steady: Ordered<ConfigResult>,
@@ -143,10 +163,13 @@ pub struct Json<'a> {
     /// With `BENCH_SCALE` only (so are the fields below).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scaled: Option<Scaled>,
+    /// The initialize phase.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initialize: Option<InitPhase>,
+    /// Sessions created in each second instance.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sessions_created: Option<Ordered<u64>>,
+    /// Memory per session.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryJson>,
 }
@@ -154,16 +177,21 @@ pub struct Json<'a> {
 /// The settings, and two constants of the method.
 #[derive(Serialize)]
 pub struct SettingsJson<'a> {
+    /// The settings of the run.
     #[serde(flatten)]
     pub settings: &'a Settings,
+    /// Envoy's `--concurrency` (1).
     pub envoy_concurrency: u32,
+    /// Sessions each proxy holds before the steady phase.
     pub base_sessions: u64,
 }
 
 /// A figure for affinity and for affinity+control.
 #[derive(Serialize)]
 pub struct Pair {
+    /// affinity.
     pub affinity: Option<f64>,
+    /// affinity+control.
     #[serde(rename = "affinity+control")]
     pub control: Option<f64>,
 }
@@ -171,11 +199,17 @@ pub struct Pair {
 /// The instruction counts.
 #[derive(Serialize)]
 pub struct Instructions {
+    /// `callgrind`.
     pub tool: &'static str,
+    /// valgrind version.
     pub valgrind: String,
+    /// Requests before the counted ones.
     pub warmup_requests: u64,
+    /// Requests counted.
     pub requests: u64,
+    /// Length of the idle window, s.
     pub idle_seconds: u64,
+    /// By config label, in table order.
     pub configs: Ordered<InstrRow>,
     /// Per `initialize`; `null` with `BENCH_INSTR_INIT=0`.
     pub initialize: Option<InstrInit>,
@@ -185,49 +219,71 @@ pub struct Instructions {
 /// plain (and empty, empty+pin).
 #[derive(Serialize)]
 pub struct InstrRow {
+    /// Instructions per request, idle subtracted.
     pub per_request: f64,
+    /// Minus the same bootstrap's plain.
     pub added_per_request: Option<f64>,
+    /// Added cost in units of empty's (`null` for the baseline itself).
     pub ratio_to_empty: Option<f64>,
+    /// Added cost in units of empty+pin's (envoy.yaml only).
     pub ratio_to_empty_pin: Option<f64>,
+    /// Envoy's idle instructions per second, subtracted.
     pub idle_per_second: f64,
+    /// Seconds the counted requests took (with the settle time for initializes).
     pub load_seconds: f64,
 }
 
 /// Instructions per `initialize`.
 #[derive(Serialize)]
 pub struct InstrInit {
+    /// Label of the baseline config.
     pub baseline: &'static str,
+    /// Requests before the counted ones.
     pub warmup_requests: u64,
+    /// Requests counted.
     pub requests: u64,
+    /// Seconds after the counted initializes, inside the window.
     pub settle_seconds: u64,
+    /// By config label, in table order.
     pub configs: Ordered<InitRow>,
 }
 
 /// One config's instructions per `initialize`, added over plain (2 pods).
 #[derive(Serialize)]
 pub struct InitRow {
+    /// Instructions per initialize, idle subtracted.
     pub per_initialize: f64,
+    /// Minus plain (2 pods).
     pub added_per_initialize: Option<f64>,
+    /// Envoy's idle instructions per second, subtracted.
     pub idle_per_second: f64,
+    /// Seconds the counted requests took (with the settle time for initializes).
     pub load_seconds: f64,
 }
 
 /// The same-time A/B of 10 vs 10 + N sessions.
 #[derive(Serialize)]
 pub struct Scaled {
+    /// How the change is computed.
     pub method: &'static str,
+    /// By config label, in table order.
     pub configs: Ordered<ScaledRow>,
 }
 
 /// One config's two instances and the change from the first to the second.
 #[derive(Serialize)]
 pub struct ScaledRow {
+    /// Sessions of the 1st instance.
     pub sessions: u64,
+    /// Sessions of the 2nd instance.
     pub sessions_2nd: u64,
+    /// 2nd / 1st, medians over rounds of same-round ratios (flattened).
     #[serde(flatten)]
     pub change: Change,
+    /// The 1st instance.
     #[serde(rename = "1st")]
     pub first: ConfigResult,
+    /// The 2nd instance, populated.
     #[serde(rename = "2nd")]
     pub second: ConfigResult,
 }
@@ -235,21 +291,31 @@ pub struct ScaledRow {
 /// The initialize phase; added costs over plain (2 pods).
 #[derive(Serialize)]
 pub struct InitPhase {
+    /// Label of the baseline config.
     pub baseline: &'static str,
+    /// wrk connections.
     pub connections: u32,
+    /// Every round of the config.
     pub rounds: u32,
+    /// Seconds per config per round.
     pub seconds: u64,
+    /// How added costs are computed.
     pub added: &'static str,
+    /// By config label, in table order.
     pub configs: Ordered<ConfigResult>,
 }
 
 /// Memory per session: control's (and Redis'), and each populated instance's by label.
 #[derive(Serialize)]
 pub struct MemoryJson {
+    /// Control's store.
     pub control_store: Store,
+    /// Memory per session.
     #[serde(flatten)]
     pub memory: Memory,
+    /// Growth of control's RSS per session created, bytes.
     pub control_bytes_per_session: Option<f64>,
+    /// Each populated instance by label (flattened).
     #[serde(flatten)]
     pub instances: Ordered<Rss>,
 }
@@ -257,21 +323,33 @@ pub struct MemoryJson {
 /// VmRSS of an instance before and after populating it.
 #[derive(Serialize)]
 pub struct Rss {
+    /// VmRSS before populating, kB.
     pub rss_kb_before: u64,
+    /// VmRSS after populating, kB.
     pub rss_kb_after: u64,
+    /// (after − before) × 1024 / sessions created.
     pub bytes_per_session: Option<f64>,
 }
 
 /// Everything a run produced.
 pub struct Outcome {
+    /// UTC start of the run, `YYYYMMDDTHHMMSSZ`.
     pub stamp: String,
+    /// The settings of the run.
     pub settings: Settings,
+    /// The machine.
     pub machine: Machine,
+    /// Tool versions.
     pub versions: Versions,
+    /// Every sample, by phase and config.
     pub samples: Samples,
+    /// Instruction counts (`None` with `BENCH_INSTRUCTIONS=0`).
     pub counts: Option<Counts>,
+    /// Sessions created in each second instance.
     pub created: BTreeMap<Config, u64>,
+    /// VmRSS (kB) of each second instance before and after populating.
     pub rss: BTreeMap<Config, (u64, u64)>,
+    /// Memory per session.
     pub memory: Option<Memory>,
 }
 

@@ -24,7 +24,9 @@ pub fn log(msg: impl std::fmt::Display) {
 /// A session opened through a config: its id and the pod that issued it.
 #[derive(Clone, Debug)]
 pub struct Session {
+    /// `Mcp-Session-Id`.
     pub id: String,
+    /// `x-pod` of the answer to `initialize`.
     pub pod: String,
 }
 
@@ -59,30 +61,42 @@ pub type Samples = BTreeMap<&'static str, BTreeMap<Config, Vec<Sample>>>;
 
 /// The timed part of a run.
 pub struct Timed<'a> {
+    /// The settings.
     pub s: &'a Settings,
+    /// The processes measured.
     pub fleet: &'a Fleet,
+    /// Where raw wrk output goes.
     pub run_dir: &'a Path,
     /// The measured session of each config.
     pub sessions: BTreeMap<Config, Session>,
+    /// Every sample, by phase and config.
     pub samples: Samples,
     /// Sessions created in each second instance while populating.
     pub created: BTreeMap<Config, u64>,
     /// Memory before/after populating, kB (`rss_before`, `rss_after` by config; control).
     pub rss: BTreeMap<Config, (u64, u64)>,
+    /// Control's memory around populating.
     pub memory: Option<Memory>,
 }
 
 /// Control's memory (and Redis') before and after the sessions were created.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Memory {
+    /// Control's VmRSS before populating, kB.
     pub control_rss_kb_before: u64,
+    /// Control's VmRSS after, kB.
     pub control_rss_kb_after: u64,
     /// Records control holds afterwards (store_records, or Redis' DBSIZE).
     pub control_records: u64,
+    /// Fewer records than sessions created through affinity+control (2nd).
     pub control_records_lost: bool,
+    /// Redis' `used_memory` before, bytes (Redis store only).
     pub redis_used_memory_before: Option<u64>,
+    /// Redis' `used_memory` after, bytes.
     pub redis_used_memory_after: Option<u64>,
+    /// Redis' `DBSIZE` after.
     pub redis_keys: Option<u64>,
+    /// `MEMORY USAGE` of one session key, bytes.
     pub redis_memory_usage_one_key: Option<u64>,
 }
 

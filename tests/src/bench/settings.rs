@@ -25,6 +25,7 @@ pub const BASE_SESSIONS: u64 = 10;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Store {
+    /// Control's in-process store.
     Memory,
     /// Its own `redis-server` on a free port.
     Redis,
@@ -40,23 +41,39 @@ pub enum Store {
 /// initialize count), `BENCH_INSTR_SS` (1: the stateful-session bootstrap's counts).
 #[derive(Clone, Debug, Serialize)]
 pub struct Settings {
+    /// Seconds per config per round.
     pub seconds: u64,
+    /// Rounds of the steady phase.
     pub rounds: u32,
+    /// wrk connections of the steady phase.
     pub connections: u32,
+    /// Warm-up per config, s.
     pub warmup_seconds: u64,
+    /// Sessions added to each second instance (0: no scale phases).
     pub scale: u64,
+    /// wrk connections of the initialize phase.
     pub init_connections: u32,
+    /// Rounds of the initialize phase.
     pub init_rounds: u32,
+    /// Seconds per config per round of the initialize phase.
     pub init_seconds: u64,
+    /// Control's store.
     pub control_store: Store,
+    /// Pods behind plain and empty (1 or 2).
     pub baseline_pods: usize,
+    /// Directory of the JSON results.
     #[serde(skip)]
     pub results: PathBuf,
+    /// Keep the run directory.
     #[serde(skip)]
     pub keep: bool,
+    /// Run the instruction phase.
     pub instructions: bool,
+    /// Steady requests counted under callgrind.
     pub instr_requests: u64,
+    /// Initializes counted under callgrind (0: none).
     pub instr_init: u64,
+    /// Count the stateful-session bootstrap's configs too.
     pub instr_ss: bool,
 }
 

@@ -11,8 +11,9 @@ pub struct Sample {
     pub round: u32,
     /// Requests per second (requests / wrk's duration).
     pub req_s: f64,
-    /// wrk's latency percentiles, µs.
+    /// wrk's p50 latency, µs.
     pub p50_us: f64,
+    /// wrk's p99 latency, µs.
     pub p99_us: f64,
     /// CPU time of the proxy process (every thread) during the run divided by the requests,
     /// µs; `None` for `direct` (no proxy) or a run without requests.
@@ -44,11 +45,15 @@ pub fn median(values: &[f64]) -> Option<f64> {
 /// A config's medians over the rounds of a phase.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Summary {
+    /// Median requests per second.
     pub req_s: Option<f64>,
-    /// Lowest and highest req/s over the rounds.
+    /// Lowest req/s over the rounds.
     pub req_s_min: Option<f64>,
+    /// Highest req/s over the rounds.
     pub req_s_max: Option<f64>,
+    /// Median p50, µs.
     pub p50_us: Option<f64>,
+    /// Median p99, µs.
     pub p99_us: Option<f64>,
     /// Median over the rounds that have a CPU figure.
     pub proxy_cpu_us_per_req: Option<f64>,
@@ -115,9 +120,13 @@ pub fn added(x: &[Sample], base: &[Sample]) -> Added {
 /// second / first measured in the same round.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Change {
+    /// p50 of 2nd / 1st.
     pub p50_ratio: Option<f64>,
+    /// p99 of 2nd / 1st.
     pub p99_ratio: Option<f64>,
+    /// Proxy CPU µs/req of 2nd / 1st.
     pub proxy_cpu_ratio: Option<f64>,
+    /// req/s of 2nd / 1st.
     pub req_s_ratio: Option<f64>,
     /// Rounds in which both were measured.
     pub rounds_paired: usize,
