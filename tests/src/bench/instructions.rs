@@ -43,9 +43,23 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f).await.context("blocking task")?
 }
 
+/// What every count of a run shares.
+pub struct Phase<'a> {
+    /// The settings.
+    pub s: &'a Settings,
+    /// What the Envoys are wired to (pods, control, modules).
+    pub w: &'a Wiring,
+    /// The Envoy ELF run under valgrind.
+    pub elf: &'a Path,
+    /// Where the callgrind dumps go.
+    pub run_dir: &'a Path,
+}
+
 /// Counts `cfg`: `steady` requests (after [`INSTR_WARMUP`]) and/or, with `init`,
-/// `initialize` (after [`INSTR_INIT_WARMUP`]), under callgrind of `elf`; dumps in `run_dir`.
-pub async fn count(s: &Settings, w: &Wiring, elf: &Path, run_dir: &Path, cfg: Config, steady: bool, init: bool, into: &mut Counts) -> Result<()> {
+/// `initialize` (after [`INSTR_INIT_WARMUP`]), into `into`. Errors when Envoy does not
+/// start under callgrind, a request fails or is routed wrong, or a dump is missing.
+pub async fn count(p: &Phase<'_>, cfg: Config, steady: bool, init: bool, into: &mut Counts) -> Result<()> {
+    let Phase { s, w, elf, run_dir } = *p;
     let (bootstrap, render) = configs::render(cfg, w, true).context("not an Envoy config")?;
     let prefix = run_dir.join(format!("cg-{cfg:?}"));
     let options = ProxyOptions { command: Some(callgrind::command(elf, &prefix)), ready_timeout: Some(Duration::from_secs(240)), ..envoy_options() };
@@ -118,18 +132,19 @@ pub async fn count(s: &Settings, w: &Wiring, elf: &Path, run_dir: &Path, cfg: Co
 /// `envoy/envoy.yaml`'s, then plain over two pods for the initialize count's baseline (the
 /// plain Envoy itself when `BENCH_BASELINE_PODS=2`).
 pub async fn run(s: &Settings, w: &Wiring, elf: &Path, run_dir: &Path) -> Result<Counts> {
+    let phase = Phase { s, w, elf, run_dir };
     let mut counts = Counts::default();
     let want_init = |cfg: Config| s.instr_init > 0 && (configs::INSTR_INIT.contains(&cfg) || (cfg == Config::Plain && s.baseline_pods == 2));
     let ss: &[Config] = if s.instr_ss { &configs::INSTR_SS } else { &[] };
     for &cfg in ss.iter().chain(&configs::INSTR) {
-        count(s, w, elf, run_dir, cfg, true, want_init(cfg), &mut counts).await?;
+        count(&phase, cfg, true, want_init(cfg), &mut counts).await?;
     }
     if s.instr_init > 0 {
         if s.baseline_pods == 2 {
             let plain = counts.initialize[&Config::Plain];
             counts.initialize.insert(Config::Plain2, plain);
         } else {
-            count(s, w, elf, run_dir, Config::Plain2, false, true, &mut counts).await?;
+            count(&phase, Config::Plain2, false, true, &mut counts).await?;
         }
     }
     Ok(counts)
