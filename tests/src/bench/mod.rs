@@ -95,7 +95,7 @@ pub async fn run(s: Settings, run_dir: &Path) -> Result<PathBuf> {
     log(format!("machine: {} cores, {}; Envoy {}, HAProxy {}, wrk {}", machine.nproc, machine.cpu, versions.envoy, versions.haproxy, versions.wrk));
     log(format!("load average at start: {}; rustc processes running: {}", machine.load_average_start, machine.rustc_processes_start));
     log(format!(
-        "settings: {}s x {} rounds x {} configs, {} connections, warm-up {}s; scale {}; control store {:?}; pods behind plain/empty {}; run dir {}",
+        "settings: {}s x {} rounds x {} configs, {} connections, warm-up {}s; scale {}; control store {}; pods behind plain/empty {}; run dir {}",
         s.seconds,
         s.rounds,
         STEADY.len(),

@@ -679,8 +679,7 @@ impl Outcome {
         if let Some(m) = &self.memory {
             let n = self.created.get(&Config::ControlBig).copied().unwrap_or(0);
             let records = if s.control_store == Store::Redis { format!("{} in Redis", m.redis_keys.unwrap_or(0)) } else { m.control_records.to_string() };
-            let store = if s.control_store == Store::Redis { "redis" } else { "memory" };
-            let _ = writeln!(w, "  control ({store} store): {} kB → {} kB for {n} sessions (records: {records}): {} bytes/session", m.control_rss_kb_before, m.control_rss_kb_after, f(per_session(m.control_rss_kb_before, m.control_rss_kb_after, n), 0));
+            let _ = writeln!(w, "  control ({} store): {} kB → {} kB for {n} sessions (records: {records}): {} bytes/session", s.control_store, m.control_rss_kb_before, m.control_rss_kb_after, f(per_session(m.control_rss_kb_before, m.control_rss_kb_after, n), 0));
             for c in SCALED.map(Config::second) {
                 if let Some(&(b, a)) = self.rss.get(&c) {
                     let n = self.created.get(&c).copied().unwrap_or(0);

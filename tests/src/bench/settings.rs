@@ -31,6 +31,15 @@ pub enum Store {
     Redis,
 }
 
+impl std::fmt::Display for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Store::Memory => "memory",
+            Store::Redis => "redis",
+        })
+    }
+}
+
 /// Every knob of a run. Environment variables (defaults in parentheses):
 /// `BENCH_SECONDS` (5) per config per round, `BENCH_ROUNDS` (5), `BENCH_CONNECTIONS` (16),
 /// `BENCH_WARMUP` (1) s per config, `BENCH_SCALE` (0), `BENCH_INIT_CONNECTIONS` (1),
