@@ -13,7 +13,7 @@
 //! - [`run`]: sessions and the timed phases.
 //! - [`callgrind`], [`instructions`]: the instruction counts.
 //! - [`stats`]: medians and paired comparisons.
-//! - [`report`]: the JSON result and the printed tables.
+//! - [`report`], [`json`], [`tables`]: the results, the JSON written, the tables printed.
 
 #![warn(missing_docs)]
 
@@ -21,12 +21,14 @@ pub mod callgrind;
 pub mod configs;
 pub mod fleet;
 pub mod instructions;
+pub mod json;
 pub mod load;
 pub mod report;
 pub mod run;
 pub mod sequential;
 pub mod settings;
 pub mod stats;
+pub mod tables;
 
 use std::path::{Path, PathBuf};
 
