@@ -222,9 +222,9 @@ bench-envoy: setup-envoy wasm $(if $(filter redis,$(BENCH_CONTROL_STORE)),setup-
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_TOOLS) >/dev/null; }
 	$(CARGO) build -p mcp-affinity-empty-filter --target $(WASM_TARGET) --profile wasm
 	$(CARGO) build --release -p mcp-affinity-bench-pod -p mcp-affinity-control --bins
-	$(CARGO) build -p mcp-affinity-harness --bin mcp-affinity-envoy-config
+	$(CARGO) build -p mcp-affinity-harness --bin mcp-affinity-envoy-bench
 	BENCH_SECONDS=$(BENCH_SECONDS) BENCH_ROUNDS=$(BENCH_ROUNDS) BENCH_SCALE=$(or $(SCALE),$(BENCH_SCALE)) \
-	  BENCH_INSTRUCTIONS=$(BENCH_INSTRUCTIONS) bench/envoy-bench.sh
+	  BENCH_INSTRUCTIONS=$(BENCH_INSTRUCTIONS) target/debug/mcp-affinity-envoy-bench
 
 # The filter's OCI image: the name envoy/istio/wasmplugin.yaml pulls (`url: oci://…`;
 # tests/tests/wasm_image.rs checks that both agree and that the layer is the module).

@@ -1,4 +1,4 @@
--- The one result line envoy-bench.sh parses, shared by every wrk script of the bench:
+-- The one result line the bench (tests/src/bench/load.rs) parses, shared by every wrk script of the bench:
 --   done = dofile(<this file>)
 return function(summary, latency, requests)
   local e = summary.errors

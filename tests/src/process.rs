@@ -56,6 +56,17 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
+/// Path of a binary of this workspace built with `profile` (`release`, `debug`):
+/// `<workspace>/target/<profile>/<name>`. Errors, saying what builds it, when absent.
+pub fn profile_bin(profile: &str, name: &str) -> Result<PathBuf> {
+    let path = crate::envoy::workspace_root().join("target").join(profile).join(name);
+    if !path.exists() {
+        let flag = if profile == "debug" { String::new() } else { format!("--profile {profile} ") };
+        bail!("{} not found: build it (`cargo build {flag}--bin {name}`, or the make target that uses it)", path.display());
+    }
+    Ok(path)
+}
+
 /// Path of the filter's wasm module. `MCP_AFFINITY_WASM` overrides the default
 /// `target/wasm32-wasip1/wasm/mcp_affinity_filter.wasm` (built by `make wasm`).
 pub fn filter_wasm() -> PathBuf {
