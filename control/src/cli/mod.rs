@@ -16,7 +16,7 @@
 //! for serving. Every failure is one line on stderr and an exit code of [`exit`].
 
 mod client;
-mod format;
+pub mod format;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
