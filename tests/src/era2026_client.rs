@@ -84,6 +84,8 @@ pub struct Options {
     pub headers: Vec<(String, String)>,
     /// Standard headers to leave out (case-insensitive names, e.g. `Mcp-Name`).
     pub omit: Vec<String>,
+    /// How the request goes on the wire (one write, headers then body, chunked, HTTP/2).
+    pub shape: mcp_client::Shape,
 }
 
 impl Options {
@@ -345,14 +347,8 @@ pub async fn send_raw(url: &str, method: &str, params: Value, options: &Options)
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let headers = request_headers(method, &params, options)?;
     let body = request_body(id, method, params, options.declare_tasks);
-    let raw = mcp_client::send_raw(
-        &mcp_client::http_client(),
-        reqwest::Method::POST,
-        url,
-        &headers,
-        Bytes::from(body.to_string()),
-    )
-    .await?;
+    let http = if options.shape == mcp_client::Shape::OneWrite { mcp_client::http_client() } else { options.shape.client() };
+    let raw = mcp_client::send_shaped(&http, options.shape, reqwest::Method::POST, url, &headers, Bytes::from(body.to_string())).await?;
     Ok((id, raw))
 }
 

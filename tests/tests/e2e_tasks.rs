@@ -12,6 +12,7 @@ use mcp_affinity_harness::era2026_client::{self, INVALID_PARAMS};
 use mcp_affinity_harness::fixtures::control::ControlService;
 use mcp_affinity_harness::fixtures::deployment::{Bootstrap, Deployment};
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy, ProxyOptions};
+use mcp_affinity_harness::mcp_client::Shape;
 use serde_json::{Value, json};
 
 const TASKS: usize = 100;
@@ -135,6 +136,33 @@ async fn tasks_keep_their_pod_across_envoys_and_restarts() {
     d.proxy.restart().unwrap();
     let (ran_on, unknown) = poll_all(&d.proxy.url(), &ids).await;
     assert_eq!((ran_on.len(), unknown), (ids.len(), 0), "through the restarted Envoy");
+    assert_eq!(d.proxy.metric("tasks_unpinned").await.unwrap(), 0);
+}
+
+/// Clients write requests in pieces (headers then body, chunked bodies, HTTP/2 HEADERS then
+/// DATA): tasks created and polled in every such shape reach their pod, on the default
+/// bootstrap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_of_every_client_shape_are_polled_on_their_pod() {
+    let d = Deployment::start(Bootstrap::StatefulSession, 3, &["--era", "dual"], "");
+    let url = d.proxy.url();
+    for shape in Shape::SPLIT {
+        let options = era2026_client::Options { shape, ..era2026_client::Options::tasks() };
+        for _ in 0..5 {
+            let created = era2026_client::call_tool(&url, "slow_task", json!({"ms": 100}), &options).await.expect("tools/call");
+            let id = created.task().expect("a task").task_id;
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let state = era2026_client::get_task_with(&url, &id, &options).await.unwrap_or_else(|e| panic!("{shape:?}: tasks/get: {e}"));
+                if state.status == "completed" {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{shape:?}: task {id} still {}", state.status);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert_eq!(d.proxy.metric("tasks_pinned").await.unwrap(), 15);
     assert_eq!(d.proxy.metric("tasks_unpinned").await.unwrap(), 0);
 }
 
