@@ -262,6 +262,16 @@ impl Shared {
         }
     }
 
+    /// Runs `call` through Envoy `envoy` unless that Envoy left the Service (`None`),
+    /// counted in flight meanwhile. Counted before looking at the gate, so that the chaos
+    /// driver, which closes the gate and then waits for no call in flight, never misses it.
+    pub async fn through_gate<T>(&self, envoy: usize, call: impl std::future::Future<Output = T>) -> Option<T> {
+        self.in_flight[envoy].fetch_add(1, Ordering::SeqCst);
+        let answer = if self.out_of_service[envoy].load(Ordering::SeqCst) { None } else { Some(call.await) };
+        self.in_flight[envoy].fetch_sub(1, Ordering::SeqCst);
+        answer
+    }
+
     /// [`Shared::post`] through Envoy `envoy`, as a client of a Service over both Envoys:
     /// an Envoy that left the Service (about to be stopped) is not tried, and one whose
     /// connection is refused (stopped, its endpoint not yet removed) is retried on the
@@ -272,18 +282,10 @@ impl Shared {
         let mut sent = Sent { answer: Answer::Result(Value::Null), session_header: None, envoy, refused: 0, out_of_service: 0 };
         loop {
             let e = sent.envoy;
-            // Counted in flight before looking at the gate, so that the chaos driver, which
-            // closes the gate and then waits for no call in flight, never misses this one.
-            self.in_flight[e].fetch_add(1, Ordering::SeqCst);
-            let gated = self.out_of_service[e].load(Ordering::SeqCst);
-            let answer = if gated {
-                None
-            } else {
-                let (answer, header) = self.post(shape, &self.urls[e], session, body, id).await;
+            let answer = self.through_gate(e, self.post(shape, &self.urls[e], session, body, id)).await.map(|(answer, header)| {
                 sent.session_header = header;
-                Some(answer)
-            };
-            self.in_flight[e].fetch_sub(1, Ordering::SeqCst);
+                answer
+            });
             match answer {
                 None => sent.out_of_service += 1,
                 Some(Answer::Refused(err)) => {

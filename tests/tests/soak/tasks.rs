@@ -52,10 +52,7 @@ where
 {
     let deadline = Instant::now() + FAILOVER_DEADLINE;
     loop {
-        shared.in_flight[envoy].fetch_add(1, Ordering::SeqCst);
-        let answer = if shared.out_of_service[envoy].load(Ordering::SeqCst) { None } else { Some(call(shared.urls[envoy].clone()).await) };
-        shared.in_flight[envoy].fetch_sub(1, Ordering::SeqCst);
-        match answer {
+        match shared.through_gate(envoy, call(shared.urls[envoy].clone())).await {
             Some(Err(Error::Transport(_))) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
             None => tokio::time::sleep(Duration::from_millis(5)).await,
             Some(answer) => return (envoy, answer),
