@@ -23,7 +23,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -394,7 +394,8 @@ async fn drain_upstream<S: SessionStore>(
     State(state): State<AppState<S>>,
     ValidUpstream(upstream): ValidUpstream,
 ) -> Result<Json<Drain>, ApiError> {
-    let drain = state.timed("drain", state.store.drain(upstream, DrainSource::Admin)).await?;
+    let mut drain = state.timed("drain", state.store.drain(upstream, DrainSource::Admin)).await?;
+    drain.tasks = state.timed("unfinished_tasks", state.store.unfinished_tasks(&drain.upstream)).await?;
     tracing::info!(%upstream, since_ms = drain.since_ms, source = drain.source.as_str(), "upstream draining");
     state.refresh_draining_gauge().await;
     Ok(Json(drain))
@@ -416,11 +417,29 @@ async fn undrain_upstream<S: SessionStore>(
 }
 
 /// `GET /v1/upstreams/draining`: every unexpired drain, sorted by upstream.
+/// Each drain carries its upstream's unfinished tasks; while something drains, `serving`
+/// lists the endpoints (`--endpoints`, `--endpoints-dns`, resolved now) that do not drain,
+/// where the filters send new work. A failed resolution leaves `serving` empty (filters
+/// then let Envoy balance new work as usual).
 async fn list_draining<S: SessionStore>(State(state): State<AppState<S>>) -> Result<Json<DrainingList>, ApiError> {
-    let draining = state.timed("draining", state.store.draining()).await?;
+    let mut draining = state.timed("draining", state.store.draining()).await?;
     state.metrics.set_upstreams_draining(draining.len());
-    Ok(Json(DrainingList { draining }))
+    for d in &mut draining {
+        d.tasks = state.timed("unfinished_tasks", state.store.unfinished_tasks(&d.upstream)).await?;
+    }
+    let mut serving = Vec::new();
+    if !draining.is_empty() {
+        let settings = state.recovery.settings();
+        match settings.endpoints.resolve(settings.timeout.min(SERVING_RESOLVE_TIMEOUT)).await {
+            Ok(endpoints) => serving = endpoints.iter().map(SocketAddr::to_string).filter(|e| draining.iter().all(|d| &d.upstream != e)).collect(),
+            Err(e) => tracing::warn!(error = %e, "draining list without `serving`: endpoints not resolved"),
+        }
+    }
+    Ok(Json(DrainingList { draining, serving }))
 }
+
+/// Longest wait for the endpoints' resolution of one draining list.
+const SERVING_RESOLVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 async fn empty_session_id() -> ApiError {
     invalid_id("session id is empty")

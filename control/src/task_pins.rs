@@ -49,13 +49,15 @@ fn task_not_found(id: &str) -> ApiError {
 }
 
 /// `PUT /v1/tasks/{id}`: 200 with the stored [`TaskRecord`]; 400 `invalid_task_id`, or
-/// `malformed_json` / `unknown_field` / `invalid_request` for the body; 503 when the store fails. The pin expires after the task's `ttl_ms`, at
-/// most [`TASK_TTL_CAP`].
+/// `malformed_json` / `unknown_field` / `invalid_request` for the body; 503 when the store
+/// fails. The pin expires after the task's `ttl_ms`, at most [`TASK_TTL_CAP`]. With
+/// `"terminal": true` the existing pin keeps its expiry and stops counting as unfinished
+/// on its upstream (the draining list's `tasks`).
 pub(crate) async fn put_task<S: SessionStore>(State(state): State<AppState<S>>, ValidTaskId(id): ValidTaskId, RawBody(body): RawBody) -> Result<Json<TaskRecord>, ApiError> {
     let put: PutTask = parse_json(&body)?;
     put.validate().map_err(|e| ApiError::invalid_request(e.to_string()))?;
     let ttl = put.ttl_ms.map_or(TASK_TTL_CAP, |ms| Duration::from_millis(ms).min(TASK_TTL_CAP));
-    Ok(Json(state.timed("put_task", state.store.put_task(&id, &put.upstream, ttl)).await?))
+    Ok(Json(state.timed("put_task", state.store.put_task(&id, &put.upstream, ttl, put.terminal)).await?))
 }
 
 /// `GET /v1/tasks/{id}[?wait_ms=N]`: 200 [`TaskRecord`], 404 `task_not_found`, 503. With

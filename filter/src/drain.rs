@@ -12,7 +12,9 @@
 //! later claim exists: a slow answer never overwrites a newer list.
 //!
 //! Shared-data value of [`KEY`] (text): first line the fetch time in Unix milliseconds,
-//! then one upstream (`ip:port`, as Envoy's `upstream.address`) per line.
+//! then one draining upstream (`ip:port`, as Envoy's `upstream.address`) per line, then
+//! one serving upstream per line prefixed with `+` (control's `serving`: where new work
+//! goes while something drains, [`Draining::steer`]).
 //!
 //! When control cannot be reached the last list stays in force (a drain is not undone by
 //! an outage) and the next poll comes one interval later.
@@ -35,8 +37,19 @@ const MAX_UPSTREAM_LEN: usize = 128;
 #[derive(Debug, Default)]
 pub struct Draining {
     upstreams: HashSet<String>,
+    /// The upstreams that do not drain (control's `serving`), for new work.
+    serving: Vec<String>,
+    /// Rotation over `serving`.
+    turn: usize,
     /// CAS number of the shared-data value adopted last (`None`: nothing adopted yet).
     cas: Option<u32>,
+}
+
+/// Control's draining list as the filter keeps it: both sorted and deduplicated.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Upstreams {
+    pub draining: Vec<String>,
+    pub serving: Vec<String>,
 }
 
 impl Draining {
@@ -48,6 +61,18 @@ impl Draining {
     /// Whether nothing drains.
     pub fn is_empty(&self) -> bool {
         self.upstreams.is_empty()
+    }
+
+    /// Where new work goes while something drains — a serving upstream, in rotation — so
+    /// that a draining pod gets none (it would hold a new task or listen stream when it
+    /// stops). `None` while nothing drains (Envoy balances as usual, and this costs one
+    /// branch) or when control named no serving upstream.
+    pub fn steer(&mut self) -> Option<&str> {
+        if self.upstreams.is_empty() || self.serving.is_empty() {
+            return None;
+        }
+        self.turn = self.turn.wrapping_add(1);
+        Some(&self.serving[self.turn % self.serving.len()])
     }
 
     /// Adopts the shared-data list when it changed since the last adoption (one
@@ -62,6 +87,9 @@ impl Draining {
             log::warn!("mcp-affinity: undecodable draining list in shared data; keeping the last one");
             return false;
         };
+        if entry.serving != self.serving {
+            self.serving = entry.serving.iter().map(|u| (*u).to_string()).collect();
+        }
         let next: HashSet<String> = entry.upstreams.iter().map(|u| (*u).to_string()).collect();
         if next == self.upstreams {
             return false;
@@ -77,20 +105,32 @@ impl Draining {
 struct Entry<'a> {
     fetched_at_ms: u64,
     upstreams: Vec<&'a str>,
+    serving: Vec<&'a str>,
 }
 
 fn decode(value: &[u8]) -> Option<Entry<'_>> {
     let text = std::str::from_utf8(value).ok()?;
     let mut lines = text.split('\n');
     let fetched_at_ms = lines.next()?.parse().ok()?;
-    Some(Entry { fetched_at_ms, upstreams: lines.filter(|l| !l.is_empty()).collect() })
+    let (mut upstreams, mut serving) = (Vec::new(), Vec::new());
+    for line in lines.filter(|l| !l.is_empty()) {
+        match line.strip_prefix('+') {
+            Some(u) => serving.push(u),
+            None => upstreams.push(line),
+        }
+    }
+    Some(Entry { fetched_at_ms, upstreams, serving })
 }
 
-fn encode(fetched_at_ms: u64, upstreams: &[&str]) -> Vec<u8> {
+fn encode<S: AsRef<str>>(fetched_at_ms: u64, upstreams: &[S], serving: &[S]) -> Vec<u8> {
     let mut out = fetched_at_ms.to_string().into_bytes();
     for u in upstreams {
         out.push(b'\n');
-        out.extend_from_slice(u.as_bytes());
+        out.extend_from_slice(u.as_ref().as_bytes());
+    }
+    for u in serving {
+        out.extend_from_slice(b"\n+");
+        out.extend_from_slice(u.as_ref().as_bytes());
     }
     out
 }
@@ -104,10 +144,10 @@ pub fn claim_poll(shared: &mut dyn SharedData, now_ms: u64, interval_ms: u64) ->
     let (value, cas) = match &current {
         Some((value, cas)) => match decode(value) {
             Some(e) if e.fetched_at_ms.saturating_add(interval_ms) > now_ms => return false,
-            Some(e) => (encode(now_ms, &e.upstreams), *cas),
-            None => (encode(now_ms, &[]), *cas),
+            Some(e) => (encode(now_ms, &e.upstreams, &e.serving), *cas),
+            None => (encode::<&str>(now_ms, &[], &[]), *cas),
         },
-        None => (encode(now_ms, &[]), None),
+        None => (encode::<&str>(now_ms, &[], &[]), None),
     };
     // A missing key is created with CAS 0 semantics by the host only once: two VMs racing
     // on the first write may both win; that costs one extra poll, never a wrong list.
@@ -119,9 +159,8 @@ pub fn claim_poll(shared: &mut dyn SharedData, now_ms: u64, interval_ms: u64) ->
 /// answer can come after the next interval's): this answer is then stale and dropped
 /// (false), so the list never goes back to an older state. Compare-and-set; false too when
 /// the host refused.
-pub fn store_answer(shared: &mut dyn SharedData, claimed_at_ms: u64, upstreams: &[String]) -> bool {
-    let list: Vec<&str> = upstreams.iter().map(String::as_str).collect();
-    let value = encode(claimed_at_ms, &list);
+pub fn store_answer(shared: &mut dyn SharedData, claimed_at_ms: u64, answer: &Upstreams) -> bool {
+    let value = encode(claimed_at_ms, &answer.draining, &answer.serving);
     for _ in 0..4 {
         let cas = match shared.get(KEY) {
             Some((current, cas)) => match decode(&current) {
@@ -138,27 +177,27 @@ pub fn store_answer(shared: &mut dyn SharedData, claimed_at_ms: u64, upstreams: 
 }
 
 /// Parses control's `GET {prefix}/upstreams/draining` answer ([`DrainingList`]) into the
-/// sorted, deduplicated upstream hosts.
+/// sorted, deduplicated draining and serving upstream hosts.
 ///
 /// # Errors
-/// A message when the body is not that shape, holds more than [`MAX_UPSTREAMS`] entries,
-/// or an upstream that is empty, longer than 128 bytes or not visible ASCII.
-pub fn parse_answer(body: &[u8]) -> Result<Vec<String>, String> {
+/// A message when the body is not that shape, either list holds more than
+/// [`MAX_UPSTREAMS`] entries, or an upstream is empty, longer than 128 bytes, not
+/// visible ASCII or starts with `+`.
+pub fn parse_answer(body: &[u8]) -> Result<Upstreams, String> {
     let a: DrainingList = serde_json::from_slice(body).map_err(|e| format!("draining list: {e}"))?;
-    if a.draining.len() > MAX_UPSTREAMS {
-        return Err(format!("draining list: {} upstreams, at most {MAX_UPSTREAMS} accepted", a.draining.len()));
+    Ok(Upstreams { draining: checked(a.draining.into_iter().map(|d| d.upstream).collect())?, serving: checked(a.serving)? })
+}
+
+fn checked(mut list: Vec<String>) -> Result<Vec<String>, String> {
+    if list.len() > MAX_UPSTREAMS {
+        return Err(format!("draining list: {} upstreams, at most {MAX_UPSTREAMS} accepted", list.len()));
     }
-    let mut out: Vec<String> = Vec::with_capacity(a.draining.len());
-    for u in a.draining {
-        let ok = !u.upstream.is_empty() && u.upstream.len() <= MAX_UPSTREAM_LEN && u.upstream.bytes().all(|b| (0x21..=0x7e).contains(&b));
-        if !ok {
-            return Err(format!("draining list: invalid upstream {:?}", u.upstream));
-        }
-        out.push(u.upstream);
+    if let Some(bad) = list.iter().find(|u| u.is_empty() || u.len() > MAX_UPSTREAM_LEN || u.starts_with('+') || !u.bytes().all(|b| (0x21..=0x7e).contains(&b))) {
+        return Err(format!("draining list: invalid upstream {bad:?}"));
     }
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
+    list.sort_unstable();
+    list.dedup();
+    Ok(list)
 }
 
 #[cfg(test)]
@@ -186,6 +225,30 @@ mod tests {
         }
     }
 
+    fn list(draining: &[&str]) -> Upstreams {
+        Upstreams { draining: draining.iter().map(|u| u.to_string()).collect(), serving: Vec::new() }
+    }
+
+    /// New work goes to the serving upstreams in turn while something drains; a claim keeps
+    /// them; nothing is steered while nothing drains or nothing serves.
+    #[test]
+    fn new_work_is_steered_to_serving_upstreams_while_something_drains() {
+        let mut host = Host::default();
+        let mut d = Draining::default();
+        let serving = vec!["10.0.0.3:80".to_string(), "10.0.0.4:80".to_string()];
+        store_answer(&mut host, 1, &Upstreams { draining: Vec::new(), serving: serving.clone() });
+        d.refresh(&host);
+        assert_eq!(d.steer(), None, "nothing drains: Envoy balances");
+        store_answer(&mut host, 2, &Upstreams { draining: vec!["10.0.0.2:80".into()], serving });
+        assert!(claim_poll(&mut host, 5_000, 1000));
+        assert!(d.refresh(&host));
+        let picks: Vec<String> = (0..4).map(|_| d.steer().unwrap().to_string()).collect();
+        assert_eq!(picks, ["10.0.0.4:80", "10.0.0.3:80", "10.0.0.4:80", "10.0.0.3:80"]);
+        store_answer(&mut host, 5_000, &list(&["10.0.0.2:80"]));
+        assert!(!d.refresh(&host), "the draining set did not change");
+        assert_eq!(d.steer(), None, "no serving upstream named: Envoy balances");
+    }
+
     #[test]
     fn one_vm_claims_each_interval() {
         let mut host = Host::default();
@@ -196,8 +259,8 @@ mod tests {
         // Two VMs that read the same value: the second CAS write fails.
         let (value, cas) = host.get(KEY).unwrap();
         assert!(decode(&value).is_some());
-        assert!(host.set(KEY, &encode(12_000, &[]), cas));
-        assert!(!host.set(KEY, &encode(12_000, &[]), cas), "stale CAS loses");
+        assert!(host.set(KEY, &encode::<&str>(12_000, &[], &[]), cas));
+        assert!(!host.set(KEY, &encode::<&str>(12_000, &[], &[]), cas), "stale CAS loses");
     }
 
     #[test]
@@ -205,14 +268,14 @@ mod tests {
         let mut host = Host::default();
         let (mut a, mut b) = (Draining::default(), Draining::default());
         assert!(!a.refresh(&host), "nothing in shared data");
-        assert!(store_answer(&mut host, 5_000, &["10.0.0.2:8080".into(), "10.0.0.3:8080".into()]));
+        assert!(store_answer(&mut host, 5_000, &list(&["10.0.0.2:8080", "10.0.0.3:8080"])));
         assert!(a.refresh(&host) && b.refresh(&host));
         assert!(a.contains("10.0.0.2:8080") && !a.contains("10.0.0.4:8080"));
         assert!(!a.refresh(&host), "same CAS: nothing to adopt");
         assert!(claim_poll(&mut host, 6_000, 1000));
         assert!(!a.refresh(&host), "a claim changes the CAS but not the list");
         assert!(a.contains("10.0.0.3:8080"));
-        assert!(store_answer(&mut host, 6_100, &[]));
+        assert!(store_answer(&mut host, 6_100, &list(&[])));
         assert!(b.refresh(&host) && b.is_empty() && !b.contains("10.0.0.2:8080"));
     }
 
@@ -225,8 +288,8 @@ mod tests {
         let mut host = Host::default();
         assert!(claim_poll(&mut host, 10_000, 1000), "VM A claims");
         assert!(claim_poll(&mut host, 11_000, 1000), "A's answer is slow: VM B claims the next interval");
-        assert!(store_answer(&mut host, 11_000, &["10.0.0.2:8080".into()]), "B's answer");
-        assert!(!store_answer(&mut host, 10_000, &[]), "A's older answer is dropped");
+        assert!(store_answer(&mut host, 11_000, &list(&["10.0.0.2:8080"])), "B's answer");
+        assert!(!store_answer(&mut host, 10_000, &list(&[])), "A's older answer is dropped");
         let mut d = Draining::default();
         assert!(d.refresh(&host) && d.contains("10.0.0.2:8080"));
         assert!(!claim_poll(&mut host, 11_999, 1000), "the next poll is due one interval after B's claim");
@@ -236,7 +299,7 @@ mod tests {
     fn garbage_in_shared_data_keeps_the_last_list() {
         let mut host = Host::default();
         let mut d = Draining::default();
-        store_answer(&mut host, 1, &["10.0.0.2:80".into()]);
+        store_answer(&mut host, 1, &list(&["10.0.0.2:80"]));
         assert!(d.refresh(&host));
         host.set(KEY, b"not a number\nx", None);
         assert!(!d.refresh(&host));
@@ -252,8 +315,11 @@ mod tests {
     #[test]
     fn answers() {
         let body = format!(r#"{{"draining":[{},{},{}]}}"#, entry("10.0.0.3:8080"), entry("10.0.0.2:8080"), entry("10.0.0.3:8080"));
-        assert_eq!(parse_answer(body.as_bytes()).unwrap(), ["10.0.0.2:8080", "10.0.0.3:8080"]);
-        assert_eq!(parse_answer(br#"{"draining":[]}"#).unwrap(), Vec::<String>::new());
+        assert_eq!(parse_answer(body.as_bytes()).unwrap().draining, ["10.0.0.2:8080", "10.0.0.3:8080"]);
+        assert_eq!(parse_answer(br#"{"draining":[]}"#).unwrap(), Upstreams::default());
+        let with_serving = format!(r#"{{"draining":[{}],"serving":["10.0.0.9:80","10.0.0.8:80"]}}"#, entry("10.0.0.3:8080"));
+        assert_eq!(parse_answer(with_serving.as_bytes()).unwrap().serving, ["10.0.0.8:80", "10.0.0.9:80"]);
+        assert!(parse_answer(br#"{"draining":[],"serving":["+1.1.1.1:1"]}"#).is_err(), "would read back as a serving line");
         let (empty, spaced) = (format!(r#"{{"draining":[{}]}}"#, entry("")), format!(r#"{{"draining":[{}]}}"#, entry("a b")));
         for bad in [&b"{}"[..], b"[]", b"not json", br#"{"draining":[{"upstream":"10.0.0.2:80"}]}"#, empty.as_bytes(), spaced.as_bytes()] {
             assert!(parse_answer(bad).is_err(), "{}", String::from_utf8_lossy(bad));

@@ -67,12 +67,18 @@ pub struct Drain {
     /// Unix milliseconds of the last successful drain-move (`null` before the first), so
     /// `last_move_ms - since_ms` is the time from the drain to its last moved session.
     pub last_move_ms: Option<u64>,
+    /// Unfinished tasks (MCP 2026-07-28 tasks extension) pinned to this upstream: created,
+    /// not seen in a terminal status (`completed`, `failed`, `cancelled`), not expired.
+    /// They cannot move; the pod's `preStop` hook waits for this to reach 0
+    /// (`docs/draining.md`). Filled in by the API; 0 when absent (older control).
+    #[serde(default)]
+    pub tasks: u64,
 }
 
 impl Drain {
     /// A drain of `upstream` by `source` beginning at `now_ms`, nothing moved yet.
     pub fn new(upstream: SocketAddr, source: DrainSource, now_ms: u64) -> Drain {
-        Drain { upstream: upstream.to_string(), since_ms: now_ms, source, moved: 0, failed: 0, last_move_ms: None }
+        Drain { upstream: upstream.to_string(), since_ms: now_ms, source, moved: 0, failed: 0, last_move_ms: None, tasks: 0 }
     }
 }
 
@@ -80,6 +86,12 @@ impl Drain {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrainingList {
     pub draining: Vec<Drain>,
+    /// While something drains: control's endpoints that are not draining (`ip:port`,
+    /// sorted), where the filter sends new work — a 2025-era `initialize`, a 2026-era
+    /// `tools/call` or `subscriptions/listen` — so that a draining pod gets none. Empty
+    /// (and absent from the JSON) while nothing drains, or when no endpoint serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub serving: Vec<String>,
 }
 
 #[cfg(test)]
@@ -89,13 +101,16 @@ mod tests {
     #[test]
     fn the_list_round_trips_and_unknown_sources_read_as_other() {
         let list = DrainingList {
-            draining: vec![Drain::new("10.0.0.7:8080".parse().unwrap(), DrainSource::Dns, 5), Drain { last_move_ms: Some(9), moved: 2, ..Drain::new("[fd00::7]:80".parse().unwrap(), DrainSource::Admin, 1) }],
+            draining: vec![Drain::new("10.0.0.7:8080".parse().unwrap(), DrainSource::Dns, 5), Drain { last_move_ms: Some(9), moved: 2, tasks: 3, ..Drain::new("[fd00::7]:80".parse().unwrap(), DrainSource::Admin, 1) }],
+            serving: vec!["10.0.0.8:8080".into()],
         };
         let text = serde_json::to_string(&list).unwrap();
         assert_eq!(serde_json::from_str::<DrainingList>(&text).unwrap(), list);
         assert!(text.contains(r#""upstream":"[fd00::7]:80""#) && text.contains(r#""source":"dns""#), "{text}");
         let newer = r#"{"upstream":"1.1.1.1:1","since_ms":1,"source":"operator","moved":0,"failed":0,"last_move_ms":null}"#;
         assert_eq!(serde_json::from_str::<Drain>(newer).unwrap().source, DrainSource::Other);
+        assert_eq!(serde_json::from_str::<Drain>(newer).unwrap().tasks, 0, "an older control's drain has no `tasks`");
+        assert_eq!(serde_json::to_string(&DrainingList::default()).unwrap(), r#"{"draining":[]}"#);
         for s in [DrainSource::Admin, DrainSource::Dns, DrainSource::Endpointslice, DrainSource::Other] {
             assert_eq!(DrainSource::parse(s.as_str()), s);
         }

@@ -34,6 +34,16 @@ pub struct PutTask {
     /// (`null`) when unlimited. Control keeps the pin this long, at most its own cap.
     #[serde(default)]
     pub ttl_ms: Option<u64>,
+    /// The task reached a terminal status (`completed`, `failed`, `cancelled`; the filter
+    /// saw it in a `tasks/get` or `tasks/cancel` answer): it no longer counts as unfinished
+    /// on its upstream ([`crate::draining::Drain::tasks`]). An existing pin keeps its
+    /// expiry; `ttl_ms` applies only when there is none.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub terminal: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 impl PutTask {
@@ -59,6 +69,9 @@ pub struct TaskRecord {
     pub created_at_ms: u64,
     /// When control forgets the pin: creation plus the task's `ttlMs`, at most control's cap.
     pub expires_at_ms: u64,
+    /// A terminal status was seen ([`PutTask::terminal`]).
+    #[serde(default)]
+    pub terminal: bool,
 }
 
 impl TaskRecord {
@@ -68,7 +81,7 @@ impl TaskRecord {
     /// [`InvalidField`] saying what is wrong.
     pub fn parse(body: &[u8]) -> Result<TaskRecord, InvalidField> {
         let r: TaskRecord = serde_json::from_slice(body).map_err(|e| InvalidField(format!("not a task record: {e}")))?;
-        PutTask { upstream: r.upstream.clone(), ttl_ms: None }.validate()?;
+        PutTask { upstream: r.upstream.clone(), ttl_ms: None, terminal: false }.validate()?;
         Ok(r)
     }
 }
@@ -85,11 +98,14 @@ mod tests {
 
     #[test]
     fn bodies_and_records_round_trip_and_are_checked() {
-        let put = PutTask { upstream: "10.0.0.1:80".into(), ttl_ms: Some(60_000) };
+        let put = PutTask { upstream: "10.0.0.1:80".into(), ttl_ms: Some(60_000), terminal: false };
         assert_eq!(serde_json::from_str::<PutTask>(&serde_json::to_string(&put).unwrap()).unwrap(), put);
+        assert!(!serde_json::to_string(&put).unwrap().contains("terminal"), "sent only when true");
+        let done = PutTask { terminal: true, ..put.clone() };
+        assert_eq!(serde_json::from_str::<PutTask>(&serde_json::to_string(&done).unwrap()).unwrap(), done);
         assert_eq!(serde_json::from_str::<PutTask>(r#"{"upstream":"10.0.0.1:80"}"#).unwrap().ttl_ms, None);
-        assert!(PutTask { upstream: "a b".into(), ttl_ms: None }.validate().is_err());
-        let r = TaskRecord { task_id: "t/1".into(), upstream: "10.0.0.1:80".into(), created_at_ms: 1, expires_at_ms: 2 };
+        assert!(PutTask { upstream: "a b".into(), ttl_ms: None, terminal: false }.validate().is_err());
+        let r = TaskRecord { task_id: "t/1".into(), upstream: "10.0.0.1:80".into(), created_at_ms: 1, expires_at_ms: 2, terminal: true };
         assert_eq!(TaskRecord::parse(serde_json::to_string(&r).unwrap().as_bytes()).unwrap(), r);
         assert!(TaskRecord::parse(br#"{"task_id":"t","upstream":"","created_at_ms":1,"expires_at_ms":2}"#).is_err());
         assert_eq!(task_path("/v1", "t/1"), "/v1/tasks/t%2F1");

@@ -644,6 +644,20 @@ async fn task_pins(backend: Backend) {
         assert!(start.elapsed() < Duration::from_secs(10), "the task pin did not expire within 10 s (ttl 200 ms)");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A drain counts its upstream's unfinished tasks: created, not terminal, not deleted.
+    let up = "10.0.0.7:80";
+    for (id, upstream) in [("u1", up), ("u2", up), ("u3", up), ("other", "10.0.0.8:80")] {
+        c.call(Method::PUT, &url(id), Some(json!({"upstream": upstream, "ttl_ms": 60_000}).to_string())).await;
+    }
+    assert_eq!(c.drain(up).await.1["tasks"], 3, "the drain's answer counts them");
+    let (status, done) = c.call(Method::PUT, &url("u2"), Some(json!({"upstream": up, "terminal": true}).to_string())).await;
+    assert_eq!((status, &done["terminal"]), (StatusCode::OK, &json!(true)), "{done}");
+    let (_, u2) = c.call(Method::GET, &url("u2"), None).await;
+    assert_eq!(u2["expires_at_ms"].as_u64().unwrap() - u2["created_at_ms"].as_u64().unwrap(), 60_000, "a terminal pin keeps its expiry: {u2}");
+    assert_eq!(c.call(Method::DELETE, &url("u3"), None).await.0, StatusCode::NO_CONTENT);
+    let (_, list) = c.call(Method::GET, &c.url("/v1/upstreams/draining"), None).await;
+    assert_eq!(list["draining"][0]["tasks"], 1, "u2 terminal and u3 deleted: {list}");
+    assert_eq!(c.undrain(up).await.0, StatusCode::NO_CONTENT);
     // Bad input.
     assert_error(&c.call(Method::PUT, &url("t2"), Some(json!({"upstream": "a b"}).to_string())).await, StatusCode::BAD_REQUEST, "invalid_request");
     assert_error(&c.call(Method::PUT, &url(&"x".repeat(300)), Some(json!({"upstream": "10.0.0.1:80"}).to_string())).await, StatusCode::BAD_REQUEST, "invalid_task_id");
@@ -658,7 +672,7 @@ async fn drain_semantics<S: SessionStore>(store: S, clock: Arc<ManualClock>, has
     let first = store.drain(a, DrainSource::Dns).await.unwrap();
     assert_eq!(
         first,
-        Drain { upstream: a.to_string(), since_ms: t0, source: DrainSource::Dns, moved: 0, failed: 0, last_move_ms: None }
+        Drain { upstream: a.to_string(), since_ms: t0, source: DrainSource::Dns, moved: 0, failed: 0, last_move_ms: None, tasks: 0 }
     );
     // Idempotent: an existing drain keeps its since_ms, source and counters.
     clock.advance(Duration::from_secs(1));
@@ -698,7 +712,7 @@ async fn drain_semantics<S: SessionStore>(store: S, clock: Arc<ManualClock>, has
     }
     // Drained again after expiry: a new drain, counters from zero.
     let again = store.drain(a, DrainSource::Admin).await.unwrap();
-    assert_eq!(again, Drain { upstream: a.to_string(), since_ms: t0 + 60_000, source: DrainSource::Admin, moved: 0, failed: 0, last_move_ms: None });
+    assert_eq!(again, Drain { upstream: a.to_string(), since_ms: t0 + 60_000, source: DrainSource::Admin, moved: 0, failed: 0, last_move_ms: None, tasks: 0 });
     clock.advance(Duration::from_secs(3600));
     assert!(store.draining().await.unwrap().is_empty());
     if let Some(n) = hash_len() {

@@ -67,10 +67,12 @@ pub enum Command {
     /// Session records.
     #[command(subcommand)]
     Sessions(SessionsCommand),
-    /// Drains an upstream (ip:port), then shows its progress until it settles — no session
-    /// moved (or failed to move) for --settle seconds —, ends, or --wait runs out (exit 6).
+    /// Drains an upstream (ip:port), then shows its progress until it settles — no
+    /// unfinished task left on it (MCP 2026-07-28 tasks cannot move) and no session moved
+    /// (or failed to move) for --settle seconds —, ends, or --wait runs out (exit 6).
     /// Sessions move at their next request; idle ones stay until the pod is gone and are
-    /// recovered then, so control cannot say how many remain.
+    /// recovered then, so control cannot say how many remain. A pod's `preStop` hook can
+    /// run this to wait for its tasks.
     Drain {
         /// The upstream host, ip:port as Envoy reports it (10.0.0.7:8080, [fd00::7]:8080).
         upstream: String,
@@ -247,7 +249,7 @@ async fn drain(client: &Client, upstream: &str, wait: Duration, settle: Duration
         return Ok(exit::OK);
     }
     let start = Instant::now();
-    let mut counts = (drain.moved, drain.failed);
+    let mut counts = (drain.moved, drain.failed, drain.tasks);
     let (mut last_change, mut last_line) = (start, start);
     let mut trouble: Option<String> = None;
     loop {
@@ -275,13 +277,13 @@ async fn drain(client: &Client, upstream: &str, wait: Duration, settle: Duration
             return Ok(exit::OK);
         };
         let now = Instant::now();
-        if (d.moved, d.failed) != counts {
-            counts = (d.moved, d.failed);
+        if (d.moved, d.failed, d.tasks) != counts {
+            counts = (d.moved, d.failed, d.tasks);
             last_change = now;
         }
-        if now.duration_since(last_change) >= settle {
+        if d.tasks == 0 && now.duration_since(last_change) >= settle {
             println!(
-                "{}: settled, no move for {}s: moved {}, failed {}{}",
+                "{}: settled, no task left and no move for {}s: moved {}, failed {}{}",
                 d.upstream,
                 settle.as_secs(),
                 d.moved,
@@ -292,18 +294,19 @@ async fn drain(client: &Client, upstream: &str, wait: Duration, settle: Duration
         }
         if now.duration_since(start) >= wait {
             println!(
-                "{}: not settled within --wait {}s: moved {}, failed {}{}",
+                "{}: not settled within --wait {}s: moved {}, failed {}, unfinished tasks {}{}",
                 d.upstream,
                 wait.as_secs(),
                 d.moved,
                 d.failed,
+                d.tasks,
                 format::last_move(&d, format::now_ms())
             );
             return Ok(exit::NOT_SETTLED);
         }
         if last_change == now || now.duration_since(last_line) >= HEARTBEAT {
             last_line = now;
-            println!("  moved {}, failed {}{}", d.moved, d.failed, format::last_move(&d, format::now_ms()));
+            println!("  moved {}, failed {}, unfinished tasks {}{}", d.moved, d.failed, d.tasks, format::last_move(&d, format::now_ms()));
         }
     }
 }

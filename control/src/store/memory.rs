@@ -267,15 +267,22 @@ impl SessionStore for MemoryStore {
         Ok(self.record_drain_move_now(upstream, moved))
     }
 
-    async fn put_task(&self, task_id: &str, upstream: &str, ttl: Duration) -> Result<TaskRecord, StoreError> {
+    async fn put_task(&self, task_id: &str, upstream: &str, ttl: Duration, terminal: bool) -> Result<TaskRecord, StoreError> {
         let now_ms = self.clock.unix_ms();
+        let mut tasks = self.tasks.lock().unwrap();
+        if terminal
+            && let Some(pin) = tasks.get_mut(task_id).filter(|t| t.expires_at_ms > now_ms && t.upstream == upstream)
+        {
+            pin.terminal = true;
+            return Ok(pin.clone());
+        }
         let record = TaskRecord {
             task_id: task_id.to_string(),
             upstream: upstream.to_string(),
             created_at_ms: now_ms,
             expires_at_ms: now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+            terminal,
         };
-        let mut tasks = self.tasks.lock().unwrap();
         if tasks.len() >= self.max_sessions && !tasks.contains_key(task_id) {
             // Full: drop the expired pins, else the one that expires first.
             tasks.retain(|_, t| t.expires_at_ms > now_ms);
@@ -288,6 +295,13 @@ impl SessionStore for MemoryStore {
         }
         tasks.insert(task_id.to_string(), record.clone());
         Ok(record)
+    }
+
+    /// One pass over the task pins (asked once per drain per poll).
+    async fn unfinished_tasks(&self, upstream: &str) -> Result<u64, StoreError> {
+        let now_ms = self.clock.unix_ms();
+        let tasks = self.tasks.lock().unwrap();
+        Ok(tasks.values().filter(|t| !t.terminal && t.expires_at_ms > now_ms && t.upstream == upstream).count() as u64)
     }
 
     async fn get_task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {

@@ -143,7 +143,14 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Stores the pin of task `task_id` (MCP tasks extension): it lives on `upstream`; the
     /// pin expires `ttl` from now (the store's clock). Replaces any earlier pin of the id.
-    fn put_task(&self, task_id: &str, upstream: &str, ttl: Duration) -> impl Future<Output = Result<TaskRecord, StoreError>> + Send;
+    /// `terminal`: the task reached a terminal status; an existing pin is kept with its
+    /// expiry and marked terminal (`ttl` applies only when there is none), and the task no
+    /// longer counts in [`SessionStore::unfinished_tasks`].
+    fn put_task(&self, task_id: &str, upstream: &str, ttl: Duration, terminal: bool) -> impl Future<Output = Result<TaskRecord, StoreError>> + Send;
+
+    /// How many unexpired, non-terminal task pins name `upstream` (the draining list's
+    /// `tasks`: what a draining pod's `preStop` hook waits for).
+    fn unfinished_tasks(&self, upstream: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// The unexpired pin of task `task_id`.
     fn get_task(&self, task_id: &str) -> impl Future<Output = Result<Option<TaskRecord>, StoreError>> + Send;

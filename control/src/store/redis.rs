@@ -7,6 +7,7 @@
 //! - `cas`: record writes, read–modify–write with a compare-and-swap script;
 //! - `commands`: running one operation — its timeout, scripts, `WAIT` for replicas;
 //! - `drains`: the drains hash and its scripts;
+//! - `tasks`: task pins and each upstream's index of unfinished tasks;
 //! - `connection`: the connections of the three topologies; [`topology`]: the URL.
 //!
 //! Recovery leases are taken with `SET <lease key> owner NX PX ttl` and released by a
@@ -17,6 +18,7 @@ mod commands;
 mod connection;
 mod drains;
 mod keys;
+mod tasks;
 pub mod topology;
 
 use std::net::SocketAddr;
@@ -24,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use self::connection::Backend;
-pub use self::keys::{check_key_prefix, drains_key, lease_key, record_key, task_key};
+pub use self::keys::{check_key_prefix, drains_key, lease_key, record_key, task_key, tasks_on_key};
 pub use self::topology::RedisTopology;
 use super::{DEFAULT_DRAIN_TTL, Drain, DrainSource, PutOutcome, SessionStore, StoreError, StoreStats, TaskRecord};
 use crate::clock::{Clock, SystemClock};
@@ -243,45 +245,22 @@ impl SessionStore for RedisStore {
         self.count_drain_move(upstream, moved).await
     }
 
-    /// `SET <task key> <record JSON> PX <ttl>`: Redis expires the pin itself.
-    async fn put_task(&self, task_id: &str, upstream: &str, ttl: Duration) -> Result<TaskRecord, StoreError> {
-        let key = task_key(&self.key_prefix, task_id);
-        let (now_ms, ttl_ms) = (self.clock.unix_ms(), u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
-        let record = TaskRecord { task_id: task_id.to_string(), upstream: upstream.to_string(), created_at_ms: now_ms, expires_at_ms: now_ms.saturating_add(ttl_ms) };
-        let json = serde_json::to_string(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.bounded(async {
-            let mut checkout = self.checkout().await?;
-            let result = self.write_and_wait::<String>(&mut checkout, redis::cmd("SET").arg(&key).arg(&json).arg("PX").arg(ttl_ms)).await;
-            let (_, acked) = self.settle(&checkout, result)?;
-            self.check_replicated(acked)
-        })
-        .await?;
-        Ok(record)
+    /// See `redis/tasks.rs`.
+    async fn put_task(&self, task_id: &str, upstream: &str, ttl: Duration, terminal: bool) -> Result<TaskRecord, StoreError> {
+        self.write_task(task_id, upstream, ttl, terminal).await
+    }
+
+    /// `ZCOUNT` of the upstream's unfinished-task index (see `redis/tasks.rs`).
+    async fn unfinished_tasks(&self, upstream: &str) -> Result<u64, StoreError> {
+        self.count_unfinished_tasks(upstream).await
     }
 
     async fn get_task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        let key = task_key(&self.key_prefix, task_id);
-        let value: Option<String> = self
-            .bounded(async {
-                let mut checkout = self.checkout().await?;
-                self.query(&mut checkout, redis::cmd("GET").arg(&key)).await
-            })
-            .await?;
-        value.map(|v| serde_json::from_str(&v).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))).transpose()
+        self.get_task_record(task_id).await
     }
 
     async fn delete_task(&self, task_id: &str) -> Result<bool, StoreError> {
-        let key = task_key(&self.key_prefix, task_id);
-        self.bounded(async {
-            let mut checkout = self.checkout().await?;
-            let result = self.write_and_wait::<i64>(&mut checkout, redis::cmd("DEL").arg(&key)).await;
-            let (removed, acked) = self.settle(&checkout, result)?;
-            if removed > 0 {
-                self.check_replicated(acked)?;
-            }
-            Ok(removed > 0)
-        })
-        .await
+        self.remove_task(task_id).await
     }
 
     /// `PING`; in a cluster every primary must answer (every slot is served).

@@ -209,8 +209,8 @@ impl Stream {
     /// cancels its calls) must not strand the streams waiting for it: they go on unpinned
     /// (lookup) or to the old pin (move). An open GET stream is forgotten.
     pub fn on_done(&mut self, cx: &mut Ctx) -> Step {
-        if !cx.vm.open_gets.is_empty() {
-            cx.vm.open_gets.remove(&self.context_id);
+        if !cx.vm.open_streams.is_empty() {
+            cx.vm.open_streams.remove(&self.context_id);
         }
         if let State::Resolving(r) = &self.state
             && r.ask != Ask::Waits

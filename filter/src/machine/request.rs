@@ -17,6 +17,15 @@ use super::ops::{Call, Flow, Header, Op, Reply, Resource, Step, json};
 use super::state::{Ask, Kind, Pinned, Resolution, Resolving, State, Stream, original_request, pin_ops, resolution_ops};
 use super::vm::Ctx;
 
+/// While something drains, sends new work (a request that starts a session, a task or a
+/// listen stream) to a serving upstream named by control ([`crate::drain::Draining::steer`]),
+/// with the pin header: the draining pod gets none. Nothing while nothing drains.
+pub(super) fn steer_new_work(cx: &mut Ctx, ops: &mut Vec<Op>) {
+    let Some(upstream) = cx.vm.draining.steer() else { return };
+    ops.push(Op::SetRequestHeader(Header::Pin, cx.cfg.pin_encoding.header_value(upstream)));
+    cx.count(Counter::RequestsSteeredByDrain);
+}
+
 /// JSON-RPC method of the notification that completes MCP initialisation.
 const INITIALIZED: &str = "notifications/initialized";
 
@@ -40,7 +49,7 @@ impl Stream {
             State::RecordingInitialized(_) | State::Recovering(_) | State::Writing => true,
             State::Passthrough | State::NewSession { .. } | State::Pinned(_) | State::Answered => false,
             State::TaskLookup { .. } => true,
-            State::TaskCall | State::TaskAnswer { .. } | State::TaskRequest { .. } => false,
+            State::TaskCall | State::TaskAnswer { .. } | State::TaskRequest { .. } | State::TaskStatus { .. } | State::Listen => false,
         }
     }
 
@@ -66,7 +75,7 @@ impl Stream {
     /// upstream can end it (only with control: drains come from control).
     pub(super) fn enter_pinned(&mut self, cx: &mut Ctx, p: Pinned) {
         if p.kind == Kind::Get && cx.control {
-            cx.vm.open_gets.insert(self.context_id, p.pin.upstream.clone());
+            cx.vm.open_streams.insert(self.context_id, p.pin.upstream.clone());
         }
         self.state = State::Pinned(p);
     }
@@ -127,7 +136,12 @@ impl Stream {
             // header lets us skip the body when it names another method; it is never a
             // reason to pin by itself. Rule 1: the headers go on; the body is copied as it
             // streams.
-            let copy = !end_of_stream && cx.control && mcp_method.is_none_or(|m| m == jsonrpc::INITIALIZE.as_bytes());
+            let may_initialize = mcp_method.is_none_or(|m| m == jsonrpc::INITIALIZE.as_bytes());
+            if may_initialize {
+                // A new session never starts on a draining pod.
+                steer_new_work(cx, &mut ops);
+            }
+            let copy = !end_of_stream && cx.control && may_initialize;
             let body = if copy { BodyCopy::new(cx.cfg.max_body_bytes, false) } else { BodyCopy::Off };
             self.state = State::NewSession { body, initialize: None };
         }

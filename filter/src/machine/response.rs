@@ -29,7 +29,13 @@ impl Stream {
             },
             State::Pinned(p) => self.on_pinned_response(cx, head, p),
             State::TaskCall => self.on_task_call_response(cx, head),
-            State::TaskRequest { key } => self.on_task_request_response(cx, head, &key),
+            State::TaskRequest { key, upstream, watch } => self.on_task_request_response(cx, head, key, upstream, watch),
+            State::Listen => {
+                if let Some(upstream) = header_str(head.upstream_address()).filter(|s| !s.is_empty()) {
+                    cx.vm.open_streams.insert(self.context_id, upstream);
+                }
+                Step::flow(Flow::Continue)
+            }
             other => {
                 self.state = other;
                 Step::flow(Flow::Continue)

@@ -314,7 +314,7 @@ fn adopt_draining(cx: &mut RootCtx) {
             log::info!("mcp-affinity: ended GET stream {id}: its upstream is draining");
             cx.host.count(Counter::StreamsEndedByDrain, 1);
         }
-        cx.vm.borrow_mut().open_gets.remove(&id);
+        cx.vm.borrow_mut().open_streams.remove(&id);
     }
 }
 

@@ -278,21 +278,21 @@ fn one_vm_polls_the_draining_list_and_every_vm_ends_its_get_streams_on_a_drainin
     assert_eq!(a.host.methods(), ["draining"], "due at once");
     {
         let mut vm = a.vm.borrow_mut();
-        vm.open_gets.insert(7, "10.0.0.2:80".into());
-        vm.open_gets.insert(8, "10.0.0.3:80".into());
-        vm.open_gets.insert(9, "10.0.0.2:80".into());
+        vm.open_streams.insert(7, "10.0.0.2:80".into());
+        vm.open_streams.insert(8, "10.0.0.3:80".into());
+        vm.open_streams.insert(9, "10.0.0.2:80".into());
     }
     a.host.streams = vec![7, 8];
     let token = a.last_token();
     a.answer(token, Some(200), r#"{"draining":[{"upstream":"10.0.0.2:80","since_ms":1,"source":"admin","moved":0,"failed":0,"last_move_ms":null}]}"#);
     assert_eq!(a.host.ended, [7], "stream 9 is gone already");
-    assert_eq!(a.vm.borrow().open_gets.keys().copied().collect::<Vec<_>>(), [8]);
+    assert_eq!(a.vm.borrow().open_streams.keys().copied().collect::<Vec<_>>(), [8]);
     assert_eq!((a.host.count(Counter::StreamsEndedByDrain), a.host.count(Counter::DrainListUpdates)), (1, 1));
     // Another VM of the same Envoy sees the claim, does not poll, and adopts the list.
     let mut b = World::polling();
     b.host.shared = std::mem::take(&mut a.host.shared);
     b.host.now_ms = a.host.now_ms + 10;
-    b.vm.borrow_mut().open_gets.insert(3, "10.0.0.2:80".into());
+    b.vm.borrow_mut().open_streams.insert(3, "10.0.0.2:80".into());
     b.host.streams = vec![3];
     b.tick();
     assert!(b.host.calls.is_empty());
@@ -303,7 +303,7 @@ fn one_vm_polls_the_draining_list_and_every_vm_ends_its_get_streams_on_a_drainin
 #[test]
 fn a_failed_poll_keeps_the_last_list_and_is_counted() {
     let mut w = World::polling();
-    drain::store_answer(&mut w.host.shared, 1, &["10.0.0.2:80".into()]);
+    drain::store_answer(&mut w.host.shared, 1, &drain::Upstreams { draining: vec!["10.0.0.2:80".into()], serving: Vec::new() });
     w.tick();
     let token = w.last_token();
     w.answer(token, Some(503), "");
@@ -341,7 +341,7 @@ fn a_write_answer_of_an_ended_stream_is_counted() {
 #[test]
 fn task_pins_are_written_through_on_the_tick_in_bounded_batches() {
     let mut w = World::new(true);
-    let put = mcp_affinity_proto::tasks::PutTask { upstream: "10.0.0.1:80".into(), ttl_ms: Some(1000) };
+    let put = mcp_affinity_proto::tasks::PutTask { upstream: "10.0.0.1:80".into(), ttl_ms: Some(1000), terminal: false };
     for i in 0..TASK_WRITES_PER_TICK + 2 {
         w.vm.borrow_mut().task_writes.push((format!("t{i}"), put.clone()));
     }
@@ -363,7 +363,7 @@ fn task_pins_are_written_through_on_the_tick_in_bounded_batches() {
 #[test]
 fn a_task_pin_control_did_not_take_is_sent_again_on_the_periodic_tick_until_its_last_attempt() {
     let mut w = World::new(true);
-    let put = mcp_affinity_proto::tasks::PutTask { upstream: "10.0.0.1:80".into(), ttl_ms: None };
+    let put = mcp_affinity_proto::tasks::PutTask { upstream: "10.0.0.1:80".into(), ttl_ms: None, terminal: false };
     w.vm.borrow_mut().task_writes.push(("t1".into(), put.clone()));
     w.vm.borrow_mut().task_writes.push(("t2".into(), put));
     w.tick();
@@ -384,7 +384,7 @@ fn a_task_pin_control_did_not_take_is_sent_again_on_the_periodic_tick_until_its_
     w.tick_after(w.cfg.sweep_period_ms);
     assert_eq!(w.host.calls.len(), 1 + usize::from(MAX_ATTEMPTS), "not sent again");
     // A written pin is counted.
-    w.vm.borrow_mut().task_writes.push(("t3".into(), mcp_affinity_proto::tasks::PutTask { upstream: "10.0.0.1:80".into(), ttl_ms: None }));
+    w.vm.borrow_mut().task_writes.push(("t3".into(), mcp_affinity_proto::tasks::PutTask { upstream: "10.0.0.1:80".into(), ttl_ms: None, terminal: false }));
     w.tick_after(10);
     let token = w.last_token();
     w.answer(token, Some(200), "{}");

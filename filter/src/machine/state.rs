@@ -57,8 +57,16 @@ pub(super) enum State {
     /// The answer of a 2026-era `tools/call`, copied (bounded) until it shows whether it
     /// created a task, which is then pinned to `upstream`.
     TaskAnswer { body: BodyCopy, upstream: String, sse: bool },
-    /// A `tasks/get|update|cancel` routed by its task's pin (shared-data key `key`).
-    TaskRequest { key: String },
+    /// A `tasks/get|update|cancel` routed by its task's pin (shared-data key `key`) to
+    /// `upstream`; `watch`: its answer is read for a terminal status (with control, until
+    /// one was seen: the pin's generation is 1 before, 2 after).
+    TaskRequest { key: String, upstream: String, watch: bool },
+    /// The answer of a watched task request, copied (bounded) until it shows whether the
+    /// task is over ([`crate::tasks::answer_is_terminal`]).
+    TaskStatus { body: BodyCopy, sse: bool, key: String, upstream: String },
+    /// A 2026-era `subscriptions/listen` (with control): its upstream is remembered when it
+    /// answers, so that a drain of that upstream ends the stream.
+    Listen,
     /// A `tasks/get|update|cancel` of a task this Envoy holds no pin for, held while
     /// control is asked where it lives (`GET {prefix}/tasks/{id}`).
     TaskLookup { task_id: String },

@@ -49,9 +49,10 @@ pub struct Vm {
     pub records: RecordQueue,
     /// The draining upstream hosts, adopted from shared data on the tick.
     pub draining: Draining,
-    /// Open pinned GET streams (server-to-client SSE): context id → upstream host. Ended
-    /// when their upstream starts draining ([`Vm::streams_to_end`]).
-    pub open_gets: HashMap<u32, String>,
+    /// Open long-lived streams: pinned GET streams (server-to-client SSE) and 2026-era
+    /// `subscriptions/listen` streams, context id → upstream host. Ended when their
+    /// upstream starts draining ([`Vm::streams_to_end`]).
+    pub open_streams: HashMap<u32, String>,
     /// The VM's clock, Unix seconds, set by the root context on configure and every
     /// `sweep_period_ms`: pins need seconds, and a host call per request for them would
     /// be waste.
@@ -65,13 +66,14 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// The open GET streams whose upstream is draining: the root context ends them
-    /// (`proxy_close_stream`) so that their clients reopen them, on a live pod.
+    /// The open streams whose upstream is draining: the root context ends them
+    /// (`proxy_close_stream`) so that their clients reopen them (a GET stream) or re-listen
+    /// (`subscriptions/listen`), on a live pod.
     pub fn streams_to_end(&self) -> Vec<u32> {
         if self.draining.is_empty() {
             return Vec::new();
         }
-        let mut ids: Vec<u32> = self.open_gets.iter().filter(|(_, u)| self.draining.contains(u)).map(|(id, _)| *id).collect();
+        let mut ids: Vec<u32> = self.open_streams.iter().filter(|(_, u)| self.draining.contains(u)).map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids
     }

@@ -112,6 +112,7 @@ impl DrainFields {
             moved: number("moved", &self.moved)?,
             failed: number("failed", &self.failed)?,
             last_move_ms: self.last.as_ref().map(|_| number("last", &self.last)).transpose()?,
+            tasks: 0,
         })
     }
 }
@@ -253,7 +254,8 @@ mod tests {
                 source: DrainSource::Dns,
                 moved: 3,
                 failed: 1,
-                last_move_ms: Some(1500)
+                last_move_ms: Some(1500),
+                tasks: 0
             }
         );
         let b = grouped["[::1]:8080"].to_drain("[::1]:8080").unwrap();

@@ -29,6 +29,13 @@ pub fn task_key(prefix: &str, task_id: &str) -> String {
     format!("{prefix}{{{}}}:task", hash_tag(task_id))
 }
 
+/// The key of the index of unfinished tasks pinned to `upstream`:
+/// `<prefix>{<upstream>}:tasks-on` (a sorted set: task id scored by its pin's expiry, Unix
+/// ms). Its suffix differs from every session's and task's key.
+pub fn tasks_on_key(prefix: &str, upstream: &str) -> String {
+    format!("{prefix}{{{}}}:tasks-on", hash_tag(upstream))
+}
+
 /// The key of the drains hash: `<prefix>drains` (one key for every upstream; it never
 /// collides with a session's keys, which always carry a `{…}` hash tag).
 pub fn drains_key(prefix: &str) -> String {
@@ -88,6 +95,8 @@ mod tests {
         assert_eq!(lease_key("mcp-affinity:", &id("abc-123")), "mcp-affinity:{abc-123}:lease");
         assert_eq!(task_key("mcp-affinity:", "abc-123"), "mcp-affinity:{abc-123}:task");
         assert_ne!(task_key("p:", "a"), record_key("p:", &id("a")));
+        assert_eq!(tasks_on_key("p:", "10.0.0.1:80"), "p:{10.0.0.1:80}:tasks-on");
+        assert_ne!(tasks_on_key("p:", "a"), task_key("p:", "a"));
         for raw in ["abc", "}", "{", "{}", "a}b{c", "%7D", "%", "x:record", "}}}{{{"] {
             let (record, lease) = (record_key("p:", &id(raw)), lease_key("p:", &id(raw)));
             assert_eq!(cluster_tag(&record), cluster_tag(&lease), "{raw}: {record} / {lease}");

@@ -749,8 +749,13 @@ fn with_envoy_retry_a_pin_header_a_pod_sends_is_removed_and_ignored() {
 
 /// Makes `upstreams` the draining list in shared data and lets the VM adopt it (the tick).
 fn drain(w: &mut World, upstreams: &[&str]) {
-    let list: Vec<String> = upstreams.iter().map(|u| (*u).to_string()).collect();
-    crate::drain::store_answer(&mut w.env.shared, 1, &list);
+    drain_serving(w, upstreams, &[]);
+}
+
+/// [`drain`], with control naming `serving` as the upstreams for new work.
+fn drain_serving(w: &mut World, upstreams: &[&str], serving: &[&str]) {
+    let own = |l: &[&str]| l.iter().map(|u| (*u).to_string()).collect();
+    crate::drain::store_answer(&mut w.env.shared, 1, &crate::drain::Upstreams { draining: own(upstreams), serving: own(serving) });
     w.vm.draining.refresh(&w.env.shared);
 }
 
@@ -866,7 +871,7 @@ fn open_get_streams_on_an_upstream_that_starts_draining_are_ended() {
     let mut c = Stream::new(10);
     c.on_request_headers(&mut w.cx(), get("s1"), true);
     c.on_control_answer(&mut w.cx(), ControlAnswer { status: Some(200), body: MOVED.into() });
-    assert_eq!(w.vm.open_gets.get(&10).map(String::as_str), Some("10.0.0.5:80"));
+    assert_eq!(w.vm.open_streams.get(&10).map(String::as_str), Some("10.0.0.5:80"));
     assert!(w.vm.streams_to_end().is_empty());
 }
 

@@ -167,3 +167,92 @@ fn task_affinity_off_leaves_every_stateless_request_alone() {
     let mut s = Stream::new(1);
     assert_eq!(s.on_request_headers(&mut w.cx(), stateless("tools/call", Some("slow_task")), false).ops, vec![]);
 }
+
+// ---- draining: new work goes elsewhere, tasks finish where they run -------------------
+
+/// A `tasks/get` of `t-1` through stream `id`, answered 200 `content_type` with `answer`.
+fn task_get_answered(w: &mut World, id: u32, content_type: &'static str, answer: &str) -> Step {
+    let mut s = Stream::new(id);
+    s.on_request_headers(&mut w.cx(), stateless("tasks/get", Some("t-1")), true);
+    s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("content-type", content_type)]));
+    s.on_response_body(&mut w.cx(), &body(answer), true)
+}
+
+const WORKING: &str = r#"{"jsonrpc":"2.0","id":3,"result":{"resultType":"complete","taskId":"t-1","status":"working"}}"#;
+const COMPLETED: &str = r#"{"jsonrpc":"2.0","id":3,"result":{"resultType":"complete","taskId":"t-1","status":"completed","result":{"content":[]}}}"#;
+
+#[test]
+fn a_task_seen_terminal_is_written_to_control_once_and_its_pod_keeps_its_requests() {
+    let mut w = World::new(true);
+    tools_call(&mut w, "application/json", &[CREATED]);
+    w.vm.task_writes.clear();
+    super::drain_serving(&mut w, &["10.0.0.1:80"], &["10.0.0.2:80"]);
+    task_get_answered(&mut w, 5, "application/json", WORKING);
+    assert!(w.vm.task_writes.is_empty(), "still working: nothing to write");
+    // Its pod drains, but the task's requests still reach it (it holds the task).
+    let mut s = Stream::new(6);
+    assert_eq!(routed_to(&s.on_request_headers(&mut w.cx(), stateless("tasks/get", Some("t-1")), true)), Some("10.0.0.1:80"));
+    task_get_answered(&mut w, 7, "text/event-stream", &format!("data: {COMPLETED}\n\n"));
+    let (id, put) = w.vm.task_writes.first().cloned().expect("the terminal status is written through");
+    assert_eq!((id.as_str(), put.upstream.as_str(), put.terminal, put.ttl_ms), ("t-1", "10.0.0.1:80", true, None));
+    assert_eq!((w.count("tasks_terminal"), task_pin(&w, "t-1").map(|p| p.upstream).as_deref()), (1, Some("10.0.0.1:80")), "the pin stays");
+    // Once seen, later answers are not read again.
+    let mut s = Stream::new(8);
+    s.on_request_headers(&mut w.cx(), stateless("tasks/get", Some("t-1")), true);
+    s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("content-type", "application/json")]));
+    let read = || -> Vec<u8> { panic!("a task seen terminal is not read again") };
+    s.on_response_body(&mut w.cx(), &read, true);
+    assert_eq!(w.vm.task_writes.len(), 1);
+    // The pod no longer knows a task (-32602): over too. An answer over the limit: unknown.
+    w.vm.task_writes.clear();
+    super::drain_serving(&mut w, &[], &[]);
+    tools_call(&mut w, "application/json", &[CREATED]);
+    w.vm.task_writes.clear();
+    task_get_answered(&mut w, 9, "application/json", &"x".repeat(TASK_ANSWER_LIMIT + 1));
+    assert!(w.vm.task_writes.is_empty(), "an unreadable answer proves nothing");
+    task_get_answered(&mut w, 10, "application/json", r#"{"jsonrpc":"2.0","id":3,"error":{"code":-32602,"message":"unknown task: t-1"}}"#);
+    assert!(w.vm.task_writes[0].1.terminal);
+    // Without control nothing is read: no drain ever waits for a task.
+    let mut w = World::new(false);
+    tools_call(&mut w, "application/json", &[CREATED]);
+    let mut s = Stream::new(5);
+    s.on_request_headers(&mut w.cx(), stateless("tasks/get", Some("t-1")), true);
+    s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("content-type", "application/json")]));
+    s.on_response_body(&mut w.cx(), &read, true);
+}
+
+#[test]
+fn while_a_pod_drains_new_tasks_sessions_and_listen_streams_go_to_serving_pods() {
+    let mut w = World::new(true);
+    let mut s = Stream::new(1);
+    assert_eq!(s.on_request_headers(&mut w.cx(), stateless("tools/call", Some("slow_task")), false).ops, vec![Op::WantResponse], "nothing drains: Envoy balances");
+    super::drain_serving(&mut w, &["10.0.0.1:80"], &["10.0.0.2:80", "10.0.0.3:80"]);
+    let mut routes = Vec::new();
+    for (id, head) in [(2, stateless("tools/call", Some("slow_task"))), (3, stateless("subscriptions/listen", None)), (4, post(None))] {
+        let mut s = Stream::new(id);
+        let step = s.on_request_headers(&mut w.cx(), head, false);
+        routes.push(routed_to(&step).map(str::to_string));
+    }
+    assert_eq!(routes, [Some("10.0.0.3:80".into()), Some("10.0.0.2:80".into()), Some("10.0.0.3:80".into())], "a tools/call, a listen stream, an initialize");
+    assert_eq!(w.count("requests_steered_by_drain"), 3);
+    // Requests that start nothing are not steered.
+    let mut s = Stream::new(5);
+    assert_eq!(s.on_request_headers(&mut w.cx(), stateless("tools/list", None), true).ops, vec![]);
+}
+
+#[test]
+fn a_listen_stream_is_ended_when_its_upstream_starts_draining() {
+    let mut w = World::new(true);
+    let mut s = Stream::new(4);
+    s.on_request_headers(&mut w.cx(), stateless("subscriptions/listen", None), false);
+    s.on_response_headers(&mut w.cx(), &Resp::new(200, &[("content-type", "text/event-stream")]));
+    assert!(w.vm.streams_to_end().is_empty(), "nothing drains");
+    super::drain_serving(&mut w, &["10.0.0.1:80"], &[]);
+    assert_eq!(w.vm.streams_to_end(), [4], "its upstream drains: the root context ends it");
+    s.on_done(&mut w.cx());
+    assert!(w.vm.streams_to_end().is_empty(), "an ended stream is forgotten");
+    // Without control there are no drains: the listen stream is not even looked at.
+    let mut w = World::new(false);
+    let mut s = Stream::new(4);
+    assert_eq!(s.on_request_headers(&mut w.cx(), stateless("subscriptions/listen", None), false).ops, vec![]);
+}
