@@ -57,8 +57,9 @@
 //!   all, `initialize` is answered without `Mcp-Session-Id`, the unknown-session
 //!   middleware is not installed. Same tools and tasks as `dual`.
 //!
-//! `GET /demo/stats` also answers `"tasks_created"` (tasks this process created) and
-//! `"tasks_running"` (tasks not yet terminal). `"initializations"` counts `initialize`
+//! `GET /demo/stats` also answers `"tasks_created"` (tasks this process created),
+//! `"tasks_running"` (tasks not yet terminal), `"listens_opened"` and `"listens_open"`
+//! (`subscriptions/listen` streams established, and still open). `"initializations"` counts `initialize`
 //! requests handled (in the 2025 era that is the sessions created, as before; stateless
 //! 2026 requests, for which rmcp builds a handler per request, do not count).
 //!
@@ -82,9 +83,9 @@ use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CancelTaskParams, GetTaskParams, GetTaskResult, Implementation,
-    InitializeRequestParams, InitializeResult, ServerCapabilities, ServerConfig, UpdateTaskParams,
+    InitializeRequestParams, InitializeResult, ServerCapabilities, ServerConfig, SubscriptionFilter, UpdateTaskParams,
 };
-use rmcp::service::{RequestContext, RoleServer};
+use rmcp::service::{RequestContext, RoleServer, SubscriptionContext};
 use rmcp::task_manager::TaskManager;
 use rmcp::transport::streamable_http_server::session::SessionManager;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -194,6 +195,8 @@ struct Stats {
     initializations: AtomicU64,
     in_flight: AtomicU64,
     tasks_created: AtomicU64,
+    listens_opened: AtomicU64,
+    listens_open: AtomicU64,
 }
 
 /// Counts one running tool call for as long as it lives.
@@ -256,8 +259,8 @@ impl ServerHandler for DemoHandler {
     fn get_info(&self) -> ServerConfig {
         let (capabilities, instructions) = if self.era.has_tasks() {
             (
-                ServerCapabilities::builder().enable_tools().enable_tasks().build(),
-                "mcp-affinity demo/test server: tools echo, whoami and slow_task (tasks extension)",
+                ServerCapabilities::builder().enable_tools().enable_tool_list_changed().enable_tasks().build(),
+                "mcp-affinity demo/test server: tools echo, whoami and slow_task (tasks extension); subscriptions/listen",
             )
         } else {
             (ServerCapabilities::builder().enable_tools().build(), "mcp-affinity demo/test server: tools echo and whoami")
@@ -302,6 +305,14 @@ impl ServerHandler for DemoHandler {
 
     async fn cancel_task(&self, request: CancelTaskParams, _: RequestContext<RoleServer>) -> Result<(), ErrorData> {
         self.tasks.cancel_task(&request.task_id)
+    }
+
+    fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
+        self.era.has_tasks().then(|| requested.clone())
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        self.hold_listen(context).await
     }
 }
 
@@ -403,6 +414,8 @@ pub fn router(options: &DemoServerOptions, ct: CancellationToken) -> axum::Route
             "initializations": stats.initializations.load(Ordering::Relaxed),
             "in_flight": stats.in_flight.load(Ordering::SeqCst),
             "tasks_created": stats.tasks_created.load(Ordering::SeqCst),
+            "listens_opened": stats.listens_opened.load(Ordering::SeqCst),
+            "listens_open": stats.listens_open.load(Ordering::SeqCst),
             "tasks_running": tasks.running_task_count(),
         });
         async move { axum::Json(body) }

@@ -70,6 +70,9 @@ const BASE64_SUFFIX: &str = "?=";
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+mod listen;
+pub use listen::{ACKNOWLEDGED, Listening, listen};
+
 /// How one request is sent, beyond the method and params.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -118,6 +121,18 @@ pub struct RpcError {
     pub message: String,
     /// `error.data`, if any (for -32021: `{"requiredCapabilities": …}`).
     pub data: Option<Value>,
+}
+
+impl RpcError {
+    /// The error object `error` of a JSON-RPC response that came with HTTP `status`.
+    pub fn from_message(status: StatusCode, error: &Value) -> RpcError {
+        RpcError {
+            status,
+            code: error.get("code").and_then(Value::as_i64).unwrap_or(0),
+            message: error.get("message").and_then(Value::as_str).unwrap_or_default().to_string(),
+            data: error.get("data").cloned(),
+        }
+    }
 }
 
 /// Why a request failed.
@@ -361,15 +376,7 @@ pub async fn request(url: &str, method: &str, params: Value, options: &Options) 
     let (id, raw) = send_raw(url, method, params, options).await.map_err(|e| Error::Transport(format!("{e:#}")))?;
     let response = raw.messages().into_iter().find(|m| m.get("id") == Some(&json!(id)) || is_error_without_id(m));
     match response {
-        Some(m) if m.get("error").is_some() => {
-            let e = &m["error"];
-            Err(Error::Rpc(RpcError {
-                status: raw.status,
-                code: e.get("code").and_then(Value::as_i64).unwrap_or(0),
-                message: e.get("message").and_then(Value::as_str).unwrap_or_default().to_string(),
-                data: e.get("data").cloned(),
-            }))
-        }
+        Some(m) if m.get("error").is_some() => Err(Error::Rpc(RpcError::from_message(raw.status, &m["error"]))),
         Some(m) if raw.status.is_success() => match m.get("result") {
             Some(result) => Ok(Answer { result: result.clone(), raw }),
             None => Err(Error::Protocol(format!("response without result: {m}"))),

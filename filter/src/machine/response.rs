@@ -32,6 +32,8 @@ impl Stream {
             State::TaskRequest { key, upstream, watch } => self.on_task_request_response(cx, head, key, upstream, watch),
             State::Listen => {
                 if let Some(upstream) = header_str(head.upstream_address()).filter(|s| !s.is_empty()) {
+                    // Sent before this VM adopted its upstream's drain, answered after.
+                    cx.vm.late_streams |= cx.vm.draining.contains(&upstream);
                     cx.vm.open_streams.insert(self.context_id, upstream);
                 }
                 Step::flow(Flow::Continue)

@@ -303,15 +303,18 @@ impl Root {
 fn adopt_draining(cx: &mut RootCtx) {
     let ends = {
         let mut vm = cx.vm.borrow_mut();
-        if !vm.draining.refresh(cx.host.shared()) {
+        let changed = vm.draining.refresh(cx.host.shared());
+        if !changed && !std::mem::take(&mut vm.late_streams) {
             return;
+        }
+        if changed {
+            cx.host.count(Counter::DrainListUpdates, 1);
         }
         vm.streams_to_end()
     };
-    cx.host.count(Counter::DrainListUpdates, 1);
     for id in ends {
         if cx.host.end_stream(id) {
-            log::info!("mcp-affinity: ended GET stream {id}: its upstream is draining");
+            log::info!("mcp-affinity: ended stream {id}: its upstream is draining");
             cx.host.count(Counter::StreamsEndedByDrain, 1);
         }
         cx.vm.borrow_mut().open_streams.remove(&id);

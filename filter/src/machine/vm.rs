@@ -53,6 +53,9 @@ pub struct Vm {
     /// `subscriptions/listen` streams, context id → upstream host. Ended when their
     /// upstream starts draining ([`Vm::streams_to_end`]).
     pub open_streams: HashMap<u32, String>,
+    /// A listen stream was answered by an upstream this VM already knew draining (sent
+    /// before the VM adopted the drain): the next tick ends it with the others.
+    pub late_streams: bool,
     /// The VM's clock, Unix seconds, set by the root context on configure and every
     /// `sweep_period_ms`: pins need seconds, and a host call per request for them would
     /// be waste.

@@ -30,6 +30,11 @@
 //! [`DemoServerOptions::name`](super::DemoServerOptions::name), so a test sees which pod
 //! ran it. A task cancelled
 //! with `tasks/cancel` stops sleeping and ends `cancelled`.
+//!
+//! `subscriptions/listen` (eras `2026` and `dual`): rmcp acknowledges the stream
+//! (`notifications/subscriptions/acknowledged`, the accepted filter: whatever the client
+//! asked for among `toolsListChanged`) and this module holds it open, sending nothing more,
+//! until the client or the proxy ends it; `/demo/stats` counts the streams opened and open.
 
 //!
 //! # On the wire (era `dual`, default JSON answers)
@@ -48,12 +53,12 @@
 //! With `--sse-2026` the same JSON-RPC messages come as `text/event-stream`, one
 //! `data:` event each (no priming event).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, CreateTaskResult};
-use rmcp::service::{RequestContext, RoleServer};
+use rmcp::service::{RequestContext, RoleServer, SubscriptionContext};
 use rmcp::task_manager::{TaskExit, TaskOptions};
 use rmcp::{ErrorData, schemars, tool, tool_router};
 
@@ -89,6 +94,27 @@ impl DemoHandler {
         let _running = Running::start(&self.stats);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         pod_result(&self.name)
+    }
+}
+
+/// Counts one open `subscriptions/listen` stream for as long as it lives.
+struct Listening<'a>(&'a AtomicU64);
+
+impl Drop for Listening<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl DemoHandler {
+    /// Holds an acknowledged `subscriptions/listen` stream open until it is cancelled (the
+    /// client or a proxy ended the HTTP stream), counted in `/demo/stats`.
+    pub(super) async fn hold_listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        self.stats.listens_opened.fetch_add(1, Ordering::SeqCst);
+        self.stats.listens_open.fetch_add(1, Ordering::SeqCst);
+        let _open = Listening(&self.stats.listens_open);
+        context.cancelled().await;
+        Ok(())
     }
 }
 

@@ -249,7 +249,13 @@ fn a_listen_stream_is_ended_when_its_upstream_starts_draining() {
     assert!(w.vm.streams_to_end().is_empty(), "nothing drains");
     super::drain_serving(&mut w, &["10.0.0.1:80"], &[]);
     assert_eq!(w.vm.streams_to_end(), [4], "its upstream drains: the root context ends it");
+    assert!(!w.vm.late_streams, "answered before the drain");
+    let mut late = Stream::new(6);
+    late.on_request_headers(&mut w.cx(), stateless("subscriptions/listen", None), false);
+    late.on_response_headers(&mut w.cx(), &Resp::new(200, &[("content-type", "text/event-stream")]));
+    assert!(w.vm.late_streams, "answered by an upstream already draining: ended on the next tick");
     s.on_done(&mut w.cx());
+    late.on_done(&mut w.cx());
     assert!(w.vm.streams_to_end().is_empty(), "an ended stream is forgotten");
     // Without control there are no drains: the listen stream is not even looked at.
     let mut w = World::new(false);
