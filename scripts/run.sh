@@ -149,9 +149,10 @@ task; its tasks/get (Mcp-Name: <taskId>) always reaches the pod that holds it:
        -d '{"jsonrpc":"2.0","id":2,"method":"tasks/get","params":{"taskId":"<taskId>","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"curl","version":"1"},"io.modelcontextprotocol/clientCapabilities":{"extensions":{"io.modelcontextprotocol/tasks":{}}}}}}'
   (filter counters tasks_pinned, tasks_routed)
 
-Drain a pod as a rolling update would (its sessions move to another pod on their next
-request, with no error; DELETE instead of POST undoes it):
-  curl -si -X POST -H "authorization: Bearer \$(cat $RUN_DIR/control.token)" http://$CONTROL/v1/upstreams/${upstreams[0]}/drain
+Drain a pod as a rolling update's preStop hook would: its sessions move to another pod on
+their next request, with no error; new tasks go to other pods while its tasks finish there, and
+the command returns once none is left (\`undrain\` undoes it):
+  MCP_AFFINITY_CONTROL_TOKEN_FILE=$RUN_DIR/control.token $BIN/mcp-affinity-control drain ${upstreams[0]} --url http://$CONTROL --settle 3
 
 Kill a demo pod (kill <pid>: ${pids[*]:0:${#upstreams[@]}}) to see its sessions recovered on
 another pod on their next request, with the same session id and no error.

@@ -8,9 +8,10 @@
 //! | `PATCH /v1/sessions/{id}[?wait_ms=N]` | bearer | 200 record (touched), 404 (likewise)                  |
 //! | `DELETE /v1/sessions/{id}` | bearer | 204, 404                                           |
 //! | `POST /v1/sessions/{id}/recover[?wait_ms=N]` | bearer | 200 outcome (see [`crate::recover`]), 404, 400, 503 |
-//! | `POST /v1/upstreams/{upstream}/drain` | bearer | 200 the [`Drain`] (new or already draining), 400 `invalid_upstream`, 503 |
+//! | `POST /v1/upstreams/{upstream}/drain[?wait_tasks_secs=N]` | bearer | 200 the [`Drain`](crate::store::Drain) (new or already draining; after its tasks ended, or N s), 400 `invalid_upstream`, 503 |
 //! | `DELETE /v1/upstreams/{upstream}/drain` | bearer | 204 undrained, 404 `not_draining`, 400, 503 |
-//! | `GET /v1/upstreams/draining` | bearer | 200 [`DrainingList`] `{"draining":[Drain…]}` sorted by upstream, 503 |
+//! | `GET /v1/upstreams/draining` | bearer | 200 [`DrainingList`] `{"draining":[Drain…],"serving":[…]}` sorted by upstream, 503 |
+//! | `PUT\|GET\|DELETE /v1/tasks/{id}` | bearer | task pins ([`crate::task_pins`]) |
 //! | `GET /healthz`             | none   | 200 while the process runs                         |
 //! | `GET /readyz`              | none   | 200 when the store answers, else 503               |
 //! | `GET /metrics`             | none   | Prometheus / OpenMetrics text                      |
@@ -21,9 +22,8 @@
 //! canonical form (`SocketAddr::to_string()`), the form Envoy reports upstream addresses
 //! in. Errors are described in [`crate::errors`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -38,13 +38,13 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::auth::{Auth, require_bearer};
-use crate::task_pins;
+use crate::{drain_api, task_pins};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::record::{MAX_BATCH_RECORDS, PatchSession, PutCondition, PutSession, PutSessions, PutSessionsAnswer, Rejected, SessionRecord};
 use crate::recover::{RecoverRequest, RecoverAnswer, Recovery};
 use crate::session_id::SessionId;
-use crate::store::{Drain, DrainSource, PutOutcome, SessionStore, StoreError};
+use crate::store::{PutOutcome, SessionStore, StoreError};
 use tokio::sync::Semaphore;
 
 /// Route of the session collection (`POST`: many records at once).
@@ -95,7 +95,7 @@ impl<S: SessionStore> AppState<S> {
 
     /// Reads the draining list and updates the `upstreams_draining` gauge (best effort:
     /// a store error is logged by [`Self::timed`] and leaves the gauge as it was).
-    async fn refresh_draining_gauge(&self) {
+    pub(crate) async fn refresh_draining_gauge(&self) {
         if let Ok(list) = self.timed("draining", self.store.draining()).await {
             self.metrics.set_upstreams_draining(list.len());
         }
@@ -119,8 +119,8 @@ pub fn router_with_permits<S: SessionStore>(state: AppState<S>, auth: Auth, max_
         )
         .route(SESSIONS_ROUTE, post(put_sessions::<S>))
         .route(RECOVER_ROUTE, post(recover_session::<S>))
-        .route(DRAIN_ROUTE, post(drain_upstream::<S>).delete(undrain_upstream::<S>))
-        .route(DRAINING_ROUTE, get(list_draining::<S>))
+        .route(DRAIN_ROUTE, post(drain_api::drain_upstream::<S>).delete(drain_api::undrain_upstream::<S>))
+        .route(DRAINING_ROUTE, get(drain_api::list_draining::<S>))
         .route(task_pins::TASK_ROUTE, get(task_pins::get_task::<S>).put(task_pins::put_task::<S>).delete(task_pins::delete_task::<S>))
         .route("/v1/sessions/", any(empty_session_id))
         .route_layer(middleware::from_fn_with_state(auth, require_bearer))
@@ -180,20 +180,6 @@ impl<St: Send + Sync> FromRequestParts<St> for ValidId {
 
 fn invalid_id(why: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_session_id", format!("invalid session id: {why}"))
-}
-
-/// An upstream (`ip:port`) taken from the path and parsed.
-struct ValidUpstream(SocketAddr);
-
-impl<St: Send + Sync> FromRequestParts<St> for ValidUpstream {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &St) -> Result<Self, ApiError> {
-        let Path(raw): Path<String> = Path::from_request_parts(parts, state)
-            .await
-            .map_err(|e: PathRejection| ApiError::invalid_upstream("", &e.body_text()))?;
-        raw.parse::<SocketAddr>().map(ValidUpstream).map_err(|e| ApiError::invalid_upstream(&raw, &e.to_string()))
-    }
 }
 
 /// The raw request body, within the body limit.
@@ -387,59 +373,6 @@ async fn recover_session<S: SessionStore>(
         }
     }
 }
-
-/// `POST /v1/upstreams/{upstream}/drain`: idempotent, 200 with the drain (a new one, or
-/// the existing one unchanged). Called from pods' `preStop` hooks: one store write.
-async fn drain_upstream<S: SessionStore>(
-    State(state): State<AppState<S>>,
-    ValidUpstream(upstream): ValidUpstream,
-) -> Result<Json<Drain>, ApiError> {
-    let mut drain = state.timed("drain", state.store.drain(upstream, DrainSource::Admin)).await?;
-    drain.tasks = state.timed("unfinished_tasks", state.store.unfinished_tasks(&drain.upstream)).await?;
-    tracing::info!(%upstream, since_ms = drain.since_ms, source = drain.source.as_str(), "upstream draining");
-    state.refresh_draining_gauge().await;
-    Ok(Json(drain))
-}
-
-/// `DELETE /v1/upstreams/{upstream}/drain`: 204, or 404 `not_draining`.
-async fn undrain_upstream<S: SessionStore>(
-    State(state): State<AppState<S>>,
-    ValidUpstream(upstream): ValidUpstream,
-) -> Result<StatusCode, ApiError> {
-    let was = state.timed("undrain", state.store.undrain(upstream)).await?;
-    state.refresh_draining_gauge().await;
-    if was {
-        tracing::info!(%upstream, "upstream no longer draining");
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::not_draining(&upstream.to_string()))
-    }
-}
-
-/// `GET /v1/upstreams/draining`: every unexpired drain, sorted by upstream.
-/// Each drain carries its upstream's unfinished tasks; while something drains, `serving`
-/// lists the endpoints (`--endpoints`, `--endpoints-dns`, resolved now) that do not drain,
-/// where the filters send new work. A failed resolution leaves `serving` empty (filters
-/// then let Envoy balance new work as usual).
-async fn list_draining<S: SessionStore>(State(state): State<AppState<S>>) -> Result<Json<DrainingList>, ApiError> {
-    let mut draining = state.timed("draining", state.store.draining()).await?;
-    state.metrics.set_upstreams_draining(draining.len());
-    for d in &mut draining {
-        d.tasks = state.timed("unfinished_tasks", state.store.unfinished_tasks(&d.upstream)).await?;
-    }
-    let mut serving = Vec::new();
-    if !draining.is_empty() {
-        let settings = state.recovery.settings();
-        match settings.endpoints.resolve(settings.timeout.min(SERVING_RESOLVE_TIMEOUT)).await {
-            Ok(endpoints) => serving = endpoints.iter().map(SocketAddr::to_string).filter(|e| draining.iter().all(|d| &d.upstream != e)).collect(),
-            Err(e) => tracing::warn!(error = %e, "draining list without `serving`: endpoints not resolved"),
-        }
-    }
-    Ok(Json(DrainingList { draining, serving }))
-}
-
-/// Longest wait for the endpoints' resolution of one draining list.
-const SERVING_RESOLVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 async fn empty_session_id() -> ApiError {
     invalid_id("session id is empty")

@@ -11,8 +11,11 @@
 //! - [`store`]: the [`store::SessionStore`] trait, [`store::memory`] and [`store::redis`].
 //! - [`recover`]: session recovery (`POST /v1/sessions/{id}/recover`): re-initialize on a
 //!   live pod once per session, replay when safe; move sessions off draining upstreams.
-//! - [`replay`]: the replay listener (`--replay-listen`): a request Envoy retried to
+//! - [`replay_listener`]: the replay listener (`--replay-listen`): a request Envoy retried to
 //!   control after its pinned pod failed; recovered and answered like the client's own.
+//! - [`drain_api`]: the drain routes (drain, undrain, the draining list with each
+//!   upstream's unfinished tasks and the serving endpoints); [`task_pins`]: MCP 2026-07-28
+//!   task pins.
 //! - [`drain_source`]: drains from the endpoint source (`--endpoints-dns`; EndpointSlices with the `kube` feature).
 //! - [`metrics`]: Prometheus metrics; [`clock`]: injectable time.
 //! - [`cli`]: the operator commands of the binary (`status`, `sessions get`, `drain`,
@@ -25,6 +28,7 @@ pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod drain_api;
 pub mod drain_source;
 pub mod errors;
 pub mod metrics;

@@ -657,6 +657,20 @@ async fn task_pins(backend: Backend) {
     assert_eq!(c.call(Method::DELETE, &url("u3"), None).await.0, StatusCode::NO_CONTENT);
     let (_, list) = c.call(Method::GET, &c.url("/v1/upstreams/draining"), None).await;
     assert_eq!(list["draining"][0]["tasks"], 1, "u2 terminal and u3 deleted: {list}");
+    // A preStop hook's drain waits for the tasks: u1 ends while it waits.
+    let started = Instant::now();
+    let drain_url = c.url(&format!("/v1/upstreams/{up}/drain?wait_tasks_secs=60"));
+    let (waited, _) = tokio::join!(c.call(Method::POST, &drain_url, None), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.call(Method::PUT, &url("u1"), Some(json!({"upstream": up, "terminal": true}).to_string())).await
+    });
+    assert_eq!((waited.0, &waited.1["tasks"]), (StatusCode::OK, &json!(0)), "{}", waited.1);
+    assert!(started.elapsed() >= Duration::from_millis(2250), "answered 2 s after the last count that saw u1 (the poll at 250 ms): {:?}", started.elapsed());
+    // Its wait is bounded: a task that never ends is reported.
+    c.call(Method::PUT, &url("u4"), Some(json!({"upstream": up, "ttl_ms": 60_000}).to_string())).await;
+    let (status, bounded) = c.call(Method::POST, &c.url(&format!("/v1/upstreams/{up}/drain?wait_tasks_secs=1")), None).await;
+    assert_eq!((status, &bounded["tasks"]), (StatusCode::OK, &json!(1)), "{bounded}");
+    assert_error(&c.call(Method::POST, &c.url(&format!("/v1/upstreams/{up}/drain?wait_tasks_secs=100000")), None).await, StatusCode::BAD_REQUEST, "invalid_request");
     assert_eq!(c.undrain(up).await.0, StatusCode::NO_CONTENT);
     // Bad input.
     assert_error(&c.call(Method::PUT, &url("t2"), Some(json!({"upstream": "a b"}).to_string())).await, StatusCode::BAD_REQUEST, "invalid_request");
