@@ -6,6 +6,9 @@
 //!   `InitializeResult` and `Mcp-Session-Id: <new id>`. Every id is distinct: a UUID-shaped
 //!   `<random per process>-<pod id>-4000-8000-<counter>`, so N initializes make N sessions.
 //! - `POST` with `Mcp-Session-Id`: 200 `application/json`, a canned `tools/call` result.
+//! - `POST` without `Mcp-Session-Id` whose `Mcp-Method` is not `initialize` (MCP
+//!   2026-07-28, no sessions): 200 `application/json`, a canned `tools/list` result, no
+//!   session id.
 //! - `DELETE`: 200, empty. `GET /sessions`: the number of session ids issued so far
 //!   (text; the benchmark waits on it while it creates sessions). Anything else: 405.
 //!
@@ -29,6 +32,7 @@ use hyper_util::rt::TokioIo;
 
 const INITIALIZE_RESULT: &str = r#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-06-18","capabilities":{"tools":{"listChanged":false}},"serverInfo":{"name":"mcp-affinity-bench-pod","version":"0.1.0"}}}"#;
 const TOOLS_CALL_RESULT: &str = r#"{"jsonrpc":"2.0","id":2,"result":{"content":[{"type":"text","text":"ok"}],"isError":false}}"#;
+const TOOLS_LIST_RESULT: &str = r#"{"jsonrpc":"2.0","id":3,"result":{"tools":[{"name":"echo","inputSchema":{"type":"object"}}],"resultType":"complete"}}"#;
 
 static SESSIONS: AtomicU64 = AtomicU64::new(0);
 
@@ -48,10 +52,12 @@ impl Pod {
         let method = req.method().clone();
         let sessions_path = req.uri().path() == "/sessions";
         let has_session = req.headers().contains_key("mcp-session-id");
+        let stateless = req.headers().get("mcp-method").is_some_and(|m| m.as_bytes() != b"initialize");
         // Read the whole body so that the connection stays reusable; its content is ignored.
         let _ = req.into_body().collect().await;
         let mut resp = match method {
             Method::POST if has_session => json(TOOLS_CALL_RESULT),
+            Method::POST if stateless => json(TOOLS_LIST_RESULT),
             Method::POST => {
                 let mut r = json(INITIALIZE_RESULT);
                 let sid = HeaderValue::from_str(&self.session_id()).expect("session ids are ASCII");

@@ -1,6 +1,7 @@
 //! The instruction phase: each Envoy config in turn, a fresh Envoy of the same bootstrap
 //! (new ports) under callgrind, a session opened and warmed up, the idle rate measured,
-//! then a fixed number of steady requests (and/or `initialize`) counted.
+//! then a fixed number of steady requests, of MCP 2026-07-28 requests without session,
+//! and/or of `initialize` counted.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,11 +30,13 @@ pub struct Count {
     pub load_seconds: f64,
 }
 
-/// Counts of every config: steady requests, and initializes.
+/// Counts of every config: steady requests, 2026-era requests, and initializes.
 #[derive(Default)]
 pub struct Counts {
     /// Per steady request, by config.
     pub steady: BTreeMap<Config, Count>,
+    /// Per MCP 2026-07-28 request without session (`tools/list`), by config.
+    pub stateless: BTreeMap<Config, Count>,
     /// Per initialize, by config.
     pub initialize: BTreeMap<Config, Count>,
 }
@@ -55,9 +58,10 @@ pub struct Phase<'a> {
     pub run_dir: &'a Path,
 }
 
-/// Counts `cfg`: `steady` requests (after [`INSTR_WARMUP`]) and/or, with `init`,
-/// `initialize` (after [`INSTR_INIT_WARMUP`]), into `into`. Errors when Envoy does not
-/// start under callgrind, a request fails or is routed wrong, or a dump is missing.
+/// Counts `cfg`: `steady` requests (after [`INSTR_WARMUP`]) and then as many 2026-era
+/// requests (after as many warm-up ones), and/or, with `init`, `initialize` (after
+/// [`INSTR_INIT_WARMUP`]), into `into`. Errors when Envoy does not start under callgrind, a
+/// request fails or is routed wrong, or a dump is missing.
 pub async fn count(p: &Phase<'_>, cfg: Config, steady: bool, init: bool, into: &mut Counts) -> Result<()> {
     let Phase { s, w, elf, run_dir } = *p;
     let (bootstrap, render) = configs::render(cfg, w, true).context("not an Envoy config")?;
@@ -108,6 +112,18 @@ pub async fn count(p: &Phase<'_>, cfg: Config, steady: bool, init: bool, into: &
             idle * load / s.instr_requests as f64
         ));
         into.steady.insert(cfg, c);
+        let stateless_run = |n: u64| {
+            let u = url.clone();
+            blocking(move || sequential::stateless(&u, n))
+        };
+        stateless_run(INSTR_WARMUP).await?;
+        counter.zero()?;
+        let t = Instant::now();
+        stateless_run(s.instr_requests).await?;
+        let load = t.elapsed().as_secs_f64();
+        let c = Count { per_request: callgrind::per_request(counter.dump()?, idle, load, s.instr_requests), idle_per_second: idle, load_seconds: load };
+        log(format!("instructions: {label:<17} {:.0}/2026-era request ({} requests in {load:.2}s)", c.per_request, s.instr_requests));
+        into.stateless.insert(cfg, c);
     }
     if init {
         if steady {

@@ -1,10 +1,13 @@
 //! The JSON result, `bench/results/envoy-<UTC stamp>.json`: serde structs ([`Json`]) built
 //! from an [`Outcome`].
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::configs::{Config, INITIALIZE, INSTR, INSTR_INIT, INSTR_SS, SCALED, STEADY};
-use super::report::{ConfigResult, Machine, Ordered, Outcome, Versions, per_session};
+use super::instructions::Count;
+use super::report::{ConfigResult, Machine, Ordered, Outcome, Versions, added_in, per_session};
 use super::run::Memory;
 use super::settings::{BASE_SESSIONS, INSTR_IDLE_SECS, INSTR_INIT_SETTLE, INSTR_INIT_WARMUP, INSTR_WARMUP, Settings, Store};
 use super::stats::{self, Change};
@@ -86,6 +89,9 @@ pub struct Instructions {
     pub idle_seconds: u64,
     /// By config label, in table order.
     pub configs: Ordered<InstrRow>,
+    /// Per MCP 2026-07-28 request without session (`tools/list`), by config label, in
+    /// table order: `ratio_to_empty` near 1 means it costs what the empty filter costs.
+    pub stateless: Ordered<InstrRow>,
     /// Per `initialize`; `null` with `BENCH_INSTR_INIT=0`.
     pub initialize: Option<InstrInit>,
 }
@@ -214,24 +220,8 @@ impl Outcome {
         let steady_added = |c, base| self.added("steady", c, base);
         let instructions = self.counts.as_ref().map(|counts| {
             let ss: &[Config] = if s.instr_ss { &INSTR_SS } else { &[] };
-            let configs = INSTR
-                .iter()
-                .chain(ss)
-                .filter_map(|&c| {
-                    let count = counts.steady.get(&c)?;
-                    let (plain, empty, pin) = if INSTR_SS.contains(&c) { (Config::PlainSs, Config::EmptySs, None) } else { (Config::Plain, Config::Empty, Some(Config::Pin)) };
-                    let added = self.instr_added(c, plain);
-                    let row = InstrRow {
-                        per_request: count.per_request.round(),
-                        added_per_request: added,
-                        ratio_to_empty: (c != plain).then(|| stats::ratio(added, self.instr_added(empty, plain))).flatten(),
-                        ratio_to_empty_pin: pin.filter(|_| c != plain).and_then(|p| stats::ratio(added, self.instr_added(p, plain))),
-                        idle_per_second: count.idle_per_second.round(),
-                        load_seconds: count.load_seconds,
-                    };
-                    Some((c.label().to_string(), row))
-                })
-                .collect();
+            let configs = instr_rows(&counts.steady, INSTR.iter().chain(ss));
+            let stateless = instr_rows(&counts.stateless, INSTR.iter().chain(ss));
             let base = counts.initialize.get(&Config::Plain2).map(|c| c.per_request.round());
             let initialize = (s.instr_init > 0).then(|| InstrInit {
                 baseline: Config::Plain2.label(),
@@ -261,6 +251,7 @@ impl Outcome {
                 requests: s.instr_requests,
                 idle_seconds: INSTR_IDLE_SECS,
                 configs: Ordered(configs),
+                stateless: Ordered(stateless),
                 initialize,
             }
         });
@@ -324,4 +315,25 @@ impl Outcome {
             memory,
         }
     }
+}
+
+/// One [`InstrRow`] per config of `configs` counted in `counts`, against its bootstrap's
+/// plain and empty (and empty+pin on `envoy/envoy.yaml`).
+fn instr_rows<'a>(counts: &BTreeMap<Config, Count>, configs: impl Iterator<Item = &'a Config>) -> Vec<(String, InstrRow)> {
+    configs
+        .filter_map(|&c| {
+            let count = counts.get(&c)?;
+            let (plain, empty, pin) = if INSTR_SS.contains(&c) { (Config::PlainSs, Config::EmptySs, None) } else { (Config::Plain, Config::Empty, Some(Config::Pin)) };
+            let added = added_in(counts, c, plain);
+            let row = InstrRow {
+                per_request: count.per_request.round(),
+                added_per_request: added,
+                ratio_to_empty: (c != plain).then(|| stats::ratio(added, added_in(counts, empty, plain))).flatten(),
+                ratio_to_empty_pin: pin.filter(|_| c != plain).and_then(|p| stats::ratio(added, added_in(counts, p, plain))),
+                idle_per_second: count.idle_per_second.round(),
+                load_seconds: count.load_seconds,
+            };
+            Some((c.label().to_string(), row))
+        })
+        .collect()
 }

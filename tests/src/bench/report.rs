@@ -8,7 +8,7 @@ use std::process::Command;
 use serde::{Serialize, Serializer};
 
 use super::configs::Config;
-use super::instructions::Counts;
+use super::instructions::{Count, Counts};
 use super::run::{Memory, Samples};
 use super::settings::Settings;
 use super::stats::{self, Added, Sample, Summary};
@@ -201,10 +201,11 @@ impl Outcome {
         self.samples.iter().filter(|(p, _)| !p.starts_with("warmup")).flat_map(|(_, c)| c.values().flatten()).any(|s| s.errors > 0)
     }
 
-    pub(super) fn instr_added(&self, cfg: Config, plain: Config) -> Option<f64> {
-        let c = &self.counts.as_ref()?.steady;
-        Some(c.get(&cfg)?.per_request.round() - c.get(&plain)?.per_request.round())
-    }
+}
+
+/// `cfg`'s instructions per request minus `plain`'s, both of `counts` (rounded first).
+pub(super) fn added_in(counts: &BTreeMap<Config, Count>, cfg: Config, plain: Config) -> Option<f64> {
+    Some(counts.get(&cfg)?.per_request.round() - counts.get(&plain)?.per_request.round())
 }
 
 #[cfg(test)]
@@ -230,6 +231,9 @@ mod tests {
         }
         counts.initialize.insert(Config::Plain2, count(180_000.0));
         counts.initialize.insert(Config::Affinity, count(270_000.4));
+        for (c, n) in [(Config::Plain, 190_000.0), (Config::Empty, 220_000.0), (Config::Affinity, 219_000.0), (Config::Control, 221_500.0)] {
+            counts.stateless.insert(c, count(n));
+        }
         Outcome {
             stamp: "20261206T000000Z".into(),
             settings,
@@ -266,11 +270,16 @@ mod tests {
         assert_eq!(i["plain"]["ratio_to_empty"], serde_json::Value::Null);
         assert!(i.get("affinity+control, no matcher").is_none(), "only what was counted");
         assert_eq!(j["instructions"]["initialize"]["configs"]["affinity"]["added_per_initialize"], 90_000.0);
+        let st = &j["instructions"]["stateless"];
+        assert_eq!(st["affinity"]["added_per_request"].as_f64(), Some(29_000.0));
+        assert!((st["affinity"]["ratio_to_empty"].as_f64().unwrap() - 29.0 / 30.0).abs() < 1e-9);
+        assert_eq!(st["affinity+control"]["ratio_to_empty"].as_f64(), Some(1.05));
         assert_eq!(j["settings"]["base_sessions"], BASE_SESSIONS);
         assert!(j.get("scaled").is_none() && j.get("memory").is_none());
         let tables = o.tables();
         assert!(tables.contains("| affinity | 245000 | +45000 | 1.29 | 0.90 |"), "{tables}");
         assert!(tables.contains("| affinity | 270000 | +90000 |"), "{tables}");
+        assert!(tables.contains("| affinity+control | 221500 | +31500 | 1.05 |"), "the 2026-era table: {tables}");
         assert!(tables.contains("| affinity | +12.00 | 1.20 | +12.00 | 1.20 |"), "{tables}");
     }
 

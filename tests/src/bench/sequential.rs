@@ -21,6 +21,11 @@ pub const INITIALIZE: &str =
     r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"wrk","version":"4"}}}"#;
 /// `notifications/initialized`.
 pub const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+/// An MCP 2026-07-28 request without session: `tools/list`, its protocol version and
+/// client capabilities in `_meta` (sent with [`STATELESS_HEADERS`]).
+pub const STATELESS: &str = r#"{"jsonrpc":"2.0","id":3,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"wrk","version":"4"},"io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+/// The SEP-2243 headers of [`STATELESS`] (no `Mcp-Name`: `tools/list` has none).
+pub const STATELESS_HEADERS: &str = "MCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/list\r\n";
 
 /// What the bench reads of an answer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -63,6 +68,11 @@ impl Connection {
 
     /// `POST` of `body` (JSON) to the URL's path, with `session` as `Mcp-Session-Id`.
     pub fn post(&mut self, body: &str, session: Option<&str>) -> Result<Answer> {
+        self.post_with(body, session, "")
+    }
+
+    /// [`Connection::post`] with `extra` header lines (each ending in `\r\n`) after the others.
+    pub fn post_with(&mut self, body: &str, session: Option<&str>, extra: &str) -> Result<Answer> {
         let mut req = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nAccept-Encoding: identity\r\nContent-Length: {}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n",
             self.path,
@@ -72,6 +82,7 @@ impl Connection {
         if let Some(sid) = session {
             req.push_str(&format!("MCP-Protocol-Version: 2025-06-18\r\nMcp-Session-Id: {sid}\r\n"));
         }
+        req.push_str(extra);
         req.push_str("\r\n");
         req.push_str(body);
         self.reader.get_mut().write_all(req.as_bytes()).context("send the request")?;
@@ -159,24 +170,43 @@ impl std::fmt::Display for Run {
 /// `count` steady requests of session `sid` through `url` on one connection. Errors on an
 /// answer other than 200 or a closed connection (either makes the count meaningless).
 pub fn steady(url: &str, sid: &str, count: u64) -> Result<Run> {
-    run(url, count, Some(sid))
+    run(url, count, Kind::Steady(sid))
 }
 
 /// `count` `initialize` requests through `url` on one connection, each answered 200 with a
 /// new `Mcp-Session-Id` (errors otherwise, or on a closed connection).
 pub fn initialize(url: &str, count: u64) -> Result<Run> {
-    run(url, count, None)
+    run(url, count, Kind::Initialize)
 }
 
-fn run(url: &str, count: u64, sid: Option<&str>) -> Result<Run> {
+/// `count` MCP 2026-07-28 requests without session ([`STATELESS`]) through `url` on one
+/// connection, each answered 200 without `Mcp-Session-Id` (errors otherwise).
+pub fn stateless(url: &str, count: u64) -> Result<Run> {
+    run(url, count, Kind::Stateless)
+}
+
+/// What a sequential run sends.
+enum Kind<'a> {
+    Steady(&'a str),
+    Initialize,
+    Stateless,
+}
+
+fn run(url: &str, count: u64, kind: Kind) -> Result<Run> {
     let mut conn = Connection::open(url, Duration::from_secs(60))?;
-    let body = if sid.is_some() { STEADY } else { INITIALIZE };
+    let (body, sid, extra) = match kind {
+        Kind::Steady(sid) => (STEADY, Some(sid), ""),
+        Kind::Initialize => (INITIALIZE, None, ""),
+        Kind::Stateless => (STATELESS, None, STATELESS_HEADERS),
+    };
     let (mut pods, mut sessions) = (Vec::<String>::new(), HashSet::new());
     let t0 = Instant::now();
     for i in 1..=count {
-        let a = conn.post(body, sid).with_context(|| format!("request {i}/{count} through {url}"))?;
+        let a = conn.post_with(body, sid, extra).with_context(|| format!("request {i}/{count} through {url}"))?;
         ensure!(a.status == 200, "request {i}/{count} through {url} answered {}", a.status);
-        if sid.is_none() {
+        if matches!(kind, Kind::Stateless) {
+            ensure!(a.session.is_none(), "request {i}/{count} through {url}: a 2026-era answer with a session id");
+        } else if sid.is_none() {
             let new = a.session.as_deref().filter(|s| !sessions.contains(*s));
             let Some(new) = new else { bail!("request {i}/{count} through {url}: answer without a new Mcp-Session-Id ({:?})", a.session) };
             sessions.insert(new.to_string());

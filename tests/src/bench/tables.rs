@@ -1,10 +1,11 @@
 //! The tables printed at the end of a run (Markdown), from an [`Outcome`].
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::configs::{Config, INITIALIZE, INSTR, INSTR_INIT, INSTR_SS, SCALED, STEADY};
-use super::instructions::Counts;
-use super::report::{Outcome, per_session};
+use super::instructions::{Count, Counts};
+use super::report::{Outcome, added_in, per_session};
 use super::settings::{BASE_SESSIONS, INSTR_INIT_SETTLE, INSTR_INIT_WARMUP, INSTR_WARMUP, Store};
 use super::stats::{self, Change, Summary};
 
@@ -75,14 +76,14 @@ impl Outcome {
         o
     }
 
-    fn instruction_rows(&self, w: &mut String, counts: &Counts, plain: Config, empty: Config, pin: Option<Config>, configs: &[Config]) {
+    fn instruction_rows(w: &mut String, counts: &BTreeMap<Config, Count>, plain: Config, empty: Config, pin: Option<Config>, configs: &[Config]) {
         for &c in configs {
-            let Some(count) = counts.steady.get(&c) else { continue };
-            let added = self.instr_added(c, plain);
+            let Some(count) = counts.get(&c) else { continue };
+            let added = added_in(counts, c, plain);
             let (add, r, rp) = if c == plain {
                 ("".to_string(), "".to_string(), "".to_string())
             } else {
-                (signed(added, 0), ratio_text(stats::ratio(added, self.instr_added(empty, plain))), pin.map_or("".into(), |p| ratio_text(stats::ratio(added, self.instr_added(p, plain)))))
+                (signed(added, 0), ratio_text(stats::ratio(added, added_in(counts, empty, plain))), pin.map_or("".into(), |p| ratio_text(stats::ratio(added, added_in(counts, p, plain)))))
             };
             let mut row = format!("| {} | {:.0} | {add} | {r} |", c.label(), count.per_request);
             if pin.is_some() {
@@ -100,11 +101,21 @@ impl Outcome {
             let _ = writeln!(w, "the default, envoy/envoy-stateful-session.yaml (stateful-session pinning; the route of requests with a session id retries");
             let _ = writeln!(w, "once to control's replay listener), and the Istio shape on that bootstrap, against plain and empty Envoy on it\n");
             let _ = writeln!(w, "| config | instructions/req | + vs plain (stateful session) | (X − plain) / (empty − plain), stateful session |\n|---|---:|---:|---:|");
-            self.instruction_rows(w, counts, Config::PlainSs, Config::EmptySs, None, &INSTR_SS);
+            Self::instruction_rows(w, &counts.steady, Config::PlainSs, Config::EmptySs, None, &INSTR_SS);
             let _ = writeln!(w, "\nenvoy/envoy.yaml (ORIGINAL_DST pinning, the buffer filter ahead of the wasm filter, the filter replaying itself)\n");
         }
         let _ = writeln!(w, "| config | instructions/req | + vs plain | (X − plain) / (empty − plain) | (X − plain) / (empty+pin − plain) |\n|---|---:|---:|---:|---:|");
-        self.instruction_rows(w, counts, Config::Plain, Config::Empty, Some(Config::Pin), &INSTR);
+        Self::instruction_rows(w, &counts.steady, Config::Plain, Config::Empty, Some(Config::Pin), &INSTR);
+        if !counts.stateless.is_empty() {
+            let _ = writeln!(w, "\ninstructions per MCP 2026-07-28 request without session (`tools/list`, `MCP-Protocol-Version: 2026-07-28`, `Mcp-Method`; {} on the", s.instr_requests);
+            let _ = writeln!(w, "same connection after {INSTR_WARMUP} warm-up): the filter reads none of it and asks for no answer, so it should cost what the empty filter costs,");
+            let _ = writeln!(w, "(X − plain) / (empty − plain) ≈ 1\n");
+            let _ = writeln!(w, "| config | instructions/req | + vs plain | (X − plain) / (empty − plain) |\n|---|---:|---:|---:|");
+            let ss: &[Config] = if s.instr_ss { &INSTR_SS } else { &[] };
+            Self::instruction_rows(w, &counts.stateless, Config::PlainSs, Config::EmptySs, None, ss);
+            let plain_yaml: Vec<Config> = INSTR.iter().copied().filter(|c| *c != Config::Pin).collect();
+            Self::instruction_rows(w, &counts.stateless, Config::Plain, Config::Empty, None, &plain_yaml);
+        }
         if s.instr_init > 0 {
             let _ = writeln!(w, "\ninstructions executed by Envoy per initialize (a new session each; {} on one connection after {INSTR_INIT_WARMUP} warm-up,", s.instr_init);
             let _ = writeln!(w, "then {INSTR_INIT_SETTLE}s for records sent to control on the filter's timer; Envoy's idle instructions subtracted, that second included)\n");
