@@ -67,16 +67,18 @@ setup-redis:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; }
 	@# The Debian package may start a system instance on 6379; the project never uses it.
 
-# The official TypeScript MCP SDK client the end-to-end tests and the soak drive
-# (tests/clients/ts, version pinned by its package-lock.json), installed with the machine's
+# The official TypeScript MCP SDK clients the end-to-end tests and the soak drive
+# (tests/clients/ts: @modelcontextprotocol/sdk 1.x for 2025-era sessions, the v2
+# @modelcontextprotocol/client for 2026-07-28 listen streams; versions pinned by its
+# package-lock.json), installed with the machine's
 # Node.js and npm into tests/clients/ts/node_modules; Node.js from Debian when missing.
 TS_CLIENT := tests/clients/ts
 setup-ts-client:
 	@command -v node >/dev/null && command -v npm >/dev/null || { \
 	  echo "installing nodejs and npm (Debian packages)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
-	@[ -d $(TS_CLIENT)/node_modules/@modelcontextprotocol/sdk ] || { \
-	  echo "installing the TypeScript MCP SDK (npm ci) into $(TS_CLIENT)/node_modules"; \
+	@[ -d $(TS_CLIENT)/node_modules/@modelcontextprotocol/sdk ] && [ -d $(TS_CLIENT)/node_modules/@modelcontextprotocol/client ] || { \
+	  echo "installing the TypeScript MCP SDK v1 and v2 client (npm ci) into $(TS_CLIENT)/node_modules"; \
 	  npm ci --prefix $(TS_CLIENT) --no-audit --no-fund --silent; }
 
 # The container suite's Docker engine: Debian docker.io when dockerd is missing, and a

@@ -1,4 +1,6 @@
-//! The official TypeScript MCP SDK client (npm `@modelcontextprotocol/sdk`, pinned in
+//! The official TypeScript MCP SDK clients. [`TsListener`]: the v2 client as an MCP
+//! 2026-07-28 listener (`listener.rs`). [`TsClient`]: the 1.x client (npm
+//! `@modelcontextprotocol/sdk`, pinned in
 //! `tests/clients/ts/package.json`, installed by `make setup-ts-client` into
 //! `tests/clients/ts/node_modules`), driven as a process: a second real client beside
 //! rmcp, with the SDK's own HTTP stack (Node's fetch), session handling and error paths.
@@ -6,6 +8,10 @@
 //! `tests/clients/ts/client.mjs` connects, prints the session id, then answers one JSON
 //! command per line; [`TsClient`] speaks that protocol. The process is killed when the
 //! [`TsClient`] is dropped.
+
+mod listener;
+
+pub use listener::TsListener;
 
 use std::path::PathBuf;
 use std::process::Stdio;

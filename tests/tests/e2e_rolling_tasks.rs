@@ -8,7 +8,10 @@
 //! --settle`, which returns once control counts no unfinished task on the pod; then the pod
 //! is stopped, a new one starts at the same address (a new name), and the drain is undone.
 //! Meanwhile [`WORKERS`] clients create tasks and poll each until it is done, and
-//! [`LISTENERS`] clients hold listen streams, re-listening whenever one ends.
+//! [`LISTENERS`] clients hold listen streams, re-listening whenever one ends — raw ones
+//! (`era2026_client::listen`) and [`TS_LISTENERS`] official TypeScript SDK v2 clients
+//! (`@modelcontextprotocol/client`, whose `listen()` leaves the re-listen to the
+//! application, which the script does).
 //!
 //! Nothing waits for time to pass: each step waits for a condition (both worker VMs
 //! adopted the draining list, the hook returned, every listen stream is open again).
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use mcp_affinity_harness::era2026_client;
 use mcp_affinity_harness::fixtures::control::ControlService;
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy};
+use mcp_affinity_harness::ts_client::TsListener;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +33,8 @@ const WORKERS: usize = 6;
 const TASK_MS: u64 = 1500;
 /// Clients holding a listen stream.
 const LISTENERS: usize = 6;
+/// Official TypeScript SDK v2 clients holding a listen stream.
+const TS_LISTENERS: usize = 2;
 /// Upper bound of one wait (a bug shows as a failure, not a hang).
 const WAIT: Duration = Duration::from_secs(90);
 /// The filter's VMs in an Envoy with `--concurrency 2`: one per worker thread, one on the
@@ -140,6 +146,10 @@ async fn a_rolling_update_loses_no_task_and_every_listen_stream_comes_back() {
     let control = ControlService::start_with("memory", &["--endpoints".into(), endpoints.join(",")]).unwrap();
     let proxy = Proxy::start(&pods.iter().map(|p| p.addr).collect::<Vec<_>>(), control.proxy_options(ControlService::filter_config(r#","sweep_period_ms":200"#))).unwrap();
     let (seen, stop) = (Arc::new(Mutex::new(Seen::default())), CancellationToken::new());
+    let mut ts = Vec::new();
+    for _ in 0..TS_LISTENERS {
+        ts.push(TsListener::start(&proxy.url(), Duration::from_secs(30)).await.unwrap());
+    }
     let handles = start_traffic(&proxy.url(), &seen, &stop);
     wait_until("every listen stream is open", async || seen.lock().unwrap().open == LISTENERS).await;
 
@@ -170,7 +180,7 @@ async fn a_rolling_update_loses_no_task_and_every_listen_stream_comes_back() {
     }
     // Every listener is back, and every worker finished a task on the new pods.
     let after = Instant::now();
-    wait_until("every listen stream is open again", async || seen.lock().unwrap().open == LISTENERS).await;
+    wait_until("every listen stream is open again", async || seen.lock().unwrap().open == LISTENERS && ts.iter().all(TsListener::listening)).await;
     wait_until("every worker finished a task after the update", async || seen.lock().unwrap().tasks.iter().filter(|t| t.sent > after).count() >= WORKERS).await;
     stop.cancel();
     for h in handles {
@@ -193,7 +203,12 @@ async fn a_rolling_update_loses_no_task_and_every_listen_stream_comes_back() {
         assert!(l.ended >= 1, "listener {i}: its stream was never ended by a drain");
         assert_eq!(l.established, l.ended + 1, "listener {i}: every ended stream was re-established");
     }
-    let ended: usize = seen.listens.iter().map(|l| l.ended).sum();
+    for (i, l) in ts.iter().enumerate() {
+        let closed: Vec<_> = l.events().into_iter().filter(|e| e["event"] == "closed").collect();
+        assert!(!closed.is_empty() && closed.iter().all(|e| e["cause"] == "remote"), "TypeScript listener {i}: ended by the drains (cause remote): {:?}", l.events());
+        assert_eq!(l.count("error"), 0, "TypeScript listener {i} listened again without an error: {:?}", l.events());
+    }
+    let ended: usize = seen.listens.iter().map(|l| l.ended).sum::<usize>() + ts.iter().map(|l| l.count("closed")).sum::<usize>();
     let by_drain = proxy.metric("streams_ended_by_drain").await.unwrap();
     assert_eq!(by_drain, ended as i64, "every listen stream that ended was ended by a drain, counted");
     let counters = ["tasks_terminal", "requests_steered_by_drain", "tasks_lost"];
