@@ -153,8 +153,9 @@ async fn a_rolling_update_loses_no_task_and_every_listen_stream_comes_back() {
     let handles = start_traffic(&proxy.url(), &seen, &stop);
     wait_until("every listen stream is open", async || seen.lock().unwrap().open == LISTENERS).await;
 
-    // (old pod, when both worker VMs had adopted its drain)
+    // (old pod, when every VM had adopted its drain)
     let mut drained: Vec<(String, Instant)> = Vec::new();
+    #[allow(clippy::needless_range_loop)] // pods[i] is replaced inside
     for i in 0..3 {
         let addr = pods[i].addr;
         // The hook drains the pod and waits for its tasks; Kubernetes stops the pod after
@@ -187,7 +188,7 @@ async fn a_rolling_update_loses_no_task_and_every_listen_stream_comes_back() {
         h.await.unwrap();
     }
 
-    let seen = seen.lock().unwrap();
+    let seen = Arc::try_unwrap(seen).ok().expect("the traffic tasks ended").into_inner().unwrap();
     let failed: Vec<&String> = seen.tasks.iter().filter_map(|t| t.outcome.as_ref().err()).collect();
     assert!(failed.is_empty(), "{} of {} tasks lost or failed: {failed:?}", failed.len(), seen.tasks.len());
     for (pod, adopted) in &drained {
