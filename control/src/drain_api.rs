@@ -8,7 +8,9 @@
 //! [`TASKS_SETTLE`] (a filter writes a new task's pin on its next tick), or after `N`
 //! seconds, with what is left in `tasks`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use axum::Json;
@@ -35,6 +37,16 @@ const TASKS_POLL: Duration = Duration::from_millis(250);
 
 /// Longest wait for the endpoints' resolution of one draining list.
 const SERVING_RESOLVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `serving` leaves out an endpoint that does not accept a TCP connection within this: a
+/// crashed pod of a static `--endpoints` list must not get the new work.
+const SERVING_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// How long a probe's result is reused (every Envoy polls about once a second).
+const SERVING_PROBE_TTL: Duration = Duration::from_secs(1);
+
+/// The last probe of each endpoint: when, and whether it accepted a connection.
+static PROBES: LazyLock<Mutex<HashMap<SocketAddr, (Instant, bool)>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// An upstream (`ip:port`) taken from the path and parsed.
 pub(crate) struct ValidUpstream(SocketAddr);
@@ -129,9 +141,50 @@ pub(crate) async fn list_draining<S: SessionStore>(State(state): State<AppState<
     if !draining.is_empty() {
         let settings = state.recovery.settings();
         match settings.endpoints.resolve(settings.timeout.min(SERVING_RESOLVE_TIMEOUT)).await {
-            Ok(endpoints) => serving = endpoints.iter().map(SocketAddr::to_string).filter(|e| draining.iter().all(|d| &d.upstream != e)).collect(),
+            Ok(endpoints) => {
+                let candidates = endpoints.into_iter().filter(|e| draining.iter().all(|d| d.upstream != e.to_string())).collect();
+                serving = accepting(candidates).await.iter().map(SocketAddr::to_string).collect();
+            }
             Err(e) => tracing::warn!(error = %e, "draining list without `serving`: endpoints not resolved"),
         }
     }
     Ok(Json(DrainingList { draining, serving }))
+}
+
+/// The endpoints of `candidates` (order kept) that accept a TCP connection, probed at most
+/// once per [`SERVING_PROBE_TTL`] each, all at once, each within [`SERVING_PROBE_TIMEOUT`].
+async fn accepting(candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let now = Instant::now();
+    let known: HashMap<SocketAddr, bool> = {
+        let probes = PROBES.lock().unwrap();
+        candidates.iter().filter_map(|a| probes.get(a).filter(|(at, _)| now.duration_since(*at) < SERVING_PROBE_TTL).map(|(_, up)| (*a, *up))).collect()
+    };
+    let mut probes = tokio::task::JoinSet::new();
+    for addr in candidates.iter().copied().filter(|a| !known.contains_key(a)) {
+        probes.spawn(async move { (addr, matches!(tokio::time::timeout(SERVING_PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)))) });
+    }
+    let mut up = known;
+    while let Some(Ok((addr, accepted))) = probes.join_next().await {
+        PROBES.lock().unwrap().insert(addr, (Instant::now(), accepted));
+        up.insert(addr, accepted);
+    }
+    candidates.into_iter().filter(|a| up.get(a).copied().unwrap_or(false)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serving_endpoints_are_those_that_accept_a_connection() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let live_addr = live.local_addr().unwrap();
+        assert_eq!(accepting(vec![dead, live_addr]).await, [live_addr]);
+        drop(live);
+        assert_eq!(accepting(vec![live_addr]).await, [live_addr], "reused within the TTL");
+    }
 }

@@ -86,8 +86,8 @@ impl Drain {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrainingList {
     pub draining: Vec<Drain>,
-    /// While something drains: control's endpoints that are not draining (`ip:port`,
-    /// sorted), where the filter sends new work — a 2025-era `initialize`, a 2026-era
+    /// While something drains: control's endpoints that are not draining and accept a TCP
+    /// connection (`ip:port`, sorted), where the filter sends new work — a 2025-era `initialize`, a 2026-era
     /// `tools/call` or `subscriptions/listen` — so that a draining pod gets none. Empty
     /// (and absent from the JSON) while nothing drains, or when no endpoint serves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
