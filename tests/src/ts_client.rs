@@ -39,6 +39,29 @@ pub struct TsClient {
     pub session_id: String,
 }
 
+/// Starts `node SCRIPT URL` in `tests/clients/ts` with piped standard input and output,
+/// killed when dropped; `package` (`sdk`, `client`) must be installed under
+/// `node_modules/@modelcontextprotocol/`.
+///
+/// # Errors
+/// The package is missing (`make setup-ts-client`), or node does not start.
+fn node(script: &str, package: &str, url: &str, stderr: Stdio) -> Result<Child> {
+    let dir = client_dir();
+    if !dir.join("node_modules/@modelcontextprotocol").join(package).is_dir() {
+        bail!("the TypeScript MCP SDK package @modelcontextprotocol/{package} is not installed in {}: run `make setup-ts-client`", dir.display());
+    }
+    Command::new("node")
+        .arg(dir.join(script))
+        .arg(url)
+        .current_dir(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start node {script} (the TypeScript MCP SDK)"))
+}
+
 impl TsClient {
     /// Starts the client against `url` and waits for its session.
     ///
@@ -46,20 +69,7 @@ impl TsClient {
     /// Node or the SDK is missing (`make setup-ts-client`), or the client could not
     /// connect (its standard error is in the message).
     pub async fn connect(url: &str) -> Result<TsClient> {
-        let dir = client_dir();
-        if !dir.join("node_modules/@modelcontextprotocol/sdk").is_dir() {
-            bail!("the TypeScript MCP SDK is not installed in {}: run `make setup-ts-client`", dir.display());
-        }
-        let mut child = Command::new("node")
-            .arg(dir.join("client.mjs"))
-            .arg(url)
-            .current_dir(&dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start node (the TypeScript MCP SDK client)")?;
+        let mut child = node("client.mjs", "sdk", url, Stdio::piped())?;
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
         let mut c = TsClient { child, stdin, stdout, session_id: String::new() };

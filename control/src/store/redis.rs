@@ -196,12 +196,7 @@ impl SessionStore for RedisStore {
         let key = self.record_key(id);
         self.bounded(async {
             let mut checkout = self.checkout().await?;
-            let result = self.write_and_wait::<i64>(&mut checkout, redis::cmd("DEL").arg(&key)).await;
-            let (removed, acked) = self.settle(&checkout, result)?;
-            if removed > 0 {
-                self.check_replicated(acked)?;
-            }
-            Ok(removed > 0)
+            self.delete_key(&mut checkout, &key).await
         })
         .await
     }

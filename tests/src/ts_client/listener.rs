@@ -8,12 +8,12 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
-use super::client_dir;
+use super::node;
 
 /// A running `listen2026.mjs`; killed when dropped.
 pub struct TsListener {
@@ -28,20 +28,7 @@ impl TsListener {
     /// Node or the SDK is missing (`make setup-ts-client`), the client could not connect or
     /// negotiate 2026-07-28 (it exits), or no stream was acknowledged in time.
     pub async fn start(url: &str, timeout: Duration) -> Result<TsListener> {
-        let dir = client_dir();
-        if !dir.join("node_modules/@modelcontextprotocol/client").is_dir() {
-            bail!("the TypeScript MCP SDK v2 client is not installed in {}: run `make setup-ts-client`", dir.display());
-        }
-        let mut child = Command::new("node")
-            .arg(dir.join("listen2026.mjs"))
-            .arg(url)
-            .current_dir(&dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start node (the TypeScript MCP SDK v2 listener)")?;
+        let mut child = node("listen2026.mjs", "client", url, Stdio::inherit())?;
         let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();

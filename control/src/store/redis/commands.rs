@@ -121,6 +121,17 @@ impl RedisStore {
         self.settle(checkout, result)
     }
 
+    /// `DEL key` (with `WAIT`, see [`Self::write_and_wait`]) on `checkout`: whether it
+    /// existed. A deletion the replicas did not acknowledge fails.
+    pub(super) async fn delete_key(&self, checkout: &mut Checkout, key: &str) -> Result<bool, StoreError> {
+        let result = self.write_and_wait::<i64>(checkout, redis::cmd("DEL").arg(key)).await;
+        let (removed, acked) = self.settle(checkout, result)?;
+        if removed > 0 {
+            self.check_replicated(acked)?;
+        }
+        Ok(removed > 0)
+    }
+
     /// Fails unless the configured number of replicas acknowledged a write that happened.
     pub(super) fn check_replicated(&self, acked: Option<u64>) -> Result<(), StoreError> {
         match (self.wait, acked) {

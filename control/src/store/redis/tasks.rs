@@ -79,15 +79,11 @@ impl RedisStore {
         let key = task_key(&self.key_prefix, task_id);
         self.bounded(async {
             let mut checkout = self.checkout().await?;
-            let result = self.write_and_wait::<i64>(&mut checkout, redis::cmd("DEL").arg(&key)).await;
-            let (removed, acked) = self.settle(&checkout, result)?;
-            if removed > 0 {
-                self.check_replicated(acked)?;
-            }
+            let removed = self.delete_key(&mut checkout, &key).await?;
             if let Some(r) = &record {
                 self.query::<i64>(&mut checkout, redis::cmd("ZREM").arg(tasks_on_key(&self.key_prefix, &r.upstream)).arg(task_id)).await?;
             }
-            Ok(removed > 0)
+            Ok(removed)
         })
         .await
     }
