@@ -244,6 +244,29 @@ async fn drain_waits_shows_progress_and_settles() {
     assert!(last.starts_with("10.0.0.9:8080: settled, no move for 2s: moved 2, failed 1, last move "), "{out}");
 }
 
+/// A pod's preStop hook: the drain settles only once the upstream's MCP 2026-07-28 tasks
+/// ended (seen terminal), however long no session moved; until then `--wait` runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_the_upstream_s_unfinished_tasks() {
+    let store = Arc::new(MemoryStore::new(Duration::from_secs(60), 10));
+    let control = Control::over(store.clone()).await;
+    store.put_task("t1", "10.0.0.9:8080", Duration::from_secs(60), false).await.unwrap();
+    store.put_task("t2", "10.0.0.8:8080", Duration::from_secs(60), false).await.unwrap();
+    let (code, out, _) = text(&run(&control, &["drain", "10.0.0.9:8080", "--wait", "2", "--settle", "1"]).await);
+    assert_eq!(code, 6, "a task left: {out}");
+    assert!(out.ends_with("10.0.0.9:8080: not settled within --wait 2s: moved 0, failed 0, unfinished tasks 1\n"), "{out}");
+    let cli = run(&control, &["drain", "10.0.0.9:8080", "--wait", "60", "--settle", "1"]);
+    let ends = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        store.put_task("t1", "10.0.0.9:8080", Duration::from_secs(60), true).await.unwrap();
+    };
+    let (out, ()) = tokio::join!(cli, ends);
+    let (code, out, err) = text(&out);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.lines().any(|l| l == "  moved 0, failed 0"), "the task's end is progress: {out}");
+    assert!(out.ends_with("10.0.0.9:8080: settled, no move for 1s: moved 0, failed 0\n"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_stops_waiting_when_undrained_or_when_the_wait_ends() {
     let store = Arc::new(MemoryStore::new(Duration::from_secs(60), 10));

@@ -86,7 +86,7 @@ async fn drain_is_idempotent_canonical_listed_and_undone() {
     let drained = call(&app, Method::POST, "/v1/upstreams/127.0.0.2:8080/drain", true).await;
     assert_eq!(drained.0, StatusCode::OK);
     let expected =
-        json!({"upstream": "127.0.0.2:8080", "since_ms": T0, "source": "admin", "moved": 0, "failed": 0, "last_move_ms": null});
+        json!({"upstream": "127.0.0.2:8080", "since_ms": T0, "source": "admin", "moved": 0, "failed": 0, "last_move_ms": null, "tasks": 0});
     assert_eq!(drained.1, expected);
     // Again (a retried preStop hook), later, percent-encoded: the same drain, unchanged.
     clock.advance(Duration::from_secs(5));
@@ -104,7 +104,7 @@ async fn drain_is_idempotent_canonical_listed_and_undone() {
     assert_eq!(list.1.as_object().unwrap().len(), 1, "{}", list.1);
     assert_eq!(list.1["draining"][1], expected);
     for d in list.1["draining"].as_array().unwrap() {
-        assert_eq!(d.as_object().unwrap().len(), 6, "exactly the documented fields: {d}");
+        assert_eq!(d.as_object().unwrap().len(), 7, "exactly the documented fields: {d}");
     }
     assert!(metrics(&app).await.contains("mcp_affinity_control_upstreams_draining 3"));
 

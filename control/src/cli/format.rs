@@ -50,6 +50,12 @@ pub fn last_move(d: &Drain, now: u64) -> String {
     d.last_move_ms.map_or_else(String::new, |t| format!(", last move {} ago", duration_ms(now.saturating_sub(t))))
 }
 
+/// `, unfinished tasks N` for a drain with MCP 2026-07-28 tasks left on its upstream;
+/// empty when none (a 2025-era deployment never sees it).
+pub fn tasks(d: &Drain) -> String {
+    if d.tasks == 0 { String::new() } else { format!(", unfinished tasks {}", d.tasks) }
+}
+
 /// The `clientInfo` of an `initialize` body, `name version`, if it has one.
 fn client_info(initialize: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(initialize).ok()?;

@@ -283,7 +283,7 @@ async fn drain(client: &Client, upstream: &str, wait: Duration, settle: Duration
         }
         if d.tasks == 0 && now.duration_since(last_change) >= settle {
             println!(
-                "{}: settled, no task left and no move for {}s: moved {}, failed {}{}",
+                "{}: settled, no move for {}s: moved {}, failed {}{}",
                 d.upstream,
                 settle.as_secs(),
                 d.moved,
@@ -294,19 +294,19 @@ async fn drain(client: &Client, upstream: &str, wait: Duration, settle: Duration
         }
         if now.duration_since(start) >= wait {
             println!(
-                "{}: not settled within --wait {}s: moved {}, failed {}, unfinished tasks {}{}",
+                "{}: not settled within --wait {}s: moved {}, failed {}{}{}",
                 d.upstream,
                 wait.as_secs(),
                 d.moved,
                 d.failed,
-                d.tasks,
+                format::tasks(&d),
                 format::last_move(&d, format::now_ms())
             );
             return Ok(exit::NOT_SETTLED);
         }
         if last_change == now || now.duration_since(last_line) >= HEARTBEAT {
             last_line = now;
-            println!("  moved {}, failed {}, unfinished tasks {}{}", d.moved, d.failed, d.tasks, format::last_move(&d, format::now_ms()));
+            println!("  moved {}, failed {}{}{}", d.moved, d.failed, format::tasks(&d), format::last_move(&d, format::now_ms()));
         }
     }
 }

@@ -174,7 +174,7 @@ mod tests {
         let d = Drain::new("10.0.0.7:8080".parse().unwrap(), DrainSource::Admin, 1_700_000_000_000);
         assert_eq!(
             serde_json::to_string(&d).unwrap(),
-            r#"{"upstream":"10.0.0.7:8080","since_ms":1700000000000,"source":"admin","moved":0,"failed":0,"last_move_ms":null}"#
+            r#"{"upstream":"10.0.0.7:8080","since_ms":1700000000000,"source":"admin","moved":0,"failed":0,"last_move_ms":null,"tasks":0}"#
         );
         let v6 = Drain::new("[0:0:0:0:0:0:0:1]:80".parse().unwrap(), DrainSource::Dns, 1);
         assert_eq!(v6.upstream, "[::1]:80", "canonical form");
