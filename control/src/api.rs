@@ -153,7 +153,7 @@ pub async fn admit(State(permits): State<Arc<Semaphore>>, request: Request, next
 }
 
 /// Middleware: counts every answer by route template, method and status.
-async fn track_requests(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+pub(crate) async fn track_requests(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_string();
     let method = request.method().as_str().to_string();
     let start = Instant::now();

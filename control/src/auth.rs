@@ -42,11 +42,22 @@ impl Auth {
     /// Whether `headers` carry an acceptable `Authorization` header. The scheme `Bearer`
     /// is matched case-insensitively; the token exactly, in constant time.
     pub fn allows(&self, headers: &HeaderMap) -> bool {
-        let Auth::Token(expected) = self else { return true };
+        if let Auth::Disabled = self {
+            return true;
+        }
         let Some(value) = headers.get(AUTHORIZATION) else { return false };
-        let value = value.as_bytes();
-        let Some((scheme, presented)) = value.split_at_checked(7) else { return false };
-        scheme.eq_ignore_ascii_case(b"bearer ") && bool::from(presented.ct_eq(expected))
+        let Some((scheme, presented)) = value.as_bytes().split_at_checked(7) else { return false };
+        scheme.eq_ignore_ascii_case(b"bearer ") && self.allows_token(presented)
+    }
+
+    /// Whether `presented` is the token (in constant time; always `true` when disabled).
+    /// For tokens that come by another way than the `Authorization` header (the status
+    /// page's cookie and query parameter, [`crate::status_page::auth`]).
+    pub fn allows_token(&self, presented: &[u8]) -> bool {
+        match self {
+            Auth::Token(expected) => bool::from(presented.ct_eq(expected)),
+            Auth::Disabled => true,
+        }
     }
 }
 
