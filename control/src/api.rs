@@ -15,6 +15,9 @@
 //! | `GET /readyz`              | none   | 200 when the store answers, else 503               |
 //! | `GET /metrics`             | none   | Prometheus / OpenMetrics text                      |
 //!
+//! The read-only status page (`GET /status`, `GET /v1/status`) has a router of its own,
+//! merged next to this one: [`crate::status_page`].
+//!
 //! The `{id}` path segment is the percent-encoded session id (encode at least `/`, `%`,
 //! `?` and `#`). `{upstream}` is an MCP server pod as `ip:port` — IPv6 in brackets,
 //! `[fd00::7]:8080` — optionally percent-encoded (`10.0.0.7%3A8080`); it is stored in

@@ -121,7 +121,8 @@ upstream pod holds each Mcp-Session-Id), behind a small authenticated HTTP API."
 const LONG_ABOUT_TAIL: &str = "\
 Routes: PUT/GET/PATCH/DELETE /v1/sessions/{id}, POST /v1/sessions/{id}/recover, POST/DELETE \
 /v1/upstreams/{upstream}/drain and GET /v1/upstreams/draining (bearer token required), GET /healthz, GET /readyz, \
-GET /metrics.
+GET /metrics; the read-only status page GET /status (HTML) and GET /v1/status (JSON), with the API token or \
+--status-token-file (docs/status-page.md).
 
 Draining: POST /v1/upstreams/{ip:port}/drain (e.g. from a pod's preStop hook) marks an upstream as going away; \
 filters poll GET /v1/upstreams/draining and ask control (recover, reason draining) to move each session off it \

@@ -61,7 +61,10 @@ impl RecentRecoveries {
     /// An empty buffer of `capacity` entries (at least 1).
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
-        RecentRecoveries { capacity, ring: Mutex::new(VecDeque::with_capacity(capacity)) }
+        RecentRecoveries {
+            capacity,
+            ring: Mutex::new(VecDeque::with_capacity(capacity)),
+        }
     }
 
     /// Adds `entry`, dropping the oldest one when full.

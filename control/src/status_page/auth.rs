@@ -100,7 +100,11 @@ pub async fn require_status_token(State(auth): State<StatusAuth>, request: Reque
             return ApiError::unauthorized().into_response();
         }
         let path = HeaderValue::from_str(request.uri().path()).unwrap_or(HeaderValue::from_static(super::PAGE_ROUTE));
-        return (StatusCode::SEE_OTHER, [(LOCATION, path), (SET_COOKIE, set_cookie(token.as_bytes()))]).into_response();
+        return (
+            StatusCode::SEE_OTHER,
+            [(LOCATION, path), (SET_COOKIE, set_cookie(token.as_bytes()))],
+        )
+            .into_response();
     }
     if auth.allows(request.headers()) {
         next.run(request).await

@@ -101,7 +101,12 @@ pub struct StatusPage<S> {
 
 impl<S> Clone for StatusPage<S> {
     fn clone(&self) -> Self {
-        StatusPage { state: self.state.clone(), backend: self.backend.clone(), started: self.started, started_at_ms: self.started_at_ms }
+        StatusPage {
+            state: self.state.clone(),
+            backend: self.backend.clone(),
+            started: self.started,
+            started_at_ms: self.started_at_ms,
+        }
     }
 }
 
@@ -109,7 +114,12 @@ impl<S: SessionStore> StatusPage<S> {
     /// The page of `state`, whose store is `backend` ([`StoreHealth::backend`]); uptime
     /// counts from now.
     pub fn new(state: AppState<S>, backend: impl Into<String>) -> Self {
-        StatusPage { state, backend: backend.into(), started: Instant::now(), started_at_ms: SystemClock.unix_ms() }
+        StatusPage {
+            state,
+            backend: backend.into(),
+            started: Instant::now(),
+            started_at_ms: SystemClock.unix_ms(),
+        }
     }
 
     /// Makes the report: pings the store, reads the drains, resolves the endpoints, counts
@@ -193,7 +203,10 @@ async fn html<S: SessionStore>(State(page): State<StatusPage<S>>) -> Response {
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-store"),
-            (header::CONTENT_SECURITY_POLICY, "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+            ),
             (header::REFERRER_POLICY, "no-referrer"),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],

@@ -60,12 +60,17 @@ pub fn page(report: &StatusReport) -> String {
             "uptime" => duration_ms(report.uptime_secs.saturating_mul(1000)),
             "now" => utc(report.now_ms),
             "store" => store(&report.store),
-            "endpoints_error" => report
-                .endpoints_error
-                .as_deref()
-                .map_or_else(String::new, |e| format!("<p class=\"error\" id=\"endpoints-error\">endpoints: {}</p>", escape(e))),
-            "upstreams" => rows(&report.upstreams, "<tr><td colspan=\"5\" class=\"none\">no upstream known</td></tr>", |u| upstream(u, report.now_ms)),
-            "recoveries" => rows(&report.recoveries, "<tr><td colspan=\"7\" class=\"none\">none yet</td></tr>", |r| recovery(r, report.now_ms)),
+            "endpoints_error" => report.endpoints_error.as_deref().map_or_else(String::new, |e| {
+                format!("<p class=\"error\" id=\"endpoints-error\">endpoints: {}</p>", escape(e))
+            }),
+            "upstreams" => rows(
+                &report.upstreams,
+                "<tr><td colspan=\"5\" class=\"none\">no upstream known</td></tr>",
+                |u| upstream(u, report.now_ms),
+            ),
+            "recoveries" => rows(&report.recoveries, "<tr><td colspan=\"7\" class=\"none\">none yet</td></tr>", |r| {
+                recovery(r, report.now_ms)
+            }),
             "recent_max" => RECENT_RECOVERIES.to_string(),
             _ => return None,
         })
@@ -82,7 +87,10 @@ fn rows<T>(items: &[T], empty: &str, row: impl Fn(&T) -> String) -> String {
 
 /// The wire name of a serde enum (`connect_failure`, `replayed`).
 fn wire(value: impl Serialize) -> String {
-    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn store(s: &StoreHealth) -> String {
@@ -90,7 +98,9 @@ fn store(s: &StoreHealth) -> String {
         None => ("ok", "ok".to_string()),
         Some(e) => ("error", format!("error: {}", escape(e))),
     };
-    let records = s.records.map_or_else(|| "n/a (not counted with Redis)".to_string(), |n| n.to_string());
+    let records = s
+        .records
+        .map_or_else(|| "n/a (not counted with Redis)".to_string(), |n| n.to_string());
     format!(
         "<table id=\"store\">\n<tr><th>backend</th><td class=\"backend\">{}</td></tr>\n\
          <tr><th>health</th><td class=\"health {class}\">{health}</td></tr>\n\
@@ -139,7 +149,9 @@ fn recovery(r: &RecentRecovery, now_ms: u64) -> String {
         escape(&r.session),
         wire(r.reason),
         escape(&r.failed_upstream),
-        r.new_upstream.as_deref().map_or_else(|| "<span class=\"none\">-</span>".to_string(), escape),
+        r.new_upstream
+            .as_deref()
+            .map_or_else(|| "<span class=\"none\">-</span>".to_string(), escape),
         r.elapsed_ms,
     )
 }

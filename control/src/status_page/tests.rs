@@ -46,7 +46,11 @@ async fn pin(state: &AppState<MemoryStore>, id: &str, upstream: &str) {
         initialized: None,
         protocol_version: None,
     };
-    state.store.put(&SessionId::parse(id).unwrap(), &body, PutCondition::Always).await.unwrap();
+    state
+        .store
+        .put(&SessionId::parse(id).unwrap(), &body, PutCondition::Always)
+        .await
+        .unwrap();
 }
 
 /// Two endpoints; sessions on one of them and on an upstream that is no endpoint; a drain.
@@ -73,11 +77,18 @@ async fn populated() -> AppState<MemoryStore> {
 #[tokio::test]
 async fn the_report_joins_endpoints_pins_and_drains() {
     let report = StatusPage::new(populated().await, "memory").report().await;
-    let summary: Vec<(&str, bool, Option<u64>, Option<u64>)> =
-        report.upstreams.iter().map(|u| (u.upstream.as_str(), u.endpoint, u.sessions, u.drain.as_ref().map(|d| d.moved))).collect();
+    let summary: Vec<(&str, bool, Option<u64>, Option<u64>)> = report
+        .upstreams
+        .iter()
+        .map(|u| (u.upstream.as_str(), u.endpoint, u.sessions, u.drain.as_ref().map(|d| d.moved)))
+        .collect();
     assert_eq!(
         summary,
-        [("10.0.0.1:80", true, Some(2), None), ("10.0.0.2:80", true, Some(0), Some(1)), ("10.0.0.9:80", false, Some(1), None)]
+        [
+            ("10.0.0.1:80", true, Some(2), None),
+            ("10.0.0.2:80", true, Some(0), Some(1)),
+            ("10.0.0.9:80", false, Some(1), None)
+        ]
     );
     assert!(report.store.ok && report.store.error.is_none(), "{:?}", report.store);
     assert_eq!((report.store.backend.as_str(), report.store.records), ("memory", Some(3)));
@@ -85,7 +96,16 @@ async fn the_report_joins_endpoints_pins_and_drains() {
     assert_eq!(report.version, env!("CARGO_PKG_VERSION"));
     // The JSON shape docs/control-api.md documents.
     let json = serde_json::to_value(&report).unwrap();
-    for key in ["version", "started_at_ms", "uptime_secs", "now_ms", "store", "endpoints_error", "upstreams", "recoveries"] {
+    for key in [
+        "version",
+        "started_at_ms",
+        "uptime_secs",
+        "now_ms",
+        "store",
+        "endpoints_error",
+        "upstreams",
+        "recoveries",
+    ] {
         assert!(json.get(key).is_some(), "{key} in {json}");
     }
     assert_eq!(json["recoveries"][0]["outcome"], "replayed");
@@ -111,9 +131,20 @@ fn data_is_escaped_everywhere() {
         started_at_ms: 0,
         uptime_secs: 0,
         now_ms: 0,
-        store: StoreHealth { backend: EVIL.into(), ok: false, latency_ms: 1.0, error: Some(EVIL.into()), records: None },
+        store: StoreHealth {
+            backend: EVIL.into(),
+            ok: false,
+            latency_ms: 1.0,
+            error: Some(EVIL.into()),
+            records: None,
+        },
         endpoints_error: Some(EVIL.into()),
-        upstreams: vec![UpstreamStatus { upstream: EVIL.into(), endpoint: false, sessions: None, drain: None }],
+        upstreams: vec![UpstreamStatus {
+            upstream: EVIL.into(),
+            endpoint: false,
+            sessions: None,
+            drain: None,
+        }],
         recoveries: vec![RecentRecovery {
             at_ms: 0,
             session: EVIL.into(),
@@ -126,7 +157,11 @@ fn data_is_escaped_everywhere() {
     };
     let html = page(&report);
     assert!(!html.contains("<script") && !html.contains("'x'"), "{html}");
-    assert_eq!(html.matches("&lt;script&gt;").count(), 9, "version, backend, error, endpoints, upstream ×2, session, from, to");
+    assert_eq!(
+        html.matches("&lt;script&gt;").count(),
+        9,
+        "version, backend, error, endpoints, upstream ×2, session, from, to"
+    );
     assert!(html.contains("{{store}}&lt;script"), "a slot name in data is not expanded");
     assert!(html.contains(r#"<td class="sessions">n/a</td>"#) && html.contains("n/a (not counted with Redis)"));
     assert!(html.contains(r#"<td class="outcome stayed">stayed</td>"#));
@@ -159,27 +194,71 @@ fn bearer(token: &str) -> Option<(header::HeaderName, String)> {
 async fn either_token_opens_the_page_and_the_read_only_one_nothing_else() {
     let app = app(populated().await);
     for token in ["api", "ro"] {
-        assert_eq!(send(&app, "GET", JSON_ROUTE, bearer(token)).await.status(), StatusCode::OK, "{token}");
-        assert_eq!(send(&app, "GET", PAGE_ROUTE, bearer(token)).await.status(), StatusCode::OK, "{token}");
+        assert_eq!(
+            send(&app, "GET", JSON_ROUTE, bearer(token)).await.status(),
+            StatusCode::OK,
+            "{token}"
+        );
+        assert_eq!(
+            send(&app, "GET", PAGE_ROUTE, bearer(token)).await.status(),
+            StatusCode::OK,
+            "{token}"
+        );
     }
     assert_eq!(send(&app, "GET", PAGE_ROUTE, None).await.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(send(&app, "GET", JSON_ROUTE, bearer("wrong")).await.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(send(&app, "GET", "/status?token=wrong", bearer("api")).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(&app, "GET", JSON_ROUTE, bearer("wrong")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&app, "GET", "/status?token=wrong", bearer("api")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
     // ?token= → 303 to the bare path with the cookie, which then opens the page.
     let r = send(&app, "GET", "/status?token=ro", None).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(r.headers()[header::LOCATION], PAGE_ROUTE);
-    let cookie = r.headers()[header::SET_COOKIE].to_str().unwrap().split(';').next().unwrap().to_string();
+    let cookie = r.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
     let r = send(&app, "GET", PAGE_ROUTE, Some((header::COOKIE, cookie.clone()))).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
     // Neither the read-only token nor any cookie opens another route.
     let api_cookie = auth::set_cookie(b"api").to_str().unwrap().split(';').next().unwrap().to_string();
-    for (method, uri) in [("POST", "/v1/upstreams/10.0.0.1:80/drain"), ("DELETE", "/v1/upstreams/10.0.0.2:80/drain"), ("GET", "/v1/upstreams/draining"), ("GET", "/v1/sessions/a")] {
-        assert_eq!(send(&app, method, uri, bearer("ro")).await.status(), StatusCode::UNAUTHORIZED, "{method} {uri}");
-        assert_eq!(send(&app, method, uri, Some((header::COOKIE, api_cookie.clone()))).await.status(), StatusCode::UNAUTHORIZED, "{method} {uri}");
-        assert_eq!(send(&app, method, &format!("{uri}?token=api"), None).await.status(), StatusCode::UNAUTHORIZED, "{method} {uri}");
+    for (method, uri) in [
+        ("POST", "/v1/upstreams/10.0.0.1:80/drain"),
+        ("DELETE", "/v1/upstreams/10.0.0.2:80/drain"),
+        ("GET", "/v1/upstreams/draining"),
+        ("GET", "/v1/sessions/a"),
+    ] {
+        assert_eq!(
+            send(&app, method, uri, bearer("ro")).await.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {uri}"
+        );
+        assert_eq!(
+            send(&app, method, uri, Some((header::COOKIE, api_cookie.clone()))).await.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {uri}"
+        );
+        assert_eq!(
+            send(&app, method, &format!("{uri}?token=api"), None).await.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {uri}"
+        );
     }
-    assert_eq!(send(&app, "GET", "/v1/upstreams/draining", bearer("api")).await.status(), StatusCode::OK);
-    assert_eq!(send(&app, "POST", JSON_ROUTE, bearer("api")).await.status(), StatusCode::METHOD_NOT_ALLOWED, "read-only");
+    assert_eq!(
+        send(&app, "GET", "/v1/upstreams/draining", bearer("api")).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&app, "POST", JSON_ROUTE, bearer("api")).await.status(),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "read-only"
+    );
 }
