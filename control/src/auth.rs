@@ -63,11 +63,14 @@ impl Auth {
 
 /// Middleware: answers 401 `unauthorized` unless [`Auth::allows`] the request.
 pub async fn require_bearer(State(auth): State<Auth>, request: Request, next: Next) -> Response {
-    if auth.allows(request.headers()) {
-        next.run(request).await
-    } else {
-        ApiError::unauthorized().into_response()
-    }
+    let allowed = auth.allows(request.headers());
+    pass_if(allowed, request, next).await
+}
+
+/// Middleware tail: runs `request` through `next` when `allowed`, else answers 401
+/// `unauthorized`.
+pub async fn pass_if(allowed: bool, request: Request, next: Next) -> Response {
+    if allowed { next.run(request).await } else { ApiError::unauthorized().into_response() }
 }
 
 #[cfg(test)]

@@ -106,11 +106,8 @@ pub async fn require_status_token(State(auth): State<StatusAuth>, request: Reque
         )
             .into_response();
     }
-    if auth.allows(request.headers()) {
-        next.run(request).await
-    } else {
-        ApiError::unauthorized().into_response()
-    }
+    let allowed = auth.allows(request.headers());
+    crate::auth::pass_if(allowed, request, next).await
 }
 
 #[cfg(test)]
