@@ -46,7 +46,9 @@ impl Auth {
             return true;
         }
         let Some(value) = headers.get(AUTHORIZATION) else { return false };
-        let Some((scheme, presented)) = value.as_bytes().split_at_checked(7) else { return false };
+        let Some((scheme, presented)) = value.as_bytes().split_at_checked(7) else {
+            return false;
+        };
         scheme.eq_ignore_ascii_case(b"bearer ") && self.allows_token(presented)
     }
 
@@ -70,7 +72,11 @@ pub async fn require_bearer(State(auth): State<Auth>, request: Request, next: Ne
 /// Middleware tail: runs `request` through `next` when `allowed`, else answers 401
 /// `unauthorized`.
 pub async fn pass_if(allowed: bool, request: Request, next: Next) -> Response {
-    if allowed { next.run(request).await } else { ApiError::unauthorized().into_response() }
+    if allowed {
+        next.run(request).await
+    } else {
+        ApiError::unauthorized().into_response()
+    }
 }
 
 #[cfg(test)]
