@@ -18,7 +18,7 @@ endif
 ENVOY         ?= $(CURDIR)/$(ENVOY_VENV)/bin/envoy
 export ENVOY
 
-.PHONY: all setup setup-wasm setup-envoy setup-redis setup-ts-client setup-docker wasm build run test soak test-envoy envoy-image bench images clean help
+.PHONY: all setup setup-wasm setup-envoy setup-redis setup-ts-client setup-docker setup-chromium wasm build run test soak test-envoy envoy-image bench images clean help
 
 all: build
 
@@ -95,6 +95,13 @@ setup-docker:
 	  docker info >/dev/null 2>&1 || { echo "the Docker engine did not start within 60 s; the end of target/dockerd.log:" >&2; \
 	    tail -20 target/dockerd.log >&2; exit 1; }; }
 
+# The status page's browser test (tests/tests/e2e_status_page.rs) runs headless Chromium,
+# found on PATH as `chromium`: the Debian package when missing.
+setup-chromium:
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium (Debian package; the status page's browser test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 wasm: setup-wasm
 	$(CARGO) build -p mcp-affinity-filter --target $(WASM_TARGET) --profile wasm
 	@ls -l $(WASM)
@@ -110,7 +117,7 @@ run: setup-envoy build
 ENVOY_OLDEST ?= 1.36.4
 OLDEST_SUITES := --test e2e_pinning --test e2e_recovery --test e2e_client_shapes --test e2e_envoy_retry --test e2e_tasks --test envoy_local
 
-test: setup wasm
+test: setup setup-chromium wasm
 	@$(MAKE) --no-print-directory test-alerts
 	@$(MAKE) --no-print-directory test-k8s
 	$(CARGO) test --workspace --no-fail-fast

@@ -16,6 +16,9 @@
 //! | `GET /readyz`              | none   | 200 when the store answers, else 503               |
 //! | `GET /metrics`             | none   | Prometheus / OpenMetrics text                      |
 //!
+//! The read-only status page (`GET /status`, `GET /v1/status`) has a router of its own,
+//! merged next to this one: [`crate::status_page`].
+//!
 //! The `{id}` path segment is the percent-encoded session id (encode at least `/`, `%`,
 //! `?` and `#`). `{upstream}` is an MCP server pod as `ip:port` — IPv6 in brackets,
 //! `[fd00::7]:8080` — optionally percent-encoded (`10.0.0.7%3A8080`); it is stored in
@@ -153,7 +156,7 @@ pub async fn admit(State(permits): State<Arc<Semaphore>>, request: Request, next
 }
 
 /// Middleware: counts every answer by route template, method and status.
-async fn track_requests(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+pub(crate) async fn track_requests(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_string();
     let method = request.method().as_str().to_string();
     let start = Instant::now();

@@ -42,17 +42,37 @@ impl Auth {
     /// Whether `headers` carry an acceptable `Authorization` header. The scheme `Bearer`
     /// is matched case-insensitively; the token exactly, in constant time.
     pub fn allows(&self, headers: &HeaderMap) -> bool {
-        let Auth::Token(expected) = self else { return true };
+        if let Auth::Disabled = self {
+            return true;
+        }
         let Some(value) = headers.get(AUTHORIZATION) else { return false };
-        let value = value.as_bytes();
-        let Some((scheme, presented)) = value.split_at_checked(7) else { return false };
-        scheme.eq_ignore_ascii_case(b"bearer ") && bool::from(presented.ct_eq(expected))
+        let Some((scheme, presented)) = value.as_bytes().split_at_checked(7) else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case(b"bearer ") && self.allows_token(presented)
+    }
+
+    /// Whether `presented` is the token (in constant time; always `true` when disabled).
+    /// For tokens that come by another way than the `Authorization` header (the status
+    /// page's cookie and query parameter, [`crate::status_page::auth`]).
+    pub fn allows_token(&self, presented: &[u8]) -> bool {
+        match self {
+            Auth::Token(expected) => bool::from(presented.ct_eq(expected)),
+            Auth::Disabled => true,
+        }
     }
 }
 
 /// Middleware: answers 401 `unauthorized` unless [`Auth::allows`] the request.
 pub async fn require_bearer(State(auth): State<Auth>, request: Request, next: Next) -> Response {
-    if auth.allows(request.headers()) {
+    let allowed = auth.allows(request.headers());
+    pass_if(allowed, request, next).await
+}
+
+/// Middleware tail: runs `request` through `next` when `allowed`, else answers 401
+/// `unauthorized`.
+pub async fn pass_if(allowed: bool, request: Request, next: Next) -> Response {
+    if allowed {
         next.run(request).await
     } else {
         ApiError::unauthorized().into_response()

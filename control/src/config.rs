@@ -121,7 +121,8 @@ upstream pod holds each Mcp-Session-Id), behind a small authenticated HTTP API."
 const LONG_ABOUT_TAIL: &str = "\
 Routes: PUT/GET/PATCH/DELETE /v1/sessions/{id}, POST /v1/sessions/{id}/recover, POST/DELETE \
 /v1/upstreams/{upstream}/drain and GET /v1/upstreams/draining (bearer token required), GET /healthz, GET /readyz, \
-GET /metrics.
+GET /metrics; the read-only status page GET /status (HTML) and GET /v1/status (JSON), with the API token or \
+--status-token-file (docs/status-page.md).
 
 Draining: POST /v1/upstreams/{ip:port}/drain (e.g. from a pod's preStop hook) marks an upstream as going away; \
 filters poll GET /v1/upstreams/draining and ask control (recover, reason draining) to move each session off it \
@@ -246,6 +247,16 @@ pub struct Config {
     #[arg(long, env = "MCP_AFFINITY_CONTROL_TOKEN", hide_env_values = true, value_name = "TOKEN", global = true)]
     pub token: Option<String>,
 
+    /// File holding a read-only token of the status page (`GET /status`, `GET /v1/status`; surrounding
+    /// whitespace is ignored). It authorises nothing else; the API token works there too. See
+    /// docs/status-page.md.
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_STATUS_TOKEN_FILE", value_name = "PATH", conflicts_with = "status_token")]
+    pub status_token_file: Option<PathBuf>,
+
+    /// The read-only status page token itself (prefer --status-token-file or the environment).
+    #[arg(long, env = "MCP_AFFINITY_CONTROL_STATUS_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub status_token: Option<String>,
+
     /// Recovery: the MCP server endpoints (pods) a session may be re-initialized on, as a comma-separated
     /// list of ip:port. Alternative to --endpoints-dns. Without either, every recovery fails (the client
     /// gets 404 and starts a new session).
@@ -342,6 +353,8 @@ impl fmt::Debug for Config {
             .field("log_format", &self.log_format)
             .field("token_file", &self.token_file)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("status_token_file", &self.status_token_file)
+            .field("status_token", &self.status_token.as_ref().map(|_| "<redacted>"))
             .field("insecure_no_auth", &self.insecure_no_auth)
             .field("endpoints", &self.endpoints)
             .field("endpoints_dns", &self.endpoints_dns)
@@ -354,6 +367,25 @@ impl fmt::Debug for Config {
             .field("command", &self.command)
             .finish()
     }
+}
+
+/// The token of `file` (preferred) or `value`, trimmed; `None` when neither is given.
+fn read_token(file: Option<&PathBuf>, value: Option<&str>) -> Result<Option<String>, ConfigError> {
+    match (file, value) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .map(|t| Some(t.trim().to_string()))
+            .map_err(|source| ConfigError::TokenFile { path: path.clone(), source }),
+        (None, Some(t)) => Ok(Some(t.trim().to_string())),
+        (None, None) => Ok(None),
+    }
+}
+
+/// [`Auth::token`] of `t` when it is non-empty visible ASCII, else [`ConfigError::BadToken`].
+fn checked_token(t: &str) -> Result<Auth, ConfigError> {
+    if t.is_empty() || !t.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(ConfigError::BadToken);
+    }
+    Ok(Auth::token(t))
 }
 
 /// A configuration that cannot be served.
@@ -388,25 +420,22 @@ impl Config {
     /// [`ConfigError`] when no token is configured without `--insecure-no-auth`, when the
     /// token file cannot be read, or when the token is empty or not visible ASCII.
     pub fn auth(&self) -> Result<Auth, ConfigError> {
-        let token = match (&self.token_file, &self.token) {
-            (Some(path), _) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::TokenFile { path: path.clone(), source })?
-                    .trim()
-                    .to_string(),
-            ),
-            (None, Some(t)) => Some(t.trim().to_string()),
-            (None, None) => None,
-        };
-        match (token, self.insecure_no_auth) {
+        match (read_token(self.token_file.as_ref(), self.token.as_deref())?, self.insecure_no_auth) {
             (None, true) => Ok(Auth::Disabled),
             (None, false) => Err(ConfigError::NoToken),
             (Some(_), true) => Err(ConfigError::TokenAndNoAuth),
-            (Some(t), false) if t.is_empty() || !t.bytes().all(|b| (0x21..=0x7e).contains(&b)) => {
-                Err(ConfigError::BadToken)
-            }
-            (Some(t), false) => Ok(Auth::token(&t)),
+            (Some(t), false) => checked_token(&t),
         }
+    }
+
+    /// The read-only token of the status page (`--status-token-file`, `--status-token`), if
+    /// one is configured.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when the token file cannot be read or the token is empty or not
+    /// visible ASCII.
+    pub fn status_auth(&self) -> Result<Option<Auth>, ConfigError> {
+        read_token(self.status_token_file.as_ref(), self.status_token.as_deref())?.map(|t| checked_token(&t)).transpose()
     }
 
     /// `--session-ttl-secs` as a duration.
@@ -565,5 +594,10 @@ mod tests {
         h.insert("authorization", "Bearer from-file".parse().unwrap());
         assert!(auth.allows(&h));
         assert!(matches!(parse(&["--token-file", "/nonexistent/token"]).unwrap().auth(), Err(ConfigError::TokenFile { .. })));
+        // The status page's read-only token: optional, same rules.
+        assert!(parse(&[]).unwrap().status_auth().unwrap().is_none());
+        assert!(matches!(parse(&["--status-token", "ro"]).unwrap().status_auth(), Ok(Some(Auth::Token(_)))));
+        assert!(matches!(parse(&["--status-token", " "]).unwrap().status_auth(), Err(ConfigError::BadToken)));
+        assert!(parse(&["--status-token", "a", "--status-token-file", "/x"]).is_err());
     }
 }

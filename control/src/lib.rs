@@ -17,6 +17,7 @@
 //!   upstream's unfinished tasks and the serving endpoints); [`task_pins`]: MCP 2026-07-28
 //!   task pins.
 //! - [`drain_source`]: drains from the endpoint source (`--endpoints-dns`; EndpointSlices with the `kube` feature).
+//! - [`status_page`]: the read-only status page (`GET /status`, `GET /v1/status`).
 //! - [`metrics`]: Prometheus metrics; [`clock`]: injectable time.
 //! - [`cli`]: the operator commands of the binary (`status`, `sessions get`, `drain`,
 //!   `undrain`), clients of a running service.
@@ -38,6 +39,7 @@ pub mod recover;
 pub mod replay_listener;
 pub mod task_pins;
 pub mod session_id;
+pub mod status_page;
 pub mod store;
 
 use std::future::Future;
@@ -100,7 +102,7 @@ pub async fn serve_listeners(
             let store = MemoryStore::new(config.session_ttl(), usize::try_from(config.max_sessions).unwrap_or(usize::MAX))
                 .with_drain_ttl(config.drain_ttl());
             tracing::info!(ttl_secs = config.session_ttl_secs, max_sessions = config.max_sessions, "memory store");
-            run(Arc::new(store), auth, &config, listeners, shutdown).await
+            run(Arc::new(store), auth, "memory".to_string(), &config, listeners, shutdown).await
         }
         StoreKind::Redis(url) => {
             check_tls_support(url)?;
@@ -121,7 +123,7 @@ pub async fn serve_listeners(
                 wait_replicas = config.redis_wait_replicas,
                 "redis store"
             );
-            run(Arc::new(store), auth, &config, listeners, shutdown).await
+            run(Arc::new(store), auth, format!("redis ({topology})"), &config, listeners, shutdown).await
         }
     }
 }
@@ -132,11 +134,13 @@ struct Listeners {
     replay: Option<TcpListener>,
 }
 
-/// Serves `store` with the router of [`api::router_with_permits`], and the replay
-/// listener's ([`replay_listener::router`]) when bound.
+/// Serves `store` (a `backend` store, as the status page names it) with the router of
+/// [`api::router_with_permits`] and the status page's ([`status_page::router`]), and the
+/// replay listener's ([`replay_listener::router`]) when bound.
 async fn run<S: SessionStore>(
     store: Arc<S>,
     auth: Auth,
+    backend: String,
     config: &Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -168,7 +172,10 @@ async fn run<S: SessionStore>(
     let recovery = Arc::new(crate::recover::Recovery::new(settings).context("recovery")?);
     let state = AppState { store, metrics, recovery };
     let permits = Arc::new(Semaphore::new(usize::try_from(config.max_in_flight).unwrap_or(usize::MAX)));
-    let app = api::router_with_permits(state.clone(), auth, config.max_body_bytes, permits.clone());
+    let status_auth = status_page::auth::StatusAuth::new(auth.clone(), config.status_auth()?);
+    let page = status_page::StatusPage::new(state.clone(), backend);
+    let app = api::router_with_permits(state.clone(), auth, config.max_body_bytes, permits.clone())
+        .merge(status_page::router(page, status_auth, permits.clone()));
     // One shutdown for both listeners.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let _signal = AbortOnDrop(tokio::spawn(async move {

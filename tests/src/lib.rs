@@ -10,6 +10,8 @@
 //! - [`era2026_client`]: a raw-HTTP MCP 2026-07-28 client (no sessions; tasks).
 //! - [`rmcp_client`]: the real rmcp Streamable HTTP client.
 //! - [`ts_client`]: the official TypeScript MCP SDK client, driven as a Node process.
+//! - [`chromium`]: headless Chromium (Debian `chromium`) as a process: a page's rendered
+//!   DOM, a screenshot.
 //! - [`bench`]: `make bench-envoy`, mcp-affinity on real Envoy side by side (binary `mcp-affinity-envoy-bench`).
 //! - [`fixtures`]: external services started for tests: Envoy proxies and demo pods,
 //!   the control service, a real `redis-server`.
@@ -22,3 +24,4 @@ pub mod rmcp_client;
 pub mod ts_client;
 pub mod fixtures;
 pub mod bench;
+pub mod chromium;

@@ -50,6 +50,7 @@
 
 pub mod endpoints;
 pub mod locks;
+pub mod recent;
 pub mod upstream;
 
 mod answer;
@@ -75,6 +76,8 @@ use tokio::time::Instant;
 
 use self::endpoints::EndpointSource;
 use self::locks::KeyedLocks;
+use self::recent::{RecentRecoveries, RecentRecovery};
+use crate::clock::{Clock as _, SystemClock};
 use self::upstream::{Probe, Target};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
@@ -180,6 +183,7 @@ pub struct Recovery {
     turn: AtomicUsize,
     instance: String,
     seq: AtomicU64,
+    recent: RecentRecoveries,
 }
 
 
@@ -202,6 +206,7 @@ impl Recovery {
             turn: AtomicUsize::new(0),
             instance: format!("{}-{nanos:x}", std::process::id()),
             seq: AtomicU64::new(0),
+            recent: RecentRecoveries::default(),
         })
     }
 
@@ -210,6 +215,24 @@ impl Recovery {
         &self.settings
     }
 
+
+    /// The last recover calls this instance decided (recoveries and drain-moves).
+    pub fn recent(&self) -> &RecentRecoveries {
+        &self.recent
+    }
+
+    /// Keeps the decided `answer` of `req` for session `id` in [`Self::recent`].
+    fn remember(&self, id: &SessionId, req: &RecoverRequest, answer: &RecoverAnswer, start: Instant) {
+        self.recent.push(RecentRecovery {
+            at_ms: SystemClock.unix_ms(),
+            session: recent::truncate_session(id.as_str()),
+            reason: req.reason,
+            failed_upstream: req.failed_upstream.clone(),
+            new_upstream: answer.pin.as_ref().map(|p| p.upstream.clone()),
+            outcome: answer.outcome,
+            elapsed_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        });
+    }
 
     fn next_owner(&self) -> String {
         format!("{}-{}", self.instance, self.seq.fetch_add(1, Ordering::Relaxed))
@@ -266,6 +289,7 @@ impl Recovery {
             },
         };
         metrics.observe_recovery(answer.outcome.as_str(), start.elapsed());
+        self.remember(id, req, &answer, start);
         tracing::info!(
             session = id.as_str(),
             reason = ?req.reason,
@@ -326,6 +350,7 @@ impl Recovery {
             elapsed_ms = start.elapsed().as_millis() as u64,
             "drain-move"
         );
+        self.remember(id, req, &answer, start);
         Ok(answer)
     }
 

@@ -18,6 +18,7 @@
 pub mod memory;
 pub mod redis;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -163,6 +164,13 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Cheap counters for `/metrics`.
     fn stats(&self) -> StoreStats;
+
+    /// Live records by the upstream they are pinned to (`upstream` as stored), for the
+    /// status page; `None` when the store cannot count them cheaply (Redis: that would
+    /// read every record). The default is `None`.
+    fn sessions_by_upstream(&self) -> Option<BTreeMap<String, u64>> {
+        None
+    }
 }
 
 #[cfg(test)]
