@@ -11,6 +11,8 @@
 //! - [`rmcp_client`]: the real rmcp Streamable HTTP client.
 //! - [`ts_client`]: the official TypeScript MCP SDK client, driven as a Node process.
 //! - [`bench`]: `make bench-envoy`, mcp-affinity on real Envoy side by side (binary `mcp-affinity-envoy-bench`).
+//! - [`dashboard`]: the Grafana dashboard, generated from the named queries of
+//!   `envoy/observability/queries.yaml`.
 //! - [`fixtures`]: external services started for tests: Envoy proxies and demo pods,
 //!   the control service, a real `redis-server`.
 pub mod envoy;
@@ -22,3 +24,4 @@ pub mod rmcp_client;
 pub mod ts_client;
 pub mod fixtures;
 pub mod bench;
+pub mod dashboard;
