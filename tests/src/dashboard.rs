@@ -32,13 +32,16 @@ pub struct Query {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Panel {
+    /// The panel's title, as Grafana shows it.
     pub title: String,
     /// Grafana panel type: `timeseries` or `stat`.
     #[serde(rename = "type")]
     pub kind: String,
     /// Grafana unit id (`ops`, `reqps`, `s`, `short`).
     pub unit: String,
+    /// What the panel shows (Grafana's panel tooltip).
     pub description: String,
+    /// Its queries, one Grafana target each, in order.
     pub queries: Vec<Query>,
 }
 

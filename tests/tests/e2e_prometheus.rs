@@ -81,6 +81,8 @@ async fn moved_off(session: &Session, pod: &str) -> String {
     }
 }
 
+/// Issue 26: 3 pods, control and Envoy scraped by Prometheus; after pinning, a pod kill and
+/// a drain, each dashboard query gives the series and values the step produced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_dashboard_queries_show_pinning_recovery_and_draining() {
     let mut d = Deployment::start(Bootstrap::OriginalDst, 3, &[], "");
