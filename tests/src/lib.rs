@@ -13,6 +13,8 @@
 //! - [`chromium`]: headless Chromium (Debian `chromium`) as a process: a page's rendered
 //!   DOM, a screenshot.
 //! - [`bench`]: `make bench-envoy`, mcp-affinity on real Envoy side by side (binary `mcp-affinity-envoy-bench`).
+//! - [`dashboard`]: the Grafana dashboard, generated from the named queries of
+//!   `envoy/observability/queries.yaml`.
 //! - [`fixtures`]: external services started for tests: Envoy proxies and demo pods,
 //!   the control service, a real `redis-server`.
 pub mod envoy;
@@ -25,3 +27,4 @@ pub mod ts_client;
 pub mod fixtures;
 pub mod bench;
 pub mod chromium;
+pub mod dashboard;
