@@ -42,6 +42,24 @@ impl Queries {
     async fn now(&self, name: &str) -> Vec<Series> {
         self.prom.query(self.expr(name)).await.unwrap()
     }
+
+    /// Prints what every panel query answers now, after `phase` (shown with `--nocapture`):
+    /// `name {labels} value …`, the `job` label left out.
+    async fn print_all(&self, phase: &str) {
+        println!("-- the dashboard's queries after {phase}");
+        let names: BTreeSet<&String> = self.exprs.keys().collect();
+        for name in names {
+            let series = self.prom.query(&self.exprs[name]).await.unwrap();
+            let shown: Vec<String> = series
+                .iter()
+                .map(|s| {
+                    let labels: Vec<String> = s.labels.iter().filter(|(k, _)| *k != "job").map(|(k, v)| format!("{k}={v}")).collect();
+                    format!("{{{}}} {:.4}", labels.join(","), s.value)
+                })
+                .collect();
+            println!("{name:<30} {}", shown.join("  "));
+        }
+    }
 }
 
 /// The value of the series whose label `key` is `value`.
@@ -132,6 +150,7 @@ async fn the_dashboard_queries_show_pinning_recovery_and_draining() {
     q.wait("recoveries_by_outcome_rate", "recoveries by outcome", |s| at(s, "outcome", "replayed").is_some()).await;
     q.wait("recovery_duration_p99", "recoveries took time", positive).await;
     assert_eq!(at(&q.now("recoveries_failed_total").await, "instance", &envoy), Some(0.0), "no recovery failed");
+    q.print_all("a pod kill (pod-0)").await;
 
     // A drain: pod-1's sessions move off it on their next request, once each.
     assert_eq!(d.control.drain(d.pods[1].addr, false).await.unwrap(), 200);
@@ -151,6 +170,7 @@ async fn the_dashboard_queries_show_pinning_recovery_and_draining() {
     assert_eq!(only(&q.now("control_5xx_rate").await), Some(0.0), "control answered no 5xx");
     assert_eq!(at(&q.now("filter_control_errors_rate").await, "instance", &envoy), Some(0.0), "no failed call to control");
     assert_eq!(at(&q.now("unknown_sessions_total").await, "instance", &envoy), Some(1.0), "no session lost");
+    q.print_all("a drain (pod-1)").await;
 
     let all: BTreeSet<String> = q.exprs.keys().cloned().collect();
     assert_eq!(*q.asserted.lock().unwrap(), all, "every dashboard query is asserted");
