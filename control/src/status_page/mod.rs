@@ -87,7 +87,8 @@ pub struct UpstreamStatus {
     pub endpoint: bool,
     /// Live sessions pinned to it; `None` when the store cannot count them (Redis).
     pub sessions: Option<u64>,
-    /// Its drain (since, source, moved, failed, last move) while it is draining.
+    /// Its drain (since, source, moved, failed, last move, unfinished MCP 2026-07-28 tasks)
+    /// while it is draining.
     pub drain: Option<Drain>,
 }
 
@@ -144,8 +145,11 @@ impl<S: SessionStore> StatusPage<S> {
         for (upstream, n) in counts.iter().flatten() {
             upstream_entry(&mut upstreams, upstream, counted).sessions = Some(*n);
         }
-        for drain in drains.unwrap_or_default() {
-            upstream_entry(&mut upstreams, &drain.upstream, counted).drain = Some(drain.clone());
+        for mut drain in drains.unwrap_or_default() {
+            // Best effort, like the sessions: a failing count shows none.
+            drain.tasks = self.state.timed("unfinished_tasks", store.unfinished_tasks(&drain.upstream)).await.unwrap_or(0);
+            let upstream = drain.upstream.clone();
+            upstream_entry(&mut upstreams, &upstream, counted).drain = Some(drain);
         }
         let now_ms = SystemClock.unix_ms();
         StatusReport {

@@ -128,6 +128,9 @@ fn upstream(u: &UpstreamStatus, now_ms: u64) -> String {
             if let Some(last) = d.last_move_ms {
                 let _ = write!(text, ", last move {} ago", duration_ms(now_ms.saturating_sub(last)));
             }
+            if d.tasks > 0 {
+                let _ = write!(text, ", <span class=\"tasks-count\">unfinished tasks {}</span>", d.tasks);
+            }
             ("draining", text)
         }
     };

@@ -62,6 +62,7 @@ async fn populated() -> AppState<MemoryStore> {
     let upstream = "10.0.0.2:80".parse().unwrap();
     state.store.drain(upstream, DrainSource::Admin).await.unwrap();
     state.store.record_drain_move(upstream, true).await.unwrap();
+    state.store.put_task("t1", "10.0.0.2:80", Duration::from_secs(60), false).await.unwrap();
     state.recovery.recent().push(RecentRecovery {
         at_ms: 1,
         session: "abcdefgh…".into(),
@@ -110,6 +111,7 @@ async fn the_report_joins_endpoints_pins_and_drains() {
     }
     assert_eq!(json["recoveries"][0]["outcome"], "replayed");
     assert_eq!(json["upstreams"][1]["drain"]["source"], "admin");
+    assert_eq!(json["upstreams"][1]["drain"]["tasks"], 1, "the draining pod's unfinished task");
 }
 
 #[tokio::test]
@@ -118,6 +120,7 @@ async fn the_page_shows_the_report() {
     assert!(!html.contains("{{"), "every slot filled");
     assert!(html.contains(r#"data-upstream="10.0.0.1:80"><td class="name">10.0.0.1:80</td><td class="endpoint">yes</td><td class="sessions">2</td><td class="state serving">serving</td>"#), "{html}");
     assert!(html.contains(r#"<td class="sessions">0</td><td class="state draining">draining</td>"#));
+    assert!(html.contains(r#"<span class="tasks-count">unfinished tasks 1</span>"#), "{html}");
     assert!(html.contains("source admin, <span class=\"moved-count\">moved 1</span>"));
     assert!(html.contains(r#"<td class="outcome replayed">replayed</td>"#));
     assert!(html.contains(r#"<td class="health ok">ok</td>"#));
