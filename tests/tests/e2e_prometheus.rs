@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mcp_affinity_harness::dashboard;
+use mcp_affinity_harness::{dashboard, era2026_client};
 use mcp_affinity_harness::fixtures::deployment::{Bootstrap, Deployment};
 use mcp_affinity_harness::fixtures::mesh::sessions_on;
 use mcp_affinity_harness::fixtures::prometheus::{Prometheus, Series};
@@ -62,6 +62,14 @@ impl Queries {
     }
 }
 
+/// Creates a `slow_task` task (MCP 2026-07-28, tasks extension) through `url` and polls it
+/// until it completed.
+async fn run_task(url: &str) {
+    let task = era2026_client::call_tool_as_task(url, "slow_task", serde_json::json!({"ms": 50})).await.unwrap().task().expect("a task");
+    let state = era2026_client::wait_task(url, &task.task_id, std::time::Duration::from_secs(30)).await.unwrap();
+    assert!(state.result_text().is_some(), "task {} completed", task.task_id);
+}
+
 /// The value of the series whose label `key` is `value`.
 fn at(series: &[Series], key: &str, value: &str) -> Option<f64> {
     series.iter().find(|s| s.label(key) == value).map(|s| s.value)
@@ -103,7 +111,8 @@ async fn moved_off(session: &Session, pod: &str) -> String {
 /// a drain, each dashboard query gives the series and values the step produced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_dashboard_queries_show_pinning_recovery_and_draining() {
-    let mut d = Deployment::start(Bootstrap::OriginalDst, 3, &[], "");
+    // Dual-era pods: 2025-era sessions and MCP 2026-07-28 tasks on one endpoint.
+    let mut d = Deployment::start(Bootstrap::OriginalDst, 3, &["--era", "dual"], "");
     let prom = Prometheus::start(&[d.proxy.admin], &[d.control.addr]).await.unwrap();
     let exprs = dashboard::queries().unwrap().into_iter().map(|q| (q.name, q.expr)).collect();
     let q = Queries { prom, exprs, asserted: Mutex::new(BTreeSet::new()) };
@@ -136,6 +145,13 @@ async fn the_dashboard_queries_show_pinning_recovery_and_draining() {
     assert_eq!(at(&q.now("sessions_recovered_total").await, "instance", &envoy), Some(0.0), "nothing recovered yet");
     assert!(q.now("recoveries_by_outcome_total").await.iter().all(|s| s.value == 0.0), "control decided no recovery yet");
 
+    // Tasks: created on their pods and polled there until done.
+    for _ in 0..3 {
+        run_task(&d.proxy.url()).await;
+    }
+    q.wait("tasks_pinned_total", "three tasks pinned", in_envoy(3.0)).await;
+    q.wait("tasks_terminal_total", "three tasks seen completed", in_envoy(3.0)).await;
+
     // A pod kill: each of its sessions is recovered on its next request, once.
     d.pods[0].kill();
     let mut now_on = Vec::new();
@@ -155,6 +171,12 @@ async fn the_dashboard_queries_show_pinning_recovery_and_draining() {
     // A drain: pod-1's sessions move off it on their next request, once each.
     assert_eq!(d.control.drain(d.pods[1].addr, false).await.unwrap(), 200);
     q.wait("upstreams_draining", "pod-1 draining", |s| only(s) == Some(1.0)).await;
+    // Every VM of the filter (2 workers and the main thread) adopted the drain: a new task
+    // now goes to a serving pod.
+    d.proxy.metric_reaching("drain_list_updates", 3).await.unwrap();
+    run_task(&d.proxy.url()).await;
+    q.wait("requests_steered_by_drain_total", "the new task steered off pod-1", in_envoy(1.0)).await;
+    assert_eq!(at(&q.now("tasks_lost_total").await, "instance", &envoy), Some(0.0), "no task lost");
     let mut moves = 0.0;
     for (s, pod) in on0.iter().chain(&on1).zip(&now_on) {
         if pod == "pod-1" {
