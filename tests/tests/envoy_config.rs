@@ -266,6 +266,15 @@ const SKIP_WHEN_ENVOY_RETRY: [&str; 3] = [
     "response status class is 2xx",
 ];
 
+/// The predicate the request matcher (the first) must skip the filter on: an MCP
+/// 2026-07-28 request that concerns no session and no task, where the filter has nothing
+/// to do (its methods are those the filter looks at: [`mcp_affinity_filter::tasks`]).
+const SKIP_REQUEST_WHEN: [&str; 3] = [
+    "not request header mcp-method matches initialize|tools/call|tasks/get|tasks/update|tasks/cancel|subscriptions/listen",
+    "not request header mcp-session-id matches .+",
+    "request header mcp-method matches .+",
+];
+
 /// The conditions the response matcher must skip the filter on, for its configuration.
 fn skip_when(filter: &FilterConfig) -> Vec<&'static str> {
     match filter.recovery.replay_by {
@@ -359,20 +368,29 @@ fn wasm_of(f: &HttpFilter) -> Result<Wasm, String> {
 /// exactly on `skip`.
 fn check_matcher(wrapped: &ExtensionWithMatcher, skip: &[&str]) -> Check {
     let matcher = wrapped.xds_matcher.as_ref().ok_or("ExtensionWithMatcher without xds_matcher")?;
-    ensure!(matcher.on_no_match.is_none(), "the response matcher must not act on no match");
-    let Some(MatcherType::MatcherList(list)) = &matcher.matcher_type else { return Err("the response matcher must be a matcher_list".into()) };
-    ensure!(list.matchers.len() == 1, "the response matcher must have one matcher, found {}", list.matchers.len());
-    let m = &list.matchers[0];
-    let action = match m.on_match.as_ref().and_then(|o| o.on_match.as_ref()) {
-        Some(on_match::OnMatch::Action(a)) => a.typed_config.as_ref().map(|t| t.type_url.as_str()).unwrap_or_default(),
-        _ => return Err("the response matcher's on_match must be an action".into()),
+    ensure!(matcher.on_no_match.is_none(), "the wasm filter's matcher must not act on no match");
+    let Some(MatcherType::MatcherList(list)) = &matcher.matcher_type else { return Err("the wasm filter's matcher must be a matcher_list".into()) };
+    let [request, response] = &list.matchers[..] else {
+        return Err(format!("the wasm filter's matcher must have two matchers (request, then response), found {}", list.matchers.len()));
     };
-    ensure!(action.ends_with("envoy.extensions.filters.common.matcher.action.v3.SkipFilter"), "the response matcher's action is {action}, want SkipFilter");
-    let mut when = describe(m.predicate.as_ref().ok_or("matcher without predicate")?)?;
-    when.sort();
     ensure!(SKIP_WHEN[0].ends_with(&format!("wasm.{} is 1", mcp_affinity_filter::machine::WANT_RESPONSE)), "SKIP_WHEN names the filter's property");
     ensure!(SKIP_WHEN_ENVOY_RETRY[1].contains(mcp_affinity_filter::headers::RECOVERED_PIN), "SKIP_WHEN_ENVOY_RETRY names the filter's header");
-    ensure!(when == skip, "the response matcher skips the filter when {when:?}; it must be exactly {skip:?}");
+    let methods: Vec<&str> = [mcp_affinity_filter::jsonrpc::INITIALIZE, mcp_affinity_filter::tasks::TOOLS_CALL].into_iter().chain(mcp_affinity_filter::tasks::TASK_METHODS).chain([mcp_affinity_filter::tasks::SUBSCRIPTIONS_LISTEN]).collect();
+    ensure!(SKIP_REQUEST_WHEN[0].ends_with(&methods.join("|")), "SKIP_REQUEST_WHEN names every method the filter looks at: {methods:?}");
+    check_skip(request, "request", &SKIP_REQUEST_WHEN)?;
+    check_skip(response, "response", skip)
+}
+
+/// One matcher of the wasm filter's matcher list: `SkipFilter` exactly when `skip`.
+fn check_skip(m: &envoy_types::pb::xds::r#type::matcher::v3::matcher::matcher_list::FieldMatcher, which: &str, skip: &[&str]) -> Check {
+    let action = match m.on_match.as_ref().and_then(|o| o.on_match.as_ref()) {
+        Some(on_match::OnMatch::Action(a)) => a.typed_config.as_ref().map(|t| t.type_url.as_str()).unwrap_or_default(),
+        _ => return Err(format!("the {which} matcher's on_match must be an action")),
+    };
+    ensure!(action.ends_with("envoy.extensions.filters.common.matcher.action.v3.SkipFilter"), "the {which} matcher's action is {action}, want SkipFilter");
+    let mut when = describe(m.predicate.as_ref().ok_or("matcher without predicate")?)?;
+    when.sort();
+    ensure!(when == skip, "the {which} matcher skips the filter when {when:?}; it must be exactly {skip:?}");
     Ok(())
 }
 
@@ -1272,7 +1290,10 @@ fn mutated_bootstraps_are_rejected() {
         // The buffer filter holds a session's request whole before the pinned pod is tried.
         (&plain, "          - name: envoy.filters.http.buffer\n", "          - name: envoy.filters.http.buffr\n", Pinning::OriginalDst, "must come before the wasm filter"),
         (&plain, "max_request_bytes: 4194304", "max_request_bytes: 1024", Pinning::OriginalDst, "max_request_bytes"),
-        (&plain, "header_name: mcp-session-id\n", "header_name: x-other\n", Pinning::OriginalDst, "skipped only"),
+        (&plain, "\n                              header_name: mcp-session-id\n", "\n                              header_name: x-other\n", Pinning::OriginalDst, "skipped only"),
+        // The wasm filter skipped for more than 2026-era requests without a session or task.
+        (&plain, "regex: \"initialize|tools/call|", "regex: \"initialize|", Pinning::OriginalDst, "the request matcher skips"),
+        (&ss, "regex: \"initialize|tools/call|tasks/get|tasks/update|tasks/cancel|subscriptions/listen\"", "regex: \"initialize|tools/call|tasks/get|tasks/update|tasks/cancel\"", Pinning::StatefulSession, "the request matcher skips"),
         (&plain, "lb_policy: CLUSTER_PROVIDED", "lb_policy: CLUSTER_PROVIDE", Pinning::OriginalDst, "CLUSTER_PROVIDE"),
         (&plain, "v3.Router", "v3.Routr", Pinning::OriginalDst, "Routr"),
         (&plain, "port_value: 10000", "port_value: ten", Pinning::OriginalDst, "Bootstrap"),
@@ -1324,7 +1345,7 @@ fn mutated_bootstraps_are_rejected() {
         (&ss, "        max_retries: 1024", "        max_retries: 3", Pinning::StatefulSession, "max_retries"),
         (&ss, "\"replay_by\": \"envoy_retry\",", "\"replay_by\": \"filter\",", Pinning::StatefulSession, "must be exactly"),
         (&plain, "key: wasm.mcp_affinity.want_response", "key: wasm.want_response", Pinning::OriginalDst, "must be exactly"),
-        (&ss, "v3.SkipFilter", "v3.SkipFiltr", Pinning::StatefulSession, "SkipFiltr"),
+        (&ss, "v3.SkipFilter\n                  - predicate:", "v3.SkipFiltr\n                  - predicate:", Pinning::StatefulSession, "SkipFiltr"),
         (&ss, "v3.ExtensionWithMatcher", "v3.ExtensionWithMatchr", Pinning::StatefulSession, "ExtensionWithMatchr"),
     ];
     for (text, from, to, pinning, needle) in cases {
