@@ -452,9 +452,15 @@ pub async fn get_task_with(url: &str, task_id: &str, options: &Options) -> Resul
 /// Polls `tasks/get` (every `pollIntervalMs`, at most 1 s apart) until the task is
 /// terminal; `Err(Error::Protocol)` if it is not within `timeout`, or the first error.
 pub async fn wait_task(url: &str, task_id: &str, timeout: Duration) -> Result<TaskState, Error> {
+    wait_task_with(url, task_id, timeout, &Options::tasks()).await
+}
+
+/// [`wait_task`], each poll sent with `options` ([`get_task_with`]; e.g. another
+/// [`mcp_client::Shape`]).
+pub async fn wait_task_with(url: &str, task_id: &str, timeout: Duration, options: &Options) -> Result<TaskState, Error> {
     let deadline = Instant::now() + timeout;
     loop {
-        let state = get_task(url, task_id).await?;
+        let state = get_task_with(url, task_id, options).await?;
         if state.is_terminal() {
             return Ok(state);
         }

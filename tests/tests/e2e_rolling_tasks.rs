@@ -7,7 +7,8 @@
 //! `preStop` hook runs the operator command `mcp-affinity-control drain POD --wait
 //! --settle`, which returns once control counts no unfinished task on the pod; then the pod
 //! is stopped, a new one starts at the same address (a new name), and the drain is undone.
-//! Meanwhile [`WORKERS`] clients create tasks and poll each until it is done, and
+//! Meanwhile [`WORKERS`] clients create tasks and poll each until it is done (taking turns
+//! at the request shapes: one write, headers then body, chunked, HTTP/2), and
 //! [`LISTENERS`] clients hold listen streams, re-listening whenever one ends — raw ones
 //! (`era2026_client::listen`) and [`TS_LISTENERS`] official TypeScript SDK v2 clients
 //! (`@modelcontextprotocol/client`, whose `listen()` leaves the re-listen to the
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use mcp_affinity_harness::era2026_client;
 use mcp_affinity_harness::fixtures::control::ControlService;
 use mcp_affinity_harness::fixtures::mesh::{Pod, Proxy};
+use mcp_affinity_harness::mcp_client::Shape;
 use mcp_affinity_harness::ts_client::TsListener;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -73,12 +75,14 @@ struct Seen {
 
 fn start_traffic(url: &str, seen: &Arc<Mutex<Seen>>, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
     let mut handles = Vec::new();
-    for _ in 0..WORKERS {
+    for w in 0..WORKERS {
         let (url, seen, stop) = (url.to_string(), seen.clone(), stop.clone());
+        // Workers take turns at the client shapes: one write, headers then body, chunked, HTTP/2.
+        let options = era2026_client::Options { shape: Shape::ALL[w % Shape::ALL.len()], ..era2026_client::Options::tasks() };
         handles.push(tokio::spawn(async move {
             while !stop.is_cancelled() {
                 let sent = Instant::now();
-                let outcome = run_task(&url).await;
+                let outcome = run_task(&url, &options).await;
                 seen.lock().unwrap().tasks.push(TaskRun { sent, outcome });
             }
         }));
@@ -115,12 +119,12 @@ fn start_traffic(url: &str, seen: &Arc<Mutex<Seen>>, stop: &CancellationToken) -
     handles
 }
 
-/// Creates one `slow_task` task through Envoy and polls it until it is done: the pod that
-/// ran it.
-async fn run_task(url: &str) -> Result<String, String> {
-    let created = era2026_client::call_tool_as_task(url, "slow_task", json!({"ms": TASK_MS})).await.map_err(|e| format!("tools/call: {e}"))?;
+/// Creates one `slow_task` task through Envoy and polls it until it is done, every request
+/// sent with `options`: the pod that ran it.
+async fn run_task(url: &str, options: &era2026_client::Options) -> Result<String, String> {
+    let created = era2026_client::call_tool(url, "slow_task", json!({"ms": TASK_MS}), options).await.map_err(|e| format!("tools/call: {e}"))?;
     let task = created.task().ok_or("a synchronous result, not a task")?;
-    let state = era2026_client::wait_task(url, &task.task_id, WAIT).await.map_err(|e| format!("task {}: {e}", task.task_id))?;
+    let state = era2026_client::wait_task_with(url, &task.task_id, WAIT, options).await.map_err(|e| format!("task {}: {e}", task.task_id))?;
     state.result_text().map(str::to_string).ok_or_else(|| format!("task {} ended without a result", task.task_id))
 }
 
