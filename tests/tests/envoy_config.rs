@@ -270,7 +270,7 @@ const SKIP_WHEN_ENVOY_RETRY: [&str; 3] = [
 /// 2026-07-28 request that concerns no session and no task, where the filter has nothing
 /// to do (its methods are those the filter looks at: [`mcp_affinity_filter::tasks`]).
 const SKIP_REQUEST_WHEN: [&str; 3] = [
-    "not request header mcp-method matches initialize|tools/call|tasks/get|tasks/update|tasks/cancel|subscriptions/listen",
+    "not any of [request header mcp-method is initialize, request header mcp-method is tools/call, request header mcp-method is tasks/get, request header mcp-method is tasks/update, request header mcp-method is tasks/cancel, request header mcp-method is subscriptions/listen]",
     "not request header mcp-session-id matches .+",
     "request header mcp-method matches .+",
 ];
@@ -288,7 +288,10 @@ fn describe(p: &Predicate) -> Result<Vec<String>, String> {
     match p.match_type.as_ref().ok_or("empty predicate")? {
         predicate::MatchType::AndMatcher(list) => list.predicate.iter().map(describe).collect::<Result<Vec<_>, _>>().map(|v| v.concat()),
         predicate::MatchType::NotMatcher(inner) => Ok(describe(inner)?.into_iter().map(|d| format!("not {d}")).collect()),
-        predicate::MatchType::OrMatcher(_) => Err("the response matcher must not use or_matcher".into()),
+        predicate::MatchType::OrMatcher(list) => {
+            let any: Vec<String> = list.predicate.iter().map(describe).collect::<Result<Vec<_>, _>>()?.concat();
+            Ok(vec![format!("any of [{}]", any.join(", "))])
+        }
         predicate::MatchType::SinglePredicate(sp) => {
             let input = sp.input.as_ref().and_then(|i| i.typed_config.as_ref()).ok_or("single_predicate without input")?;
             let subject = match input.type_url.rsplit('.').next().unwrap_or_default() {
@@ -376,8 +379,16 @@ fn check_matcher(wrapped: &ExtensionWithMatcher, skip: &[&str]) -> Check {
     ensure!(SKIP_WHEN[0].ends_with(&format!("wasm.{} is 1", mcp_affinity_filter::machine::WANT_RESPONSE)), "SKIP_WHEN names the filter's property");
     ensure!(SKIP_WHEN_ENVOY_RETRY[1].contains(mcp_affinity_filter::headers::RECOVERED_PIN), "SKIP_WHEN_ENVOY_RETRY names the filter's header");
     let methods: Vec<&str> = [mcp_affinity_filter::jsonrpc::INITIALIZE, mcp_affinity_filter::tasks::TOOLS_CALL].into_iter().chain(mcp_affinity_filter::tasks::TASK_METHODS).chain([mcp_affinity_filter::tasks::SUBSCRIPTIONS_LISTEN]).collect();
-    ensure!(SKIP_REQUEST_WHEN[0].ends_with(&methods.join("|")), "SKIP_REQUEST_WHEN names every method the filter looks at: {methods:?}");
+    let named: Vec<String> = methods.iter().map(|m| format!("request header mcp-method is {m}")).collect();
+    ensure!(SKIP_REQUEST_WHEN[0] == format!("not any of [{}]", named.join(", ")), "SKIP_REQUEST_WHEN names every method the filter looks at: {methods:?}");
     check_skip(request, "request", &SKIP_REQUEST_WHEN)?;
+    // Evaluated at every stage of every request: a 2025-era request, which has no
+    // Mcp-Method, must fail the first condition and read nothing else.
+    let first = match request.predicate.as_ref().and_then(|p| p.match_type.as_ref()) {
+        Some(predicate::MatchType::AndMatcher(list)) => list.predicate.first().map(describe).transpose()?.unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    ensure!(first == [SKIP_REQUEST_WHEN[2]], "the request matcher must test {:?} first, found {first:?}", SKIP_REQUEST_WHEN[2]);
     check_skip(response, "response", skip)
 }
 
@@ -1292,8 +1303,8 @@ fn mutated_bootstraps_are_rejected() {
         (&plain, "max_request_bytes: 4194304", "max_request_bytes: 1024", Pinning::OriginalDst, "max_request_bytes"),
         (&plain, "\n                              header_name: mcp-session-id\n", "\n                              header_name: x-other\n", Pinning::OriginalDst, "skipped only"),
         // The wasm filter skipped for more than 2026-era requests without a session or task.
-        (&plain, "regex: \"initialize|tools/call|", "regex: \"initialize|", Pinning::OriginalDst, "the request matcher skips"),
-        (&ss, "regex: \"initialize|tools/call|tasks/get|tasks/update|tasks/cancel|subscriptions/listen\"", "regex: \"initialize|tools/call|tasks/get|tasks/update|tasks/cancel\"", Pinning::StatefulSession, "the request matcher skips"),
+        (&plain, "value_match: { exact: tools/call }", "value_match: { exact: tools/list }", Pinning::OriginalDst, "the request matcher skips"),
+        (&ss, "value_match: { exact: subscriptions/listen }", "value_match: { exact: subscriptions/listn }", Pinning::StatefulSession, "the request matcher skips"),
         (&plain, "lb_policy: CLUSTER_PROVIDED", "lb_policy: CLUSTER_PROVIDE", Pinning::OriginalDst, "CLUSTER_PROVIDE"),
         (&plain, "v3.Router", "v3.Routr", Pinning::OriginalDst, "Routr"),
         (&plain, "port_value: 10000", "port_value: ten", Pinning::OriginalDst, "Bootstrap"),
