@@ -165,7 +165,10 @@ async fn accepting(candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
     }
     let mut up = known;
     while let Some(Ok((addr, accepted))) = probes.join_next().await {
-        PROBES.lock().unwrap().insert(addr, (Instant::now(), accepted));
+        let mut all = PROBES.lock().unwrap();
+        // Pods come and go (new addresses): results of endpoints no longer probed go.
+        all.retain(|_, (at, _)| now.duration_since(*at) < SERVING_PROBE_TTL * 60);
+        all.insert(addr, (Instant::now(), accepted));
         up.insert(addr, accepted);
     }
     candidates.into_iter().filter(|a| up.get(a).copied().unwrap_or(false)).collect()
