@@ -114,9 +114,10 @@ run: setup-envoy build
 	@scripts/run.sh
 
 # The oldest Envoy line the README claims: `make test` runs the pinning, recovery, client
-# shape, Envoy-retry and task scenarios on it too (skipped when ENVOY=/path overrides Envoy).
+# shape, Envoy-retry, task and rolling-update-with-tasks scenarios on it too (skipped when
+# ENVOY=/path overrides Envoy).
 ENVOY_OLDEST ?= 1.36.4
-OLDEST_SUITES := --test e2e_pinning --test e2e_recovery --test e2e_client_shapes --test e2e_envoy_retry --test e2e_tasks --test envoy_local
+OLDEST_SUITES := --test e2e_pinning --test e2e_recovery --test e2e_client_shapes --test e2e_envoy_retry --test e2e_tasks --test e2e_rolling_tasks --test envoy_local
 
 test: setup setup-chromium wasm
 	@$(MAKE) --no-print-directory test-alerts
