@@ -304,7 +304,9 @@ fn adopt_draining(cx: &mut RootCtx) {
     let ends = {
         let mut vm = cx.vm.borrow_mut();
         let changed = vm.draining.refresh(cx.host.shared());
-        if !changed && !std::mem::take(&mut vm.late_streams) {
+        // Taken either way: a change ends the late streams too.
+        let late = std::mem::take(&mut vm.late_streams);
+        if !changed && !late {
             return;
         }
         if changed {
